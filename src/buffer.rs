@@ -1,0 +1,107 @@
+//! Memory-aligned byte buffers for O_DIRECT I/O.
+//!
+//! O_DIRECT needs the buffer address, the file offset and the length aligned to the device's (or filesystem's)
+//! direct-I/O alignment. Buffers here are aligned to [`BUFFER_ALIGN`], which covers every logical block size
+//! Linux supports (512 B to 4 KiB) and the page size, so one buffer type serves every destination.
+
+use std::alloc::{self, Layout};
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+
+/// Alignment of every [`AlignedBuf`]: a page, which is at least any logical block size.
+pub const BUFFER_ALIGN: usize = 4096;
+
+/// A heap buffer whose start is aligned to [`BUFFER_ALIGN`] and whose capacity is a multiple of it.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    capacity: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared references only give out &[u8].
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// Allocates a zeroed buffer of at least `capacity` bytes (rounded up to the alignment).
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1).next_multiple_of(BUFFER_ALIGN);
+        let layout = Layout::from_size_align(capacity, BUFFER_ALIGN)
+            .expect("buffer size overflows a Layout");
+        // SAFETY: layout has a non-zero size.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, capacity }
+    }
+
+    /// Size of the buffer in bytes.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+impl Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is valid for capacity initialised bytes for the life of self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.capacity) }
+    }
+}
+
+impl DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self guarantees exclusivity.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.capacity) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = Layout::from_size_align(self.capacity, BUFFER_ALIGN)
+            .expect("layout was valid at allocation");
+        // SAFETY: allocated in `new` with this exact layout.
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) }
+    }
+}
+
+/// Whether `value` is a multiple of `align` (a power of two).
+pub fn is_aligned(value: u64, align: u64) -> bool {
+    value & (align - 1) == 0
+}
+
+/// `value` rounded down to a multiple of `align` (a power of two).
+pub fn align_down(value: u64, align: u64) -> u64 {
+    value & !(align - 1)
+}
+
+/// `value` rounded up to a multiple of `align` (a power of two); saturates near `u64::MAX`.
+pub fn align_up(value: u64, align: u64) -> u64 {
+    value
+        .checked_add(align - 1)
+        .map_or(align_down(u64::MAX, align), |v| align_down(v, align))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_aligned_zeroed_and_rounded() {
+        let mut buf = AlignedBuf::new(5000);
+        assert_eq!(buf.capacity(), 8192);
+        assert_eq!(buf.as_ptr() as usize % BUFFER_ALIGN, 0);
+        assert!(buf.iter().all(|&b| b == 0));
+        buf[8191] = 7;
+        assert_eq!(buf[8191], 7);
+    }
+
+    #[test]
+    fn alignment_arithmetic() {
+        assert_eq!(align_down(4097, 4096), 4096);
+        assert_eq!(align_up(4097, 4096), 8192);
+        assert_eq!(align_up(4096, 4096), 4096);
+        assert_eq!(align_up(u64::MAX, 512), u64::MAX - 511);
+        assert!(is_aligned(1 << 20, 512));
+        assert!(!is_aligned(513, 512));
+    }
+}

@@ -1,0 +1,15 @@
+//! boundimport: import VM disk images onto a raw block device or file while keeping everything the import causes
+//! to be charged to its memory cgroup (buffers and page cache) inside a budget.
+//!
+//! Data flows one way: [`source`] (bytes) → [`format`] (extents of guest space) → [`pipeline`] (aligned buffers,
+//! decompression) → [`sink`] (writes), with the [`cgroup`] governor pacing buffered writes beside the sink.
+#![warn(missing_docs)]
+
+pub mod buffer;
+pub mod checksum;
+pub mod codec;
+pub mod error;
+pub mod format;
+pub mod size;
+pub mod source;
+pub mod sys;

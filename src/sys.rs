@@ -1,0 +1,242 @@
+//! Thin, documented wrappers over the Linux calls the I/O paths need and std does not offer: direct-I/O
+//! alignment, block-device geometry, write-behind, cache eviction, zeroing, and hole finding.
+//! Every wrapper returns `io::Result`; callers add context.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+
+// From include/uapi/linux/fs.h:
+//   #define BLKSSZGET  _IO(0x12,104)            /* get block device sector size */
+//   #define BLKIOOPT   _IO(0x12,121)            /* optimal I/O size */
+//   #define BLKPBSZGET _IO(0x12,123)            /* physical sector size */
+//   #define BLKZEROOUT _IO(0x12,127)            /* zero a range: u64[2] = {start, len} in bytes */
+//   #define BLKGETSIZE64 _IOR(0x12,114,size_t)  /* device size in bytes */
+mod ioctls {
+    nix::ioctl_read_bad!(blksszget, 0x1268, libc::c_int);
+    nix::ioctl_read_bad!(blkioopt, 0x1279, libc::c_uint);
+    nix::ioctl_read_bad!(blkpbszget, 0x127b, libc::c_uint);
+    nix::ioctl_write_ptr_bad!(blkzeroout, 0x127f, [u64; 2]);
+    nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+}
+
+fn nix_err(e: nix::Error) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Whether the open file is a block device.
+pub fn is_block_device(file: &File) -> io::Result<bool> {
+    Ok(file.metadata()?.file_type().is_block_device())
+}
+
+/// Size in bytes of a block device (BLKGETSIZE64) or regular file (st_size).
+pub fn file_or_device_size(file: &File) -> io::Result<u64> {
+    if is_block_device(file)? {
+        let mut size = 0u64;
+        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer.
+        unsafe { ioctls::blkgetsize64(file.as_raw_fd(), &mut size) }.map_err(nix_err)?;
+        Ok(size)
+    } else {
+        Ok(file.metadata()?.len())
+    }
+}
+
+/// Block-device geometry from the BLK* ioctls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockGeometry {
+    /// Logical block size: the O_DIRECT alignment unit.
+    pub logical: u64,
+    /// Physical block size: writes smaller than this cost a read-modify-write in the device.
+    pub physical: u64,
+    /// Optimal I/O size, 0 when the device does not say.
+    pub optimal_io: u64,
+}
+
+/// Reads the logical, physical and optimal I/O sizes of a block device.
+pub fn block_geometry(file: &File) -> io::Result<BlockGeometry> {
+    let fd = file.as_raw_fd();
+    let mut logical: libc::c_int = 0;
+    let mut physical: libc::c_uint = 0;
+    let mut optimal: libc::c_uint = 0;
+    // SAFETY: each ioctl writes one integer of the declared type through the pointer.
+    unsafe {
+        ioctls::blksszget(fd, &mut logical).map_err(nix_err)?;
+        ioctls::blkpbszget(fd, &mut physical).map_err(nix_err)?;
+        ioctls::blkioopt(fd, &mut optimal).map_err(nix_err)?;
+    }
+    Ok(BlockGeometry {
+        logical: logical as u64,
+        physical: physical as u64,
+        optimal_io: optimal as u64,
+    })
+}
+
+/// Direct-I/O alignment of an open file from statx(STATX_DIOALIGN) (Linux 6.1+): `(memory, offset)` alignment,
+/// or `None` when the kernel or filesystem does not report it (0 means O_DIRECT is unsupported there).
+pub fn statx_dio_alignment(file: &File) -> io::Result<Option<(u64, u64)>> {
+    // SAFETY: statx fills the zero-initialised struct; the empty path with AT_EMPTY_PATH names the fd itself.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    cvt(unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    })?;
+    if stx.stx_mask & libc::STATX_DIOALIGN == 0 {
+        return Ok(None);
+    }
+    Ok(Some((
+        stx.stx_dio_mem_align as u64,
+        stx.stx_dio_offset_align as u64,
+    )))
+}
+
+/// Reopens an already open file by its /proc/self/fd link with new flags (e.g. to drop O_DIRECT).
+pub fn reopen(file: &File, flags: libc::c_int) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let link = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let access = flags & libc::O_ACCMODE;
+    std::fs::OpenOptions::new()
+        .read(access == libc::O_RDONLY || access == libc::O_RDWR)
+        .write(access == libc::O_WRONLY || access == libc::O_RDWR)
+        .custom_flags(flags & !libc::O_ACCMODE)
+        .open(link)
+}
+
+/// posix_fadvise(POSIX_FADV_DONTNEED): drops the clean page-cache pages of the range (len 0 = to EOF).
+pub fn drop_cache(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    fadvise(file, offset, len, libc::POSIX_FADV_DONTNEED)
+}
+
+/// posix_fadvise with the given advice.
+pub fn fadvise(file: &File, offset: u64, len: u64, advice: libc::c_int) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd; posix_fadvise returns the error number instead of setting errno.
+    let ret = unsafe { libc::posix_fadvise(file.as_raw_fd(), offset as i64, len as i64, advice) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(())
+}
+
+/// sync_file_range(SYNC_FILE_RANGE_WRITE): starts writeback of the dirty pages of the range without waiting.
+pub fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    sync_file_range(file, offset, len, libc::SYNC_FILE_RANGE_WRITE)
+}
+
+/// sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER): writes the range out and waits until it is on the device
+/// (not a durability barrier: no metadata, no device cache flush; finish with fdatasync).
+pub fn wait_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    sync_file_range(
+        file,
+        offset,
+        len,
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+    )
+}
+
+fn sync_file_range(file: &File, offset: u64, len: u64, flags: libc::c_uint) -> io::Result<()> {
+    loop {
+        // SAFETY: plain syscall on a valid fd.
+        let ret =
+            unsafe { libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, flags) };
+        match cvt(ret) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other.map(drop),
+        }
+    }
+}
+
+/// fallocate(mode) over a range, retrying on EINTR.
+pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    loop {
+        // SAFETY: plain syscall on a valid fd.
+        let ret = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
+        match cvt(ret) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other.map(drop),
+        }
+    }
+}
+
+/// BLKZEROOUT: the block layer zeroes the range (offloaded where the device can, else by writing zeros from
+/// the zero page, never through our page cache).
+pub fn blkzeroout(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let range = [offset, len];
+    // SAFETY: BLKZEROOUT reads a u64[2] through the pointer.
+    unsafe { ioctls::blkzeroout(file.as_raw_fd(), &range) }
+        .map(drop)
+        .map_err(nix_err)
+}
+
+/// The first data byte at or after `offset` and the end of that data run (lseek SEEK_DATA / SEEK_HOLE), or
+/// `None` when only a hole remains. Filesystems without hole tracking report everything as data.
+pub fn next_data_run(file: &File, offset: u64) -> io::Result<Option<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    // SAFETY: lseek on a valid fd; it does not touch memory.
+    let start = unsafe { libc::lseek(fd, offset as i64, libc::SEEK_DATA) };
+    if start < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(err),
+        };
+    }
+    // SAFETY: as above.
+    let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+    if end < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Some((start as u64, end as u64)))
+}
+
+/// fdatasync, retrying on EINTR.
+pub fn fdatasync(file: &File) -> io::Result<()> {
+    loop {
+        match file.sync_data() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn regular_file_size_and_holes() {
+        let mut file = tempfile::tempfile().unwrap();
+        file.set_len(8 << 20).unwrap();
+        file.write_all(&[1u8; 4096]).unwrap();
+        assert_eq!(file_or_device_size(&file).unwrap(), 8 << 20);
+        assert!(!is_block_device(&file).unwrap());
+        let (start, end) = next_data_run(&file, 0).unwrap().expect("data at 0");
+        assert_eq!(start, 0);
+        assert!(end >= 4096 && end <= 8 << 20);
+    }
+
+    #[test]
+    fn write_behind_calls_accept_a_regular_file() {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&[7u8; 65536]).unwrap();
+        start_writeback(&file, 0, 65536).unwrap();
+        wait_writeback(&file, 0, 65536).unwrap();
+        drop_cache(&file, 0, 65536).unwrap();
+        fdatasync(&file).unwrap();
+    }
+}
