@@ -10,6 +10,7 @@ pub mod checksum;
 pub mod codec;
 pub mod error;
 pub mod format;
+pub mod pipeline;
 pub mod size;
 pub mod source;
 pub mod sys;

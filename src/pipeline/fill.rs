@@ -1,0 +1,205 @@
+//! Filling a buffer with guest bytes from a list of extents: the one place data is read from sources and
+//! compressed units are inflated.
+
+use crate::buffer::{align_down, align_up, AlignedBuf};
+use crate::codec;
+use crate::error::{Error, Result};
+use crate::format::{Compressed, Content, Extent, Image};
+use crate::source::ReadAt;
+use std::sync::Arc;
+
+/// Largest span of compressed bytes fetched with one read; a run of compressed units stored back to back is read
+/// together up to this size, instead of one small read per unit.
+pub const COMPRESSED_READ_SPAN: usize = 4 << 20;
+
+/// Largest decompressed unit accepted (qcow2 clusters are at most 2 MiB); formats cap theirs below this too.
+pub const MAX_UNIT_LEN: u64 = 8 << 20;
+
+/// Largest gap between two compressed units that is read through rather than skipped.
+const MAX_READ_THROUGH_GAP: u64 = 64 << 10;
+
+/// Reusable memory for [`fill`]: the compressed input span and, for units only partly covered by a buffer, a
+/// whole decompressed unit. Allocated on first use, so imports without compression never pay for it.
+#[derive(Default)]
+pub struct Scratch {
+    input: Option<AlignedBuf>,
+    unit: Vec<u8>,
+}
+
+impl Scratch {
+    /// Bytes currently held.
+    pub fn footprint(&self) -> usize {
+        self.input.as_ref().map_or(0, |b| b.capacity()) + self.unit.capacity()
+    }
+}
+
+/// Fills `buf` with guest bytes `[guest, guest + buf.len())`, described by `extents` (which must cover exactly
+/// that range, in order), reading from `sources`.
+pub fn fill(
+    sources: &[Arc<dyn ReadAt>],
+    extents: &[Extent],
+    guest: u64,
+    buf: &mut [u8],
+    scratch: &mut Scratch,
+) -> Result<()> {
+    let mut i = 0;
+    while i < extents.len() {
+        let extent = &extents[i];
+        let at = (extent.guest - guest) as usize;
+        let out = &mut buf[at..at + extent.len as usize];
+        match extent.content {
+            Content::Zero => {
+                out.fill(0);
+                i += 1;
+            }
+            Content::Data { source, offset } => {
+                read_data(source_of(sources, source)?, offset, out)?;
+                i += 1;
+            }
+            Content::Compressed(first) => {
+                let run = compressed_run(&extents[i..]);
+                fill_compressed_run(sources, &extents[i..i + run], first, guest, buf, scratch)?;
+                i += run;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn source_of(sources: &[Arc<dyn ReadAt>], id: usize) -> Result<&dyn ReadAt> {
+    sources
+        .get(id)
+        .map(|s| s.as_ref())
+        .ok_or_else(|| crate::bad_image!("extent names unknown source {id}"))
+}
+
+/// Reads verbatim data. Bytes past the end of the source (the partial last cluster of an image) read as zeros,
+/// as qemu reads them; a read that stops short inside the source's length means the file shrank under us.
+fn read_data(source: &dyn ReadAt, offset: u64, out: &mut [u8]) -> Result<()> {
+    let got = source.read_at(offset, out)?;
+    if got < out.len() {
+        let expected = source.len().saturating_sub(offset).min(out.len() as u64) as usize;
+        if got < expected {
+            return Err(Error::new(
+                crate::error::ErrorKind::Io,
+                format!(
+                    "source ended after {} of {} bytes: was it truncated during the import?",
+                    got, expected
+                ),
+            )
+            .at_offset(offset + got as u64)
+            .at_path(source.name()));
+        }
+        out[got..].fill(0);
+    }
+    Ok(())
+}
+
+/// How many extents from the start of `extents` are compressed units that can be fetched with one read.
+fn compressed_run(extents: &[Extent]) -> usize {
+    let Content::Compressed(first) = extents[0].content else {
+        return 1;
+    };
+    let mut span_end = first.offset + first.src_len;
+    let mut n = 1;
+    for extent in &extents[1..] {
+        let Content::Compressed(next) = extent.content else {
+            break;
+        };
+        let next_end = next.offset.saturating_add(next.src_len);
+        let fits = next.source == first.source
+            && next.offset >= first.offset
+            && next.offset <= span_end + MAX_READ_THROUGH_GAP
+            && next_end - first.offset <= (COMPRESSED_READ_SPAN - 8192) as u64;
+        if !fits {
+            break;
+        }
+        span_end = span_end.max(next_end);
+        n += 1;
+    }
+    n
+}
+
+fn fill_compressed_run(
+    sources: &[Arc<dyn ReadAt>],
+    run: &[Extent],
+    first: Compressed,
+    guest: u64,
+    buf: &mut [u8],
+    scratch: &mut Scratch,
+) -> Result<()> {
+    let source = source_of(sources, first.source)?;
+    let span_end = run
+        .iter()
+        .filter_map(|e| match e.content {
+            Content::Compressed(c) => Some(c.offset.saturating_add(c.src_len)),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(first.offset);
+    // Read an aligned superset so an O_DIRECT source reads straight into the scratch buffer.
+    let align = source.direct_alignment().clamp(1, 4096);
+    let read_start = align_down(first.offset, align);
+    let read_len = (align_up(span_end, align) - read_start) as usize;
+    if read_len > COMPRESSED_READ_SPAN {
+        return Err(
+            crate::bad_image!("compressed unit of {} bytes is too large", first.src_len)
+                .at_offset(first.offset)
+                .at_path(source.name()),
+        );
+    }
+    let input = scratch
+        .input
+        .get_or_insert_with(|| AlignedBuf::new(COMPRESSED_READ_SPAN));
+    let got = source.read_at(read_start, &mut input[..read_len])?;
+    for extent in run {
+        let Content::Compressed(unit) = extent.content else {
+            unreachable!("run holds compressed extents only")
+        };
+        if unit.unit_len > MAX_UNIT_LEN || unit.skip + extent.len > unit.unit_len {
+            return Err(crate::bad_image!(
+                "compressed unit of {} bytes is out of range",
+                unit.unit_len
+            )
+            .at_offset(unit.offset)
+            .at_path(source.name()));
+        }
+        let from = (unit.offset - read_start) as usize;
+        let to = (unit.offset.saturating_add(unit.src_len) - read_start).min(got as u64) as usize;
+        if from >= to {
+            return Err(
+                crate::bad_image!("compressed data lies past the end of the file")
+                    .at_offset(unit.offset)
+                    .at_path(source.name()),
+            );
+        }
+        let at = (extent.guest - guest) as usize;
+        let out = &mut buf[at..at + extent.len as usize];
+        let whole = unit.skip == 0 && unit.unit_len == extent.len;
+        let result = if whole {
+            codec::decompress(unit.codec, &input[from..to], out)
+        } else {
+            scratch.unit.resize(unit.unit_len as usize, 0);
+            codec::decompress(unit.codec, &input[from..to], &mut scratch.unit).map(|()| {
+                let skip = unit.skip as usize;
+                out.copy_from_slice(&scratch.unit[skip..skip + extent.len as usize]);
+            })
+        };
+        result.map_err(|e| e.at_offset(unit.offset).at_path(source.name()))?;
+    }
+    Ok(())
+}
+
+/// Reads guest bytes `[offset, offset + buf.len())` of `image` into `buf`: the plain, unpipelined reader, for
+/// tests, fuzzing and small reads.
+pub fn read_guest(image: &mut dyn Image, offset: u64, buf: &mut [u8]) -> Result<()> {
+    let mut extents = Vec::new();
+    image.map(offset, buf.len() as u64, &mut extents)?;
+    fill(
+        &image.sources(),
+        &extents,
+        offset,
+        buf,
+        &mut Scratch::default(),
+    )
+}
