@@ -3,14 +3,22 @@
 //!
 //! Data flows one way: [`source`] (bytes) → [`format`] (extents of guest space) → [`pipeline`] (aligned buffers,
 //! decompression) → [`sink`] (writes), with the [`cgroup`] governor pacing buffered writes beside the sink.
+//! [`import`] wires them together for a [`import::Plan`]; [`cli`] is the command-line front end.
 #![warn(missing_docs)]
 
+pub mod budget;
 pub mod buffer;
+pub mod cgroup;
 pub mod checksum;
+pub mod cli;
 pub mod codec;
 pub mod error;
 pub mod format;
+pub mod import;
+pub mod logging;
 pub mod pipeline;
+pub mod progress;
+pub mod sink;
 pub mod size;
 pub mod source;
 pub mod sys;

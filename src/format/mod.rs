@@ -78,6 +78,29 @@ impl Extent {
     pub fn end(&self) -> u64 {
         self.guest + self.len
     }
+
+    /// The part of this extent inside guest `[start, end)`, which must overlap it.
+    pub fn clip(&self, start: u64, end: u64) -> Extent {
+        let from = start.max(self.guest);
+        let to = end.min(self.end());
+        let shift = from - self.guest;
+        let content = match self.content {
+            Content::Zero => Content::Zero,
+            Content::Data { source, offset } => Content::Data {
+                source,
+                offset: offset + shift,
+            },
+            Content::Compressed(unit) => Content::Compressed(Compressed {
+                skip: unit.skip + shift,
+                ..unit
+            }),
+        };
+        Extent {
+            guest: from,
+            len: to - from,
+            content,
+        }
+    }
 }
 
 /// Appends `extent` to `out`, merging it into the previous one when both are zeros or both are contiguous
@@ -277,6 +300,31 @@ mod tests {
                     content: Content::Zero
                 }
             ]
+        );
+    }
+
+    #[test]
+    fn clipping_shifts_source_offsets() {
+        assert_eq!(data(100, 50, 1000).clip(120, 400), data(120, 30, 1020));
+        let unit = Compressed {
+            source: 0,
+            offset: 7,
+            src_len: 9,
+            unit_len: 64,
+            skip: 0,
+            codec: Codec::Zstd,
+        };
+        let whole = Extent {
+            guest: 0,
+            len: 64,
+            content: Content::Compressed(unit),
+        };
+        let part = whole.clip(16, 32);
+        assert_eq!(part.guest, 16);
+        assert_eq!(part.len, 16);
+        assert_eq!(
+            part.content,
+            Content::Compressed(Compressed { skip: 16, ..unit })
         );
     }
 

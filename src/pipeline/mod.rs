@@ -1,3 +1,276 @@
-//! The pipeline: a fixed set of workers, each owning one aligned buffer, turning extents into writes.
+//! The pipeline: a fixed set of workers, each owning one aligned chunk buffer, turning work items into writes.
+//!
+//! Each worker takes the next item from the [scheduler](schedule), fills its buffer from the sources (reading
+//! verbatim data straight into it, inflating compressed units), splits the chunk into zero and data runs, and
+//! hands them to the destination. The buffers are the memory bound: `workers × chunk` bytes, allocated once.
+//! With several workers, reads of one chunk overlap writes of another and compressed chunks inflate on every
+//! core; writes land out of order, which is safe because items never overlap.
 
 pub mod fill;
+pub mod ordered;
+pub mod schedule;
+
+use crate::buffer::AlignedBuf;
+use crate::checksum::Algorithm;
+use crate::error::{Error, ErrorKind, Result};
+use crate::progress::Progress;
+use crate::sink::Destination;
+use crate::source::ReadAt;
+use fill::Scratch;
+use ordered::{Completion, OrderedDigest};
+use schedule::{Scheduler, Work};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// How the pipeline runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Number of workers (and chunk buffers).
+    pub workers: usize,
+    /// Chunk size in bytes: a power of two, at least the destination block size.
+    pub chunk: u64,
+    /// Read sources strictly in item order, one read at a time (needed by the source checksum tap).
+    pub serial_reads: bool,
+    /// Digest the output image with this algorithm.
+    pub output_digest: Option<Algorithm>,
+}
+
+/// What the pipeline produced.
+#[derive(Debug, Clone)]
+pub struct PipelineOutcome {
+    /// Digest of the whole output image, if asked for.
+    pub output_digest: Option<Vec<u8>>,
+    /// Bytes of scratch memory the workers used for compressed data.
+    pub scratch_bytes: usize,
+}
+
+struct Shared<'a> {
+    scheduler: Mutex<Scheduler>,
+    sources: Vec<Arc<dyn ReadAt>>,
+    dest: &'a Destination,
+    config: &'a Config,
+    progress: &'a Progress,
+    digest: Option<OrderedDigest>,
+    completion: Completion,
+    stop: &'a AtomicBool,
+    halt: AtomicBool,
+    failure: Mutex<Option<Error>>,
+}
+
+/// Runs `scheduler`'s items through `config.workers` workers into `dest`. Raising `stop` makes every worker
+/// finish its current item and the run fail with an [`ErrorKind::Interrupted`] error naming the watermark.
+pub fn run(
+    scheduler: Scheduler,
+    dest: &Destination,
+    config: &Config,
+    progress: &Progress,
+    stop: &AtomicBool,
+) -> Result<PipelineOutcome> {
+    let sources = scheduler.image().sources();
+    let shared = Shared {
+        scheduler: Mutex::new(scheduler),
+        sources,
+        dest,
+        config,
+        progress,
+        digest: config.output_digest.map(OrderedDigest::new),
+        completion: Completion::default(),
+        stop,
+        halt: AtomicBool::new(false),
+        failure: Mutex::new(None),
+    };
+    let scratch_bytes = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..config.workers.max(1))
+            .map(|i| {
+                std::thread::Builder::new()
+                    .name(format!("worker-{i}"))
+                    .spawn_scoped(scope, || worker(&shared))
+                    .expect("spawning a pipeline worker")
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or(0))
+            .max()
+            .unwrap_or(0)
+    });
+    if let Some(err) = shared
+        .failure
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+    {
+        return Err(err);
+    }
+    let output_digest = shared.digest.map(|d| d.finish().0);
+    Ok(PipelineOutcome {
+        output_digest,
+        scratch_bytes,
+    })
+}
+
+/// One worker: loops over items until none are left or the run is halted. Returns its scratch footprint.
+fn worker(shared: &Shared) -> usize {
+    let mut buffer = AlignedBuf::new(shared.config.chunk as usize);
+    let mut scratch = Scratch::default();
+    while !shared.halt.load(Ordering::Relaxed) {
+        if shared.stop.load(Ordering::Relaxed) {
+            let watermark = shared.completion.watermark();
+            fail(
+                shared,
+                Error::new(
+                    ErrorKind::Interrupted,
+                    "import stopped; everything below this offset was written",
+                )
+                .at_offset(watermark),
+            );
+            break;
+        }
+        match process_next(shared, &mut buffer, &mut scratch) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(err) => fail(shared, err),
+        }
+    }
+    scratch.footprint()
+}
+
+fn fail(shared: &Shared, err: Error) {
+    let mut failure = shared.failure.lock().unwrap_or_else(|p| p.into_inner());
+    if failure.is_none() {
+        *failure = Some(err);
+    }
+    shared.halt.store(true, Ordering::Relaxed);
+    if let Some(digest) = &shared.digest {
+        digest.wake_all();
+    }
+}
+
+/// Takes one item and carries it through. Returns `false` when there is nothing left.
+fn process_next(shared: &Shared, buffer: &mut AlignedBuf, scratch: &mut Scratch) -> Result<bool> {
+    let work = {
+        let mut scheduler = shared.scheduler.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(work) = scheduler.next_work()? else {
+            return Ok(false);
+        };
+        if shared.config.serial_reads {
+            // Fill while still holding the scheduler: reads then reach the sources in item order.
+            fill_chunk(shared, &work, buffer, scratch)?;
+        }
+        work
+    };
+    if !shared.config.serial_reads {
+        fill_chunk(shared, &work, buffer, scratch)?;
+    }
+    let (guest, len) = (work.guest(), work.len());
+    let bytes = match &work {
+        Work::Zero { .. } => {
+            shared.dest.zero(guest, len)?;
+            None
+        }
+        Work::Chunk { .. } => {
+            let filled = &buffer[..len as usize];
+            write_runs(shared.dest, guest, filled)?;
+            Some(filled)
+        }
+    };
+    if let Some(digest) = &shared.digest {
+        digest.feed(guest, len, bytes, &shared.halt);
+    }
+    let watermark = shared.completion.complete(guest, guest + len);
+    shared.progress.advance(len, watermark);
+    Ok(true)
+}
+
+fn fill_chunk(
+    shared: &Shared,
+    work: &Work,
+    buffer: &mut AlignedBuf,
+    scratch: &mut Scratch,
+) -> Result<()> {
+    if let Work::Chunk {
+        guest,
+        len,
+        extents,
+    } = work
+    {
+        fill::fill(
+            &shared.sources,
+            extents,
+            *guest,
+            &mut buffer[..*len as usize],
+            scratch,
+        )?;
+    }
+    Ok(())
+}
+
+/// Writes a filled chunk as runs: blocks that are all zeros become zero ranges (holes, or zeroing on a device),
+/// the rest is written as data.
+fn write_runs(dest: &Destination, guest: u64, chunk: &[u8]) -> Result<()> {
+    let block = dest.block() as usize;
+    let mut run_start = 0;
+    let mut run_is_zero = None;
+    let mut at = 0;
+    while at < chunk.len() {
+        let end = (at + block).min(chunk.len());
+        let zero = is_zero(&chunk[at..end]);
+        if run_is_zero != Some(zero) {
+            if let Some(was_zero) = run_is_zero {
+                emit_run(dest, guest, chunk, run_start, at, was_zero)?;
+            }
+            run_start = at;
+            run_is_zero = Some(zero);
+        }
+        at = end;
+    }
+    if let Some(was_zero) = run_is_zero {
+        emit_run(dest, guest, chunk, run_start, chunk.len(), was_zero)?;
+    }
+    Ok(())
+}
+
+fn emit_run(
+    dest: &Destination,
+    guest: u64,
+    chunk: &[u8],
+    start: usize,
+    end: usize,
+    zero: bool,
+) -> Result<()> {
+    let offset = guest + start as u64;
+    if zero {
+        dest.zero(offset, (end - start) as u64)
+    } else {
+        dest.write(offset, &chunk[start..end])
+    }
+}
+
+/// Whether every byte is zero. Compares 16-byte words, eight at a time, so the loop vectorises.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets the aligned middle.
+    let (head, words, tail) = unsafe { bytes.align_to::<u128>() };
+    head.iter().all(|&b| b == 0)
+        && tail.iter().all(|&b| b == 0)
+        && words
+            .chunks(8)
+            .all(|group| group.iter().fold(0, |acc, &w| acc | w) == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection_finds_any_set_byte() {
+        let mut buf = AlignedBuf::new(1 << 16);
+        assert!(is_zero(&buf));
+        assert!(is_zero(&buf[3..1001]));
+        for at in [0usize, 1, 15, 16, 127, 128, 4095, 65535] {
+            buf[at] = 1;
+            assert!(!is_zero(&buf), "{at}");
+            assert!(!is_zero(&buf[at..]), "{at}");
+            buf[at] = 0;
+        }
+        assert!(is_zero(&[]));
+    }
+}

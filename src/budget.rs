@@ -1,0 +1,155 @@
+//! The memory budget (`--limit`) and how the import sizes itself from it.
+//!
+//! The budget covers everything the process causes to be charged to its memory cgroup: our buffers (anonymous
+//! memory) and the page cache our reads and writes create. boundimport plans to use a small share of it and leaves
+//! the rest to co-tenants (a CDI pod's other processes share the cgroup).
+
+use crate::cgroup::MemCgroup;
+use crate::error::Result;
+use crate::size::human;
+use std::fmt;
+
+/// Budget assumed when neither `--limit` nor a cgroup limit says otherwise: CDI's default importer pod limit.
+pub const DEFAULT_BUDGET: u64 = 600_000_000;
+
+const MIB: u64 = 1 << 20;
+
+/// Where the budget came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BudgetOrigin {
+    /// `--limit` (or the CDI front end).
+    Explicit,
+    /// The limit of our own memory cgroup.
+    Cgroup,
+    /// No limit anywhere: [`DEFAULT_BUDGET`].
+    Default,
+}
+
+/// A memory budget in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Budget {
+    /// Bytes.
+    pub bytes: u64,
+    /// Where it came from.
+    pub origin: BudgetOrigin,
+}
+
+impl fmt::Display for Budget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let origin = match self.origin {
+            BudgetOrigin::Explicit => "--limit",
+            BudgetOrigin::Cgroup => "memory cgroup limit",
+            BudgetOrigin::Default => "default, no cgroup limit",
+        };
+        write!(f, "{} ({origin})", human(self.bytes))
+    }
+}
+
+/// How the import sizes its buffers and write-behind window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Sizing {
+    /// Pipeline workers, each with one chunk buffer.
+    pub workers: usize,
+    /// Chunk size in bytes.
+    pub chunk: u64,
+    /// Dirty + writeback bytes of the cgroup the write-behind path keeps under.
+    pub dirty_target: u64,
+    /// Cgroup usage above which the write-behind path drains before writing more.
+    pub usage_ceiling: u64,
+}
+
+impl Budget {
+    /// The budget: `explicit` if given, else the effective limit of `cgroup`, else [`DEFAULT_BUDGET`].
+    pub fn resolve(explicit: Option<u64>, cgroup: Option<&MemCgroup>) -> Result<Budget> {
+        if let Some(bytes) = explicit {
+            return Ok(Budget {
+                bytes,
+                origin: BudgetOrigin::Explicit,
+            });
+        }
+        if let Some(cg) = cgroup {
+            if let Some(bytes) = cg.limit()? {
+                return Ok(Budget {
+                    bytes,
+                    origin: BudgetOrigin::Cgroup,
+                });
+            }
+        }
+        Ok(Budget {
+            bytes: DEFAULT_BUDGET,
+            origin: BudgetOrigin::Default,
+        })
+    }
+
+    /// The planned footprint: an eighth of the budget, between 8 and 64 MiB. Half of it is buffers, half the
+    /// write-behind window.
+    pub fn sizing(&self) -> Sizing {
+        let share = (self.bytes / 8).clamp(8 * MIB, 64 * MIB);
+        let chunk = if share >= 16 * MIB { 2 * MIB } else { MIB };
+        let workers = ((share / 2) / chunk).clamp(2, 8) as usize;
+        Sizing {
+            workers,
+            chunk,
+            dirty_target: (share / 2).max(2 * chunk),
+            usage_ceiling: self.bytes - self.bytes / 8,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizing(bytes: u64) -> Sizing {
+        Budget {
+            bytes,
+            origin: BudgetOrigin::Explicit,
+        }
+        .sizing()
+    }
+
+    #[test]
+    fn small_budgets_get_small_pools_and_large_ones_a_modest_share() {
+        let cdi = sizing(600_000_000);
+        assert_eq!(
+            (cdi.workers, cdi.chunk, cdi.dirty_target),
+            (8, 2 * MIB, 32 * MIB)
+        );
+        let small = sizing(128 * MIB);
+        assert_eq!(
+            (small.workers, small.chunk, small.dirty_target),
+            (4, 2 * MIB, 8 * MIB)
+        );
+        let tiny = sizing(32 * MIB);
+        assert_eq!((tiny.workers, tiny.chunk), (4, MIB));
+        assert!(tiny.workers as u64 * tiny.chunk + tiny.dirty_target <= 16 * MIB);
+        let huge = sizing(64 << 30);
+        assert_eq!(
+            huge.workers as u64 * huge.chunk + huge.dirty_target,
+            48 * MIB
+        );
+        for bytes in [32 * MIB, 128 * MIB, 600_000_000, 64 << 30] {
+            let s = sizing(bytes);
+            assert!(
+                s.workers as u64 * s.chunk + s.dirty_target <= (bytes / 4).max(16 * MIB),
+                "{bytes}"
+            );
+            assert!(s.usage_ceiling < bytes);
+        }
+    }
+
+    #[test]
+    fn explicit_limit_wins() {
+        let b = Budget::resolve(Some(123), None).unwrap();
+        assert_eq!(
+            b,
+            Budget {
+                bytes: 123,
+                origin: BudgetOrigin::Explicit
+            }
+        );
+        let d = Budget::resolve(None, None).unwrap();
+        assert_eq!(d.origin, BudgetOrigin::Default);
+    }
+}

@@ -1,0 +1,260 @@
+//! The governor: turns live readings of our own memory cgroup into write-behind decisions, so that the dirty
+//! and writeback page cache of the whole cgroup (ours and co-tenants') stays under a target share of the budget.
+//!
+//! The write-behind sink asks before every buffered write: proceed, drain one of our own in-flight ranges first
+//! (wait for its writeback and drop it from the cache), or wait for the device when the pressure is not ours.
+//! Without a memory cgroup the governor falls back to counting our own in-flight bytes.
+
+use super::{MemCgroup, MemStat};
+use crate::error::{IoContext, Result};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How old a reading may be before it is taken again. memory.stat is cheap (tens of microseconds) but writes
+/// arrive every few hundred microseconds on fast devices.
+const READING_MAX_AGE: Duration = Duration::from_millis(5);
+
+/// What the write-behind sink should do before writing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Write now.
+    Proceed,
+    /// Wait for our oldest in-flight range to reach the device and drop it, then ask again.
+    Drain,
+    /// The pressure is not ours to drain: sleep a little, then ask again.
+    Wait,
+}
+
+/// Limits the governor enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Targets {
+    /// Dirty + writeback bytes of the cgroup not to exceed.
+    pub dirty_writeback: u64,
+    /// Cgroup usage above which we drain before adding more page cache (`None`: no limit to respect).
+    pub usage_ceiling: Option<u64>,
+}
+
+/// Paces buffered writes from live cgroup readings.
+pub struct Governor {
+    cgroup: Option<MemCgroup>,
+    targets: Targets,
+    started: Instant,
+    state: Mutex<State>,
+}
+
+struct State {
+    last: Option<(Instant, MemStat)>,
+    timeline: Option<BufWriter<File>>,
+    peak_dirty_writeback: u64,
+    readings: u64,
+}
+
+/// What the governor saw over an import.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct GovernorSummary {
+    /// Highest dirty + writeback reading of the cgroup.
+    pub peak_dirty_writeback: u64,
+    /// Number of cgroup readings taken.
+    pub readings: u64,
+    /// The dirty + writeback target.
+    pub target: u64,
+}
+
+impl Governor {
+    /// A governor reading `cgroup` (or none) against `targets`; with `timeline`, every reading is appended to
+    /// that CSV file.
+    pub fn new(
+        cgroup: Option<MemCgroup>,
+        targets: Targets,
+        timeline: Option<&Path>,
+    ) -> Result<Self> {
+        let timeline = match timeline {
+            Some(path) => {
+                let file = File::create(path)
+                    .io_context("creating governor timeline")
+                    .map_err(|e| e.at_path(path))?;
+                let mut w = BufWriter::new(file);
+                writeln!(
+                    w,
+                    "elapsed_ms,usage,dirty,writeback,own_inflight,target,decision"
+                )
+                .io_context("writing governor timeline")?;
+                Some(w)
+            }
+            None => None,
+        };
+        Ok(Governor {
+            cgroup,
+            targets,
+            started: Instant::now(),
+            state: Mutex::new(State {
+                last: None,
+                timeline,
+                peak_dirty_writeback: 0,
+                readings: 0,
+            }),
+        })
+    }
+
+    /// The targets enforced.
+    pub fn targets(&self) -> Targets {
+        self.targets
+    }
+
+    /// Decides what to do before writing `incoming` bytes while `own_inflight` bytes of ours are written but
+    /// not yet known to be on the device. `fresh` forces a new reading (after a drain changed things).
+    pub fn decide(&self, incoming: u64, own_inflight: u64, fresh: bool) -> Result<Decision> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let stat = match &self.cgroup {
+            None => None,
+            Some(cg) => match state.last {
+                Some((at, stat)) if !fresh && at.elapsed() < READING_MAX_AGE => Some(stat),
+                _ => {
+                    let stat = cg.stat()?;
+                    state.last = Some((Instant::now(), stat));
+                    state.readings += 1;
+                    state.peak_dirty_writeback =
+                        state.peak_dirty_writeback.max(stat.dirty_writeback());
+                    Some(stat)
+                }
+            },
+        };
+        // Our own in-flight bytes are the floor of what the cgroup holds for us, whatever the reading says.
+        let dirty_writeback = stat.map_or(own_inflight, |s| s.dirty_writeback().max(own_inflight));
+        let over_dirty = dirty_writeback + incoming > self.targets.dirty_writeback;
+        let over_usage = match (stat, self.targets.usage_ceiling) {
+            (Some(s), Some(ceiling)) => s.usage + incoming > ceiling,
+            _ => false,
+        };
+        let decision = if !over_dirty && !over_usage {
+            Decision::Proceed
+        } else if own_inflight > 0 {
+            Decision::Drain
+        } else if over_dirty && incoming > self.targets.dirty_writeback {
+            // A single write larger than the target can never fit; let it through alone.
+            Decision::Proceed
+        } else {
+            Decision::Wait
+        };
+        if let (Some(stat), Some(w)) = (stat, state.timeline.as_mut()) {
+            writeln!(
+                w,
+                "{},{},{},{},{},{},{:?}",
+                self.started.elapsed().as_millis(),
+                stat.usage,
+                stat.dirty,
+                stat.writeback,
+                own_inflight,
+                self.targets.dirty_writeback,
+                decision
+            )
+            .io_context("writing governor timeline")?;
+        }
+        Ok(decision)
+    }
+
+    /// Flushes the timeline and summarises the readings.
+    pub fn finish(&self) -> Result<GovernorSummary> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = state.timeline.as_mut() {
+            w.flush().io_context("writing governor timeline")?;
+        }
+        Ok(GovernorSummary {
+            peak_dirty_writeback: state.peak_dirty_writeback,
+            readings: state.readings,
+            target: self.targets.dirty_writeback,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cgroup::Version;
+    use std::fs;
+
+    fn cgroup_with(dirty: u64, writeback: u64, usage: u64) -> (tempfile::TempDir, MemCgroup) {
+        let dir = tempfile::tempdir().unwrap();
+        let stat = format!(
+            "anon 0\nfile 0\nfile_dirty {dirty}\nfile_writeback {writeback}\ninactive_file 0\n"
+        );
+        fs::write(dir.path().join("memory.stat"), stat).unwrap();
+        fs::write(dir.path().join("memory.current"), format!("{usage}\n")).unwrap();
+        let cg = MemCgroup::at(dir.path(), Version::V2);
+        (dir, cg)
+    }
+
+    const MIB: u64 = 1 << 20;
+    const TARGETS: Targets = Targets {
+        dirty_writeback: 32 * MIB,
+        usage_ceiling: Some(500 * MIB),
+    };
+
+    #[test]
+    fn decisions_follow_readings() {
+        // (dirty, writeback, usage, incoming, own_inflight) -> decision
+        let cases = [
+            (
+                (4 * MIB, 4 * MIB, 100 * MIB, 2 * MIB, 8 * MIB),
+                Decision::Proceed,
+            ),
+            (
+                (20 * MIB, 11 * MIB, 100 * MIB, 2 * MIB, 8 * MIB),
+                Decision::Drain,
+            ),
+            ((20 * MIB, 11 * MIB, 100 * MIB, 2 * MIB, 0), Decision::Wait),
+            ((0, 0, 499 * MIB, 2 * MIB, 4 * MIB), Decision::Drain),
+            ((0, 0, 100 * MIB, 64 * MIB, 0), Decision::Proceed),
+            // The reading lags our own writes: own in-flight bytes count even if memory.stat does not show them.
+            ((0, 0, 100 * MIB, 2 * MIB, 31 * MIB), Decision::Drain),
+        ];
+        for ((dirty, wb, usage, incoming, own), want) in cases {
+            let (_dir, cg) = cgroup_with(dirty, wb, usage);
+            let governor = Governor::new(Some(cg), TARGETS, None).unwrap();
+            assert_eq!(
+                governor.decide(incoming, own, true).unwrap(),
+                want,
+                "{dirty} {wb} {usage} {incoming} {own}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_vanished_cgroup_is_an_error() {
+        let (dir, cg) = cgroup_with(0, 0, 0);
+        let governor = Governor::new(Some(cg), TARGETS, None).unwrap();
+        drop(dir);
+        assert!(governor.decide(MIB, 0, true).is_err());
+    }
+
+    #[test]
+    fn without_a_cgroup_own_bytes_are_the_reading() {
+        let governor = Governor::new(None, TARGETS, None).unwrap();
+        assert_eq!(
+            governor.decide(2 * MIB, 10 * MIB, true).unwrap(),
+            Decision::Proceed
+        );
+        assert_eq!(
+            governor.decide(2 * MIB, 31 * MIB, true).unwrap(),
+            Decision::Drain
+        );
+    }
+
+    #[test]
+    fn timeline_records_each_reading() {
+        let (_dir, cg) = cgroup_with(MIB, MIB, 10 * MIB);
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let governor = Governor::new(Some(cg), TARGETS, Some(out.path())).unwrap();
+        governor.decide(MIB, 0, true).unwrap();
+        governor.decide(MIB, 0, true).unwrap();
+        let summary = governor.finish().unwrap();
+        assert_eq!(summary.readings, 2);
+        assert_eq!(summary.peak_dirty_writeback, 2 * MIB);
+        let text = fs::read_to_string(out.path()).unwrap();
+        assert_eq!(text.lines().count(), 3, "{text}");
+        assert!(text.lines().nth(1).unwrap().ends_with(",Proceed"));
+    }
+}

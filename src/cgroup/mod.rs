@@ -1,0 +1,434 @@
+//! Live readings of a memory cgroup (v1 or v2): limit, usage, dirty and writeback page cache, limit events.
+//!
+//! Read errors are errors: a governor that silently read zeros would stop pacing exactly when it matters.
+//! (cgroups-rs turns failed reads into zeros and knows only v1 field names, so the live path reads the files
+//! itself.)
+
+pub mod governor;
+
+use crate::error::{Error, IoContext, Result};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// Which cgroup hierarchy the memory controller lives on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Version {
+    /// Legacy hierarchy (`memory.limit_in_bytes`, `memory.stat` with `total_*`).
+    V1,
+    /// Unified hierarchy (`memory.max`, `memory.stat` with `file_dirty`).
+    V2,
+}
+
+/// v1 reports "no limit" as a huge page-aligned number; anything at or above this is unlimited.
+const V1_UNLIMITED: u64 = 1 << 62;
+
+/// A memory cgroup directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemCgroup {
+    dir: PathBuf,
+    version: Version,
+}
+
+/// One reading of the page-cache and usage counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MemStat {
+    /// Charged bytes (memory.usage_in_bytes / memory.current).
+    pub usage: u64,
+    /// Page cache (v1 total_cache, v2 file).
+    pub file: u64,
+    /// Anonymous memory (v1 total_rss, v2 anon).
+    pub anon: u64,
+    /// Dirty page cache (v1 total_dirty, v2 file_dirty).
+    pub dirty: u64,
+    /// Page cache under writeback (v1 total_writeback, v2 file_writeback).
+    pub writeback: u64,
+    /// Inactive file pages (v1 total_inactive_file, v2 inactive_file): what kubelet subtracts for working set.
+    pub inactive_file: u64,
+}
+
+impl MemStat {
+    /// Dirty plus writeback: the page cache that cannot be reclaimed without waiting for the device.
+    pub fn dirty_writeback(&self) -> u64 {
+        self.dirty + self.writeback
+    }
+
+    /// What `kubectl top` and the kubelet working set show: usage minus inactive file pages.
+    pub fn working_set(&self) -> u64 {
+        self.usage.saturating_sub(self.inactive_file)
+    }
+}
+
+/// Counters of the limit being hit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MemEvents {
+    /// Times the limit was hit (v1 memory.failcnt, v2 memory.events `max`).
+    pub limit_hits: u64,
+    /// Processes killed by the cgroup OOM killer (`oom_kill`).
+    pub oom_kills: u64,
+}
+
+impl MemCgroup {
+    /// The memory cgroup of the calling process, or `None` when it has none with a readable directory (no memory
+    /// controller mounted, or not in one).
+    pub fn own() -> Result<Option<MemCgroup>> {
+        let membership = read_text(Path::new("/proc/self/cgroup"))?;
+        let mountinfo = read_text(Path::new("/proc/self/mountinfo"))?;
+        Ok(locate(&membership, &mountinfo)
+            .filter(|cg| cg.dir.join(cg.version.usage_file()).exists()))
+    }
+
+    /// A cgroup at a known directory.
+    pub fn at(dir: impl Into<PathBuf>, version: Version) -> Self {
+        MemCgroup {
+            dir: dir.into(),
+            version,
+        }
+    }
+
+    /// The cgroup directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Hierarchy version.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The effective limit: the smallest limit of this cgroup and its ancestors, `None` when unlimited.
+    pub fn limit(&self) -> Result<Option<u64>> {
+        match self.version {
+            Version::V1 => {
+                // hierarchical_memory_limit already folds in the ancestors' limits.
+                let stat = self.read_keyed("memory.stat")?;
+                let limit = find_key(&stat, "hierarchical_memory_limit")
+                    .map_or_else(|| self.read_number("memory.limit_in_bytes"), Ok)?;
+                Ok((limit < V1_UNLIMITED).then_some(limit))
+            }
+            Version::V2 => {
+                let mut best: Option<u64> = None;
+                let mut dir = Some(self.dir.as_path());
+                while let Some(d) = dir {
+                    let file = d.join("memory.max");
+                    if !file.exists() {
+                        break;
+                    }
+                    let text = read_text(&file)?;
+                    if text.trim() != "max" {
+                        let value = parse_number(&text).ok_or_else(|| malformed(&file, &text))?;
+                        best = Some(best.map_or(value, |b| b.min(value)));
+                    }
+                    dir = d.parent();
+                }
+                Ok(best)
+            }
+        }
+    }
+
+    /// Charged bytes now.
+    pub fn usage(&self) -> Result<u64> {
+        self.read_number(self.version.usage_file())
+    }
+
+    /// Highest charge since creation or the last [`reset_peak`](Self::reset_peak) (`None` on v2 kernels without
+    /// memory.peak).
+    pub fn peak(&self) -> Result<Option<u64>> {
+        let name = match self.version {
+            Version::V1 => "memory.max_usage_in_bytes",
+            Version::V2 => "memory.peak",
+        };
+        if self.version == Version::V2 && !self.dir.join(name).exists() {
+            return Ok(None);
+        }
+        self.read_number(name).map(Some)
+    }
+
+    /// Usage and page-cache counters, read together.
+    pub fn stat(&self) -> Result<MemStat> {
+        let stat = self.read_keyed("memory.stat")?;
+        let field = |name: &str| {
+            find_key(&stat, name).ok_or_else(|| {
+                Error::new(
+                    crate::error::ErrorKind::Io,
+                    format!("memory.stat has no {name} field"),
+                )
+                .at_path(self.dir.join("memory.stat"))
+            })
+        };
+        let usage = self.usage()?;
+        Ok(match self.version {
+            Version::V1 => MemStat {
+                usage,
+                file: field("total_cache")?,
+                anon: field("total_rss")?,
+                dirty: field("total_dirty")?,
+                writeback: field("total_writeback")?,
+                inactive_file: field("total_inactive_file")?,
+            },
+            Version::V2 => MemStat {
+                usage,
+                file: field("file")?,
+                anon: field("anon")?,
+                dirty: field("file_dirty")?,
+                writeback: field("file_writeback")?,
+                inactive_file: field("inactive_file")?,
+            },
+        })
+    }
+
+    /// Limit-hit and OOM-kill counters.
+    pub fn events(&self) -> Result<MemEvents> {
+        match self.version {
+            Version::V1 => {
+                let oom = self.read_keyed("memory.oom_control")?;
+                Ok(MemEvents {
+                    limit_hits: self.read_number("memory.failcnt")?,
+                    oom_kills: find_key(&oom, "oom_kill").unwrap_or(0),
+                })
+            }
+            Version::V2 => {
+                let events = self.read_keyed("memory.events")?;
+                Ok(MemEvents {
+                    limit_hits: find_key(&events, "max").unwrap_or(0),
+                    oom_kills: find_key(&events, "oom_kill").unwrap_or(0),
+                })
+            }
+        }
+    }
+
+    fn read_number(&self, name: &str) -> Result<u64> {
+        let path = self.dir.join(name);
+        let text = read_text(&path)?;
+        parse_number(&text).ok_or_else(|| malformed(&path, &text))
+    }
+
+    fn read_keyed(&self, name: &str) -> Result<Vec<(String, u64)>> {
+        let path = self.dir.join(name);
+        let text = read_text(&path)?;
+        parse_keyed(&text).ok_or_else(|| malformed(&path, &text))
+    }
+}
+
+impl Version {
+    fn usage_file(self) -> &'static str {
+        match self {
+            Version::V1 => "memory.usage_in_bytes",
+            Version::V2 => "memory.current",
+        }
+    }
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    fs::read_to_string(path)
+        .io_context("reading cgroup file")
+        .map_err(|e| e.at_path(path))
+}
+
+fn malformed(path: &Path, text: &str) -> Error {
+    let first = text.lines().next().unwrap_or("");
+    Error::new(
+        crate::error::ErrorKind::Io,
+        format!("unexpected contents {first:?}"),
+    )
+    .at_path(path)
+}
+
+fn parse_number(text: &str) -> Option<u64> {
+    text.trim().parse().ok()
+}
+
+/// Parses `key value` lines (memory.stat, memory.events, memory.oom_control).
+fn parse_keyed(text: &str) -> Option<Vec<(String, u64)>> {
+    text.lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let mut parts = line.split_whitespace();
+            let key = parts.next()?;
+            let value = parts.next()?.parse().ok()?;
+            Some((key.to_string(), value))
+        })
+        .collect()
+}
+
+fn find_key(pairs: &[(String, u64)], key: &str) -> Option<u64> {
+    pairs.iter().find(|(k, _)| k == key).map(|&(_, v)| v)
+}
+
+/// Finds the memory cgroup directory from /proc/self/cgroup and /proc/self/mountinfo contents. A v1 memory
+/// hierarchy wins over v2 (the controller can be bound to only one, and hybrid hosts mount both).
+fn locate(membership: &str, mountinfo: &str) -> Option<MemCgroup> {
+    let mut v2_path = None;
+    let mut v1_path = None;
+    for line in membership.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (id, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if id == "0" && controllers.is_empty() {
+            v2_path = Some(path);
+        } else if controllers.split(',').any(|c| c == "memory") {
+            v1_path = Some(path);
+        }
+    }
+    for line in mountinfo.lines() {
+        // Fields: id parent maj:min root mountpoint options [optional...] - fstype source superoptions
+        let (before, after) = line.split_once(" - ")?;
+        let fields: Vec<&str> = before.split(' ').collect();
+        let tail: Vec<&str> = after.split(' ').collect();
+        if fields.len() < 5 || tail.len() < 3 {
+            continue;
+        }
+        let (root, mountpoint, fstype, superopts) = (fields[3], fields[4], tail[0], tail[2]);
+        let (path, version) = match (fstype, v1_path, v2_path) {
+            ("cgroup", Some(p), _) if superopts.split(',').any(|o| o == "memory") => {
+                (p, Version::V1)
+            }
+            ("cgroup2", None, Some(p)) => (p, Version::V2),
+            _ => continue,
+        };
+        let relative = path
+            .strip_prefix(root)
+            .unwrap_or(path)
+            .trim_start_matches('/');
+        return Some(MemCgroup::at(
+            Path::new(&unescape_mount_path(mountpoint)).join(relative),
+            version,
+        ));
+    }
+    None
+}
+
+/// mountinfo escapes spaces and a few other bytes as octal (`\040`).
+fn unescape_mount_path(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            out.push(
+                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0'),
+            );
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID_CGROUP: &str = "9:name=systemd:/\n4:memory:/process_api/abc\n1:cpu:/\n0::/\n";
+    const HYBRID_MOUNTINFO: &str = "\
+25 20 0:22 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+28 25 0:25 / /sys/fs/cgroup/memory rw,relatime shared:9 - cgroup cgroup rw,memory
+33 25 0:30 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+
+    #[test]
+    fn v1_memory_hierarchy_wins_on_hybrid_hosts() {
+        let cg = locate(HYBRID_CGROUP, HYBRID_MOUNTINFO).unwrap();
+        assert_eq!(
+            cg,
+            MemCgroup::at("/sys/fs/cgroup/memory/process_api/abc", Version::V1)
+        );
+    }
+
+    #[test]
+    fn v2_unified_with_namespaced_root() {
+        let membership = "0::/kubepods/pod1/ctr\n";
+        let mountinfo =
+            "40 30 0:26 /kubepods/pod1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n";
+        let cg = locate(membership, mountinfo).unwrap();
+        assert_eq!(cg, MemCgroup::at("/sys/fs/cgroup/ctr", Version::V2));
+    }
+
+    #[test]
+    fn no_memory_controller_means_none() {
+        assert_eq!(
+            locate(
+                "1:cpu:/\n",
+                "28 25 0:25 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn mount_paths_are_unescaped() {
+        assert_eq!(
+            unescape_mount_path("/mnt/with\\040space"),
+            "/mnt/with space"
+        );
+    }
+
+    fn fake_v2(files: &[(&str, &str)]) -> (tempfile::TempDir, MemCgroup) {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            fs::write(dir.path().join(name), text).unwrap();
+        }
+        let cg = MemCgroup::at(dir.path(), Version::V2);
+        (dir, cg)
+    }
+
+    #[test]
+    fn v2_readings() {
+        let stat = "anon 100\nfile 2000\nfile_dirty 30\nfile_writeback 40\ninactive_file 500\n";
+        let (_dir, cg) = fake_v2(&[
+            ("memory.current", "4096\n"),
+            ("memory.max", "600000000\n"),
+            ("memory.stat", stat),
+            ("memory.events", "low 0\nhigh 0\nmax 7\noom 1\noom_kill 1\n"),
+        ]);
+        let s = cg.stat().unwrap();
+        assert_eq!(
+            (
+                s.usage,
+                s.file,
+                s.anon,
+                s.dirty_writeback(),
+                s.working_set()
+            ),
+            (4096, 2000, 100, 70, 3596)
+        );
+        assert_eq!(
+            cg.events().unwrap(),
+            MemEvents {
+                limit_hits: 7,
+                oom_kills: 1
+            }
+        );
+        assert_eq!(cg.limit().unwrap(), Some(600_000_000));
+    }
+
+    #[test]
+    fn unreadable_or_malformed_files_are_errors_not_zeros() {
+        let (_dir, cg) = fake_v2(&[("memory.current", "lots\n"), ("memory.stat", "anon 1\n")]);
+        assert!(cg.usage().is_err());
+        let err = cg.stat().unwrap_err();
+        assert!(
+            err.to_string().contains("memory.current") || err.to_string().contains("file"),
+            "{err}"
+        );
+        let missing = MemCgroup::at("/nonexistent/cgroup", Version::V1);
+        assert!(missing.stat().is_err());
+        assert!(missing.usage().is_err());
+    }
+
+    #[test]
+    fn own_cgroup_reads_on_this_host() {
+        // Whatever this host has, reading it must not fail once found.
+        if let Some(cg) = MemCgroup::own().unwrap() {
+            let stat = cg.stat().unwrap();
+            assert!(stat.usage > 0);
+            cg.limit().unwrap();
+            cg.events().unwrap();
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! The command line: parses arguments into a [`Plan`](crate::import::Plan), runs it, renders the outcome.
+//! No I/O logic lives here.
+
+use crate::checksum::Checksum;
+use crate::error::{Error, Result};
+use crate::import::{self, Outcome, Plan};
+use crate::progress::{self, Progress, ProgressStyle};
+use crate::sink::IoChoice;
+use crate::size::{human, parse_quantity};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+
+/// Import a VM disk image (qcow2 or raw) onto a block device or raw file without filling the memory cgroup.
+#[derive(Debug, Parser)]
+#[command(
+    name = "boundimport",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    #[command(flatten)]
+    import: ImportArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {}
+
+/// Arguments of a plain import.
+#[derive(Debug, clap::Args)]
+struct ImportArgs {
+    /// Image to import (a local file or block device; its format is detected from its header).
+    #[arg(required = true)]
+    source: Option<PathBuf>,
+
+    /// Destination: a block device (written in place) or a file (created or truncated, sparse).
+    #[arg(required = true)]
+    dest: Option<PathBuf>,
+
+    /// Memory budget for everything the import causes to be charged (buffers and page cache), as a Kubernetes
+    /// quantity (600M, 600Mi, 1Gi). Default: this process's memory cgroup limit, else 600M.
+    #[arg(long, value_parser = parse_limit)]
+    limit: Option<u64>,
+
+    /// Write path: direct (O_DIRECT), writebehind (buffered, paced by cgroup readings), or auto.
+    #[arg(long, value_enum, default_value = "auto")]
+    io: IoChoice,
+
+    /// Expected checksum of the source file, ALGO:HEX (md5, sha1, sha256, sha512).
+    #[arg(long)]
+    checksum: Option<Checksum>,
+
+    /// Read the image's backing file (relative to the image's directory) instead of refusing the image.
+    #[arg(long)]
+    allow_backing: bool,
+
+    /// The destination block device already reads as zeros: skip zeroing unallocated ranges.
+    #[arg(long)]
+    target_is_zero: bool,
+
+    /// How to show progress.
+    #[arg(long, value_enum, default_value = "auto")]
+    progress: ProgressStyle,
+
+    /// Print a one-line JSON summary on stdout instead of the digest line.
+    #[arg(long)]
+    json: bool,
+
+    /// Skip the SHA-256 of the written image (it costs CPU time proportional to the virtual size).
+    #[arg(long)]
+    no_digest: bool,
+
+    /// Append every cgroup reading of the write-behind governor to this CSV file.
+    #[arg(long, value_name = "CSV")]
+    governor_log: Option<PathBuf>,
+
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    /// Only warnings and errors on stderr.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+fn parse_limit(text: &str) -> std::result::Result<u64, String> {
+    parse_quantity(text).map_err(|e| e.to_string())
+}
+
+/// Entry point of the binary: returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match cli.command {
+        None => run_import(cli.import),
+        Some(command) => match command {},
+    }
+}
+
+fn run_import(args: ImportArgs) -> i32 {
+    crate::logging::init(args.verbose, args.quiet);
+    match import_and_report(&args) {
+        Ok(()) => 0,
+        Err(err) => {
+            log::error!("{err}");
+            err.exit_code()
+        }
+    }
+}
+
+fn import_and_report(args: &ImportArgs) -> Result<()> {
+    let (Some(source), Some(dest)) = (&args.source, &args.dest) else {
+        return Err(Error::usage("SOURCE and DEST are required"));
+    };
+    let plan = Plan {
+        limit: args.limit,
+        io: args.io,
+        checksum: args.checksum.clone(),
+        allow_backing: args.allow_backing,
+        target_is_zero: args.target_is_zero,
+        output_digest: !args.no_digest,
+        governor_timeline: args.governor_log.clone(),
+        ..Plan::new(source, dest)
+    };
+    let progress = Progress::default();
+    let stop = AtomicBool::new(false);
+    let outcome = std::thread::scope(|scope| {
+        scope.spawn(|| progress::report(&progress, args.progress));
+        let outcome = import::run(&plan, &progress, &stop);
+        progress.finish();
+        outcome
+    })?;
+    render(&outcome, args.json);
+    Ok(())
+}
+
+fn render(outcome: &Outcome, json: bool) {
+    log::info!(
+        "done in {:.2}s: {} written, {} zeros skipped, {} zeroed ({}, {} write path)",
+        outcome.seconds,
+        human(outcome.bytes_written),
+        human(outcome.zero_bytes_skipped),
+        human(outcome.zero_bytes_zeroed),
+        outcome.format,
+        outcome.io
+    );
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(outcome).expect("outcome serialises")
+        );
+    } else if let Some(digest) = &outcome.sha256 {
+        println!("{digest}  {}", outcome.destination.display());
+    }
+}

@@ -1,0 +1,203 @@
+//! An import from start to finish: the [`Plan`] front ends build, and [`run`], which wires source → format →
+//! pipeline → sink for it and reports an [`Outcome`].
+
+use crate::budget::{Budget, Sizing};
+use crate::cgroup::governor::{Governor, GovernorSummary, Targets};
+use crate::cgroup::MemCgroup;
+use crate::checksum::{hex, Algorithm, Checksum};
+use crate::error::Result;
+use crate::format::{self, BackingPolicy};
+use crate::pipeline::{self, schedule::Scheduler};
+use crate::progress::Progress;
+use crate::sink::{DestKind, DestOptions, Destination, IoChoice};
+use crate::size::human;
+use crate::source::{FileSource, HashingSource, ReadAt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Everything an import needs to know, independent of the front end that asked for it.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The image to read.
+    pub source: PathBuf,
+    /// Where to write the raw image.
+    pub destination: PathBuf,
+    /// Memory budget in bytes (`None`: the cgroup's limit, else the default).
+    pub limit: Option<u64>,
+    /// Write path.
+    pub io: IoChoice,
+    /// Expected checksum of the source bytes.
+    pub checksum: Option<Checksum>,
+    /// Follow backing files.
+    pub allow_backing: bool,
+    /// The destination device already reads as zeros.
+    pub target_is_zero: bool,
+    /// Digest the written image (SHA-256).
+    pub output_digest: bool,
+    /// Append every governor reading to this CSV file.
+    pub governor_timeline: Option<PathBuf>,
+    /// Permission bits for a newly created destination file.
+    pub file_mode: u32,
+}
+
+impl Plan {
+    /// A plan with defaults for everything but the two paths.
+    pub fn new(source: impl Into<PathBuf>, destination: impl Into<PathBuf>) -> Self {
+        Plan {
+            source: source.into(),
+            destination: destination.into(),
+            limit: None,
+            io: IoChoice::Auto,
+            checksum: None,
+            allow_backing: false,
+            target_is_zero: false,
+            output_digest: true,
+            governor_timeline: None,
+            file_mode: 0o644,
+        }
+    }
+}
+
+/// What an import did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Outcome {
+    /// Source path.
+    pub source: PathBuf,
+    /// Destination path.
+    pub destination: PathBuf,
+    /// Detected image format.
+    pub format: &'static str,
+    /// Size of the virtual disk.
+    pub virtual_size: u64,
+    /// Destination kind.
+    pub destination_kind: DestKind,
+    /// Write path used ("direct" or "writebehind").
+    pub io: &'static str,
+    /// Bytes written as data.
+    pub bytes_written: u64,
+    /// Zero bytes left as holes or skipped (never written).
+    pub zero_bytes_skipped: u64,
+    /// Zero bytes zeroed explicitly on a block device.
+    pub zero_bytes_zeroed: u64,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// SHA-256 of the written image, lower-case hex.
+    pub sha256: Option<String>,
+    /// The verified source checksum, if one was given.
+    pub source_checksum: Option<String>,
+    /// The memory budget.
+    pub budget: Budget,
+    /// How the import sized itself from the budget.
+    pub sizing: Sizing,
+    /// What the write-behind governor saw (write-behind path only).
+    pub governor: Option<GovernorSummary>,
+}
+
+/// Runs `plan`, advancing `progress`; raising `stop` ends the import early with an interrupted error.
+pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcome> {
+    let cgroup = MemCgroup::own()?;
+    let budget = Budget::resolve(plan.limit, cgroup.as_ref())?;
+    let sizing = budget.sizing();
+    log::debug!(
+        "memory budget {budget}: {} workers x {} chunks",
+        sizing.workers,
+        human(sizing.chunk)
+    );
+
+    let file: Arc<dyn ReadAt> = Arc::new(FileSource::open(&plan.source)?);
+    let tap = plan
+        .checksum
+        .as_ref()
+        .map(|c| Arc::new(HashingSource::new(file.clone(), c.algorithm)));
+    let source: Arc<dyn ReadAt> = match &tap {
+        Some(tap) => tap.clone(),
+        None => file,
+    };
+    let backing = BackingPolicy {
+        allow: plan.allow_backing,
+        base_dir: Some(
+            plan.source
+                .parent()
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
+        ),
+    };
+    let image = format::open(source, &backing)?;
+    let virtual_size = image.virtual_size();
+    let format_name = image.format_name();
+    log::info!(
+        "{}: {format_name} image, virtual size {virtual_size} bytes ({})",
+        plan.source.display(),
+        human(virtual_size)
+    );
+
+    let options = DestOptions {
+        io: plan.io,
+        target_is_zero: plan.target_is_zero,
+        file_mode: plan.file_mode,
+    };
+    let governor = || {
+        let targets = Targets {
+            dirty_writeback: sizing.dirty_target,
+            usage_ceiling: Some(sizing.usage_ceiling),
+        };
+        Governor::new(cgroup.clone(), targets, plan.governor_timeline.as_deref())
+    };
+    let dest = Destination::open(&plan.destination, virtual_size, &options, governor)?;
+    log::info!(
+        "{}: writing {} ({})",
+        plan.destination.display(),
+        dest.io_name(),
+        dest.io_reason
+    );
+
+    progress.set_total(virtual_size);
+    let config = pipeline::Config {
+        workers: sizing.workers,
+        chunk: sizing.chunk,
+        serial_reads: tap.is_some(),
+        output_digest: plan.output_digest.then_some(Algorithm::Sha256),
+    };
+    let outcome = pipeline::run(
+        Scheduler::new(image, sizing.chunk),
+        &dest,
+        &config,
+        progress,
+        stop,
+    )?;
+    let governor = dest.finish()?;
+
+    let source_checksum = match (&plan.checksum, &tap) {
+        (Some(expected), Some(tap)) => {
+            let hashed = tap.finish()?;
+            if hashed.gap_bytes > 0 {
+                log::debug!(
+                    "read {} extra to checksum the source",
+                    human(hashed.gap_bytes)
+                );
+            }
+            expected.verify(&hashed.digest, &plan.source.display().to_string())?;
+            Some(expected.to_string())
+        }
+        _ => None,
+    };
+    let stats = &dest.stats;
+    let result = Outcome {
+        source: plan.source.clone(),
+        destination: plan.destination.clone(),
+        format: format_name,
+        virtual_size,
+        destination_kind: dest.kind(),
+        io: dest.io_name(),
+        bytes_written: stats.written.load(Ordering::Relaxed),
+        zero_bytes_skipped: stats.skipped.load(Ordering::Relaxed),
+        zero_bytes_zeroed: stats.zeroed.load(Ordering::Relaxed),
+        seconds: progress.elapsed().as_secs_f64(),
+        sha256: outcome.output_digest.as_deref().map(hex),
+        source_checksum,
+        budget,
+        sizing,
+        governor,
+    };
+    Ok(result)
+}

@@ -1,0 +1,300 @@
+//! The scheduler: walks guest space in order and hands out work items — a chunk to read and write, or a span
+//! that reads as zeros and needs no buffer at all.
+
+use crate::error::Result;
+use crate::format::{Content, Extent, Image};
+use std::collections::VecDeque;
+
+/// Longest zero span handed out as one item, so a stop request is noticed between zeroing calls even on a
+/// device that zeroes by writing.
+pub const MAX_ZERO_SPAN: u64 = 256 << 20;
+
+/// Chunks mapped per call into the format: large enough to amortise the call, small enough that the extent list
+/// of a maximally fragmented window stays small.
+const CHUNKS_PER_WINDOW: u64 = 8;
+
+/// One unit of work for a pipeline worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Work {
+    /// Guest `[guest, guest + len)` holds data: fill a buffer from `extents`, then write it.
+    Chunk {
+        /// Guest offset (a multiple of the chunk size).
+        guest: u64,
+        /// Length (the chunk size, or less at the end of the image).
+        len: u64,
+        /// Extents covering exactly this chunk.
+        extents: Vec<Extent>,
+    },
+    /// Guest `[guest, guest + len)` reads as zeros.
+    Zero {
+        /// Guest offset (a multiple of the chunk size).
+        guest: u64,
+        /// Length.
+        len: u64,
+    },
+}
+
+impl Work {
+    /// Guest offset of the item.
+    pub fn guest(&self) -> u64 {
+        match self {
+            Work::Chunk { guest, .. } | Work::Zero { guest, .. } => *guest,
+        }
+    }
+
+    /// Length of the item.
+    pub fn len(&self) -> u64 {
+        match self {
+            Work::Chunk { len, .. } | Work::Zero { len, .. } => *len,
+        }
+    }
+
+    /// Whether the item is empty (never, for items the scheduler hands out).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Hands out work items in guest order.
+pub struct Scheduler {
+    image: Box<dyn Image>,
+    chunk: u64,
+    cursor: u64,
+    size: u64,
+    pending: VecDeque<Work>,
+    extents: Vec<Extent>,
+}
+
+impl Scheduler {
+    /// A scheduler over `image` cutting guest space into `chunk`-byte items (a power of two).
+    pub fn new(image: Box<dyn Image>, chunk: u64) -> Self {
+        let size = image.virtual_size();
+        Scheduler {
+            image,
+            chunk,
+            cursor: 0,
+            size,
+            pending: VecDeque::new(),
+            extents: Vec::new(),
+        }
+    }
+
+    /// The image being scheduled.
+    pub fn image(&self) -> &dyn Image {
+        self.image.as_ref()
+    }
+
+    /// The next item, or `None` when guest space is exhausted.
+    pub fn next_work(&mut self) -> Result<Option<Work>> {
+        while self.cursor < self.size && (self.pending.is_empty() || self.zero_item_can_grow()) {
+            self.plan_window()?;
+        }
+        Ok(self.pending.pop_front())
+    }
+
+    /// Whether the only queued item is a zero span that the next window could extend.
+    fn zero_item_can_grow(&self) -> bool {
+        match (self.pending.len(), self.pending.back()) {
+            (1, Some(Work::Zero { guest, len })) => {
+                guest + len == self.cursor && *len < MAX_ZERO_SPAN
+            }
+            _ => false,
+        }
+    }
+
+    /// Maps the next window of guest space and cuts it into items. A window that is all zeros joins a zero item
+    /// still waiting at the back of the queue, so a long empty region becomes few large zero items.
+    fn plan_window(&mut self) -> Result<()> {
+        let start = self.cursor;
+        let end = start
+            .saturating_add(self.chunk * CHUNKS_PER_WINDOW)
+            .min(self.size);
+        self.extents.clear();
+        self.image.map(start, end - start, &mut self.extents)?;
+        check_coverage(&self.extents, start, end)?;
+        let mut next = 0;
+        let mut chunk_start = start;
+        while chunk_start < end {
+            let chunk_end = (chunk_start + self.chunk).min(end);
+            let mut extents = Vec::new();
+            while next < self.extents.len() && self.extents[next].guest < chunk_end {
+                let extent = &self.extents[next];
+                extents.push(extent.clip(chunk_start, chunk_end));
+                if extent.end() <= chunk_end {
+                    next += 1;
+                } else {
+                    break;
+                }
+            }
+            if extents.iter().all(|e| e.content == Content::Zero) {
+                self.push_zero(chunk_start, chunk_end - chunk_start);
+            } else {
+                self.pending.push_back(Work::Chunk {
+                    guest: chunk_start,
+                    len: chunk_end - chunk_start,
+                    extents,
+                });
+            }
+            chunk_start = chunk_end;
+        }
+        self.cursor = end;
+        Ok(())
+    }
+
+    fn push_zero(&mut self, guest: u64, len: u64) {
+        if let Some(Work::Zero { guest: g, len: l }) = self.pending.back_mut() {
+            if *g + *l == guest && *l + len <= MAX_ZERO_SPAN {
+                *l += len;
+                return;
+            }
+        }
+        self.pending.push_back(Work::Zero { guest, len });
+    }
+}
+
+/// A format must answer with extents that tile the asked range exactly; anything else is a bug or a lie in the
+/// image that would otherwise become a silent hole or an overlapping write.
+fn check_coverage(extents: &[Extent], start: u64, end: u64) -> Result<()> {
+    let mut at = start;
+    for extent in extents {
+        if extent.guest != at || extent.len == 0 {
+            return Err(crate::bad_image!("image mapping has a gap or overlap").at_offset(at));
+        }
+        at = extent.end();
+    }
+    if at != end {
+        return Err(
+            crate::bad_image!("image mapping stops short of the requested range").at_offset(at),
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::ReadAt;
+    use std::sync::Arc;
+
+    /// An image described directly by a list of extents.
+    struct Scripted {
+        size: u64,
+        extents: Vec<Extent>,
+    }
+
+    impl Image for Scripted {
+        fn format_name(&self) -> &'static str {
+            "scripted"
+        }
+        fn virtual_size(&self) -> u64 {
+            self.size
+        }
+        fn sources(&self) -> Vec<Arc<dyn ReadAt>> {
+            Vec::new()
+        }
+        fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
+            for e in &self.extents {
+                if e.guest < offset + len && e.end() > offset {
+                    out.push(e.clip(offset, offset + len));
+                }
+            }
+            Ok(())
+        }
+    }
+
+    const MIB: u64 = 1 << 20;
+
+    fn data(guest: u64, len: u64) -> Extent {
+        Extent {
+            guest,
+            len,
+            content: Content::Data {
+                source: 0,
+                offset: guest,
+            },
+        }
+    }
+
+    fn zero(guest: u64, len: u64) -> Extent {
+        Extent {
+            guest,
+            len,
+            content: Content::Zero,
+        }
+    }
+
+    fn drain(image: Scripted, chunk: u64) -> Vec<Work> {
+        let mut scheduler = Scheduler::new(Box::new(image), chunk);
+        let mut items = Vec::new();
+        while let Some(work) = scheduler.next_work().unwrap() {
+            items.push(work);
+        }
+        items
+    }
+
+    #[test]
+    fn zero_runs_merge_and_data_chunks_are_cut_at_chunk_boundaries() {
+        let size = 100 * MIB + 512;
+        let image = Scripted {
+            size,
+            extents: vec![
+                data(0, MIB + 4096),
+                zero(MIB + 4096, 90 * MIB - 4096),
+                data(91 * MIB, 9 * MIB + 512),
+            ],
+        };
+        let items = drain(image, 2 * MIB);
+        // The items tile guest space in order.
+        let mut at = 0;
+        for item in &items {
+            assert_eq!(item.guest(), at);
+            at += item.len();
+        }
+        assert_eq!(at, size);
+        // First chunk carries both the data and the start of the zero run.
+        assert_eq!(
+            items[0],
+            Work::Chunk {
+                guest: 0,
+                len: 2 * MIB,
+                extents: vec![data(0, MIB + 4096), zero(MIB + 4096, MIB - 4096)]
+            }
+        );
+        // The empty middle becomes zero items, merged across windows.
+        let zero_items: Vec<_> = items
+            .iter()
+            .filter(|w| matches!(w, Work::Zero { .. }))
+            .collect();
+        assert!(zero_items.len() <= 2, "{zero_items:?}");
+        assert_eq!(zero_items.iter().map(|w| w.len()).sum::<u64>(), 88 * MIB);
+        // The odd-sized tail is one short chunk.
+        assert_eq!(items.last().unwrap().len(), 512);
+    }
+
+    #[test]
+    fn zero_items_are_capped() {
+        let size = 3 * MAX_ZERO_SPAN + MIB;
+        let items = drain(
+            Scripted {
+                size,
+                extents: vec![zero(0, size)],
+            },
+            2 * MIB,
+        );
+        assert!(items
+            .iter()
+            .all(|w| matches!(w, Work::Zero { .. }) && w.len() <= MAX_ZERO_SPAN));
+        assert_eq!(items.iter().map(Work::len).sum::<u64>(), size);
+    }
+
+    #[test]
+    fn a_mapping_with_a_gap_is_rejected() {
+        let image = Scripted {
+            size: 4 * MIB,
+            extents: vec![data(0, MIB), data(2 * MIB, 2 * MIB)],
+        };
+        let mut scheduler = Scheduler::new(Box::new(image), 2 * MIB);
+        let err = scheduler.next_work().unwrap_err();
+        assert!(err.to_string().contains("gap"), "{err}");
+    }
+}

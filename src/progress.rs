@@ -1,0 +1,152 @@
+//! Progress: counters the pipeline advances, and a reporter that shows them (an indicatif bar on a terminal,
+//! a log line every few seconds elsewhere). Front ends that publish progress differently (CDI's metric) read the
+//! same counters.
+
+use crate::size::human;
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Interval between log lines when not on a terminal.
+const LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How progress is shown (`--progress`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressStyle {
+    /// A bar on a terminal, log lines otherwise.
+    Auto,
+    /// Always a bar.
+    Bar,
+    /// Log lines every few seconds.
+    Log,
+    /// Nothing.
+    None,
+}
+
+/// Shared import progress.
+pub struct Progress {
+    total: AtomicU64,
+    processed: AtomicU64,
+    watermark: AtomicU64,
+    started: Instant,
+    finished: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress {
+            total: AtomicU64::new(0),
+            processed: AtomicU64::new(0),
+            watermark: AtomicU64::new(0),
+            started: Instant::now(),
+            finished: Mutex::new(false),
+            wake: Condvar::new(),
+        }
+    }
+}
+
+impl Progress {
+    /// Sets the number of guest bytes the import will cover.
+    pub fn set_total(&self, total: u64) {
+        self.total.store(total, Ordering::Relaxed);
+    }
+
+    /// Records `len` more guest bytes done, and the completed-prefix watermark.
+    pub fn advance(&self, len: u64, watermark: u64) {
+        self.processed.fetch_add(len, Ordering::Relaxed);
+        self.watermark.fetch_max(watermark, Ordering::Relaxed);
+    }
+
+    /// Guest bytes done so far.
+    pub fn processed(&self) -> u64 {
+        self.processed.load(Ordering::Relaxed)
+    }
+
+    /// Guest bytes to do.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Everything below this guest offset has been written.
+    pub fn watermark(&self) -> u64 {
+        self.watermark.load(Ordering::Relaxed)
+    }
+
+    /// Percent done, 0–100.
+    pub fn percent(&self) -> f64 {
+        match self.total() {
+            0 => 0.0,
+            total => (self.processed() as f64 * 100.0 / total as f64).min(100.0),
+        }
+    }
+
+    /// Seconds since the counters were created.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Marks the import over, releasing the reporter.
+    pub fn finish(&self) {
+        *self.finished.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.wake.notify_all();
+    }
+
+    /// Waits up to `timeout` for the import to finish; returns whether it has.
+    fn wait_finished(&self, timeout: Duration) -> bool {
+        let finished = self.finished.lock().unwrap_or_else(|p| p.into_inner());
+        let (finished, _) = self
+            .wake
+            .wait_timeout_while(finished, timeout, |done| !*done)
+            .unwrap_or_else(|p| p.into_inner());
+        *finished
+    }
+
+    /// One log line: percent, bytes, rate.
+    pub fn log_line(&self) -> String {
+        let secs = self.elapsed().as_secs_f64().max(0.001);
+        format!(
+            "{:5.1}% {} of {}, {}/s",
+            self.percent(),
+            human(self.processed()),
+            human(self.total()),
+            human((self.processed() as f64 / secs) as u64)
+        )
+    }
+}
+
+/// Shows `progress` in `style` until [`Progress::finish`] is called. Run it on its own thread.
+pub fn report(progress: &Progress, style: ProgressStyle) {
+    let style = match style {
+        ProgressStyle::Auto if std::io::stderr().is_terminal() => ProgressStyle::Bar,
+        ProgressStyle::Auto => ProgressStyle::Log,
+        other => other,
+    };
+    match style {
+        ProgressStyle::Bar => {
+            let bar = indicatif::ProgressBar::new(progress.total());
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("valid progress template")
+                .progress_chars("=> "),
+            );
+            while !progress.wait_finished(Duration::from_millis(200)) {
+                bar.set_length(progress.total());
+                bar.set_position(progress.processed());
+            }
+            bar.set_position(progress.processed());
+            bar.finish_and_clear();
+        }
+        ProgressStyle::Log => {
+            while !progress.wait_finished(LOG_INTERVAL) {
+                log::info!("{}", progress.log_line());
+            }
+        }
+        ProgressStyle::None | ProgressStyle::Auto => {
+            while !progress.wait_finished(Duration::from_secs(3600)) {}
+        }
+    }
+}

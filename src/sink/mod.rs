@@ -1,0 +1,421 @@
+//! Destinations: a block device written in place, or a regular file created sparse at the virtual size.
+//!
+//! Two write paths behind one type:
+//! - direct: O_DIRECT writes straight from the pipeline's aligned buffers; nothing enters the page cache. An
+//!   unaligned tail (an image size that is not a multiple of the block size) is written buffered at the end,
+//!   then synced and dropped.
+//! - write-behind: buffered writes paced by the cgroup governor ([`writebehind`]), for destinations that refuse
+//!   O_DIRECT (NFSv3, some FUSE filesystems, tmpfs on older kernels).
+//!
+//! Zero ranges are skipped on a fresh file (they are already holes) and zeroed on a block device unless the
+//! caller knows it is already zero.
+
+pub mod writebehind;
+pub mod zeroing;
+
+use crate::buffer::{align_down, is_aligned, AlignedBuf};
+use crate::cgroup::governor::{Governor, GovernorSummary};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::size::human;
+use crate::sys;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use writebehind::WriteBehind;
+use zeroing::Zeroer;
+
+/// Smallest unit of zero detection and write alignment: a page, which covers any logical block size up to 4 KiB.
+pub const MIN_BLOCK: u64 = 4096;
+
+/// Which write path to use (`--io`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoChoice {
+    /// O_DIRECT where the destination accepts it, else write-behind.
+    Auto,
+    /// O_DIRECT only; fail if the destination refuses it.
+    Direct,
+    /// Buffered writes paced by the cgroup governor.
+    Writebehind,
+}
+
+/// What kind of destination this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DestKind {
+    /// A block device, written in place.
+    BlockDevice,
+    /// A regular file, created or truncated to the image size.
+    RegularFile,
+}
+
+/// Options for opening a destination.
+#[derive(Debug, Clone)]
+pub struct DestOptions {
+    /// Write path.
+    pub io: IoChoice,
+    /// The block device is known to read as zeros already: zero ranges are skipped.
+    pub target_is_zero: bool,
+    /// Permission bits for a newly created file.
+    pub file_mode: u32,
+}
+
+impl Default for DestOptions {
+    fn default() -> Self {
+        DestOptions {
+            io: IoChoice::Auto,
+            target_is_zero: false,
+            file_mode: 0o644,
+        }
+    }
+}
+
+/// Byte counters of what the destination received.
+#[derive(Debug, Default)]
+pub struct DestStats {
+    /// Bytes written as data.
+    pub written: AtomicU64,
+    /// Bytes zeroed explicitly (block devices).
+    pub zeroed: AtomicU64,
+    /// Zero bytes left as holes or skipped on a known-zero device.
+    pub skipped: AtomicU64,
+}
+
+/// The write path in effect.
+enum WritePath {
+    Direct { file: File, align: u64 },
+    WriteBehind(WriteBehind),
+}
+
+/// An open destination of a known size.
+pub struct Destination {
+    path: PathBuf,
+    kind: DestKind,
+    size: u64,
+    capacity: u64,
+    block: u64,
+    buffered: File,
+    path_kind: WritePath,
+    zeroer: Option<Zeroer>,
+    /// Why this write path was chosen, for the log.
+    pub io_reason: String,
+    /// What was written.
+    pub stats: DestStats,
+}
+
+impl Destination {
+    /// Opens `path` to receive an image of `size` bytes. A block device must be at least that large (checked
+    /// before anything is written); a regular file is created or truncated, then sized, so it starts as one hole.
+    /// `governor` builds the pacing for the write-behind path, if that path is chosen.
+    pub fn open(
+        path: &Path,
+        size: u64,
+        options: &DestOptions,
+        governor: impl FnOnce() -> Result<Governor>,
+    ) -> Result<Self> {
+        let ctx = |e: Error| e.at_path(path);
+        let existing = std::fs::metadata(path).ok();
+        let kind = match &existing {
+            Some(meta) if meta.file_type().is_block_device() => DestKind::BlockDevice,
+            Some(meta) if meta.is_file() => DestKind::RegularFile,
+            Some(_) => {
+                return Err(ctx(Error::usage(
+                    "destination is neither a block device nor a regular file",
+                )))
+            }
+            None => DestKind::RegularFile,
+        };
+        // O_EXCL on a block device refuses one that is mounted or otherwise claimed.
+        let base_flags = match kind {
+            DestKind::BlockDevice => libc::O_EXCL,
+            DestKind::RegularFile => 0,
+        };
+        let mut open = OpenOptions::new();
+        open.read(true)
+            .write(true)
+            .custom_flags(base_flags)
+            .mode(options.file_mode);
+        if kind == DestKind::RegularFile {
+            open.create(true);
+        }
+        let buffered = open
+            .open(path)
+            .io_context("opening destination")
+            .map_err(ctx)?;
+        let capacity = match kind {
+            DestKind::BlockDevice => {
+                let capacity = sys::file_or_device_size(&buffered)
+                    .io_context("reading device size")
+                    .map_err(ctx)?;
+                if capacity < size {
+                    return Err(ctx(Error::new(
+                        ErrorKind::TooSmall,
+                        format!(
+                            "device holds {capacity} bytes ({}) but the image needs {size} bytes ({})",
+                            human(capacity),
+                            human(size)
+                        ),
+                    )));
+                }
+                capacity
+            }
+            DestKind::RegularFile => {
+                // Truncate first so every old block becomes a hole, then extend to the image size.
+                buffered
+                    .set_len(0)
+                    .io_context("truncating destination")
+                    .map_err(ctx)?;
+                buffered
+                    .set_len(size)
+                    .io_context("sizing destination")
+                    .map_err(ctx)?;
+                size
+            }
+        };
+        let direct = match options.io {
+            IoChoice::Writebehind => Err("write-behind requested".to_string()),
+            _ => open_direct(path, &buffered, kind),
+        };
+        let (path_kind, io_reason, align) = match (direct, options.io) {
+            (Ok((file, align, why)), _) => (WritePath::Direct { file, align }, why, align),
+            (Err(why), IoChoice::Direct) => {
+                return Err(ctx(Error::unsupported(format!(
+                    "O_DIRECT is not possible here: {why}"
+                ))))
+            }
+            (Err(why), _) => (
+                WritePath::WriteBehind(WriteBehind::new(governor()?)),
+                why,
+                1,
+            ),
+        };
+        Ok(Destination {
+            path: path.to_path_buf(),
+            kind,
+            size,
+            capacity,
+            block: align.max(MIN_BLOCK),
+            buffered,
+            path_kind,
+            zeroer: (kind == DestKind::BlockDevice && !options.target_is_zero)
+                .then(Zeroer::default),
+            io_reason,
+            stats: DestStats::default(),
+        })
+    }
+
+    /// Destination path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Block device or file.
+    pub fn kind(&self) -> DestKind {
+        self.kind
+    }
+
+    /// Bytes the image occupies on the destination.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Whole size of the destination (a device may be larger than the image).
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Alignment every write and zero range must keep (except the one ending at the image size), and the unit of
+    /// zero detection.
+    pub fn block(&self) -> u64 {
+        self.block
+    }
+
+    /// Whether writes go through O_DIRECT.
+    pub fn is_direct(&self) -> bool {
+        matches!(self.path_kind, WritePath::Direct { .. })
+    }
+
+    /// Name of the write path, for logs and reports.
+    pub fn io_name(&self) -> &'static str {
+        match self.path_kind {
+            WritePath::Direct { .. } => "direct",
+            WritePath::WriteBehind(_) => "writebehind",
+        }
+    }
+
+    /// How block-device zero ranges are being zeroed, for logs.
+    pub fn zero_method(&self) -> &'static str {
+        match &self.zeroer {
+            Some(z) => z.method_name(),
+            None if self.kind == DestKind::RegularFile => "holes",
+            None => "skipped (target is zero)",
+        }
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let end = offset.checked_add(len).filter(|&end| end <= self.size);
+        let aligned = is_aligned(offset, self.block)
+            && (is_aligned(len, self.block) || end == Some(self.size));
+        match (end, aligned) {
+            (Some(_), true) => Ok(()),
+            _ => Err(Error::new(
+                ErrorKind::Io,
+                format!("refusing a {len}-byte write outside or misaligned"),
+            )
+            .at_offset(offset)
+            .at_path(&self.path)),
+        }
+    }
+
+    /// Writes `data` at `offset`. `offset` is a multiple of [`block`](Self::block), and so is the length unless the
+    /// write ends at the image size. `data` must start block-aligned in memory for the direct path.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let len = data.len() as u64;
+        self.check_range(offset, len)?;
+        let result = match &self.path_kind {
+            WritePath::Direct { file, align } => {
+                let direct_len = align_down(len, *align) as usize;
+                let (head, tail) = data.split_at(direct_len);
+                file.write_all_at(head, offset)
+                    .map_err(|e| Error::io("writing destination", e).at_offset(offset))
+                    .and_then(|()| self.write_tail(offset + direct_len as u64, tail))
+            }
+            WritePath::WriteBehind(window) => window.write(&self.buffered, offset, data),
+        };
+        result.map_err(|e| e.at_path(&self.path))?;
+        self.stats.written.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes the unaligned end of the image through the page cache, synced and dropped at once: it is less than
+    /// one block, so it cannot build up.
+    fn write_tail(&self, offset: u64, tail: &[u8]) -> Result<()> {
+        if tail.is_empty() {
+            return Ok(());
+        }
+        let len = tail.len() as u64;
+        self.buffered
+            .write_all_at(tail, offset)
+            .map_err(|e| Error::io("writing destination tail", e).at_offset(offset))?;
+        sys::wait_writeback(&self.buffered, offset, len)
+            .and_then(|()| sys::drop_cache(&self.buffered, offset, len))
+            .map_err(|e| Error::io("flushing destination tail", e).at_offset(offset))
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros: nothing for a fresh file or a known-zero device, a zeroing
+    /// call on a block device. Same alignment rules as [`write`](Self::write).
+    pub fn zero(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_range(offset, len)?;
+        let Some(zeroer) = &self.zeroer else {
+            self.stats.skipped.fetch_add(len, Ordering::Relaxed);
+            return Ok(());
+        };
+        let direct = match &self.path_kind {
+            WritePath::Direct { file, .. } => Some(file),
+            WritePath::WriteBehind(_) => None,
+        };
+        let aligned = align_down(len, self.block);
+        let result = zeroer
+            .zero(&self.buffered, direct, offset, aligned)
+            .and_then(|()| {
+                let tail = (len - aligned) as usize;
+                if tail == 0 {
+                    return Ok(());
+                }
+                // Less than a block at the end of the image: write the zeros, and only those.
+                let zeros = AlignedBuf::new(tail);
+                self.write_tail(offset + aligned, &zeros[..tail])
+            });
+        result.map_err(|e| e.at_path(&self.path))?;
+        self.stats.zeroed.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Waits for everything written to be durable (fdatasync) and leaves no page cache behind.
+    pub fn finish(&self) -> Result<Option<GovernorSummary>> {
+        let summary = match &self.path_kind {
+            WritePath::WriteBehind(window) => Some(
+                window
+                    .finish(&self.buffered)
+                    .map_err(|e| e.at_path(&self.path))?,
+            ),
+            WritePath::Direct { .. } => None,
+        };
+        sys::fdatasync(&self.buffered)
+            .io_context("syncing destination")
+            .map_err(|e| e.at_path(&self.path))?;
+        // Zeroing and tail writes may have left clean pages of the device in the cache.
+        let _ = sys::drop_cache(&self.buffered, 0, 0);
+        Ok(summary)
+    }
+}
+
+/// Opens an O_DIRECT handle and finds its alignment, or says why direct I/O is not possible.
+fn open_direct(
+    path: &Path,
+    buffered: &File,
+    kind: DestKind,
+) -> std::result::Result<(File, u64, String), String> {
+    let file = match sys::reopen(buffered, libc::O_RDWR | libc::O_DIRECT) {
+        Ok(file) => file,
+        Err(e) => return Err(format!("opening with O_DIRECT failed ({e})")),
+    };
+    match kind {
+        DestKind::BlockDevice => {
+            let geometry = sys::block_geometry(&file)
+                .map_err(|e| format!("reading block size failed ({e})"))?;
+            Ok((
+                file,
+                geometry.logical.max(512),
+                format!("block device, logical block {} B", geometry.logical),
+            ))
+        }
+        DestKind::RegularFile => match sys::statx_dio_alignment(&file) {
+            Ok(Some((0, _))) | Ok(Some((_, 0))) => {
+                Err("the filesystem does not support O_DIRECT".into())
+            }
+            Ok(Some((mem, offset))) if mem <= MIN_BLOCK && offset <= MIN_BLOCK => Ok((
+                file,
+                offset.max(512),
+                format!("filesystem direct-I/O alignment {offset} B"),
+            )),
+            Ok(Some((mem, offset))) => {
+                Err(format!("direct-I/O alignment too large ({mem}/{offset} B)"))
+            }
+            Err(_) | Ok(None) => probe_direct_write(path, file, buffered),
+        },
+    }
+}
+
+/// Where statx cannot tell, one trial write of a zero page at offset 0 of the fresh (all-hole) file decides; the
+/// page is punched out again and the size restored, so the file stays as it was.
+fn probe_direct_write(
+    path: &Path,
+    file: File,
+    buffered: &File,
+) -> std::result::Result<(File, u64, String), String> {
+    let size = buffered
+        .metadata()
+        .map_err(|e| format!("reading destination size failed ({e})"))?
+        .len();
+    let page = AlignedBuf::new(MIN_BLOCK as usize);
+    let outcome = file.write_all_at(&page, 0);
+    let _ = sys::fallocate(
+        &file,
+        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+        0,
+        MIN_BLOCK,
+    );
+    buffered
+        .set_len(size)
+        .map_err(|e| format!("restoring destination size failed ({e})"))?;
+    match outcome {
+        Ok(()) => Ok((
+            file,
+            MIN_BLOCK,
+            format!("trial O_DIRECT write to {} succeeded", path.display()),
+        )),
+        Err(e) => Err(format!("trial O_DIRECT write failed ({e})")),
+    }
+}
