@@ -15,6 +15,7 @@ pub mod codec;
 pub mod error;
 pub mod format;
 pub mod import;
+pub mod lab;
 pub mod logging;
 pub mod pipeline;
 pub mod progress;

@@ -1,0 +1,259 @@
+//! Test and harness fixtures that change the machine: a child memory cgroup, a loop device, a block-device
+//! write throttle. Each is a guard that undoes itself on drop, so a failing test or an interrupted harness run
+//! leaves nothing behind. All of them need root.
+
+use crate::cgroup::{MemCgroup, Version};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use std::ffi::CString;
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Whether this process runs as root (the fixtures need it).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Writes back dirty pages and drops the clean page cache of the whole machine, so a run starts cold.
+pub fn drop_caches() -> Result<()> {
+    nix::unistd::sync();
+    fs::write("/proc/sys/vm/drop_caches", "3")
+        .io_context("dropping caches")
+        .map_err(|e| e.at_path("/proc/sys/vm/drop_caches"))
+}
+
+/// A memory cgroup created under our own (or under the hierarchy root when we are in none), removed on drop.
+pub struct ChildCgroup {
+    cgroup: cgroups_rs::Cgroup,
+    reader: MemCgroup,
+}
+
+impl ChildCgroup {
+    /// Creates a child memory cgroup named `name` with `limit` bytes and no swap beyond it.
+    pub fn create(name: &str, limit: u64) -> Result<Self> {
+        let fail = |what: &str, e: cgroups_rs::error::Error| {
+            Error::new(ErrorKind::Io, format!("{what} cgroup {name}: {e}"))
+        };
+        let parent = MemCgroup::own()?
+            .ok_or_else(|| Error::unsupported("no memory cgroup hierarchy is mounted"))?;
+        let hierarchy = cgroups_rs::hierarchies::auto();
+        let root = hierarchy.root();
+        let memory_root = match parent.version() {
+            Version::V1 => root.join("memory"),
+            Version::V2 => root.clone(),
+        };
+        let relative = parent
+            .dir()
+            .strip_prefix(&memory_root)
+            .unwrap_or(Path::new(""))
+            .join(name);
+        let cgroup = cgroups_rs::Cgroup::new_with_specified_controllers(
+            hierarchy,
+            &relative,
+            Some(vec!["memory".to_string()]),
+        )
+        .map_err(|e| fail("creating", e))?;
+        let child = ChildCgroup {
+            cgroup,
+            reader: MemCgroup::at(parent.dir().join(name), parent.version()),
+        };
+        let memory: &cgroups_rs::memory::MemController = child
+            .cgroup
+            .controller_of()
+            .ok_or_else(|| Error::unsupported("memory controller not available"))?;
+        let limit = i64::try_from(limit).map_err(|_| Error::usage("cgroup limit too large"))?;
+        memory.set_limit(limit).map_err(|e| fail("limiting", e))?;
+        // Pin swap to the limit where the kernel accounts it, so the limit cannot be dodged by swapping.
+        let swap = match parent.version() {
+            Version::V1 => ("memory.memsw.limit_in_bytes", limit.to_string()),
+            Version::V2 => ("memory.swap.max", "0".to_string()),
+        };
+        let swap_file = child.reader.dir().join(swap.0);
+        if swap_file.exists() {
+            fs::write(&swap_file, &swap.1)
+                .io_context("pinning swap limit")
+                .map_err(|e| e.at_path(&swap_file))?;
+        }
+        Ok(child)
+    }
+
+    /// A reader for the cgroup's counters.
+    pub fn reader(&self) -> &MemCgroup {
+        &self.reader
+    }
+
+    /// Spawns `command` inside the cgroup: the child moves itself in before exec, so everything it allocates and
+    /// every page it reads is charged here from its first instruction.
+    pub fn spawn(&self, command: &mut Command) -> Result<std::process::Child> {
+        let procs = CString::new(
+            self.reader
+                .dir()
+                .join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .map_err(|_| Error::usage("cgroup path contains a NUL byte"))?;
+        // SAFETY: the hook only calls async-signal-safe functions (open, write, close) on memory prepared before
+        // the fork.
+        unsafe {
+            command.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0" means the writing process itself.
+                let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if ok {
+                    Ok(())
+                } else {
+                    Err(err)
+                }
+            });
+        }
+        command
+            .spawn()
+            .io_context("starting a process in the cgroup")
+    }
+}
+
+impl Drop for ChildCgroup {
+    fn drop(&mut self) {
+        // Processes still inside keep the directory busy: kill them, then retry removal for a while (the kernel
+        // frees the cgroup asynchronously after the last task exits).
+        for pid in self.cgroup.procs() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid.pid as i32),
+                nix::sys::signal::SIGKILL,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.cgroup.delete().is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A loop device over a file, detached on drop.
+pub struct LoopDevice {
+    path: PathBuf,
+}
+
+impl LoopDevice {
+    /// Attaches `backing` to a free loop device; with `direct_io`, the loop driver reads and writes the backing
+    /// file with O_DIRECT (so the device behaves like a disk, not like a second page cache).
+    pub fn attach(backing: &Path, direct_io: bool) -> Result<Self> {
+        let output = Command::new("losetup")
+            .arg("--find")
+            .arg("--show")
+            .arg(format!(
+                "--direct-io={}",
+                if direct_io { "on" } else { "off" }
+            ))
+            .arg(backing)
+            .stderr(Stdio::piped())
+            .output()
+            .io_context("running losetup")?;
+        if !output.status.success() {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "losetup failed: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ),
+            )
+            .at_path(backing));
+        }
+        let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        Ok(LoopDevice { path })
+    }
+
+    /// The device node, e.g. `/dev/loop3`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        // A device still open (a killed writer's fd not yet closed) refuses to detach for a moment.
+        for _ in 0..50 {
+            match Command::new("losetup")
+                .arg("--detach")
+                .arg(&self.path)
+                .stderr(Stdio::null())
+                .status()
+            {
+                Ok(status) if status.success() => return,
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+}
+
+/// `MAJ:MIN` of a block device node.
+pub fn device_number(device: &Path) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = fs::metadata(device)
+        .io_context("reading device number")
+        .map_err(|e| e.at_path(device))?
+        .rdev();
+    Ok(format!("{}:{}", libc::major(rdev), libc::minor(rdev)))
+}
+
+/// A write-bandwidth limit on a block device, removed on drop.
+///
+/// cgroup v1: set in the blkio root, because buffered writeback is submitted by flusher threads that live there
+/// (a limit on the importer's own cgroup would only catch its O_DIRECT writes). cgroup v2: `io.max` of the given
+/// cgroup, where cgroup writeback attributes flusher I/O to the cgroup that dirtied the pages.
+pub struct WriteThrottle {
+    file: PathBuf,
+    device: String,
+    clear: String,
+}
+
+impl WriteThrottle {
+    /// Limits writes to `device` to `bytes_per_sec`. `v2_cgroup` is the cgroup whose io.max to use on v2 hosts.
+    pub fn set(device: &Path, bytes_per_sec: u64, v2_cgroup: Option<&MemCgroup>) -> Result<Self> {
+        let device = device_number(device)?;
+        let v1_file = PathBuf::from("/sys/fs/cgroup/blkio/blkio.throttle.write_bps_device");
+        let (file, value, clear) = if v1_file.exists() {
+            (
+                v1_file,
+                format!("{device} {bytes_per_sec}"),
+                format!("{device} 0"),
+            )
+        } else {
+            let cg = v2_cgroup.ok_or_else(|| {
+                Error::unsupported("no blkio hierarchy and no v2 cgroup for io.max")
+            })?;
+            (
+                cg.dir().join("io.max"),
+                format!("{device} wbps={bytes_per_sec}"),
+                format!("{device} wbps=max"),
+            )
+        };
+        fs::write(&file, &value)
+            .io_context("setting write throttle")
+            .map_err(|e| e.at_path(&file))?;
+        Ok(WriteThrottle {
+            file,
+            device,
+            clear,
+        })
+    }
+
+    /// `MAJ:MIN` of the throttled device.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+}
+
+impl Drop for WriteThrottle {
+    fn drop(&mut self) {
+        let _ = fs::write(&self.file, &self.clear);
+    }
+}
