@@ -33,11 +33,9 @@ pub struct ChildCgroup {
 impl ChildCgroup {
     /// Creates a child memory cgroup named `name` with `limit` bytes and no swap beyond it.
     pub fn create(name: &str, limit: u64) -> Result<Self> {
-        let fail = |what: &str, e: cgroups_rs::error::Error| {
-            Error::new(ErrorKind::Io, format!("{what} cgroup {name}: {e}"))
-        };
-        let parent = MemCgroup::own()?
-            .ok_or_else(|| Error::unsupported("no memory cgroup hierarchy is mounted"))?;
+        let fail =
+            |what: &str, e: cgroups_rs::error::Error| Error::new(ErrorKind::Io, format!("{what} cgroup {name}: {e}"));
+        let parent = MemCgroup::own()?.ok_or_else(|| Error::unsupported("no memory cgroup hierarchy is mounted"))?;
         let hierarchy = cgroups_rs::hierarchies::auto();
         let root = hierarchy.root();
         let memory_root = match parent.version() {
@@ -49,12 +47,9 @@ impl ChildCgroup {
             .strip_prefix(&memory_root)
             .unwrap_or(Path::new(""))
             .join(name);
-        let cgroup = cgroups_rs::Cgroup::new_with_specified_controllers(
-            hierarchy,
-            &relative,
-            Some(vec!["memory".to_string()]),
-        )
-        .map_err(|e| fail("creating", e))?;
+        let cgroup =
+            cgroups_rs::Cgroup::new_with_specified_controllers(hierarchy, &relative, Some(vec!["memory".to_string()]))
+                .map_err(|e| fail("creating", e))?;
         let child = ChildCgroup {
             cgroup,
             reader: MemCgroup::at(parent.dir().join(name), parent.version()),
@@ -114,9 +109,7 @@ impl ChildCgroup {
                 }
             });
         }
-        command
-            .spawn()
-            .io_context("starting a process in the cgroup")
+        command.spawn().io_context("starting a process in the cgroup")
     }
 }
 
@@ -125,10 +118,7 @@ impl Drop for ChildCgroup {
         // Processes still inside keep the directory busy: kill them, then retry removal for a while (the kernel
         // frees the cgroup asynchronously after the last task exits).
         for pid in self.cgroup.procs() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid.pid as i32),
-                nix::sys::signal::SIGKILL,
-            );
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid.pid as i32), nix::sys::signal::SIGKILL);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.cgroup.delete().is_err() && Instant::now() < deadline {
@@ -149,10 +139,7 @@ impl LoopDevice {
         let output = Command::new("losetup")
             .arg("--find")
             .arg("--show")
-            .arg(format!(
-                "--direct-io={}",
-                if direct_io { "on" } else { "off" }
-            ))
+            .arg(format!("--direct-io={}", if direct_io { "on" } else { "off" }))
             .arg(backing)
             .stderr(Stdio::piped())
             .output()
@@ -160,10 +147,7 @@ impl LoopDevice {
         if !output.status.success() {
             return Err(Error::new(
                 ErrorKind::Io,
-                format!(
-                    "losetup failed: {}",
-                    String::from_utf8_lossy(&output.stderr).trim()
-                ),
+                format!("losetup failed: {}", String::from_utf8_lossy(&output.stderr).trim()),
             )
             .at_path(backing));
         }
@@ -221,15 +205,9 @@ impl WriteThrottle {
         let device = device_number(device)?;
         let v1_file = PathBuf::from("/sys/fs/cgroup/blkio/blkio.throttle.write_bps_device");
         let (file, value, clear) = if v1_file.exists() {
-            (
-                v1_file,
-                format!("{device} {bytes_per_sec}"),
-                format!("{device} 0"),
-            )
+            (v1_file, format!("{device} {bytes_per_sec}"), format!("{device} 0"))
         } else {
-            let cg = v2_cgroup.ok_or_else(|| {
-                Error::unsupported("no blkio hierarchy and no v2 cgroup for io.max")
-            })?;
+            let cg = v2_cgroup.ok_or_else(|| Error::unsupported("no blkio hierarchy and no v2 cgroup for io.max"))?;
             (
                 cg.dir().join("io.max"),
                 format!("{device} wbps={bytes_per_sec}"),
@@ -239,11 +217,7 @@ impl WriteThrottle {
         fs::write(&file, &value)
             .io_context("setting write throttle")
             .map_err(|e| e.at_path(&file))?;
-        Ok(WriteThrottle {
-            file,
-            device,
-            clear,
-        })
+        Ok(WriteThrottle { file, device, clear })
     }
 
     /// `MAJ:MIN` of the throttled device.
