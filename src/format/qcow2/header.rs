@@ -372,7 +372,8 @@ pub fn parse(first_cluster: &[u8], file_len: u64) -> Result<Header> {
         }
     }
 
-    let backing = if backing_file_offset != 0 {
+    // An empty name means no backing file, as in qemu.
+    let backing = if backing_file_offset != 0 && backing_file_size != 0 {
         let len = u64::from(backing_file_size);
         let room = cluster_size - backing_file_offset;
         if len > MAX_BACKING_NAME.min(room) {
@@ -795,6 +796,8 @@ mod tests {
         put32(&mut h, 16, 2);
         h[0x1000..0x1002].copy_from_slice(&[0xff, 0xfe]);
         fails(&h, ErrorKind::Unsupported, "not UTF-8");
+        put32(&mut h, 16, 0);
+        assert_eq!(parse(&h, FILE_LEN).unwrap().backing, None);
     }
 
     #[test]

@@ -182,12 +182,8 @@ impl Qcow2Image {
         let Some(l2) = decode_l1(entry, &self.layout).map_err(bad)? else {
             return Ok(None);
         };
+        // Aligned and non-zero, so past the header cluster.
         let cluster_size = self.layout.cluster_size();
-        if l2 < cluster_size {
-            return Err(bad(format!(
-                "L2 table offset {l2:#x} lies inside the header cluster"
-            )));
-        }
         let l1_end = l1_offset + l1_size * 8;
         if l2 < l1_end && l1_offset < l2 + cluster_size {
             return Err(bad(format!(
