@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
+/// One KiB.
 const KIB: u64 = 1024;
+/// One MiB.
 const MIB: u64 = 1024 * 1024;
 
 /// Guest bytes compared per window.
@@ -31,6 +33,7 @@ struct Seen {
 }
 
 impl Seen {
+    /// Tallies `extents` by kind.
     fn count(&mut self, extents: &[Extent]) {
         for e in extents {
             match e.content {
@@ -43,6 +46,7 @@ impl Seen {
         }
     }
 
+    /// Counts one extent from backing source `source` (1 = first backing file).
     fn backing_at(&mut self, source: usize) {
         if self.backing.len() < source {
             self.backing.resize(source, 0);
@@ -57,12 +61,14 @@ struct Lab {
 }
 
 impl Lab {
+    /// A lab in a fresh scratch directory named after `label`.
     fn new(label: &str) -> Self {
         Lab {
             dir: scratch_dir(label),
         }
     }
 
+    /// Path of `name` in the scratch directory.
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -156,6 +162,7 @@ fn mix(size: u64, seed: u64) -> Vec<(u64, u64, Fill)> {
     segments
 }
 
+/// Opens the image at `path` as boundimport's front ends do: file source, format detection.
 fn open(path: &Path, policy: &BackingPolicy) -> boundimport::error::Result<Box<dyn Image>> {
     let source: Arc<dyn ReadAt> = Arc::new(FileSource::open(path)?);
     format::open(source, policy)
@@ -624,6 +631,7 @@ fn first_l2_table(path: &Path) -> (u64, u64) {
     (l1_offset, l2)
 }
 
+/// Reads the whole guest disk of `path` (no backing files), returning the first error.
 fn read_all(path: &Path) -> boundimport::error::Result<()> {
     let mut image = open(path, &BackingPolicy::default())?;
     let mut buf = vec![0u8; WINDOW as usize];

@@ -152,10 +152,12 @@ fn l1_shift(cluster_bits: u32, extended_l2: bool) -> u32 {
     cluster_bits + (cluster_bits - entry_bits)
 }
 
+/// Big-endian u32 at `at` (callers have checked the length).
 fn be32(buf: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
 }
 
+/// Big-endian u64 at `at` (callers have checked the length).
 fn be64(buf: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
 }

@@ -10,7 +10,9 @@
 //!
 //! Refcounts, snapshots and bitmaps are never read: they do not change what the active guest disk contains.
 
+/// Header parsing and validation.
 pub mod header;
+/// L1/L2 entry decoding.
 pub mod table;
 
 use super::{open_backing, push_extent, BackingPolicy, Compressed, Content, Extent, Image};
@@ -32,52 +34,77 @@ pub const L2_CACHE_SLICES: usize = 4;
 
 /// An opened qcow2 image.
 pub struct Qcow2Image {
+    /// The image file.
     source: Arc<dyn ReadAt>,
+    /// The validated header.
     header: Header,
+    /// Geometry for decoding table entries.
     layout: Layout,
+    /// Length of the image file, against which offsets are checked.
     file_len: u64,
+    /// Guest disk size (the header's, in whole sectors).
     virtual_size: u64,
+    /// The part of the L1 table last read.
     l1: L1Window,
+    /// Recently used L2 slices.
     l2: L2Cache,
+    /// The backing image, when the image has one and the policy allowed opening it.
     backing: Option<Backing>,
 }
 
 /// The opened backing image and what reading from it needs.
 struct Backing {
+    /// The opened backing image (itself possibly with a backing chain).
     image: Box<dyn Image>,
+    /// Its virtual size: guest offsets past it read as zeros.
     virtual_size: u64,
+    /// Reused buffer for its extents before their sources are shifted.
     scratch: Vec<Extent>,
 }
 
 /// A window of the L1 table: entries `[first, first + entries.len())`.
 #[derive(Default)]
 struct L1Window {
+    /// Index of the first entry held.
     first: u64,
+    /// The entries, decoded from big-endian.
     entries: Vec<u64>,
+    /// Reused read buffer.
     bytes: Vec<u8>,
 }
 
 /// Recently read L2 slices, least recently used evicted first.
 struct L2Cache {
+    /// Size of a slice: the cluster size, at most [`L2_SLICE_BYTES`].
     slice_bytes: u64,
+    /// Cached slices, at most [`L2_CACHE_SLICES`].
     slices: Vec<L2Slice>,
+    /// Lookup counter, for least-recently-used eviction.
     clock: u64,
+    /// Reused read buffer.
     bytes: Vec<u8>,
 }
 
 /// One slice of an L2 table, as big-endian words decoded.
 struct L2Slice {
+    /// File offset of the slice.
     offset: u64,
+    /// Its 64-bit words, decoded from big-endian.
     words: Vec<u64>,
+    /// Value of the clock at its last use.
     used: u64,
 }
 
 /// Where an L2 entry lives, for error messages.
 #[derive(Debug, Clone, Copy)]
 struct EntryAt {
+    /// Guest offset of the cluster the entry maps.
     guest: u64,
+    /// File offset of the L2 table.
     l2_table: u64,
+    /// Index of the entry in the table.
     index: u64,
+    /// File offset of the entry itself.
     file_offset: u64,
 }
 
@@ -143,6 +170,7 @@ impl Qcow2Image {
         &self.header
     }
 
+    /// The image file's name, for messages.
     fn name(&self) -> &str {
         self.source.name()
     }
@@ -410,6 +438,7 @@ fn shift_source(mut extent: Extent) -> Extent {
     extent
 }
 
+/// A zero extent for guest `[from, to)`.
 fn zero(from: u64, to: u64) -> Extent {
     Extent {
         guest: from,
@@ -418,6 +447,7 @@ fn zero(from: u64, to: u64) -> Extent {
     }
 }
 
+/// A verbatim extent for guest `[from, to)` stored at `offset` in this image's file.
 fn data(from: u64, to: u64, offset: u64) -> Extent {
     Extent {
         guest: from,
