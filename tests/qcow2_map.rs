@@ -75,9 +75,7 @@ impl Lab {
 
     /// `qemu-img ARGS`, run in the scratch directory (so relative backing names resolve there).
     fn qemu_img(&self, args: &[&str]) {
-        run(Command::new(qemu_img())
-            .args(args)
-            .current_dir(self.dir.path()));
+        run(Command::new(qemu_img()).args(args).current_dir(self.dir.path()));
     }
 
     /// `qemu-io -f qcow2 -c CMD... IMAGE`.
@@ -94,10 +92,7 @@ impl Lab {
     fn write(&self, image: &str, fill: Fill, offset: u64, len: u64) {
         let pattern = self.path("pattern.bin");
         write_pattern_file(&pattern, fill, offset, len as usize);
-        self.qemu_io(
-            image,
-            &[&format!("write -s {} {offset} {len}", pattern.display())],
-        );
+        self.qemu_io(image, &[&format!("write -s {} {offset} {len}", pattern.display())]);
     }
 
     /// A raw image of `size` bytes holding the standard mix of data, zeros and patterns.
@@ -127,11 +122,7 @@ impl Lab {
             allow: true,
             base_dir: Some(self.dir.path().to_path_buf()),
         };
-        compare_with_qemu(
-            &self.path(name),
-            &policy,
-            &self.path(&format!("{name}.ref.raw")),
-        )
+        compare_with_qemu(&self.path(name), &policy, &self.path(&format!("{name}.ref.raw")))
     }
 }
 
@@ -185,21 +176,14 @@ fn read_checked(
     for e in &extents {
         assert_eq!(e.guest, cursor, "extents not contiguous: {extents:?}");
         assert!(e.len > 0, "empty extent in {extents:?}");
-        if let Content::Data { source, .. }
-        | Content::Compressed(format::Compressed { source, .. }) = e.content
-        {
+        if let Content::Data { source, .. } | Content::Compressed(format::Compressed { source, .. }) = e.content {
             assert!(source < sources.len(), "unknown source in {e:?}");
         }
         cursor += e.len;
     }
-    assert_eq!(
-        cursor,
-        offset + buf.len() as u64,
-        "extents fall short: {extents:?}"
-    );
+    assert_eq!(cursor, offset + buf.len() as u64, "extents fall short: {extents:?}");
     seen.count(&extents);
-    fill(sources, &extents, offset, buf, scratch)
-        .unwrap_or_else(|e| panic!("fill {offset:#x}+{:#x}: {e}", buf.len()));
+    fill(sources, &extents, offset, buf, scratch).unwrap_or_else(|e| panic!("fill {offset:#x}+{:#x}: {e}", buf.len()));
 }
 
 /// Reads the whole guest disk of `path` in windows and at odd ranges, comparing with qemu's raw conversion.
@@ -210,14 +194,8 @@ fn compare_with_qemu(path: &Path, policy: &BackingPolicy, reference: &Path) -> S
         .arg(reference));
     let expected = std::fs::File::open(reference).expect("opening reference");
     let size = expected.metadata().unwrap().len();
-    let mut image =
-        open(path, policy).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-    assert_eq!(
-        image.virtual_size(),
-        size,
-        "virtual size of {}",
-        path.display()
-    );
+    let mut image = open(path, policy).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    assert_eq!(image.virtual_size(), size, "virtual size of {}", path.display());
     let sources = image.sources();
     let mut scratch = Scratch::default();
     let mut seen = Seen::default();
@@ -227,21 +205,10 @@ fn compare_with_qemu(path: &Path, policy: &BackingPolicy, reference: &Path) -> S
     let mut offset = 0;
     while offset < size {
         let n = (size - offset).min(WINDOW) as usize;
-        read_checked(
-            &mut *image,
-            &sources,
-            offset,
-            &mut got[..n],
-            &mut scratch,
-            &mut seen,
-        );
+        read_checked(&mut *image, &sources, offset, &mut got[..n], &mut scratch, &mut seen);
         expected.read_exact_at(&mut want[..n], offset).unwrap();
         if got[..n] != want[..n] {
-            let first = got[..n]
-                .iter()
-                .zip(&want[..n])
-                .position(|(a, b)| a != b)
-                .unwrap();
+            let first = got[..n].iter().zip(&want[..n]).position(|(a, b)| a != b).unwrap();
             panic!(
                 "{}: guest byte {:#x} differs from qemu-img convert (ours {:#04x}, qemu {:#04x})",
                 path.display(),
@@ -254,12 +221,7 @@ fn compare_with_qemu(path: &Path, policy: &BackingPolicy, reference: &Path) -> S
         theirs.update(&want[..n]);
         offset += n as u64;
     }
-    assert_eq!(
-        ours.finalize(),
-        theirs.finalize(),
-        "sha256 of {}",
-        path.display()
-    );
+    assert_eq!(ours.finalize(), theirs.finalize(), "sha256 of {}", path.display());
 
     // Odd ranges: starting and ending mid-sector and mid-cluster, some spanning many clusters.
     let mut rng = common::SplitMix64::new(size);
@@ -268,20 +230,9 @@ fn compare_with_qemu(path: &Path, policy: &BackingPolicy, reference: &Path) -> S
         let start = rng.below(size - len + 1);
         let mut got = vec![0u8; len as usize];
         let mut want = vec![0u8; len as usize];
-        read_checked(
-            &mut *image,
-            &sources,
-            start,
-            &mut got,
-            &mut scratch,
-            &mut seen,
-        );
+        read_checked(&mut *image, &sources, start, &mut got, &mut scratch, &mut seen);
         expected.read_exact_at(&mut want, start).unwrap();
-        assert!(
-            got == want,
-            "{}: range {start:#x}+{len:#x} differs",
-            path.display()
-        );
+        assert!(got == want, "{}: range {start:#x}+{len:#x} differs", path.display());
     }
     seen
 }
@@ -316,11 +267,7 @@ fn cluster_sizes_512_4k_2m() {
 fn version_2_images() {
     let lab = Lab::new("v2");
     let path = lab.qcow2_mix("v2.qcow2", 5 * MIB, "compat=0.10", &[]);
-    assert_eq!(
-        common::read_be64(&path, 0) & 0xffff_ffff,
-        2,
-        "not a v2 image"
-    );
+    assert_eq!(common::read_be64(&path, 0) & 0xffff_ffff, 2, "not a v2 image");
     lab.qemu_io("v2.qcow2", &["write -P 0x5a 64k 3k", "discard 1M 512k"]);
     lab.check("v2.qcow2");
 }
@@ -348,25 +295,14 @@ fn zero_clusters() {
 fn discarded_regions() {
     let lab = Lab::new("discard");
     lab.qcow2_mix("d.qcow2", 8 * MIB, "", &[]);
-    lab.qemu_io(
-        "d.qcow2",
-        &["discard 0 256k", "discard 3100k 300k", "discard 6M 2M"],
-    );
+    lab.qemu_io("d.qcow2", &["discard 0 256k", "discard 3100k 300k", "discard 6M 2M"]);
     lab.check("d.qcow2");
 }
 
 #[test]
 fn preallocation_metadata() {
     let lab = Lab::new("prealloc");
-    lab.qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-o",
-        "preallocation=metadata",
-        "p.qcow2",
-        "6M",
-    ]);
+    lab.qemu_img(&["create", "-f", "qcow2", "-o", "preallocation=metadata", "p.qcow2", "6M"]);
     lab.write("p.qcow2", Fill::Random(7), 100 * KIB, 300 * KIB);
     lab.write("p.qcow2", Fill::Pattern, 4 * MIB - 1000, 2 * MIB);
     let seen = lab.check("p.qcow2");
@@ -376,15 +312,7 @@ fn preallocation_metadata() {
 #[test]
 fn dirty_image_with_lazy_refcounts() {
     let lab = Lab::new("dirty");
-    lab.qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-o",
-        "lazy_refcounts=on",
-        "l.qcow2",
-        "4M",
-    ]);
+    lab.qemu_img(&["create", "-f", "qcow2", "-o", "lazy_refcounts=on", "l.qcow2", "4M"]);
     let pattern = lab.path("pattern.bin");
     write_pattern_file(&pattern, Fill::Random(11), 0, 300_000);
     let output = run_any(
@@ -395,10 +323,7 @@ fn dirty_image_with_lazy_refcounts() {
             .args(["-c", "flush", "-c", "write -P 0x77 2M 70k", "-c", "abort"])
             .arg("l.qcow2"),
     );
-    assert!(
-        !output.status.success(),
-        "qemu-io abort should kill qemu-io"
-    );
+    assert!(!output.status.success(), "qemu-io abort should kill qemu-io");
     let path = lab.path("l.qcow2");
     assert_eq!(incompatible_features(&path) & 1, 1, "dirty bit not set");
     let seen = lab.check("l.qcow2");
@@ -471,12 +396,7 @@ fn compressed_zlib_and_zstd() {
 fn compressed_with_extended_l2_and_odd_size() {
     let lab = Lab::new("compressed-odd");
     let size = 5 * MIB + 3 * 512;
-    lab.qcow2_mix(
-        "x.qcow2",
-        size,
-        "compression_type=zstd,extended_l2=on",
-        &["-c"],
-    );
+    lab.qcow2_mix("x.qcow2", size, "compression_type=zstd,extended_l2=on", &["-c"]);
     lab.qemu_io("x.qcow2", &["write -P 0x33 64k 2k", "write -z 1M 8k"]);
     let seen = lab.check("x.qcow2");
     assert!(seen.compressed > 0, "{seen:?}");
@@ -503,12 +423,7 @@ fn virtual_size_not_a_multiple_of_the_cluster_size() {
         lab.write(&name, Fill::Pattern, 4096, 10_000);
         lab.check(&name);
         let name = format!("odd-mix-{cluster}.qcow2");
-        lab.qcow2_mix(
-            &name,
-            3 * MIB + 512,
-            &format!("cluster_size={cluster}"),
-            &[],
-        );
+        lab.qcow2_mix(&name, 3 * MIB + 512, &format!("cluster_size={cluster}"), &[]);
         lab.check(&name);
     }
 }
@@ -532,11 +447,7 @@ fn backing_chain_qcow2_on_raw() {
     lab.write("top.qcow2", Fill::Random(42), 100 * KIB, 8 * KIB);
     lab.qemu_io(
         "top.qcow2",
-        &[
-            "write -z 1M 64k",
-            "write -P 0x44 3M 1M",
-            "write -P 0x45 5M 4k",
-        ],
+        &["write -z 1M 64k", "write -P 0x44 3M 1M", "write -P 0x45 5M 4k"],
     );
     let seen = lab.check("top.qcow2");
     assert!(seen.data > 0 && seen.backing.first() > Some(&0), "{seen:?}");
@@ -561,11 +472,7 @@ fn backing_chain_qcow2_on_qcow2() {
     ]);
     lab.qemu_io(
         "mid.qcow2",
-        &[
-            "write -P 0x51 10k 3k",
-            "write -z 2M 2k",
-            "write -P 0x52 4M 100k",
-        ],
+        &["write -P 0x51 10k 3k", "write -z 2M 2k", "write -P 0x52 4M 100k"],
     );
     lab.qemu_img(&[
         "create",
@@ -614,10 +521,7 @@ fn backing_file_refused_unless_allowed() {
     };
     assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
     let text = err.to_string();
-    assert!(
-        text.contains("\"base.raw\"") && text.contains("top.qcow2"),
-        "{text}"
-    );
+    assert!(text.contains("\"base.raw\"") && text.contains("top.qcow2"), "{text}");
 }
 
 /// A new value for a table entry, from the old one and the L1 table offset.
@@ -655,20 +559,10 @@ fn corrupted_tables_are_reported_with_their_offsets() {
         ("l1-reserved", l1, |e, _| e | 1 << 60, "L1 entry 0"),
         ("l1-unaligned", l1, |e, _| e + 512, "not aligned"),
         ("l1-on-l1", l1, |_, l1| l1, "overlaps the L1 table"),
-        (
-            "l1-past-eof",
-            l1,
-            |_, _| 1 << 40,
-            "past the end of the file",
-        ),
+        ("l1-past-eof", l1, |_, _| 1 << 40, "past the end of the file"),
         ("l2-reserved", l2, |e, _| e | 2, "reserved bits 0x2"),
         ("l2-unaligned", l2, |e, _| e + 4096, "not aligned"),
-        (
-            "l2-past-eof",
-            l2,
-            |e, _| e + (1 << 40),
-            "past the end of the file",
-        ),
+        ("l2-past-eof", l2, |e, _| e + (1 << 40), "past the end of the file"),
     ];
     for (name, at, patch, needle) in cases {
         let path = lab.path(&format!("{name}.qcow2"));
@@ -718,19 +612,14 @@ fn mutated_metadata_never_panics() {
     let variants = [
         ("std.qcow2", "cluster_size=64k", &[][..]),
         ("ext.qcow2", "extended_l2=on,cluster_size=64k", &[][..]),
-        (
-            "zstd.qcow2",
-            "compression_type=zstd,cluster_size=4k",
-            &["-c"][..],
-        ),
+        ("zstd.qcow2", "compression_type=zstd,cluster_size=4k", &["-c"][..]),
         ("small.qcow2", "cluster_size=512,compat=0.10", &[][..]),
     ];
     let mut failures = 0;
     for (name, options, flags) in variants {
         let original = std::fs::read(lab.qcow2_mix(name, 3 * MIB, options, flags)).unwrap();
         let l1 = u64::from_be_bytes(original[40..48].try_into().unwrap()) as usize;
-        let l2 = (u64::from_be_bytes(original[l1..l1 + 8].try_into().unwrap())
-            & 0x00ff_ffff_ffff_fe00) as usize;
+        let l2 = (u64::from_be_bytes(original[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
         let mut rng = common::SplitMix64::new(l1 as u64 ^ l2 as u64);
         for round in 0..150 {
             let mut bytes = original.clone();
@@ -748,9 +637,7 @@ fn mutated_metadata_never_panics() {
                 }
             }
             let seed = rng.next_u64();
-            let result = std::panic::catch_unwind(move || {
-                read_mutated(bytes, &mut common::SplitMix64::new(seed))
-            });
+            let result = std::panic::catch_unwind(move || read_mutated(bytes, &mut common::SplitMix64::new(seed)));
             match result {
                 Err(_) => panic!("{name}: round {round} panicked"),
                 Ok(Err(e)) => {
@@ -764,8 +651,5 @@ fn mutated_metadata_never_panics() {
         }
     }
     // Most mutations of metadata must be caught.
-    assert!(
-        failures > 150,
-        "only {failures} of 600 mutations were rejected"
-    );
+    assert!(failures > 150, "only {failures} of 600 mutations were rejected");
 }

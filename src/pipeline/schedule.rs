@@ -256,7 +256,10 @@ mod tests {
         );
         // The empty middle becomes zero items, merged across windows.
         let zero_items: Vec<_> = items.iter().filter(|w| matches!(w, Work::Zero { .. })).collect();
-        assert!(zero_items.len() as u64 <= (88 * MIB).div_ceil(MAX_ZERO_SPAN) + 1, "{zero_items:?}");
+        assert!(
+            zero_items.len() as u64 <= (88 * MIB).div_ceil(MAX_ZERO_SPAN) + 1,
+            "{zero_items:?}"
+        );
         assert!(zero_items.iter().all(|w| w.len() <= MAX_ZERO_SPAN));
         assert_eq!(zero_items.iter().map(|w| w.len()).sum::<u64>(), 88 * MIB);
         // The odd-sized tail is one short chunk.

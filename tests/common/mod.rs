@@ -156,10 +156,7 @@ pub fn write_raw(path: &Path, size: u64, segments: &[(u64, u64, Fill)]) {
     file.set_len(size).expect("sizing raw image");
     let mut buf = vec![0u8; 1 << 20];
     for &(offset, len, fill) in segments {
-        assert!(
-            offset + len <= size,
-            "segment {offset}+{len} outside {size}"
-        );
+        assert!(offset + len <= size, "segment {offset}+{len} outside {size}");
         if matches!(fill, Fill::Zero) {
             continue;
         }

@@ -51,11 +51,8 @@ pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 /// Incompatible feature bit 4: 16-byte L2 entries with subcluster bitmaps.
 pub const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
 /// Every incompatible feature bit this reader knows about.
-const INCOMPAT_KNOWN: u64 = INCOMPAT_DIRTY
-    | INCOMPAT_CORRUPT
-    | INCOMPAT_DATA_FILE
-    | INCOMPAT_COMPRESSION
-    | INCOMPAT_EXTENDED_L2;
+const INCOMPAT_KNOWN: u64 =
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTENDED_L2;
 
 /// Header extension type: end of the extension area.
 pub const EXT_END: u32 = 0;
@@ -172,23 +169,19 @@ pub fn peek_cluster_size(head: &[u8]) -> Result<u64> {
         ));
     }
     if head[..4] != MAGIC {
-        return Err(
-            crate::bad_image!("not a qcow2 image: bad magic {:02x?}", &head[..4]).at_offset(0),
-        );
+        return Err(crate::bad_image!("not a qcow2 image: bad magic {:02x?}", &head[..4]).at_offset(0));
     }
     let version = be32(head, 4);
     if version != 2 && version != 3 {
-        return Err(Error::unsupported(format!(
-            "qcow2 version {version} is not supported (only 2 and 3)"
-        ))
-        .at_offset(4));
+        return Err(
+            Error::unsupported(format!("qcow2 version {version} is not supported (only 2 and 3)")).at_offset(4),
+        );
     }
     let cluster_bits = be32(head, 20);
     if cluster_bits < MIN_CLUSTER_BITS {
-        return Err(crate::bad_image!(
-            "cluster_bits {cluster_bits} is below the minimum of {MIN_CLUSTER_BITS}"
-        )
-        .at_offset(20));
+        return Err(
+            crate::bad_image!("cluster_bits {cluster_bits} is below the minimum of {MIN_CLUSTER_BITS}").at_offset(20),
+        );
     }
     if cluster_bits > MAX_CLUSTER_BITS {
         return Err(Error::unsupported(format!(
@@ -236,17 +229,14 @@ pub fn parse(first_cluster: &[u8], file_len: u64) -> Result<Header> {
             .at_offset(100));
         }
         if u64::from(header_length) > cluster_size {
-            return Err(crate::bad_image!(
-                "header_length {header_length} exceeds the cluster size {cluster_size}"
-            )
-            .at_offset(100));
+            return Err(
+                crate::bad_image!("header_length {header_length} exceeds the cluster size {cluster_size}")
+                    .at_offset(100),
+            );
         }
         let refcount_order = be32(buf, 96);
         if refcount_order > 6 {
-            return Err(crate::bad_image!(
-                "refcount_order {refcount_order} is above the maximum of 6"
-            )
-            .at_offset(96));
+            return Err(crate::bad_image!("refcount_order {refcount_order} is above the maximum of 6").at_offset(96));
         }
         (be64(buf, 72), header_length)
     };
@@ -358,15 +348,11 @@ pub fn parse(first_cluster: &[u8], file_len: u64) -> Result<Header> {
             .at_offset(40));
         }
         if l1_table_offset < cluster_size {
-            return Err(crate::bad_image!(
-                "L1 table offset {l1_table_offset:#x} lies inside the header cluster"
-            )
-            .at_offset(40));
+            return Err(
+                crate::bad_image!("L1 table offset {l1_table_offset:#x} lies inside the header cluster").at_offset(40),
+            );
         }
-        if l1_table_offset
-            .checked_add(l1_bytes)
-            .is_none_or(|end| end > file_len)
-        {
+        if l1_table_offset.checked_add(l1_bytes).is_none_or(|end| end > file_len) {
             return Err(crate::bad_image!(
                 "L1 table at {l1_table_offset:#x} ({l1_bytes} bytes) ends past the end of the file ({file_len} bytes)"
             )
@@ -434,10 +420,10 @@ fn read_extensions(buf: &[u8], start: usize, end: usize) -> Result<Vec<Extension
     let mut at = start;
     while at < end {
         if end - at < 8 {
-            return Err(crate::bad_image!(
-                "header extension header crosses the end of the extension area at {end:#x}"
-            )
-            .at_offset(at as u64));
+            return Err(
+                crate::bad_image!("header extension header crosses the end of the extension area at {end:#x}")
+                    .at_offset(at as u64),
+            );
         }
         let kind = be32(buf, at);
         let len = be32(buf, at + 4) as usize;
@@ -445,10 +431,7 @@ fn read_extensions(buf: &[u8], start: usize, end: usize) -> Result<Vec<Extension
             break;
         }
         if found.len() == MAX_HEADER_EXTENSIONS {
-            return Err(
-                crate::bad_image!("more than {MAX_HEADER_EXTENSIONS} header extensions")
-                    .at_offset(at as u64),
-            );
+            return Err(crate::bad_image!("more than {MAX_HEADER_EXTENSIONS} header extensions").at_offset(at as u64));
         }
         let data = at + 8;
         if len > end - data {
@@ -655,11 +638,7 @@ mod tests {
     fn accepted_feature_bits() {
         let mut h = valid_header();
         put32(&mut h, 36, 4);
-        put64(
-            &mut h,
-            72,
-            INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_EXTENDED_L2,
-        );
+        put64(&mut h, 72, INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_EXTENDED_L2);
         put64(&mut h, 80, u64::MAX); // compatible bits: ignored
         put64(&mut h, 88, u64::MAX); // autoclear bits: ignored
         let parsed = parse(&h, FILE_LEN).unwrap();
@@ -705,22 +684,14 @@ mod tests {
         put64(&mut h, 72, INCOMPAT_DATA_FILE);
         fails(&h, ErrorKind::Unsupported, "external data file");
         put_ext(&mut h, 112, EXT_DATA_FILE, b"disk.data");
-        fails(
-            &h,
-            ErrorKind::Unsupported,
-            "external data file \"disk.data\"",
-        );
+        fails(&h, ErrorKind::Unsupported, "external data file \"disk.data\"");
     }
 
     #[test]
     fn encryption_refused() {
         let mut h = valid_header();
         put32(&mut h, 32, 2);
-        fails(
-            &h,
-            ErrorKind::Unsupported,
-            "encrypted images are not supported",
-        );
+        fails(&h, ErrorKind::Unsupported, "encrypted images are not supported");
         let mut h = valid_header();
         put_ext(&mut h, 112, EXT_CRYPTO_HEADER, &[0; 16]);
         fails(&h, ErrorKind::Unsupported, "full disk encryption");
@@ -730,21 +701,13 @@ mod tests {
     fn compression_type() {
         let mut h = valid_header();
         h[104] = 1;
-        fails(
-            &h,
-            ErrorKind::BadImage,
-            "inconsistent with incompatible feature bit 3",
-        );
+        fails(&h, ErrorKind::BadImage, "inconsistent with incompatible feature bit 3");
         put64(&mut h, 72, INCOMPAT_COMPRESSION);
         assert_eq!(parse(&h, FILE_LEN).unwrap().codec, Codec::Zstd);
         h[104] = 2;
         fails(&h, ErrorKind::Unsupported, "compression type 2");
         h[104] = 0;
-        fails(
-            &h,
-            ErrorKind::BadImage,
-            "inconsistent with incompatible feature bit 3",
-        );
+        fails(&h, ErrorKind::BadImage, "inconsistent with incompatible feature bit 3");
         // With header_length 104 the field is absent: zlib, whatever the byte holds.
         put64(&mut h, 72, 0);
         put32(&mut h, 100, 104);
@@ -780,18 +743,10 @@ mod tests {
         let mut h = valid_header();
         put64(&mut h, 8, 0x1000);
         put32(&mut h, 16, 1024);
-        fails(
-            &h,
-            ErrorKind::BadImage,
-            "backing file name of 1024 bytes is too long",
-        );
+        fails(&h, ErrorKind::BadImage, "backing file name of 1024 bytes is too long");
         put64(&mut h, 8, CLUSTER as u64 - 10);
         put32(&mut h, 16, 11);
-        fails(
-            &h,
-            ErrorKind::BadImage,
-            "backing file name of 11 bytes is too long",
-        );
+        fails(&h, ErrorKind::BadImage, "backing file name of 11 bytes is too long");
         put64(&mut h, 8, CLUSTER as u64 + 8);
         fails(&h, ErrorKind::BadImage, "outside the header cluster");
         put64(&mut h, 8, 0x1000);
@@ -807,17 +762,9 @@ mod tests {
         let mut h = valid_header();
         put32(&mut h, 112, 0x1234_5678);
         put32(&mut h, 116, CLUSTER as u32);
-        fails(
-            &h,
-            ErrorKind::BadImage,
-            "runs past the end of the extension area",
-        );
+        fails(&h, ErrorKind::BadImage, "runs past the end of the extension area");
         put32(&mut h, 116, u32::MAX);
-        fails(
-            &h,
-            ErrorKind::BadImage,
-            "runs past the end of the extension area",
-        );
+        fails(&h, ErrorKind::BadImage, "runs past the end of the extension area");
         // The area ends where the backing name starts.
         let mut h = valid_header();
         put_ext(&mut h, 112, 0x1234_5678, &[1; 100]);

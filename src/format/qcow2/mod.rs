@@ -134,8 +134,7 @@ impl Qcow2Image {
         let backing = match &header.backing {
             None => None,
             Some(file) => {
-                let image =
-                    open_backing(&name, &file.name, file.format.as_deref(), backing, depth)?;
+                let image = open_backing(&name, &file.name, file.format.as_deref(), backing, depth)?;
                 Some(Backing {
                     virtual_size: image.virtual_size(),
                     image,
@@ -238,12 +237,7 @@ impl Qcow2Image {
             Some(slot) => slot,
             None => {
                 cache.bytes.resize(cache.slice_bytes as usize, 0);
-                read_exact_at(
-                    self.source.as_ref(),
-                    slice_offset,
-                    &mut cache.bytes,
-                    "L2 table",
-                )?;
+                read_exact_at(self.source.as_ref(), slice_offset, &mut cache.bytes, "L2 table")?;
                 let slot = if cache.slices.len() < L2_CACHE_SLICES {
                     cache.slices.push(L2Slice {
                         offset: slice_offset,
@@ -394,12 +388,7 @@ impl Qcow2Image {
     }
 
     /// Appends an extent after resolving any pending unallocated run before it.
-    fn emit(
-        &mut self,
-        extent: Extent,
-        pending: &mut Option<Range<u64>>,
-        out: &mut Vec<Extent>,
-    ) -> Result<()> {
+    fn emit(&mut self, extent: Extent, pending: &mut Option<Range<u64>>, out: &mut Vec<Extent>) -> Result<()> {
         self.flush(pending, out)?;
         push_extent(out, extent);
         Ok(())
@@ -415,9 +404,7 @@ impl Qcow2Image {
             split = backing.virtual_size.clamp(start, end);
             if split > start {
                 backing.scratch.clear();
-                backing
-                    .image
-                    .map(start, split - start, &mut backing.scratch)?;
+                backing.image.map(start, split - start, &mut backing.scratch)?;
                 for extent in backing.scratch.drain(..) {
                     push_extent(out, shift_source(extent));
                 }
@@ -510,8 +497,7 @@ impl Image for Qcow2Image {
                     index,
                     file_offset: l2_table + index * (cluster_size / l2_entries),
                 };
-                let cluster = decode_l2(entry, bitmap, &self.layout)
-                    .map_err(|why| self.bad_entry(at, why))?;
+                let cluster = decode_l2(entry, bitmap, &self.layout).map_err(|why| self.bad_entry(at, why))?;
                 self.emit_cluster(cluster, at, cluster_start, cursor..to, &mut pending, out)?;
                 cursor = to;
             }

@@ -225,38 +225,23 @@ mod tests {
     fn l1_entries() {
         assert_eq!(decode_l1(0, &STD), Ok(None));
         assert_eq!(decode_l1(COPIED | 0x50000, &STD), Ok(Some(0x50000)));
-        assert!(decode_l1(0x50000 | 1, &STD)
-            .unwrap_err()
-            .contains("reserved bits 0x1"));
+        assert!(decode_l1(0x50000 | 1, &STD).unwrap_err().contains("reserved bits 0x1"));
         assert!(decode_l1(1 << 56, &STD).unwrap_err().contains("reserved"));
-        assert!(decode_l1(0x50200, &STD)
-            .unwrap_err()
-            .contains("not aligned"));
+        assert!(decode_l1(0x50200, &STD).unwrap_err().contains("not aligned"));
     }
 
     #[test]
     fn standard_l2_entries() {
         assert_eq!(decode_l2(0, 0, &STD), Ok(Cluster::Unallocated));
-        assert_eq!(
-            decode_l2(COPIED | 0x70000, 0, &STD),
-            Ok(Cluster::Data(0x70000))
-        );
+        assert_eq!(decode_l2(COPIED | 0x70000, 0, &STD), Ok(Cluster::Data(0x70000)));
         assert_eq!(decode_l2(1, 0, &STD), Ok(Cluster::Zero));
         assert_eq!(decode_l2(COPIED | 0x70001, 0, &STD), Ok(Cluster::Zero));
         let v2 = Layout { version: 2, ..STD };
         assert!(decode_l2(1, 0, &v2).unwrap_err().contains("version 2"));
-        assert!(decode_l2(0x70002, 0, &STD)
-            .unwrap_err()
-            .contains("reserved bits 0x2"));
-        assert!(decode_l2(1 << 60, 0, &STD)
-            .unwrap_err()
-            .contains("reserved"));
-        assert!(decode_l2(0x70200, 0, &STD)
-            .unwrap_err()
-            .contains("not aligned"));
-        assert!(decode_l2(0x70201, 0, &STD)
-            .unwrap_err()
-            .contains("not aligned"));
+        assert!(decode_l2(0x70002, 0, &STD).unwrap_err().contains("reserved bits 0x2"));
+        assert!(decode_l2(1 << 60, 0, &STD).unwrap_err().contains("reserved"));
+        assert!(decode_l2(0x70200, 0, &STD).unwrap_err().contains("not aligned"));
+        assert!(decode_l2(0x70201, 0, &STD).unwrap_err().contains("not aligned"));
     }
 
     #[test]
@@ -284,10 +269,7 @@ mod tests {
             })
         );
         // 512-byte clusters: x = 61, offset bits above 55 must be zero.
-        let small = Layout {
-            cluster_bits: 9,
-            ..STD
-        };
+        let small = Layout { cluster_bits: 9, ..STD };
         assert_eq!(
             decode_l2(L2_COMPRESSED | (1 << 61) | 0x400, 0, &small),
             Ok(Cluster::Compressed {
@@ -315,16 +297,10 @@ mod tests {
         let host = COPIED | 0x70000;
         assert_eq!(decode_l2(0, 0, &EXT), Ok(Cluster::Unallocated));
         assert_eq!(decode_l2(host, 0, &EXT), Ok(Cluster::Unallocated));
-        assert_eq!(
-            decode_l2(host, 0xffff_ffff, &EXT),
-            Ok(Cluster::Data(0x70000))
-        );
+        assert_eq!(decode_l2(host, 0xffff_ffff, &EXT), Ok(Cluster::Data(0x70000)));
         assert_eq!(decode_l2(0, 0xffff_ffff << 32, &EXT), Ok(Cluster::Zero));
         // Bit 0 is not a zero flag with extended entries.
-        assert_eq!(
-            decode_l2(host | 1, 0xffff_ffff, &EXT),
-            Ok(Cluster::Data(0x70000))
-        );
+        assert_eq!(decode_l2(host | 1, 0xffff_ffff, &EXT), Ok(Cluster::Data(0x70000)));
         assert_eq!(
             decode_l2(host, 0x0000_0f00_0000_00f0, &EXT),
             Ok(Cluster::Subclusters {
@@ -336,9 +312,7 @@ mod tests {
         assert!(decode_l2(host, 0x0000_0010_0000_0010, &EXT)
             .unwrap_err()
             .contains("both allocated and zero"));
-        assert!(decode_l2(0, 1, &EXT)
-            .unwrap_err()
-            .contains("no host offset"));
+        assert!(decode_l2(0, 1, &EXT).unwrap_err().contains("no host offset"));
         assert_eq!(subcluster_state(0xf0, 0xf00, 4), Subcluster::Data);
         assert_eq!(subcluster_state(0xf0, 0xf00, 8), Subcluster::Zero);
         assert_eq!(subcluster_state(0xf0, 0xf00, 31), Subcluster::Unallocated);
