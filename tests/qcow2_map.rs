@@ -7,17 +7,12 @@ use boundimport::error::ErrorKind;
 use boundimport::format::{self, BackingPolicy, Content, Extent, Image};
 use boundimport::pipeline::fill::{fill, Scratch};
 use boundimport::source::{FileSource, ReadAt};
-use common::{qemu_img, qemu_io, run, run_any, scratch_dir, write_pattern_file, write_raw, Fill};
+use common::{qemu_img, qemu_io, run, run_any, write_pattern_file, Fill, Workbench, KIB, MIB};
 use sha2::{Digest, Sha256};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-
-/// One KiB.
-const KIB: u64 = 1024;
-/// One MiB.
-const MIB: u64 = 1024 * 1024;
 
 /// Guest bytes compared per window.
 const WINDOW: u64 = MIB;
@@ -55,102 +50,14 @@ impl Seen {
     }
 }
 
-/// A scratch directory and the tools to fill it.
-struct Lab {
-    dir: tempfile::TempDir,
-}
-
-impl Lab {
-    /// A lab in a fresh scratch directory named after `label`.
-    fn new(label: &str) -> Self {
-        Lab {
-            dir: scratch_dir(label),
-        }
-    }
-
-    /// Path of `name` in the scratch directory.
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// `qemu-img ARGS`, run in the scratch directory (so relative backing names resolve there).
-    fn qemu_img(&self, args: &[&str]) {
-        run(Command::new(qemu_img()).args(args).current_dir(self.dir.path()));
-    }
-
-    /// `qemu-io -f qcow2 -c CMD... IMAGE`.
-    fn qemu_io(&self, image: &str, commands: &[&str]) {
-        let mut cmd = Command::new(qemu_io());
-        cmd.current_dir(self.dir.path()).args(["-f", "qcow2"]);
-        for c in commands {
-            cmd.args(["-c", c]);
-        }
-        run(cmd.arg(image));
-    }
-
-    /// Writes `len` bytes of `fill` at `offset` of `image` through qemu-io.
-    fn write(&self, image: &str, fill: Fill, offset: u64, len: u64) {
-        let pattern = self.path("pattern.bin");
-        write_pattern_file(&pattern, fill, offset, len as usize);
-        self.qemu_io(image, &[&format!("write -s {} {offset} {len}", pattern.display())]);
-    }
-
-    /// A raw image of `size` bytes holding the standard mix of data, zeros and patterns.
-    fn raw_mix(&self, name: &str, size: u64, seed: u64) -> PathBuf {
-        let path = self.path(name);
-        write_raw(&path, size, &mix(size, seed));
-        path
-    }
-
-    /// Converts the standard mix to qcow2 with `options` (and extra qemu-img convert flags).
-    fn qcow2_mix(&self, name: &str, size: u64, options: &str, flags: &[&str]) -> PathBuf {
-        let raw = format!("{name}.src.raw");
-        self.raw_mix(&raw, size, size ^ 0x5eed);
-        let mut args = vec!["convert", "-f", "raw", "-O", "qcow2"];
-        args.extend_from_slice(flags);
-        if !options.is_empty() {
-            args.extend_from_slice(&["-o", options]);
-        }
-        args.extend_from_slice(&[&raw, name]);
-        self.qemu_img(&args);
-        self.path(name)
-    }
-
-    /// Reads `name` with boundimport and with qemu-img, asserting they agree; returns the extent kinds seen.
-    fn check(&self, name: &str) -> Seen {
-        let policy = BackingPolicy {
-            allow: true,
-            base_dir: Some(self.dir.path().to_path_buf()),
-        };
-        compare_with_qemu(&self.path(name), &policy, &self.path(&format!("{name}.ref.raw")))
-    }
-}
-
-/// Segments of the standard mix for a disk of `size` bytes: random, zero, mostly-zero and pattern runs, with
-/// boundaries that fall inside clusters.
-fn mix(size: u64, seed: u64) -> Vec<(u64, u64, Fill)> {
-    let kinds = [
-        Fill::Random(seed),
-        Fill::Zero,
-        Fill::MostlyZero(seed + 1),
-        Fill::Pattern,
-        Fill::Random(seed + 2),
-        Fill::Pattern,
-        Fill::Zero,
-        Fill::MostlyZero(seed + 3),
-    ];
-    let mut rng = common::SplitMix64::new(seed);
-    let mut segments = Vec::new();
-    let mut at = 0;
-    let mut i = 0;
-    while at < size {
-        // 100 KiB .. 1.1 MiB, at byte granularity.
-        let len = (100 * KIB + rng.below(MIB)).min(size - at);
-        segments.push((at, len, kinds[i % kinds.len()]));
-        at += len;
-        i += 1;
-    }
-    segments
+/// Reads `name` from the workbench with boundimport and with qemu-img, asserting they agree; returns the extent
+/// kinds seen.
+fn check(bench: &Workbench, name: &str) -> Seen {
+    let policy = BackingPolicy {
+        allow: true,
+        base_dir: Some(bench.dir.path().to_path_buf()),
+    };
+    compare_with_qemu(&bench.path(name), &policy, &bench.path(&format!("{name}.ref.raw")))
 }
 
 /// Opens the image at `path` as boundimport's front ends do: file source, format detection.
@@ -244,37 +151,37 @@ fn incompatible_features(path: &Path) -> u64 {
 
 #[test]
 fn v3_default_64k_clusters() {
-    let lab = Lab::new("v3-64k");
+    let lab = Workbench::new("v3-64k");
     lab.qcow2_mix("a.qcow2", 8 * MIB, "", &[]);
-    let seen = lab.check("a.qcow2");
+    let seen = check(&lab, "a.qcow2");
     assert!(seen.data > 0 && seen.zero > 0, "{seen:?}");
 }
 
 #[test]
 fn cluster_sizes_512_4k_2m() {
-    let lab = Lab::new("cluster-sizes");
+    let lab = Workbench::new("cluster-sizes");
     for cluster in ["512", "4k", "2M"] {
         let name = format!("c{cluster}.qcow2");
         lab.qcow2_mix(&name, 6 * MIB, &format!("cluster_size={cluster}"), &[]);
         // The mix has no hole as large as a 2 MiB cluster: make one.
         lab.qemu_io(&name, &["write -z -u 2M 2M"]);
-        let seen = lab.check(&name);
+        let seen = check(&lab, &name);
         assert!(seen.data > 0 && seen.zero > 0, "{cluster}: {seen:?}");
     }
 }
 
 #[test]
 fn version_2_images() {
-    let lab = Lab::new("v2");
+    let lab = Workbench::new("v2");
     let path = lab.qcow2_mix("v2.qcow2", 5 * MIB, "compat=0.10", &[]);
     assert_eq!(common::read_be64(&path, 0) & 0xffff_ffff, 2, "not a v2 image");
     lab.qemu_io("v2.qcow2", &["write -P 0x5a 64k 3k", "discard 1M 512k"]);
-    lab.check("v2.qcow2");
+    check(&lab, "v2.qcow2");
 }
 
 #[test]
 fn zero_clusters() {
-    let lab = Lab::new("zero");
+    let lab = Workbench::new("zero");
     lab.qcow2_mix("z.qcow2", 8 * MIB, "", &[]);
     lab.qemu_io(
         "z.qcow2",
@@ -287,31 +194,31 @@ fn zero_clusters() {
             "write -z 8128k 64k",
         ],
     );
-    let seen = lab.check("z.qcow2");
+    let seen = check(&lab, "z.qcow2");
     assert!(seen.zero > 0, "{seen:?}");
 }
 
 #[test]
 fn discarded_regions() {
-    let lab = Lab::new("discard");
+    let lab = Workbench::new("discard");
     lab.qcow2_mix("d.qcow2", 8 * MIB, "", &[]);
     lab.qemu_io("d.qcow2", &["discard 0 256k", "discard 3100k 300k", "discard 6M 2M"]);
-    lab.check("d.qcow2");
+    check(&lab, "d.qcow2");
 }
 
 #[test]
 fn preallocation_metadata() {
-    let lab = Lab::new("prealloc");
+    let lab = Workbench::new("prealloc");
     lab.qemu_img(&["create", "-f", "qcow2", "-o", "preallocation=metadata", "p.qcow2", "6M"]);
     lab.write("p.qcow2", Fill::Random(7), 100 * KIB, 300 * KIB);
     lab.write("p.qcow2", Fill::Pattern, 4 * MIB - 1000, 2 * MIB);
-    let seen = lab.check("p.qcow2");
+    let seen = check(&lab, "p.qcow2");
     assert!(seen.data > 0, "{seen:?}");
 }
 
 #[test]
 fn dirty_image_with_lazy_refcounts() {
-    let lab = Lab::new("dirty");
+    let lab = Workbench::new("dirty");
     lab.qemu_img(&["create", "-f", "qcow2", "-o", "lazy_refcounts=on", "l.qcow2", "4M"]);
     let pattern = lab.path("pattern.bin");
     write_pattern_file(&pattern, Fill::Random(11), 0, 300_000);
@@ -326,22 +233,22 @@ fn dirty_image_with_lazy_refcounts() {
     assert!(!output.status.success(), "qemu-io abort should kill qemu-io");
     let path = lab.path("l.qcow2");
     assert_eq!(incompatible_features(&path) & 1, 1, "dirty bit not set");
-    let seen = lab.check("l.qcow2");
+    let seen = check(&lab, "l.qcow2");
     assert!(seen.data > 0, "{seen:?}");
 }
 
 #[test]
 fn corrupt_bit_is_accepted() {
-    let lab = Lab::new("corrupt");
+    let lab = Workbench::new("corrupt");
     let path = lab.qcow2_mix("c.qcow2", 3 * MIB, "", &[]);
     common::write_be64(&path, 72, incompatible_features(&path) | 2);
-    lab.check("c.qcow2");
+    check(&lab, "c.qcow2");
 }
 
 #[test]
 fn extended_l2_subclusters() {
     for cluster in ["64k", "2M"] {
-        let lab = Lab::new(&format!("ext-{cluster}"));
+        let lab = Workbench::new(&format!("ext-{cluster}"));
         // Converting the mix leaves holes at 4 KiB granularity: partly allocated clusters.
         lab.qcow2_mix(
             "e.qcow2",
@@ -364,14 +271,14 @@ fn extended_l2_subclusters() {
         );
         let path = lab.path("e.qcow2");
         assert_ne!(incompatible_features(&path) & (1 << 4), 0, "no extended L2");
-        let seen = lab.check("e.qcow2");
+        let seen = check(&lab, "e.qcow2");
         assert!(seen.data > 0 && seen.zero > 0, "{cluster}: {seen:?}");
     }
 }
 
 #[test]
 fn compressed_zlib_and_zstd() {
-    let lab = Lab::new("compressed");
+    let lab = Workbench::new("compressed");
     for kind in ["zlib", "zstd"] {
         for cluster in ["4k", "64k", "2M"] {
             let name = format!("{kind}-{cluster}.qcow2");
@@ -386,7 +293,7 @@ fn compressed_zlib_and_zstd() {
                 kind == "zstd",
                 "compression type bit of {name}"
             );
-            let seen = lab.check(&name);
+            let seen = check(&lab, &name);
             assert!(seen.compressed > 0, "{name}: {seen:?}");
         }
     }
@@ -394,20 +301,20 @@ fn compressed_zlib_and_zstd() {
 
 #[test]
 fn compressed_with_extended_l2_and_odd_size() {
-    let lab = Lab::new("compressed-odd");
+    let lab = Workbench::new("compressed-odd");
     let size = 5 * MIB + 3 * 512;
     lab.qcow2_mix("x.qcow2", size, "compression_type=zstd,extended_l2=on", &["-c"]);
     lab.qemu_io("x.qcow2", &["write -P 0x33 64k 2k", "write -z 1M 8k"]);
-    let seen = lab.check("x.qcow2");
+    let seen = check(&lab, "x.qcow2");
     assert!(seen.compressed > 0, "{seen:?}");
     lab.qcow2_mix("y.qcow2", MIB + 1536, "cluster_size=2M", &["-c"]);
-    let seen = lab.check("y.qcow2");
+    let seen = check(&lab, "y.qcow2");
     assert!(seen.compressed > 0, "{seen:?}");
 }
 
 #[test]
 fn virtual_size_not_a_multiple_of_the_cluster_size() {
-    let lab = Lab::new("odd-size");
+    let lab = Workbench::new("odd-size");
     for cluster in ["64k", "2M"] {
         let name = format!("odd-{cluster}.qcow2");
         lab.qemu_img(&[
@@ -421,16 +328,16 @@ fn virtual_size_not_a_multiple_of_the_cluster_size() {
         ]);
         lab.write(&name, Fill::Random(31), MIB - 1000, 2536);
         lab.write(&name, Fill::Pattern, 4096, 10_000);
-        lab.check(&name);
+        check(&lab, &name);
         let name = format!("odd-mix-{cluster}.qcow2");
         lab.qcow2_mix(&name, 3 * MIB + 512, &format!("cluster_size={cluster}"), &[]);
-        lab.check(&name);
+        check(&lab, &name);
     }
 }
 
 #[test]
 fn backing_chain_qcow2_on_raw() {
-    let lab = Lab::new("backing-raw");
+    let lab = Workbench::new("backing-raw");
     lab.raw_mix("base.raw", 4 * MIB, 41);
     // The overlay is larger than its backing file: the excess reads as zeros.
     lab.qemu_img(&[
@@ -449,13 +356,13 @@ fn backing_chain_qcow2_on_raw() {
         "top.qcow2",
         &["write -z 1M 64k", "write -P 0x44 3M 1M", "write -P 0x45 5M 4k"],
     );
-    let seen = lab.check("top.qcow2");
+    let seen = check(&lab, "top.qcow2");
     assert!(seen.data > 0 && seen.backing.first() > Some(&0), "{seen:?}");
 }
 
 #[test]
 fn backing_chain_qcow2_on_qcow2() {
-    let lab = Lab::new("backing-qcow2");
+    let lab = Workbench::new("backing-qcow2");
     lab.qcow2_mix("base.qcow2", 4 * MIB, "cluster_size=64k", &["-c"]);
     lab.qemu_img(&[
         "create",
@@ -489,7 +396,7 @@ fn backing_chain_qcow2_on_qcow2() {
     ]);
     lab.write("top.qcow2", Fill::Random(43), 3 * MIB + 100, 50_000);
     lab.qemu_io("top.qcow2", &["write -z 8k 8k", "discard 1M 64k"]);
-    let seen = lab.check("top.qcow2");
+    let seen = check(&lab, "top.qcow2");
     assert!(
         seen.backing.len() == 2 && seen.backing.iter().all(|&n| n > 0),
         "{seen:?}"
@@ -498,7 +405,7 @@ fn backing_chain_qcow2_on_qcow2() {
 
 #[test]
 fn backing_file_refused_unless_allowed() {
-    let lab = Lab::new("backing-refused");
+    let lab = Workbench::new("backing-refused");
     lab.raw_mix("base.raw", MIB, 51);
     lab.qemu_img(&[
         "create",
@@ -551,7 +458,7 @@ fn read_all(path: &Path) -> boundimport::error::Result<()> {
 
 #[test]
 fn corrupted_tables_are_reported_with_their_offsets() {
-    let lab = Lab::new("broken");
+    let lab = Workbench::new("broken");
     let good = lab.qcow2_mix("good.qcow2", 2 * MIB, "", &[]);
     read_all(&good).unwrap();
     let (l1, l2) = first_l2_table(&good);
@@ -608,7 +515,7 @@ fn read_mutated(bytes: Vec<u8>, rng: &mut common::SplitMix64) -> boundimport::er
 
 #[test]
 fn mutated_metadata_never_panics() {
-    let lab = Lab::new("mutated");
+    let lab = Workbench::new("mutated");
     let variants = [
         ("std.qcow2", "cluster_size=64k", &[][..]),
         ("ext.qcow2", "extended_l2=on,cluster_size=64k", &[][..]),

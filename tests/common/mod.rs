@@ -2,10 +2,17 @@
 //! pseudo-random data, raw guest images built from described segments, and scratch directories.
 #![allow(dead_code)]
 
+pub mod privileged;
+
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+/// One KiB.
+pub const KIB: u64 = 1024;
+/// One MiB.
+pub const MIB: u64 = 1024 * 1024;
 
 /// splitmix64: a tiny seeded generator, so test data is the same on every run without a `rand` dependency.
 pub struct SplitMix64(u64);
@@ -221,4 +228,132 @@ impl boundimport::source::ReadAt for MemSource {
         buf[..n].copy_from_slice(&self.bytes[offset as usize..offset as usize + n]);
         Ok(n)
     }
+}
+
+/// A scratch directory and the qemu tools to fill it with images.
+pub struct Workbench {
+    /// The scratch directory (removed on drop).
+    pub dir: tempfile::TempDir,
+}
+
+impl Workbench {
+    /// A workbench in a fresh scratch directory named after `label`.
+    pub fn new(label: &str) -> Self {
+        Workbench {
+            dir: scratch_dir(label),
+        }
+    }
+
+    /// Path of `name` in the scratch directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `qemu-img ARGS`, run in the scratch directory (so relative backing names resolve there).
+    pub fn qemu_img(&self, args: &[&str]) {
+        run(Command::new(qemu_img()).args(args).current_dir(self.dir.path()));
+    }
+
+    /// `qemu-io -f qcow2 -c CMD... IMAGE`.
+    pub fn qemu_io(&self, image: &str, commands: &[&str]) {
+        let mut cmd = Command::new(qemu_io());
+        cmd.current_dir(self.dir.path()).args(["-f", "qcow2"]);
+        for c in commands {
+            cmd.args(["-c", c]);
+        }
+        run(cmd.arg(image));
+    }
+
+    /// Writes `len` bytes of `fill` at `offset` of `image` through qemu-io.
+    pub fn write(&self, image: &str, fill: Fill, offset: u64, len: u64) {
+        let pattern = self.path("pattern.bin");
+        write_pattern_file(&pattern, fill, offset, len as usize);
+        self.qemu_io(image, &[&format!("write -s {} {offset} {len}", pattern.display())]);
+    }
+
+    /// A raw image of `size` bytes holding the standard mix of data, zeros and patterns.
+    pub fn raw_mix(&self, name: &str, size: u64, seed: u64) -> PathBuf {
+        let path = self.path(name);
+        write_raw(&path, size, &mix(size, seed));
+        path
+    }
+
+    /// Converts the standard mix to qcow2 with `options` (and extra qemu-img convert flags).
+    pub fn qcow2_mix(&self, name: &str, size: u64, options: &str, flags: &[&str]) -> PathBuf {
+        let raw = format!("{name}.src.raw");
+        self.raw_mix(&raw, size, size ^ 0x5eed);
+        let mut args = vec!["convert", "-f", "raw", "-O", "qcow2"];
+        args.extend_from_slice(flags);
+        if !options.is_empty() {
+            args.extend_from_slice(&["-o", options]);
+        }
+        args.extend_from_slice(&[&raw, name]);
+        self.qemu_img(&args);
+        self.path(name)
+    }
+}
+
+/// Segments of the standard mix for a disk of `size` bytes: random, zero, mostly-zero and pattern runs, with
+/// boundaries that fall inside clusters.
+pub fn mix(size: u64, seed: u64) -> Vec<(u64, u64, Fill)> {
+    let kinds = [
+        Fill::Random(seed),
+        Fill::Zero,
+        Fill::MostlyZero(seed + 1),
+        Fill::Pattern,
+        Fill::Random(seed + 2),
+        Fill::Pattern,
+        Fill::Zero,
+        Fill::MostlyZero(seed + 3),
+    ];
+    let mut rng = SplitMix64::new(seed);
+    let mut segments = Vec::new();
+    let mut at = 0;
+    let mut i = 0;
+    while at < size {
+        // 100 KiB .. 1.1 MiB, at byte granularity.
+        let len = (100 * KIB + rng.below(MIB)).min(size - at);
+        segments.push((at, len, kinds[i % kinds.len()]));
+        at += len;
+        i += 1;
+    }
+    segments
+}
+
+/// Lower-case hex SHA-256 of the first `len` bytes at `path` (a file or a block device); panics if shorter.
+pub fn sha256_prefix(path: &Path, len: u64) -> String {
+    use sha2::{Digest, Sha256};
+    let file = File::open(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(buf.len() as u64) as usize;
+        file.read_exact_at(&mut buf[..n], at)
+            .unwrap_or_else(|e| panic!("reading {} at {at}: {e}", path.display()));
+        hasher.update(&buf[..n]);
+        at += n as u64;
+    }
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 and length of `qemu-img convert -O raw IMAGE` (the reference output), converting into `scratch`.
+pub fn qemu_reference(image: &Path, scratch: &Path) -> (String, u64) {
+    let reference = scratch.join(format!(
+        "{}.reference.raw",
+        image.file_name().and_then(|n| n.to_str()).unwrap_or("image")
+    ));
+    run(Command::new(qemu_img())
+        .args(["convert", "-O", "raw"])
+        .arg(image)
+        .arg(&reference));
+    let len = std::fs::metadata(&reference).expect("reference output").len();
+    let digest = sha256_prefix(&reference, len);
+    std::fs::remove_file(&reference).expect("removing reference output");
+    (digest, len)
+}
+
+/// A command running the boundimport binary under test.
+pub fn boundimport() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_boundimport"))
 }
