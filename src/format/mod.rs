@@ -7,6 +7,9 @@
 pub mod detect;
 pub mod qcow2;
 pub mod raw;
+pub mod vdi;
+pub mod vhd;
+pub mod vhdx;
 
 pub use detect::{detect, Detected};
 
@@ -178,6 +181,10 @@ fn open_at_depth(
     match detect(source.as_ref())? {
         Detected::Raw => Ok(Box::new(raw::RawImage::new(source))),
         Detected::Qcow2 => Ok(Box::new(qcow2::Qcow2Image::open(source, backing, depth)?)),
+        Detected::Vhd => Ok(Box::new(vhd::VhdImage::open(source)?)),
+        Detected::Vdi => Ok(Box::new(vdi::VdiImage::open(source)?)),
+        Detected::Vhdx => Ok(Box::new(vhdx::VhdxImage::open(source)?)),
+        Detected::Vmdk => Err(Error::unsupported("vmdk: not yet").at_path(source.name())),
         Detected::Unsupported(what) => Err(Error::unsupported(format!(
             "unsupported image format: {what}"
         ))
