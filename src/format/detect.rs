@@ -157,20 +157,34 @@ mod tests {
             (b"QFI\xfb\0\0\0\x03rest".to_vec(), Detected::Qcow2),
             (b"QFI\xfb\0\0\0\x02".to_vec(), Detected::Qcow2),
             (b"KDMV\x01\0\0\0".to_vec(), Detected::Vmdk),
-            (b"# Disk DescriptorFile\nversion=1\n".to_vec(), Detected::Vmdk),
-            (b"# comment\r\n\n  version=3\r\nCID=1".to_vec(), Detected::Vmdk),
+            (
+                b"# Disk DescriptorFile\nversion=1\n".to_vec(),
+                Detected::Vmdk,
+            ),
+            (
+                b"# comment\r\n\n  version=3\r\nCID=1".to_vec(),
+                Detected::Vmdk,
+            ),
             (b"vhdxfile\0\0".to_vec(), Detected::Vhdx),
             (b"conectix\0\0".to_vec(), Detected::Vhd),
             (vdi, Detected::Vdi),
             (vec![0u8; 512], Detected::Raw),
             (b"CD001 iso-ish".to_vec(), Detected::Raw),
-            (b"# a shell script\necho version=1\n".to_vec(), Detected::Raw),
+            (
+                b"# a shell script\necho version=1\n".to_vec(),
+                Detected::Raw,
+            ),
             (b"# only a comment".to_vec(), Detected::Raw),
             (b"version=1".to_vec(), Detected::Raw),
             (Vec::new(), Detected::Raw),
         ];
         for (head, want) in cases {
-            assert_eq!(detect_bytes(&head), want, "{:?}", String::from_utf8_lossy(&head));
+            assert_eq!(
+                detect_bytes(&head),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(&head)
+            );
         }
         for head in [
             b"QFI\xfb\0\0\0\x01".to_vec(),

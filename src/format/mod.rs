@@ -10,6 +10,7 @@ pub mod raw;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
+pub mod vmdk;
 
 pub use detect::{detect, Detected};
 
@@ -184,7 +185,7 @@ fn open_at_depth(
         Detected::Vhd => Ok(Box::new(vhd::VhdImage::open(source)?)),
         Detected::Vdi => Ok(Box::new(vdi::VdiImage::open(source)?)),
         Detected::Vhdx => Ok(Box::new(vhdx::VhdxImage::open(source)?)),
-        Detected::Vmdk => Err(Error::unsupported("vmdk: not yet").at_path(source.name())),
+        Detected::Vmdk => Ok(Box::new(vmdk::VmdkImage::open(source, backing)?)),
         Detected::Unsupported(what) => Err(Error::unsupported(format!(
             "unsupported image format: {what}"
         ))

@@ -784,7 +784,7 @@ mod tests {
     fn parent_locator_names_the_relative_path() {
         let mut item = vec![0u8; 20 + 24];
         item[18..20].copy_from_slice(&2u16.to_le_bytes());
-        let mut add = |item: &mut Vec<u8>, i: usize, key: &str, value: &str| {
+        let add = |item: &mut Vec<u8>, i: usize, key: &str, value: &str| {
             let k: Vec<u8> = key.encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
             let v: Vec<u8> = value.encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
             let (ko, vo) = (item.len(), item.len() + k.len());
