@@ -125,7 +125,10 @@ pub fn detect_bytes(head: &[u8]) -> Detected {
             None => Detected::Unsupported("truncated qcow header (magic \"QFI\\xfb\")".into()),
         };
     }
-    if head.starts_with(b"KDMV") || is_vmdk_descriptor(head) {
+    if head.starts_with(b"KDMV")
+        || head.starts_with(b"# Disk DescriptorFile")
+        || is_vmdk_descriptor(head)
+    {
         return Detected::Vmdk;
     }
     if head.starts_with(b"vhdxfile") {

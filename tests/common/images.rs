@@ -230,3 +230,54 @@ pub fn assert_same_as_qemu(image: &Path, qemu_format: &str, format_name: &str) {
         );
     }
 }
+
+/// An image held in memory, for tests that mutate bytes freely.
+pub struct MemSource {
+    /// What to call it in messages.
+    pub name: String,
+    /// The bytes.
+    pub bytes: Vec<u8>,
+}
+
+impl ReadAt for MemSource {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> boundimport::error::Result<usize> {
+        let len = self.bytes.len() as u64;
+        if offset >= len {
+            return Ok(0);
+        }
+        let n = buf.len().min((len - offset) as usize);
+        buf[..n].copy_from_slice(&self.bytes[offset as usize..offset as usize + n]);
+        Ok(n)
+    }
+}
+
+/// Opens `bytes` as an image and reads guest windows at its start, middle and end, ignoring errors: for
+/// mutation tests, where only a panic is a failure. Returns the format it opened as, if it opened.
+pub fn exercise(name: &str, bytes: Vec<u8>) -> Option<&'static str> {
+    let source: Arc<dyn ReadAt> = Arc::new(MemSource {
+        name: name.to_string(),
+        bytes,
+    });
+    let Ok(mut image) = format::open(source, &BackingPolicy::default()) else {
+        return None;
+    };
+    let size = image.virtual_size();
+    let window = 1u64 << 20;
+    let mut buf = vec![0u8; window as usize];
+    for at in [0, size / 2, size.saturating_sub(window)] {
+        if at >= size {
+            continue;
+        }
+        let n = (size - at).min(window) as usize;
+        let _ = read_guest(image.as_mut(), at, &mut buf[..n]);
+    }
+    Some(image.format_name())
+}

@@ -128,11 +128,14 @@ impl VmdkImage {
             };
             let (len, part) = match &extent.kind {
                 ExtentKind::Flat { offset, .. } => {
-                    let offset = offset.checked_mul(512).ok_or_else(|| {
-                        crate::bad_image!(
-                            "vmdk flat extent offset of {offset} sectors is too large"
-                        )
-                    })?;
+                    let offset = offset
+                        .checked_mul(512)
+                        .filter(|o| o.checked_add(extent.sectors * 512).is_some())
+                        .ok_or_else(|| {
+                            crate::bad_image!(
+                                "vmdk flat extent offset of {offset} sectors is too large"
+                            )
+                        })?;
                     (extent.sectors * 512, Part::Flat { source: id, offset })
                 }
                 ExtentKind::Sparse { .. } => {
