@@ -352,6 +352,24 @@ fn vhd_creator_apps_choose_the_size_like_qemu() {
     }
 }
 
+/// qemu reads an allocated block of a dynamic disk as stored, whatever its sector bitmap says; so does
+/// boundimport (a cleared bitmap over written data reads as the data, not as zeros).
+#[test]
+fn vhd_sector_bitmap_is_ignored_like_qemu() {
+    let dir = scratch_dir("vhd-bitmap");
+    let image = make(dir.path(), SIZE, "vpc", "subformat=dynamic", "disk.vhd");
+    let data_offset = u64::from_be_bytes(read_at(&image, 16, 8).try_into().unwrap());
+    let bat = u64::from_be_bytes(read_at(&image, data_offset + 16, 8).try_into().unwrap());
+    let block0 = u32::from_be_bytes(read_at(&image, bat, 4).try_into().unwrap()) as u64;
+    assert_ne!(block0, 0xffff_ffff, "block 0 holds random data");
+    patch(&image, block0 * 512, &[0u8; 512]);
+    assert_same_as_qemu(&image, "vpc", "vpc");
+    let mut opened = open_image(&image).unwrap();
+    let mut first = vec![0u8; 512];
+    boundimport::pipeline::fill::read_guest(opened.as_mut(), 0, &mut first).unwrap();
+    assert_ne!(first, vec![0u8; 512]);
+}
+
 #[test]
 fn vhd_differencing_is_refused_naming_the_parent() {
     let dir = scratch_dir("vhd-diff");
@@ -406,6 +424,48 @@ fn vhdx_dynamic_without_zero_state() {
         "disk.vhdx",
         "vhdx",
     );
+}
+
+/// File offset of the BAT of a vhdx, from its first region table.
+fn vhdx_bat_offset(image: &Path) -> u64 {
+    let table = read_at(image, 192 << 10, 64 << 10);
+    let count = u32::from_le_bytes(table[8..12].try_into().unwrap()) as usize;
+    (0..count)
+        .map(|i| &table[16 + 32 * i..48 + 32 * i])
+        .find(|e| e[..4] == [0x66, 0x77, 0xc2, 0x2d])
+        .map(|e| u64::from_le_bytes(e[16..24].try_into().unwrap()))
+        .expect("BAT region")
+}
+
+#[test]
+fn vhdx_block_states() {
+    // Block 0 holds random data (fully present); qemu-img marks never-written blocks ZERO (2) or NOT_PRESENT (0).
+    // Rewriting block 0's state: UNDEFINED (1), UNMAPPED (3) and the pre-1.0 UNMAPPED (5) read as zeros in
+    // both readers; PARTIALLY_PRESENT (7) only exists in differencing disks and is refused by both.
+    for state in [1u64, 3, 5, 7] {
+        let dir = scratch_dir(&format!("vhdx-state-{state}"));
+        let image = make(
+            dir.path(),
+            SIZE,
+            "vhdx",
+            "subformat=dynamic,block_size=1M",
+            "disk.vhdx",
+        );
+        let bat = vhdx_bat_offset(&image);
+        let entry = u64::from_le_bytes(read_at(&image, bat, 8).try_into().unwrap());
+        assert_eq!(entry & 7, 6, "block 0 should be fully present");
+        patch(&image, bat, &((entry & !7) | state).to_le_bytes());
+        if state == 7 {
+            qemu_refuses(&image, "vhdx");
+            let mut opened = open_image(&image).unwrap();
+            let mut buf = vec![0u8; 4096];
+            let err =
+                boundimport::pipeline::fill::read_guest(opened.as_mut(), 0, &mut buf).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+        } else {
+            assert_same_as_qemu(&image, "vhdx", "vhdx");
+        }
+    }
 }
 
 /// CRC32C as VHDX uses it.
@@ -582,7 +642,10 @@ fn mutated_images_never_panic() {
     write_raw(
         &raw,
         size,
-        &[(0, MIB, Fill::Random(21)), (2 * MIB, MIB, Fill::MostlyZero(22))],
+        &[
+            (0, MIB, Fill::Random(21)),
+            (2 * MIB, MIB, Fill::MostlyZero(22)),
+        ],
     );
     let variants = [
         ("vmdk", "subformat=monolithicSparse,zeroed_grain=on"),
@@ -632,6 +695,9 @@ fn mutated_images_never_panic() {
         }
         // Some mutated images must still open as the format and some not (refused, or a fixed vhd whose footer
         // no longer checks out opening as raw), or the mutations are not reaching the parser.
-        assert!((1..300).contains(&opened), "{format} {options}: {opened} of 300 mutated images opened");
+        assert!(
+            (1..300).contains(&opened),
+            "{format} {options}: {opened} of 300 mutated images opened"
+        );
     }
 }
