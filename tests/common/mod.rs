@@ -2,6 +2,7 @@
 //! pseudo-random data, raw guest images built from described segments, and scratch directories.
 #![allow(dead_code)]
 
+pub mod images;
 pub mod privileged;
 
 use std::fs::{File, OpenOptions};
