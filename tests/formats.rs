@@ -6,6 +6,7 @@ mod common;
 
 use boundimport::error::ErrorKind;
 use common::images::*;
+use common::{qemu_img, qemu_io, run, scratch_dir, write_raw, Fill, SplitMix64};
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
