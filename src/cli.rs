@@ -29,7 +29,11 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    /// Container entrypoint of a KubeVirt CDI importer pod: reads IMPORTER_* and the rest of CDI's environment,
+    /// reports through the termination log and an HTTPS progress metric (a drop-in for `cdi-importer`).
+    Cdi(crate::cdi::CdiArgs),
+}
 
 /// Arguments of a plain import.
 #[derive(Debug, clap::Args)]
@@ -95,10 +99,21 @@ fn parse_limit(text: &str) -> std::result::Result<u64, String> {
 
 /// Entry point of the binary: returns the process exit code.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let (args, cdi) = crate::cdi::normalize_args(std::env::args_os());
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(err) => {
+            if cdi && err.use_stderr() {
+                crate::cdi::report_usage_error(&format!("invalid arguments: {}", err.kind()));
+                let _ = err.print();
+                return 1;
+            }
+            err.exit()
+        }
+    };
     match cli.command {
         None => run_import(cli.import),
-        Some(command) => match command {},
+        Some(Command::Cdi(args)) => crate::cdi::main(args),
     }
 }
 

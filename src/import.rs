@@ -43,6 +43,12 @@ pub struct Plan {
     pub governor_timeline: Option<PathBuf>,
     /// Permission bits for a newly created destination file.
     pub file_mode: u32,
+    /// Refuse, before writing anything, an image whose virtual size exceeds this many bytes (the space a CDI
+    /// volume reports).
+    pub max_virtual_size: Option<u64>,
+    /// Allocate the destination's blocks: a file is fallocated whole, a block device's zero ranges are zeroed
+    /// without unmapping.
+    pub preallocate: bool,
 }
 
 impl Plan {
@@ -61,6 +67,8 @@ impl Plan {
             output_digest: true,
             governor_timeline: None,
             file_mode: 0o644,
+            max_virtual_size: None,
+            preallocate: false,
         }
     }
 }
@@ -142,11 +150,22 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
         plan.source,
         human(virtual_size)
     );
+    if let Some(available) = plan.max_virtual_size.filter(|&available| virtual_size > available) {
+        // CDI's wording: its controller turns this message into "DataVolume too small to contain image".
+        return Err(Error::new(
+            ErrorKind::TooSmall,
+            format!(
+                "virtual image size {virtual_size} is larger than the reported available storage {available}. \
+                 A larger PVC is required"
+            ),
+        ));
+    }
 
     let options = DestOptions {
         io: plan.io,
         target_is_zero: plan.target_is_zero,
         file_mode: plan.file_mode,
+        preallocate: plan.preallocate,
     };
     let governor = || {
         let targets = Targets {

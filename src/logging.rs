@@ -7,7 +7,13 @@ struct StderrLogger;
 
 impl Log for StderrLogger {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= log::max_level()
+        // TLS library chatter (handshake details) only at trace level.
+        let floor = if metadata.target().starts_with("rustls") && log::max_level() < LevelFilter::Trace {
+            Level::Warn
+        } else {
+            Level::Trace
+        };
+        metadata.level() <= log::max_level() && metadata.level() <= floor
     }
 
     fn log(&self, record: &Record) {

@@ -29,6 +29,7 @@ pub struct Progress {
     total: AtomicU64,
     processed: AtomicU64,
     watermark: AtomicU64,
+    written: AtomicU64,
     started: Instant,
     finished: Mutex<bool>,
     wake: Condvar,
@@ -40,6 +41,7 @@ impl Default for Progress {
             total: AtomicU64::new(0),
             processed: AtomicU64::new(0),
             watermark: AtomicU64::new(0),
+            written: AtomicU64::new(0),
             started: Instant::now(),
             finished: Mutex::new(false),
             wake: Condvar::new(),
@@ -57,6 +59,16 @@ impl Progress {
     pub fn advance(&self, len: u64, watermark: u64) {
         self.processed.fetch_add(len, Ordering::Relaxed);
         self.watermark.fetch_max(watermark, Ordering::Relaxed);
+    }
+
+    /// Records the destination's running count of bytes written as data (zeros excluded).
+    pub fn note_written(&self, written: u64) {
+        self.written.fetch_max(written, Ordering::Relaxed);
+    }
+
+    /// Bytes written to the destination as data so far.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
     }
 
     /// Guest bytes done so far.

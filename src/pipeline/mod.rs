@@ -170,6 +170,9 @@ fn process_next(shared: &Shared, buffer: &mut AlignedBuf, scratch: &mut Scratch)
     }
     let watermark = shared.completion.complete(guest, guest + len);
     shared.progress.advance(len, watermark);
+    shared
+        .progress
+        .note_written(shared.dest.stats.written.load(Ordering::Relaxed));
     Ok(true)
 }
 

@@ -59,6 +59,9 @@ pub struct DestOptions {
     pub target_is_zero: bool,
     /// Permission bits for a newly created file.
     pub file_mode: u32,
+    /// Allocate every block: a file is fallocated over its whole size; a block device's zero ranges are zeroed
+    /// without unmapping (and zeroed even when `target_is_zero`).
+    pub preallocate: bool,
 }
 
 impl Default for DestOptions {
@@ -67,6 +70,7 @@ impl Default for DestOptions {
             io: IoChoice::Auto,
             target_is_zero: false,
             file_mode: 0o644,
+            preallocate: false,
         }
     }
 }
@@ -161,6 +165,11 @@ impl Destination {
                 // Truncate first so every old block becomes a hole, then extend to the image size.
                 buffered.set_len(0).io_context("truncating destination").map_err(ctx)?;
                 buffered.set_len(size).io_context("sizing destination").map_err(ctx)?;
+                if options.preallocate && size > 0 {
+                    sys::fallocate(&buffered, 0, 0, size)
+                        .io_context("preallocating destination")
+                        .map_err(ctx)?;
+                }
                 size
             }
         };
@@ -183,7 +192,11 @@ impl Destination {
             block: align.max(MIN_BLOCK),
             buffered,
             path_kind,
-            zeroer: (kind == DestKind::BlockDevice && !options.target_is_zero).then(Zeroer::default),
+            zeroer: match kind {
+                DestKind::BlockDevice if options.preallocate => Some(Zeroer::allocating()),
+                DestKind::BlockDevice if !options.target_is_zero => Some(Zeroer::default()),
+                _ => None,
+            },
             io_reason,
             stats: DestStats::default(),
         })

@@ -6,7 +6,8 @@
 //! 2. `BLKZEROOUT`: the block layer zeroes, offloaded where possible, else by writing the kernel's zero page.
 //! 3. O_DIRECT writes from a zeroed buffer we own.
 //!
-//! BLKDISCARD is never used: a discard does not promise that the range reads back as zeros.
+//! BLKDISCARD is never used: a discard does not promise that the range reads back as zeros. For preallocation
+//! ([`Zeroer::allocating`]) the first step is skipped: punching a hole would deallocate what must stay allocated.
 
 use crate::buffer::AlignedBuf;
 use crate::error::{Error, Result};
@@ -37,6 +38,14 @@ impl Default for Zeroer {
 }
 
 impl Zeroer {
+    /// A zeroer that leaves the range allocated (for preallocation): it starts at `BLKZEROOUT`, which the kernel
+    /// issues without unmapping, and never punches holes.
+    pub fn allocating() -> Self {
+        Zeroer {
+            method: AtomicU8::new(METHOD_ZEROOUT),
+        }
+    }
+
     /// Zeroes `[offset, offset + len)` of the device open as `file` (aligned to its logical block size).
     /// `direct` must be an O_DIRECT handle when one is available, for the write fallback.
     pub fn zero(&self, file: &File, direct: Option<&File>, offset: u64, len: u64) -> Result<()> {

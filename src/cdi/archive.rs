@@ -1,0 +1,366 @@
+//! `IMPORTER_CONTENTTYPE=archive`: a tar stream extracted into the data directory.
+//!
+//! Nothing is ever created outside the data directory and no link is ever followed while extracting: every path
+//! is walked one component at a time from a handle on the data directory with `O_NOFOLLOW`, so a symlink placed
+//! by an earlier member cannot redirect a later one. Members with `..` components are refused, leading slashes are
+//! stripped (as GNU tar does), symlinks whose target would leave the data directory are skipped with a warning, and
+//! hard links must point at an earlier member. Devices and FIFOs are skipped (an unprivileged pod cannot make
+//! them). Modes are kept (without set-id bits), owners are not (CDI runs tar with `--no-same-owner`).
+//!
+//! File data goes through the write-behind window paced by the cgroup governor, and all-zero blocks stay holes, so
+//! extraction is as bounded as an image import.
+
+use super::tar::{Entry, Kind, TarReader};
+use crate::cgroup::governor::{Governor, Targets};
+use crate::cgroup::MemCgroup;
+use crate::error::{Error, ErrorKind, Result};
+use crate::pipeline::is_zero;
+use crate::sink::writebehind::WriteBehind;
+use nix::fcntl::AtFlags;
+use nix::fcntl::{openat, OFlag};
+use nix::sys::stat::{fchmod, mkdirat, Mode};
+use nix::unistd::{linkat, symlinkat, unlinkat, UnlinkatFlags};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// Unit of hole detection in extracted files.
+const HOLE_BLOCK: usize = 4096;
+
+/// What an extraction did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extracted {
+    /// Regular files written.
+    pub files: u64,
+    /// Directories created.
+    pub directories: u64,
+    /// Symbolic and hard links created.
+    pub links: u64,
+    /// Members skipped (escaping links, devices, FIFOs).
+    pub skipped: u64,
+    /// File bytes written as data (holes excluded).
+    pub bytes_written: u64,
+}
+
+/// Limits for the write-behind window of extracted files.
+#[derive(Debug, Clone)]
+pub struct Pacing {
+    /// The memory cgroup whose dirty pages pace writing, if any.
+    pub cgroup: Option<MemCgroup>,
+    /// Governor targets.
+    pub targets: Targets,
+}
+
+/// Extracts the tar stream `reader` into `dir`. `on_progress` is called with the bytes consumed from the stream
+/// after each member and each data chunk.
+pub fn extract(reader: impl Read, dir: &Path, pacing: &Pacing, mut on_progress: impl FnMut(u64)) -> Result<Extracted> {
+    let root =
+        open_dir_handle(None, dir.as_os_str()).map_err(|e| Error::io("opening the data directory", e).at_path(dir))?;
+    let mut tar = TarReader::new(reader);
+    let mut done = Extracted::default();
+    let mut directories: Vec<(Vec<Vec<u8>>, u32, i64)> = Vec::new();
+    while let Some(entry) = tar.next_entry()? {
+        let shown = String::from_utf8_lossy(&entry.path).into_owned();
+        let ctx = |e: Error| e.at_path(dir.join(&shown));
+        let Some(components) = member_components(&entry.path).map_err(ctx)? else {
+            continue; // "./" or the like: the data directory itself.
+        };
+        match entry.kind {
+            Kind::Directory => {
+                let parent = walk_parents(&root, &components).map_err(ctx)?;
+                make_dir(&parent, components.last().expect("non-empty")).map_err(ctx)?;
+                directories.push((components, entry.mode, entry.mtime));
+                done.directories += 1;
+            }
+            Kind::File => {
+                let parent = walk_parents(&root, &components).map_err(ctx)?;
+                let written = write_file(
+                    &mut tar,
+                    &entry,
+                    &parent,
+                    components.last().expect("non-empty"),
+                    pacing,
+                    &mut on_progress,
+                )
+                .map_err(ctx)?;
+                done.bytes_written += written;
+                done.files += 1;
+            }
+            Kind::Symlink => {
+                if !symlink_stays_inside(&components, &entry.link) {
+                    log::warn!(
+                        "{}: skipping symlink {shown} -> {}: it points outside the data directory",
+                        dir.display(),
+                        String::from_utf8_lossy(&entry.link)
+                    );
+                    done.skipped += 1;
+                    continue;
+                }
+                let parent = walk_parents(&root, &components).map_err(ctx)?;
+                let name = components.last().expect("non-empty");
+                remove_existing(&parent, name).map_err(ctx)?;
+                symlinkat(
+                    OsStr::from_bytes(&entry.link),
+                    Some(parent.as_raw_fd()),
+                    OsStr::from_bytes(name),
+                )
+                .map_err(|e| ctx(Error::io("creating a symlink", e.into())))?;
+                done.links += 1;
+            }
+            Kind::HardLink => {
+                let target = member_components(&entry.link)
+                    .map_err(ctx)?
+                    .ok_or_else(|| ctx(Error::bad_image("hard link to the data directory itself")))?;
+                let target_parent = walk_parents(&root, &target).map_err(ctx)?;
+                let parent = walk_parents(&root, &components).map_err(ctx)?;
+                let name = components.last().expect("non-empty");
+                remove_existing(&parent, name).map_err(ctx)?;
+                // Without AT_SYMLINK_FOLLOW: a link to a symlink links the symlink itself, never what it names.
+                linkat(
+                    Some(target_parent.as_raw_fd()),
+                    OsStr::from_bytes(target.last().expect("non-empty")),
+                    Some(parent.as_raw_fd()),
+                    OsStr::from_bytes(name),
+                    AtFlags::empty(),
+                )
+                .map_err(|e| ctx(Error::io("creating a hard link to an earlier member", e.into())))?;
+                done.links += 1;
+            }
+            Kind::Other(flag) => {
+                log::warn!(
+                    "{}: skipping {shown}: member type {:?} is not extracted",
+                    dir.display(),
+                    flag as char
+                );
+                done.skipped += 1;
+            }
+        }
+        on_progress(tar.position());
+    }
+    // Directory modes last, deepest first, so a read-only directory does not stop its own extraction.
+    directories.sort_by_key(|(components, _, _)| std::cmp::Reverse(components.len()));
+    for (components, mode, mtime) in directories {
+        let parent = walk_parents(&root, &components)?;
+        let handle = open_dir_handle(Some(&parent), OsStr::from_bytes(components.last().expect("non-empty")))
+            .map_err(|e| Error::io("reopening an extracted directory", e))?;
+        set_mode_and_time(handle.as_raw_fd(), mode & 0o1777, mtime)?;
+    }
+    on_progress(tar.position());
+    Ok(done)
+}
+
+/// The normal components of a member path: `None` for the archive root itself; an error for `..`.
+fn member_components(path: &[u8]) -> Result<Option<Vec<Vec<u8>>>> {
+    let mut components = Vec::new();
+    for part in path.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                return Err(Error::new(
+                    ErrorKind::BadImage,
+                    "archive member path contains \"..\"; refusing it",
+                ))
+            }
+            name => components.push(name.to_vec()),
+        }
+    }
+    Ok((!components.is_empty()).then_some(components))
+}
+
+/// Whether a symlink at `components` with `target` resolves inside the data directory, judged on the text alone
+/// (every directory on the way is a real directory: extraction never follows links).
+fn symlink_stays_inside(components: &[Vec<u8>], target: &[u8]) -> bool {
+    if target.is_empty() || target.starts_with(b"/") {
+        return false;
+    }
+    let mut depth = components.len() as i64 - 1;
+    for part in target.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    true
+}
+
+/// Opens a directory without following a symlink, relative to `parent` (or the working directory).
+fn open_dir_handle(parent: Option<&OwnedFd>, name: &OsStr) -> std::io::Result<OwnedFd> {
+    let dirfd = parent.map(|p| p.as_raw_fd());
+    let fd = openat(
+        dirfd,
+        name,
+        OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    // SAFETY: openat returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Walks (creating as needed) every directory above the member at `components`, never following a symlink;
+/// returns a handle on the member's parent.
+fn walk_parents(root: &OwnedFd, components: &[Vec<u8>]) -> Result<OwnedFd> {
+    let mut current = root
+        .try_clone()
+        .map_err(|e| Error::io("duplicating a directory handle", e))?;
+    for name in &components[..components.len() - 1] {
+        let name_os = OsStr::from_bytes(name);
+        current = match open_dir_handle(Some(&current), name_os) {
+            Ok(next) => next,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                make_dir(&current, name)?;
+                open_dir_handle(Some(&current), name_os).map_err(|e| Error::io("opening a created directory", e))?
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) => {
+                return Err(Error::new(
+                    ErrorKind::BadImage,
+                    format!(
+                        "{:?} on the member's path is a symlink or not a directory; extraction never follows links",
+                        String::from_utf8_lossy(name)
+                    ),
+                ))
+            }
+            Err(e) => return Err(Error::io("opening a directory", e)),
+        };
+    }
+    Ok(current)
+}
+
+/// Creates directory `name` (owner-writable until the final modes are set); an existing directory is fine.
+fn make_dir(parent: &OwnedFd, name: &[u8]) -> Result<()> {
+    match mkdirat(
+        Some(parent.as_raw_fd()),
+        OsStr::from_bytes(name),
+        Mode::from_bits_truncate(0o700),
+    ) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EEXIST) => match open_dir_handle(Some(parent), OsStr::from_bytes(name)) {
+            Ok(_) => Ok(()),
+            Err(_) => {
+                // A file or symlink in the way: replaced, as tar replaces it.
+                remove_existing(parent, name)?;
+                mkdirat(
+                    Some(parent.as_raw_fd()),
+                    OsStr::from_bytes(name),
+                    Mode::from_bits_truncate(0o700),
+                )
+                .map_err(|e| Error::io("creating a directory", e.into()))
+            }
+        },
+        Err(e) => Err(Error::io("creating a directory", e.into())),
+    }
+}
+
+/// Removes a non-directory at `name`, if any (tar's default: unlink before extracting over it).
+fn remove_existing(parent: &OwnedFd, name: &[u8]) -> Result<()> {
+    match unlinkat(
+        Some(parent.as_raw_fd()),
+        OsStr::from_bytes(name),
+        UnlinkatFlags::NoRemoveDir,
+    ) {
+        Ok(()) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+        Err(nix::errno::Errno::EISDIR) => Err(Error::new(
+            ErrorKind::BadImage,
+            "a directory is in the way of a non-directory member",
+        )),
+        Err(e) => Err(Error::io("replacing an existing file", e.into())),
+    }
+}
+
+/// Writes a regular member: created fresh (`O_EXCL|O_NOFOLLOW`), zero blocks left as holes, written through a
+/// governed write-behind window. Returns the data bytes written.
+fn write_file<R: Read>(
+    tar: &mut TarReader<R>,
+    entry: &Entry,
+    parent: &OwnedFd,
+    name: &[u8],
+    pacing: &Pacing,
+    on_progress: &mut impl FnMut(u64),
+) -> Result<u64> {
+    remove_existing(parent, name)?;
+    let fd = openat(
+        Some(parent.as_raw_fd()),
+        OsStr::from_bytes(name),
+        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o600),
+    )
+    .map_err(|e| Error::io("creating a file", e.into()))?;
+    // SAFETY: openat returned a fresh descriptor that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    let window = WriteBehind::new(Governor::new(pacing.cgroup.clone(), pacing.targets, None)?);
+    let mut written = 0u64;
+    let mut last_report = 0u64;
+    tar.read_data(entry, |offset, chunk| {
+        let mut at = 0;
+        while at < chunk.len() {
+            // Runs of data blocks are written together; zero blocks are skipped.
+            let end = (at + HOLE_BLOCK).min(chunk.len());
+            if is_zero(&chunk[at..end]) {
+                at = end;
+                continue;
+            }
+            let mut run_end = end;
+            while run_end < chunk.len() {
+                let next = (run_end + HOLE_BLOCK).min(chunk.len());
+                if is_zero(&chunk[run_end..next]) {
+                    break;
+                }
+                run_end = next;
+            }
+            window.write(&file, offset + at as u64, &chunk[at..run_end])?;
+            written += (run_end - at) as u64;
+            at = run_end;
+        }
+        let through = offset + chunk.len() as u64;
+        if through - last_report >= 4 << 20 {
+            last_report = through;
+            on_progress(through);
+        }
+        Ok(())
+    })?;
+    window.finish(&file)?;
+    file.set_len(entry.size).map_err(|e| Error::io("sizing a file", e))?;
+    set_mode_and_time(file.as_raw_fd(), entry.mode & 0o777, entry.mtime)?;
+    Ok(written)
+}
+
+/// Sets permission bits and the modification time of an open file or directory.
+fn set_mode_and_time(fd: RawFd, mode: u32, mtime: i64) -> Result<()> {
+    fchmod(fd, Mode::from_bits_truncate(mode)).map_err(|e| Error::io("setting a mode", e.into()))?;
+    let time = nix::sys::time::TimeSpec::new(mtime, 0);
+    nix::sys::stat::futimens(fd, &time, &time).map_err(|e| Error::io("setting a modification time", e.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_paths_are_normalised_and_dotdot_refused() {
+        let c = |p: &str| member_components(p.as_bytes()).map(|o| o.map(|v| v.len()));
+        assert_eq!(c("./a/b/").unwrap(), Some(2));
+        assert_eq!(c("/etc/passwd").unwrap(), Some(2));
+        assert_eq!(c("./").unwrap(), None);
+        assert!(c("a/../../x").is_err());
+    }
+
+    #[test]
+    fn symlink_targets_are_judged_by_text() {
+        let at = |p: &str| member_components(p.as_bytes()).unwrap().unwrap();
+        assert!(symlink_stays_inside(&at("a/link"), b"b"));
+        assert!(symlink_stays_inside(&at("a/link"), b"../b"));
+        assert!(!symlink_stays_inside(&at("a/link"), b"../../b"));
+        assert!(!symlink_stays_inside(&at("link"), b"/etc"));
+        assert!(!symlink_stays_inside(&at("link"), b".."));
+        assert!(symlink_stays_inside(&at("a/b/link"), b"./../c/../../d"));
+        assert!(!symlink_stays_inside(&at("link"), b""));
+    }
+}

@@ -1,0 +1,365 @@
+//! The environment the CDI controller gives its importer pod, parsed and validated without side effects.
+//!
+//! Each variable is read the way `cdi-importer` reads it: booleans with Go's `strconv.ParseBool`, an unparseable
+//! `FILESYSTEM_OVERHEAD` as 0, `PREALLOCATION` strictly (anything but a boolean fails the import).
+
+use crate::checksum::Checksum;
+use crate::error::{Error, Result};
+use crate::size::parse_quantity;
+use crate::source::Location;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Prefix of the extra-header variables (`IMPORTER_EXTRA_HEADER_0`, `_1`, ...).
+pub const EXTRA_HEADER_PREFIX: &str = "IMPORTER_EXTRA_HEADER_";
+
+/// Where the image comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// `IMPORTER_SOURCE=http`: the image at `IMPORTER_ENDPOINT` (an http(s) URL; a local path or `file://` URL is
+    /// accepted too).
+    Http(Location),
+    /// `IMPORTER_SOURCE=none`: a blank disk.
+    Blank,
+}
+
+/// What the source holds (`IMPORTER_CONTENTTYPE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentType {
+    /// A disk image, converted to raw on the volume.
+    Kubevirt,
+    /// A tar stream extracted into the data directory.
+    Archive,
+}
+
+/// Everything the importer takes from its environment.
+#[derive(Debug, Clone)]
+pub struct CdiEnv {
+    /// Where the image comes from.
+    pub source: Source,
+    /// What the source holds.
+    pub content_type: ContentType,
+    /// Requested size of the disk (`IMPORTER_IMAGE_SIZE`), bytes.
+    pub image_size: Option<u64>,
+    /// Label value of the progress metric (`OWNER_UID`).
+    pub owner_uid: String,
+    /// Share of a filesystem volume kept for the filesystem itself (`FILESYSTEM_OVERHEAD`).
+    pub filesystem_overhead: f64,
+    /// Preallocate the destination (`PREALLOCATION`).
+    pub preallocation: bool,
+    /// `CACHE_MODE`, accepted and logged: boundimport is bounded in every mode.
+    pub cache_mode: String,
+    /// Skip TLS verification (`INSECURE_TLS`).
+    pub insecure_tls: bool,
+    /// Expected checksum of the downloaded bytes (`IMPORTER_CHECKSUM`).
+    pub checksum: Option<Checksum>,
+    /// Directory of extra CA certificates (`IMPORTER_CERT_DIR`).
+    pub cert_dir: Option<PathBuf>,
+    /// Directory of the cluster proxy's CA certificates (`IMPORTER_PROXY_CERT_DIR`; CDI reads `/proxycerts/`).
+    pub proxy_cert_dir: Option<PathBuf>,
+    /// Basic-auth user (`IMPORTER_ACCESS_KEY_ID`), used only together with a secret key.
+    pub access_key: Option<String>,
+    /// Basic-auth password (`IMPORTER_SECRET_KEY`).
+    pub secret_key: Option<String>,
+    /// Extra request headers from `IMPORTER_EXTRA_HEADER_<n>`, in order of `n`.
+    pub extra_headers: Vec<(String, String)>,
+    /// File whose appearance the import waits for, and which may name the image (`IMPORTER_READY_FILE`).
+    pub ready_file: Option<PathBuf>,
+    /// File created after a successful import (`IMPORTER_DONE_FILE`).
+    pub done_file: Option<PathBuf>,
+    /// Lenient parses worth a log line.
+    pub warnings: Vec<String>,
+}
+
+/// Go's `strconv.ParseBool`.
+pub fn parse_go_bool(text: &str) -> Option<bool> {
+    match text {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// Splits `Name: value` (CDI splits at the first colon and ignores entries without one).
+pub fn parse_header(text: &str) -> Option<(String, String)> {
+    let (name, value) = text.split_once(':')?;
+    let name = name.trim();
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
+        return None;
+    }
+    Some((name.to_string(), value.trim().to_string()))
+}
+
+/// The unsupported-source message: CDI's wording, and what boundimport does support.
+pub fn unsupported_source(source: &str) -> String {
+    format!("Unknown data source: {source} (unsupported source: boundimport cdi imports from http and none)")
+}
+
+impl CdiEnv {
+    /// Parses the process environment.
+    pub fn from_process() -> Result<CdiEnv> {
+        Self::parse(std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))))
+    }
+
+    /// Parses `vars`. Errors carry the one-line message for the termination log.
+    pub fn parse(vars: impl IntoIterator<Item = (String, String)>) -> Result<CdiEnv> {
+        let vars: BTreeMap<String, String> = vars.into_iter().collect();
+        let get = |name: &str| vars.get(name).map(String::as_str).unwrap_or("");
+        let non_empty = |name: &str| Some(get(name)).filter(|v| !v.is_empty()).map(str::to_string);
+        let mut warnings = Vec::new();
+
+        let preallocation = parse_go_bool(get("PREALLOCATION")).ok_or_else(|| {
+            Error::usage(format!(
+                "the PREALLOCATION environment variable is with a wrong value {:?}; should be \"true\" or \"false\"",
+                get("PREALLOCATION")
+            ))
+        })?;
+
+        let content_type = match get("IMPORTER_CONTENTTYPE") {
+            "" | "kubevirt" => ContentType::Kubevirt,
+            "archive" => ContentType::Archive,
+            other => {
+                return Err(Error::usage(format!(
+                    "Unknown content type: {other} (expected kubevirt or archive)"
+                )))
+            }
+        };
+
+        let source = match get("IMPORTER_SOURCE") {
+            // The controller always sets it; CDI's API default is http.
+            "" | "http" => {
+                let endpoint = get("IMPORTER_ENDPOINT");
+                if endpoint.is_empty() {
+                    return Err(Error::usage(
+                        "Unable to connect to http data source: endpoint \"IMPORTER_ENDPOINT\" is missing or blank",
+                    ));
+                }
+                let location = match endpoint.strip_prefix("file://") {
+                    Some(path) => Location::Path(PathBuf::from(path)),
+                    None => Location::parse(endpoint),
+                };
+                Source::Http(location)
+            }
+            "none" => Source::Blank,
+            other => return Err(Error::unsupported(unsupported_source(other))),
+        };
+        if source == Source::Blank && content_type == ContentType::Archive {
+            return Err(Error::usage("Cannot create empty disk with content type archive"));
+        }
+
+        let image_size = match get("IMPORTER_IMAGE_SIZE") {
+            "" => None,
+            text => {
+                Some(parse_quantity(text).map_err(|e| Error::usage(format!("invalid IMPORTER_IMAGE_SIZE: {}", e)))?)
+            }
+        };
+
+        let overhead_text = get("FILESYSTEM_OVERHEAD");
+        let filesystem_overhead = match overhead_text.trim().parse::<f64>() {
+            Ok(value) if value.is_finite() && value >= 0.0 => value,
+            Ok(_) => {
+                return Err(Error::usage(format!(
+                    "invalid FILESYSTEM_OVERHEAD {overhead_text:?}: expected a fraction such as 0.055"
+                )))
+            }
+            Err(_) => {
+                if !overhead_text.is_empty() {
+                    warnings.push(format!(
+                        "FILESYSTEM_OVERHEAD {overhead_text:?} is not a number; using 0"
+                    ));
+                }
+                0.0
+            }
+        };
+
+        let insecure_tls = match parse_go_bool(get("INSECURE_TLS")) {
+            Some(value) => value,
+            None => {
+                if !get("INSECURE_TLS").is_empty() {
+                    warnings.push(format!(
+                        "INSECURE_TLS {:?} is not a boolean; verifying TLS",
+                        get("INSECURE_TLS")
+                    ));
+                }
+                false
+            }
+        };
+
+        let checksum = match get("IMPORTER_CHECKSUM").trim() {
+            "" => None,
+            text => Some(
+                text.parse::<Checksum>()
+                    .map_err(|e| Error::usage(format!("Unable to connect to http data source: {e}")))?,
+            ),
+        };
+
+        let (access_key, secret_key) = match (non_empty("IMPORTER_ACCESS_KEY_ID"), non_empty("IMPORTER_SECRET_KEY")) {
+            (Some(user), Some(password)) => (Some(user), Some(password)),
+            _ => (None, None),
+        };
+
+        let mut numbered: Vec<(Option<u64>, &str, &str)> = vars
+            .iter()
+            .filter_map(|(k, v)| {
+                let suffix = k.strip_prefix(EXTRA_HEADER_PREFIX)?;
+                Some((suffix.parse::<u64>().ok(), suffix, v.as_str()))
+            })
+            .collect();
+        // Numeric suffixes in numeric order, then any others by name.
+        numbered.sort_by(|a, b| (a.0.is_none(), a.0, a.1).cmp(&(b.0.is_none(), b.0, b.1)));
+        let mut extra_headers = Vec::new();
+        for (_, suffix, value) in numbered {
+            match parse_header(value) {
+                Some(header) => extra_headers.push(header),
+                None => warnings.push(format!("{EXTRA_HEADER_PREFIX}{suffix} is not \"Name: value\"; ignored")),
+            }
+        }
+
+        Ok(CdiEnv {
+            source,
+            content_type,
+            image_size,
+            owner_uid: get("OWNER_UID").to_string(),
+            filesystem_overhead,
+            preallocation,
+            cache_mode: get("CACHE_MODE").to_string(),
+            insecure_tls,
+            checksum,
+            cert_dir: non_empty("IMPORTER_CERT_DIR").map(PathBuf::from),
+            proxy_cert_dir: non_empty("IMPORTER_PROXY_CERT_DIR").map(PathBuf::from),
+            access_key,
+            secret_key,
+            extra_headers,
+            ready_file: non_empty("IMPORTER_READY_FILE").map(PathBuf::from),
+            done_file: non_empty("IMPORTER_DONE_FILE").map(PathBuf::from),
+            warnings,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Result<CdiEnv> {
+        let mut vars = vec![
+            ("PREALLOCATION".to_string(), "false".to_string()),
+            ("IMPORTER_SOURCE".to_string(), "http".to_string()),
+            ("IMPORTER_ENDPOINT".to_string(), "https://h/disk.qcow2".to_string()),
+        ];
+        for (k, v) in pairs {
+            vars.retain(|(name, _)| name != k);
+            vars.push((k.to_string(), v.to_string()));
+        }
+        CdiEnv::parse(vars)
+    }
+
+    #[test]
+    fn a_controller_environment_parses() {
+        let e = env(&[
+            ("IMPORTER_CONTENTTYPE", "kubevirt"),
+            ("IMPORTER_IMAGE_SIZE", "10Gi"),
+            ("OWNER_UID", "4f2c"),
+            ("FILESYSTEM_OVERHEAD", "0.055"),
+            ("PREALLOCATION", "true"),
+            ("CACHE_MODE", "TRYNONE"),
+            ("INSECURE_TLS", "false"),
+            ("IMPORTER_CHECKSUM", "md5:900150983cd24fb0d6963f7d28e17f72"),
+            ("IMPORTER_CERT_DIR", "/certs"),
+            ("IMPORTER_ACCESS_KEY_ID", "user"),
+            ("IMPORTER_SECRET_KEY", "pass"),
+            ("IMPORTER_EXTRA_HEADER_1", "X-Second:b"),
+            ("IMPORTER_EXTRA_HEADER_0", "X-First: a:1 "),
+            ("IMPORTER_EXTRA_HEADER_10", "X-Tenth: c"),
+        ])
+        .unwrap();
+        assert_eq!(e.source, Source::Http(Location::Url("https://h/disk.qcow2".into())));
+        assert_eq!(e.content_type, ContentType::Kubevirt);
+        assert_eq!(e.image_size, Some(10 << 30));
+        assert_eq!(e.owner_uid, "4f2c");
+        assert_eq!(e.filesystem_overhead, 0.055);
+        assert!(e.preallocation);
+        assert_eq!(e.cache_mode, "TRYNONE");
+        assert!(!e.insecure_tls);
+        assert!(e.checksum.is_some());
+        assert_eq!(e.cert_dir, Some(PathBuf::from("/certs")));
+        assert_eq!(
+            (e.access_key.as_deref(), e.secret_key.as_deref()),
+            (Some("user"), Some("pass"))
+        );
+        let headers: Vec<(&str, &str)> = e.extra_headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(headers, [("X-First", "a:1"), ("X-Second", "b"), ("X-Tenth", "c")]);
+        assert!(e.warnings.is_empty(), "{:?}", e.warnings);
+    }
+
+    #[test]
+    fn preallocation_is_strict() {
+        for good in ["true", "false", "1", "0", "TRUE", "False"] {
+            assert!(env(&[("PREALLOCATION", good)]).is_ok(), "{good}");
+        }
+        for bad in ["", "yes", "no", "treu", " true"] {
+            let err = env(&[("PREALLOCATION", bad)]).unwrap_err().to_string();
+            assert!(err.contains("PREALLOCATION"), "{err}");
+            assert!(err.contains("should be \"true\" or \"false\""), "{err}");
+        }
+    }
+
+    #[test]
+    fn sources_other_than_http_and_none_are_refused() {
+        for other in ["s3", "registry", "gcs", "imageio", "vddk", "blank"] {
+            let err = env(&[("IMPORTER_SOURCE", other)]).unwrap_err().to_string();
+            assert!(err.contains("unsupported source"), "{err}");
+            assert!(err.starts_with(&format!("Unknown data source: {other}")), "{err}");
+        }
+        assert_eq!(env(&[("IMPORTER_SOURCE", "none")]).unwrap().source, Source::Blank);
+        assert!(env(&[("IMPORTER_ENDPOINT", "")]).is_err());
+        let local = env(&[("IMPORTER_ENDPOINT", "file:///images/a.qcow2")]).unwrap();
+        assert_eq!(local.source, Source::Http(Location::Path("/images/a.qcow2".into())));
+    }
+
+    #[test]
+    fn content_types() {
+        assert_eq!(
+            env(&[("IMPORTER_CONTENTTYPE", "archive")]).unwrap().content_type,
+            ContentType::Archive
+        );
+        assert_eq!(env(&[]).unwrap().content_type, ContentType::Kubevirt);
+        assert!(env(&[("IMPORTER_CONTENTTYPE", "iso")]).is_err());
+        let err = env(&[("IMPORTER_CONTENTTYPE", "archive"), ("IMPORTER_SOURCE", "none")]).unwrap_err();
+        assert_eq!(err.to_string(), "Cannot create empty disk with content type archive");
+    }
+
+    #[test]
+    fn lenient_values_read_like_cdi() {
+        let e = env(&[("FILESYSTEM_OVERHEAD", "lots"), ("INSECURE_TLS", "yes")]).unwrap();
+        assert_eq!(e.filesystem_overhead, 0.0);
+        assert!(!e.insecure_tls);
+        assert_eq!(e.warnings.len(), 2);
+        assert_eq!(env(&[]).unwrap().filesystem_overhead, 0.0);
+        assert!(env(&[("FILESYSTEM_OVERHEAD", "-0.1")]).is_err());
+        assert!(env(&[("INSECURE_TLS", "true")]).unwrap().insecure_tls);
+        // Basic auth needs both halves.
+        let half = env(&[("IMPORTER_ACCESS_KEY_ID", "user")]).unwrap();
+        assert_eq!((half.access_key, half.secret_key), (None, None));
+    }
+
+    #[test]
+    fn bad_sizes_and_checksums_fail() {
+        assert!(env(&[("IMPORTER_IMAGE_SIZE", "10GB")]).is_err());
+        let err = env(&[("IMPORTER_CHECKSUM", "sha256:abc")]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("Unable to connect to http data source: invalid checksum"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn headers() {
+        assert_eq!(parse_header("A: b"), Some(("A".into(), "b".into())));
+        assert_eq!(parse_header("no colon"), None);
+        assert_eq!(parse_header(": empty name"), None);
+        let e = env(&[("IMPORTER_EXTRA_HEADER_x", "bad")]).unwrap();
+        assert!(e.extra_headers.is_empty());
+        assert_eq!(e.warnings.len(), 1);
+    }
+}
