@@ -59,6 +59,28 @@ pub struct Sizing {
     pub usage_ceiling: u64,
 }
 
+/// Explicit worker count and chunk size replacing what the budget would choose (benchmarking knobs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SizingOverride {
+    /// Number of workers.
+    pub workers: Option<usize>,
+    /// Chunk size in bytes (rounded up to a power of two, at least 64 KiB).
+    pub chunk: Option<u64>,
+}
+
+impl SizingOverride {
+    /// `sizing` with the overrides applied.
+    pub fn apply(&self, sizing: Sizing) -> Sizing {
+        Sizing {
+            workers: self.workers.unwrap_or(sizing.workers).clamp(1, 64),
+            chunk: self
+                .chunk
+                .map_or(sizing.chunk, |c| c.clamp(64 << 10, 64 << 20).next_power_of_two()),
+            ..sizing
+        }
+    }
+}
+
 impl Budget {
     /// The budget: `explicit` if given, else the effective limit of `cgroup`, else [`DEFAULT_BUDGET`].
     pub fn resolve(explicit: Option<u64>, cgroup: Option<&MemCgroup>) -> Result<Budget> {

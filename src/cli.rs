@@ -1,6 +1,7 @@
 //! The command line: parses arguments into a [`Plan`](crate::import::Plan), runs it, renders the outcome.
 //! No I/O logic lives here.
 
+use crate::budget::SizingOverride;
 use crate::checksum::Checksum;
 use crate::error::{Error, Result};
 use crate::import::{self, Outcome, Plan};
@@ -79,6 +80,14 @@ struct ImportArgs {
     /// Append every cgroup reading of the write-behind governor to this CSV file.
     #[arg(long, value_name = "CSV")]
     governor_log: Option<PathBuf>,
+
+    /// Number of pipeline workers (default: sized from the budget). A benchmarking knob.
+    #[arg(long, hide = true)]
+    workers: Option<usize>,
+
+    /// Chunk size of each worker's buffer (default: sized from the budget). A benchmarking knob.
+    #[arg(long, hide = true, value_parser = parse_limit)]
+    chunk_size: Option<u64>,
 
     /// More log output (-v debug, -vv trace).
     #[arg(short, long, action = clap::ArgAction::Count)]
@@ -165,6 +174,10 @@ fn import_and_report(args: &ImportArgs) -> Result<()> {
         target_is_zero: args.target_is_zero,
         output_digest: !args.no_digest,
         governor_timeline: args.governor_log.clone(),
+        sizing_override: SizingOverride {
+            workers: args.workers,
+            chunk: args.chunk_size,
+        },
         ..Plan::new(Location::parse(source), dest)
     };
     let progress = Progress::default();

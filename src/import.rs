@@ -1,7 +1,7 @@
 //! An import from start to finish: the [`Plan`] front ends build, and [`run`], which wires source → format →
 //! pipeline → sink for it and reports an [`Outcome`].
 
-use crate::budget::{Budget, Sizing};
+use crate::budget::{Budget, Sizing, SizingOverride};
 use crate::cgroup::governor::{Governor, GovernorSummary, Targets};
 use crate::cgroup::MemCgroup;
 use crate::checksum::{hex, Algorithm, Checksum};
@@ -41,6 +41,8 @@ pub struct Plan {
     pub output_digest: bool,
     /// Append every governor reading to this CSV file.
     pub governor_timeline: Option<PathBuf>,
+    /// Overrides of the sizing derived from the budget (workers, chunk size), for benchmarking.
+    pub sizing_override: SizingOverride,
     /// Permission bits for a newly created destination file.
     pub file_mode: u32,
 }
@@ -60,6 +62,7 @@ impl Plan {
             target_is_zero: false,
             output_digest: true,
             governor_timeline: None,
+            sizing_override: SizingOverride::default(),
             file_mode: 0o644,
         }
     }
@@ -104,7 +107,7 @@ pub struct Outcome {
 pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcome> {
     let cgroup = MemCgroup::own()?;
     let budget = Budget::resolve(plan.limit, cgroup.as_ref())?;
-    let sizing = budget.sizing();
+    let sizing = plan.sizing_override.apply(budget.sizing());
     log::debug!(
         "memory budget {budget}: {} workers x {} chunks",
         sizing.workers,
