@@ -4,7 +4,7 @@
 use crate::budget::SizingOverride;
 use crate::checksum::Checksum;
 use crate::error::{Error, Result};
-use crate::import::{self, Outcome, Plan};
+use crate::import::{self, Outcome, Plan, ResumeOptions};
 use crate::progress::{self, Progress, ProgressStyle};
 use crate::sink::IoChoice;
 use crate::size::{human, parse_quantity};
@@ -15,12 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 /// Import a VM disk image (qcow2 or raw) onto a block device or raw file without filling the memory cgroup.
 #[derive(Debug, Parser)]
-#[command(
-    name = "boundimport",
-    version,
-    args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true
-)]
+#[command(name = "boundimport", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -60,6 +55,15 @@ struct ImportArgs {
     /// Read the image's backing file (relative to the image's directory) instead of refusing the image.
     #[arg(long)]
     allow_backing: bool,
+
+    /// Record durable progress and, when a previous run of the same import was interrupted, continue from it.
+    /// The state lives beside a file destination (.NAME.boundimport-resume), or in --state-dir.
+    #[arg(long)]
+    resume: bool,
+
+    /// Directory for the resume state (required with --resume onto a block device).
+    #[arg(long, value_name = "DIR", requires = "resume")]
+    state_dir: Option<PathBuf>,
 
     /// The destination block device already reads as zeros: skip zeroing unallocated ranges.
     #[arg(long)]
@@ -140,11 +144,7 @@ extern "C" fn on_stop_signal(signal: libc::c_int) {
 /// synced, and the log says where it stopped.
 pub fn install_stop_handlers() -> &'static AtomicBool {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let action = SigAction::new(
-        SigHandler::Handler(on_stop_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
+    let action = SigAction::new(SigHandler::Handler(on_stop_signal), SaFlags::SA_RESTART, SigSet::empty());
     for signal in [Signal::SIGINT, Signal::SIGTERM] {
         // SAFETY: the handler only touches atomics and calls _exit.
         if let Err(e) = unsafe { sigaction(signal, &action) } {
@@ -174,10 +174,8 @@ fn import_and_report(args: &ImportArgs) -> Result<()> {
         target_is_zero: args.target_is_zero,
         output_digest: !args.no_digest,
         governor_timeline: args.governor_log.clone(),
-        sizing_override: SizingOverride {
-            workers: args.workers,
-            chunk: args.chunk_size,
-        },
+        sizing_override: SizingOverride { workers: args.workers, chunk: args.chunk_size },
+        resume: args.resume.then(|| ResumeOptions { state_dir: args.state_dir.clone() }),
         ..Plan::new(Location::parse(source), dest)
     };
     let progress = Progress::default();

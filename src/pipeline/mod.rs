@@ -11,7 +11,7 @@ pub mod ordered;
 pub mod schedule;
 
 use crate::buffer::AlignedBuf;
-use crate::checksum::Algorithm;
+use crate::checksum::Hasher;
 use crate::error::{Error, ErrorKind, Result};
 use crate::progress::Progress;
 use crate::sink::Destination;
@@ -24,7 +24,7 @@ use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
 /// How the pipeline runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     /// Number of workers (and chunk buffers).
     pub workers: usize,
@@ -32,8 +32,9 @@ pub struct Config {
     pub chunk: u64,
     /// Read sources strictly in item order, one read at a time (needed by the source checksum tap).
     pub serial_reads: bool,
-    /// Digest the output image with this algorithm.
-    pub output_digest: Option<Algorithm>,
+    /// Digest the output image: a digest of the part before the first item (empty unless resuming) and where
+    /// that part ends.
+    pub output_digest: Option<(Hasher, u64)>,
 }
 
 /// What the pipeline produced.
@@ -69,19 +70,17 @@ pub fn run(
     let halt = AtomicBool::new(false);
     let shared = Shared {
         sources: scheduler.image().sources(),
+        completion: Completion::starting_at(scheduler.position()),
         scheduler: Mutex::new(scheduler),
         dest,
         config,
         progress,
-        completion: Completion::default(),
         stop,
         halt: &halt,
         failure: Mutex::new(None),
     };
     let (scratch_bytes, digest) = std::thread::scope(|scope| {
-        let digest = config
-            .output_digest
-            .map(|algorithm| OrderedDigest::spawn(scope, algorithm, &halt));
+        let digest = config.output_digest.clone().map(|prefix| OrderedDigest::spawn(scope, prefix, &halt));
         let workers: Vec<_> = (0..config.workers.max(1))
             .map(|i| {
                 let feeder = digest.as_ref().map(|(d, _)| d.feeder());
@@ -103,10 +102,11 @@ pub fn run(
     if let Some(err) = shared.failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(err);
     }
-    Ok(PipelineOutcome {
-        output_digest: digest.map(|(digest, _)| digest),
-        scratch_bytes,
-    })
+    if stop.load(Ordering::Relaxed) {
+        let stopped = "import stopped; everything below this offset was written";
+        return Err(Error::new(ErrorKind::Interrupted, stopped).at_offset(shared.completion.watermark()));
+    }
+    Ok(PipelineOutcome { output_digest: digest.map(|(digest, _)| digest), scratch_bytes })
 }
 
 /// One worker's buffer, shared read-only with the digest thread between its fill and the digest's turn.
@@ -133,16 +133,11 @@ impl WorkerBuffer {
 
 /// One worker: loops over items until none are left or the run is halted. Returns its scratch footprint.
 fn worker(shared: &Shared, digest: Option<Sender<Piece>>) -> usize {
-    let mut buffer = WorkerBuffer {
-        buffer: Arc::new(AlignedBuf::new(shared.config.chunk as usize)),
-        hashed: None,
-    };
+    let mut buffer = WorkerBuffer { buffer: Arc::new(AlignedBuf::new(shared.config.chunk as usize)), hashed: None };
     let mut scratch = Scratch::default();
     while !shared.halt.load(Ordering::Relaxed) {
         if shared.stop.load(Ordering::Relaxed) {
-            let watermark = shared.completion.watermark();
-            let stopped = "import stopped; everything below this offset was written";
-            fail(shared, Error::new(ErrorKind::Interrupted, stopped).at_offset(watermark));
+            // The run reports the interruption once every worker has finished its item.
             break;
         }
         match process_next(shared, &mut buffer, &mut scratch, digest.as_ref()) {
@@ -198,12 +193,7 @@ fn process_next(
                 // Hand the filled buffer to the digest first, so hashing and writing overlap.
                 let (done, hashed) = std::sync::mpsc::sync_channel(0);
                 buffer.hashed = Some(hashed);
-                let _ = feeder.send(Piece::Bytes {
-                    guest,
-                    len: len as usize,
-                    buffer: buffer.buffer.clone(),
-                    done,
-                });
+                let _ = feeder.send(Piece::Bytes { guest, len: len as usize, buffer: buffer.buffer.clone(), done });
             }
             write_runs(shared.dest, guest, &buffer.buffer[..len as usize])?;
         }
@@ -260,9 +250,7 @@ pub fn is_zero(bytes: &[u8]) -> bool {
     let (head, words, tail) = unsafe { bytes.align_to::<u128>() };
     head.iter().all(|&b| b == 0)
         && tail.iter().all(|&b| b == 0)
-        && words
-            .chunks(8)
-            .all(|group| group.iter().fold(0, |acc, &w| acc | w) == 0)
+        && words.chunks(8).all(|group| group.iter().fold(0, |acc, &w| acc | w) == 0)
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! order) and the watermark below which everything is written.
 
 use crate::buffer::AlignedBuf;
-use crate::checksum::{Algorithm, Hasher};
+use crate::checksum::Hasher;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
@@ -53,17 +53,18 @@ pub struct OrderedDigest {
 }
 
 impl OrderedDigest {
-    /// Starts the digest thread in `scope`. It stops when every sender is dropped or `halt` is raised; the handle
-    /// yields the digest and how many bytes it covers.
+    /// Starts the digest thread in `scope`, continuing `prefix` (a digest of guest `[0, prefix.1)` already
+    /// hashed). It stops when every sender is dropped or `halt` is raised; the handle yields the digest and how
+    /// many bytes it covers.
     pub fn spawn<'scope>(
         scope: &'scope std::thread::Scope<'scope, '_>,
-        algorithm: Algorithm,
+        prefix: (Hasher, u64),
         halt: &'scope AtomicBool,
     ) -> (Self, std::thread::ScopedJoinHandle<'scope, (Vec<u8>, u64)>) {
         let (sender, receiver) = mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("digest".into())
-            .spawn_scoped(scope, move || digest_in_order(receiver, algorithm, halt))
+            .spawn_scoped(scope, move || digest_in_order(receiver, prefix, halt))
             .expect("spawning the digest thread");
         (OrderedDigest { sender }, handle)
     }
@@ -74,9 +75,8 @@ impl OrderedDigest {
     }
 }
 
-fn digest_in_order(receiver: Receiver<Piece>, algorithm: Algorithm, halt: &AtomicBool) -> (Vec<u8>, u64) {
-    let mut hasher = Hasher::new(algorithm);
-    let mut next = 0u64;
+fn digest_in_order(receiver: Receiver<Piece>, prefix: (Hasher, u64), halt: &AtomicBool) -> (Vec<u8>, u64) {
+    let (mut hasher, mut next) = prefix;
     // Pieces that arrived before their turn; at most one per worker, since a worker waits for its piece to be
     // hashed before it refills its buffer.
     let mut waiting: BTreeMap<u64, Piece> = BTreeMap::new();
@@ -120,6 +120,11 @@ pub struct Completion {
 }
 
 impl Completion {
+    /// Tracking that starts with `[0, start)` already complete.
+    pub fn starting_at(start: u64) -> Self {
+        Completion { state: Mutex::new((start, BTreeMap::new())) }
+    }
+
     /// Records `[start, end)` as done; returns the new watermark.
     pub fn complete(&self, start: u64, end: u64) -> u64 {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -141,6 +146,7 @@ impl Completion {
 mod tests {
     use super::*;
     use crate::checksum::hex;
+    use crate::checksum::Algorithm;
 
     fn buffer_with(bytes: &[u8]) -> Arc<AlignedBuf> {
         let mut buffer = AlignedBuf::new(bytes.len());
@@ -166,19 +172,14 @@ mod tests {
         }
         let halt = AtomicBool::new(false);
         let (digest, fed) = std::thread::scope(|scope| {
-            let (digest, handle) = OrderedDigest::spawn(scope, Algorithm::Sha256, &halt);
+            let (digest, handle) = OrderedDigest::spawn(scope, (Hasher::new(Algorithm::Sha256), 0), &halt);
             let mut waits = Vec::new();
             for (guest, bytes) in layout.into_iter().rev() {
                 let piece = match bytes {
                     Some(bytes) => {
                         let (done, freed) = mpsc::sync_channel(0);
                         waits.push(freed);
-                        Piece::Bytes {
-                            guest,
-                            len: bytes.len(),
-                            buffer: buffer_with(&bytes),
-                            done,
-                        }
+                        Piece::Bytes { guest, len: bytes.len(), buffer: buffer_with(&bytes), done }
                     }
                     None => Piece::Zeros { guest, len: 70_000 },
                 };
@@ -199,18 +200,10 @@ mod tests {
     fn halt_releases_workers_waiting_on_a_missing_piece() {
         let halt = AtomicBool::new(false);
         std::thread::scope(|scope| {
-            let (digest, handle) = OrderedDigest::spawn(scope, Algorithm::Sha256, &halt);
+            let (digest, handle) = OrderedDigest::spawn(scope, (Hasher::new(Algorithm::Sha256), 0), &halt);
             let (done, freed) = mpsc::sync_channel(0);
             // Offset 100 can never be hashed: nothing covers 0..100.
-            digest
-                .feeder()
-                .send(Piece::Bytes {
-                    guest: 100,
-                    len: 10,
-                    buffer: buffer_with(&[1; 10]),
-                    done,
-                })
-                .unwrap();
+            digest.feeder().send(Piece::Bytes { guest: 100, len: 10, buffer: buffer_with(&[1; 10]), done }).unwrap();
             halt.store(true, Ordering::Relaxed);
             assert!(freed.recv().is_err(), "the worker's buffer must be released");
             handle.join().unwrap();
