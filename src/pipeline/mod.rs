@@ -134,7 +134,7 @@ impl WorkerBuffer {
 /// One worker: loops over items until none are left or the run is halted. Returns its scratch footprint.
 fn worker(shared: &Shared, digest: Option<Sender<Piece>>) -> usize {
     let mut buffer = WorkerBuffer { buffer: Arc::new(AlignedBuf::new(shared.config.chunk as usize)), hashed: None };
-    let mut scratch = Scratch::default();
+    let mut scratch = Scratch::with_span(shared.config.chunk as usize + (64 << 10));
     while !shared.halt.load(Ordering::Relaxed) {
         if shared.stop.load(Ordering::Relaxed) {
             // The run reports the interruption once every worker has finished its item.
