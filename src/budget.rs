@@ -112,23 +112,14 @@ mod tests {
     #[test]
     fn small_budgets_get_small_pools_and_large_ones_a_modest_share() {
         let cdi = sizing(600_000_000);
-        assert_eq!(
-            (cdi.workers, cdi.chunk, cdi.dirty_target),
-            (8, 2 * MIB, 32 * MIB)
-        );
+        assert_eq!((cdi.workers, cdi.chunk, cdi.dirty_target), (8, 2 * MIB, 32 * MIB));
         let small = sizing(128 * MIB);
-        assert_eq!(
-            (small.workers, small.chunk, small.dirty_target),
-            (4, 2 * MIB, 8 * MIB)
-        );
+        assert_eq!((small.workers, small.chunk, small.dirty_target), (4, 2 * MIB, 8 * MIB));
         let tiny = sizing(32 * MIB);
         assert_eq!((tiny.workers, tiny.chunk), (4, MIB));
         assert!(tiny.workers as u64 * tiny.chunk + tiny.dirty_target <= 16 * MIB);
         let huge = sizing(64 << 30);
-        assert_eq!(
-            huge.workers as u64 * huge.chunk + huge.dirty_target,
-            48 * MIB
-        );
+        assert_eq!(huge.workers as u64 * huge.chunk + huge.dirty_target, 48 * MIB);
         for bytes in [32 * MIB, 128 * MIB, 600_000_000, 64 << 30] {
             let s = sizing(bytes);
             assert!(

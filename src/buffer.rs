@@ -26,8 +26,7 @@ impl AlignedBuf {
     /// Allocates a zeroed buffer of at least `capacity` bytes (rounded up to the alignment).
     pub fn new(capacity: usize) -> Self {
         let capacity = capacity.max(1).next_multiple_of(BUFFER_ALIGN);
-        let layout = Layout::from_size_align(capacity, BUFFER_ALIGN)
-            .expect("buffer size overflows a Layout");
+        let layout = Layout::from_size_align(capacity, BUFFER_ALIGN).expect("buffer size overflows a Layout");
         // SAFETY: layout has a non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
@@ -57,8 +56,7 @@ impl DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.capacity, BUFFER_ALIGN)
-            .expect("layout was valid at allocation");
+        let layout = Layout::from_size_align(self.capacity, BUFFER_ALIGN).expect("layout was valid at allocation");
         // SAFETY: allocated in `new` with this exact layout.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) }
     }

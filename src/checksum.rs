@@ -54,9 +54,7 @@ impl FromStr for Checksum {
     /// Parses `algo:hex`, e.g. `sha256:9f86d0...`.
     fn from_str(text: &str) -> Result<Self> {
         let bad = |why: &str| Error::usage(format!("invalid checksum {text:?}: {why}"));
-        let (algo, hex) = text
-            .split_once(':')
-            .ok_or_else(|| bad("expected ALGO:HEX"))?;
+        let (algo, hex) = text.split_once(':').ok_or_else(|| bad("expected ALGO:HEX"))?;
         let algorithm = match algo.to_ascii_lowercase().as_str() {
             "md5" => Algorithm::Md5,
             "sha1" => Algorithm::Sha1,
@@ -172,7 +170,10 @@ mod tests {
         let vectors = [
             ("md5", "900150983cd24fb0d6963f7d28e17f72"),
             ("sha1", "a9993e364706816aba3e25717850c26c9cd0d89d"),
-            ("sha256", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"),
+            (
+                "sha256",
+                "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+            ),
             (
                 "SHA512",
                 "ddaf35a193617abacc417349ae20413112e6fa4e89a97ea20a9eeee64b55d39a2192992a274fc1a836ba3c23a3feebbd\
@@ -190,10 +191,9 @@ mod tests {
 
     #[test]
     fn mismatch_message_names_both_digests() {
-        let checksum: Checksum =
-            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-                .parse()
-                .unwrap();
+        let checksum: Checksum = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+            .parse()
+            .unwrap();
         let err = checksum.verify(&[0u8; 32], "disk.img").unwrap_err();
         assert_eq!(err.kind(), ErrorKind::ChecksumMismatch);
         assert!(err.to_string().contains("checksum mismatch"), "{err}");

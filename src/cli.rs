@@ -9,7 +9,7 @@ use crate::sink::IoChoice;
 use crate::size::{human, parse_quantity};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 /// Import a VM disk image (qcow2 or raw) onto a block device or raw file without filling the memory cgroup.
 #[derive(Debug, Parser)]
@@ -109,8 +109,48 @@ fn run_import(args: ImportArgs) -> i32 {
         Ok(()) => 0,
         Err(err) => {
             log::error!("{err}");
-            err.exit_code()
+            exit_code(&err)
         }
+    }
+}
+
+/// Raised by SIGINT/SIGTERM: workers finish their current item and the import stops.
+static STOP: AtomicBool = AtomicBool::new(false);
+/// The signal that raised [`STOP`].
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_stop_signal(signal: libc::c_int) {
+    if STOP.swap(true, Ordering::SeqCst) {
+        // A second signal: the user does not want to wait for the flush.
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(128 + signal) }
+    }
+    STOP_SIGNAL.store(signal, Ordering::SeqCst);
+}
+
+/// Routes SIGINT and SIGTERM to [`STOP`] so an import stops cleanly: current writes finish, what was written is
+/// synced, and the log says where it stopped.
+pub fn install_stop_handlers() -> &'static AtomicBool {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(
+        SigHandler::Handler(on_stop_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for signal in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only touches atomics and calls _exit.
+        if let Err(e) = unsafe { sigaction(signal, &action) } {
+            log::warn!("cannot install a {signal} handler: {e}");
+        }
+    }
+    &STOP
+}
+
+/// The exit code for `err`: 128 + the signal number for an import stopped by a signal, as shells report them.
+pub fn exit_code(err: &Error) -> i32 {
+    match (err.kind(), STOP_SIGNAL.load(Ordering::SeqCst)) {
+        (crate::error::ErrorKind::Interrupted, signal) if signal > 0 => 128 + signal,
+        _ => err.exit_code(),
     }
 }
 
@@ -129,10 +169,10 @@ fn import_and_report(args: &ImportArgs) -> Result<()> {
         ..Plan::new(source, dest)
     };
     let progress = Progress::default();
-    let stop = AtomicBool::new(false);
+    let stop = install_stop_handlers();
     let outcome = std::thread::scope(|scope| {
         scope.spawn(|| progress::report(&progress, args.progress));
-        let outcome = import::run(&plan, &progress, &stop);
+        let outcome = import::run(&plan, &progress, stop);
         progress.finish();
         outcome
     })?;
@@ -151,10 +191,7 @@ fn render(outcome: &Outcome, json: bool) {
         outcome.io
     );
     if json {
-        println!(
-            "{}",
-            serde_json::to_string(outcome).expect("outcome serialises")
-        );
+        println!("{}", serde_json::to_string(outcome).expect("outcome serialises"));
     } else if let Some(digest) = &outcome.sha256 {
         println!("{digest}  {}", outcome.destination.display());
     }

@@ -110,10 +110,7 @@ impl Error {
 
     /// The errno of the underlying system call, if the cause is one.
     pub fn raw_os_error(&self) -> Option<i32> {
-        self.source
-            .as_ref()?
-            .downcast_ref::<io::Error>()?
-            .raw_os_error()
+        self.source.as_ref()?.downcast_ref::<io::Error>()?.raw_os_error()
     }
 
     /// Process exit code for this error: 2 for usage errors, 1 for everything else that is a failure.
@@ -144,9 +141,7 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_deref()
-            .map(|s| s as &(dyn std::error::Error + 'static))
+        self.source.as_deref().map(|s| s as &(dyn std::error::Error + 'static))
     }
 }
 

@@ -5,7 +5,7 @@ use crate::budget::{Budget, Sizing};
 use crate::cgroup::governor::{Governor, GovernorSummary, Targets};
 use crate::cgroup::MemCgroup;
 use crate::checksum::{hex, Algorithm, Checksum};
-use crate::error::Result;
+use crate::error::{ErrorKind, Result};
 use crate::format::{self, BackingPolicy};
 use crate::pipeline::{self, schedule::Scheduler};
 use crate::progress::Progress;
@@ -158,23 +158,21 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
         serial_reads: tap.is_some(),
         output_digest: plan.output_digest.then_some(Algorithm::Sha256),
     };
-    let outcome = pipeline::run(
-        Scheduler::new(image, sizing.chunk),
-        &dest,
-        &config,
-        progress,
-        stop,
-    )?;
+    let outcome = pipeline::run(Scheduler::new(image, sizing.chunk), &dest, &config, progress, stop);
+    if let Err(err) = &outcome {
+        if err.kind() == ErrorKind::Interrupted {
+            // Leave what was written durable, so a rerun or resume starts from a known state.
+            dest.finish()?;
+        }
+    }
+    let outcome = outcome?;
     let governor = dest.finish()?;
 
     let source_checksum = match (&plan.checksum, &tap) {
         (Some(expected), Some(tap)) => {
             let hashed = tap.finish()?;
             if hashed.gap_bytes > 0 {
-                log::debug!(
-                    "read {} extra to checksum the source",
-                    human(hashed.gap_bytes)
-                );
+                log::debug!("read {} extra to checksum the source", human(hashed.gap_bytes));
             }
             expected.verify(&hashed.digest, &plan.source.display().to_string())?;
             Some(expected.to_string())

@@ -145,8 +145,6 @@ pub fn report(progress: &Progress, style: ProgressStyle) {
                 log::info!("{}", progress.log_line());
             }
         }
-        ProgressStyle::None | ProgressStyle::Auto => {
-            while !progress.wait_finished(Duration::from_secs(3600)) {}
-        }
+        ProgressStyle::None | ProgressStyle::Auto => while !progress.wait_finished(Duration::from_secs(3600)) {},
     }
 }

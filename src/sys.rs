@@ -97,10 +97,7 @@ pub fn statx_dio_alignment(file: &File) -> io::Result<Option<(u64, u64)>> {
     if stx.stx_mask & libc::STATX_DIOALIGN == 0 {
         return Ok(None);
     }
-    Ok(Some((
-        stx.stx_dio_mem_align as u64,
-        stx.stx_dio_offset_align as u64,
-    )))
+    Ok(Some((stx.stx_dio_mem_align as u64, stx.stx_dio_offset_align as u64)))
 }
 
 /// Reopens an already open file by its /proc/self/fd link with new flags (e.g. to drop O_DIRECT).
@@ -142,17 +139,14 @@ pub fn wait_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
         file,
         offset,
         len,
-        libc::SYNC_FILE_RANGE_WAIT_BEFORE
-            | libc::SYNC_FILE_RANGE_WRITE
-            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER,
     )
 }
 
 fn sync_file_range(file: &File, offset: u64, len: u64, flags: libc::c_uint) -> io::Result<()> {
     loop {
         // SAFETY: plain syscall on a valid fd.
-        let ret =
-            unsafe { libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, flags) };
+        let ret = unsafe { libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, flags) };
         match cvt(ret) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             other => return other.map(drop),

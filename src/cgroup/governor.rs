@@ -66,22 +66,15 @@ pub struct GovernorSummary {
 impl Governor {
     /// A governor reading `cgroup` (or none) against `targets`; with `timeline`, every reading is appended to
     /// that CSV file.
-    pub fn new(
-        cgroup: Option<MemCgroup>,
-        targets: Targets,
-        timeline: Option<&Path>,
-    ) -> Result<Self> {
+    pub fn new(cgroup: Option<MemCgroup>, targets: Targets, timeline: Option<&Path>) -> Result<Self> {
         let timeline = match timeline {
             Some(path) => {
                 let file = File::create(path)
                     .io_context("creating governor timeline")
                     .map_err(|e| e.at_path(path))?;
                 let mut w = BufWriter::new(file);
-                writeln!(
-                    w,
-                    "elapsed_ms,usage,dirty,writeback,own_inflight,target,decision"
-                )
-                .io_context("writing governor timeline")?;
+                writeln!(w, "elapsed_ms,usage,dirty,writeback,own_inflight,target,decision")
+                    .io_context("writing governor timeline")?;
                 Some(w)
             }
             None => None,
@@ -116,8 +109,7 @@ impl Governor {
                     let stat = cg.stat()?;
                     state.last = Some((Instant::now(), stat));
                     state.readings += 1;
-                    state.peak_dirty_writeback =
-                        state.peak_dirty_writeback.max(stat.dirty_writeback());
+                    state.peak_dirty_writeback = state.peak_dirty_writeback.max(stat.dirty_writeback());
                     Some(stat)
                 }
             },
@@ -178,9 +170,7 @@ mod tests {
 
     fn cgroup_with(dirty: u64, writeback: u64, usage: u64) -> (tempfile::TempDir, MemCgroup) {
         let dir = tempfile::tempdir().unwrap();
-        let stat = format!(
-            "anon 0\nfile 0\nfile_dirty {dirty}\nfile_writeback {writeback}\ninactive_file 0\n"
-        );
+        let stat = format!("anon 0\nfile 0\nfile_dirty {dirty}\nfile_writeback {writeback}\ninactive_file 0\n");
         fs::write(dir.path().join("memory.stat"), stat).unwrap();
         fs::write(dir.path().join("memory.current"), format!("{usage}\n")).unwrap();
         let cg = MemCgroup::at(dir.path(), Version::V2);
@@ -197,14 +187,8 @@ mod tests {
     fn decisions_follow_readings() {
         // (dirty, writeback, usage, incoming, own_inflight) -> decision
         let cases = [
-            (
-                (4 * MIB, 4 * MIB, 100 * MIB, 2 * MIB, 8 * MIB),
-                Decision::Proceed,
-            ),
-            (
-                (20 * MIB, 11 * MIB, 100 * MIB, 2 * MIB, 8 * MIB),
-                Decision::Drain,
-            ),
+            ((4 * MIB, 4 * MIB, 100 * MIB, 2 * MIB, 8 * MIB), Decision::Proceed),
+            ((20 * MIB, 11 * MIB, 100 * MIB, 2 * MIB, 8 * MIB), Decision::Drain),
             ((20 * MIB, 11 * MIB, 100 * MIB, 2 * MIB, 0), Decision::Wait),
             ((0, 0, 499 * MIB, 2 * MIB, 4 * MIB), Decision::Drain),
             ((0, 0, 100 * MIB, 64 * MIB, 0), Decision::Proceed),
@@ -233,14 +217,8 @@ mod tests {
     #[test]
     fn without_a_cgroup_own_bytes_are_the_reading() {
         let governor = Governor::new(None, TARGETS, None).unwrap();
-        assert_eq!(
-            governor.decide(2 * MIB, 10 * MIB, true).unwrap(),
-            Decision::Proceed
-        );
-        assert_eq!(
-            governor.decide(2 * MIB, 31 * MIB, true).unwrap(),
-            Decision::Drain
-        );
+        assert_eq!(governor.decide(2 * MIB, 10 * MIB, true).unwrap(), Decision::Proceed);
+        assert_eq!(governor.decide(2 * MIB, 31 * MIB, true).unwrap(), Decision::Drain);
     }
 
     #[test]

@@ -73,8 +73,7 @@ impl MemCgroup {
     pub fn own() -> Result<Option<MemCgroup>> {
         let membership = read_text(Path::new("/proc/self/cgroup"))?;
         let mountinfo = read_text(Path::new("/proc/self/mountinfo"))?;
-        Ok(locate(&membership, &mountinfo)
-            .filter(|cg| cg.dir.join(cg.version.usage_file()).exists()))
+        Ok(locate(&membership, &mountinfo).filter(|cg| cg.dir.join(cg.version.usage_file()).exists()))
     }
 
     /// A cgroup at a known directory.
@@ -148,11 +147,8 @@ impl MemCgroup {
         let stat = self.read_keyed("memory.stat")?;
         let field = |name: &str| {
             find_key(&stat, name).ok_or_else(|| {
-                Error::new(
-                    crate::error::ErrorKind::Io,
-                    format!("memory.stat has no {name} field"),
-                )
-                .at_path(self.dir.join("memory.stat"))
+                Error::new(crate::error::ErrorKind::Io, format!("memory.stat has no {name} field"))
+                    .at_path(self.dir.join("memory.stat"))
             })
         };
         let usage = self.usage()?;
@@ -226,11 +222,7 @@ fn read_text(path: &Path) -> Result<String> {
 
 fn malformed(path: &Path, text: &str) -> Error {
     let first = text.lines().next().unwrap_or("");
-    Error::new(
-        crate::error::ErrorKind::Io,
-        format!("unexpected contents {first:?}"),
-    )
-    .at_path(path)
+    Error::new(crate::error::ErrorKind::Io, format!("unexpected contents {first:?}")).at_path(path)
 }
 
 fn parse_number(text: &str) -> Option<u64> {
@@ -278,16 +270,11 @@ fn locate(membership: &str, mountinfo: &str) -> Option<MemCgroup> {
         }
         let (root, mountpoint, fstype, superopts) = (fields[3], fields[4], tail[0], tail[2]);
         let (path, version) = match (fstype, v1_path, v2_path) {
-            ("cgroup", Some(p), _) if superopts.split(',').any(|o| o == "memory") => {
-                (p, Version::V1)
-            }
+            ("cgroup", Some(p), _) if superopts.split(',').any(|o| o == "memory") => (p, Version::V1),
             ("cgroup2", None, Some(p)) => (p, Version::V2),
             _ => continue,
         };
-        let relative = path
-            .strip_prefix(root)
-            .unwrap_or(path)
-            .trim_start_matches('/');
+        let relative = path.strip_prefix(root).unwrap_or(path).trim_start_matches('/');
         return Some(MemCgroup::at(
             Path::new(&unescape_mount_path(mountpoint)).join(relative),
             version,
@@ -302,15 +289,8 @@ fn unescape_mount_path(text: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && i + 3 < bytes.len()
-            && bytes[i + 1..i + 4]
-                .iter()
-                .all(|b| (b'0'..=b'7').contains(b))
-        {
-            out.push(
-                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0'),
-            );
+        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
+            out.push((bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0'));
             i += 4;
         } else {
             out.push(bytes[i]);
@@ -334,17 +314,13 @@ mod tests {
     #[test]
     fn v1_memory_hierarchy_wins_on_hybrid_hosts() {
         let cg = locate(HYBRID_CGROUP, HYBRID_MOUNTINFO).unwrap();
-        assert_eq!(
-            cg,
-            MemCgroup::at("/sys/fs/cgroup/memory/process_api/abc", Version::V1)
-        );
+        assert_eq!(cg, MemCgroup::at("/sys/fs/cgroup/memory/process_api/abc", Version::V1));
     }
 
     #[test]
     fn v2_unified_with_namespaced_root() {
         let membership = "0::/kubepods/pod1/ctr\n";
-        let mountinfo =
-            "40 30 0:26 /kubepods/pod1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n";
+        let mountinfo = "40 30 0:26 /kubepods/pod1 /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n";
         let cg = locate(membership, mountinfo).unwrap();
         assert_eq!(cg, MemCgroup::at("/sys/fs/cgroup/ctr", Version::V2));
     }
@@ -362,10 +338,7 @@ mod tests {
 
     #[test]
     fn mount_paths_are_unescaped() {
-        assert_eq!(
-            unescape_mount_path("/mnt/with\\040space"),
-            "/mnt/with space"
-        );
+        assert_eq!(unescape_mount_path("/mnt/with\\040space"), "/mnt/with space");
     }
 
     fn fake_v2(files: &[(&str, &str)]) -> (tempfile::TempDir, MemCgroup) {
@@ -388,13 +361,7 @@ mod tests {
         ]);
         let s = cg.stat().unwrap();
         assert_eq!(
-            (
-                s.usage,
-                s.file,
-                s.anon,
-                s.dirty_writeback(),
-                s.working_set()
-            ),
+            (s.usage, s.file, s.anon, s.dirty_writeback(), s.working_set()),
             (4096, 2000, 100, 70, 3596)
         );
         assert_eq!(

@@ -17,21 +17,9 @@ pub enum Detected {
 /// Magic numbers of formats that are recognised but not imported, with how to describe them.
 const REFUSED: &[(usize, &[u8], &str)] = &[
     (0, b"QED\0", "QED (magic \"QED\\0\")"),
-    (
-        0,
-        b"LUKS\xba\xbe",
-        "LUKS-encrypted image (magic \"LUKS\\xba\\xbe\")",
-    ),
-    (
-        0,
-        b"WithoutFreeSpace",
-        "Parallels image (magic \"WithoutFreeSpace\")",
-    ),
-    (
-        0,
-        b"WithouFreSpacExt",
-        "Parallels image (magic \"WithouFreSpacExt\")",
-    ),
+    (0, b"LUKS\xba\xbe", "LUKS-encrypted image (magic \"LUKS\\xba\\xbe\")"),
+    (0, b"WithoutFreeSpace", "Parallels image (magic \"WithoutFreeSpace\")"),
+    (0, b"WithouFreSpacExt", "Parallels image (magic \"WithouFreSpacExt\")"),
     (0, b"Bochs Virtual HD Image", "Bochs image"),
     (0, b"#!/bin/sh\n#V2.0 Format", "cloop image"),
     (0, b"KDMV", "vmdk (magic \"KDMV\")"),
@@ -40,16 +28,8 @@ const REFUSED: &[(usize, &[u8], &str)] = &[
     (0, b"conectix", "vhd (magic \"conectix\")"),
     (0x40, b"\x7f\x10\xda\xbe", "vdi (magic 0xbeda107f at 0x40)"),
     (0, b"\x1f\x8b", "gzip-compressed stream (magic 1f 8b)"),
-    (
-        0,
-        b"\xfd7zXZ\0",
-        "xz-compressed stream (magic fd 37 7a 58 5a 00)",
-    ),
-    (
-        0,
-        b"\x28\xb5\x2f\xfd",
-        "zstd-compressed stream (magic 28 b5 2f fd)",
-    ),
+    (0, b"\xfd7zXZ\0", "xz-compressed stream (magic fd 37 7a 58 5a 00)"),
+    (0, b"\x28\xb5\x2f\xfd", "zstd-compressed stream (magic 28 b5 2f fd)"),
 ];
 
 /// Reads the start of `source` and says which format it holds.
@@ -103,10 +83,7 @@ mod tests {
             vdi,
             b"\x1f\x8b\x08".to_vec(),
         ] {
-            assert!(
-                matches!(detect_bytes(&head), Detected::Unsupported(_)),
-                "{head:?}"
-            );
+            assert!(matches!(detect_bytes(&head), Detected::Unsupported(_)), "{head:?}");
         }
         let Detected::Unsupported(what) = detect_bytes(b"QFI\xfb\0\0\0\x01") else {
             unreachable!()

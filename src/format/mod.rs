@@ -116,16 +116,9 @@ pub fn push_extent(out: &mut Vec<Extent>, extent: Extent) {
                     last.len += extent.len;
                     return;
                 }
-                (
-                    Content::Data {
-                        source: a,
-                        offset: o,
-                    },
-                    Content::Data {
-                        source: b,
-                        offset: p,
-                    },
-                ) if a == b && o + last.len == *p => {
+                (Content::Data { source: a, offset: o }, Content::Data { source: b, offset: p })
+                    if a == b && o + last.len == *p =>
+                {
                     last.len += extent.len;
                     return;
                 }
@@ -170,18 +163,13 @@ pub fn open(source: Arc<dyn ReadAt>, backing: &BackingPolicy) -> Result<Box<dyn 
     open_at_depth(source, backing, 0)
 }
 
-fn open_at_depth(
-    source: Arc<dyn ReadAt>,
-    backing: &BackingPolicy,
-    depth: usize,
-) -> Result<Box<dyn Image>> {
+fn open_at_depth(source: Arc<dyn ReadAt>, backing: &BackingPolicy, depth: usize) -> Result<Box<dyn Image>> {
     match detect(source.as_ref())? {
         Detected::Raw => Ok(Box::new(raw::RawImage::new(source))),
         Detected::Qcow2 => Ok(Box::new(qcow2::Qcow2Image::open(source, backing, depth)?)),
-        Detected::Unsupported(what) => Err(Error::unsupported(format!(
-            "unsupported image format: {what}"
-        ))
-        .at_path(source.name())),
+        Detected::Unsupported(what) => {
+            Err(Error::unsupported(format!("unsupported image format: {what}")).at_path(source.name()))
+        }
     }
 }
 
@@ -194,23 +182,18 @@ pub fn open_backing(
     policy: &BackingPolicy,
     depth: usize,
 ) -> Result<Box<dyn Image>> {
-    let refuse = |why: &str| {
-        Error::unsupported(format!("image has a backing file {backing_name:?}{why}"))
-            .at_path(image_name)
-    };
+    let refuse =
+        |why: &str| Error::unsupported(format!("image has a backing file {backing_name:?}{why}")).at_path(image_name);
     if !policy.allow {
         return Err(refuse(" (pass --allow-backing to read it)"));
     }
     if depth + 1 >= MAX_BACKING_DEPTH {
-        return Err(refuse(&format!(
-            ": backing chain deeper than {MAX_BACKING_DEPTH}"
-        )));
+        return Err(refuse(&format!(": backing chain deeper than {MAX_BACKING_DEPTH}")));
     }
     let Some(base_dir) = &policy.base_dir else {
         return Err(refuse(": backing files are only followed for local images"));
     };
-    let path =
-        resolve_backing_path(base_dir, backing_name).map_err(|why| refuse(&format!(": {why}")))?;
+    let path = resolve_backing_path(base_dir, backing_name).map_err(|why| refuse(&format!(": {why}")))?;
     let source: Arc<dyn ReadAt> = Arc::new(crate::source::FileSource::open(&path)?);
     let child_policy = BackingPolicy {
         allow: true,
@@ -322,10 +305,7 @@ mod tests {
         let part = whole.clip(16, 32);
         assert_eq!(part.guest, 16);
         assert_eq!(part.len, 16);
-        assert_eq!(
-            part.content,
-            Content::Compressed(Compressed { skip: 16, ..unit })
-        );
+        assert_eq!(part.content, Content::Compressed(Compressed { skip: 16, ..unit }));
     }
 
     #[test]
@@ -339,10 +319,7 @@ mod tests {
             resolve_backing_path(base, "/abs/base.raw").unwrap(),
             Path::new("/abs/base.raw")
         );
-        assert_eq!(
-            resolve_backing_path(base, "./a:b").unwrap(),
-            Path::new("/images/./a:b")
-        );
+        assert_eq!(resolve_backing_path(base, "./a:b").unwrap(), Path::new("/images/./a:b"));
         for name in ["nbd:localhost:10809", "http://example/base", "json:{}", ""] {
             assert!(resolve_backing_path(base, name).is_err(), "{name}");
         }

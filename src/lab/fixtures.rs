@@ -38,8 +38,7 @@ pub struct ChildCgroup {
 impl ChildCgroup {
     /// Creates a child memory cgroup named `name` with `limit` bytes and no swap beyond it.
     pub fn create(name: &str, limit: u64) -> Result<Self> {
-        let parent = MemCgroup::own()?
-            .ok_or_else(|| Error::unsupported("no memory cgroup hierarchy is mounted"))?;
+        let parent = MemCgroup::own()?.ok_or_else(|| Error::unsupported("no memory cgroup hierarchy is mounted"))?;
         let root = cgroups_rs::hierarchies::auto().root();
         let memory_root = match parent.version() {
             Version::V1 => root.join("memory"),
@@ -64,17 +63,9 @@ impl ChildCgroup {
         )
     }
 
-    fn create_at(
-        relative: PathBuf,
-        dir: PathBuf,
-        version: Version,
-        limit: Option<u64>,
-    ) -> Result<Self> {
+    fn create_at(relative: PathBuf, dir: PathBuf, version: Version, limit: Option<u64>) -> Result<Self> {
         let fail = |what: &str, e: cgroups_rs::error::Error| {
-            Error::new(
-                ErrorKind::Io,
-                format!("{what} cgroup {}: {e}", relative.display()),
-            )
+            Error::new(ErrorKind::Io, format!("{what} cgroup {}: {e}", relative.display()))
         };
         let cgroup = cgroups_rs::Cgroup::new_with_specified_controllers(
             cgroups_rs::hierarchies::auto(),
@@ -145,9 +136,7 @@ impl ChildCgroup {
                 }
             });
         }
-        command
-            .spawn()
-            .io_context("starting a process in the cgroup")
+        command.spawn().io_context("starting a process in the cgroup")
     }
 }
 
@@ -156,10 +145,7 @@ impl Drop for ChildCgroup {
         // Processes still inside keep the directory busy: kill them, then retry removal for a while (the kernel
         // frees the cgroup asynchronously after the last task exits).
         for pid in self.cgroup.procs() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid.pid as i32),
-                nix::sys::signal::SIGKILL,
-            );
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid.pid as i32), nix::sys::signal::SIGKILL);
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.cgroup.delete().is_err() && Instant::now() < deadline {
@@ -180,10 +166,7 @@ impl LoopDevice {
         let output = Command::new("losetup")
             .arg("--find")
             .arg("--show")
-            .arg(format!(
-                "--direct-io={}",
-                if direct_io { "on" } else { "off" }
-            ))
+            .arg(format!("--direct-io={}", if direct_io { "on" } else { "off" }))
             .arg(backing)
             .stderr(Stdio::piped())
             .output()
@@ -191,10 +174,7 @@ impl LoopDevice {
         if !output.status.success() {
             return Err(Error::new(
                 ErrorKind::Io,
-                format!(
-                    "losetup failed: {}",
-                    String::from_utf8_lossy(&output.stderr).trim()
-                ),
+                format!("losetup failed: {}", String::from_utf8_lossy(&output.stderr).trim()),
             )
             .at_path(backing));
         }
@@ -252,15 +232,9 @@ impl WriteThrottle {
         let device = device_number(device)?;
         let v1_file = PathBuf::from("/sys/fs/cgroup/blkio/blkio.throttle.write_bps_device");
         let (file, value, clear) = if v1_file.exists() {
-            (
-                v1_file,
-                format!("{device} {bytes_per_sec}"),
-                format!("{device} 0"),
-            )
+            (v1_file, format!("{device} {bytes_per_sec}"), format!("{device} 0"))
         } else {
-            let cg = v2_cgroup.ok_or_else(|| {
-                Error::unsupported("no blkio hierarchy and no v2 cgroup for io.max")
-            })?;
+            let cg = v2_cgroup.ok_or_else(|| Error::unsupported("no blkio hierarchy and no v2 cgroup for io.max"))?;
             (
                 cg.dir().join("io.max"),
                 format!("{device} wbps={bytes_per_sec}"),
@@ -270,11 +244,7 @@ impl WriteThrottle {
         fs::write(&file, &value)
             .io_context("setting write throttle")
             .map_err(|e| e.at_path(&file))?;
-        Ok(WriteThrottle {
-            file,
-            device,
-            clear,
-        })
+        Ok(WriteThrottle { file, device, clear })
     }
 
     /// `MAJ:MIN` of the throttled device.
@@ -338,22 +308,12 @@ impl StopOnSignals {
     /// Installs the handlers and clears the flag.
     pub fn install() -> Result<Self> {
         STOP_REQUESTED.store(false, Ordering::SeqCst);
-        let action = SigAction::new(
-            SigHandler::Handler(request_stop),
-            SaFlags::SA_RESTART,
-            SigSet::empty(),
-        );
-        let mut guard = StopOnSignals {
-            previous: Vec::new(),
-        };
+        let action = SigAction::new(SigHandler::Handler(request_stop), SaFlags::SA_RESTART, SigSet::empty());
+        let mut guard = StopOnSignals { previous: Vec::new() };
         for signal in [Signal::SIGINT, Signal::SIGTERM] {
             // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-            let previous = unsafe { sigaction(signal, &action) }.map_err(|errno| {
-                Error::io(
-                    format!("installing a {signal} handler"),
-                    std::io::Error::from(errno),
-                )
-            })?;
+            let previous = unsafe { sigaction(signal, &action) }
+                .map_err(|errno| Error::io(format!("installing a {signal} handler"), std::io::Error::from(errno)))?;
             guard.previous.push((signal, previous));
         }
         Ok(guard)

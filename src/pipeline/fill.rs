@@ -157,21 +157,18 @@ fn fill_compressed_run(
             unreachable!("run holds compressed extents only")
         };
         if unit.unit_len > MAX_UNIT_LEN || unit.skip + extent.len > unit.unit_len {
-            return Err(crate::bad_image!(
-                "compressed unit of {} bytes is out of range",
-                unit.unit_len
-            )
-            .at_offset(unit.offset)
-            .at_path(source.name()));
+            return Err(
+                crate::bad_image!("compressed unit of {} bytes is out of range", unit.unit_len)
+                    .at_offset(unit.offset)
+                    .at_path(source.name()),
+            );
         }
         let from = (unit.offset - read_start) as usize;
         let to = (unit.offset.saturating_add(unit.src_len) - read_start).min(got as u64) as usize;
         if from >= to {
-            return Err(
-                crate::bad_image!("compressed data lies past the end of the file")
-                    .at_offset(unit.offset)
-                    .at_path(source.name()),
-            );
+            return Err(crate::bad_image!("compressed data lies past the end of the file")
+                .at_offset(unit.offset)
+                .at_path(source.name()));
         }
         let at = (extent.guest - guest) as usize;
         let out = &mut buf[at..at + extent.len as usize];
@@ -195,11 +192,5 @@ fn fill_compressed_run(
 pub fn read_guest(image: &mut dyn Image, offset: u64, buf: &mut [u8]) -> Result<()> {
     let mut extents = Vec::new();
     image.map(offset, buf.len() as u64, &mut extents)?;
-    fill(
-        &image.sources(),
-        &extents,
-        offset,
-        buf,
-        &mut Scratch::default(),
-    )
+    fill(&image.sources(), &extents, offset, buf, &mut Scratch::default())
 }

@@ -88,17 +88,9 @@ pub fn run(
                     .expect("spawning a pipeline worker")
             })
             .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().unwrap_or(0))
-            .max()
-            .unwrap_or(0)
+        workers.into_iter().map(|w| w.join().unwrap_or(0)).max().unwrap_or(0)
     });
-    if let Some(err) = shared
-        .failure
-        .into_inner()
-        .unwrap_or_else(|p| p.into_inner())
-    {
+    if let Some(err) = shared.failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(err);
     }
     let output_digest = shared.digest.map(|d| d.finish().0);
@@ -181,25 +173,9 @@ fn process_next(shared: &Shared, buffer: &mut AlignedBuf, scratch: &mut Scratch)
     Ok(true)
 }
 
-fn fill_chunk(
-    shared: &Shared,
-    work: &Work,
-    buffer: &mut AlignedBuf,
-    scratch: &mut Scratch,
-) -> Result<()> {
-    if let Work::Chunk {
-        guest,
-        len,
-        extents,
-    } = work
-    {
-        fill::fill(
-            &shared.sources,
-            extents,
-            *guest,
-            &mut buffer[..*len as usize],
-            scratch,
-        )?;
+fn fill_chunk(shared: &Shared, work: &Work, buffer: &mut AlignedBuf, scratch: &mut Scratch) -> Result<()> {
+    if let Work::Chunk { guest, len, extents } = work {
+        fill::fill(&shared.sources, extents, *guest, &mut buffer[..*len as usize], scratch)?;
     }
     Ok(())
 }
@@ -229,14 +205,7 @@ fn write_runs(dest: &Destination, guest: u64, chunk: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn emit_run(
-    dest: &Destination,
-    guest: u64,
-    chunk: &[u8],
-    start: usize,
-    end: usize,
-    zero: bool,
-) -> Result<()> {
+fn emit_run(dest: &Destination, guest: u64, chunk: &[u8], start: usize, end: usize, zero: bool) -> Result<()> {
     let offset = guest + start as u64;
     if zero {
         dest.zero(offset, (end - start) as u64)

@@ -139,10 +139,7 @@ impl Destination {
         if kind == DestKind::RegularFile {
             open.create(true);
         }
-        let buffered = open
-            .open(path)
-            .io_context("opening destination")
-            .map_err(ctx)?;
+        let buffered = open.open(path).io_context("opening destination").map_err(ctx)?;
         let capacity = match kind {
             DestKind::BlockDevice => {
                 let capacity = sys::file_or_device_size(&buffered)
@@ -162,14 +159,8 @@ impl Destination {
             }
             DestKind::RegularFile => {
                 // Truncate first so every old block becomes a hole, then extend to the image size.
-                buffered
-                    .set_len(0)
-                    .io_context("truncating destination")
-                    .map_err(ctx)?;
-                buffered
-                    .set_len(size)
-                    .io_context("sizing destination")
-                    .map_err(ctx)?;
+                buffered.set_len(0).io_context("truncating destination").map_err(ctx)?;
+                buffered.set_len(size).io_context("sizing destination").map_err(ctx)?;
                 size
             }
         };
@@ -180,15 +171,9 @@ impl Destination {
         let (path_kind, io_reason, align) = match (direct, options.io) {
             (Ok((file, align, why)), _) => (WritePath::Direct { file, align }, why, align),
             (Err(why), IoChoice::Direct) => {
-                return Err(ctx(Error::unsupported(format!(
-                    "O_DIRECT is not possible here: {why}"
-                ))))
+                return Err(ctx(Error::unsupported(format!("O_DIRECT is not possible here: {why}"))))
             }
-            (Err(why), _) => (
-                WritePath::WriteBehind(WriteBehind::new(governor()?)),
-                why,
-                1,
-            ),
+            (Err(why), _) => (WritePath::WriteBehind(WriteBehind::new(governor()?)), why, 1),
         };
         Ok(Destination {
             path: path.to_path_buf(),
@@ -198,8 +183,7 @@ impl Destination {
             block: align.max(MIN_BLOCK),
             buffered,
             path_kind,
-            zeroer: (kind == DestKind::BlockDevice && !options.target_is_zero)
-                .then(Zeroer::default),
+            zeroer: (kind == DestKind::BlockDevice && !options.target_is_zero).then(Zeroer::default),
             io_reason,
             stats: DestStats::default(),
         })
@@ -255,8 +239,7 @@ impl Destination {
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         let end = offset.checked_add(len).filter(|&end| end <= self.size);
-        let aligned = is_aligned(offset, self.block)
-            && (is_aligned(len, self.block) || end == Some(self.size));
+        let aligned = is_aligned(offset, self.block) && (is_aligned(len, self.block) || end == Some(self.size));
         match (end, aligned) {
             (Some(_), true) => Ok(()),
             _ => Err(Error::new(
@@ -316,17 +299,15 @@ impl Destination {
             WritePath::WriteBehind(_) => None,
         };
         let aligned = align_down(len, self.block);
-        let result = zeroer
-            .zero(&self.buffered, direct, offset, aligned)
-            .and_then(|()| {
-                let tail = (len - aligned) as usize;
-                if tail == 0 {
-                    return Ok(());
-                }
-                // Less than a block at the end of the image: write the zeros, and only those.
-                let zeros = AlignedBuf::new(tail);
-                self.write_tail(offset + aligned, &zeros[..tail])
-            });
+        let result = zeroer.zero(&self.buffered, direct, offset, aligned).and_then(|()| {
+            let tail = (len - aligned) as usize;
+            if tail == 0 {
+                return Ok(());
+            }
+            // Less than a block at the end of the image: write the zeros, and only those.
+            let zeros = AlignedBuf::new(tail);
+            self.write_tail(offset + aligned, &zeros[..tail])
+        });
         result.map_err(|e| e.at_path(&self.path))?;
         self.stats.zeroed.fetch_add(len, Ordering::Relaxed);
         Ok(())
@@ -335,11 +316,7 @@ impl Destination {
     /// Waits for everything written to be durable (fdatasync) and leaves no page cache behind.
     pub fn finish(&self) -> Result<Option<GovernorSummary>> {
         let summary = match &self.path_kind {
-            WritePath::WriteBehind(window) => Some(
-                window
-                    .finish(&self.buffered)
-                    .map_err(|e| e.at_path(&self.path))?,
-            ),
+            WritePath::WriteBehind(window) => Some(window.finish(&self.buffered).map_err(|e| e.at_path(&self.path))?),
             WritePath::Direct { .. } => None,
         };
         sys::fdatasync(&self.buffered)
@@ -352,19 +329,14 @@ impl Destination {
 }
 
 /// Opens an O_DIRECT handle and finds its alignment, or says why direct I/O is not possible.
-fn open_direct(
-    path: &Path,
-    buffered: &File,
-    kind: DestKind,
-) -> std::result::Result<(File, u64, String), String> {
+fn open_direct(path: &Path, buffered: &File, kind: DestKind) -> std::result::Result<(File, u64, String), String> {
     let file = match sys::reopen(buffered, libc::O_RDWR | libc::O_DIRECT) {
         Ok(file) => file,
         Err(e) => return Err(format!("opening with O_DIRECT failed ({e})")),
     };
     match kind {
         DestKind::BlockDevice => {
-            let geometry = sys::block_geometry(&file)
-                .map_err(|e| format!("reading block size failed ({e})"))?;
+            let geometry = sys::block_geometry(&file).map_err(|e| format!("reading block size failed ({e})"))?;
             Ok((
                 file,
                 geometry.logical.max(512),
@@ -372,17 +344,13 @@ fn open_direct(
             ))
         }
         DestKind::RegularFile => match sys::statx_dio_alignment(&file) {
-            Ok(Some((0, _))) | Ok(Some((_, 0))) => {
-                Err("the filesystem does not support O_DIRECT".into())
-            }
+            Ok(Some((0, _))) | Ok(Some((_, 0))) => Err("the filesystem does not support O_DIRECT".into()),
             Ok(Some((mem, offset))) if mem <= MIN_BLOCK && offset <= MIN_BLOCK => Ok((
                 file,
                 offset.max(512),
                 format!("filesystem direct-I/O alignment {offset} B"),
             )),
-            Ok(Some((mem, offset))) => {
-                Err(format!("direct-I/O alignment too large ({mem}/{offset} B)"))
-            }
+            Ok(Some((mem, offset))) => Err(format!("direct-I/O alignment too large ({mem}/{offset} B)")),
             Err(_) | Ok(None) => probe_direct_write(path, file, buffered),
         },
     }
@@ -390,11 +358,7 @@ fn open_direct(
 
 /// Where statx cannot tell, one trial write of a zero page at offset 0 of the fresh (all-hole) file decides; the
 /// page is punched out again and the size restored, so the file stays as it was.
-fn probe_direct_write(
-    path: &Path,
-    file: File,
-    buffered: &File,
-) -> std::result::Result<(File, u64, String), String> {
+fn probe_direct_write(path: &Path, file: File, buffered: &File) -> std::result::Result<(File, u64, String), String> {
     let size = buffered
         .metadata()
         .map_err(|e| format!("reading destination size failed ({e})"))?

@@ -67,8 +67,7 @@ impl WriteBehind {
         }
         file.write_all_at(data, offset)
             .map_err(|e| Error::io("writing destination", e).at_offset(offset))?;
-        sys::start_writeback(file, offset, len)
-            .map_err(|e| Error::io("starting writeback", e).at_offset(offset))?;
+        sys::start_writeback(file, offset, len).map_err(|e| Error::io("starting writeback", e).at_offset(offset))?;
         window.ranges.push_back((offset, len));
         window.bytes += len;
         Ok(())
@@ -85,10 +84,7 @@ impl WriteBehind {
 
     /// Times a write waited on pressure that was not ours.
     pub fn foreign_waits(&self) -> u64 {
-        self.admission
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .foreign_waits
+        self.admission.lock().unwrap_or_else(|p| p.into_inner()).foreign_waits
     }
 }
 
@@ -96,10 +92,8 @@ fn drain_oldest(file: &File, window: &mut Window) -> Result<()> {
     let Some((offset, len)) = window.ranges.pop_front() else {
         return Ok(());
     };
-    sys::wait_writeback(file, offset, len)
-        .map_err(|e| Error::io("waiting for writeback", e).at_offset(offset))?;
-    sys::drop_cache(file, offset, len)
-        .map_err(|e| Error::io("dropping written pages", e).at_offset(offset))?;
+    sys::wait_writeback(file, offset, len).map_err(|e| Error::io("waiting for writeback", e).at_offset(offset))?;
+    sys::drop_cache(file, offset, len).map_err(|e| Error::io("dropping written pages", e).at_offset(offset))?;
     window.bytes -= len;
     Ok(())
 }

@@ -46,22 +46,15 @@ impl FileSource {
     pub fn open(path: &Path) -> Result<Self> {
         let name = path.display().to_string();
         let ctx = |e: Error| e.at_path(path);
-        let direct = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path);
+        let direct = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path);
         let (file, try_direct) = match direct {
             Ok(file) => (file, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (
-                File::open(path).io_context("opening source").map_err(ctx)?,
-                false,
-            ),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                (File::open(path).io_context("opening source").map_err(ctx)?, false)
+            }
             Err(e) => return Err(ctx(Error::io("opening source", e))),
         };
-        let meta = file
-            .metadata()
-            .io_context("reading source metadata")
-            .map_err(ctx)?;
+        let meta = file.metadata().io_context("reading source metadata").map_err(ctx)?;
         if meta.is_dir() {
             return Err(Error::usage("source is a directory").at_path(path));
         }
@@ -104,24 +97,20 @@ impl FileSource {
     /// Finds the O_DIRECT alignment: the block device's logical block size, statx DIOALIGN, or a trial read.
     fn probe_direct_alignment(&self) -> Option<u64> {
         if self.is_block_device {
-            return sys::block_geometry(&self.file)
-                .ok()
-                .map(|g| g.logical.max(512));
+            return sys::block_geometry(&self.file).ok().map(|g| g.logical.max(512));
         }
         match sys::statx_dio_alignment(&self.file) {
             Ok(Some((0, _))) | Ok(Some((_, 0))) => return None,
-            Ok(Some((mem, offset))) if mem <= 4096 && offset <= 4096 => {
-                return Some(offset.max(512))
-            }
+            Ok(Some((mem, offset))) if mem <= 4096 && offset <= 4096 => return Some(offset.max(512)),
             _ => {}
         }
         let mut probe = AlignedBuf::new(4096);
-        [512u64, 4096].into_iter().find(|&align| {
-            match self.file.read_at(&mut probe[..align as usize], 0) {
+        [512u64, 4096]
+            .into_iter()
+            .find(|&align| match self.file.read_at(&mut probe[..align as usize], 0) {
                 Ok(_) => true,
                 Err(e) => e.raw_os_error() != Some(libc::EINVAL),
-            }
-        })
+            })
     }
 
     fn pread_full(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
@@ -188,11 +177,7 @@ impl ReadAt for FileSource {
                 let _ = sys::drop_cache(&self.file, offset, n as u64);
             }),
         };
-        result.map_err(|e| {
-            Error::io("reading source", e)
-                .at_offset(offset)
-                .at_path(&self.name)
-        })
+        result.map_err(|e| Error::io("reading source", e).at_offset(offset).at_path(&self.name))
     }
 
     fn direct_alignment(&self) -> u64 {
@@ -234,10 +219,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("src.bin");
         let data = pattern(3 * BOUNCE_SIZE + 777);
-        std::fs::File::create(&path)
-            .unwrap()
-            .write_all(&data)
-            .unwrap();
+        std::fs::File::create(&path).unwrap().write_all(&data).unwrap();
         let source = FileSource::open(&path).unwrap();
         assert_eq!(source.len(), data.len() as u64);
 
@@ -253,11 +235,7 @@ mod tests {
         ] {
             let mut buf = vec![0u8; len];
             assert_eq!(source.read_at(offset as u64, &mut buf).unwrap(), len);
-            assert_eq!(
-                buf,
-                &data[offset..offset + len],
-                "offset {offset} len {len}"
-            );
+            assert_eq!(buf, &data[offset..offset + len], "offset {offset} len {len}");
         }
 
         // Reads running past the end are short, never an error.
@@ -265,10 +243,7 @@ mod tests {
         let got = source.read_at(data.len() as u64 - 1000, &mut tail).unwrap();
         assert_eq!(got, 1000);
         assert_eq!(&tail[..1000], &data[data.len() - 1000..]);
-        assert_eq!(
-            source.read_at(data.len() as u64 + 10, &mut tail).unwrap(),
-            0
-        );
+        assert_eq!(source.read_at(data.len() as u64 + 10, &mut tail).unwrap(), 0);
     }
 
     #[test]
@@ -281,10 +256,7 @@ mod tests {
         drop(file);
         let source = FileSource::open(&path).unwrap();
         let run = source.next_data(0).unwrap().expect("one data run");
-        assert!(
-            run.start <= 32 << 20 && run.end >= (32 << 20) + 4096,
-            "{run:?}"
-        );
+        assert!(run.start <= 32 << 20 && run.end >= (32 << 20) + 4096, "{run:?}");
         assert_eq!(source.next_data(64 << 20).unwrap(), None);
     }
 }

@@ -44,12 +44,11 @@ pub trait ReadAt: Send + Sync {
 pub fn read_exact_at(source: &dyn ReadAt, offset: u64, buf: &mut [u8], what: &str) -> Result<()> {
     let got = source.read_at(offset, buf)?;
     if got < buf.len() {
-        return Err(crate::bad_image!(
-            "{what} ends past the end of the file ({} bytes)",
-            source.len()
-        )
-        .at_offset(offset)
-        .at_path(source.name()));
+        return Err(
+            crate::bad_image!("{what} ends past the end of the file ({} bytes)", source.len())
+                .at_offset(offset)
+                .at_path(source.name()),
+        );
     }
     Ok(())
 }
