@@ -114,10 +114,7 @@ fn parse_bandwidth(text: &str) -> std::result::Result<Bandwidth, String> {
 
 impl SessionArgs {
     fn config(&self, write_bps: Option<u64>) -> Result<Config> {
-        let image = self
-            .image
-            .clone()
-            .ok_or_else(|| Error::usage("--image is required"))?;
+        let image = self.image.clone().ok_or_else(|| Error::usage("--image is required"))?;
         Ok(Config {
             limit: self.limit,
             write_bps,
@@ -144,10 +141,7 @@ pub fn main(command: LabCommand) -> i32 {
             crate::logging::init(0, true);
             super::cotenant::probe(bytes, Duration::from_millis(interval_ms))
         }
-        Some(LabMode::Bench {
-            session,
-            bandwidths,
-        }) => {
+        Some(LabMode::Bench { session, bandwidths }) => {
             crate::logging::init(session.verbose, false);
             bench(&session, &bandwidths)
         }
@@ -180,9 +174,7 @@ fn session(args: &SessionArgs) -> Result<()> {
 
 fn bench(args: &SessionArgs, bandwidths: &[Bandwidth]) -> Result<()> {
     if args.write_bps.is_some() {
-        return Err(Error::usage(
-            "lab bench takes --bandwidths, not --write-bps",
-        ));
+        return Err(Error::usage("lab bench takes --bandwidths, not --write-bps"));
     }
     let config = args.config(None)?;
     let bandwidths: Vec<Option<u64>> = bandwidths.iter().map(|b| b.0).collect();

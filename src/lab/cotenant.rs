@@ -40,11 +40,7 @@ pub fn probe(bytes: u64, interval: Duration) -> Result<()> {
             ready = true;
             format!("{READY}\n")
         };
-        if out
-            .write_all(line.as_bytes())
-            .and_then(|()| out.flush())
-            .is_err()
-        {
+        if out.write_all(line.as_bytes()).and_then(|()| out.flush()).is_err() {
             return Ok(());
         }
         next += interval;
@@ -75,10 +71,7 @@ fn touch_block(len: usize) -> Result<Duration> {
         )
     };
     if ptr == libc::MAP_FAILED {
-        return Err(Error::io(
-            "mapping co-tenant memory",
-            std::io::Error::last_os_error(),
-        ));
+        return Err(Error::io("mapping co-tenant memory", std::io::Error::last_os_error()));
     }
     let base = ptr.cast::<u8>();
     for offset in (0..len).step_by(page) {
@@ -88,10 +81,7 @@ fn touch_block(len: usize) -> Result<Duration> {
     let latency = started.elapsed();
     // SAFETY: unmaps exactly the mapping made above; nothing refers to it any more.
     if unsafe { libc::munmap(ptr, len) } != 0 {
-        return Err(Error::io(
-            "unmapping co-tenant memory",
-            std::io::Error::last_os_error(),
-        ));
+        return Err(Error::io("unmapping co-tenant memory", std::io::Error::last_os_error()));
     }
     Ok(latency)
 }

@@ -122,9 +122,7 @@ pub struct RunData {
 /// after killing the importer and co-tenant and undoing every fixture.
 pub fn run(config: &Config, stop: &AtomicBool) -> Result<Report> {
     if !fixtures::is_root() {
-        return Err(Error::usage(
-            "the lab needs root (cgroups, loop devices, throttles)",
-        ));
+        return Err(Error::usage("the lab needs root (cgroups, loop devices, throttles)"));
     }
     if config.importers.is_empty() {
         return Err(Error::usage("no importer to run"));
@@ -132,8 +130,7 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<Report> {
     fs::create_dir_all(&config.out)
         .io_context("creating output directory")
         .map_err(|e| e.at_path(&config.out))?;
-    let own = MemCgroup::own()?
-        .ok_or_else(|| Error::unsupported("no memory cgroup hierarchy is mounted"))?;
+    let own = MemCgroup::own()?.ok_or_else(|| Error::unsupported("no memory cgroup hierarchy is mounted"))?;
     let virtual_size = virtual_size(&config.image, &config.qemu_img)?;
     let host = Host {
         kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -151,10 +148,9 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<Report> {
         config.image.display(),
         human(virtual_size),
         human(config.limit),
-        config.write_bps.map_or_else(
-            || "unthrottled".to_string(),
-            |b| format!("{}/s", human(b))
-        ),
+        config
+            .write_bps
+            .map_or_else(|| "unthrottled".to_string(), |b| format!("{}/s", human(b))),
         host.kernel,
         host.cgroup_version
     );
@@ -207,20 +203,14 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<Report> {
                 .iter()
                 .map(|s| {
                     (
-                        s.at.saturating_duration_since(r.measured.started)
-                            .as_secs_f64(),
+                        s.at.saturating_duration_since(r.measured.started).as_secs_f64(),
                         s.latency.as_secs_f64() * 1000.0,
                     )
                 })
                 .collect(),
         })
         .collect();
-    plot::render(
-        &config.out.join("timeline.svg"),
-        config.limit,
-        config.write_bps,
-        &plots,
-    )?;
+    plot::render(&config.out.join("timeline.svg"), config.limit, config.write_bps, &plots)?;
     Ok(report)
 }
 
@@ -255,12 +245,11 @@ fn virtual_size(image: &Path, qemu_img: &Path) -> Result<u64> {
                 )
                 .at_path(image));
             }
-            let info: serde_json::Value = serde_json::from_slice(&output.stdout).map_err(|e| {
-                Error::new(ErrorKind::BadImage, "reading qemu-img info output").with_source(e)
-            })?;
-            info["virtual-size"].as_u64().ok_or_else(|| {
-                Error::new(ErrorKind::BadImage, "qemu-img info gave no virtual-size").at_path(image)
-            })
+            let info: serde_json::Value = serde_json::from_slice(&output.stdout)
+                .map_err(|e| Error::new(ErrorKind::BadImage, "reading qemu-img info output").with_source(e))?;
+            info["virtual-size"]
+                .as_u64()
+                .ok_or_else(|| Error::new(ErrorKind::BadImage, "qemu-img info gave no virtual-size").at_path(image))
         }
         Err(err) => Err(err),
     }
@@ -287,8 +276,7 @@ impl Cgroups {
     /// OOM kills anywhere in the limited cgroup (v1 counts them only where the victim was, v2 hierarchically).
     fn oom_kills(&self) -> Result<u64> {
         let pod = self.pod.reader().events()?.oom_kills;
-        let leaves =
-            self.importer.reader().events()?.oom_kills + self.cotenant.reader().events()?.oom_kills;
+        let leaves = self.importer.reader().events()?.oom_kills + self.cotenant.reader().events()?.oom_kills;
         Ok(pod.max(leaves))
     }
 }
@@ -305,10 +293,7 @@ impl Target {
     fn prepare(config: &Config, importer: Importer, size: u64, pod: &MemCgroup) -> Result<Self> {
         match &config.dest {
             DestChoice::Loop => {
-                let file = ScratchFile::sparse(
-                    &config.out.join(format!("{}.dest.img", importer.name())),
-                    size,
-                )?;
+                let file = ScratchFile::sparse(&config.out.join(format!("{}.dest.img", importer.name())), size)?;
                 let device = LoopDevice::attach(file.path(), true)?;
                 let throttle = config
                     .write_bps
@@ -337,10 +322,7 @@ impl Target {
                     });
                 }
                 if config.write_bps.is_some() {
-                    log::warn!(
-                        "{}: not a block device, writes are not throttled",
-                        path.display()
-                    );
+                    log::warn!("{}: not a block device, writes are not throttled", path.display());
                 }
                 // A fresh sparse file per importer; it stays for inspection after the run.
                 fs::File::create(path)
@@ -372,17 +354,10 @@ impl Drop for KillOnDrop {
 
 /// Exit code, or 128 + signal like a shell and Kubernetes report it.
 fn exit_code(status: ExitStatus) -> i32 {
-    status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+    status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
-fn run_one(
-    config: &Config,
-    importer: Importer,
-    virtual_size: u64,
-    stop: &AtomicBool,
-) -> Result<Measured> {
+fn run_one(config: &Config, importer: Importer, virtual_size: u64, stop: &AtomicBool) -> Result<Measured> {
     let cgroups = Cgroups::create(importer, config.limit)?;
     let target = Target::prepare(config, importer, virtual_size, cgroups.pod.reader())?;
     fixtures::drop_caches()?;
@@ -493,10 +468,7 @@ pub fn bench(config: &Config, bandwidths: &[Option<u64>], stop: &AtomicBool) -> 
             ..config.clone()
         };
         let report = run(&session, stop)?;
-        rows.extend(report.runs.into_iter().map(|run| BenchRow {
-            write_bps: bps,
-            run,
-        }));
+        rows.extend(report.runs.into_iter().map(|run| BenchRow { write_bps: bps, run }));
     }
     fs::create_dir_all(&config.out)
         .io_context("creating output directory")

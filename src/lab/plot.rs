@@ -36,12 +36,7 @@ pub struct PlotRun<'a> {
 }
 
 /// Renders the runs to an SVG file at `path`.
-pub fn render(
-    path: &Path,
-    limit: u64,
-    write_bps: Option<u64>,
-    runs: &[PlotRun<'_>],
-) -> Result<()> {
+pub fn render(path: &Path, limit: u64, write_bps: Option<u64>, runs: &[PlotRun<'_>]) -> Result<()> {
     let panels = runs.len() + 1;
     let root = SVGBackend::new(path, (1200, 330 * panels as u32 + 40)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_error)?;
@@ -51,10 +46,7 @@ pub fn render(
     );
     let root = root
         .titled(
-            &format!(
-                "Memory cgroup limited to {:.0} MiB, {bandwidth}",
-                limit as f64 / MIB
-            ),
+            &format!("Memory cgroup limited to {:.0} MiB, {bandwidth}", limit as f64 / MIB),
             (FONT, 24),
         )
         .map_err(plot_error)?;
@@ -85,10 +77,7 @@ fn memory_panel<DB: DrawingBackend>(
     y_max: f64,
 ) -> Result<()> {
     let mut chart = ChartBuilder::on(area)
-        .caption(
-            format!("{}: {}", run.importer, run.verdict),
-            (FONT, 20),
-        )
+        .caption(format!("{}: {}", run.importer, run.verdict), (FONT, 20))
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(75)
@@ -112,12 +101,7 @@ fn memory_panel<DB: DrawingBackend>(
             2,
             Box::new(move |s| mib(s.pod.usage)),
         ),
-        (
-            "importer usage",
-            IMPORTER,
-            3,
-            Box::new(move |s| mib(s.importer.usage)),
-        ),
+        ("importer usage", IMPORTER, 3, Box::new(move |s| mib(s.importer.usage))),
         (
             "importer kubectl top (usage - inactive_file)",
             KUBECTL,
@@ -134,10 +118,7 @@ fn memory_panel<DB: DrawingBackend>(
     for (label, colour, width, value) in lines {
         let style = colour.stroke_width(width);
         chart
-            .draw_series(LineSeries::new(
-                run.samples.iter().map(|s| (s.t, value(s))),
-                style,
-            ))
+            .draw_series(LineSeries::new(run.samples.iter().map(|s| (s.t, value(s))), style))
             .map_err(plot_error)?
             .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], style));

@@ -159,18 +159,8 @@ impl Measured {
         let threshold = (self.limit as f64 * PINNED_SHARE) as u64;
         let sampled_pod_peak = self.samples.iter().map(|s| s.pod.usage).max().unwrap_or(0);
         let pod_peak = self.pod_peak.unwrap_or(0).max(sampled_pod_peak);
-        let sampled_peak = self
-            .samples
-            .iter()
-            .map(|s| s.importer.usage)
-            .max()
-            .unwrap_or(0);
-        let kubectl_top_peak = self
-            .samples
-            .iter()
-            .map(|s| s.importer.working_set())
-            .max()
-            .unwrap_or(0);
+        let sampled_peak = self.samples.iter().map(|s| s.importer.usage).max().unwrap_or(0);
+        let kubectl_top_peak = self.samples.iter().map(|s| s.importer.working_set()).max().unwrap_or(0);
         let pinned_seconds = self
             .samples
             .windows(2)
@@ -231,8 +221,7 @@ impl Report {
     pub fn write_json(&self, dir: &Path) -> Result<()> {
         let path = dir.join("report.json");
         let mut text = serde_json::to_string_pretty(self).map_err(|e| {
-            crate::error::Error::new(crate::error::ErrorKind::Io, "serialising the report")
-                .with_source(e)
+            crate::error::Error::new(crate::error::ErrorKind::Io, "serialising the report").with_source(e)
         })?;
         text.push('\n');
         fs::write(&path, text)
@@ -322,11 +311,7 @@ pub fn write_stalls(dir: &Path, runs: &[(&str, Instant, &[Stall])]) -> Result<()
     for (importer, started, stalls) in runs {
         for s in *stalls {
             let t = s.at.saturating_duration_since(*started).as_secs_f64();
-            let _ = writeln!(
-                text,
-                "{importer},{t:.3},{:.3}",
-                s.latency.as_secs_f64() * 1000.0
-            );
+            let _ = writeln!(text, "{importer},{t:.3},{:.3}", s.latency.as_secs_f64() * 1000.0);
         }
     }
     let path = dir.join("stalls.csv");

@@ -97,9 +97,10 @@ pub fn events(cgroup: &MemCgroup) -> Result<MemEvents> {
         let text = std::fs::read_to_string(&memsw)
             .io_context("reading cgroup file")
             .map_err(|e| e.at_path(&memsw))?;
-        let hits: u64 = text.trim().parse().map_err(|_| {
-            Error::new(ErrorKind::Io, format!("unexpected contents {:?}", text.trim())).at_path(&memsw)
-        })?;
+        let hits: u64 = text
+            .trim()
+            .parse()
+            .map_err(|_| Error::new(ErrorKind::Io, format!("unexpected contents {:?}", text.trim())).at_path(&memsw))?;
         events.limit_hits += hits;
     }
     Ok(events)
