@@ -26,6 +26,10 @@ pub fn drop_caches() -> Result<()> {
         .map_err(|e| e.at_path("/proc/sys/vm/drop_caches"))
 }
 
+/// Bytes the v1 memory+swap limit exceeds the memory limit by (see [`ChildCgroup::create`]); more than one charge
+/// batch (64 pages).
+const MEMSW_MARGIN: i64 = 1 << 20;
+
 /// A memory cgroup created under our own (or under the hierarchy root when we are in none), removed on drop.
 /// Children made with [`create_child`](Self::create_child) must be dropped before their parent.
 pub struct ChildCgroup {
@@ -87,9 +91,13 @@ impl ChildCgroup {
             .ok_or_else(|| Error::unsupported("memory controller not available"))?;
         let limit = i64::try_from(limit).map_err(|_| Error::usage("cgroup limit too large"))?;
         memory.set_limit(limit).map_err(|e| fail("limiting", e))?;
-        // Pin swap to the limit where the kernel accounts it, so the limit cannot be dodged by swapping.
+        // Pin swap where the kernel accounts it, so the limit cannot be dodged by swapping. On v1 the memory+swap
+        // limit sits a little above the memory limit: a charge tries memory+swap first (in batches of up to 64
+        // pages), and with equal limits every limit hit happens there, where 6.x kernels keep no failcnt, so
+        // memory.failcnt would read 0 for a cgroup pinned at its limit (measured on 6.18). The margin lets
+        // swap hold at most 1 MiB.
         let swap = match version {
-            Version::V1 => ("memory.memsw.limit_in_bytes", limit.to_string()),
+            Version::V1 => ("memory.memsw.limit_in_bytes", (limit + MEMSW_MARGIN).to_string()),
             Version::V2 => ("memory.swap.max", "0".to_string()),
         };
         let swap_file = child.reader.dir().join(swap.0);

@@ -87,9 +87,9 @@ fn read(importer: &MemCgroup, pod: &MemCgroup, t0: Instant) -> Result<Sample> {
     })
 }
 
-/// Limit events of a cgroup the lab made. On v1 the lab pins memory+swap to the limit too, and a charge that
-/// fails does so on the memory+swap counter first (memory.memsw.failcnt), so both counters are added: each failed
-/// charge is counted in exactly one of them.
+/// Limit events of a cgroup the lab made. On v1 a charge can fail on the memory+swap counter too (when swap is in
+/// use), which kernels that track it count in memory.memsw.failcnt: both counters are added, as each failed charge
+/// is counted in at most one of them.
 pub fn events(cgroup: &MemCgroup) -> Result<MemEvents> {
     let mut events = cgroup.events()?;
     let memsw = cgroup.dir().join("memory.memsw.failcnt");
