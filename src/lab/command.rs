@@ -3,7 +3,7 @@
 
 use super::fixtures::StopOnSignals;
 use super::{bandwidth_label, Config, DestChoice, Importer};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::size::parse_quantity;
 use clap::Subcommand;
 use std::path::PathBuf;
@@ -139,7 +139,7 @@ pub fn main(command: LabCommand) -> i32 {
     let result = match command.mode {
         Some(LabMode::Cotenant { bytes, interval_ms }) => {
             crate::logging::init(0, true);
-            super::cotenant::probe(bytes, Duration::from_millis(interval_ms))
+            super::cotenant::probe(bytes, Duration::from_millis(interval_ms)).map_err(|e| (e, None))
         }
         Some(LabMode::Bench { session, bandwidths }) => {
             crate::logging::init(session.verbose, false);
@@ -152,18 +152,25 @@ pub fn main(command: LabCommand) -> i32 {
     };
     match result {
         Ok(()) => 0,
-        Err(err) => {
+        Err((err, signal)) => {
             log::error!("{err}");
-            err.exit_code()
+            match (err.kind(), signal) {
+                // Stopped by a signal: 128 + its number, as shells report it.
+                (ErrorKind::Interrupted, Some(signal)) => 128 + signal,
+                _ => err.exit_code(),
+            }
         }
     }
 }
 
-fn session(args: &SessionArgs) -> Result<()> {
+/// An error, and the signal that stopped the session if one did.
+type Failure = (Error, Option<i32>);
+
+fn session(args: &SessionArgs) -> std::result::Result<(), Failure> {
     let write_bps = args.write_bps.map_or(Some(30_000_000), |b| b.0);
-    let config = args.config(write_bps)?;
-    let signals = StopOnSignals::install()?;
-    let report = super::run(&config, signals.flag())?;
+    let config = args.config(write_bps).map_err(|e| (e, None))?;
+    let signals = StopOnSignals::install().map_err(|e| (e, None))?;
+    let report = super::run(&config, signals.flag()).map_err(|e| (e, signals.signal()))?;
     print!("{}", report.table());
     println!(
         "report: {0}/report.json  timeline: {0}/timeline.csv  plot: {0}/timeline.svg",
@@ -172,14 +179,14 @@ fn session(args: &SessionArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench(args: &SessionArgs, bandwidths: &[Bandwidth]) -> Result<()> {
+fn bench(args: &SessionArgs, bandwidths: &[Bandwidth]) -> std::result::Result<(), Failure> {
     if args.write_bps.is_some() {
-        return Err(Error::usage("lab bench takes --bandwidths, not --write-bps"));
+        return Err((Error::usage("lab bench takes --bandwidths, not --write-bps"), None));
     }
-    let config = args.config(None)?;
+    let config = args.config(None).map_err(|e| (e, None))?;
     let bandwidths: Vec<Option<u64>> = bandwidths.iter().map(|b| b.0).collect();
-    let signals = StopOnSignals::install()?;
-    let rows = super::bench(&config, &bandwidths, signals.flag())?;
+    let signals = StopOnSignals::install().map_err(|e| (e, None))?;
+    let rows = super::bench(&config, &bandwidths, signals.flag()).map_err(|e| (e, signals.signal()))?;
     print!("{}", super::bench_table(&rows));
     println!(
         "tables: {0}/bench.md  {0}/bench.json  sessions: {0}/bw-{{{1}}}",

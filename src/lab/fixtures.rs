@@ -10,7 +10,7 @@ use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 /// Whether this process runs as root (the fixtures need it).
@@ -301,8 +301,11 @@ impl Drop for ScratchFile {
 
 /// Set by the handler [`StopOnSignals`] installs; read with [`StopOnSignals::flag`].
 static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+/// The signal that set [`STOP_REQUESTED`].
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn request_stop(_signal: libc::c_int) {
+extern "C" fn request_stop(signal: libc::c_int) {
+    STOP_SIGNAL.store(signal, Ordering::SeqCst);
     STOP_REQUESTED.store(true, Ordering::SeqCst);
 }
 
@@ -316,6 +319,7 @@ impl StopOnSignals {
     /// Installs the handlers and clears the flag.
     pub fn install() -> Result<Self> {
         STOP_REQUESTED.store(false, Ordering::SeqCst);
+        STOP_SIGNAL.store(0, Ordering::SeqCst);
         let action = SigAction::new(SigHandler::Handler(request_stop), SaFlags::SA_RESTART, SigSet::empty());
         let mut guard = StopOnSignals { previous: Vec::new() };
         for signal in [Signal::SIGINT, Signal::SIGTERM] {
@@ -330,6 +334,11 @@ impl StopOnSignals {
     /// The flag the handlers raise.
     pub fn flag(&self) -> &'static AtomicBool {
         &STOP_REQUESTED
+    }
+
+    /// The signal received, if one was.
+    pub fn signal(&self) -> Option<i32> {
+        Some(STOP_SIGNAL.load(Ordering::SeqCst)).filter(|&s| s > 0)
     }
 }
 

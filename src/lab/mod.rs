@@ -360,7 +360,11 @@ fn exit_code(status: ExitStatus) -> i32 {
 fn run_one(config: &Config, importer: Importer, virtual_size: u64, stop: &AtomicBool) -> Result<Measured> {
     let cgroups = Cgroups::create(importer, config.limit)?;
     let target = Target::prepare(config, importer, virtual_size, cgroups.pod.reader())?;
-    log::debug!("lab: cgroup {} and {} ready", cgroups.pod.reader().dir().display(), target.path.display());
+    log::debug!(
+        "lab: cgroup {} and {} ready",
+        cgroups.pod.reader().dir().display(),
+        target.path.display()
+    );
     fixtures::drop_caches()?;
     log::debug!("lab: caches dropped");
     check_stop(stop)?;
