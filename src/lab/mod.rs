@@ -284,12 +284,17 @@ impl Cgroups {
 /// A destination prepared for one importer. Fields drop in order: throttle cleared, loop detached, file removed.
 struct Target {
     path: PathBuf,
-    _throttle: Option<WriteThrottle>,
+    throttle: Option<WriteThrottle>,
     _device: Option<LoopDevice>,
     _file: Option<ScratchFile>,
 }
 
 impl Target {
+    /// Removes the write throttle now rather than at drop.
+    fn unthrottle(&mut self) {
+        self.throttle = None;
+    }
+
     fn prepare(config: &Config, importer: Importer, size: u64, pod: &MemCgroup) -> Result<Self> {
         match &config.dest {
             DestChoice::Loop => {
@@ -301,7 +306,7 @@ impl Target {
                     .transpose()?;
                 Ok(Target {
                     path: device.path().to_path_buf(),
-                    _throttle: throttle,
+                    throttle,
                     _device: Some(device),
                     _file: Some(file),
                 })
@@ -316,7 +321,7 @@ impl Target {
                         .transpose()?;
                     return Ok(Target {
                         path: path.clone(),
-                        _throttle: throttle,
+                        throttle,
                         _device: None,
                         _file: None,
                     });
@@ -331,7 +336,7 @@ impl Target {
                     .map_err(|e| e.at_path(path))?;
                 Ok(Target {
                     path: path.clone(),
-                    _throttle: None,
+                    throttle: None,
                     _device: None,
                     _file: None,
                 })
@@ -359,7 +364,7 @@ fn exit_code(status: ExitStatus) -> i32 {
 
 fn run_one(config: &Config, importer: Importer, virtual_size: u64, stop: &AtomicBool) -> Result<Measured> {
     let cgroups = Cgroups::create(importer, config.limit)?;
-    let target = Target::prepare(config, importer, virtual_size, cgroups.pod.reader())?;
+    let mut target = Target::prepare(config, importer, virtual_size, cgroups.pod.reader())?;
     log::debug!(
         "lab: cgroup {} and {} ready",
         cgroups.pod.reader().dir().display(),
@@ -427,7 +432,11 @@ fn run_one(config: &Config, importer: Importer, virtual_size: u64, stop: &Atomic
             break status;
         }
         if stop.load(Ordering::SeqCst) {
-            // Dropping the guards kills the importer and the co-tenant and undoes the fixtures.
+            // An importer stuck in reclaim dies only once the writeback it waits for completes: lift the throttle
+            // so that takes a moment, not minutes. Dropping the guards then reaps it, kills the co-tenant and
+            // undoes the other fixtures.
+            let _ = child.0.kill();
+            target.unthrottle();
             return Err(Error::new(ErrorKind::Interrupted, "lab interrupted"));
         }
         std::thread::sleep(Duration::from_millis(20));
