@@ -38,7 +38,7 @@ pub struct PlotRun<'a> {
 /// Renders the runs to an SVG file at `path`.
 pub fn render(path: &Path, limit: u64, write_bps: Option<u64>, runs: &[PlotRun<'_>]) -> Result<()> {
     let panels = runs.len() + 1;
-    let root = SVGBackend::new(path, (1200, 330 * panels as u32 + 40)).into_drawing_area();
+    let root = SVGBackend::new(path, (1200, 380 * panels as u32 + 40)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_error)?;
     let bandwidth = write_bps.map_or_else(
         || "unthrottled writes".to_string(),
@@ -57,7 +57,8 @@ pub fn render(path: &Path, limit: u64, write_bps: Option<u64>, runs: &[PlotRun<'
         .flat_map(|r| r.samples.last().map(|s| s.t))
         .fold(1.0, f64::max)
         * 1.02;
-    let y_max = limit as f64 / MIB * 1.1;
+    // Head room above the limit line for the legend.
+    let y_max = limit as f64 / MIB * 1.45;
 
     for (area, run) in areas.iter().zip(runs) {
         memory_panel(area, run, limit, x_max, y_max)?;
@@ -123,21 +124,25 @@ fn memory_panel<DB: DrawingBackend>(
             .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], style));
     }
-    let limit_style = LIMIT.stroke_width(2);
     chart
         .draw_series(DashedLineSeries::new(
             [(0.0, mib(limit)), (x_max, mib(limit))],
             10,
             6,
-            limit_style,
+            LIMIT.stroke_width(2),
         ))
-        .map_err(plot_error)?
-        .label("limit")
-        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], limit_style));
+        .map_err(plot_error)?;
+    chart
+        .draw_series(std::iter::once(Text::new(
+            format!("limit {:.0} MiB", mib(limit)),
+            (x_max * 0.01, mib(limit) * 1.12),
+            (FONT, 14).into_font().color(&LIMIT),
+        )))
+        .map_err(plot_error)?;
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::MiddleRight)
-        .label_font((FONT, 14))
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font((FONT, 13))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK.mix(0.4))
         .draw()
@@ -156,7 +161,7 @@ fn stall_panel<DB: DrawingBackend>(
         .fold(10.0, f64::max);
     let mut chart = ChartBuilder::on(area)
         .caption(
-            "co-tenant: time to allocate and touch its block (log scale)",
+            "co-tenant: each round of allocating and touching its block, drawn from its start to its end (log scale)",
             (FONT, 20),
         )
         .margin(12)
@@ -175,17 +180,23 @@ fn stall_panel<DB: DrawingBackend>(
         .map_err(plot_error)?;
     for (run, colour) in runs.iter().zip(STALL_COLOURS.iter().cycle()) {
         let style = colour.stroke_width(2);
+        let rounds: Vec<(f64, f64)> = run
+            .stalls
+            .iter()
+            .filter(|&&(t, _)| t >= 0.0)
+            .map(|&(t, ms)| (t, ms.max(1.0)))
+            .collect();
+        // Each round spans from when it started to when it ended, at the height of its latency: a long stall
+        // reads as a long bar, not as a slope between two rounds.
         chart
             .draw_series(
-                LineSeries::new(
-                    run.stalls
-                        .iter()
-                        .filter(|&&(t, _)| t >= 0.0)
-                        .map(|&(t, ms)| (t, ms.max(1.0))),
-                    style,
-                )
-                .point_size(2),
+                rounds
+                    .iter()
+                    .map(|&(end, ms)| PathElement::new(vec![((end - ms / 1000.0).max(0.0), ms), (end, ms)], style)),
             )
+            .map_err(plot_error)?;
+        chart
+            .draw_series(rounds.iter().map(|&point| Circle::new(point, 2, colour.filled())))
             .map_err(plot_error)?
             .label(format!("during {}", run.importer))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], style));
