@@ -46,7 +46,11 @@ pub fn render(path: &Path, limit: u64, write_bps: Option<u64>, runs: &[PlotRun<'
     );
     let root = root
         .titled(
-            &format!("Memory cgroup limited to {:.0} MiB, {bandwidth}", limit as f64 / MIB),
+            &format!(
+                "Memory cgroup limited to {:.0} MiB ({:.0} MB), {bandwidth}",
+                limit as f64 / MIB,
+                limit as f64 / 1e6
+            ),
             (FONT, 24),
         )
         .map_err(plot_error)?;
