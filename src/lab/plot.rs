@@ -98,27 +98,15 @@ fn memory_panel<DB: DrawingBackend>(
         .draw()
         .map_err(plot_error)?;
 
-    let mib = |v: u64| v as f64 / MIB;
-    let lines: [(&str, RGBColor, u32, Box<dyn Fn(&Sample) -> f64>); 4] = [
-        (
-            "whole cgroup (importer + co-tenant)",
-            POD,
-            2,
-            Box::new(move |s| mib(s.pod.usage)),
-        ),
-        ("importer usage", IMPORTER, 3, Box::new(move |s| mib(s.importer.usage))),
-        (
-            "importer kubectl top (usage - inactive_file)",
-            KUBECTL,
-            2,
-            Box::new(move |s| mib(s.importer.working_set())),
-        ),
-        (
-            "importer dirty + writeback",
-            DIRTY,
-            2,
-            Box::new(move |s| mib(s.importer.dirty_writeback())),
-        ),
+    let lines: [MemoryLine; 4] = [
+        ("whole cgroup (importer + co-tenant)", POD, 2, |s| mib(s.pod.usage)),
+        ("importer usage", IMPORTER, 3, |s| mib(s.importer.usage)),
+        ("importer kubectl top (usage - inactive_file)", KUBECTL, 2, |s| {
+            mib(s.importer.working_set())
+        }),
+        ("importer dirty + writeback", DIRTY, 2, |s| {
+            mib(s.importer.dirty_writeback())
+        }),
     ];
     for (label, colour, width, value) in lines {
         let style = colour.stroke_width(width);
@@ -214,6 +202,13 @@ fn stall_panel<DB: DrawingBackend>(
         .draw()
         .map_err(plot_error)?;
     Ok(())
+}
+
+/// A line of a memory panel: legend label, colour, stroke width, and the value it plots in MiB.
+type MemoryLine = (&'static str, RGBColor, u32, fn(&Sample) -> f64);
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / MIB
 }
 
 fn plot_error(e: impl std::fmt::Display) -> Error {
