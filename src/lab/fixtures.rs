@@ -71,12 +71,17 @@ impl ChildCgroup {
         let fail = |what: &str, e: cgroups_rs::error::Error| {
             Error::new(ErrorKind::Io, format!("{what} cgroup {}: {e}", relative.display()))
         };
-        let cgroup = cgroups_rs::Cgroup::new_with_specified_controllers(
-            cgroups_rs::hierarchies::auto(),
-            &relative,
-            Some(vec!["memory".to_string()]),
-        )
-        .map_err(|e| fail("creating", e))?;
+        let hierarchy = cgroups_rs::hierarchies::auto();
+        let mut controllers = vec!["memory".to_string()];
+        // On v2 the write throttle is the cgroup's io.max, which exists only with the io controller enabled.
+        if version == Version::V2
+            && fs::read_to_string(hierarchy.root().join("cgroup.controllers"))
+                .is_ok_and(|list| list.split_whitespace().any(|c| c == "io"))
+        {
+            controllers.push("io".to_string());
+        }
+        let cgroup = cgroups_rs::Cgroup::new_with_specified_controllers(hierarchy, &relative, Some(controllers))
+            .map_err(|e| fail("creating", e))?;
         let child = ChildCgroup {
             cgroup,
             reader: MemCgroup::at(dir, version),
