@@ -7,6 +7,7 @@ use crate::import::{self, Outcome, Plan};
 use crate::progress::{self, Progress, ProgressStyle};
 use crate::sink::IoChoice;
 use crate::size::{human, parse_quantity};
+use crate::source::Location;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
@@ -36,9 +37,10 @@ enum Command {
 /// Arguments of a plain import.
 #[derive(Debug, clap::Args)]
 struct ImportArgs {
-    /// Image to import (a local file or block device; its format is detected from its header).
+    /// Image to import: a local file or block device, or an http(s) URL. Its format is detected from its
+    /// header.
     #[arg(required = true)]
-    source: Option<PathBuf>,
+    source: Option<String>,
 
     /// Destination: a block device (written in place) or a file (created or truncated, sparse).
     #[arg(required = true)]
@@ -166,7 +168,7 @@ fn import_and_report(args: &ImportArgs) -> Result<()> {
         target_is_zero: args.target_is_zero,
         output_digest: !args.no_digest,
         governor_timeline: args.governor_log.clone(),
-        ..Plan::new(source, dest)
+        ..Plan::new(Location::parse(source), dest)
     };
     let progress = Progress::default();
     let stop = install_stop_handlers();

@@ -5,13 +5,13 @@ use crate::budget::{Budget, Sizing};
 use crate::cgroup::governor::{Governor, GovernorSummary, Targets};
 use crate::cgroup::MemCgroup;
 use crate::checksum::{hex, Algorithm, Checksum};
-use crate::error::{ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::format::{self, BackingPolicy};
 use crate::pipeline::{self, schedule::Scheduler};
 use crate::progress::Progress;
 use crate::sink::{DestKind, DestOptions, Destination, IoChoice};
 use crate::size::human;
-use crate::source::{FileSource, HashingSource, ReadAt};
+use crate::source::{FileSource, HashingSource, HttpOptions, Location, ReadAt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,7 +20,11 @@ use std::sync::Arc;
 #[derive(Debug, Clone)]
 pub struct Plan {
     /// The image to read.
-    pub source: PathBuf,
+    pub source: Location,
+    /// How to reach a URL source.
+    pub http: HttpOptions,
+    /// Directory for a spool file, when a forward-only stream needs one.
+    pub scratch: Option<PathBuf>,
     /// Where to write the raw image.
     pub destination: PathBuf,
     /// Memory budget in bytes (`None`: the cgroup's limit, else the default).
@@ -43,9 +47,11 @@ pub struct Plan {
 
 impl Plan {
     /// A plan with defaults for everything but the two paths.
-    pub fn new(source: impl Into<PathBuf>, destination: impl Into<PathBuf>) -> Self {
+    pub fn new(source: Location, destination: impl Into<PathBuf>) -> Self {
         Plan {
-            source: source.into(),
+            source,
+            http: HttpOptions::default(),
+            scratch: None,
             destination: destination.into(),
             limit: None,
             io: IoChoice::Auto,
@@ -62,8 +68,8 @@ impl Plan {
 /// What an import did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Outcome {
-    /// Source path.
-    pub source: PathBuf,
+    /// Source location.
+    pub source: Location,
     /// Destination path.
     pub destination: PathBuf,
     /// Detected image format.
@@ -105,7 +111,13 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
         human(sizing.chunk)
     );
 
-    let file: Arc<dyn ReadAt> = Arc::new(FileSource::open(&plan.source)?);
+    let source_path = match &plan.source {
+        Location::Path(path) => path,
+        Location::Url(url) => {
+            return Err(Error::unsupported("HTTP sources are not supported yet").at_path(url));
+        }
+    };
+    let file: Arc<dyn ReadAt> = Arc::new(FileSource::open(source_path)?);
     let tap = plan
         .checksum
         .as_ref()
@@ -117,7 +129,7 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
     let backing = BackingPolicy {
         allow: plan.allow_backing,
         base_dir: Some(
-            plan.source
+            source_path
                 .parent()
                 .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
         ),
@@ -127,7 +139,7 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
     let format_name = image.format_name();
     log::info!(
         "{}: {format_name} image, virtual size {virtual_size} bytes ({})",
-        plan.source.display(),
+        plan.source,
         human(virtual_size)
     );
 
@@ -174,7 +186,7 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
             if hashed.gap_bytes > 0 {
                 log::debug!("read {} extra to checksum the source", human(hashed.gap_bytes));
             }
-            expected.verify(&hashed.digest, &plan.source.display().to_string())?;
+            expected.verify(&hashed.digest, &plan.source.to_string())?;
             Some(expected.to_string())
         }
         _ => None,

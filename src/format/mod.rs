@@ -7,6 +7,10 @@
 pub mod detect;
 pub mod qcow2;
 pub mod raw;
+pub mod vdi;
+pub mod vhd;
+pub mod vhdx;
+pub mod vmdk;
 
 pub use detect::{detect, Detected};
 
@@ -167,6 +171,10 @@ fn open_at_depth(source: Arc<dyn ReadAt>, backing: &BackingPolicy, depth: usize)
     match detect(source.as_ref())? {
         Detected::Raw => Ok(Box::new(raw::RawImage::new(source))),
         Detected::Qcow2 => Ok(Box::new(qcow2::Qcow2Image::open(source, backing, depth)?)),
+        Detected::Vhd => Ok(Box::new(vhd::VhdImage::open(source)?)),
+        Detected::Vdi => Ok(Box::new(vdi::VdiImage::open(source)?)),
+        Detected::Vhdx => Ok(Box::new(vhdx::VhdxImage::open(source)?)),
+        Detected::Vmdk => Ok(Box::new(vmdk::VmdkImage::open(source, backing)?)),
         Detected::Unsupported(what) => {
             Err(Error::unsupported(format!("unsupported image format: {what}")).at_path(source.name()))
         }

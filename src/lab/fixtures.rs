@@ -355,3 +355,71 @@ impl Drop for StopOnSignals {
         }
     }
 }
+
+/// A fresh ext4 filesystem made on a block device and mounted on a temporary directory; unmounted on drop.
+pub struct MountedExt4 {
+    mountpoint: tempfile::TempDir,
+}
+
+impl MountedExt4 {
+    /// Formats `device` (lazily: no inode-table or journal zeroing, so a throttled device formats at once) and
+    /// mounts it.
+    pub fn create(device: &Path) -> Result<Self> {
+        let mkfs = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1"])
+            .arg(device)
+            .stderr(Stdio::piped())
+            .output()
+            .io_context("running mkfs.ext4")?;
+        if !mkfs.status.success() {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("mkfs.ext4 failed: {}", String::from_utf8_lossy(&mkfs.stderr).trim()),
+            )
+            .at_path(device));
+        }
+        let mountpoint = tempfile::Builder::new()
+            .prefix("boundimport-mnt-")
+            .tempdir()
+            .io_context("creating a mount point")?;
+        let mount = Command::new("mount")
+            .arg(device)
+            .arg(mountpoint.path())
+            .stderr(Stdio::piped())
+            .output()
+            .io_context("running mount")?;
+        if !mount.status.success() {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("mount failed: {}", String::from_utf8_lossy(&mount.stderr).trim()),
+            )
+            .at_path(device));
+        }
+        Ok(MountedExt4 { mountpoint })
+    }
+
+    /// Where the filesystem is mounted.
+    pub fn path(&self) -> &Path {
+        self.mountpoint.path()
+    }
+}
+
+impl Drop for MountedExt4 {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            match Command::new("umount")
+                .arg(self.mountpoint.path())
+                .stderr(Stdio::null())
+                .status()
+            {
+                Ok(status) if status.success() => return,
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+        // Still busy: detach it lazily rather than leave it mounted.
+        let _ = Command::new("umount")
+            .arg("--lazy")
+            .arg(self.mountpoint.path())
+            .status();
+    }
+}

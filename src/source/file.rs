@@ -126,18 +126,24 @@ impl FileSource {
         Ok(done)
     }
 
-    /// An O_DIRECT read of an unaligned request: read the aligned superset into a bounce buffer, copy out.
+    /// An O_DIRECT read of an unaligned request: read the aligned superset into a bounce buffer, copy out. The
+    /// per-thread bounce buffer grows to what requests need (metadata reads are small), up to [`BOUNCE_SIZE`].
     fn read_bounced(&self, offset: u64, buf: &mut [u8], align: u64) -> io::Result<usize> {
         BOUNCE.with(|cell| {
             let mut slot = cell.borrow_mut();
-            let bounce = slot.get_or_insert_with(|| AlignedBuf::new(BOUNCE_SIZE));
+            let wanted = (buf.len() as u64 + 2 * align).min(BOUNCE_SIZE as u64) as usize;
+            if slot.as_ref().is_none_or(|b| b.capacity() < wanted) {
+                *slot = Some(AlignedBuf::new(wanted));
+            }
+            let bounce = slot.as_mut().expect("bounce buffer just allocated");
+            let room = bounce.capacity();
             let mut done = 0usize;
             while done < buf.len() {
                 let want_start = offset + done as u64;
                 let start = align_down(want_start, align);
                 let skip = (want_start - start) as usize;
-                let take = (buf.len() - done).min(BOUNCE_SIZE - skip);
-                let span = align_up((skip + take) as u64, align) as usize;
+                let take = (buf.len() - done).min(room - skip);
+                let span = (align_up((skip + take) as u64, align) as usize).min(room);
                 let got = self.pread_full(start, &mut bounce[..span])?;
                 let usable = got.saturating_sub(skip).min(take);
                 buf[done..done + usable].copy_from_slice(&bounce[skip..skip + usable]);

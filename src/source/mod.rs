@@ -1,5 +1,6 @@
 //! Byte sources: where image bytes come from. Formats read through the [`ReadAt`] trait and never see a file
-//! descriptor, so the same parser serves a local file, a backing file, or (later) an HTTP range reader.
+//! descriptor, so the same parser serves a local file, a backing file, or an HTTP range reader. A [`Location`]
+//! names a source; [`HttpOptions`] say how to reach a URL.
 
 mod file;
 mod hashing;
@@ -8,7 +9,74 @@ pub use file::FileSource;
 pub use hashing::HashingSource;
 
 use crate::error::Result;
+use std::fmt;
 use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where an image comes from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum Location {
+    /// A local file or block device.
+    Path(PathBuf),
+    /// An `http://` or `https://` URL.
+    Url(String),
+}
+
+impl Location {
+    /// A URL when `text` starts with `http://` or `https://`, else a path.
+    pub fn parse(text: &str) -> Location {
+        let lower = text.to_ascii_lowercase();
+        if lower.starts_with("http://") || lower.starts_with("https://") {
+            Location::Url(text.to_string())
+        } else {
+            Location::Path(PathBuf::from(text))
+        }
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::Path(path) => write!(f, "{}", path.display()),
+            Location::Url(url) => f.write_str(url),
+        }
+    }
+}
+
+/// How to reach HTTP(S) sources.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// Directories of extra PEM CA certificates trusted besides the system roots.
+    pub ca_dirs: Vec<PathBuf>,
+    /// Skip TLS certificate verification.
+    pub insecure: bool,
+    /// Basic-auth user name (also taken from the URL's userinfo).
+    pub username: Option<String>,
+    /// Basic-auth password.
+    pub password: Option<String>,
+    /// Extra request headers, `Name: value`.
+    pub headers: Vec<(String, String)>,
+    /// A transfer that delivers no byte for this long fails.
+    pub stall_timeout: Duration,
+    /// Reconnections (with Range) after a dropped connection before giving up.
+    pub retries: u32,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            ca_dirs: Vec::new(),
+            insecure: false,
+            username: None,
+            password: None,
+            headers: Vec::new(),
+            stall_timeout: Duration::from_secs(60),
+            retries: 5,
+        }
+    }
+}
 
 /// A random-access byte source.
 pub trait ReadAt: Send + Sync {
@@ -51,4 +119,20 @@ pub fn read_exact_at(source: &dyn ReadAt, offset: u64, buf: &mut [u8], what: &st
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locations_are_urls_only_with_an_http_scheme() {
+        assert_eq!(
+            Location::parse("https://h/x.qcow2"),
+            Location::Url("https://h/x.qcow2".into())
+        );
+        assert_eq!(Location::parse("HTTP://h/x"), Location::Url("HTTP://h/x".into()));
+        assert_eq!(Location::parse("disk.qcow2"), Location::Path("disk.qcow2".into()));
+        assert_eq!(Location::parse("./http:x"), Location::Path("./http:x".into()));
+    }
 }

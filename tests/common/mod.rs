@@ -2,6 +2,7 @@
 //! pseudo-random data, raw guest images built from described segments, and scratch directories.
 #![allow(dead_code)]
 
+pub mod images;
 pub mod privileged;
 
 use std::fs::{File, OpenOptions};
@@ -119,6 +120,8 @@ pub enum Fill {
     Random(u64),
     /// Zeros (left as a hole).
     Zero,
+    /// Zeros written out explicitly (not a hole), so formats see data that happens to be zero.
+    ZeroWritten,
     /// Zeros with a pseudo-random byte every 8 KiB (half the 4 KiB blocks are all-zero).
     MostlyZero(u64),
     /// Repetitive text that compresses well, varying with the guest offset.
@@ -129,7 +132,7 @@ pub enum Fill {
 pub fn fill_bytes(fill: Fill, offset: u64, buf: &mut [u8]) {
     match fill {
         Fill::Random(seed) => SplitMix64::new(seed ^ offset.rotate_left(17)).fill(buf),
-        Fill::Zero => buf.fill(0),
+        Fill::Zero | Fill::ZeroWritten => buf.fill(0),
         Fill::MostlyZero(seed) => {
             buf.fill(0);
             let mut rng = SplitMix64::new(seed ^ offset);
