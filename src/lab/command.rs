@@ -53,7 +53,7 @@ enum LabMode {
 /// Settings shared by a session and the benchmark.
 #[derive(Debug, clap::Args)]
 struct SessionArgs {
-    /// Image to import (raw or qcow2).
+    /// Image to import (any format both boundimport and qemu-img read: raw, qcow2, ...).
     #[arg(long, required = true)]
     image: Option<PathBuf>,
 
