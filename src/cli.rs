@@ -25,7 +25,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    /// Reproduce the importer-pod page-cache pathology and measure importers side by side (needs root).
+    Lab(crate::lab::command::LabCommand),
+}
 
 /// Arguments of a plain import.
 #[derive(Debug, clap::Args)]
@@ -111,7 +114,7 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.command {
         None => run_import(cli.import),
-        Some(command) => match command {},
+        Some(Command::Lab(lab)) => crate::lab::command::main(lab),
     }
 }
 

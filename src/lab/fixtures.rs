@@ -1,14 +1,16 @@
 //! Test and harness fixtures that change the machine: a child memory cgroup, a loop device, a block-device
-//! write throttle. Each is a guard that undoes itself on drop, so a failing test or an interrupted harness run
-//! leaves nothing behind. All of them need root.
+//! write throttle, a scratch file, signal handlers. Each is a guard that undoes itself on drop, so a failing test
+//! or an interrupted harness run leaves nothing behind. The machine-changing ones need root.
 
 use crate::cgroup::{MemCgroup, Version};
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use std::ffi::CString;
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 /// Whether this process runs as root (the fixtures need it).
@@ -24,36 +26,68 @@ pub fn drop_caches() -> Result<()> {
         .map_err(|e| e.at_path("/proc/sys/vm/drop_caches"))
 }
 
+/// Bytes the v1 memory+swap limit exceeds the memory limit by (see [`ChildCgroup::create`]); more than one charge
+/// batch (64 pages).
+const MEMSW_MARGIN: i64 = 1 << 20;
+
 /// A memory cgroup created under our own (or under the hierarchy root when we are in none), removed on drop.
+/// Children made with [`create_child`](Self::create_child) must be dropped before their parent.
 pub struct ChildCgroup {
     cgroup: cgroups_rs::Cgroup,
     reader: MemCgroup,
+    /// Path relative to the memory hierarchy's root, as cgroups-rs names it.
+    relative: PathBuf,
 }
 
 impl ChildCgroup {
     /// Creates a child memory cgroup named `name` with `limit` bytes and no swap beyond it.
     pub fn create(name: &str, limit: u64) -> Result<Self> {
-        let fail =
-            |what: &str, e: cgroups_rs::error::Error| Error::new(ErrorKind::Io, format!("{what} cgroup {name}: {e}"));
         let parent = MemCgroup::own()?.ok_or_else(|| Error::unsupported("no memory cgroup hierarchy is mounted"))?;
-        let hierarchy = cgroups_rs::hierarchies::auto();
-        let root = hierarchy.root();
+        let root = cgroups_rs::hierarchies::auto().root();
         let memory_root = match parent.version() {
             Version::V1 => root.join("memory"),
-            Version::V2 => root.clone(),
+            Version::V2 => root,
         };
         let relative = parent.dir().strip_prefix(&memory_root).unwrap_or(Path::new("")).join(name);
-        let cgroup =
-            cgroups_rs::Cgroup::new_with_specified_controllers(hierarchy, &relative, Some(vec!["memory".to_string()]))
-                .map_err(|e| fail("creating", e))?;
-        let child = ChildCgroup { cgroup, reader: MemCgroup::at(parent.dir().join(name), parent.version()) };
+        Self::create_at(relative, parent.dir().join(name), parent.version(), Some(limit))
+    }
+
+    /// Creates a cgroup named `name` inside this one, limited to `limit` bytes or, with `None`, sharing this
+    /// one's limit (the layout of a pod whose containers share the pod's limit).
+    pub fn create_child(&self, name: &str, limit: Option<u64>) -> Result<Self> {
+        Self::create_at(self.relative.join(name), self.reader.dir().join(name), self.reader.version(), limit)
+    }
+
+    fn create_at(relative: PathBuf, dir: PathBuf, version: Version, limit: Option<u64>) -> Result<Self> {
+        let fail = |what: &str, e: cgroups_rs::error::Error| {
+            Error::new(ErrorKind::Io, format!("{what} cgroup {}: {e}", relative.display()))
+        };
+        let hierarchy = cgroups_rs::hierarchies::auto();
+        let mut controllers = vec!["memory".to_string()];
+        // On v2 the write throttle is the cgroup's io.max, which exists only with the io controller enabled.
+        if version == Version::V2
+            && fs::read_to_string(hierarchy.root().join("cgroup.controllers"))
+                .is_ok_and(|list| list.split_whitespace().any(|c| c == "io"))
+        {
+            controllers.push("io".to_string());
+        }
+        let cgroup = cgroups_rs::Cgroup::new_with_specified_controllers(hierarchy, &relative, Some(controllers))
+            .map_err(|e| fail("creating", e))?;
+        let child = ChildCgroup { cgroup, reader: MemCgroup::at(dir, version), relative: relative.clone() };
+        let Some(limit) = limit else {
+            return Ok(child);
+        };
         let memory: &cgroups_rs::memory::MemController =
             child.cgroup.controller_of().ok_or_else(|| Error::unsupported("memory controller not available"))?;
         let limit = i64::try_from(limit).map_err(|_| Error::usage("cgroup limit too large"))?;
         memory.set_limit(limit).map_err(|e| fail("limiting", e))?;
-        // Pin swap to the limit where the kernel accounts it, so the limit cannot be dodged by swapping.
-        let swap = match parent.version() {
-            Version::V1 => ("memory.memsw.limit_in_bytes", limit.to_string()),
+        // Pin swap where the kernel accounts it, so the limit cannot be dodged by swapping. On v1 the memory+swap
+        // limit sits a little above the memory limit: a charge tries memory+swap first (in batches of up to 64
+        // pages), and with equal limits every limit hit happens there, where 6.x kernels keep no failcnt, so
+        // memory.failcnt would read 0 for a cgroup pinned at its limit (measured on 6.18). The margin lets
+        // swap hold at most 1 MiB.
+        let swap = match version {
+            Version::V1 => ("memory.memsw.limit_in_bytes", (limit + MEMSW_MARGIN).to_string()),
             Version::V2 => ("memory.swap.max", "0".to_string()),
         };
         let swap_file = child.reader.dir().join(swap.0);
@@ -198,6 +232,84 @@ impl WriteThrottle {
 impl Drop for WriteThrottle {
     fn drop(&mut self) {
         let _ = fs::write(&self.file, &self.clear);
+    }
+}
+
+/// A file created for a run (a loop device's backing file), removed on drop.
+pub struct ScratchFile {
+    path: PathBuf,
+}
+
+impl ScratchFile {
+    /// Creates `path` afresh as a sparse file of `size` bytes (an existing file there is replaced).
+    pub fn sparse(path: &Path, size: u64) -> Result<Self> {
+        let file = fs::File::create(path).io_context("creating scratch file").map_err(|e| e.at_path(path))?;
+        let scratch = ScratchFile { path: path.to_path_buf() };
+        file.set_len(size).io_context("sizing scratch file").map_err(|e| e.at_path(path))?;
+        Ok(scratch)
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ScratchFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Set by the handler [`StopOnSignals`] installs; read with [`StopOnSignals::flag`].
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+/// The signal that set [`STOP_REQUESTED`].
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn request_stop(signal: libc::c_int) {
+    STOP_SIGNAL.store(signal, Ordering::SeqCst);
+    STOP_REQUESTED.store(true, Ordering::SeqCst);
+}
+
+/// SIGINT and SIGTERM handlers that only raise a flag, so a long run can stop at its next check and let every
+/// guard drop; the previous handlers come back on drop.
+pub struct StopOnSignals {
+    previous: Vec<(Signal, SigAction)>,
+}
+
+impl StopOnSignals {
+    /// Installs the handlers and clears the flag.
+    pub fn install() -> Result<Self> {
+        STOP_REQUESTED.store(false, Ordering::SeqCst);
+        STOP_SIGNAL.store(0, Ordering::SeqCst);
+        let action = SigAction::new(SigHandler::Handler(request_stop), SaFlags::SA_RESTART, SigSet::empty());
+        let mut guard = StopOnSignals { previous: Vec::new() };
+        for signal in [Signal::SIGINT, Signal::SIGTERM] {
+            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+            let previous = unsafe { sigaction(signal, &action) }
+                .map_err(|errno| Error::io(format!("installing a {signal} handler"), std::io::Error::from(errno)))?;
+            guard.previous.push((signal, previous));
+        }
+        Ok(guard)
+    }
+
+    /// The flag the handlers raise.
+    pub fn flag(&self) -> &'static AtomicBool {
+        &STOP_REQUESTED
+    }
+
+    /// The signal received, if one was.
+    pub fn signal(&self) -> Option<i32> {
+        Some(STOP_SIGNAL.load(Ordering::SeqCst)).filter(|&s| s > 0)
+    }
+}
+
+impl Drop for StopOnSignals {
+    fn drop(&mut self) {
+        for (signal, previous) in self.previous.drain(..).rev() {
+            // SAFETY: restores the action that was installed before ours.
+            let _ = unsafe { sigaction(signal, &previous) };
+        }
     }
 }
 
