@@ -102,12 +102,8 @@ pub fn extract(reader: impl Read, dir: &Path, pacing: &Pacing, mut on_progress: 
                 let parent = walk_parents(&root, &components).map_err(ctx)?;
                 let name = components.last().expect("non-empty");
                 remove_existing(&parent, name).map_err(ctx)?;
-                symlinkat(
-                    OsStr::from_bytes(&entry.link),
-                    Some(parent.as_raw_fd()),
-                    OsStr::from_bytes(name),
-                )
-                .map_err(|e| ctx(Error::io("creating a symlink", e.into())))?;
+                symlinkat(OsStr::from_bytes(&entry.link), Some(parent.as_raw_fd()), OsStr::from_bytes(name))
+                    .map_err(|e| ctx(Error::io("creating a symlink", e.into())))?;
                 done.links += 1;
             }
             Kind::HardLink => {
@@ -130,11 +126,7 @@ pub fn extract(reader: impl Read, dir: &Path, pacing: &Pacing, mut on_progress: 
                 done.links += 1;
             }
             Kind::Other(flag) => {
-                log::warn!(
-                    "{}: skipping {shown}: member type {:?} is not extracted",
-                    dir.display(),
-                    flag as char
-                );
+                log::warn!("{}: skipping {shown}: member type {:?} is not extracted", dir.display(), flag as char);
                 done.skipped += 1;
             }
         }
@@ -158,12 +150,7 @@ fn member_components(path: &[u8]) -> Result<Option<Vec<Vec<u8>>>> {
     for part in path.split(|&b| b == b'/') {
         match part {
             b"" | b"." => {}
-            b".." => {
-                return Err(Error::new(
-                    ErrorKind::BadImage,
-                    "archive member path contains \"..\"; refusing it",
-                ))
-            }
+            b".." => return Err(Error::new(ErrorKind::BadImage, "archive member path contains \"..\"; refusing it")),
             name => components.push(name.to_vec()),
         }
     }
@@ -208,9 +195,7 @@ fn open_dir_handle(parent: Option<&OwnedFd>, name: &OsStr) -> std::io::Result<Ow
 /// Walks (creating as needed) every directory above the member at `components`, never following a symlink;
 /// returns a handle on the member's parent.
 fn walk_parents(root: &OwnedFd, components: &[Vec<u8>]) -> Result<OwnedFd> {
-    let mut current = root
-        .try_clone()
-        .map_err(|e| Error::io("duplicating a directory handle", e))?;
+    let mut current = root.try_clone().map_err(|e| Error::io("duplicating a directory handle", e))?;
     for name in &components[..components.len() - 1] {
         let name_os = OsStr::from_bytes(name);
         current = match open_dir_handle(Some(&current), name_os) {
@@ -236,23 +221,15 @@ fn walk_parents(root: &OwnedFd, components: &[Vec<u8>]) -> Result<OwnedFd> {
 
 /// Creates directory `name` (owner-writable until the final modes are set); an existing directory is fine.
 fn make_dir(parent: &OwnedFd, name: &[u8]) -> Result<()> {
-    match mkdirat(
-        Some(parent.as_raw_fd()),
-        OsStr::from_bytes(name),
-        Mode::from_bits_truncate(0o700),
-    ) {
+    match mkdirat(Some(parent.as_raw_fd()), OsStr::from_bytes(name), Mode::from_bits_truncate(0o700)) {
         Ok(()) => Ok(()),
         Err(nix::errno::Errno::EEXIST) => match open_dir_handle(Some(parent), OsStr::from_bytes(name)) {
             Ok(_) => Ok(()),
             Err(_) => {
                 // A file or symlink in the way: replaced, as tar replaces it.
                 remove_existing(parent, name)?;
-                mkdirat(
-                    Some(parent.as_raw_fd()),
-                    OsStr::from_bytes(name),
-                    Mode::from_bits_truncate(0o700),
-                )
-                .map_err(|e| Error::io("creating a directory", e.into()))
+                mkdirat(Some(parent.as_raw_fd()), OsStr::from_bytes(name), Mode::from_bits_truncate(0o700))
+                    .map_err(|e| Error::io("creating a directory", e.into()))
             }
         },
         Err(e) => Err(Error::io("creating a directory", e.into())),
@@ -261,16 +238,11 @@ fn make_dir(parent: &OwnedFd, name: &[u8]) -> Result<()> {
 
 /// Removes a non-directory at `name`, if any (tar's default: unlink before extracting over it).
 fn remove_existing(parent: &OwnedFd, name: &[u8]) -> Result<()> {
-    match unlinkat(
-        Some(parent.as_raw_fd()),
-        OsStr::from_bytes(name),
-        UnlinkatFlags::NoRemoveDir,
-    ) {
+    match unlinkat(Some(parent.as_raw_fd()), OsStr::from_bytes(name), UnlinkatFlags::NoRemoveDir) {
         Ok(()) | Err(nix::errno::Errno::ENOENT) => Ok(()),
-        Err(nix::errno::Errno::EISDIR) => Err(Error::new(
-            ErrorKind::BadImage,
-            "a directory is in the way of a non-directory member",
-        )),
+        Err(nix::errno::Errno::EISDIR) => {
+            Err(Error::new(ErrorKind::BadImage, "a directory is in the way of a non-directory member"))
+        }
         Err(e) => Err(Error::io("replacing an existing file", e.into())),
     }
 }

@@ -68,12 +68,8 @@ pub fn filesystem_available(dir: &Path) -> Result<u64> {
 
 /// Size in bytes of the block device at `path`.
 pub fn device_size(path: &Path) -> Result<u64> {
-    let file = File::open(path)
-        .io_context("opening block volume")
-        .map_err(|e| e.at_path(path))?;
-    sys::file_or_device_size(&file)
-        .io_context("reading device size")
-        .map_err(|e| e.at_path(path))
+    let file = File::open(path).io_context("opening block volume").map_err(|e| e.at_path(path))?;
+    sys::file_or_device_size(&file).io_context("reading device size").map_err(|e| e.at_path(path))
 }
 
 /// The space an image may occupy, CDI's `calculateTargetSize`: the device size for a block volume; for a
@@ -103,9 +99,7 @@ pub fn remove_stale(path: &Path) -> Result<()> {
     } else {
         std::fs::remove_file(path)
     };
-    removed
-        .io_context("removing a stale image")
-        .map_err(|e| e.at_path(path))?;
+    removed.io_context("removing a stale image").map_err(|e| e.at_path(path))?;
     log::info!("{}: removed a stale image", path.display());
     Ok(())
 }
@@ -126,11 +120,7 @@ pub fn resize_target(virtual_size: u64, requested: Option<u64>, available: u64, 
 /// `preallocate`, sets mode 0660 and makes it durable.
 pub fn finish_file(path: &Path, size: Option<u64>, preallocate: bool) -> Result<()> {
     let ctx = |e: Error| e.at_path(path);
-    let file = OpenOptions::new()
-        .write(true)
-        .open(path)
-        .io_context("opening the image")
-        .map_err(ctx)?;
+    let file = OpenOptions::new().write(true).open(path).io_context("opening the image").map_err(ctx)?;
     let current = file.metadata().io_context("reading the image size").map_err(ctx)?.len();
     let length = match size {
         Some(size) if size > current => {
@@ -142,9 +132,7 @@ pub fn finish_file(path: &Path, size: Option<u64>, preallocate: bool) -> Result<
     };
     if preallocate && length > 0 {
         // Mode 0 allocates the holes and keeps the data: qemu-img's preallocation=falloc.
-        sys::fallocate(&file, 0, 0, length)
-            .io_context("preallocating the image")
-            .map_err(ctx)?;
+        sys::fallocate(&file, 0, 0, length).io_context("preallocating the image").map_err(ctx)?;
     }
     file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))
         .io_context("setting the image's permissions")
@@ -162,27 +150,20 @@ pub fn create_blank_file(path: &Path, size: u64, preallocate: bool) -> Result<()
         .open(path)
         .io_context("creating a blank image")
         .map_err(|e| e.at_path(path))?;
-    file.set_len(size)
-        .io_context("sizing a blank image")
-        .map_err(|e| e.at_path(path))?;
+    file.set_len(size).io_context("sizing a blank image").map_err(|e| e.at_path(path))?;
     drop(file);
     finish_file(path, None, preallocate)
 }
 
 /// Makes what was written to `path` durable (CDI's final fsync of the data file or device).
 pub fn sync_path(path: &Path) -> Result<()> {
-    File::open(path)
-        .and_then(|file| file.sync_all())
-        .io_context("syncing the destination")
-        .map_err(|e| e.at_path(path))
+    File::open(path).and_then(|file| file.sync_all()).io_context("syncing the destination").map_err(|e| e.at_path(path))
 }
 
 /// Makes everything under `dir` durable: one `syncfs` of its filesystem (the extracted files of an archive).
 pub fn sync_filesystem(dir: &Path) -> Result<()> {
     use std::os::fd::AsRawFd;
-    let handle = File::open(dir)
-        .io_context("opening the data directory")
-        .map_err(|e| e.at_path(dir))?;
+    let handle = File::open(dir).io_context("opening the data directory").map_err(|e| e.at_path(dir))?;
     // SAFETY: syncfs on a valid descriptor touches no memory of ours.
     if unsafe { libc::syncfs(handle.as_raw_fd()) } != 0 {
         return Err(Error::io("syncing the data directory", std::io::Error::last_os_error()).at_path(dir));
@@ -193,23 +174,12 @@ pub fn sync_filesystem(dir: &Path) -> Result<()> {
 /// Removes everything inside `dir` but not `dir` itself (the volume's mount point), as CDI does after a checksum
 /// mismatch of an archive.
 pub fn remove_dir_contents(dir: &Path) -> Result<()> {
-    let entries = std::fs::read_dir(dir)
-        .io_context("listing the data directory")
-        .map_err(|e| e.at_path(dir))?;
+    let entries = std::fs::read_dir(dir).io_context("listing the data directory").map_err(|e| e.at_path(dir))?;
     for entry in entries {
-        let entry = entry
-            .io_context("listing the data directory")
-            .map_err(|e| e.at_path(dir))?;
+        let entry = entry.io_context("listing the data directory").map_err(|e| e.at_path(dir))?;
         let path = entry.path();
-        let kind = entry
-            .file_type()
-            .io_context("reading an entry")
-            .map_err(|e| e.at_path(&path))?;
-        let removed = if kind.is_dir() {
-            std::fs::remove_dir_all(&path)
-        } else {
-            std::fs::remove_file(&path)
-        };
+        let kind = entry.file_type().io_context("reading an entry").map_err(|e| e.at_path(&path))?;
+        let removed = if kind.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
         if let Err(e) = removed {
             log::warn!("{}: cannot remove after a checksum mismatch: {e}", path.display());
         }
@@ -260,10 +230,7 @@ mod tests {
         let data = dir.path().join("data");
         std::fs::create_dir(&data).unwrap();
         let missing = dir.path().join("no-block");
-        assert_eq!(
-            Volume::detect(&missing, &data).unwrap(),
-            Volume::Filesystem(data.clone())
-        );
+        assert_eq!(Volume::detect(&missing, &data).unwrap(), Volume::Filesystem(data.clone()));
         let not_block = dir.path().join("file");
         std::fs::write(&not_block, b"x").unwrap();
         assert!(Volume::detect(&not_block, &data).is_err());

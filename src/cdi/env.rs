@@ -118,11 +118,7 @@ impl CdiEnv {
         let content_type = match get("IMPORTER_CONTENTTYPE") {
             "" | "kubevirt" => ContentType::Kubevirt,
             "archive" => ContentType::Archive,
-            other => {
-                return Err(Error::usage(format!(
-                    "Unknown content type: {other} (expected kubevirt or archive)"
-                )))
-            }
+            other => return Err(Error::usage(format!("Unknown content type: {other} (expected kubevirt or archive)"))),
         };
 
         let source = match get("IMPORTER_SOURCE") {
@@ -164,9 +160,7 @@ impl CdiEnv {
             }
             Err(_) => {
                 if !overhead_text.is_empty() {
-                    warnings.push(format!(
-                        "FILESYSTEM_OVERHEAD {overhead_text:?} is not a number; using 0"
-                    ));
+                    warnings.push(format!("FILESYSTEM_OVERHEAD {overhead_text:?} is not a number; using 0"));
                 }
                 0.0
             }
@@ -176,10 +170,7 @@ impl CdiEnv {
             Some(value) => value,
             None => {
                 if !get("INSECURE_TLS").is_empty() {
-                    warnings.push(format!(
-                        "INSECURE_TLS {:?} is not a boolean; verifying TLS",
-                        get("INSECURE_TLS")
-                    ));
+                    warnings.push(format!("INSECURE_TLS {:?} is not a boolean; verifying TLS", get("INSECURE_TLS")));
                 }
                 false
             }
@@ -283,10 +274,7 @@ mod tests {
         assert!(!e.insecure_tls);
         assert!(e.checksum.is_some());
         assert_eq!(e.cert_dir, Some(PathBuf::from("/certs")));
-        assert_eq!(
-            (e.access_key.as_deref(), e.secret_key.as_deref()),
-            (Some("user"), Some("pass"))
-        );
+        assert_eq!((e.access_key.as_deref(), e.secret_key.as_deref()), (Some("user"), Some("pass")));
         let headers: Vec<(&str, &str)> = e.extra_headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         assert_eq!(headers, [("X-First", "a:1"), ("X-Second", "b"), ("X-Tenth", "c")]);
         assert!(e.warnings.is_empty(), "{:?}", e.warnings);
@@ -319,10 +307,7 @@ mod tests {
 
     #[test]
     fn content_types() {
-        assert_eq!(
-            env(&[("IMPORTER_CONTENTTYPE", "archive")]).unwrap().content_type,
-            ContentType::Archive
-        );
+        assert_eq!(env(&[("IMPORTER_CONTENTTYPE", "archive")]).unwrap().content_type, ContentType::Archive);
         assert_eq!(env(&[]).unwrap().content_type, ContentType::Kubevirt);
         assert!(env(&[("IMPORTER_CONTENTTYPE", "iso")]).is_err());
         let err = env(&[("IMPORTER_CONTENTTYPE", "archive"), ("IMPORTER_SOURCE", "none")]).unwrap_err();
@@ -347,10 +332,7 @@ mod tests {
     fn bad_sizes_and_checksums_fail() {
         assert!(env(&[("IMPORTER_IMAGE_SIZE", "10GB")]).is_err());
         let err = env(&[("IMPORTER_CHECKSUM", "sha256:abc")]).unwrap_err().to_string();
-        assert!(
-            err.starts_with("Unable to connect to http data source: invalid checksum"),
-            "{err}"
-        );
+        assert!(err.starts_with("Unable to connect to http data source: invalid checksum"), "{err}");
     }
 
     #[test]

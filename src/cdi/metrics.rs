@@ -109,11 +109,7 @@ impl Metrics {
         );
         let budget = self.budget.load(Ordering::Relaxed);
         if budget > 0 {
-            gauge(
-                "boundimport_budget_bytes",
-                "Memory budget of the import: the pod cgroup's limit.",
-                budget,
-            );
+            gauge("boundimport_budget_bytes", "Memory budget of the import: the pod cgroup's limit.", budget);
         }
         if let Some(cgroup) = &self.cgroup {
             match cgroup.stat() {
@@ -205,9 +201,7 @@ pub fn start(addr: &str, metrics: Arc<Metrics>) -> Result<SocketAddr> {
         (None, Some(e)) => return Err(Error::io(format!("listening on {addr}"), e)),
         (None, None) => return Err(Error::usage(format!("nothing to listen on for {addr:?}"))),
     };
-    let local = listener
-        .local_addr()
-        .map_err(|e| Error::io("reading the listening address", e))?;
+    let local = listener.local_addr().map_err(|e| Error::io("reading the listening address", e))?;
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || accept_loop(listener, tls, metrics))
@@ -310,10 +304,7 @@ mod tests {
         metrics.complete();
         assert_eq!(metrics.observe(), 10_000);
         let text = metrics.render();
-        assert!(
-            text.contains("\nkubevirt_cdi_import_progress_total{ownerUID=\"uid-1\"} 100\n"),
-            "{text}"
-        );
+        assert!(text.contains("\nkubevirt_cdi_import_progress_total{ownerUID=\"uid-1\"} 100\n"), "{text}");
         assert!(text.starts_with(
             "# HELP kubevirt_cdi_import_progress_total The import progress in percentage\n\
              # TYPE kubevirt_cdi_import_progress_total counter\n"

@@ -106,10 +106,8 @@ enum Finish {
 /// binary in place). Returns the arguments and whether they select the `cdi` subcommand.
 pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> (Vec<OsString>, bool) {
     let mut args: Vec<OsString> = args.into_iter().collect();
-    let invoked_as_importer = args
-        .first()
-        .and_then(|arg0| Path::new(arg0).file_name())
-        .is_some_and(|name| name == "cdi-importer");
+    let invoked_as_importer =
+        args.first().and_then(|arg0| Path::new(arg0).file_name()).is_some_and(|name| name == "cdi-importer");
     if invoked_as_importer {
         args.insert(1, OsString::from("cdi"));
     }
@@ -178,13 +176,7 @@ pub fn main(args: CdiArgs) -> i32 {
         Err(e) => log::warn!("cannot read the memory budget: {e}"),
     }
 
-    let context = Context {
-        args: &args,
-        metrics: &metrics,
-        progress: &progress,
-        cgroup: cgroup.as_ref(),
-        stop,
-    };
+    let context = Context { args: &args, metrics: &metrics, progress: &progress, cgroup: cgroup.as_ref(), stop };
     let finish = context.run();
     let code = report(&args, finish);
     if code == 0 && serving && args.metrics_linger > 0.0 {
@@ -203,10 +195,7 @@ fn report(args: &CdiArgs, finish: Finish) -> i32 {
         }
         Finish::ChecksumMismatch(text) => {
             log::error!("{text}");
-            (
-                termination::write_json(path, &TerminationMessage::message_only(text)),
-                0,
-            )
+            (termination::write_json(path, &TerminationMessage::message_only(text)), 0)
         }
         Finish::Failure(text) => {
             log::error!("{text}");
@@ -241,10 +230,7 @@ impl Context<'_> {
             log::warn!("{warning}");
         }
         if !env.cache_mode.is_empty() {
-            log::info!(
-                "CACHE_MODE={}: accepted; boundimport bounds its page cache in every mode",
-                env.cache_mode
-            );
+            log::info!("CACHE_MODE={}: accepted; boundimport bounds its page cache in every mode", env.cache_mode);
         }
         let volume = match Volume::detect(&self.args.block_path, &self.args.data_dir) {
             Ok(volume) => volume,
@@ -297,10 +283,7 @@ impl Context<'_> {
             log::warn!("available space less than requested size, preallocating {size} bytes");
         }
         log::info!("{}: preallocating {size} bytes of blank block volume", device.display());
-        let options = crate::sink::DestOptions {
-            preallocate: true,
-            ..Default::default()
-        };
+        let options = crate::sink::DestOptions { preallocate: true, ..Default::default() };
         let governor = || crate::cgroup::governor::Governor::new(self.cgroup.cloned(), self.pacing_targets(), None);
         let destination = crate::sink::Destination::open(device, size, &options, governor)?;
         self.progress.set_total(size);
@@ -314,15 +297,10 @@ impl Context<'_> {
 
     /// Governor targets for writes outside an import pipeline (archive members, blank preallocation).
     fn pacing_targets(&self) -> Targets {
-        let budget = Budget::resolve(None, self.cgroup).unwrap_or(Budget {
-            bytes: crate::budget::DEFAULT_BUDGET,
-            origin: crate::budget::BudgetOrigin::Default,
-        });
+        let budget = Budget::resolve(None, self.cgroup)
+            .unwrap_or(Budget { bytes: crate::budget::DEFAULT_BUDGET, origin: crate::budget::BudgetOrigin::Default });
         let sizing = budget.sizing();
-        Targets {
-            dirty_writeback: sizing.dirty_target,
-            usage_ceiling: Some(sizing.usage_ceiling),
-        }
+        Targets { dirty_writeback: sizing.dirty_target, usage_ceiling: Some(sizing.usage_ceiling) }
     }
 
     /// Waits for `IMPORTER_READY_FILE` and takes the image name from it, as CDI does for node-pulled registry
@@ -428,10 +406,7 @@ impl Context<'_> {
             hasher: env.checksum.as_ref().map(|c| Hasher::new(c.algorithm)),
             stop: self.stop,
         };
-        let pacing = archive::Pacing {
-            cgroup: self.cgroup.cloned(),
-            targets: self.pacing_targets(),
-        };
+        let pacing = archive::Pacing { cgroup: self.cgroup.cloned(), targets: self.pacing_targets() };
         let mut reported = 0u64;
         let extracted = archive::extract(&mut reader, dir, &pacing, |position| {
             if position > reported {
@@ -447,9 +422,7 @@ impl Context<'_> {
         let extracted = match extracted {
             Ok(extracted) => extracted,
             Err(e) => {
-                return Finish::Failure(format!(
-                    "Unable to process data: unable to untar files from endpoint: {e}"
-                ))
+                return Finish::Failure(format!("Unable to process data: unable to untar files from endpoint: {e}"))
             }
         };
         if let (Some(expected), Some(hasher)) = (&env.checksum, reader.hasher.take()) {
@@ -489,10 +462,7 @@ impl Context<'_> {
         }
         if let Some(dir) = &env.cert_dir {
             std::fs::read_dir(dir).map_err(|e| {
-                connect(format!(
-                    "Error creating http client: Error listing files in {}: {e}",
-                    dir.display()
-                ))
+                connect(format!("Error creating http client: Error listing files in {}: {e}", dir.display()))
             })?;
             if !ca_dirs.contains(dir) {
                 ca_dirs.push(dir.clone());
@@ -516,9 +486,7 @@ impl Context<'_> {
 
 /// A blank `disk.img`: the requested size, capped by the free space, less the filesystem overhead.
 fn blank_file(env: &CdiEnv, dir: &Path) -> Result<()> {
-    let requested = env
-        .image_size
-        .ok_or_else(|| Error::usage("IMPORTER_IMAGE_SIZE is required for a blank disk"))?;
+    let requested = env.image_size.ok_or_else(|| Error::usage("IMPORTER_IMAGE_SIZE is required for a blank disk"))?;
     let image = dir.join(dest::DISK_IMAGE_NAME);
     dest::remove_stale(&image)?;
     let available = dest::filesystem_available(dir)?;
@@ -535,12 +503,7 @@ fn blank_file(env: &CdiEnv, dir: &Path) -> Result<()> {
 fn touch_done_file(env: &CdiEnv) {
     use std::os::unix::fs::OpenOptionsExt;
     let Some(done) = &env.done_file else { return };
-    if let Err(e) = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o666)
-        .open(done)
-    {
+    if let Err(e) = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o666).open(done) {
         log::error!("Failed creating file {}: {e}", done.display());
     }
 }
@@ -578,10 +541,7 @@ fn open_stream(location: &Location) -> Result<(Box<dyn Read + Send>, u64)> {
     match location {
         Location::Path(path) => {
             let file = std::fs::File::open(path).map_err(|e| Error::io("opening the archive", e).at_path(path))?;
-            let length = file
-                .metadata()
-                .map_err(|e| Error::io("reading the archive size", e).at_path(path))?
-                .len();
+            let length = file.metadata().map_err(|e| Error::io("reading the archive size", e).at_path(path))?.len();
             Ok((Box::new(DropBehind::new(file)), length))
         }
         Location::Url(url) => Err(Error::unsupported("HTTP sources are not supported yet").at_path(url)),
@@ -603,14 +563,7 @@ impl DropBehind {
     const DROP_EVERY: u64 = 8 << 20;
 
     fn new(file: std::fs::File) -> Self {
-        DropBehind {
-            file,
-            buffer: vec![0; Self::BUFFER],
-            start: 0,
-            end: 0,
-            offset: 0,
-            dropped: 0,
-        }
+        DropBehind { file, buffer: vec![0; Self::BUFFER], start: 0, end: 0, offset: 0, dropped: 0 }
     }
 }
 
@@ -666,32 +619,12 @@ mod tests {
     #[test]
     fn klog_flags_become_long_flags_after_cdi_only() {
         assert_eq!(
-            normalized(&[
-                "boundimport",
-                "cdi",
-                "-alsologtostderr",
-                "-v=3",
-                "-v",
-                "2",
-                "--data-dir",
-                "/d",
-                "-h"
-            ]),
+            normalized(&["boundimport", "cdi", "-alsologtostderr", "-v=3", "-v", "2", "--data-dir", "/d", "-h"]),
             (
-                vec![
-                    "boundimport",
-                    "cdi",
-                    "--alsologtostderr",
-                    "--v=3",
-                    "--v",
-                    "2",
-                    "--data-dir",
-                    "/d",
-                    "-h"
-                ]
-                .into_iter()
-                .map(String::from)
-                .collect(),
+                vec!["boundimport", "cdi", "--alsologtostderr", "--v=3", "--v", "2", "--data-dir", "/d", "-h"]
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
                 true
             )
         );

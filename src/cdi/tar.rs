@@ -78,12 +78,7 @@ pub struct TarReader<R> {
 impl<R: Read> TarReader<R> {
     /// A reader at the start of a tar stream.
     pub fn new(inner: R) -> Self {
-        TarReader {
-            inner,
-            position: 0,
-            pending: 0,
-            done: true,
-        }
+        TarReader { inner, position: 0, pending: 0, done: true }
     }
 
     /// Bytes consumed from the stream so far.
@@ -203,11 +198,7 @@ impl<R: Read> TarReader<R> {
             _ if path.ends_with(b"/") => Kind::Directory,
             other => Kind::Other(other),
         };
-        let kind = if kind == Kind::File && path.ends_with(b"/") && typeflag != b'S' {
-            Kind::Directory
-        } else {
-            kind
-        };
+        let kind = if kind == Kind::File && path.ends_with(b"/") && typeflag != b'S' { Kind::Directory } else { kind };
         let mode = parse_number(&header[100..108]).map_err(|e| e.at_offset(header_at))? as u32;
         let mtime = parse_number(&header[136..148]).unwrap_or(0) as i64;
         let mut entry = Entry {
@@ -258,9 +249,8 @@ impl<R: Read> TarReader<R> {
                 "path" => entry.path = value.clone(),
                 "linkpath" => entry.link = value.clone(),
                 "size" => {
-                    let size = text(value)
-                        .parse()
-                        .map_err(|_| Error::bad_image("bad pax size").at_offset(header_at))?;
+                    let size =
+                        text(value).parse().map_err(|_| Error::bad_image("bad pax size").at_offset(header_at))?;
                     if entry.kind == Kind::File || entry.kind == Kind::Directory {
                         entry.stored = size;
                         entry.size = size;
@@ -296,10 +286,8 @@ impl<R: Read> TarReader<R> {
                 entry.stored = stored;
             }
             (None, None) if real_size.is_some() => {
-                return Err(
-                    Error::unsupported("pax sparse format 0.x (use GNU tar's --format=gnu or posix 1.0)")
-                        .at_offset(header_at),
-                );
+                return Err(Error::unsupported("pax sparse format 0.x (use GNU tar's --format=gnu or posix 1.0)")
+                    .at_offset(header_at));
             }
             (None, None) => {}
             (major, minor) => {
@@ -433,21 +421,12 @@ fn parse_number(field: &[u8]) -> Result<u64> {
 fn verify_checksum(header: &[u8; BLOCK]) -> Result<()> {
     let not_tar = || Error::bad_image("tar header checksum mismatch (not a tar archive, or corrupt)");
     let stated = parse_number(&header[148..156]).map_err(|_| not_tar())?;
-    let unsigned: u64 = header
-        .iter()
-        .enumerate()
-        .map(|(i, &b)| if (148..156).contains(&i) { b' ' as u64 } else { b as u64 })
-        .sum();
+    let unsigned: u64 =
+        header.iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { b' ' as u64 } else { b as u64 }).sum();
     let signed: i64 = header
         .iter()
         .enumerate()
-        .map(|(i, &b)| {
-            if (148..156).contains(&i) {
-                b' ' as i64
-            } else {
-                b as i8 as i64
-            }
-        })
+        .map(|(i, &b)| if (148..156).contains(&i) { b' ' as i64 } else { b as i8 as i64 })
         .sum();
     if stated == unsigned || stated as i64 == signed {
         Ok(())
@@ -460,10 +439,7 @@ fn verify_checksum(header: &[u8; BLOCK]) -> Result<()> {
 fn parse_pax(mut data: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
     let mut records = Vec::new();
     while !data.is_empty() && data[0] != 0 {
-        let space = data
-            .iter()
-            .position(|&b| b == b' ')
-            .ok_or_else(|| Error::bad_image("malformed pax record"))?;
+        let space = data.iter().position(|&b| b == b' ').ok_or_else(|| Error::bad_image("malformed pax record"))?;
         let len: usize = std::str::from_utf8(&data[..space])
             .ok()
             .and_then(|s| s.parse().ok())
@@ -471,14 +447,8 @@ fn parse_pax(mut data: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
             .ok_or_else(|| Error::bad_image("malformed pax record length"))?;
         let record = &data[space + 1..len];
         let record = record.strip_suffix(b"\n").unwrap_or(record);
-        let eq = record
-            .iter()
-            .position(|&b| b == b'=')
-            .ok_or_else(|| Error::bad_image("pax record without '='"))?;
-        records.push((
-            String::from_utf8_lossy(&record[..eq]).into_owned(),
-            record[eq + 1..].to_vec(),
-        ));
+        let eq = record.iter().position(|&b| b == b'=').ok_or_else(|| Error::bad_image("pax record without '='"))?;
+        records.push((String::from_utf8_lossy(&record[..eq]).into_owned(), record[eq + 1..].to_vec()));
         data = &data[len..];
     }
     Ok(records)
@@ -494,7 +464,7 @@ fn push_sparse(map: &mut Vec<(u64, u64)>, area: &[u8], slots: usize, at: u64) ->
         let len = parse_number(&field[12..]).map_err(|e| e.at_offset(at))?;
         if map.len() >= MAX_SPARSE_SEGMENTS {
             return Err(
-                Error::bad_image(format!("sparse map of more than {MAX_SPARSE_SEGMENTS} segments")).at_offset(at),
+                Error::bad_image(format!("sparse map of more than {MAX_SPARSE_SEGMENTS} segments")).at_offset(at)
             );
         }
         map.push((offset, len));
@@ -572,18 +542,12 @@ mod tests {
         member(&mut tar, header("dir/a.txt", b'0', 5, ""), b"hello");
         member(&mut tar, header("link", b'2', 0, "dir/a.txt"), b"");
         let long = format!("{}/file", "d".repeat(150));
-        member(
-            &mut tar,
-            header("././@LongLink", b'L', long.len() as u64 + 1, ""),
-            format!("{long}\0").as_bytes(),
-        );
+        member(&mut tar, header("././@LongLink", b'L', long.len() as u64 + 1, ""), format!("{long}\0").as_bytes());
         member(&mut tar, header("truncated", b'0', 3, ""), b"abc");
         tar.extend_from_slice(&[0u8; 1024]);
         let entries = collect(&tar).unwrap();
-        let summary: Vec<(Kind, String, Vec<u8>)> = entries
-            .iter()
-            .map(|(e, d)| (e.kind, String::from_utf8_lossy(&e.path).into_owned(), d.clone()))
-            .collect();
+        let summary: Vec<(Kind, String, Vec<u8>)> =
+            entries.iter().map(|(e, d)| (e.kind, String::from_utf8_lossy(&e.path).into_owned(), d.clone())).collect();
         assert_eq!(
             summary,
             vec![
@@ -602,11 +566,7 @@ mod tests {
         let mut tar = Vec::new();
         let record = "24 path=über/long.name\n";
         assert_eq!(record.len(), 24);
-        member(
-            &mut tar,
-            header("PaxHeader", b'x', record.len() as u64, ""),
-            record.as_bytes(),
-        );
+        member(&mut tar, header("PaxHeader", b'x', record.len() as u64, ""), record.as_bytes());
         member(&mut tar, header("short", b'0', 2, ""), b"hi");
         let entries = collect(&tar).unwrap();
         assert_eq!(entries[0].0.path, "über/long.name".as_bytes());

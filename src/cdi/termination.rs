@@ -51,10 +51,7 @@ impl TerminationMessage {
 
     /// A message-only JSON report (CDI's shape for a checksum mismatch).
     pub fn message_only(message: impl Into<String>) -> Self {
-        TerminationMessage {
-            message: Some(message.into()),
-            ..Default::default()
-        }
+        TerminationMessage { message: Some(message.into()), ..Default::default() }
     }
 
     /// The JSON exactly as Go's `encoding/json` renders CDI's struct: field order, no spaces, Go's string
@@ -88,11 +85,8 @@ impl TerminationMessage {
             }
         }
         if !self.labels.is_empty() {
-            let labels: Vec<String> = self
-                .labels
-                .iter()
-                .map(|(k, v)| format!("{}:{}", go_json_string(k), go_json_string(v)))
-                .collect();
+            let labels: Vec<String> =
+                self.labels.iter().map(|(k, v)| format!("{}:{}", go_json_string(k), go_json_string(v))).collect();
             fields.push(format!("\"labels\":{{{}}}", labels.join(",")));
         }
         if let Some(message) = message {
@@ -149,12 +143,7 @@ pub fn write_json(path: &Path, message: &TerminationMessage) -> std::io::Result<
 fn write_file(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
     file.write_all(text.as_bytes())?;
     file.sync_all()
 }
@@ -194,18 +183,12 @@ mod tests {
         msg.deadline_passed = Some(true);
         msg.labels.insert("b".into(), "2".into());
         msg.labels.insert("a".into(), "1".into());
-        assert_eq!(
-            msg.to_json(),
-            r#"{"deadlinePassed":true,"labels":{"a":"1","b":"2"},"message":"m"}"#
-        );
+        assert_eq!(msg.to_json(), r#"{"deadlinePassed":true,"labels":{"a":"1","b":"2"},"message":"m"}"#);
     }
 
     #[test]
     fn strings_escape_like_go() {
-        assert_eq!(
-            go_json_string("a\"b\\c\n\t<x>&\u{1}\u{2028}é"),
-            r#""a\"b\\c\n\t\u003cx\u003e\u0026\u0001\u2028é""#
-        );
+        assert_eq!(go_json_string("a\"b\\c\n\t<x>&\u{1}\u{2028}é"), r#""a\"b\\c\n\t\u003cx\u003e\u0026\u0001\u2028é""#);
     }
 
     #[test]
