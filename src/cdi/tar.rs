@@ -244,6 +244,8 @@ impl<R: Read> TarReader<R> {
         let mut sparse_major = None;
         let mut sparse_minor = None;
         let mut real_size = None;
+        // Sparse formats 0.0 (offset/numbytes pairs of keys) and 0.1 (one comma-separated map).
+        let mut listed: Vec<u64> = Vec::new();
         for (key, value) in pax {
             match key.as_str() {
                 "path" => entry.path = value.clone(),
@@ -265,6 +267,18 @@ impl<R: Read> TarReader<R> {
                 "GNU.sparse.minor" => sparse_minor = text(value).parse::<u32>().ok(),
                 "GNU.sparse.name" => entry.path = value.clone(),
                 "GNU.sparse.realsize" | "GNU.sparse.size" => real_size = text(value).parse::<u64>().ok(),
+                "GNU.sparse.offset" | "GNU.sparse.numbytes" | "GNU.sparse.map" => {
+                    for number in text(value).split(',').filter(|n| !n.is_empty()) {
+                        if listed.len() >= 2 * MAX_SPARSE_SEGMENTS {
+                            return Err(Error::bad_image("pax sparse map too long").at_offset(header_at));
+                        }
+                        listed.push(
+                            number
+                                .parse()
+                                .map_err(|_| Error::bad_image("bad number in a pax sparse map").at_offset(header_at))?,
+                        );
+                    }
+                }
                 _ => {}
             }
         }
@@ -285,9 +299,13 @@ impl<R: Read> TarReader<R> {
                 // `pending` is recomputed by the caller from `stored`, which now excludes the map.
                 entry.stored = stored;
             }
-            (None, None) if real_size.is_some() => {
-                return Err(Error::unsupported("pax sparse format 0.x (use GNU tar's --format=gnu or posix 1.0)")
-                    .at_offset(header_at));
+            (None, None) | (Some(0), _) if real_size.is_some() => {
+                if listed.len() % 2 != 0 {
+                    return Err(Error::bad_image("pax sparse map with an odd count").at_offset(header_at));
+                }
+                let map = listed.chunks(2).map(|pair| (pair[0], pair[1])).collect();
+                entry.size = real_size.unwrap_or(0);
+                entry.layout = checked_layout(map, entry.stored, entry.size, header_at)?;
             }
             (None, None) => {}
             (major, minor) => {

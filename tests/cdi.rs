@@ -1,0 +1,682 @@
+//! `boundimport cdi` run the way CDI's controller runs its importer: a CDI-shaped environment, `-alsologtostderr
+//! -v=N`, a data directory or a block device, the termination log read back byte for byte, and the progress
+//! metric scraped over HTTPS (self-signed certificate accepted) with the controller's own regex.
+//!
+//! Sources here are local files (the endpoint may name a path). Tests needing root (loop devices, a write
+//! throttle, switching to uid 107) follow tests/common/privileged.rs.
+
+mod common;
+
+use common::privileged::require_privileged;
+use common::{boundimport, qemu_reference, run, scratch_dir, sha256_prefix, write_raw, Fill, Workbench, MIB};
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The uid CDI's importer pods run as.
+const POD_UID: u32 = 107;
+
+/// OWNER_UID of every test pod.
+const OWNER: &str = "3f1e2d4c-5b6a-4789-8abc-def012345678";
+
+/// What CDI writes after a successful import without preallocation.
+const COMPLETE: &str = r#"{"scratchSpaceRequired":false,"preallocationApplied":false,"message":"Import Complete"}"#;
+
+/// A CDI importer pod's world inside a scratch directory: the data directory, where the termination log goes,
+/// the environment, and optionally a block device.
+struct Pod {
+    dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+    block: Option<PathBuf>,
+    uid: Option<u32>,
+    extra_args: Vec<String>,
+}
+
+/// How a pod run ended.
+struct Ended {
+    code: i32,
+    termination: String,
+    stderr: String,
+}
+
+impl Pod {
+    /// A pod with an empty data directory and the environment every controller-made pod has.
+    fn new(label: &str) -> Pod {
+        let dir = scratch_dir(label);
+        fs::create_dir(dir.path().join("data")).unwrap();
+        fs::create_dir(dir.path().join("run")).unwrap();
+        let mut pod = Pod { dir, env: Vec::new(), block: None, uid: None, extra_args: Vec::new() };
+        for (k, v) in [
+            ("IMPORTER_SOURCE", "http"),
+            ("IMPORTER_CONTENTTYPE", "kubevirt"),
+            ("OWNER_UID", OWNER),
+            ("FILESYSTEM_OVERHEAD", "0"),
+            ("PREALLOCATION", "false"),
+            ("INSECURE_TLS", "false"),
+            ("CACHE_MODE", ""),
+        ] {
+            pod.set(k, v);
+        }
+        pod
+    }
+
+    fn set(&mut self, key: &str, value: &str) -> &mut Self {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn termination_log(&self) -> PathBuf {
+        self.dir.path().join("run/termination-log")
+    }
+
+    /// Runs the pod as uid 107 (the data and run directories are handed to it).
+    fn as_pod_user(&mut self) -> &mut Self {
+        for path in [self.dir.path().to_path_buf(), self.data(), self.dir.path().join("run")] {
+            std::os::unix::fs::chown(&path, Some(POD_UID), Some(POD_UID)).unwrap();
+        }
+        fs::set_permissions(self.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        self.uid = Some(POD_UID);
+        self
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = boundimport();
+        cmd.args(["cdi", "-alsologtostderr", "-v=3"])
+            .arg("--data-dir")
+            .arg(self.data())
+            .arg("--block-path")
+            .arg(self.block.clone().unwrap_or_else(|| self.dir.path().join("no-block-volume")))
+            .arg("--termination-log")
+            .arg(self.termination_log())
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(["--proxy-cert-dir", "/nonexistent-proxycerts", "--extra-headers-dir", "/nonexistent-headers"])
+            .args(&self.extra_args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        if let Some(uid) = self.uid {
+            cmd.uid(uid).gid(uid);
+        }
+        cmd
+    }
+
+    /// Runs to the end.
+    fn run(&self) -> Ended {
+        let output = self.command().output().expect("running boundimport cdi");
+        let ended = Ended {
+            code: output.status.code().unwrap_or(-1),
+            termination: fs::read_to_string(self.termination_log()).unwrap_or_default(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        };
+        assert!(!ended.termination.contains('\n'), "termination log is one line: {:?}", ended.termination);
+        assert!(ended.termination.len() <= 4096);
+        ended
+    }
+
+    /// Starts the pod and samples its progress metric every 100 ms until it exits. The pod lingers 3 s after
+    /// success (`--metrics-linger`) so the final value is seen before it exits.
+    fn run_scraping(&mut self) -> (Ended, Vec<f64>, String) {
+        self.extra_args.extend(["--metrics-linger".to_string(), "3".to_string()]);
+        let mut child = self.command().stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let (addr, stderr, reader) = metrics_address(&mut child);
+        let mut values = Vec::new();
+        let mut last_text = String::new();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut scrapes_after_result = 0;
+        while child.try_wait().unwrap().is_none() && scrapes_after_result < 2 && Instant::now() < deadline {
+            // Once the termination log exists, the import is over: two more scrapes see its final state.
+            if self.termination_log().exists() {
+                scrapes_after_result += 1;
+            }
+            if let Ok(text) = scrape(&addr) {
+                values.extend(controller_progress(&text, OWNER));
+                last_text = text;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let status = child.wait().unwrap();
+        reader.join().unwrap();
+        let stderr = stderr.lock().unwrap().clone();
+        let termination = fs::read_to_string(self.termination_log()).unwrap_or_default();
+        (Ended { code: status.code().unwrap_or(-1), termination, stderr }, values, last_text)
+    }
+}
+
+/// Reads the child's stderr until it says where the metrics are served; keeps collecting the rest.
+fn metrics_address(child: &mut Child) -> (String, Arc<Mutex<String>>, std::thread::JoinHandle<()>) {
+    let stderr = child.stderr.take().unwrap();
+    let collected = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = mpsc::channel();
+    let sink = collected.clone();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(rest) = line.split("serving progress metrics on https://").nth(1) {
+                let _ = tx.send(rest.trim_end_matches("/metrics").to_string());
+            }
+            let mut all = sink.lock().unwrap();
+            all.push_str(&line);
+            all.push('\n');
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("no metrics address in stderr: {}", collected.lock().unwrap()));
+    (addr, collected, reader)
+}
+
+/// Accepts any server certificate: the importer's is self-signed, and CDI's controller skips verification too.
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// GET https://ADDR/metrics with a 2 s timeout (the controller's), returning the body.
+fn scrape(addr: &str) -> std::io::Result<String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("importer.pod").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).map_err(std::io::Error::other)?;
+    let tcp = std::net::TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(2)))?;
+    tcp.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(b"GET /metrics HTTP/1.1\r\nHost: importer.pod\r\nConnection: close\r\n\r\n")?;
+    let mut response = Vec::new();
+    match tls.read_to_end(&mut response) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !response.is_empty() => {}
+        Err(e) => return Err(e),
+    }
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| std::io::Error::other("no HTTP head"))?;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    Ok(body.to_string())
+}
+
+/// The controller's parse: `regexp.MustCompile(fmt.Sprintf("(%s)\\{ownerUID\\=%q\\} (\\d{1,3}\\.?\\d*)", ...))`.
+fn controller_progress(body: &str, owner: &str) -> Option<f64> {
+    let pattern = format!("(kubevirt_cdi_import_progress_total)\\{{ownerUID\\=\"{owner}\"\\}} (\\d{{1,3}}\\.?\\d*)");
+    let re = regex::Regex::new(&pattern).unwrap();
+    let captures = re.captures(body)?;
+    captures.get(captures.len() - 1)?.as_str().parse().ok()
+}
+
+/// Asserts a metric series the controller would accept: values in 0..=100, never decreasing, 100 at the end.
+fn assert_progress_series(values: &[f64], want_mid_import: bool) {
+    assert!(!values.is_empty(), "no progress scraped");
+    assert!(values.windows(2).all(|w| w[0] <= w[1]), "progress went back: {values:?}");
+    assert!(values.iter().all(|v| (0.0..=100.0).contains(v)), "{values:?}");
+    assert_eq!(*values.last().unwrap(), 100.0, "{values:?}");
+    if want_mid_import {
+        assert!(values.iter().any(|&v| v > 0.0 && v < 100.0), "never scraped mid-import: {values:?}");
+    }
+}
+
+fn ended_ok(ended: &Ended) {
+    assert_eq!(ended.code, 0, "termination {:?}\nstderr:\n{}", ended.termination, ended.stderr);
+}
+
+/// A qcow2 of the standard mix, its reference digest and virtual size.
+fn qcow2_image(bench: &Workbench, size: u64) -> (PathBuf, String, u64) {
+    let image = bench.qcow2_mix("disk.qcow2", size, "", &[]);
+    let (digest, len) = qemu_reference(&image, bench.dir.path());
+    fs::set_permissions(bench.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    (image, digest, len)
+}
+
+#[test]
+fn qcow2_into_a_file_volume_is_sized_like_cdi() {
+    let bench = Workbench::new("cdi-file");
+    let (image, digest, virtual_size) = qcow2_image(&bench, 24 * MIB);
+    let mut pod = Pod::new("cdi-file-pod");
+    // A stale partial image of an earlier attempt: removed before anything is measured or written.
+    write_raw(&pod.data().join("disk.img"), 200 * MIB, &[(0, MIB, Fill::Random(9))]);
+    pod.set("IMPORTER_ENDPOINT", image.to_str().unwrap())
+        .set("IMPORTER_IMAGE_SIZE", "64Mi")
+        .set("FILESYSTEM_OVERHEAD", "0.055");
+    let (ended, values, text) = pod.run_scraping();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, COMPLETE);
+    assert_progress_series(&values, false);
+    for gauge in ["boundimport_written_bytes ", "boundimport_budget_bytes ", "boundimport_processed_bytes "] {
+        assert!(text.contains(&format!("\n{gauge}")), "{gauge} missing from:\n{text}");
+    }
+
+    let disk = pod.data().join("disk.img");
+    let meta = fs::metadata(&disk).unwrap();
+    // CDI: RoundDown(ceil(min(64Mi, free) / 1.055), 1Mi) = 60 MiB, never below the virtual size.
+    assert_eq!(meta.len(), 60 * MIB);
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    assert_eq!(sha256_prefix(&disk, virtual_size), digest);
+    let tail = fs::read(&disk).unwrap()[virtual_size as usize..].to_vec();
+    assert!(tail.iter().all(|&b| b == 0), "grown part reads as zeros");
+    assert!(ended.stderr.contains("removed a stale image"), "{}", ended.stderr);
+}
+
+#[test]
+fn preallocated_import_reports_it_and_allocates_the_file() {
+    let bench = Workbench::new("cdi-prealloc");
+    let (image, digest, virtual_size) = qcow2_image(&bench, 16 * MIB);
+    let mut pod = Pod::new("cdi-prealloc-pod");
+    pod.set("IMPORTER_ENDPOINT", &format!("file://{}", image.display()))
+        .set("IMPORTER_IMAGE_SIZE", "32Mi")
+        .set("PREALLOCATION", "true");
+    let ended = pod.run();
+    ended_ok(&ended);
+    assert_eq!(
+        ended.termination,
+        r#"{"scratchSpaceRequired":false,"preallocationApplied":true,"message":"Import Complete"}"#
+    );
+    let disk = pod.data().join("disk.img");
+    let meta = fs::metadata(&disk).unwrap();
+    assert_eq!(meta.len(), 32 * MIB);
+    assert!(meta.blocks() * 512 >= 32 * MIB, "preallocated: {} blocks", meta.blocks());
+    assert_eq!(sha256_prefix(&disk, virtual_size), digest);
+}
+
+#[test]
+fn image_larger_than_the_volume_is_refused_before_writing() {
+    let bench = Workbench::new("cdi-small");
+    let (image, _, virtual_size) = qcow2_image(&bench, 24 * MIB);
+    let mut pod = Pod::new("cdi-small-pod");
+    pod.set("IMPORTER_ENDPOINT", image.to_str().unwrap()).set("IMPORTER_IMAGE_SIZE", "16Mi");
+    let ended = pod.run();
+    assert_eq!(ended.code, 1, "{}", ended.stderr);
+    assert_eq!(
+        ended.termination,
+        format!(
+            "Unable to process data: virtual image size {virtual_size} is larger than the reported available \
+             storage {}. A larger PVC is required",
+            16 * MIB
+        )
+    );
+    assert!(ended.termination.contains("is larger than the reported available"));
+    assert!(!pod.data().join("disk.img").exists(), "nothing written");
+}
+
+#[test]
+fn bad_preallocation_fails_with_one_line() {
+    for value in ["maybe", ""] {
+        let mut pod = Pod::new("cdi-prealloc-bad");
+        pod.set("IMPORTER_ENDPOINT", "/nonexistent.img").set("PREALLOCATION", value);
+        let ended = pod.run();
+        assert_eq!(ended.code, 1);
+        assert_eq!(
+            ended.termination,
+            format!(
+                "the PREALLOCATION environment variable is with a wrong value {value:?}; should be \"true\" or \
+                 \"false\""
+            )
+        );
+        assert_eq!(fs::read_dir(pod.data()).unwrap().count(), 0);
+    }
+}
+
+#[test]
+fn unsupported_sources_fail_with_one_line() {
+    for source in ["s3", "registry", "vddk"] {
+        let mut pod = Pod::new("cdi-source");
+        pod.set("IMPORTER_SOURCE", source).set("IMPORTER_ENDPOINT", "s3://bucket/disk.img");
+        let ended = pod.run();
+        assert_eq!(ended.code, 1);
+        assert_eq!(
+            ended.termination,
+            format!("Unknown data source: {source} (unsupported source: boundimport cdi imports from http and none)")
+        );
+    }
+}
+
+#[test]
+fn checksum_mismatch_removes_the_image_and_exits_0() {
+    let bench = Workbench::new("cdi-checksum");
+    let (image, digest, virtual_size) = qcow2_image(&bench, 8 * MIB);
+    let file_digest = sha256_prefix(&image, fs::metadata(&image).unwrap().len());
+
+    let mut pod = Pod::new("cdi-checksum-bad");
+    pod.set("IMPORTER_ENDPOINT", image.to_str().unwrap())
+        .set("IMPORTER_CHECKSUM", &format!("sha256:{}", "0".repeat(64)));
+    let ended = pod.run();
+    assert_eq!(ended.code, 0, "CDI exits 0 so that kubelet does not retry: {}", ended.stderr);
+    let prefix = r#"{"message":"Unable to process data: "#;
+    assert!(ended.termination.starts_with(prefix), "{}", ended.termination);
+    assert!(ended.termination.ends_with("\"}"), "{}", ended.termination);
+    assert!(ended.termination.contains("checksum mismatch"), "{}", ended.termination);
+    assert!(ended.termination.contains(&file_digest), "{}", ended.termination);
+    let parsed: serde_json::Value = serde_json::from_str(&ended.termination).unwrap();
+    assert_eq!(parsed.as_object().unwrap().len(), 1);
+    assert!(!pod.data().join("disk.img").exists(), "unverified data removed");
+
+    let mut good = Pod::new("cdi-checksum-good");
+    good.set("IMPORTER_ENDPOINT", image.to_str().unwrap()).set("IMPORTER_CHECKSUM", &format!("sha256:{file_digest}"));
+    let ended = good.run();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, COMPLETE);
+    assert_eq!(sha256_prefix(&good.data().join("disk.img"), virtual_size), digest);
+}
+
+#[test]
+fn blank_disks_on_a_filesystem_volume() {
+    let mut pod = Pod::new("cdi-blank");
+    pod.set("IMPORTER_SOURCE", "none").set("IMPORTER_ENDPOINT", "").set("IMPORTER_IMAGE_SIZE", "64Mi");
+    write_raw(&pod.data().join("disk.img"), 8 * MIB, &[(0, MIB, Fill::Random(1))]);
+    let ended = pod.run();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, r#"{"preallocationApplied":false,"message":"Import Complete"}"#);
+    let meta = fs::metadata(pod.data().join("disk.img")).unwrap();
+    assert_eq!((meta.len(), meta.blocks(), meta.mode() & 0o777), (64 * MIB, 0, 0o660));
+
+    let mut pod = Pod::new("cdi-blank-prealloc");
+    pod.set("IMPORTER_SOURCE", "none")
+        .set("IMPORTER_IMAGE_SIZE", "64Mi")
+        .set("FILESYSTEM_OVERHEAD", "0.055")
+        .set("PREALLOCATION", "true");
+    let ended = pod.run();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, r#"{"preallocationApplied":true,"message":"Import Complete"}"#);
+    let meta = fs::metadata(pod.data().join("disk.img")).unwrap();
+    // RoundDown(ceil(64Mi / 1.055), 1Mi) = 60 MiB, all of it allocated.
+    assert_eq!(meta.len(), 60 * MIB);
+    assert!(meta.blocks() * 512 >= 60 * MIB);
+
+    let mut pod = Pod::new("cdi-blank-archive");
+    pod.set("IMPORTER_SOURCE", "none").set("IMPORTER_CONTENTTYPE", "archive").set("IMPORTER_IMAGE_SIZE", "1Mi");
+    let ended = pod.run();
+    assert_eq!((ended.code, ended.termination.as_str()), (1, "Cannot create empty disk with content type archive"));
+}
+
+/// A GNU tar of `stage` (and then of `append` appended), made by the system's tar.
+fn make_tar(out: &Path, stage: &Path, append: Option<&Path>, format: &str) {
+    run(Command::new("tar")
+        .arg(format!("--format={format}"))
+        .args(["--sparse", "-cf"])
+        .arg(out)
+        .arg("-C")
+        .arg(stage)
+        .arg("."));
+    if let Some(more) = append {
+        run(Command::new("tar").arg(format!("--format={format}")).arg("-rf").arg(out).arg("-C").arg(more).arg("."));
+    }
+}
+
+#[test]
+fn archives_are_extracted_without_following_links() {
+    let bench = Workbench::new("cdi-archive");
+    let outside = bench.path("outside");
+    fs::create_dir(&outside).unwrap();
+    let stage = bench.path("stage");
+    fs::create_dir_all(stage.join("dir/sub")).unwrap();
+    write_raw(&stage.join("disk.img"), 16 * MIB, &[(MIB, 3 * MIB, Fill::Random(5)), (9 * MIB, 100_000, Fill::Pattern)]);
+    fs::write(stage.join("dir/sub/readme.txt"), "hello\n").unwrap();
+    fs::set_permissions(stage.join("dir/sub/readme.txt"), fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::symlink("sub/readme.txt", stage.join("dir/inside")).unwrap();
+    std::os::unix::fs::symlink(&outside, stage.join("escape-abs")).unwrap();
+    std::os::unix::fs::symlink("../../outside", stage.join("dir/escape-rel")).unwrap();
+    // Appended members that try to write through the escaping links' names.
+    let append = bench.path("append");
+    fs::create_dir_all(append.join("escape-abs")).unwrap();
+    fs::create_dir_all(append.join("dir/escape-rel")).unwrap();
+    fs::write(append.join("escape-abs/pwned"), "x").unwrap();
+    fs::write(append.join("dir/escape-rel/pwned"), "x").unwrap();
+    let disk_digest = sha256_prefix(&stage.join("disk.img"), 16 * MIB);
+
+    for format in ["gnu", "posix"] {
+        let archive = bench.path(&format!("archive-{format}.tar"));
+        make_tar(&archive, &stage, Some(&append), format);
+        let mut pod = Pod::new("cdi-archive-pod");
+        pod.set("IMPORTER_CONTENTTYPE", "archive").set("IMPORTER_ENDPOINT", archive.to_str().unwrap());
+        let (ended, values, _) = pod.run_scraping();
+        ended_ok(&ended);
+        assert_eq!(ended.termination, COMPLETE, "{format}");
+        assert_progress_series(&values, false);
+
+        let data = pod.data();
+        assert_eq!(sha256_prefix(&data.join("disk.img"), 16 * MIB), disk_digest, "{format}");
+        let meta = fs::metadata(data.join("disk.img")).unwrap();
+        assert_eq!(meta.len(), 16 * MIB);
+        assert!(meta.blocks() * 512 < 8 * MIB, "{format}: holes kept ({} blocks)", meta.blocks());
+        assert_eq!(fs::read_to_string(data.join("dir/sub/readme.txt")).unwrap(), "hello\n");
+        assert_eq!(fs::metadata(data.join("dir/sub/readme.txt")).unwrap().mode() & 0o777, 0o640);
+        assert_eq!(fs::read_link(data.join("dir/inside")).unwrap(), Path::new("sub/readme.txt"));
+        // The escaping links were not created; the members behind their names landed inside, as directories.
+        for name in ["escape-abs", "dir/escape-rel"] {
+            let meta = fs::symlink_metadata(data.join(name)).unwrap();
+            assert!(meta.is_dir(), "{format}: {name} is a real directory");
+            assert_eq!(fs::read_to_string(data.join(name).join("pwned")).unwrap(), "x");
+        }
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0, "{format}: nothing written outside");
+        assert!(ended.stderr.contains("points outside the data directory"), "{}", ended.stderr);
+    }
+}
+
+#[test]
+fn archive_members_climbing_out_are_refused() {
+    let bench = Workbench::new("cdi-archive-dotdot");
+    let stage = bench.path("stage");
+    fs::create_dir_all(stage.join("a")).unwrap();
+    fs::write(stage.join("a/x"), "x").unwrap();
+    let archive = bench.path("dotdot.tar");
+    // GNU tar stores "a/../../escaped" as given with -P (absolute names and ".." kept).
+    run(Command::new("tar")
+        .args(["-P", "--transform=s,^a/x$,a/../../escaped,", "-cf"])
+        .arg(&archive)
+        .arg("-C")
+        .arg(&stage)
+        .arg("a/x"));
+    let mut pod = Pod::new("cdi-archive-dotdot-pod");
+    pod.set("IMPORTER_CONTENTTYPE", "archive").set("IMPORTER_ENDPOINT", archive.to_str().unwrap());
+    let ended = pod.run();
+    assert_eq!(ended.code, 1, "{}", ended.stderr);
+    assert!(ended.termination.starts_with("Unable to process data: unable to untar files from endpoint: "));
+    assert!(ended.termination.contains("\"..\""), "{}", ended.termination);
+    assert!(!pod.dir.path().join("escaped").exists());
+    assert!(!pod.data().join("../escaped").exists());
+}
+
+#[test]
+fn archive_checksum_mismatch_empties_the_data_directory() {
+    let bench = Workbench::new("cdi-archive-sum");
+    let stage = bench.path("stage");
+    fs::create_dir_all(stage.join("d")).unwrap();
+    fs::write(stage.join("d/f"), "content").unwrap();
+    let archive = bench.path("a.tar");
+    make_tar(&archive, &stage, None, "gnu");
+    let mut pod = Pod::new("cdi-archive-sum-pod");
+    pod.set("IMPORTER_CONTENTTYPE", "archive")
+        .set("IMPORTER_ENDPOINT", archive.to_str().unwrap())
+        .set("IMPORTER_CHECKSUM", &format!("md5:{}", "f".repeat(32)));
+    let ended = pod.run();
+    assert_eq!(ended.code, 0, "{}", ended.stderr);
+    assert!(
+        ended.termination.starts_with(r#"{"message":"Unable to process data: checksum mismatch"#),
+        "{}",
+        ended.termination
+    );
+    assert_eq!(fs::read_dir(pod.data()).unwrap().count(), 0, "data directory emptied, kept itself");
+    assert!(pod.data().is_dir());
+}
+
+#[test]
+fn invoked_as_cdi_importer_it_is_the_cdi_entrypoint() {
+    let dir = scratch_dir("cdi-argv0");
+    let link = dir.path().join("cdi-importer");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_boundimport"), &link).unwrap();
+    let term = dir.path().join("term");
+    let output = Command::new(&link)
+        .args(["-alsologtostderr", "-v=1", "--termination-log"])
+        .arg(&term)
+        .args(["--metrics-addr", "127.0.0.1:0", "--block-path", "/nonexistent", "--data-dir"])
+        .arg(dir.path())
+        .env_clear()
+        .env("IMPORTER_SOURCE", "gcs")
+        .env("PREALLOCATION", "false")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(fs::read_to_string(&term).unwrap().starts_with("Unknown data source: gcs"));
+}
+
+/// A loop device over a sparse backing file filled with garbage, so zero ranges must really be zeroed.
+fn garbage_loop_device(dir: &Path, size: u64) -> (boundimport::lab::fixtures::LoopDevice, PathBuf) {
+    let backing = dir.join("block.img");
+    write_raw(&backing, size, &[(0, size, Fill::Random(0xbad))]);
+    let device = boundimport::lab::fixtures::LoopDevice::attach(&backing, true).expect("attaching a loop device");
+    (device, backing)
+}
+
+#[test]
+fn qcow2_onto_a_block_volume_reports_progress_mid_import() {
+    if !require_privileged("qcow2_onto_a_block_volume_reports_progress_mid_import") {
+        return;
+    }
+    let bench = Workbench::new("cdi-block");
+    let (image, digest, virtual_size) = qcow2_image(&bench, 48 * MIB);
+    let (device, _backing) = garbage_loop_device(bench.dir.path(), 64 * MIB);
+    // Slow storage: 12 MiB/s, so the import takes a few seconds and is scraped in the middle.
+    let _throttle = boundimport::lab::fixtures::WriteThrottle::set(device.path(), 12 * MIB, None).expect("throttle");
+    let mut pod = Pod::new("cdi-block-pod");
+    pod.block = Some(device.path().to_path_buf());
+    pod.set("IMPORTER_ENDPOINT", image.to_str().unwrap())
+        .set("IMPORTER_IMAGE_SIZE", "64Mi")
+        .set("FILESYSTEM_OVERHEAD", "0.055");
+    let (ended, values, _) = pod.run_scraping();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, COMPLETE);
+    assert_progress_series(&values, true);
+    assert_eq!(sha256_prefix(device.path(), virtual_size), digest);
+    assert_eq!(fs::read_dir(pod.data()).unwrap().count(), 0, "nothing written to the data directory");
+}
+
+#[test]
+fn block_volume_too_small_is_refused_before_writing() {
+    if !require_privileged("block_volume_too_small_is_refused_before_writing") {
+        return;
+    }
+    let bench = Workbench::new("cdi-block-small");
+    let (image, _, virtual_size) = qcow2_image(&bench, 24 * MIB);
+    let (device, backing) = garbage_loop_device(bench.dir.path(), 16 * MIB);
+    let before = sha256_prefix(&backing, 16 * MIB);
+    let mut pod = Pod::new("cdi-block-small-pod");
+    pod.block = Some(device.path().to_path_buf());
+    pod.set("IMPORTER_ENDPOINT", image.to_str().unwrap()).set("IMPORTER_IMAGE_SIZE", "64Mi");
+    let ended = pod.run();
+    assert_eq!(ended.code, 1);
+    assert_eq!(
+        ended.termination,
+        format!(
+            "Unable to process data: virtual image size {virtual_size} is larger than the reported available \
+             storage {}. A larger PVC is required",
+            16 * MIB
+        )
+    );
+    assert_eq!(sha256_prefix(device.path(), 16 * MIB), before, "device untouched");
+}
+
+#[test]
+fn blank_block_volumes() {
+    if !require_privileged("blank_block_volumes") {
+        return;
+    }
+    let dir = scratch_dir("cdi-blank-block");
+    let backing = dir.path().join("block.img");
+    fs::File::create(&backing).unwrap().set_len(32 * MIB).unwrap();
+    let device = boundimport::lab::fixtures::LoopDevice::attach(&backing, true).unwrap();
+
+    let mut pod = Pod::new("cdi-blank-block-pod");
+    pod.block = Some(device.path().to_path_buf());
+    pod.set("IMPORTER_SOURCE", "none").set("IMPORTER_IMAGE_SIZE", "32Mi");
+    let ended = pod.run();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, r#"{"preallocationApplied":false,"message":"Import Complete"}"#);
+    assert_eq!(fs::metadata(&backing).unwrap().blocks(), 0, "an empty block volume is the blank disk");
+
+    pod.set("PREALLOCATION", "true").set("IMPORTER_IMAGE_SIZE", "24Mi");
+    let ended = pod.run();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, r#"{"preallocationApplied":true,"message":"Import Complete"}"#);
+    let allocated = fs::metadata(&backing).unwrap().blocks() * 512;
+    assert!(allocated >= 24 * MIB, "preallocated: {allocated} bytes allocated under the loop device");
+    assert_eq!(sha256_prefix(device.path(), 24 * MIB), sha256_prefix(Path::new("/dev/zero"), 24 * MIB));
+}
+
+#[test]
+fn runs_unprivileged_as_uid_107() {
+    if !require_privileged("runs_unprivileged_as_uid_107") {
+        return;
+    }
+    let bench = Workbench::new("cdi-uid");
+    let (image, digest, virtual_size) = qcow2_image(&bench, 24 * MIB);
+    fs::set_permissions(&image, fs::Permissions::from_mode(0o644)).unwrap();
+
+    // File volume owned by the pod user.
+    let mut pod = Pod::new("cdi-uid-file");
+    pod.as_pod_user().set("IMPORTER_ENDPOINT", image.to_str().unwrap()).set("IMPORTER_IMAGE_SIZE", "32Mi");
+    let (ended, values, _) = pod.run_scraping();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, COMPLETE);
+    assert_progress_series(&values, false);
+    let disk = pod.data().join("disk.img");
+    assert_eq!(fs::metadata(&disk).unwrap().uid(), POD_UID);
+    assert_eq!(fs::metadata(&disk).unwrap().len(), 32 * MIB);
+    assert_eq!(sha256_prefix(&disk, virtual_size), digest);
+
+    // Block volume: the device node handed to the pod user, as kubelet does for volumeDevices.
+    let (device, _backing) = garbage_loop_device(bench.dir.path(), 32 * MIB);
+    std::os::unix::fs::chown(device.path(), Some(POD_UID), Some(POD_UID)).unwrap();
+    let mut pod = Pod::new("cdi-uid-block");
+    pod.block = Some(device.path().to_path_buf());
+    pod.as_pod_user().set("IMPORTER_ENDPOINT", image.to_str().unwrap());
+    let ended = pod.run();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, COMPLETE);
+    assert_eq!(sha256_prefix(device.path(), virtual_size), digest);
+    std::os::unix::fs::chown(device.path(), Some(0), Some(6)).unwrap();
+}
