@@ -628,8 +628,8 @@ mod tests {
                 true
             )
         );
-        assert_eq!(normalized(&["boundimport", "-v", "a", "cdi"]).1, false);
-        assert_eq!(normalized(&["boundimport", "img", "out"]).1, false);
+        assert!(!normalized(&["boundimport", "-v", "a", "cdi"]).1);
+        assert!(!normalized(&["boundimport", "img", "out"]).1);
         let (args, cdi) = normalized(&["/usr/bin/cdi-importer", "-v=1"]);
         assert!(cdi);
         assert_eq!(args, ["/usr/bin/cdi-importer", "cdi", "--v=1"]);
