@@ -680,3 +680,24 @@ fn runs_unprivileged_as_uid_107() {
     assert_eq!(sha256_prefix(device.path(), virtual_size), digest);
     std::os::unix::fs::chown(device.path(), Some(0), Some(6)).unwrap();
 }
+
+#[test]
+fn unsupported_sources_go_to_a_fallback_importer_when_one_is_named() {
+    let mut pod = Pod::new("cdi-fallback");
+    let script = pod.dir.path().join("cdi-importer.orig");
+    let record = pod.dir.path().join("fallback-ran");
+    fs::write(&script, format!("#!/bin/sh\necho \"$IMPORTER_SOURCE $*\" > {}\nexit 7\n", record.display())).unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    pod.set("IMPORTER_SOURCE", "registry").set("BOUNDIMPORT_CDI_FALLBACK", script.to_str().unwrap());
+    let ended = pod.run();
+    assert_eq!(ended.code, 7, "the fallback's own exit code: {}", ended.stderr);
+    assert_eq!(fs::read_to_string(&record).unwrap(), "registry -alsologtostderr -v=3\n");
+    assert!(ended.termination.is_empty(), "the fallback owns the termination log");
+
+    // Sources boundimport imports stay with boundimport.
+    pod.set("IMPORTER_SOURCE", "none").set("IMPORTER_IMAGE_SIZE", "1Mi");
+    fs::remove_file(&record).unwrap();
+    let ended = pod.run();
+    ended_ok(&ended);
+    assert!(!record.exists());
+}

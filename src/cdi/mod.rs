@@ -88,6 +88,11 @@ pub struct CdiArgs {
     /// Keep serving the final metrics this many seconds after a successful import (default: exit at once).
     #[arg(long, value_name = "SECONDS", default_value_t = 0.0)]
     pub metrics_linger: f64,
+
+    /// Another importer (CDI's own `cdi-importer`) to exec, with the same arguments, when IMPORTER_SOURCE is one
+    /// boundimport does not import (s3, gcs, registry, imageio, vddk).
+    #[arg(long, value_name = "PATH", env = "BOUNDIMPORT_CDI_FALLBACK")]
+    pub fallback: Option<PathBuf>,
 }
 
 /// How an importer run ended.
@@ -138,6 +143,44 @@ pub fn report_usage_error(message: &str) {
     }
 }
 
+/// Sources `boundimport cdi` imports itself.
+fn handles_source(source: &str) -> bool {
+    matches!(source, "" | "http" | "none")
+}
+
+/// The klog flags among the arguments given after the `cdi` subcommand (or after the program name, when invoked
+/// as `cdi-importer`): what CDI's own importer understands, without boundimport's options.
+fn klog_args(all: &[OsString]) -> Vec<OsString> {
+    let invoked_as_importer =
+        all.first().and_then(|a| Path::new(a).file_name()).is_some_and(|name| name == "cdi-importer");
+    let start = if invoked_as_importer { 1 } else { all.iter().skip(1).position(|a| a == "cdi").map_or(1, |i| i + 2) };
+    let mut kept = Vec::new();
+    let mut rest = all.get(start..).unwrap_or_default().iter();
+    while let Some(arg) = rest.next() {
+        let text = arg.to_string_lossy();
+        let flag = text.trim_start_matches('-');
+        let (name, has_value) = match flag.split_once('=') {
+            Some((name, _)) => (name, true),
+            None => (flag, false),
+        };
+        if text.starts_with('-') && KLOG_FLAGS.contains(&name) {
+            kept.push(arg.clone());
+            if !has_value && matches!(name, "v" | "stderrthreshold" | "vmodule") {
+                kept.extend(rest.next().cloned());
+            }
+        }
+    }
+    kept
+}
+
+/// Replaces this process with `fallback`, passing on our arguments; returns only if the exec failed.
+fn exec_fallback(fallback: &Path) -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    log::info!("IMPORTER_SOURCE is not imported by boundimport: handing over to {}", fallback.display());
+    let all: Vec<OsString> = std::env::args_os().collect();
+    std::process::Command::new(fallback).args(klog_args(&all)).exec()
+}
+
 /// Runs the importer; returns the process exit code.
 pub fn main(args: CdiArgs) -> i32 {
     let verbosity = match args.verbosity {
@@ -146,6 +189,16 @@ pub fn main(args: CdiArgs) -> i32 {
         _ => 2,
     };
     crate::logging::init(verbosity, false);
+    if let Some(fallback) = &args.fallback {
+        let source = std::env::var("IMPORTER_SOURCE").unwrap_or_default();
+        if !handles_source(&source) {
+            let err = exec_fallback(fallback);
+            let message = format!("cannot run the fallback importer {}: {err}", fallback.display());
+            log::error!("{message}");
+            let _ = termination::write_plain(&args.termination_log, &message);
+            return 1;
+        }
+    }
     let stop = crate::cli::install_stop_handlers();
     let progress = Arc::new(Progress::default());
     let cgroup = match MemCgroup::own() {
@@ -456,15 +509,19 @@ impl Context<'_> {
         let mut ca_dirs = Vec::new();
         let proxy_dirs = [Some(self.args.proxy_cert_dir.clone()), env.proxy_cert_dir.clone()];
         for dir in proxy_dirs.into_iter().flatten() {
-            if dir.is_dir() && !ca_dirs.contains(&dir) {
-                ca_dirs.push(dir);
+            // CDI reads the proxy CA directory when it exists and ignores it otherwise.
+            if let Ok(count) = count_pem_certificates(&dir) {
+                if count > 0 && !ca_dirs.contains(&dir) {
+                    ca_dirs.push(dir);
+                }
             }
         }
-        if let Some(dir) = &env.cert_dir {
-            std::fs::read_dir(dir).map_err(|e| {
+        if let (Some(dir), false) = (&env.cert_dir, env.insecure_tls) {
+            // The configured CA directory must be listable; files without certificates are only warned about.
+            let count = count_pem_certificates(dir).map_err(|e| {
                 connect(format!("Error creating http client: Error listing files in {}: {e}", dir.display()))
             })?;
-            if !ca_dirs.contains(dir) {
+            if count > 0 && !ca_dirs.contains(dir) {
                 ca_dirs.push(dir.clone());
             }
         }
@@ -482,6 +539,25 @@ impl Context<'_> {
             ..HttpOptions::default()
         })
     }
+}
+
+/// PEM certificates in the regular files of `dir` (dot files skipped, symlinks to files followed, as CDI reads a
+/// mounted ConfigMap); a file without one gets CDI's warning.
+fn count_pem_certificates(dir: &Path) -> std::io::Result<usize> {
+    use rustls::pki_types::pem::PemObject;
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')) || !path.is_file() {
+            continue;
+        }
+        let found = rustls::pki_types::CertificateDer::pem_file_iter(&path).map_or(0, |certs| certs.flatten().count());
+        if found == 0 {
+            log::warn!("No certs in {}", path.display());
+        }
+        total += found;
+    }
+    Ok(total)
 }
 
 /// A blank `disk.img`: the requested size, capped by the free space, less the filesystem overhead.
@@ -633,6 +709,39 @@ mod tests {
         let (args, cdi) = normalized(&["/usr/bin/cdi-importer", "-v=1"]);
         assert!(cdi);
         assert_eq!(args, ["/usr/bin/cdi-importer", "cdi", "--v=1"]);
+    }
+
+    #[test]
+    fn the_fallback_gets_only_klog_flags() {
+        let args = |list: &[&str]| list.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            klog_args(&args(&[
+                "boundimport",
+                "cdi",
+                "--fallback",
+                "/x",
+                "-alsologtostderr",
+                "-v",
+                "3",
+                "--data-dir",
+                "/d"
+            ])),
+            args(&["-alsologtostderr", "-v", "3"])
+        );
+        assert_eq!(klog_args(&args(&["/usr/bin/cdi-importer", "-v=1"])), args(&["-v=1"]));
+        assert!(klog_args(&args(&["boundimport", "cdi"])).is_empty());
+    }
+
+    #[test]
+    fn ca_directories_count_pem_certificates() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(count_pem_certificates(dir.path()).unwrap(), 0);
+        let cert = rcgen::generate_simple_self_signed(vec!["ca.test".to_string()]).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.path().join(".hidden.pem"), cert.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "no certificate here").unwrap();
+        assert_eq!(count_pem_certificates(dir.path()).unwrap(), 1);
+        assert!(count_pem_certificates(&dir.path().join("missing")).is_err());
     }
 
     #[test]
