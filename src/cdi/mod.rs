@@ -77,6 +77,10 @@ pub struct CdiArgs {
     #[arg(long, value_name = "[HOST]:PORT", default_value = ":8443")]
     pub metrics_addr: String,
 
+    /// Scratch volume for sources that can only be read as a stream and need spooling (used when it exists).
+    #[arg(long, value_name = "DIR", default_value = "/scratch")]
+    pub scratch_dir: PathBuf,
+
     /// Directory of the cluster proxy's CA certificates (read when it exists).
     #[arg(long, value_name = "DIR", default_value = "/proxycerts/")]
     pub proxy_cert_dir: PathBuf,
@@ -398,6 +402,7 @@ impl Context<'_> {
         };
         let plan = Plan {
             http,
+            scratch: self.args.scratch_dir.is_dir().then(|| self.args.scratch_dir.clone()),
             checksum: env.checksum.clone(),
             output_digest: false,
             file_mode: dest::FILE_MODE,
