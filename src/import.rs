@@ -156,16 +156,6 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
     let virtual_size = image.virtual_size();
     let format_name = image.format_name();
     log::info!("{}: {format_name} image, virtual size {virtual_size} bytes ({})", plan.source, human(virtual_size));
-    if let Some(available) = plan.max_virtual_size.filter(|&available| virtual_size > available) {
-        // CDI's wording: its controller turns this message into "DataVolume too small to contain image".
-        return Err(Error::new(
-            ErrorKind::TooSmall,
-            format!(
-                "virtual image size {virtual_size} is larger than the reported available storage {available}. \
-                 A larger PVC is required"
-            ),
-        ));
-    }
 
     let kind = DestKind::of(&plan.destination)?;
     let checkpoints = match &plan.resume {
@@ -195,6 +185,7 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
         target_is_zero: plan.target_is_zero,
         file_mode: plan.file_mode,
         preallocate: plan.preallocate,
+        max_size: plan.max_virtual_size,
         keep_contents: start > 0,
     };
     let governor = || {

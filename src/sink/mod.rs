@@ -75,6 +75,9 @@ pub struct DestOptions {
     /// Allocate every block: a file is fallocated over its whole size; a block device's zero ranges are zeroed
     /// without unmapping (and zeroed even when `target_is_zero`).
     pub preallocate: bool,
+    /// The most the image may occupy (the space a CDI volume reports): a larger image is refused before anything
+    /// is opened or written.
+    pub max_size: Option<u64>,
     /// Keep a regular file's contents (resuming an interrupted import of the same image) instead of truncating.
     pub keep_contents: bool,
 }
@@ -87,6 +90,7 @@ impl Default for DestOptions {
             file_mode: 0o644,
             keep_contents: false,
             preallocate: false,
+            max_size: None,
         }
     }
 }
@@ -135,6 +139,9 @@ impl Destination {
         governor: impl FnOnce() -> Result<Governor>,
     ) -> Result<Self> {
         let ctx = |e: Error| e.at_path(path);
+        if let Some(max) = options.max_size {
+            check_fits(size, max)?;
+        }
         let kind = DestKind::of(path)?;
         // O_EXCL on a block device refuses one that is mounted or otherwise claimed.
         let base_flags = match kind {
@@ -339,6 +346,18 @@ impl Destination {
         let _ = sys::drop_cache(&self.buffered, 0, 0);
         Ok(summary)
     }
+}
+
+/// Refuses an image of `size` bytes where only `available` fit, in CDI's words: its controller turns "is larger
+/// than the reported available" into "DataVolume too small to contain image".
+pub fn check_fits(size: u64, available: u64) -> Result<()> {
+    if size <= available {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::TooSmall,
+        format!("virtual image size {size} is larger than the reported available storage {available}. A larger PVC is required"),
+    ))
 }
 
 /// Opens an O_DIRECT handle and finds its alignment, or says why direct I/O is not possible.
