@@ -90,20 +90,10 @@ impl Extent {
         let shift = from - self.guest;
         let content = match self.content {
             Content::Zero => Content::Zero,
-            Content::Data { source, offset } => Content::Data {
-                source,
-                offset: offset + shift,
-            },
-            Content::Compressed(unit) => Content::Compressed(Compressed {
-                skip: unit.skip + shift,
-                ..unit
-            }),
+            Content::Data { source, offset } => Content::Data { source, offset: offset + shift },
+            Content::Compressed(unit) => Content::Compressed(Compressed { skip: unit.skip + shift, ..unit }),
         };
-        Extent {
-            guest: from,
-            len: to - from,
-            content,
-        }
+        Extent { guest: from, len: to - from, content }
     }
 }
 
@@ -203,17 +193,11 @@ pub fn open_backing(
     };
     let path = resolve_backing_path(base_dir, backing_name).map_err(|why| refuse(&format!(": {why}")))?;
     let source: Arc<dyn ReadAt> = Arc::new(crate::source::FileSource::open(&path)?);
-    let child_policy = BackingPolicy {
-        allow: true,
-        base_dir: path.parent().map(Path::to_path_buf),
-    };
+    let child_policy = BackingPolicy { allow: true, base_dir: path.parent().map(Path::to_path_buf) };
     let image = open_at_depth(source, &child_policy, depth + 1)?;
     if let Some(hint) = format_hint {
         if hint != image.format_name() {
-            return Err(refuse(&format!(
-                ": named as {hint} but its header says {}",
-                image.format_name()
-            )));
+            return Err(refuse(&format!(": named as {hint} but its header says {}", image.format_name())));
         }
     }
     Ok(image)
@@ -231,11 +215,7 @@ fn resolve_backing_path(base_dir: &Path, name: &str) -> std::result::Result<Path
         }
     }
     let path = Path::new(name);
-    Ok(if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        base_dir.join(path)
-    })
+    Ok(if path.is_absolute() { path.to_path_buf() } else { base_dir.join(path) })
 }
 
 #[cfg(test)]
@@ -243,11 +223,7 @@ mod tests {
     use super::*;
 
     fn data(guest: u64, len: u64, offset: u64) -> Extent {
-        Extent {
-            guest,
-            len,
-            content: Content::Data { source: 0, offset },
-        }
+        Extent { guest, len, content: Content::Data { source: 0, offset } }
     }
 
     #[test]
@@ -256,60 +232,20 @@ mod tests {
         push_extent(&mut out, data(0, 10, 100));
         push_extent(&mut out, data(10, 10, 110));
         push_extent(&mut out, data(20, 10, 500));
-        push_extent(
-            &mut out,
-            Extent {
-                guest: 30,
-                len: 5,
-                content: Content::Zero,
-            },
-        );
-        push_extent(
-            &mut out,
-            Extent {
-                guest: 35,
-                len: 5,
-                content: Content::Zero,
-            },
-        );
-        push_extent(
-            &mut out,
-            Extent {
-                guest: 40,
-                len: 0,
-                content: Content::Zero,
-            },
-        );
+        push_extent(&mut out, Extent { guest: 30, len: 5, content: Content::Zero });
+        push_extent(&mut out, Extent { guest: 35, len: 5, content: Content::Zero });
+        push_extent(&mut out, Extent { guest: 40, len: 0, content: Content::Zero });
         assert_eq!(
             out,
-            vec![
-                data(0, 20, 100),
-                data(20, 10, 500),
-                Extent {
-                    guest: 30,
-                    len: 10,
-                    content: Content::Zero
-                }
-            ]
+            vec![data(0, 20, 100), data(20, 10, 500), Extent { guest: 30, len: 10, content: Content::Zero }]
         );
     }
 
     #[test]
     fn clipping_shifts_source_offsets() {
         assert_eq!(data(100, 50, 1000).clip(120, 400), data(120, 30, 1020));
-        let unit = Compressed {
-            source: 0,
-            offset: 7,
-            src_len: 9,
-            unit_len: 64,
-            skip: 0,
-            codec: Codec::Zstd,
-        };
-        let whole = Extent {
-            guest: 0,
-            len: 64,
-            content: Content::Compressed(unit),
-        };
+        let unit = Compressed { source: 0, offset: 7, src_len: 9, unit_len: 64, skip: 0, codec: Codec::Zstd };
+        let whole = Extent { guest: 0, len: 64, content: Content::Compressed(unit) };
         let part = whole.clip(16, 32);
         assert_eq!(part.guest, 16);
         assert_eq!(part.len, 16);
@@ -319,14 +255,8 @@ mod tests {
     #[test]
     fn backing_names_with_protocols_are_refused() {
         let base = Path::new("/images");
-        assert_eq!(
-            resolve_backing_path(base, "base.qcow2").unwrap(),
-            Path::new("/images/base.qcow2")
-        );
-        assert_eq!(
-            resolve_backing_path(base, "/abs/base.raw").unwrap(),
-            Path::new("/abs/base.raw")
-        );
+        assert_eq!(resolve_backing_path(base, "base.qcow2").unwrap(), Path::new("/images/base.qcow2"));
+        assert_eq!(resolve_backing_path(base, "/abs/base.raw").unwrap(), Path::new("/abs/base.raw"));
         assert_eq!(resolve_backing_path(base, "./a:b").unwrap(), Path::new("/images/./a:b"));
         for name in ["nbd:localhost:10809", "http://example/base", "json:{}", ""] {
             assert!(resolve_backing_path(base, name).is_err(), "{name}");

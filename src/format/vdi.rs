@@ -87,12 +87,12 @@ pub fn parse_header(buf: &[u8; 512], file_len: u64) -> Result<Header> {
     }
     if offset_bmap % 512 != 0 || offset_bmap < 512 {
         return Err(
-            crate::bad_image!("vdi block map offset {offset_bmap:#x} is not a sector past the header").at_offset(0x154),
+            crate::bad_image!("vdi block map offset {offset_bmap:#x} is not a sector past the header").at_offset(0x154)
         );
     }
     if offset_data % 512 != 0 || offset_data < 512 {
         return Err(
-            crate::bad_image!("vdi data offset {offset_data:#x} is not a sector past the header").at_offset(0x158),
+            crate::bad_image!("vdi data offset {offset_data:#x} is not a sector past the header").at_offset(0x158)
         );
     }
     if sector_size != 512 {
@@ -106,7 +106,7 @@ pub fn parse_header(buf: &[u8; 512], file_len: u64) -> Result<Header> {
     }
     if blocks_in_image > MAX_BLOCKS {
         return Err(
-            crate::bad_image!("vdi has too many blocks ({blocks_in_image}, at most {MAX_BLOCKS})").at_offset(0x180),
+            crate::bad_image!("vdi has too many blocks ({blocks_in_image}, at most {MAX_BLOCKS})").at_offset(0x180)
         );
     }
     let room = blocks_in_image as u64 * block_size as u64;
@@ -121,18 +121,10 @@ pub fn parse_header(buf: &[u8; 512], file_len: u64) -> Result<Header> {
     disk_size = disk_size.div_ceil(512) * 512;
     let map_end = offset_bmap + blocks_in_image as u64 * 4;
     if map_end > file_len {
-        return Err(
-            crate::bad_image!("vdi block map ends at {map_end}, past the end of the file ({file_len})")
-                .at_offset(0x154),
-        );
+        return Err(crate::bad_image!("vdi block map ends at {map_end}, past the end of the file ({file_len})")
+            .at_offset(0x154));
     }
-    Ok(Header {
-        image_type,
-        offset_bmap,
-        offset_data,
-        disk_size,
-        blocks_in_image,
-    })
+    Ok(Header { image_type, offset_bmap, offset_data, disk_size, blocks_in_image })
 }
 
 /// A UUID as text (byte order as stored).
@@ -198,14 +190,7 @@ impl Image for VdiImage {
                         offset: self.header.offset_data + entry as u64 * block + (guest - index * block),
                     }
                 };
-                push_extent(
-                    out,
-                    Extent {
-                        guest,
-                        len: block_end - guest,
-                        content,
-                    },
-                );
+                push_extent(out, Extent { guest, len: block_end - guest, content });
                 guest = block_end;
             }
         }

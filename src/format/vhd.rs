@@ -87,11 +87,7 @@ impl Footer {
     pub fn virtual_size(&self) -> u64 {
         let uses_current_size = matches!(&self.creator_app, b"win " | b"qem2" | b"d2v " | b"CTXS" | b"tap\0");
         let chs = self.chs_sectors();
-        let sectors = if uses_current_size || chs == MAX_GEOMETRY_SECTORS {
-            self.current_size / 512
-        } else {
-            chs
-        };
+        let sectors = if uses_current_size || chs == MAX_GEOMETRY_SECTORS { self.current_size / 512 } else { chs };
         sectors * 512
     }
 }
@@ -112,9 +108,7 @@ pub fn parse_footer(buf: &[u8; 512]) -> Result<Footer> {
     match footer.disk_type {
         TYPE_FIXED | TYPE_DYNAMIC | TYPE_DIFFERENCING => {}
         other => {
-            return Err(crate::bad_image!(
-                "vhd disk type {other} is not fixed (2), dynamic (3) or differencing (4)"
-            ))
+            return Err(crate::bad_image!("vhd disk type {other} is not fixed (2), dynamic (3) or differencing (4)"))
         }
     }
     let sectors = footer.virtual_size() / 512;
@@ -151,11 +145,8 @@ pub fn parse_dynamic_header(buf: &[u8; 1024], virtual_size: u64, file_len: u64) 
     if !buf.starts_with(DYNAMIC_COOKIE) {
         return Err(crate::bad_image!("vhd dynamic header has no \"cxsparse\" cookie"));
     }
-    let units: Vec<u16> = buf[64..576]
-        .chunks_exact(2)
-        .map(|c| u16::from_be_bytes([c[0], c[1]]))
-        .take_while(|&u| u != 0)
-        .collect();
+    let units: Vec<u16> =
+        buf[64..576].chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).take_while(|&u| u != 0).collect();
     let header = DynamicHeader {
         table_offset: be64(buf, 16),
         max_table_entries: be32(buf, 28),
@@ -165,7 +156,7 @@ pub fn parse_dynamic_header(buf: &[u8; 1024], virtual_size: u64, file_len: u64) 
     let block_size = header.block_size as u64;
     if !block_size.is_power_of_two() || block_size < 512 {
         return Err(
-            crate::bad_image!("vhd block size {block_size} is not a power of two of at least 512").at_offset(32),
+            crate::bad_image!("vhd block size {block_size} is not a power of two of at least 512").at_offset(32)
         );
     }
     let needed = virtual_size.div_ceil(block_size);
@@ -218,10 +209,7 @@ impl VhdImage {
             .at_offset(footer_at)));
         }
         if !footer.checksum_ok {
-            log::warn!(
-                "{}: the vhd footer checksum is incorrect (read anyway, like qemu)",
-                source.name()
-            );
+            log::warn!("{}: the vhd footer checksum is incorrect (read anyway, like qemu)", source.name());
         }
         let virtual_size = footer.virtual_size();
         let dynamic = if footer.disk_type == TYPE_FIXED {
@@ -239,11 +227,7 @@ impl VhdImage {
             }
             Some(header)
         };
-        Ok(VhdImage {
-            source,
-            footer,
-            dynamic,
-        })
+        Ok(VhdImage { source, footer, dynamic })
     }
 
     /// The parsed footer.
@@ -269,14 +253,7 @@ impl Image for VhdImage {
         let end = offset + len;
         let Some(dynamic) = &self.dynamic else {
             // Fixed: guest offset = file offset, as qemu reads it (bytes past the data read as zeros).
-            push_extent(
-                out,
-                Extent {
-                    guest: offset,
-                    len,
-                    content: Content::Data { source: 0, offset },
-                },
-            );
+            push_extent(out, Extent { guest: offset, len, content: Content::Data { source: 0, offset } });
             return Ok(());
         };
         let block = dynamic.block_size as u64;
@@ -288,12 +265,7 @@ impl Image for VhdImage {
             let last = (end - 1) / block;
             let count = (last - first + 1).min(MAP_CHUNK_ENTRIES);
             entries.resize(count as usize * 4, 0);
-            read_exact_at(
-                self.source.as_ref(),
-                dynamic.table_offset + first * 4,
-                &mut entries,
-                "vhd BAT",
-            )?;
+            read_exact_at(self.source.as_ref(), dynamic.table_offset + first * 4, &mut entries, "vhd BAT")?;
             for (i, raw) in entries.chunks_exact(4).enumerate() {
                 let index = first + i as u64;
                 let block_end = ((index + 1) * block).min(end);
@@ -301,19 +273,9 @@ impl Image for VhdImage {
                 let content = if entry == UNALLOCATED {
                     Content::Zero
                 } else {
-                    Content::Data {
-                        source: 0,
-                        offset: entry as u64 * 512 + bitmap + (guest - index * block),
-                    }
+                    Content::Data { source: 0, offset: entry as u64 * 512 + bitmap + (guest - index * block) }
                 };
-                push_extent(
-                    out,
-                    Extent {
-                        guest,
-                        len: block_end - guest,
-                        content,
-                    },
-                );
+                push_extent(out, Extent { guest, len: block_end - guest, content });
                 guest = block_end;
             }
         }

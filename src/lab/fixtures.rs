@@ -42,22 +42,13 @@ impl ChildCgroup {
             Version::V1 => root.join("memory"),
             Version::V2 => root.clone(),
         };
-        let relative = parent
-            .dir()
-            .strip_prefix(&memory_root)
-            .unwrap_or(Path::new(""))
-            .join(name);
+        let relative = parent.dir().strip_prefix(&memory_root).unwrap_or(Path::new("")).join(name);
         let cgroup =
             cgroups_rs::Cgroup::new_with_specified_controllers(hierarchy, &relative, Some(vec!["memory".to_string()]))
                 .map_err(|e| fail("creating", e))?;
-        let child = ChildCgroup {
-            cgroup,
-            reader: MemCgroup::at(parent.dir().join(name), parent.version()),
-        };
-        let memory: &cgroups_rs::memory::MemController = child
-            .cgroup
-            .controller_of()
-            .ok_or_else(|| Error::unsupported("memory controller not available"))?;
+        let child = ChildCgroup { cgroup, reader: MemCgroup::at(parent.dir().join(name), parent.version()) };
+        let memory: &cgroups_rs::memory::MemController =
+            child.cgroup.controller_of().ok_or_else(|| Error::unsupported("memory controller not available"))?;
         let limit = i64::try_from(limit).map_err(|_| Error::usage("cgroup limit too large"))?;
         memory.set_limit(limit).map_err(|e| fail("limiting", e))?;
         // Pin swap to the limit where the kernel accounts it, so the limit cannot be dodged by swapping.
@@ -67,9 +58,7 @@ impl ChildCgroup {
         };
         let swap_file = child.reader.dir().join(swap.0);
         if swap_file.exists() {
-            fs::write(&swap_file, &swap.1)
-                .io_context("pinning swap limit")
-                .map_err(|e| e.at_path(&swap_file))?;
+            fs::write(&swap_file, &swap.1).io_context("pinning swap limit").map_err(|e| e.at_path(&swap_file))?;
         }
         Ok(child)
     }
@@ -82,14 +71,8 @@ impl ChildCgroup {
     /// Spawns `command` inside the cgroup: the child moves itself in before exec, so everything it allocates and
     /// every page it reads is charged here from its first instruction.
     pub fn spawn(&self, command: &mut Command) -> Result<std::process::Child> {
-        let procs = CString::new(
-            self.reader
-                .dir()
-                .join("cgroup.procs")
-                .into_os_string()
-                .into_encoded_bytes(),
-        )
-        .map_err(|_| Error::usage("cgroup path contains a NUL byte"))?;
+        let procs = CString::new(self.reader.dir().join("cgroup.procs").into_os_string().into_encoded_bytes())
+            .map_err(|_| Error::usage("cgroup path contains a NUL byte"))?;
         // SAFETY: the hook only calls async-signal-safe functions (open, write, close) on memory prepared before
         // the fork.
         unsafe {
@@ -165,12 +148,7 @@ impl Drop for LoopDevice {
     fn drop(&mut self) {
         // A device still open (a killed writer's fd not yet closed) refuses to detach for a moment.
         for _ in 0..50 {
-            match Command::new("losetup")
-                .arg("--detach")
-                .arg(&self.path)
-                .stderr(Stdio::null())
-                .status()
-            {
+            match Command::new("losetup").arg("--detach").arg(&self.path).stderr(Stdio::null()).status() {
                 Ok(status) if status.success() => return,
                 _ => std::thread::sleep(Duration::from_millis(100)),
             }
@@ -181,10 +159,7 @@ impl Drop for LoopDevice {
 /// `MAJ:MIN` of a block device node.
 pub fn device_number(device: &Path) -> Result<String> {
     use std::os::unix::fs::MetadataExt;
-    let rdev = fs::metadata(device)
-        .io_context("reading device number")
-        .map_err(|e| e.at_path(device))?
-        .rdev();
+    let rdev = fs::metadata(device).io_context("reading device number").map_err(|e| e.at_path(device))?.rdev();
     Ok(format!("{}:{}", libc::major(rdev), libc::minor(rdev)))
 }
 
@@ -208,15 +183,9 @@ impl WriteThrottle {
             (v1_file, format!("{device} {bytes_per_sec}"), format!("{device} 0"))
         } else {
             let cg = v2_cgroup.ok_or_else(|| Error::unsupported("no blkio hierarchy and no v2 cgroup for io.max"))?;
-            (
-                cg.dir().join("io.max"),
-                format!("{device} wbps={bytes_per_sec}"),
-                format!("{device} wbps=max"),
-            )
+            (cg.dir().join("io.max"), format!("{device} wbps={bytes_per_sec}"), format!("{device} wbps=max"))
         };
-        fs::write(&file, &value)
-            .io_context("setting write throttle")
-            .map_err(|e| e.at_path(&file))?;
+        fs::write(&file, &value).io_context("setting write throttle").map_err(|e| e.at_path(&file))?;
         Ok(WriteThrottle { file, device, clear })
     }
 
@@ -254,10 +223,8 @@ impl MountedExt4 {
             )
             .at_path(device));
         }
-        let mountpoint = tempfile::Builder::new()
-            .prefix("boundimport-mnt-")
-            .tempdir()
-            .io_context("creating a mount point")?;
+        let mountpoint =
+            tempfile::Builder::new().prefix("boundimport-mnt-").tempdir().io_context("creating a mount point")?;
         let mount = Command::new("mount")
             .arg(device)
             .arg(mountpoint.path())
@@ -283,19 +250,12 @@ impl MountedExt4 {
 impl Drop for MountedExt4 {
     fn drop(&mut self) {
         for _ in 0..50 {
-            match Command::new("umount")
-                .arg(self.mountpoint.path())
-                .stderr(Stdio::null())
-                .status()
-            {
+            match Command::new("umount").arg(self.mountpoint.path()).stderr(Stdio::null()).status() {
                 Ok(status) if status.success() => return,
                 _ => std::thread::sleep(Duration::from_millis(100)),
             }
         }
         // Still busy: detach it lazily rather than leave it mounted.
-        let _ = Command::new("umount")
-            .arg("--lazy")
-            .arg(self.mountpoint.path())
-            .status();
+        let _ = Command::new("umount").arg("--lazy").arg(self.mountpoint.path()).status();
     }
 }

@@ -67,10 +67,7 @@ pub fn fill(
 }
 
 fn source_of(sources: &[Arc<dyn ReadAt>], id: usize) -> Result<&dyn ReadAt> {
-    sources
-        .get(id)
-        .map(|s| s.as_ref())
-        .ok_or_else(|| crate::bad_image!("extent names unknown source {id}"))
+    sources.get(id).map(|s| s.as_ref()).ok_or_else(|| crate::bad_image!("extent names unknown source {id}"))
 }
 
 /// Reads verbatim data. Bytes past the end of the source (the partial last cluster of an image) read as zeros,
@@ -82,10 +79,7 @@ fn read_data(source: &dyn ReadAt, offset: u64, out: &mut [u8]) -> Result<()> {
         if got < expected {
             return Err(Error::new(
                 crate::error::ErrorKind::Io,
-                format!(
-                    "source ended after {} of {} bytes: was it truncated during the import?",
-                    got, expected
-                ),
+                format!("source ended after {} of {} bytes: was it truncated during the import?", got, expected),
             )
             .at_offset(offset + got as u64)
             .at_path(source.name()));
@@ -142,26 +136,18 @@ fn fill_compressed_run(
     let read_start = align_down(first.offset, align);
     let read_len = (align_up(span_end, align) - read_start) as usize;
     if read_len > COMPRESSED_READ_SPAN {
-        return Err(
-            crate::bad_image!("compressed unit of {} bytes is too large", first.src_len)
-                .at_offset(first.offset)
-                .at_path(source.name()),
-        );
+        return Err(crate::bad_image!("compressed unit of {} bytes is too large", first.src_len)
+            .at_offset(first.offset)
+            .at_path(source.name()));
     }
-    let input = scratch
-        .input
-        .get_or_insert_with(|| AlignedBuf::new(COMPRESSED_READ_SPAN));
+    let input = scratch.input.get_or_insert_with(|| AlignedBuf::new(COMPRESSED_READ_SPAN));
     let got = source.read_at(read_start, &mut input[..read_len])?;
     for extent in run {
-        let Content::Compressed(unit) = extent.content else {
-            unreachable!("run holds compressed extents only")
-        };
+        let Content::Compressed(unit) = extent.content else { unreachable!("run holds compressed extents only") };
         if unit.unit_len > MAX_UNIT_LEN || unit.skip + extent.len > unit.unit_len {
-            return Err(
-                crate::bad_image!("compressed unit of {} bytes is out of range", unit.unit_len)
-                    .at_offset(unit.offset)
-                    .at_path(source.name()),
-            );
+            return Err(crate::bad_image!("compressed unit of {} bytes is out of range", unit.unit_len)
+                .at_offset(unit.offset)
+                .at_path(source.name()));
         }
         let from = (unit.offset - read_start) as usize;
         let to = (unit.offset.saturating_add(unit.src_len) - read_start).min(got as u64) as usize;

@@ -58,26 +58,15 @@ impl FileSource {
         if meta.is_dir() {
             return Err(Error::usage("source is a directory").at_path(path));
         }
-        let len = sys::file_or_device_size(&file)
-            .io_context("reading source size")
-            .map_err(ctx)?;
-        let is_block_device = sys::is_block_device(&file)
-            .io_context("reading source type")
-            .map_err(ctx)?;
-        let mut source = FileSource {
-            name,
-            file,
-            len,
-            mode: ReadMode::BufferedDropBehind,
-            is_block_device,
-        };
+        let len = sys::file_or_device_size(&file).io_context("reading source size").map_err(ctx)?;
+        let is_block_device = sys::is_block_device(&file).io_context("reading source type").map_err(ctx)?;
+        let mut source = FileSource { name, file, len, mode: ReadMode::BufferedDropBehind, is_block_device };
         if try_direct {
             match source.probe_direct_alignment() {
                 Some(align) => source.mode = ReadMode::Direct(align),
                 None => {
-                    source.file = sys::reopen(&source.file, libc::O_RDONLY)
-                        .io_context("reopening source")
-                        .map_err(ctx)?
+                    source.file =
+                        sys::reopen(&source.file, libc::O_RDONLY).io_context("reopening source").map_err(ctx)?
                 }
             }
         }
@@ -105,12 +94,10 @@ impl FileSource {
             _ => {}
         }
         let mut probe = AlignedBuf::new(4096);
-        [512u64, 4096]
-            .into_iter()
-            .find(|&align| match self.file.read_at(&mut probe[..align as usize], 0) {
-                Ok(_) => true,
-                Err(e) => e.raw_os_error() != Some(libc::EINVAL),
-            })
+        [512u64, 4096].into_iter().find(|&align| match self.file.read_at(&mut probe[..align as usize], 0) {
+            Ok(_) => true,
+            Err(e) => e.raw_os_error() != Some(libc::EINVAL),
+        })
     }
 
     fn pread_full(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
@@ -193,6 +180,12 @@ impl ReadAt for FileSource {
         }
     }
 
+    fn identity(&self) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = self.file.metadata().ok()?;
+        Some(format!("mtime={}.{:09} ino={}", meta.mtime(), meta.mtime_nsec(), meta.ino()))
+    }
+
     fn next_data(&self, offset: u64) -> Result<Option<Range<u64>>> {
         if offset >= self.len {
             return Ok(None);
@@ -204,9 +197,7 @@ impl ReadAt for FileSource {
             Ok(run) => Ok(run.map(|(start, end)| start..end.min(self.len))),
             // Filesystems without SEEK_DATA: everything is data.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Some(offset..self.len)),
-            Err(e) => Err(Error::io("finding data in source", e)
-                .at_offset(offset)
-                .at_path(&self.name)),
+            Err(e) => Err(Error::io("finding data in source", e).at_offset(offset).at_path(&self.name)),
         }
     }
 }
@@ -233,12 +224,7 @@ mod tests {
         assert_eq!(source.read_at(1 << 20, &mut aligned).unwrap(), 1 << 20);
         assert_eq!(&aligned[..], &data[1 << 20..2 << 20]);
 
-        for &(offset, len) in &[
-            (1usize, 10usize),
-            (4095, 2),
-            (511, BOUNCE_SIZE + 3000),
-            (100, 2 * BOUNCE_SIZE),
-        ] {
+        for &(offset, len) in &[(1usize, 10usize), (4095, 2), (511, BOUNCE_SIZE + 3000), (100, 2 * BOUNCE_SIZE)] {
             let mut buf = vec![0u8; len];
             assert_eq!(source.read_at(offset as u64, &mut buf).unwrap(), len);
             assert_eq!(buf, &data[offset..offset + len], "offset {offset} len {len}");

@@ -80,11 +80,7 @@ impl VmdkImage {
             let size = sparse.header.size();
             return Ok(VmdkImage {
                 sources: vec![source],
-                pieces: vec![Piece {
-                    start: 0,
-                    len: size,
-                    part: Part::Sparse(Box::new(sparse)),
-                }],
+                pieces: vec![Piece { start: 0, len: size, part: Part::Sparse(Box::new(sparse)) }],
                 size,
             });
         }
@@ -148,11 +144,7 @@ impl VmdkImage {
                 .filter(|&end| end <= u64::MAX / 2)
                 .ok_or_else(|| crate::bad_image!("vmdk extents add up to more than the largest disk"))?;
         }
-        Ok(VmdkImage {
-            sources,
-            pieces,
-            size: start,
-        })
+        Ok(VmdkImage { sources, pieces, size: start })
     }
 }
 
@@ -175,9 +167,7 @@ fn open_sparse(source: &dyn ReadAt, id: SourceId, whole_image: bool) -> Result<S
     read_exact_at(source, 0, &mut sector, "vmdk header")?;
     let mut parsed = header::parse_sparse_header(&sector, len)?;
     if parsed.capacity == 0 && parsed.desc_offset != 0 && !whole_image {
-        return Err(Error::unsupported(
-            "vmdk sparse extent holding only a descriptor is not supported",
-        ));
+        return Err(Error::unsupported("vmdk sparse extent holding only a descriptor is not supported"));
     }
     if whole_image && parsed.desc_offset != 0 && parsed.desc_size != 0 {
         let at = parsed.desc_offset.saturating_mul(512);
@@ -187,9 +177,7 @@ fn open_sparse(source: &dyn ReadAt, id: SourceId, whole_image: bool) -> Result<S
         let embedded = descriptor::parse(&String::from_utf8_lossy(&text), false).map_err(|e| e.at_offset(at))?;
         refuse_parent(&embedded)?;
         if parsed.capacity == 0 {
-            return Err(Error::unsupported(
-                "vmdk sparse file holding only a descriptor is not supported",
-            ));
+            return Err(Error::unsupported("vmdk sparse file holding only a descriptor is not supported"));
         }
     }
     if parsed.gd_at_end() {
@@ -204,12 +192,7 @@ fn open_sparse(source: &dyn ReadAt, id: SourceId, whole_image: bool) -> Result<S
             return Err(crate::bad_image!("vmdk footer defers the grain directory to itself").at_offset(footer_at));
         }
     }
-    Ok(Sparse {
-        source: id,
-        header: parsed,
-        gt: None,
-        last_grain_len: None,
-    })
+    Ok(Sparse { source: id, header: parsed, gt: None, last_grain_len: None })
 }
 
 impl Sparse {
@@ -224,12 +207,7 @@ impl Sparse {
             }
         }
         let mut entry = [0u8; 4];
-        read_exact_at(
-            source,
-            h.gd_offset * 512 + gd_index * 4,
-            &mut entry,
-            "vmdk grain directory",
-        )?;
+        read_exact_at(source, h.gd_offset * 512 + gd_index * 4, &mut entry, "vmdk grain directory")?;
         let gt_sector = u32::from_le_bytes(entry) as u64;
         let mut gt = vec![0u32; h.gtes_per_gt as usize];
         if gt_sector != 0 {
@@ -248,10 +226,7 @@ impl Sparse {
     fn compressed_input(&self, grain_at: u64) -> (u64, u64) {
         let grain = self.header.grain_size();
         if self.header.has_markers() {
-            (
-                grain_at + header::GRAIN_MARKER_LEN,
-                2 * grain - header::GRAIN_MARKER_LEN,
-            )
+            (grain_at + header::GRAIN_MARKER_LEN, 2 * grain - header::GRAIN_MARKER_LEN)
         } else {
             (grain_at, grain)
         }
@@ -297,10 +272,7 @@ impl Sparse {
             let content = if entry == 0 || (entry == header::GTE_ZERO && self.header.has_zero_grain()) {
                 Content::Zero
             } else if !self.header.compressed {
-                Content::Data {
-                    source: self.source,
-                    offset: entry as u64 * 512 + (at - start),
-                }
+                Content::Data { source: self.source, offset: entry as u64 * 512 + (at - start) }
             } else {
                 let grain_at = entry as u64 * 512;
                 let unit_len = self.unit_len(source, start, grain_at)?;
@@ -314,14 +286,7 @@ impl Sparse {
                     codec: Codec::Zlib,
                 })
             };
-            push_extent(
-                out,
-                Extent {
-                    guest: guest + (at - offset),
-                    len: stop - at,
-                    content,
-                },
-            );
+            push_extent(out, Extent { guest: guest + (at - offset), len: stop - at, content });
             at = stop;
         }
         Ok(())
@@ -357,10 +322,7 @@ impl Image for VmdkImage {
                     Extent {
                         guest: at,
                         len: stop - at,
-                        content: Content::Data {
-                            source: *source,
-                            offset: *offset + local,
-                        },
+                        content: Content::Data { source: *source, offset: *offset + local },
                     },
                 ),
                 Part::Sparse(sparse) => {
