@@ -68,12 +68,7 @@ pub fn unwrap_layers(
         }
         layers.push(kind);
         let decoder = decoder(kind, Box::new(peek), xz_memlimit).map_err(|e| e.at_path(name))?;
-        peek = Peek::new(Box::new(Labeled {
-            inner: decoder,
-            kind,
-            name: name.to_string(),
-            limit: xz_memlimit,
-        }));
+        peek = Peek::new(Box::new(Labeled { inner: decoder, kind, name: name.to_string(), limit: xz_memlimit }));
     }
 }
 
@@ -146,8 +141,7 @@ mod tests {
     fn unwrap_all(bytes: Vec<u8>, limit: u64) -> Result<(Vec<u8>, Vec<Compression>), Error> {
         let (mut peek, layers) = unwrap_layers(Box::new(io::Cursor::new(bytes)), "test", limit)?;
         let mut out = Vec::new();
-        peek.read_to_end(&mut out)
-            .map_err(|e| super::super::sequential::stream_error(e, "test", 0))?;
+        peek.read_to_end(&mut out).map_err(|e| super::super::sequential::stream_error(e, "test", 0))?;
         Ok((out, layers))
     }
 

@@ -6,6 +6,7 @@ pub mod decompress;
 mod file;
 mod hashing;
 pub mod http;
+pub mod open;
 pub mod sequential;
 
 pub use file::FileSource;

@@ -25,13 +25,7 @@ pub struct ReadAtReader {
 impl ReadAtReader {
     /// Reads `source` from its start.
     pub fn new(source: Arc<dyn ReadAt>) -> Self {
-        ReadAtReader {
-            source,
-            buf: AlignedBuf::new(SEQUENTIAL_READ),
-            base: 0,
-            filled: 0,
-            used: 0,
-        }
+        ReadAtReader { source, buf: AlignedBuf::new(SEQUENTIAL_READ), base: 0, filled: 0, used: 0 }
     }
 }
 
@@ -40,10 +34,7 @@ impl Read for ReadAtReader {
         if self.used == self.filled {
             self.base += self.filled as u64;
             self.used = 0;
-            self.filled = self
-                .source
-                .read_at(self.base, &mut self.buf)
-                .map_err(io::Error::other)?;
+            self.filled = self.source.read_at(self.base, &mut self.buf).map_err(io::Error::other)?;
             if self.filled == 0 {
                 return Ok(0);
             }
@@ -65,10 +56,7 @@ pub struct StreamTap {
 impl StreamTap {
     /// A tap digesting with `algorithm`, or only counting bytes when `None`.
     pub fn new(algorithm: Option<Algorithm>) -> Self {
-        StreamTap {
-            hasher: Arc::new(Mutex::new(algorithm.map(Hasher::new))),
-            bytes: Arc::new(AtomicU64::new(0)),
-        }
+        StreamTap { hasher: Arc::new(Mutex::new(algorithm.map(Hasher::new))), bytes: Arc::new(AtomicU64::new(0)) }
     }
 
     /// Bytes that passed so far.
@@ -78,11 +66,7 @@ impl StreamTap {
 
     /// The digest of everything that passed (`None` when only counting).
     pub fn finish(&self) -> Option<Vec<u8>> {
-        self.hasher
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .map(Hasher::finish)
+        self.hasher.lock().unwrap_or_else(|p| p.into_inner()).take().map(Hasher::finish)
     }
 }
 
@@ -120,11 +104,7 @@ pub struct Peek {
 impl Peek {
     /// Wraps `inner`.
     pub fn new(inner: Box<dyn Read + Send>) -> Self {
-        Peek {
-            head: Vec::new(),
-            at: 0,
-            inner,
-        }
+        Peek { head: Vec::new(), at: 0, inner }
     }
 
     /// Up to the first `n` bytes not yet read (fewer only at the end of the stream).
@@ -175,9 +155,7 @@ pub fn stream_error(e: io::Error, name: &str, offset: u64) -> Error {
     if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
         return *e.into_inner().expect("checked").downcast::<Error>().expect("checked");
     }
-    Error::io("reading the source stream", e)
-        .at_offset(offset)
-        .at_path(name)
+    Error::io("reading the source stream", e).at_offset(offset).at_path(name)
 }
 
 /// Reads until `buf` is full or the stream ends; returns the bytes read.

@@ -144,16 +144,10 @@ impl Client {
                 }
                 301 | 302 | 303 | 307 | 308 => {
                     let location = response.header("location").ok_or_else(|| {
-                        self.error(
-                            ErrorKind::Io,
-                            format!("redirect {} without a Location", response.status),
-                        )
+                        self.error(ErrorKind::Io, format!("redirect {} without a Location", response.status))
                     })?;
                     let next = url.join(location).map_err(|e| {
-                        self.error(
-                            ErrorKind::Io,
-                            format!("redirect to an invalid location {location:?}: {e}"),
-                        )
+                        self.error(ErrorKind::Io, format!("redirect to an invalid location {location:?}: {e}"))
                     })?;
                     if !matches!(next.scheme(), "http" | "https") {
                         return Err(self.error(ErrorKind::Io, format!("redirect to unsupported URL {next}")));
@@ -163,11 +157,7 @@ impl Client {
                     url = next;
                 }
                 401 | 407 => {
-                    let what = if self.auth.is_some() {
-                        "credentials refused"
-                    } else {
-                        "authentication required"
-                    };
+                    let what = if self.auth.is_some() { "credentials refused" } else { "authentication required" };
                     return Err(self.error(ErrorKind::Io, format!("{what} (HTTP {})", response.status)));
                 }
                 status => {
@@ -197,11 +187,7 @@ impl Client {
         };
         let head = self.request_head(url, range, keep_alive, proxy.as_ref());
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let sent = conn
-            .io
-            .get_mut()
-            .write_all(head.as_bytes())
-            .and_then(|()| conn.io.get_mut().flush());
+        let sent = conn.io.get_mut().write_all(head.as_bytes()).and_then(|()| conn.io.get_mut().flush());
         let response = sent.and_then(|()| read_head(&mut conn.io));
         match response {
             Ok((status, headers)) => Ok(Response::new(status, headers, conn, keep_alive)),
@@ -253,29 +239,17 @@ impl Client {
         for (name, value) in &self.options.headers {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
-        head.push_str(if keep_alive {
-            "Connection: keep-alive\r\n\r\n"
-        } else {
-            "Connection: close\r\n\r\n"
-        });
+        head.push_str(if keep_alive { "Connection: keep-alive\r\n\r\n" } else { "Connection: close\r\n\r\n" });
         head
     }
 
     /// Opens a connection to `url`'s origin, through `proxy` if given (CONNECT for https).
     fn connect(&self, url: &Url, proxy: Option<&Url>) -> Result<Conn> {
-        let host = url
-            .host_str()
-            .unwrap_or_default()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
+        let host = url.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
         let port = url.port_or_known_default().unwrap_or(80);
         let (dial_host, dial_port) = match proxy {
             Some(p) => (
-                p.host_str()
-                    .unwrap_or_default()
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .to_string(),
+                p.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string(),
                 p.port_or_known_default().unwrap_or(3128),
             ),
             None => (host.to_string(), port),
@@ -294,18 +268,12 @@ impl Client {
                 .map_err(|why| self.error(ErrorKind::Usage, why))?;
             transport = tls::wrap(config, host, transport).map_err(|e| self.io_error("starting TLS", e))?;
         }
-        Ok(Conn {
-            origin: origin(url),
-            io: BufReader::with_capacity(READ_BUFFER, transport),
-            socket,
-        })
+        Ok(Conn { origin: origin(url), io: BufReader::with_capacity(READ_BUFFER, transport), socket })
     }
 
     fn dial(&self, host: &str, port: u16) -> Result<TcpStream> {
         let timeout = self.options.stall_timeout;
-        let addrs = (host, port)
-            .to_socket_addrs()
-            .map_err(|e| self.io_error(&format!("resolving {host}"), e))?;
+        let addrs = (host, port).to_socket_addrs().map_err(|e| self.io_error(&format!("resolving {host}"), e))?;
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
         for addr in addrs {
             match TcpStream::connect_timeout(&addr, timeout) {
@@ -330,20 +298,14 @@ impl Client {
         port: u16,
         proxy: &Url,
     ) -> Result<Box<dyn Transport>> {
-        let authority = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
+        let authority = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
         let mut head = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
         if let Some(auth) = proxy_auth(proxy) {
             head.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
         }
         head.push_str("\r\n");
         self.requests.fetch_add(1, Ordering::Relaxed);
-        transport
-            .write_all(head.as_bytes())
-            .map_err(|e| self.io_error("talking to the proxy", e))?;
+        transport.write_all(head.as_bytes()).map_err(|e| self.io_error("talking to the proxy", e))?;
         // Read the proxy's answer byte by byte: nothing past its head may be consumed.
         let mut answer = Vec::new();
         let mut byte = [0u8; 1];
@@ -364,11 +326,7 @@ impl Client {
             Ok(httparse::Status::Complete(_)) if parsed.code.is_some_and(|c| (200..300).contains(&c)) => Ok(transport),
             Ok(_) => Err(self.error(
                 ErrorKind::Io,
-                format!(
-                    "proxy {} refused the tunnel (HTTP {})",
-                    origin(proxy),
-                    parsed.code.unwrap_or(0)
-                ),
+                format!("proxy {} refused the tunnel (HTTP {})", origin(proxy), parsed.code.unwrap_or(0)),
             )),
             Err(e) => Err(self.error(ErrorKind::Io, format!("bad proxy answer: {e}"))),
         }
@@ -384,19 +342,12 @@ impl Client {
         if is_timeout(&e) {
             return self.error(
                 ErrorKind::Io,
-                format!(
-                    "{what}: no data for {} s (stalled)",
-                    self.options.stall_timeout.as_secs_f64()
-                ),
+                format!("{what}: no data for {} s (stalled)", self.options.stall_timeout.as_secs_f64()),
             );
         }
         match e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) {
             Some(_) => {
-                let inner = e
-                    .into_inner()
-                    .expect("checked above")
-                    .downcast::<Error>()
-                    .expect("checked above");
+                let inner = e.into_inner().expect("checked above").downcast::<Error>().expect("checked above");
                 *inner
             }
             None => Error::io(what, e).at_path(&self.name),
@@ -411,12 +362,7 @@ pub(crate) fn is_timeout(e: &io::Error) -> bool {
 
 impl Response {
     fn new(status: u16, headers: Vec<(String, String)>, conn: Conn, asked_keep_alive: bool) -> Self {
-        let find = |name: &str| {
-            headers
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
-        };
+        let find = |name: &str| headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
         let chunked = find("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
         let declared = find("content-length").and_then(|v| v.trim().parse::<u64>().ok());
         let close = find("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
@@ -444,10 +390,7 @@ impl Response {
 
     /// The value of header `name` (case-insensitive), if present.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     /// The declared Content-Length of the body, if any.
@@ -609,10 +552,7 @@ fn read_line(io: &mut BufReader<Box<dyn Transport>>) -> io::Result<String> {
     let mut line = Vec::new();
     let n = io.by_ref().take(8192).read_until(b'\n', &mut line)?;
     if n == 0 || !line.ends_with(b"\n") {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "connection closed in a chunk header",
-        ));
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in a chunk header"));
     }
     let text = String::from_utf8_lossy(&line);
     Ok(text.trim_end_matches(['\r', '\n']).to_string())
@@ -631,15 +571,9 @@ fn read_head(io: &mut BufReader<Box<dyn Transport>>) -> io::Result<(u16, Vec<(St
         let mut head = Vec::new();
         loop {
             let before = head.len();
-            let n = io
-                .by_ref()
-                .take((MAX_HEAD - head.len()) as u64 + 1)
-                .read_until(b'\n', &mut head)?;
+            let n = io.by_ref().take((MAX_HEAD - head.len()) as u64 + 1).read_until(b'\n', &mut head)?;
             if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed before a response",
-                ));
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before a response"));
             }
             if head.len() > MAX_HEAD {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "response head too long"));
@@ -660,12 +594,7 @@ fn read_head(io: &mut BufReader<Box<dyn Transport>>) -> io::Result<(u16, Vec<(St
             Ok(httparse::Status::Partial) => {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "incomplete response head"))
             }
-            Err(e) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("bad response head: {e}"),
-                ))
-            }
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad response head: {e}"))),
         }
         let status = parsed.code.unwrap_or(0);
         if (100..200).contains(&status) {
@@ -682,12 +611,7 @@ fn read_head(io: &mut BufReader<Box<dyn Transport>>) -> io::Result<(u16, Vec<(St
 
 /// `scheme://host:port`.
 fn origin(url: &Url) -> String {
-    format!(
-        "{}://{}:{}",
-        url.scheme(),
-        url.host_str().unwrap_or_default(),
-        url.port_or_known_default().unwrap_or(0)
-    )
+    format!("{}://{}:{}", url.scheme(), url.host_str().unwrap_or_default(), url.port_or_known_default().unwrap_or(0))
 }
 
 fn host_header(url: &Url) -> String {
@@ -759,11 +683,7 @@ fn proxy_for(url: &Url) -> Option<Url> {
         return None;
     }
     let value = value.trim();
-    let with_scheme = if value.contains("://") {
-        value.to_string()
-    } else {
-        format!("http://{value}")
-    };
+    let with_scheme = if value.contains("://") { value.to_string() } else { format!("http://{value}") };
     match Url::parse(&with_scheme) {
         Ok(proxy) if proxy.scheme() == "http" => Some(proxy),
         Ok(proxy) => {
@@ -781,25 +701,19 @@ fn proxy_for(url: &Url) -> Option<Url> {
 /// `example.com` both match `a.example.com`); a `:port` on an entry is ignored.
 pub(crate) fn bypasses_proxy(host: &str, no_proxy: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
-    no_proxy
-        .split(',')
-        .map(str::trim)
-        .filter(|e| !e.is_empty())
-        .any(|entry| {
-            if entry == "*" {
-                return true;
-            }
-            let entry = entry.to_ascii_lowercase();
-            let entry = match entry.rsplit_once(':') {
-                Some((name, port)) if !name.contains(':') && port.chars().all(|c| c.is_ascii_digit()) => {
-                    name.to_string()
-                }
-                _ => entry,
-            };
-            let entry = entry.trim_start_matches('[').trim_end_matches(']');
-            let domain = entry.trim_start_matches('.');
-            host == domain || host.ends_with(&format!(".{domain}"))
-        })
+    no_proxy.split(',').map(str::trim).filter(|e| !e.is_empty()).any(|entry| {
+        if entry == "*" {
+            return true;
+        }
+        let entry = entry.to_ascii_lowercase();
+        let entry = match entry.rsplit_once(':') {
+            Some((name, port)) if !name.contains(':') && port.chars().all(|c| c.is_ascii_digit()) => name.to_string(),
+            _ => entry,
+        };
+        let entry = entry.trim_start_matches('[').trim_end_matches(']');
+        let domain = entry.trim_start_matches('.');
+        host == domain || host.ends_with(&format!(".{domain}"))
+    })
 }
 
 #[cfg(test)]
@@ -808,19 +722,10 @@ mod tests {
 
     #[test]
     fn base64_matches_rfc4648_vectors() {
-        for (plain, coded) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foobar", "Zm9vYmFy"),
-        ] {
+        for (plain, coded) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foobar", "Zm9vYmFy")] {
             assert_eq!(base64(plain.as_bytes()), coded);
         }
-        assert_eq!(
-            basic_auth("Aladdin", "open sesame"),
-            "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
-        );
+        assert_eq!(basic_auth("Aladdin", "open sesame"), "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==");
     }
 
     #[test]

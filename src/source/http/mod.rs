@@ -46,10 +46,7 @@ pub fn open(url: &str, options: &HttpOptions) -> Result<(Arc<Client>, Remote)> {
         }
         (206, _) => {
             drop(probe);
-            log::debug!(
-                "{}: Range answer without a usable Content-Range; reading as a stream",
-                client.name()
-            );
+            log::debug!("{}: Range answer without a usable Content-Range; reading as a stream", client.name());
             let stream = HttpStream::open(client.clone(), false, None)?;
             Ok((client, Remote::Stream(stream)))
         }

@@ -40,12 +40,7 @@ impl HttpSource {
         HttpSource {
             client,
             len,
-            state: Mutex::new(State {
-                open: None,
-                cache: HashMap::new(),
-                order: VecDeque::new(),
-                failures: 0,
-            }),
+            state: Mutex::new(State { open: None, cache: HashMap::new(), order: VecDeque::new(), failures: 0 }),
         }
     }
 
@@ -117,9 +112,7 @@ impl HttpSource {
         let (pos, _) = state.open.as_ref().expect("a request is open");
         if *pos == self.len {
             let (_, response) = state.open.take().expect("a request is open");
-            response
-                .finish(&self.client, Duration::ZERO)
-                .map_err(|e| e.at_offset(self.len))?;
+            response.finish(&self.client, Duration::ZERO).map_err(|e| e.at_offset(self.len))?;
         }
         Ok(())
     }
@@ -132,17 +125,10 @@ impl HttpSource {
         if state.failures > retries {
             return Err(self
                 .client
-                .error(
-                    ErrorKind::Io,
-                    format!("transfer failed {} times in a row, giving up: {why}", state.failures),
-                )
+                .error(ErrorKind::Io, format!("transfer failed {} times in a row, giving up: {why}", state.failures))
                 .at_offset(at));
         }
-        log::warn!(
-            "{}: {why} at offset {at}; resuming (retry {} of {retries})",
-            self.client.name(),
-            state.failures
-        );
+        log::warn!("{}: {why} at offset {at}; resuming (retry {} of {retries})", self.client.name(), state.failures);
         std::thread::sleep(backoff(state.failures));
         state.open = Some((at, self.open_at(at)?));
         Ok(())

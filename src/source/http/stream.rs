@@ -44,10 +44,7 @@ impl HttpStream {
     pub fn open(client: Arc<Client>, ranges: bool, total: Option<u64>) -> Result<Self> {
         let response = client.get(None, false)?;
         if response.status != 200 {
-            return Err(client.error(
-                ErrorKind::Io,
-                format!("server answered HTTP {} to a plain GET", response.status),
-            ));
+            return Err(client.error(ErrorKind::Io, format!("server answered HTTP {} to a plain GET", response.status)));
         }
         let mut stream = HttpStream::from_response(client, response, ranges);
         stream.total = stream.total.or(total);
@@ -95,9 +92,8 @@ impl HttpStream {
         let mut sink = vec![0u8; 64 << 10];
         while skip > 0 {
             let n = (skip as usize).min(sink.len());
-            let got = response
-                .read(&mut sink[..n])
-                .map_err(|e| self.client.io_error("skipping to the resume offset", e))?;
+            let got =
+                response.read(&mut sink[..n]).map_err(|e| self.client.io_error("skipping to the resume offset", e))?;
             if got == 0 {
                 return Err(self.fail("the body ended before the resume offset".into()));
             }
@@ -140,10 +136,7 @@ impl HttpStream {
             self.failures += 1;
             let retries = self.client.options.retries;
             if self.failures > retries {
-                return Err(self.fail(format!(
-                    "transfer failed {} times in a row, giving up: {why}",
-                    self.failures
-                )));
+                return Err(self.fail(format!("transfer failed {} times in a row, giving up: {why}", self.failures)));
             }
             log::warn!(
                 "{}: {why} at offset {}; resuming (retry {} of {retries})",

@@ -55,12 +55,8 @@ pub fn client_config(options: &HttpOptions) -> Result<ClientConfig, String> {
 
 /// Starts TLS with `host` over `transport`; the handshake happens on first use.
 pub fn wrap(config: Arc<ClientConfig>, host: &str, transport: Box<dyn Transport>) -> io::Result<Box<dyn Transport>> {
-    let name = ServerName::try_from(host.to_string()).map_err(|e| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("invalid TLS server name {host:?}: {e}"),
-        )
-    })?;
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("invalid TLS server name {host:?}: {e}")))?;
     let conn = ClientConnection::new(config, name).map_err(io::Error::other)?;
     let mut stream = StreamOwned::new(conn, transport);
     // Handshake now, so a certificate error is reported as such rather than as a failed request.
