@@ -1,7 +1,7 @@
 //! streamOptimized vmdk read forward only: after the header, a sequence of markers. A grain marker (LBA, size) is
 //! followed by that many bytes of zlib data inflating to one grain at that LBA; a metadata marker (size 0, a type,
 //! and a count of sectors) is followed by grain tables, the grain directory or the footer, all skipped; the
-//! end-of-stream marker ends the image. Grains come in LBA order (qemu and VMware write them so): guest space
+//! end-of-stream marker (or the end of the stream, for images whose tables precede the grains) ends the image. Grains come in LBA order (qemu and VMware write them so): guest space
 //! between two grains reads as zeros. No spool is ever needed.
 
 use super::assemble::Assembler;
@@ -74,10 +74,11 @@ pub fn import(reader: &mut dyn Read, name: &str, writer: &mut Writer, stop: &Ato
         }
         let at = cursor.pos;
         let mut marker = [0u8; 12];
-        if cursor.read(&mut marker)? < 12 {
-            return Err(crate::bad_image!("vmdk stream ends without an end-of-stream marker")
-                .at_offset(at)
-                .at_path(name));
+        match cursor.read(&mut marker)? {
+            // qemu writes no end-of-stream marker when its tables sit before the grains.
+            0 => break,
+            12 => {}
+            _ => return Err(crate::bad_image!("vmdk stream ends inside a marker").at_offset(at).at_path(name)),
         }
         let value = u64::from_le_bytes(marker[..8].try_into().expect("8 bytes"));
         let compressed = u64::from(u32::from_le_bytes(marker[8..12].try_into().expect("4 bytes")));
