@@ -154,6 +154,10 @@ pub fn import(
         walker.asm.zero(walker.writer, 0, size)?;
     } else {
         let l1_needed = walker.header.l1_entries_needed() * 8;
+        // The rest of the L1 table's clusters (unused entries, padding) is never needed.
+        let l1_start = walker.header.l1_table_offset;
+        let l1_end = (l1_start + l1_bytes).div_ceil(cluster) * cluster;
+        walker.ignored.push((l1_start + l1_needed.min(l1_bytes), l1_end));
         walker.register(walker.header.l1_table_offset, l1_needed.min(l1_bytes), Target::L1)?;
     }
     if refcount_table != 0 && refcount_clusters > 0 && refcount_clusters <= 1 << 16 {
