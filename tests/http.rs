@@ -6,7 +6,7 @@ mod common;
 
 use common::http::{ServerOptions, TestServer};
 use common::{boundimport, qemu_reference, read_be64, run, sha256_prefix, write_be64, Workbench, MIB};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};

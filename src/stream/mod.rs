@@ -121,7 +121,6 @@ pub fn import(
     let sizing = &ctx.sizing;
     let digest = plan.output_digest.then_some(Algorithm::Sha256);
     let chunk = sizing.chunk as usize;
-    let format_name: &'static str;
     let mut spooled = 0;
     let produced = with_writer(&dest, progress, digest, sizing.workers.max(2), chunk, |writer| match kind {
         Kind::Raw => {
@@ -137,7 +136,7 @@ pub fn import(
         }
         Kind::Vmdk => vmdk::import(&mut stream, &name, writer, stop),
     });
-    format_name = match kind {
+    let format_name = match kind {
         Kind::Raw => "raw",
         Kind::Qcow2 => "qcow2",
         Kind::Vmdk => "vmdk",

@@ -254,10 +254,7 @@ impl Walker<'_> {
         let start = self.pos;
         let end = start + window.len() as u64;
         let mut claimed: Vec<(u64, u64)> = Vec::new();
-        loop {
-            let Some(key) = self.needs.range(..(end, 0)).next().map(|(k, _)| *k) else {
-                break;
-            };
+        while let Some(key) = self.needs.range(..(end, 0)).next().map(|(k, _)| *k) {
             let mut need = self.needs.remove(&key).expect("found above");
             let from = need.start + need.got;
             let to = (need.start + need.len).min(end);
