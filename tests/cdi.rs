@@ -2,8 +2,10 @@
 //! -v=N`, a data directory or a block device, the termination log read back byte for byte, and the progress
 //! metric scraped over HTTPS (self-signed certificate accepted) with the controller's own regex.
 //!
-//! Sources here are local files (the endpoint may name a path). Tests needing root (loop devices, a write
-//! throttle, switching to uid 107) follow tests/common/privileged.rs.
+//! Sources are local files (the endpoint may name a path) and the in-process HTTP(S) server of
+//! tests/common/http.rs (TLS with a CA directory, basic auth, extra headers, no-Range streaming, a rate limit so
+//! progress is scraped mid-import). Tests needing root (loop devices, a write throttle, switching to uid 107)
+//! follow tests/common/privileged.rs.
 
 mod common;
 
@@ -700,4 +702,197 @@ fn unsupported_sources_go_to_a_fallback_importer_when_one_is_named() {
     let ended = pod.run();
     ended_ok(&ended);
     assert!(!record.exists());
+}
+
+// ---- HTTP(S) sources, through the in-process test server of tests/common/http.rs.
+
+use common::http::{ServerOptions, TestServer};
+
+/// A directory served over HTTP(S) holding a qcow2 of the standard mix, and its reference digest.
+fn served_qcow2(bench: &Workbench, size: u64) -> (String, u64) {
+    let (_, digest, virtual_size) = qcow2_image(bench, size);
+    (digest, virtual_size)
+}
+
+/// Writes the server's certificate where IMPORTER_CERT_DIR will point.
+fn cert_dir(pod: &Pod, server: &TestServer) -> PathBuf {
+    let dir = pod.dir.path().join("certs");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("ca.pem"), server.cert_pem.as_ref().unwrap()).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+#[test]
+fn https_qcow2_into_a_file_volume_with_auth_headers_and_progress() {
+    let bench = Workbench::new("cdi-https-file");
+    let (digest, virtual_size) = served_qcow2(&bench, 40 * MIB);
+    let qcow2_len = fs::metadata(bench.path("disk.qcow2")).unwrap().len();
+    // About 4 s for the whole file: scraped mid-import at 100 ms intervals.
+    let server = TestServer::start(
+        bench.dir.path(),
+        ServerOptions {
+            ranges: true,
+            tls: true,
+            auth: Some(("importer".into(), "s3cret".into())),
+            rate: Some(qcow2_len / 4),
+            ..Default::default()
+        },
+    );
+    let mut pod = Pod::new("cdi-https-file-pod");
+    let certs = cert_dir(&pod, &server);
+    pod.set("IMPORTER_ENDPOINT", &server.url("disk.qcow2"))
+        .set("IMPORTER_IMAGE_SIZE", "64Mi")
+        .set("IMPORTER_CERT_DIR", certs.to_str().unwrap())
+        .set("IMPORTER_ACCESS_KEY_ID", "importer")
+        .set("IMPORTER_SECRET_KEY", "s3cret")
+        .set("IMPORTER_EXTRA_HEADER_0", "X-Tenant: blue")
+        .set("IMPORTER_EXTRA_HEADER_1", "X-Trace:42");
+    let (ended, values, text) = pod.run_scraping();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, COMPLETE);
+    assert_progress_series(&values, true);
+    assert!(text.contains("\nboundimport_written_bytes "), "{text}");
+    let disk = pod.data().join("disk.img");
+    assert_eq!(fs::metadata(&disk).unwrap().len(), 64 * MIB);
+    assert_eq!(sha256_prefix(&disk, virtual_size), digest);
+    let requests = server.requests();
+    assert!(!requests.is_empty());
+    for request in &requests {
+        assert_ne!(request.status, 401, "basic auth sent on every request");
+        let has = |line: &str| request.headers.iter().any(|h| h.eq_ignore_ascii_case(line));
+        assert!(has("X-Tenant: blue") && has("X-Trace: 42"), "extra headers: {:?}", request.headers);
+    }
+}
+
+#[test]
+fn https_without_a_trusted_certificate_fails_unless_insecure() {
+    let bench = Workbench::new("cdi-https-trust");
+    let (digest, virtual_size) = served_qcow2(&bench, 8 * MIB);
+    let server = TestServer::start(bench.dir.path(), ServerOptions { ranges: true, tls: true, ..Default::default() });
+    let mut pod = Pod::new("cdi-https-untrusted");
+    pod.set("IMPORTER_ENDPOINT", &server.url("disk.qcow2"));
+    let ended = pod.run();
+    assert_eq!(ended.code, 1, "{}", ended.stderr);
+    assert!(ended.termination.starts_with("Unable to process data: "), "{}", ended.termination);
+
+    pod.set("INSECURE_TLS", "true");
+    let ended = pod.run();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, COMPLETE);
+    assert_eq!(sha256_prefix(&pod.data().join("disk.img"), virtual_size), digest);
+}
+
+#[test]
+fn http_without_ranges_streams_a_compressed_image_and_checks_its_checksum() {
+    let bench = Workbench::new("cdi-http-stream");
+    let (digest, virtual_size) = served_qcow2(&bench, 24 * MIB);
+    run(Command::new("gzip").args(["-k", "-1"]).arg(bench.path("disk.qcow2")));
+    let gz = bench.path("disk.qcow2.gz");
+    let gz_digest = sha256_prefix(&gz, fs::metadata(&gz).unwrap().len());
+    let server = TestServer::start(bench.dir.path(), ServerOptions { ranges: false, ..Default::default() });
+
+    let mut pod = Pod::new("cdi-http-stream-pod");
+    pod.set("IMPORTER_ENDPOINT", &server.url("disk.qcow2.gz")).set("IMPORTER_CHECKSUM", &format!("sha256:{gz_digest}"));
+    let ended = pod.run();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, COMPLETE);
+    assert_eq!(sha256_prefix(&pod.data().join("disk.img"), virtual_size), digest);
+
+    let mut bad = Pod::new("cdi-http-stream-bad");
+    bad.set("IMPORTER_ENDPOINT", &server.url("disk.qcow2.gz"))
+        .set("IMPORTER_CHECKSUM", &format!("sha256:{}", "1".repeat(64)));
+    let ended = bad.run();
+    assert_eq!(ended.code, 0, "{}", ended.stderr);
+    assert!(ended.termination.starts_with(r#"{"message":"Unable to process data: "#), "{}", ended.termination);
+    assert!(ended.termination.contains("checksum mismatch"), "{}", ended.termination);
+    assert!(ended.termination.contains(&gz_digest), "{}", ended.termination);
+    assert!(!bad.data().join("disk.img").exists(), "unverified data removed");
+}
+
+#[test]
+fn http_image_too_large_for_the_volume_is_refused_before_writing() {
+    let bench = Workbench::new("cdi-http-small");
+    let (_, virtual_size) = served_qcow2(&bench, 24 * MIB);
+    let server = TestServer::start(bench.dir.path(), ServerOptions { ranges: false, ..Default::default() });
+    let mut pod = Pod::new("cdi-http-small-pod");
+    pod.set("IMPORTER_ENDPOINT", &server.url("disk.qcow2")).set("IMPORTER_IMAGE_SIZE", "16Mi");
+    let ended = pod.run();
+    assert_eq!(ended.code, 1, "{}", ended.stderr);
+    assert!(
+        ended.termination.contains(&format!(
+            "virtual image size {virtual_size} is larger than the reported available storage {}",
+            16 * MIB
+        )),
+        "{}",
+        ended.termination
+    );
+    assert!(!pod.data().join("disk.img").exists());
+
+    // A compressed raw image states no size: the import stops when it grows past the volume.
+    write_raw(&bench.path("big.raw"), 24 * MIB, &[(0, 24 * MIB, Fill::Pattern)]);
+    run(Command::new("gzip").args(["-1"]).arg(bench.path("big.raw")));
+    let mut pod = Pod::new("cdi-http-small-raw");
+    pod.set("IMPORTER_ENDPOINT", &server.url("big.raw.gz")).set("IMPORTER_IMAGE_SIZE", "16Mi");
+    let ended = pod.run();
+    assert_eq!(ended.code, 1, "{}", ended.stderr);
+    assert!(ended.termination.starts_with("Unable to process data: "), "{}", ended.termination);
+    assert!(
+        ended.termination.contains("is larger than the reported available storage 16777216"),
+        "{}",
+        ended.termination
+    );
+}
+
+#[test]
+fn http_compressed_archive_is_extracted() {
+    let bench = Workbench::new("cdi-http-archive");
+    let stage = bench.path("stage");
+    fs::create_dir_all(stage.join("images")).unwrap();
+    write_raw(&stage.join("images/disk.img"), 8 * MIB, &[(MIB, MIB, Fill::Random(3))]);
+    std::os::unix::fs::symlink("/etc/passwd", stage.join("passwd")).unwrap();
+    let tar = bench.path("bundle.tar");
+    make_tar(&tar, &stage, None, "posix");
+    run(Command::new("xz").args(["-k", "-1"]).arg(&tar));
+    let served = bench.path("bundle.tar.xz");
+    let sum = sha256_prefix(&served, fs::metadata(&served).unwrap().len());
+    let server = TestServer::start(bench.dir.path(), ServerOptions { ranges: true, ..Default::default() });
+    let mut pod = Pod::new("cdi-http-archive-pod");
+    pod.set("IMPORTER_CONTENTTYPE", "archive")
+        .set("IMPORTER_ENDPOINT", &server.url("bundle.tar.xz"))
+        .set("IMPORTER_CHECKSUM", &format!("sha256:{sum}"));
+    let (ended, values, _) = pod.run_scraping();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, COMPLETE);
+    assert_progress_series(&values, false);
+    assert_eq!(
+        sha256_prefix(&pod.data().join("images/disk.img"), 8 * MIB),
+        sha256_prefix(&stage.join("images/disk.img"), 8 * MIB)
+    );
+    assert!(fs::symlink_metadata(pod.data().join("passwd")).is_err(), "an absolute symlink is not created");
+}
+
+#[test]
+fn http_onto_a_block_volume_as_uid_107_reports_progress_mid_import() {
+    if !require_privileged("http_onto_a_block_volume_as_uid_107_reports_progress_mid_import") {
+        return;
+    }
+    let bench = Workbench::new("cdi-http-block");
+    let (digest, virtual_size) = served_qcow2(&bench, 40 * MIB);
+    let qcow2_len = fs::metadata(bench.path("disk.qcow2")).unwrap().len();
+    let server = TestServer::start(
+        bench.dir.path(),
+        ServerOptions { ranges: true, rate: Some(qcow2_len / 4), ..Default::default() },
+    );
+    let (device, _backing) = garbage_loop_device(bench.dir.path(), 48 * MIB);
+    std::os::unix::fs::chown(device.path(), Some(POD_UID), Some(POD_UID)).unwrap();
+    let mut pod = Pod::new("cdi-http-block-pod");
+    pod.block = Some(device.path().to_path_buf());
+    pod.as_pod_user().set("IMPORTER_ENDPOINT", &server.url("disk.qcow2"));
+    let (ended, values, _) = pod.run_scraping();
+    std::os::unix::fs::chown(device.path(), Some(0), Some(6)).unwrap();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, COMPLETE);
+    assert_progress_series(&values, true);
+    assert_eq!(sha256_prefix(device.path(), virtual_size), digest);
 }

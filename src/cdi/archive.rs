@@ -1,4 +1,5 @@
-//! `IMPORTER_CONTENTTYPE=archive`: a tar stream extracted into the data directory.
+//! `IMPORTER_CONTENTTYPE=archive`: a tar stream (plain, or gzip/xz/zstd-compressed: the caller unwraps it with
+//! [`unwrap_layers`](crate::source::decompress::unwrap_layers)) extracted into the data directory.
 //!
 //! Nothing is ever created outside the data directory and no link is ever followed while extracting: every path
 //! is walked one component at a time from a handle on the data directory with `O_NOFOLLOW`, so a symlink placed

@@ -4,7 +4,7 @@
 //! `/data/disk.img`, sized as CDI sizes it), publishes progress where the controller scrapes it ([`metrics`]),
 //! and leaves the result in the termination log ([`termination`]). The import itself is an ordinary
 //! [`Plan`](crate::import::Plan): bounded by the pod cgroup's own memory limit, unprivileged throughout.
-//! Archives (`IMPORTER_CONTENTTYPE=archive`) are extracted by [`archive`].
+//! Archives (`IMPORTER_CONTENTTYPE=archive`, compressed or not) are extracted by [`archive`].
 
 pub mod archive;
 pub mod dest;
@@ -16,11 +16,14 @@ pub mod termination;
 use crate::budget::Budget;
 use crate::cgroup::governor::Targets;
 use crate::cgroup::MemCgroup;
-use crate::checksum::Hasher;
 use crate::error::{Error, ErrorKind, Result};
 use crate::import::{self, Plan};
 use crate::progress::Progress;
+use crate::source::decompress::unwrap_layers;
+use crate::source::open::Input;
+use crate::source::sequential::{HashingReader, ReadAtReader, StreamTap};
 use crate::source::{HttpOptions, Location};
+use crate::stream::xz_memlimit;
 use dest::Volume;
 use env::{CdiEnv, ContentType, Source};
 use metrics::Metrics;
@@ -451,29 +454,41 @@ impl Context<'_> {
                 "Unable to process data: content type archive needs a filesystem volume, not a block volume".into(),
             );
         };
-        if let Err(message) = self.http_options(env) {
-            return Finish::Failure(message);
-        }
-        let (stream, length) = match open_stream(&location) {
+        let http = match self.http_options(env) {
+            Ok(http) => http,
+            Err(message) => return Finish::Failure(message),
+        };
+        let name = location.to_string();
+        let (raw, length) = match open_stream(&location, &http) {
             Ok(opened) => opened,
             Err(e) => return Finish::Failure(format!("Unable to process data: {e}")),
         };
-        self.progress.set_total(length);
-        let mut reader = TapReader {
-            inner: stream,
-            hasher: env.checksum.as_ref().map(|c| Hasher::new(c.algorithm)),
-            stop: self.stop,
+        self.progress.set_total(length.unwrap_or(0));
+        // The checksum and the progress follow the bytes as downloaded, before any decompression.
+        let tap = StreamTap::new(env.checksum.as_ref().map(|c| c.algorithm));
+        let budget = Budget::resolve(None, self.cgroup).map_or(crate::budget::DEFAULT_BUDGET, |b| b.bytes);
+        let tapped = Box::new(HashingReader::new(raw, tap.clone()));
+        let (stream, layers) = match unwrap_layers(tapped, &name, xz_memlimit(budget)) {
+            Ok(unwrapped) => unwrapped,
+            Err(e) => return Finish::Failure(format!("Unable to process data: {e}")),
         };
+        if !layers.is_empty() {
+            let wrapped: Vec<String> = layers.iter().map(ToString::to_string).collect();
+            log::info!("{name}: {}-compressed archive", wrapped.join(" in "));
+        }
+        let mut reader = StopReader { inner: stream, stop: self.stop };
         let pacing = archive::Pacing { cgroup: self.cgroup.cloned(), targets: self.pacing_targets() };
         let mut reported = 0u64;
-        let extracted = archive::extract(&mut reader, dir, &pacing, |position| {
+        let extracted = archive::extract(&mut reader, dir, &pacing, |_| {
+            let position = tap.bytes();
             if position > reported {
                 self.progress.advance(position - reported, position);
                 reported = position;
             }
         })
         .and_then(|extracted| {
-            // The checksum covers every downloaded byte, including the archive's end padding.
+            // The checksum covers every downloaded byte (the archive's end padding too), and a decompressor
+            // checks its trailer.
             std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| Error::io("reading the archive's end", e))?;
             Ok(extracted)
         });
@@ -483,8 +498,8 @@ impl Context<'_> {
                 return Finish::Failure(format!("Unable to process data: unable to untar files from endpoint: {e}"))
             }
         };
-        if let (Some(expected), Some(hasher)) = (&env.checksum, reader.hasher.take()) {
-            if let Err(e) = expected.verify(&hasher.finish(), &location.to_string()) {
+        if let Some(expected) = &env.checksum {
+            if let Err(e) = expected.verify(&tap.finish().unwrap_or_default(), &name) {
                 if let Err(remove) = dest::remove_dir_contents(dir) {
                     log::warn!("{remove}");
                 }
@@ -616,75 +631,31 @@ fn secret_headers(dir: &Path) -> std::io::Result<Vec<(String, String)>> {
     Ok(headers)
 }
 
-/// Opens the archive stream: a local file now; URLs once the HTTP source exists. Returns the reader and the
-/// stream's length.
-fn open_stream(location: &Location) -> Result<(Box<dyn Read + Send>, u64)> {
-    match location {
-        Location::Path(path) => {
-            let file = std::fs::File::open(path).map_err(|e| Error::io("opening the archive", e).at_path(path))?;
-            let length = file.metadata().map_err(|e| Error::io("reading the archive size", e).at_path(path))?.len();
-            Ok((Box::new(DropBehind::new(file)), length))
+/// Opens the archive stream (a local file or a URL), as stored: the reader and its length when known.
+fn open_stream(location: &Location, http: &HttpOptions) -> Result<(Box<dyn Read + Send>, Option<u64>)> {
+    let opened = crate::source::open::open(location, http)?;
+    Ok(match opened.input {
+        Input::Random { source, .. } => {
+            let len = source.len();
+            (Box::new(ReadAtReader::new(source)), Some(len))
         }
-        Location::Url(url) => Err(Error::unsupported("HTTP sources are not supported yet").at_path(url)),
-    }
+        Input::Stream { reader, len } => (reader, len),
+    })
 }
 
-/// Reads a local file in large buffered reads, dropping what was read from the page cache as it goes.
-struct DropBehind {
-    file: std::fs::File,
-    buffer: Vec<u8>,
-    start: usize,
-    end: usize,
-    offset: u64,
-    dropped: u64,
-}
-
-impl DropBehind {
-    const BUFFER: usize = 1 << 20;
-    const DROP_EVERY: u64 = 8 << 20;
-
-    fn new(file: std::fs::File) -> Self {
-        DropBehind { file, buffer: vec![0; Self::BUFFER], start: 0, end: 0, offset: 0, dropped: 0 }
-    }
-}
-
-impl Read for DropBehind {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        if self.start == self.end {
-            let n = self.file.read(&mut self.buffer)?;
-            self.start = 0;
-            self.end = n;
-            self.offset += n as u64;
-            if self.offset - self.dropped >= Self::DROP_EVERY || n == 0 {
-                let _ = crate::sys::drop_cache(&self.file, self.dropped, self.offset - self.dropped);
-                self.dropped = self.offset;
-            }
-        }
-        let n = out.len().min(self.end - self.start);
-        out[..n].copy_from_slice(&self.buffer[self.start..self.start + n]);
-        self.start += n;
-        Ok(n)
-    }
-}
-
-/// Hashes every byte read for the checksum, and stops reading when the import is interrupted.
-struct TapReader<'a, R> {
+/// Stops reading when the import is interrupted.
+struct StopReader<'a, R> {
     inner: R,
-    hasher: Option<Hasher>,
     stop: &'a AtomicBool,
 }
 
-impl<R: Read> Read for TapReader<'_, R> {
+impl<R: Read> Read for StopReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
             // Not ErrorKind::Interrupted: read_exact would retry that forever.
             return Err(std::io::Error::other("import stopped by a signal"));
         }
-        let n = self.inner.read(buf)?;
-        if let Some(hasher) = &mut self.hasher {
-            hasher.update(&buf[..n]);
-        }
-        Ok(n)
+        self.inner.read(buf)
     }
 }
 

@@ -4,6 +4,7 @@
 //! [`Image::map`] with [`Extent`]s saying, for each guest range, whether it reads as zeros, is stored verbatim
 //! somewhere in a source, or lies inside a compressed unit. The pipeline does the data I/O.
 
+mod block_table;
 pub mod detect;
 pub mod qcow2;
 pub mod raw;

@@ -5,7 +5,8 @@
 //! both of which read as zeros. Which headers qemu refuses: `vdi_open` in qemu's block/vdi.c; the rules below
 //! follow it, plus the caps this reader needs. Differencing images (non-null parent or link UUID) are refused.
 
-use super::{push_extent, Content, Extent, Image};
+use super::block_table::BlockTable;
+use super::{Content, Extent, Image};
 use crate::error::{Error, Result};
 use crate::source::{read_exact_at, ReadAt};
 use std::sync::Arc;
@@ -28,8 +29,6 @@ pub const MAX_BLOCKS: u32 = 0x3fff_ffff;
 pub const UNALLOCATED: u32 = 0xffff_ffff;
 /// Block map entry of a discarded block (reads as zeros).
 pub const DISCARDED: u32 = 0xffff_fffe;
-/// Block map entries read with one request while mapping.
-const MAP_CHUNK_ENTRIES: u64 = 16 << 10;
 
 /// A validated VDI header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,33 +167,21 @@ impl Image for VdiImage {
 
     fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
         let block = BLOCK_SIZE as u64;
-        let end = offset + len;
-        let mut guest = offset;
-        let mut entries = Vec::new();
-        while guest < end {
-            let first = guest / block;
-            let last = (end - 1) / block;
-            let count = (last - first + 1).min(MAP_CHUNK_ENTRIES);
-            entries.resize(count as usize * 4, 0);
-            let at = self.header.offset_bmap + first * 4;
-            read_exact_at(self.source.as_ref(), at, &mut entries, "vdi block map")?;
-            for (i, raw) in entries.chunks_exact(4).enumerate() {
-                let index = first + i as u64;
-                let block_end = ((index + 1) * block).min(end);
-                let entry = u32::from_le_bytes(raw.try_into().expect("4 bytes"));
-                let content = if entry >= DISCARDED {
-                    Content::Zero
-                } else {
-                    Content::Data {
-                        source: 0,
-                        offset: self.header.offset_data + entry as u64 * block + (guest - index * block),
-                    }
-                };
-                push_extent(out, Extent { guest, len: block_end - guest, content });
-                guest = block_end;
+        let data = self.header.offset_data;
+        let table = BlockTable {
+            source: self.source.as_ref(),
+            offset: self.header.offset_bmap,
+            block,
+            big_endian: false,
+            what: "vdi block map",
+        };
+        table.map(offset, len, out, |entry, within| {
+            if entry >= DISCARDED {
+                Content::Zero
+            } else {
+                Content::Data { source: 0, offset: data + entry as u64 * block + within }
             }
-        }
-        Ok(())
+        })
     }
 }
 

@@ -12,6 +12,7 @@
 //! - a footer checksum mismatch is only a warning;
 //! - sector bitmaps are not consulted for dynamic disks: qemu reads an allocated block's data as stored.
 
+use super::block_table::BlockTable;
 use super::{push_extent, Content, Extent, Image};
 use crate::error::{Error, Result};
 use crate::source::{read_exact_at, ReadAt};
@@ -33,8 +34,6 @@ pub const MAX_GEOMETRY_SECTORS: u64 = 65535 * 16 * 255;
 pub const MAX_SECTORS: u64 = 0xff00_0000;
 /// BAT entry of an unallocated block.
 pub const UNALLOCATED: u32 = 0xffff_ffff;
-/// BAT entries read with one request while mapping.
-const MAP_CHUNK_ENTRIES: u64 = 16 << 10;
 
 fn be32(buf: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
@@ -250,36 +249,26 @@ impl Image for VhdImage {
     }
 
     fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
-        let end = offset + len;
         let Some(dynamic) = &self.dynamic else {
             // Fixed: guest offset = file offset, as qemu reads it (bytes past the data read as zeros).
             push_extent(out, Extent { guest: offset, len, content: Content::Data { source: 0, offset } });
             return Ok(());
         };
-        let block = dynamic.block_size as u64;
         let bitmap = dynamic.bitmap_size();
-        let mut guest = offset;
-        let mut entries = Vec::new();
-        while guest < end {
-            let first = guest / block;
-            let last = (end - 1) / block;
-            let count = (last - first + 1).min(MAP_CHUNK_ENTRIES);
-            entries.resize(count as usize * 4, 0);
-            read_exact_at(self.source.as_ref(), dynamic.table_offset + first * 4, &mut entries, "vhd BAT")?;
-            for (i, raw) in entries.chunks_exact(4).enumerate() {
-                let index = first + i as u64;
-                let block_end = ((index + 1) * block).min(end);
-                let entry = u32::from_be_bytes(raw.try_into().expect("4 bytes"));
-                let content = if entry == UNALLOCATED {
-                    Content::Zero
-                } else {
-                    Content::Data { source: 0, offset: entry as u64 * 512 + bitmap + (guest - index * block) }
-                };
-                push_extent(out, Extent { guest, len: block_end - guest, content });
-                guest = block_end;
+        let table = BlockTable {
+            source: self.source.as_ref(),
+            offset: dynamic.table_offset,
+            block: dynamic.block_size as u64,
+            big_endian: true,
+            what: "vhd BAT",
+        };
+        table.map(offset, len, out, |entry, within| {
+            if entry == UNALLOCATED {
+                Content::Zero
+            } else {
+                Content::Data { source: 0, offset: entry as u64 * 512 + bitmap + within }
             }
-        }
-        Ok(())
+        })
     }
 }
 

@@ -116,8 +116,11 @@ enum WritePath {
 pub struct Destination {
     path: PathBuf,
     kind: DestKind,
-    size: u64,
+    /// Bytes of the image: fixed at open, or grown by [`Destination::grow`] for a stream of unknown length.
+    size: AtomicU64,
     capacity: u64,
+    /// The most the image may grow to (`DestOptions::max_size`).
+    max_size: Option<u64>,
     block: u64,
     buffered: File,
     path_kind: WritePath,
@@ -194,8 +197,9 @@ impl Destination {
         Ok(Destination {
             path: path.to_path_buf(),
             kind,
-            size,
+            size: AtomicU64::new(size),
             capacity,
+            max_size: options.max_size,
             block: align.max(MIN_BLOCK),
             buffered,
             path_kind,
@@ -221,7 +225,64 @@ impl Destination {
 
     /// Bytes the image occupies on the destination.
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Extends the image to `end` bytes (a raw stream whose length is known only at its end): a file grows
+    /// (sparse), a block device must hold it. Writes up to the new size are then allowed.
+    pub fn grow(&self, end: u64) -> Result<()> {
+        if end <= self.size() {
+            return Ok(());
+        }
+        if let Some(max) = self.max_size {
+            check_fits(end, max).map_err(|e| e.at_path(&self.path))?;
+        }
+        match self.kind {
+            DestKind::BlockDevice if end > self.capacity => {
+                return Err(Error::new(
+                    ErrorKind::TooSmall,
+                    format!(
+                        "device holds {} bytes ({}) but the image is already {end} bytes long",
+                        self.capacity,
+                        human(self.capacity)
+                    ),
+                )
+                .at_path(&self.path))
+            }
+            DestKind::BlockDevice => {}
+            DestKind::RegularFile => {
+                self.buffered.set_len(end).io_context("extending destination").map_err(|e| e.at_path(&self.path))?
+            }
+        }
+        self.size.store(end, Ordering::Release);
+        Ok(())
+    }
+
+    /// Throws away what the import wrote (after a checksum mismatch): a file is cut to nothing and extended again,
+    /// so it reads as zeros; the image range of a block device is zeroed.
+    pub fn discard(&self) -> Result<()> {
+        let size = self.size();
+        let ctx = |e: Error| e.at_path(&self.path);
+        match self.kind {
+            DestKind::RegularFile => {
+                self.buffered.set_len(0).io_context("discarding destination").map_err(ctx)?;
+                self.buffered.set_len(size).io_context("discarding destination").map_err(ctx)?;
+            }
+            DestKind::BlockDevice => {
+                let zeroer = Zeroer::default();
+                let aligned = align_down(size, self.block);
+                let direct = match &self.path_kind {
+                    WritePath::Direct { file, .. } => Some(file),
+                    WritePath::WriteBehind(_) => None,
+                };
+                zeroer.zero(&self.buffered, direct, 0, aligned).map_err(ctx)?;
+                if size > aligned {
+                    let zeros = AlignedBuf::new((size - aligned) as usize);
+                    self.write_tail(aligned, &zeros[..(size - aligned) as usize]).map_err(ctx)?;
+                }
+            }
+        }
+        self.sync()
     }
 
     /// Whole size of the destination (a device may be larger than the image).
@@ -258,8 +319,9 @@ impl Destination {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
-        let end = offset.checked_add(len).filter(|&end| end <= self.size);
-        let aligned = is_aligned(offset, self.block) && (is_aligned(len, self.block) || end == Some(self.size));
+        let size = self.size();
+        let end = offset.checked_add(len).filter(|&end| end <= size);
+        let aligned = is_aligned(offset, self.block) && (is_aligned(len, self.block) || end == Some(size));
         match (end, aligned) {
             (Some(_), true) => Ok(()),
             _ => Err(Error::new(ErrorKind::Io, format!("refusing a {len}-byte write outside or misaligned"))
