@@ -128,11 +128,25 @@ impl Pod {
     /// Starts the pod and samples its progress metric every 100 ms until it exits. The pod lingers 3 s after
     /// success (`--metrics-linger`) so the final value is seen before it exits.
     fn run_scraping(&mut self) -> (Ended, Vec<f64>, String) {
+        let (ended, values, texts) = self.run_scraping_in(None);
+        (ended, values, texts.last().cloned().unwrap_or_default())
+    }
+
+    /// [`run_scraping`](Self::run_scraping) in a memory cgroup of its own (a pod's), returning every scrape.
+    fn run_scraping_in(
+        &mut self,
+        cgroup: Option<&boundimport::lab::fixtures::ChildCgroup>,
+    ) -> (Ended, Vec<f64>, Vec<String>) {
         self.extra_args.extend(["--metrics-linger".to_string(), "3".to_string()]);
-        let mut child = self.command().stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut command = self.command();
+        command.stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = match cgroup {
+            Some(cgroup) => cgroup.spawn(&mut command).expect("starting the pod in its cgroup"),
+            None => command.spawn().unwrap(),
+        };
         let (addr, stderr, reader) = metrics_address(&mut child);
         let mut values = Vec::new();
-        let mut last_text = String::new();
+        let mut texts = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(300);
         let mut scrapes_after_result = 0;
         while child.try_wait().unwrap().is_none() && scrapes_after_result < 2 && Instant::now() < deadline {
@@ -142,7 +156,7 @@ impl Pod {
             }
             if let Ok(text) = scrape(&addr) {
                 values.extend(controller_progress(&text, OWNER));
-                last_text = text;
+                texts.push(text);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -150,7 +164,7 @@ impl Pod {
         reader.join().unwrap();
         let stderr = stderr.lock().unwrap().clone();
         let termination = fs::read_to_string(self.termination_log()).unwrap_or_default();
-        (Ended { code: status.code().unwrap_or(-1), termination, stderr }, values, last_text)
+        (Ended { code: status.code().unwrap_or(-1), termination, stderr }, values, texts)
     }
 }
 
@@ -895,4 +909,50 @@ fn http_onto_a_block_volume_as_uid_107_reports_progress_mid_import() {
     assert_eq!(ended.termination, COMPLETE);
     assert_progress_series(&values, true);
     assert_eq!(sha256_prefix(device.path(), virtual_size), digest);
+}
+
+/// The value of a `boundimport_` gauge in one scrape.
+fn gauge(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn in_a_pod_cgroup_the_gauges_show_the_bound_holding() {
+    if !require_privileged("in_a_pod_cgroup_the_gauges_show_the_bound_holding") {
+        return;
+    }
+    const LIMIT: u64 = 256 * MIB;
+    let bench = Workbench::new("cdi-cgroup");
+    let (digest, virtual_size) = served_qcow2(&bench, 96 * MIB);
+    let qcow2_len = fs::metadata(bench.path("disk.qcow2")).unwrap().len();
+    let server = TestServer::start(
+        bench.dir.path(),
+        ServerOptions { ranges: true, rate: Some(qcow2_len / 4), ..Default::default() },
+    );
+    let cgroup = boundimport::lab::fixtures::ChildCgroup::create("boundimport-cdi-test", LIMIT).expect("cgroup");
+    let mut pod = Pod::new("cdi-cgroup-pod");
+    pod.set("IMPORTER_ENDPOINT", &server.url("disk.qcow2"));
+    let (ended, values, texts) = pod.run_scraping_in(Some(&cgroup));
+    ended_ok(&ended);
+    assert_eq!(ended.termination, COMPLETE);
+    assert_progress_series(&values, true);
+    assert_eq!(sha256_prefix(&pod.data().join("disk.img"), virtual_size), digest);
+    // The budget is the pod cgroup's own limit; what the cgroup holds stays well inside it all along.
+    let mid: Vec<&String> =
+        texts.iter().filter(|t| gauge(t, "boundimport_written_bytes").is_some_and(|w| w > 0)).collect();
+    assert!(!mid.is_empty(), "no scrape while writing");
+    let peak = |name: &str| texts.iter().filter_map(|t| gauge(t, name)).max().unwrap_or(0);
+    eprintln!(
+        "{} scrapes: peak cgroup usage {} B, peak dirty + writeback {} B, budget {LIMIT} B",
+        texts.len(),
+        peak("boundimport_cgroup_usage_bytes"),
+        peak("boundimport_cgroup_dirty_writeback_bytes")
+    );
+    for text in &texts {
+        assert_eq!(gauge(text, "boundimport_budget_bytes"), Some(LIMIT), "{text}");
+        let usage = gauge(text, "boundimport_cgroup_usage_bytes").expect("usage gauge");
+        let dirty = gauge(text, "boundimport_cgroup_dirty_writeback_bytes").expect("dirty gauge");
+        assert!(usage < LIMIT / 2, "usage {usage} of a {LIMIT} limit");
+        assert!(dirty <= LIMIT / 4, "dirty + writeback {dirty}");
+    }
 }

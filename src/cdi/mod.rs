@@ -218,6 +218,13 @@ pub fn main(args: CdiArgs) -> i32 {
     // Like cdi-importer, the endpoint is up before anything else happens.
     let owner_uid = std::env::var("OWNER_UID").unwrap_or_default();
     let metrics = Arc::new(Metrics::new(owner_uid, progress.clone(), cgroup.clone()));
+    match Budget::resolve(None, cgroup.as_ref()) {
+        Ok(budget) => {
+            log::info!("memory budget {budget}");
+            metrics.set_budget(budget.bytes);
+        }
+        Err(e) => log::warn!("cannot read the memory budget: {e}"),
+    }
     let serving = match metrics::start(&args.metrics_addr, metrics.clone()) {
         Ok(addr) => {
             log::info!("serving progress metrics on https://{addr}/metrics");
@@ -228,13 +235,6 @@ pub fn main(args: CdiArgs) -> i32 {
             false
         }
     };
-    match Budget::resolve(None, cgroup.as_ref()) {
-        Ok(budget) => {
-            log::info!("memory budget {budget}");
-            metrics.set_budget(budget.bytes);
-        }
-        Err(e) => log::warn!("cannot read the memory budget: {e}"),
-    }
 
     let context = Context { args: &args, metrics: &metrics, progress: &progress, cgroup: cgroup.as_ref(), stop };
     let finish = context.run();
