@@ -269,7 +269,7 @@ mod tests {
         assert!(!is_block_device(&file).unwrap());
         let (start, end) = next_data_run(&file, 0).unwrap().expect("data at 0");
         assert_eq!(start, 0);
-        assert!(end >= 4096 && end <= 8 << 20);
+        assert!((4096..=8 << 20).contains(&end));
     }
 
     #[test]

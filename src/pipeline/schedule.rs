@@ -268,7 +268,7 @@ mod tests {
                 }
             }
             let end = self.holes.iter().map(|h| h.start).filter(|&s| s > at).min().unwrap_or(self.len);
-            Ok((at < self.len).then(|| at..end))
+            Ok((at < self.len).then_some(at..end))
         }
     }
 

@@ -109,7 +109,7 @@ pub struct DestStats {
 /// The write path in effect.
 enum WritePath {
     Direct { file: File, align: u64 },
-    WriteBehind(WriteBehind),
+    WriteBehind(Box<WriteBehind>),
 }
 
 /// An open destination of a known size.
@@ -192,7 +192,7 @@ impl Destination {
             (Err(why), IoChoice::Direct) => {
                 return Err(ctx(Error::unsupported(format!("O_DIRECT is not possible here: {why}"))))
             }
-            (Err(why), _) => (WritePath::WriteBehind(WriteBehind::new(governor()?)), why, 1),
+            (Err(why), _) => (WritePath::WriteBehind(Box::new(WriteBehind::new(governor()?))), why, 1),
         };
         Ok(Destination {
             path: path.to_path_buf(),
