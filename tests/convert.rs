@@ -146,48 +146,70 @@ fn garbage_file(path: &Path, len: u64) {
     }
 }
 
-#[test]
-fn every_variant_imports_into_a_file_identically() {
-    let bench = Workbench::new("convert-file");
-    for variant in VARIANTS {
-        let image = build(&bench, variant);
-        let (want, size) = qemu_reference(&image, bench.dir.path());
-        let dest = bench.path(&format!("{}.out.raw", variant.name));
-        // A stale, larger destination must be truncated, not patched.
-        garbage_file(&dest, size + 3 * MIB);
-        let output = import(&[], &image, &dest);
-        assert_eq!(reported_digest(&output, variant.name), want, "{}: reported digest", variant.name);
-        let meta = std::fs::metadata(&dest).unwrap();
-        assert_eq!(meta.len(), size, "{}: destination size", variant.name);
-        assert_eq!(sha256_prefix(&dest, size), want, "{}: destination contents", variant.name);
-        std::fs::remove_file(&dest).unwrap();
-    }
-}
+/// Imports the variant named `name` into a stale, larger file and, with privileges, onto a loop device full of
+/// garbage; both must hash like qemu-img's conversion.
+fn check_variant(name: &str) {
+    let variant = VARIANTS.iter().find(|v| v.name == name).unwrap_or_else(|| panic!("no variant {name}"));
+    let bench = Workbench::new(&format!("convert-{name}"));
+    let image = build(&bench, variant);
+    let (want, size) = qemu_reference(&image, bench.dir.path());
 
-#[test]
-fn every_variant_imports_onto_a_block_device_identically() {
-    if !require_privileged("every_variant_imports_onto_a_block_device_identically") {
+    let dest = bench.path("out.raw");
+    // A stale, larger destination must be truncated, not patched.
+    garbage_file(&dest, size + 3 * MIB);
+    let output = import(&[], &image, &dest);
+    assert_eq!(reported_digest(&output, name), want, "{name}: reported digest");
+    assert_eq!(std::fs::metadata(&dest).unwrap().len(), size, "{name}: destination size");
+    assert_eq!(sha256_prefix(&dest, size), want, "{name}: destination contents");
+    std::fs::remove_file(&dest).unwrap();
+
+    if !require_privileged(&format!("{name} onto a block device")) {
         return;
     }
-    let bench = Workbench::new("convert-block");
-    for variant in VARIANTS {
-        let image = build(&bench, variant);
-        let (want, size) = qemu_reference(&image, bench.dir.path());
-        // The device is larger than the image and full of garbage: zeros must be written as zeros, and nothing
-        // past the image may change.
-        let backing = bench.path(&format!("{}.device", variant.name));
-        let device_size = size.next_multiple_of(MIB) + MIB;
-        garbage_file(&backing, device_size);
-        let device = boundimport::lab::fixtures::LoopDevice::attach(&backing, true).unwrap();
-        let output = import(&[], &image, device.path());
-        assert_eq!(reported_digest(&output, variant.name), want, "{}: reported digest", variant.name);
-        assert_eq!(sha256_prefix(device.path(), size), want, "{}: device contents", variant.name);
-        let mut tail = vec![0u8; (device_size - size) as usize];
-        File::open(device.path()).unwrap().read_exact_at(&mut tail, size).unwrap();
-        assert!(tail.iter().all(|&b| b == 0xAA), "{}: bytes past the image were changed", variant.name);
-        drop(device);
-        std::fs::remove_file(&backing).unwrap();
-    }
+    // The device is larger than the image and full of garbage: zeros must be written as zeros, and nothing past
+    // the image may change.
+    let backing = bench.path("device");
+    let device_size = size.next_multiple_of(MIB) + MIB;
+    garbage_file(&backing, device_size);
+    let device = boundimport::lab::fixtures::LoopDevice::attach(&backing, true).unwrap();
+    let output = import(&[], &image, device.path());
+    assert_eq!(reported_digest(&output, name), want, "{name}: reported digest (device)");
+    assert_eq!(sha256_prefix(device.path(), size), want, "{name}: device contents");
+    let mut tail = vec![0u8; (device_size - size) as usize];
+    File::open(device.path()).unwrap().read_exact_at(&mut tail, size).unwrap();
+    assert!(tail.iter().all(|&b| b == 0xAA), "{name}: bytes past the image were changed");
+}
+
+/// One test per variant, so they run in parallel and fail separately.
+macro_rules! variant_tests {
+    ($($test:ident => $name:literal),* $(,)?) => {
+        $(#[test] fn $test() { check_variant($name) })*
+
+        #[test]
+        fn every_variant_has_a_test() {
+            let tested = [$($name),*];
+            let defined: Vec<&str> = VARIANTS.iter().map(|v| v.name).collect();
+            assert_eq!(tested.len(), defined.len(), "{tested:?} vs {defined:?}");
+            assert!(defined.iter().all(|d| tested.contains(d)), "{tested:?} vs {defined:?}");
+        }
+    };
+}
+
+variant_tests! {
+    raw_odd_size => "raw-odd-size",
+    v3_64k => "v3-64k",
+    cluster_512 => "cluster-512",
+    cluster_2m => "cluster-2m",
+    v2_compat => "v2-compat",
+    zero_clusters => "zero-clusters",
+    lazy_refcounts => "lazy-refcounts",
+    extended_l2_64k => "extended-l2-64k",
+    extended_l2_2m => "extended-l2-2m",
+    compressed_zlib => "compressed-zlib",
+    compressed_zstd => "compressed-zstd",
+    compressed_zstd_2m_odd => "compressed-zstd-2m-odd",
+    compressed_extended_l2 => "compressed-extended-l2-4k",
+    odd_size_64k => "odd-size-64k",
 }
 
 #[test]
