@@ -27,6 +27,11 @@ const MAX_REFCOUNT_TABLE: u64 = 8 << 20;
 /// Bytes read from the stream at a time.
 const WINDOW: usize = 1 << 20;
 
+/// Most host ranges the walk waits for at once. Contiguous data clusters merge into one range, so images whose
+/// tables come first (preallocated metadata) stay small; an image naming more scattered clusters ahead of the
+/// stream than this would need unbounded bookkeeping, and is refused (about 100 bytes a range).
+const MAX_PENDING_RANGES: usize = 256 << 10;
+
 /// What a host range is needed for.
 #[derive(Debug, Clone, Copy)]
 enum Target {
@@ -88,6 +93,8 @@ struct Walker<'a> {
     pos: u64,
     needs: BTreeMap<(u64, u64), Need>,
     seq: u64,
+    /// Key of the last data range registered ahead of the stream, which the next one may extend.
+    last_data: Option<(u64, u64)>,
     l1_seen: bool,
     l2_pending: u64,
     /// Host ranges known to hold nothing the import needs (refcount structures).
@@ -137,6 +144,7 @@ pub fn import(
         pos: (got + rest) as u64,
         needs: BTreeMap::new(),
         seq: 0,
+        last_data: None,
         l1_seen: false,
         l2_pending: 0,
         ignored: vec![(0, cluster)],
@@ -194,6 +202,21 @@ impl Walker<'_> {
         if len == 0 {
             return Ok(());
         }
+        if let (Target::Data(guest), Some(key)) = (target, self.last_data) {
+            if let Some(last) = self.needs.get_mut(&key) {
+                let Target::Data(last_guest) = last.target else { unreachable!("last_data names a data range") };
+                if start >= self.pos && last.start + last.len == start && last_guest + last.len == guest {
+                    last.len += len;
+                    return Ok(());
+                }
+            }
+        }
+        if self.needs.len() >= MAX_PENDING_RANGES {
+            return Err(self.bad(format!(
+                "the image names more than {MAX_PENDING_RANGES} separate clusters ahead of the stream; import it \
+                 from a random-access source (a local file, or a server that supports Range requests)"
+            )));
+        }
         let mut need = Need { start, len, target, got: 0, bytes: Vec::new() };
         if start < self.pos {
             let passed = (start + len).min(self.pos) - start;
@@ -208,7 +231,12 @@ impl Walker<'_> {
             }
         }
         self.seq += 1;
-        self.needs.insert((need.start + need.got, self.seq), need);
+        let key = (need.start + need.got, self.seq);
+        self.last_data = match need.target {
+            Target::Data(_) if need.got == 0 => Some(key),
+            _ => None,
+        };
+        self.needs.insert(key, need);
         Ok(())
     }
 
