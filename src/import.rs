@@ -35,6 +35,8 @@ pub struct Plan {
     pub checksum: Option<Checksum>,
     /// Follow backing files.
     pub allow_backing: bool,
+    /// Follow backing files outside the image's directory (absolute names, `..`, symlinks elsewhere).
+    pub allow_backing_outside: bool,
     /// The destination device already reads as zeros.
     pub target_is_zero: bool,
     /// Digest the written image (SHA-256).
@@ -57,6 +59,7 @@ impl Plan {
             io: IoChoice::Auto,
             checksum: None,
             allow_backing: false,
+            allow_backing_outside: false,
             target_is_zero: false,
             output_digest: true,
             governor_timeline: None,
@@ -128,6 +131,8 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
     };
     let backing = BackingPolicy {
         allow: plan.allow_backing,
+        allow_outside: plan.allow_backing_outside,
+        root: None,
         base_dir: Some(
             source_path
                 .parent()

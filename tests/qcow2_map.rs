@@ -56,6 +56,7 @@ fn check(bench: &Workbench, name: &str) -> Seen {
     let policy = BackingPolicy {
         allow: true,
         base_dir: Some(bench.dir.path().to_path_buf()),
+        ..BackingPolicy::default()
     };
     compare_with_qemu(&bench.path(name), &policy, &bench.path(&format!("{name}.ref.raw")))
 }
@@ -421,6 +422,7 @@ fn backing_file_refused_unless_allowed() {
     let policy = BackingPolicy {
         allow: false,
         base_dir: Some(lab.dir.path().to_path_buf()),
+        ..BackingPolicy::default()
     };
     let err = match open(&lab.path("top.qcow2"), &policy) {
         Ok(_) => panic!("backing file was followed without permission"),

@@ -54,6 +54,7 @@ pub fn open_image(path: &Path) -> boundimport::error::Result<Box<dyn Image>> {
     let policy = BackingPolicy {
         allow: false,
         base_dir: path.parent().map(Path::to_path_buf),
+        ..BackingPolicy::default()
     };
     format::open(source, &policy)
 }

@@ -120,7 +120,15 @@ impl VmdkImage {
             let id = match opened.get(file) {
                 Some(&id) => id,
                 None => {
-                    let path = base_dir.join(Path::new(file));
+                    let path = if backing.allow_outside {
+                        base_dir.join(Path::new(file))
+                    } else {
+                        // A plain name can still be a symlink out of the directory: resolve it and check.
+                        let root = backing.root.as_deref().unwrap_or(base_dir);
+                        super::confined_path(root, base_dir, Path::new(file)).map_err(|why| {
+                            Error::unsupported(format!("vmdk extent file {file:?}: {why}"))
+                        })?
+                    };
                     sources.push(Arc::new(FileSource::open(&path)?));
                     opened.insert(file.clone(), sources.len() - 1);
                     sources.len() - 1
