@@ -191,16 +191,21 @@ fn open_at_depth(source: Arc<dyn ReadAt>, backing: &BackingPolicy, depth: usize)
 }
 
 /// Resolves and opens a backing file named inside an image, applying `policy`. `format_hint` is the format the
-/// image names for it ("raw", "qcow2"), if any.
+/// image names for it ("raw", "qcow2"), if any; `name_offset` is where the image stores the name (named in
+/// refusals).
 pub fn open_backing(
     image_name: &str,
     backing_name: &str,
     format_hint: Option<&str>,
+    name_offset: u64,
     policy: &BackingPolicy,
     depth: usize,
 ) -> Result<Box<dyn Image>> {
-    let refuse =
-        |why: &str| Error::unsupported(format!("image has a backing file {backing_name:?}{why}")).at_path(image_name);
+    let refuse = |why: &str| {
+        Error::unsupported(format!("image has a backing file {backing_name:?}{why}"))
+            .at_offset(name_offset)
+            .at_path(image_name)
+    };
     if !policy.allow {
         return Err(refuse(" (pass --allow-backing to read it)"));
     }
@@ -273,7 +278,10 @@ pub fn confined_path(root: &Path, dir: &Path, name: &Path) -> std::result::Resul
             // Say "leaves the directory" for a missing file whose name already climbs out, rather than
             // "not found", so the refusal does not depend on what exists outside.
             if name.components().any(|c| c == std::path::Component::ParentDir) && !lexically_inside(&root, dir, name) {
-                return Err(format!("{:?} leaves the image's directory {outside}", name.display().to_string()));
+                return Err(format!(
+                    "{:?} leaves the image's directory {outside}",
+                    name.display().to_string()
+                ));
             }
             return Err(format!("cannot resolve {}: {e}", joined.display()));
         }
@@ -410,8 +418,18 @@ mod tests {
             resolve_backing_path(&free, base, "/abs/base.raw").unwrap(),
             Path::new("/abs/base.raw")
         );
-        assert_eq!(resolve_backing_path(&free, base, "./a:b").unwrap(), Path::new("/images/./a:b"));
-        for name in ["nbd:localhost:10809", "http://example/base", "json:{}", "file:base.raw", "", "a\0b"] {
+        assert_eq!(
+            resolve_backing_path(&free, base, "./a:b").unwrap(),
+            Path::new("/images/./a:b")
+        );
+        for name in [
+            "nbd:localhost:10809",
+            "http://example/base",
+            "json:{}",
+            "file:base.raw",
+            "",
+            "a\0b",
+        ] {
             assert!(resolve_backing_path(&free, base, name).is_err(), "{name}");
             assert!(resolve_backing_path(&confined(base), base, name).is_err(), "{name}");
         }
@@ -436,7 +454,11 @@ mod tests {
             ("inside.raw", "sub/deep.raw"),
             ("sub/deep.raw", "sub/deep.raw"),
         ] {
-            assert_eq!(resolve_backing_path(&policy, &dir, name).unwrap(), canonical.join(want), "{name}");
+            assert_eq!(
+                resolve_backing_path(&policy, &dir, name).unwrap(),
+                canonical.join(want),
+                "{name}"
+            );
         }
         for (name, needle) in [
             ("../secret.raw", "outside the image's directory"),

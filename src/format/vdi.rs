@@ -192,6 +192,15 @@ impl Image for VdiImage {
                 let entry = u32::from_le_bytes(raw.try_into().expect("4 bytes"));
                 let content = if entry >= DISCARDED {
                     Content::Zero
+                } else if self.header.offset_data + entry as u64 * block >= self.source.len() {
+                    // Bytes past the end would read as zeros: a truncated file must not import as zeros.
+                    return Err(crate::bad_image!(
+                        "vdi block {index} at {:#x} lies past the end of the file ({} bytes)",
+                        self.header.offset_data + entry as u64 * block,
+                        self.source.len()
+                    )
+                    .at_offset(at + i as u64 * 4)
+                    .at_path(self.source.name()));
                 } else {
                     Content::Data {
                         source: 0,

@@ -230,7 +230,7 @@ impl VhdImage {
             let mut buf = [0u8; 1024];
             read_exact_at(source.as_ref(), footer.data_offset, &mut buf, "vhd dynamic header")?;
             let header =
-                parse_dynamic_header(&buf, virtual_size, len).map_err(|e| ctx(e.at_offset(footer.data_offset)))?;
+                parse_dynamic_header(&buf, virtual_size, len).map_err(|e| ctx(e.within(footer.data_offset)))?;
             if footer.disk_type == TYPE_DIFFERENCING {
                 return Err(ctx(Error::unsupported(format!(
                     "vhd differencing disk with parent {:?} is not supported (convert it with its parent first)",
@@ -300,6 +300,14 @@ impl Image for VhdImage {
                 let entry = u32::from_be_bytes(raw.try_into().expect("4 bytes"));
                 let content = if entry == UNALLOCATED {
                     Content::Zero
+                } else if entry as u64 * 512 + bitmap >= self.source.len() {
+                    // Bytes past the end would read as zeros: a truncated file must not import as zeros.
+                    return Err(crate::bad_image!(
+                        "vhd block {index} at sector {entry} lies past the end of the file ({} bytes)",
+                        self.source.len()
+                    )
+                    .at_offset(dynamic.table_offset + index * 4)
+                    .at_path(self.source.name()));
                 } else {
                     Content::Data {
                         source: 0,
