@@ -267,7 +267,31 @@ impl Destination {
             WritePath::WriteBehind(window) => window.write(&self.buffered, offset, data),
         };
         result.map_err(|e| e.at_path(&self.path))?;
+        self.check_still_linked(offset)?;
         self.stats.written.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Fails if the destination file has been unlinked (writes to a removed file succeed, and the import would
+    /// report success for an image nobody can reach). One fstat per chunk; block devices are not checked here
+    /// (a removed device fails its writes).
+    fn check_still_linked(&self, offset: u64) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        if self.kind != DestKind::RegularFile {
+            return Ok(());
+        }
+        let meta = self
+            .buffered
+            .metadata()
+            .io_context("checking destination")
+            .map_err(|e| e.at_path(&self.path))?;
+        if meta.nlink() == 0 {
+            return Err(
+                Error::new(ErrorKind::Io, "destination file was removed during the import")
+                    .at_offset(offset)
+                    .at_path(&self.path),
+            );
+        }
         Ok(())
     }
 
@@ -291,6 +315,7 @@ impl Destination {
     pub fn zero(&self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
         let Some(zeroer) = &self.zeroer else {
+            self.check_still_linked(offset)?;
             self.stats.skipped.fetch_add(len, Ordering::Relaxed);
             return Ok(());
         };
@@ -322,6 +347,7 @@ impl Destination {
         sys::fdatasync(&self.buffered)
             .io_context("syncing destination")
             .map_err(|e| e.at_path(&self.path))?;
+        self.check_still_linked(self.size)?;
         // Zeroing and tail writes may have left clean pages of the device in the cache.
         let _ = sys::drop_cache(&self.buffered, 0, 0);
         Ok(summary)
