@@ -59,27 +59,38 @@ pub struct Sizing {
     pub usage_ceiling: u64,
 }
 
+/// Explicit worker count and chunk size replacing what the budget would choose (benchmarking knobs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SizingOverride {
+    /// Number of workers.
+    pub workers: Option<usize>,
+    /// Chunk size in bytes (rounded up to a power of two, at least 64 KiB).
+    pub chunk: Option<u64>,
+}
+
+impl SizingOverride {
+    /// `sizing` with the overrides applied.
+    pub fn apply(&self, sizing: Sizing) -> Sizing {
+        Sizing {
+            workers: self.workers.unwrap_or(sizing.workers).clamp(1, 64),
+            chunk: self.chunk.map_or(sizing.chunk, |c| c.clamp(64 << 10, 64 << 20).next_power_of_two()),
+            ..sizing
+        }
+    }
+}
+
 impl Budget {
     /// The budget: `explicit` if given, else the effective limit of `cgroup`, else [`DEFAULT_BUDGET`].
     pub fn resolve(explicit: Option<u64>, cgroup: Option<&MemCgroup>) -> Result<Budget> {
         if let Some(bytes) = explicit {
-            return Ok(Budget {
-                bytes,
-                origin: BudgetOrigin::Explicit,
-            });
+            return Ok(Budget { bytes, origin: BudgetOrigin::Explicit });
         }
         if let Some(cg) = cgroup {
             if let Some(bytes) = cg.limit()? {
-                return Ok(Budget {
-                    bytes,
-                    origin: BudgetOrigin::Cgroup,
-                });
+                return Ok(Budget { bytes, origin: BudgetOrigin::Cgroup });
             }
         }
-        Ok(Budget {
-            bytes: DEFAULT_BUDGET,
-            origin: BudgetOrigin::Default,
-        })
+        Ok(Budget { bytes: DEFAULT_BUDGET, origin: BudgetOrigin::Default })
     }
 
     /// The planned footprint: an eighth of the budget, between 8 and 64 MiB. Half of it is buffers, half the
@@ -88,12 +99,7 @@ impl Budget {
         let share = (self.bytes / 8).clamp(8 * MIB, 64 * MIB);
         let chunk = if share >= 16 * MIB { 2 * MIB } else { MIB };
         let workers = ((share / 2) / chunk).clamp(2, 8) as usize;
-        Sizing {
-            workers,
-            chunk,
-            dirty_target: (share / 2).max(2 * chunk),
-            usage_ceiling: self.bytes - self.bytes / 8,
-        }
+        Sizing { workers, chunk, dirty_target: (share / 2).max(2 * chunk), usage_ceiling: self.bytes - self.bytes / 8 }
     }
 }
 
@@ -102,11 +108,7 @@ mod tests {
     use super::*;
 
     fn sizing(bytes: u64) -> Sizing {
-        Budget {
-            bytes,
-            origin: BudgetOrigin::Explicit,
-        }
-        .sizing()
+        Budget { bytes, origin: BudgetOrigin::Explicit }.sizing()
     }
 
     #[test]
@@ -122,10 +124,7 @@ mod tests {
         assert_eq!(huge.workers as u64 * huge.chunk + huge.dirty_target, 48 * MIB);
         for bytes in [32 * MIB, 128 * MIB, 600_000_000, 64 << 30] {
             let s = sizing(bytes);
-            assert!(
-                s.workers as u64 * s.chunk + s.dirty_target <= (bytes / 4).max(16 * MIB),
-                "{bytes}"
-            );
+            assert!(s.workers as u64 * s.chunk + s.dirty_target <= (bytes / 4).max(16 * MIB), "{bytes}");
             assert!(s.usage_ceiling < bytes);
         }
     }
@@ -133,13 +132,7 @@ mod tests {
     #[test]
     fn explicit_limit_wins() {
         let b = Budget::resolve(Some(123), None).unwrap();
-        assert_eq!(
-            b,
-            Budget {
-                bytes: 123,
-                origin: BudgetOrigin::Explicit
-            }
-        );
+        assert_eq!(b, Budget { bytes: 123, origin: BudgetOrigin::Explicit });
         let d = Budget::resolve(None, None).unwrap();
         assert_eq!(d.origin, BudgetOrigin::Default);
     }

@@ -74,9 +74,7 @@ pub fn align_down(value: u64, align: u64) -> u64 {
 
 /// `value` rounded up to a multiple of `align` (a power of two); saturates near `u64::MAX`.
 pub fn align_up(value: u64, align: u64) -> u64 {
-    value
-        .checked_add(align - 1)
-        .map_or(align_down(u64::MAX, align), |v| align_down(v, align))
+    value.checked_add(align - 1).map_or(align_down(u64::MAX, align), |v| align_down(v, align))
 }
 
 #[cfg(test)]

@@ -64,11 +64,7 @@ impl FromStr for Checksum {
         };
         let digest = decode_hex(hex.trim()).ok_or_else(|| bad("digest is not hexadecimal"))?;
         if digest.len() != algorithm.digest_len() {
-            return Err(bad(&format!(
-                "a {} digest has {} hex digits",
-                algorithm.name(),
-                algorithm.digest_len() * 2
-            )));
+            return Err(bad(&format!("a {} digest has {} hex digits", algorithm.name(), algorithm.digest_len() * 2)));
         }
         Ok(Checksum { algorithm, digest })
     }
@@ -154,10 +150,7 @@ fn decode_hex(text: &str) -> Option<Vec<u8>> {
     if text.len() % 2 != 0 || !text.is_ascii() {
         return None;
     }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
-        .collect()
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok()).collect()
 }
 
 #[cfg(test)]
@@ -170,10 +163,7 @@ mod tests {
         let vectors = [
             ("md5", "900150983cd24fb0d6963f7d28e17f72"),
             ("sha1", "a9993e364706816aba3e25717850c26c9cd0d89d"),
-            (
-                "sha256",
-                "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
-            ),
+            ("sha256", "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"),
             (
                 "SHA512",
                 "ddaf35a193617abacc417349ae20413112e6fa4e89a97ea20a9eeee64b55d39a2192992a274fc1a836ba3c23a3feebbd\
@@ -191,9 +181,8 @@ mod tests {
 
     #[test]
     fn mismatch_message_names_both_digests() {
-        let checksum: Checksum = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-            .parse()
-            .unwrap();
+        let checksum: Checksum =
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad".parse().unwrap();
         let err = checksum.verify(&[0u8; 32], "disk.img").unwrap_err();
         assert_eq!(err.kind(), ErrorKind::ChecksumMismatch);
         assert!(err.to_string().contains("checksum mismatch"), "{err}");

@@ -1,9 +1,10 @@
 //! The command line: parses arguments into a [`Plan`](crate::import::Plan), runs it, renders the outcome.
 //! No I/O logic lives here.
 
+use crate::budget::SizingOverride;
 use crate::checksum::Checksum;
 use crate::error::{Error, Result};
-use crate::import::{self, Outcome, Plan};
+use crate::import::{self, Outcome, Plan, ResumeOptions};
 use crate::progress::{self, Progress, ProgressStyle};
 use crate::sink::IoChoice;
 use crate::size::{human, parse_quantity};
@@ -14,12 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 /// Import a VM disk image (qcow2 or raw) onto a block device or raw file without filling the memory cgroup.
 #[derive(Debug, Parser)]
-#[command(
-    name = "boundimport",
-    version,
-    args_conflicts_with_subcommands = true,
-    subcommand_negates_reqs = true
-)]
+#[command(name = "boundimport", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -29,7 +25,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {}
+enum Command {
+    /// Reproduce the importer-pod page-cache pathology and measure importers side by side (needs root).
+    Lab(crate::lab::command::LabCommand),
+}
 
 /// Arguments of a plain import.
 #[derive(Debug, clap::Args)]
@@ -66,6 +65,15 @@ struct ImportArgs {
     #[arg(long, requires = "allow_backing")]
     allow_backing_outside: bool,
 
+    /// Record durable progress and, when a previous run of the same import was interrupted, continue from it.
+    /// The state lives beside a file destination (.NAME.boundimport-resume), or in --state-dir.
+    #[arg(long)]
+    resume: bool,
+
+    /// Directory for the resume state (required with --resume onto a block device).
+    #[arg(long, value_name = "DIR", requires = "resume")]
+    state_dir: Option<PathBuf>,
+
     /// The destination block device already reads as zeros: skip zeroing unallocated ranges.
     #[arg(long)]
     target_is_zero: bool,
@@ -86,6 +94,14 @@ struct ImportArgs {
     #[arg(long, value_name = "CSV")]
     governor_log: Option<PathBuf>,
 
+    /// Number of pipeline workers (default: sized from the budget). A benchmarking knob.
+    #[arg(long, hide = true)]
+    workers: Option<usize>,
+
+    /// Chunk size of each worker's buffer (default: sized from the budget). A benchmarking knob.
+    #[arg(long, hide = true, value_parser = parse_limit)]
+    chunk_size: Option<u64>,
+
     /// More log output (-v debug, -vv trace).
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -104,7 +120,7 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.command {
         None => run_import(cli.import),
-        Some(command) => match command {},
+        Some(Command::Lab(lab)) => crate::lab::command::main(lab),
     }
 }
 
@@ -137,11 +153,7 @@ extern "C" fn on_stop_signal(signal: libc::c_int) {
 /// synced, and the log says where it stopped.
 pub fn install_stop_handlers() -> &'static AtomicBool {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let action = SigAction::new(
-        SigHandler::Handler(on_stop_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
+    let action = SigAction::new(SigHandler::Handler(on_stop_signal), SaFlags::SA_RESTART, SigSet::empty());
     for signal in [Signal::SIGINT, Signal::SIGTERM] {
         // SAFETY: the handler only touches atomics and calls _exit.
         if let Err(e) = unsafe { sigaction(signal, &action) } {
@@ -172,6 +184,8 @@ fn import_and_report(args: &ImportArgs) -> Result<()> {
         target_is_zero: args.target_is_zero,
         output_digest: !args.no_digest,
         governor_timeline: args.governor_log.clone(),
+        sizing_override: SizingOverride { workers: args.workers, chunk: args.chunk_size },
+        resume: args.resume.then(|| ResumeOptions { state_dir: args.state_dir.clone() }),
         ..Plan::new(Location::parse(source), dest)
     };
     let progress = Progress::default();

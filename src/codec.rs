@@ -28,10 +28,7 @@ pub fn decompress(codec: Codec, input: &[u8], output: &mut [u8]) -> Result<()> {
             };
             match result {
                 Ok(n) if n == output.len() => Ok(()),
-                Ok(n) => Err(crate::bad_image!(
-                    "compressed data inflates to {n} bytes instead of {}",
-                    output.len()
-                )),
+                Ok(n) => Err(crate::bad_image!("compressed data inflates to {n} bytes instead of {}", output.len())),
                 Err(e) => Err(crate::bad_image!("invalid deflate data ({e})")),
             }
         }),
@@ -52,8 +49,7 @@ fn zstd_fill(input: &[u8], output: &mut [u8]) -> Result<()> {
                 slot.insert(dctx)
             }
         };
-        dctx.reset(zstd_safe::ResetDirective::SessionOnly)
-            .map_err(|code| zstd_error("resetting zstd", code))?;
+        dctx.reset(zstd_safe::ResetDirective::SessionOnly).map_err(|code| zstd_error("resetting zstd", code))?;
         let mut inbuf = InBuffer::around(input);
         let mut outbuf = OutBuffer::around(output);
         // Like qemu: decode until the output is full; stop at the end of the frame or of the input.

@@ -42,13 +42,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// A new error of `kind` that happened while doing `operation`.
     pub fn new(kind: ErrorKind, operation: impl Into<String>) -> Self {
-        Error {
-            kind,
-            operation: operation.into(),
-            path: None,
-            offset: None,
-            source: None,
-        }
+        Error { kind, operation: operation.into(), path: None, offset: None, source: None }
     }
 
     /// A malformed-input error.
@@ -191,11 +185,7 @@ mod tests {
 
     #[test]
     fn innermost_context_wins() {
-        let err = Error::bad_image("x")
-            .at_offset(1)
-            .at_offset(2)
-            .at_path("a")
-            .at_path("b");
+        let err = Error::bad_image("x").at_offset(1).at_offset(2).at_path("a").at_path("b");
         assert_eq!(err.offset(), Some(1));
         assert_eq!(err.path(), Some(Path::new("a")));
     }

@@ -1,20 +1,23 @@
 //! An import from start to finish: the [`Plan`] front ends build, and [`run`], which wires source → format →
 //! pipeline → sink for it and reports an [`Outcome`].
 
-use crate::budget::{Budget, Sizing};
+use crate::budget::{Budget, Sizing, SizingOverride};
 use crate::cgroup::governor::{Governor, GovernorSummary, Targets};
 use crate::cgroup::MemCgroup;
-use crate::checksum::{hex, Algorithm, Checksum};
+use crate::checksum::{hex, Algorithm, Checksum, Hasher};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::{self, BackingPolicy};
 use crate::pipeline::{self, schedule::Scheduler};
 use crate::progress::Progress;
+use crate::resume::Checkpoints;
 use crate::sink::{DestKind, DestOptions, Destination, IoChoice};
 use crate::size::human;
 use crate::source::{FileSource, HashingSource, HttpOptions, Location, ReadAt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Everything an import needs to know, independent of the front end that asked for it.
 #[derive(Debug, Clone)]
@@ -43,6 +46,10 @@ pub struct Plan {
     pub output_digest: bool,
     /// Append every governor reading to this CSV file.
     pub governor_timeline: Option<PathBuf>,
+    /// Overrides of the sizing derived from the budget (workers, chunk size), for benchmarking.
+    pub sizing_override: SizingOverride,
+    /// Record durable progress and continue an interrupted import of the same image.
+    pub resume: Option<ResumeOptions>,
     /// Permission bits for a newly created destination file.
     pub file_mode: u32,
 }
@@ -63,10 +70,22 @@ impl Plan {
             target_is_zero: false,
             output_digest: true,
             governor_timeline: None,
+            sizing_override: SizingOverride::default(),
+            resume: None,
             file_mode: 0o644,
         }
     }
 }
+
+/// How to resume.
+#[derive(Debug, Clone, Default)]
+pub struct ResumeOptions {
+    /// Directory for the state file (needed for block devices; files keep theirs beside them).
+    pub state_dir: Option<PathBuf>,
+}
+
+/// How often durable progress is recorded while resuming is enabled.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
 
 /// What an import did.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -101,18 +120,16 @@ pub struct Outcome {
     pub sizing: Sizing,
     /// What the write-behind governor saw (write-behind path only).
     pub governor: Option<GovernorSummary>,
+    /// Guest offset this run started from (non-zero when it resumed an interrupted import).
+    pub resumed_at: u64,
 }
 
 /// Runs `plan`, advancing `progress`; raising `stop` ends the import early with an interrupted error.
 pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcome> {
     let cgroup = MemCgroup::own()?;
     let budget = Budget::resolve(plan.limit, cgroup.as_ref())?;
-    let sizing = budget.sizing();
-    log::debug!(
-        "memory budget {budget}: {} workers x {} chunks",
-        sizing.workers,
-        human(sizing.chunk)
-    );
+    let sizing = plan.sizing_override.apply(budget.sizing());
+    log::debug!("memory budget {budget}: {} workers x {} chunks", sizing.workers, human(sizing.chunk));
 
     let source_path = match &plan.source {
         Location::Path(path) => path,
@@ -121,61 +138,73 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
         }
     };
     let file: Arc<dyn ReadAt> = Arc::new(FileSource::open(source_path)?);
-    let tap = plan
-        .checksum
-        .as_ref()
-        .map(|c| Arc::new(HashingSource::new(file.clone(), c.algorithm)));
+    let tap = plan.checksum.as_ref().map(|c| Arc::new(HashingSource::new(file.clone(), c.algorithm)));
     let source: Arc<dyn ReadAt> = match &tap {
         Some(tap) => tap.clone(),
-        None => file,
+        None => file.clone(),
     };
     let backing = BackingPolicy {
         allow: plan.allow_backing,
         allow_outside: plan.allow_backing_outside,
         root: None,
-        base_dir: Some(
-            source_path
-                .parent()
-                .map_or_else(|| PathBuf::from("."), Path::to_path_buf),
-        ),
+        base_dir: Some(source_path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)),
     };
     let image = format::open(source, &backing)?;
     let virtual_size = image.virtual_size();
     let format_name = image.format_name();
-    log::info!(
-        "{}: {format_name} image, virtual size {virtual_size} bytes ({})",
-        plan.source,
-        human(virtual_size)
-    );
+    log::info!("{}: {format_name} image, virtual size {virtual_size} bytes ({})", plan.source, human(virtual_size));
+
+    let kind = DestKind::of(&plan.destination)?;
+    let checkpoints = match &plan.resume {
+        Some(options) => Some(Checkpoints::new(
+            &plan.source.to_string(),
+            file.as_ref(),
+            &plan.destination,
+            kind,
+            virtual_size,
+            options.state_dir.as_deref(),
+        )?),
+        None => None,
+    };
+    let start = match &checkpoints {
+        Some(checkpoints) => checkpoints.resume_point(destination_holds(&plan.destination, kind, virtual_size))?,
+        None => 0,
+    };
+    // The digest covers the whole image: on resume, the part already written is read back from the destination.
+    let digest_prefix = match (plan.output_digest, start) {
+        (false, _) => None,
+        (true, 0) => Some((Hasher::new(Algorithm::Sha256), 0)),
+        (true, start) => Some((hash_prefix(&plan.destination, start)?, start)),
+    };
 
     let options = DestOptions {
         io: plan.io,
         target_is_zero: plan.target_is_zero,
         file_mode: plan.file_mode,
+        keep_contents: start > 0,
     };
     let governor = || {
-        let targets = Targets {
-            dirty_writeback: sizing.dirty_target,
-            usage_ceiling: Some(sizing.usage_ceiling),
-        };
+        let targets = Targets { dirty_writeback: sizing.dirty_target, usage_ceiling: Some(sizing.usage_ceiling) };
         Governor::new(cgroup.clone(), targets, plan.governor_timeline.as_deref())
     };
     let dest = Destination::open(&plan.destination, virtual_size, &options, governor)?;
-    log::info!(
-        "{}: writing {} ({})",
-        plan.destination.display(),
-        dest.io_name(),
-        dest.io_reason
-    );
+    log::info!("{}: writing {} ({})", plan.destination.display(), dest.io_name(), dest.io_reason);
 
     progress.set_total(virtual_size);
+    progress.advance(start, start);
     let config = pipeline::Config {
         workers: sizing.workers,
         chunk: sizing.chunk,
         serial_reads: tap.is_some(),
-        output_digest: plan.output_digest.then_some(Algorithm::Sha256),
+        output_digest: digest_prefix,
     };
-    let outcome = pipeline::run(Scheduler::new(image, sizing.chunk), &dest, &config, progress, stop);
+    let scheduler = Scheduler::starting_at(image, sizing.chunk, start);
+    let outcome = match &checkpoints {
+        None => pipeline::run(scheduler, &dest, &config, progress, stop),
+        Some(checkpoints) => with_checkpoints(checkpoints, &dest, progress, start, || {
+            pipeline::run(scheduler, &dest, &config, progress, stop)
+        }),
+    };
     if let Err(err) = &outcome {
         if err.kind() == ErrorKind::Interrupted {
             // Leave what was written durable, so a rerun or resume starts from a known state.
@@ -191,11 +220,20 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
             if hashed.gap_bytes > 0 {
                 log::debug!("read {} extra to checksum the source", human(hashed.gap_bytes));
             }
-            expected.verify(&hashed.digest, &plan.source.to_string())?;
+            if let Err(mismatch) = expected.verify(&hashed.digest, &plan.source.to_string()) {
+                // What was written came from the wrong bytes: nothing to resume from.
+                if let Some(checkpoints) = &checkpoints {
+                    checkpoints.clear()?;
+                }
+                return Err(mismatch);
+            }
             Some(expected.to_string())
         }
         _ => None,
     };
+    if let Some(checkpoints) = &checkpoints {
+        checkpoints.clear()?;
+    }
     let stats = &dest.stats;
     let result = Outcome {
         source: plan.source.clone(),
@@ -213,6 +251,75 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
         budget,
         sizing,
         governor,
+        resumed_at: start,
     };
     Ok(result)
+}
+
+/// Runs `pipeline` while a checkpointer records durable progress every [`CHECKPOINT_INTERVAL`]: sync the
+/// destination, then record the watermark read before the sync. When the pipeline fails, what it completed is
+/// recorded once more, so a rerun continues from there.
+fn with_checkpoints<T>(
+    checkpoints: &Checkpoints,
+    dest: &Destination,
+    progress: &Progress,
+    start: u64,
+    pipeline: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let checkpoint = |last: &mut u64| {
+        let watermark = progress.watermark();
+        if watermark > *last {
+            match dest.sync().and_then(|()| checkpoints.record(watermark)) {
+                Ok(()) => *last = watermark,
+                Err(e) => log::warn!("cannot record resume state: {e}"),
+            }
+        }
+    };
+    let (finished, until_finished) = mpsc::channel::<()>();
+    std::thread::scope(|scope| {
+        let recorder = scope.spawn(move || {
+            let mut last = start;
+            while let Err(RecvTimeoutError::Timeout) = until_finished.recv_timeout(CHECKPOINT_INTERVAL) {
+                checkpoint(&mut last);
+            }
+            last
+        });
+        let outcome = pipeline();
+        drop(finished);
+        let mut last = recorder.join().unwrap_or(start);
+        if outcome.is_err() {
+            checkpoint(&mut last);
+        }
+        outcome
+    })
+}
+
+/// How many bytes of the image a resumable destination holds: a file's length, or the image size for a device
+/// big enough to hold it.
+fn destination_holds(path: &Path, kind: DestKind, virtual_size: u64) -> Option<u64> {
+    let meta = std::fs::metadata(path).ok()?;
+    match kind {
+        DestKind::RegularFile => Some(meta.len()),
+        DestKind::BlockDevice => {
+            let device = std::fs::File::open(path).ok()?;
+            let capacity = crate::sys::file_or_device_size(&device).ok()?;
+            (capacity >= virtual_size).then_some(virtual_size)
+        }
+    }
+}
+
+/// SHA-256 state over the first `len` bytes of the destination, read back (without page cache) for a resumed
+/// import's digest.
+fn hash_prefix(destination: &Path, len: u64) -> Result<Hasher> {
+    let source = FileSource::open(destination)?;
+    let mut hasher = Hasher::new(Algorithm::Sha256);
+    let mut buffer = crate::buffer::AlignedBuf::new(4 << 20);
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(buffer.capacity() as u64) as usize;
+        crate::source::read_exact_at(&source, at, &mut buffer[..n], "resumed destination")?;
+        hasher.update(&buffer[..n]);
+        at += n as u64;
+    }
+    Ok(hasher)
 }

@@ -19,6 +19,7 @@ pub mod lab;
 pub mod logging;
 pub mod pipeline;
 pub mod progress;
+pub mod resume;
 pub mod sink;
 pub mod size;
 pub mod source;

@@ -96,10 +96,8 @@ impl Progress {
     /// Waits up to `timeout` for the import to finish; returns whether it has.
     fn wait_finished(&self, timeout: Duration) -> bool {
         let finished = self.finished.lock().unwrap_or_else(|p| p.into_inner());
-        let (finished, _) = self
-            .wake
-            .wait_timeout_while(finished, timeout, |done| !*done)
-            .unwrap_or_else(|p| p.into_inner());
+        let (finished, _) =
+            self.wake.wait_timeout_while(finished, timeout, |done| !*done).unwrap_or_else(|p| p.into_inner());
         *finished
     }
 

@@ -5,15 +5,9 @@ use crate::error::{Error, Result};
 
 /// Parses a Kubernetes-style quantity into bytes, rounding a fractional result up to a whole byte.
 pub fn parse_quantity(text: &str) -> Result<u64> {
-    let bad = || {
-        Error::usage(format!(
-            "invalid size {text:?}: expected bytes or a quantity such as 600M, 600Mi, 1Gi"
-        ))
-    };
+    let bad = || Error::usage(format!("invalid size {text:?}: expected bytes or a quantity such as 600M, 600Mi, 1Gi"));
     let text = text.trim();
-    let split = text
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(text.len());
     let (number, suffix) = text.split_at(split);
     if number.is_empty() || number.matches('.').count() > 1 || number == "." {
         return Err(bad());
@@ -101,17 +95,7 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for text in [
-            "",
-            "M",
-            "12MB",
-            "1.2.3",
-            "-5",
-            "1Zi",
-            "99999999999999999999Ei",
-            ".",
-            "1e99",
-        ] {
+        for text in ["", "M", "12MB", "1.2.3", "-5", "1Zi", "99999999999999999999Ei", ".", "1e99"] {
             let err = parse_quantity(text).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{text}");
         }

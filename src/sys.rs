@@ -73,11 +73,7 @@ pub fn block_geometry(file: &File) -> io::Result<BlockGeometry> {
         ioctls::blkpbszget(fd, &mut physical).map_err(nix_err)?;
         ioctls::blkioopt(fd, &mut optimal).map_err(nix_err)?;
     }
-    Ok(BlockGeometry {
-        logical: logical as u64,
-        physical: physical as u64,
-        optimal_io: optimal as u64,
-    })
+    Ok(BlockGeometry { logical: logical as u64, physical: physical as u64, optimal_io: optimal as u64 })
 }
 
 /// Direct-I/O alignment of an open file from statx(STATX_DIOALIGN) (Linux 6.1+): `(memory, offset)` alignment,
@@ -85,15 +81,7 @@ pub fn block_geometry(file: &File) -> io::Result<BlockGeometry> {
 pub fn statx_dio_alignment(file: &File) -> io::Result<Option<(u64, u64)>> {
     // SAFETY: statx fills the zero-initialised struct; the empty path with AT_EMPTY_PATH names the fd itself.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    cvt(unsafe {
-        libc::statx(
-            file.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_DIOALIGN,
-            &mut stx,
-        )
-    })?;
+    cvt(unsafe { libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx) })?;
     if stx.stx_mask & libc::STATX_DIOALIGN == 0 {
         return Ok(None);
     }
@@ -171,9 +159,7 @@ pub fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::R
 pub fn blkzeroout(file: &File, offset: u64, len: u64) -> io::Result<()> {
     let range = [offset, len];
     // SAFETY: BLKZEROOUT reads a u64[2] through the pointer.
-    unsafe { ioctls::blkzeroout(file.as_raw_fd(), &range) }
-        .map(drop)
-        .map_err(nix_err)
+    unsafe { ioctls::blkzeroout(file.as_raw_fd(), &range) }.map(drop).map_err(nix_err)
 }
 
 /// The first data byte at or after `offset` and the end of that data run (lseek SEEK_DATA / SEEK_HOLE), or
@@ -245,11 +231,7 @@ pub fn cachestat(file: &File) -> io::Result<Option<FileCache>> {
         };
     }
     let page = page_size();
-    Ok(Some(FileCache {
-        cached: raw.nr_cache * page,
-        dirty: raw.nr_dirty * page,
-        writeback: raw.nr_writeback * page,
-    }))
+    Ok(Some(FileCache { cached: raw.nr_cache * page, dirty: raw.nr_dirty * page, writeback: raw.nr_writeback * page }))
 }
 
 /// The system page size.

@@ -43,21 +43,9 @@ fn backing_chains_stay_in_the_image_directory_unless_allowed_outside() {
     let cases = [
         ("inside.qcow2", "base.raw".to_string(), None),
         ("inside-sub.qcow2", "sub/../sub/deep.raw".to_string(), None),
-        (
-            "dotdot.qcow2",
-            "../outside/base.raw".to_string(),
-            Some("the image's directory"),
-        ),
-        (
-            "symlink.qcow2",
-            "link.raw".to_string(),
-            Some("outside the image's directory"),
-        ),
-        (
-            "absolute.qcow2",
-            outside_abs.display().to_string(),
-            Some("absolute path"),
-        ),
+        ("dotdot.qcow2", "../outside/base.raw".to_string(), Some("the image's directory")),
+        ("symlink.qcow2", "link.raw".to_string(), Some("outside the image's directory")),
+        ("absolute.qcow2", outside_abs.display().to_string(), Some("absolute path")),
     ];
     for (name, backing, refusal) in cases {
         let image = images.join(name);
@@ -87,10 +75,5 @@ fn backing_chains_stay_in_the_image_directory_unless_allowed_outside() {
 #[test]
 fn allow_backing_outside_needs_allow_backing() {
     let output = run_any(boundimport().args(["--allow-backing-outside", "a.qcow2", "b.raw"]));
-    assert_eq!(
-        output.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_eq!(output.status.code(), Some(2), "{}", String::from_utf8_lossy(&output.stderr));
 }

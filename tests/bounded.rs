@@ -39,10 +39,7 @@ fn test_image() -> &'static TestImage {
         let path = dir.join("bounded-incompressible-2g.qcow2");
         let sidecar = dir.join("bounded-incompressible-2g.qcow2.sha256");
         if let (true, Ok(digest)) = (path.exists(), std::fs::read_to_string(&sidecar)) {
-            return TestImage {
-                path,
-                digest: digest.trim().to_string(),
-            };
+            return TestImage { path, digest: digest.trim().to_string() };
         }
         let raw = dir.join("bounded-incompressible-2g.raw");
         {
@@ -60,10 +57,7 @@ fn test_image() -> &'static TestImage {
             let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
             std::fs::write(&sidecar, &digest).unwrap();
         }
-        run(Command::new(qemu_img())
-            .args(["convert", "-f", "raw", "-O", "qcow2"])
-            .arg(&raw)
-            .arg(&path));
+        run(Command::new(qemu_img()).args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&path));
         std::fs::remove_file(&raw).unwrap();
         let digest = std::fs::read_to_string(&sidecar).unwrap();
         TestImage { path, digest }
@@ -83,18 +77,11 @@ fn run_in_cgroup(name: &str, limit: u64, command: &mut Command) -> Measured {
     let cgroup = ChildCgroup::create(&format!("{name}-{}", std::process::id()), limit).unwrap();
     drop_caches().unwrap();
     let started = Instant::now();
-    let child = cgroup
-        .spawn(command.stdout(Stdio::piped()).stderr(Stdio::piped()))
-        .unwrap();
+    let child = cgroup.spawn(command.stdout(Stdio::piped()).stderr(Stdio::piped())).unwrap();
     let output = child.wait_with_output().unwrap();
     let wall = started.elapsed();
     let reader = cgroup.reader();
-    let measured = Measured {
-        output,
-        peak: reader.peak().unwrap().unwrap(),
-        events: reader.events().unwrap(),
-        wall,
-    };
+    let measured = Measured { output, peak: reader.peak().unwrap().unwrap(), events: reader.events().unwrap(), wall };
     eprintln!(
         "{name}: exit {:?}, peak {} MiB, limit hits {}, oom kills {}, {:.1}s",
         measured.output.status.code(),
@@ -120,11 +107,7 @@ impl SlowDevice {
         File::create(&backing).unwrap().set_len(IMAGE_SIZE + 256 * MIB).unwrap();
         let device = LoopDevice::attach(&backing, true).unwrap();
         let throttle = WriteThrottle::set(device.path(), WRITE_BPS, None).unwrap();
-        SlowDevice {
-            _throttle: throttle,
-            device,
-            _dir: dir,
-        }
+        SlowDevice { _throttle: throttle, device, _dir: dir }
     }
 
     fn path(&self) -> &Path {
@@ -137,19 +120,11 @@ impl SlowDevice {
 fn bounded_import(name: &str, limit: u64, args: &[&str], dest: &Path) -> Measured {
     let image = test_image();
     let mut command = boundimport();
-    command
-        .args(["--progress", "log", "--json"])
-        .args(args)
-        .arg(&image.path)
-        .arg(dest);
+    command.args(["--progress", "log", "--json"]).args(args).arg(&image.path).arg(dest);
     let measured = run_in_cgroup(name, limit, &mut command);
     let stderr = String::from_utf8_lossy(&measured.output.stderr);
     assert!(measured.output.status.success(), "{name}: boundimport failed: {stderr}");
-    assert_eq!(
-        sha256_prefix(dest, IMAGE_SIZE),
-        image.digest,
-        "{name}: destination contents"
-    );
+    assert_eq!(sha256_prefix(dest, IMAGE_SIZE), image.digest, "{name}: destination contents");
     assert_eq!(measured.events.limit_hits, 0, "{name}: the cgroup hit its limit");
     assert_eq!(measured.events.oom_kills, 0, "{name}: OOM kill");
     measured
@@ -161,12 +136,7 @@ fn governor_maximum(timeline: &Path) -> (u64, u64, usize) {
     let text = std::fs::read_to_string(timeline).unwrap();
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().expect("timeline header").split(',').collect();
-    let column = |name: &str| {
-        header
-            .iter()
-            .position(|&h| h == name)
-            .unwrap_or_else(|| panic!("no {name} column"))
-    };
+    let column = |name: &str| header.iter().position(|&h| h == name).unwrap_or_else(|| panic!("no {name} column"));
     let (dirty, writeback, target_column) = (column("dirty"), column("writeback"), column("target"));
     let mut max = 0;
     let mut target = 0;
@@ -203,11 +173,7 @@ fn writebehind_import_onto_throttled_device_holds_its_target() {
     let measured = bounded_import("bounded-wb-device", POD_LIMIT, &args, device.path());
     assert!(measured.peak <= 64 * MIB, "peak {} MiB", measured.peak / MIB);
     let (max, target, rows) = governor_maximum(&log);
-    eprintln!(
-        "governor: {rows} readings, max dirty+writeback {} MiB, target {} MiB",
-        max / MIB,
-        target / MIB
-    );
+    eprintln!("governor: {rows} readings, max dirty+writeback {} MiB, target {} MiB", max / MIB, target / MIB);
     assert!(rows > 100, "only {rows} governor readings");
     assert!(max <= target, "dirty+writeback reached {max} > target {target}");
 }
@@ -225,11 +191,7 @@ fn writebehind_import_into_a_file_on_throttled_ext4_holds_its_target() {
     let measured = bounded_import("bounded-wb-file", POD_LIMIT, &args, &dest);
     assert!(measured.peak <= 64 * MIB, "peak {} MiB", measured.peak / MIB);
     let (max, target, _) = governor_maximum(&log);
-    eprintln!(
-        "governor: max dirty+writeback {} MiB, target {} MiB",
-        max / MIB,
-        target / MIB
-    );
+    eprintln!("governor: max dirty+writeback {} MiB, target {} MiB", max / MIB, target / MIB);
     assert!(max <= target, "dirty+writeback reached {max} > target {target}");
 }
 
@@ -253,10 +215,7 @@ fn qemu_img_writeback_fills_the_same_cgroup() {
     let device = SlowDevice::new("bounded-qemu-img");
     let image = test_image();
     let mut command = Command::new(qemu_img());
-    command
-        .args(["convert", "-t", "writeback", "-O", "raw"])
-        .arg(&image.path)
-        .arg(device.path());
+    command.args(["convert", "-t", "writeback", "-O", "raw"]).arg(&image.path).arg(device.path());
     let measured = run_in_cgroup("bounded-qemu-img", POD_LIMIT, &mut command);
     assert!(
         measured.peak >= POD_LIMIT / 100 * 95,

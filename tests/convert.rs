@@ -25,27 +25,9 @@ struct Variant {
 }
 
 const VARIANTS: &[Variant] = &[
-    Variant {
-        name: "raw-odd-size",
-        size: 20 * MIB + 12345,
-        options: None,
-        flags: &[],
-        edits: &[],
-    },
-    Variant {
-        name: "v3-64k",
-        size: 40 * MIB,
-        options: Some(""),
-        flags: &[],
-        edits: &[],
-    },
-    Variant {
-        name: "cluster-512",
-        size: 9 * MIB,
-        options: Some("cluster_size=512"),
-        flags: &[],
-        edits: &[],
-    },
+    Variant { name: "raw-odd-size", size: 20 * MIB + 12345, options: None, flags: &[], edits: &[] },
+    Variant { name: "v3-64k", size: 40 * MIB, options: Some(""), flags: &[], edits: &[] },
+    Variant { name: "cluster-512", size: 9 * MIB, options: Some("cluster_size=512"), flags: &[], edits: &[] },
     Variant {
         name: "cluster-2m",
         size: 40 * MIB,
@@ -65,12 +47,7 @@ const VARIANTS: &[Variant] = &[
         size: 48 * MIB,
         options: Some(""),
         flags: &[],
-        edits: &[
-            "write -z 0 128k",
-            "write -z -u 4M 12M",
-            "write -z 20M 100k",
-            "write -z 40M 8M",
-        ],
+        edits: &["write -z 0 128k", "write -z -u 4M 12M", "write -z 20M 100k", "write -z 40M 8M"],
     },
     Variant {
         name: "lazy-refcounts",
@@ -84,12 +61,7 @@ const VARIANTS: &[Variant] = &[
         size: 24 * MIB,
         options: Some("extended_l2=on,cluster_size=64k"),
         flags: &[],
-        edits: &[
-            "write -P 0x11 6M 512",
-            "write -z 6272k 4k",
-            "write -z -u 4M 64k",
-            "discard 5M 128k",
-        ],
+        edits: &["write -P 0x11 6M 512", "write -z 6272k 4k", "write -z -u 4M 64k", "discard 5M 128k"],
     },
     Variant {
         name: "extended-l2-2m",
@@ -150,13 +122,7 @@ fn build(bench: &Workbench, variant: &Variant) -> PathBuf {
 
 /// Runs `boundimport --json ARGS` and returns its output.
 fn import(args: &[&str], source: &Path, dest: &Path) -> Output {
-    run_any(
-        boundimport()
-            .args(["--progress", "none", "--json"])
-            .args(args)
-            .arg(source)
-            .arg(dest),
-    )
+    run_any(boundimport().args(["--progress", "none", "--json"]).args(args).arg(source).arg(dest))
 }
 
 /// The `sha256` field of a successful import's JSON summary, after checking the run succeeded.
@@ -165,10 +131,7 @@ fn reported_digest(output: &Output, what: &str) -> String {
     assert!(output.status.success(), "{what}: boundimport failed: {stderr}");
     let summary: serde_json::Value =
         serde_json::from_slice(&output.stdout).unwrap_or_else(|e| panic!("{what}: bad JSON summary ({e}): {stderr}"));
-    summary["sha256"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{what}: no sha256 in {summary}"))
-        .to_string()
+    summary["sha256"].as_str().unwrap_or_else(|| panic!("{what}: no sha256 in {summary}")).to_string()
 }
 
 /// A file of `len` bytes filled with 0xAA, so anything the import fails to write or zero shows up.
@@ -193,20 +156,10 @@ fn every_variant_imports_into_a_file_identically() {
         // A stale, larger destination must be truncated, not patched.
         garbage_file(&dest, size + 3 * MIB);
         let output = import(&[], &image, &dest);
-        assert_eq!(
-            reported_digest(&output, variant.name),
-            want,
-            "{}: reported digest",
-            variant.name
-        );
+        assert_eq!(reported_digest(&output, variant.name), want, "{}: reported digest", variant.name);
         let meta = std::fs::metadata(&dest).unwrap();
         assert_eq!(meta.len(), size, "{}: destination size", variant.name);
-        assert_eq!(
-            sha256_prefix(&dest, size),
-            want,
-            "{}: destination contents",
-            variant.name
-        );
+        assert_eq!(sha256_prefix(&dest, size), want, "{}: destination contents", variant.name);
         std::fs::remove_file(&dest).unwrap();
     }
 }
@@ -227,28 +180,11 @@ fn every_variant_imports_onto_a_block_device_identically() {
         garbage_file(&backing, device_size);
         let device = boundimport::lab::fixtures::LoopDevice::attach(&backing, true).unwrap();
         let output = import(&[], &image, device.path());
-        assert_eq!(
-            reported_digest(&output, variant.name),
-            want,
-            "{}: reported digest",
-            variant.name
-        );
-        assert_eq!(
-            sha256_prefix(device.path(), size),
-            want,
-            "{}: device contents",
-            variant.name
-        );
+        assert_eq!(reported_digest(&output, variant.name), want, "{}: reported digest", variant.name);
+        assert_eq!(sha256_prefix(device.path(), size), want, "{}: device contents", variant.name);
         let mut tail = vec![0u8; (device_size - size) as usize];
-        File::open(device.path())
-            .unwrap()
-            .read_exact_at(&mut tail, size)
-            .unwrap();
-        assert!(
-            tail.iter().all(|&b| b == 0xAA),
-            "{}: bytes past the image were changed",
-            variant.name
-        );
+        File::open(device.path()).unwrap().read_exact_at(&mut tail, size).unwrap();
+        assert!(tail.iter().all(|&b| b == 0xAA), "{}: bytes past the image were changed", variant.name);
         drop(device);
         std::fs::remove_file(&backing).unwrap();
     }
@@ -269,16 +205,10 @@ fn mostly_zero_image_stays_sparse_and_zeroes_a_device() {
     assert_eq!(reported_digest(&output, "file"), want);
     assert_eq!(sha256_prefix(&dest, size), want);
     let allocated = std::fs::metadata(&dest).unwrap().blocks() * 512;
-    assert!(
-        allocated <= 8 * MIB,
-        "destination not sparse: {allocated} bytes allocated"
-    );
+    assert!(allocated <= 8 * MIB, "destination not sparse: {allocated} bytes allocated");
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert!(summary["bytes_written"].as_u64().unwrap() <= 6 * MIB, "{summary}");
-    assert!(
-        summary["zero_bytes_skipped"].as_u64().unwrap() >= size - 6 * MIB,
-        "{summary}"
-    );
+    assert!(summary["zero_bytes_skipped"].as_u64().unwrap() >= size - 6 * MIB, "{summary}");
 
     if !require_privileged("mostly_zero_image_stays_sparse_and_zeroes_a_device") {
         return;
@@ -299,29 +229,9 @@ fn mostly_zero_image_stays_sparse_and_zeroes_a_device() {
 fn backing_chain_is_refused_unless_allowed() {
     let bench = Workbench::new("convert-backing");
     bench.raw_mix("base.raw", 6 * MIB, 9);
-    bench.qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        "mid.qcow2",
-        "8M",
-    ]);
+    bench.qemu_img(&["create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "mid.qcow2", "8M"]);
     bench.qemu_io("mid.qcow2", &["write -P 0x61 1M 64k"]);
-    bench.qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        "top.qcow2",
-        "8M",
-    ]);
+    bench.qemu_img(&["create", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2", "8M"]);
     bench.qemu_io("top.qcow2", &["write -z 2M 1M", "write -P 0x62 7M 4k"]);
     let image = bench.path("top.qcow2");
     let dest = bench.path("top.out.raw");
@@ -329,10 +239,7 @@ fn backing_chain_is_refused_unless_allowed() {
     let refused = import(&[], &image, &dest);
     assert_eq!(refused.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert!(
-        stderr.contains("\"mid.qcow2\"") && stderr.contains("--allow-backing"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("\"mid.qcow2\"") && stderr.contains("--allow-backing"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "not one line: {stderr}");
     assert!(!dest.exists(), "destination created for a refused image");
 
@@ -354,15 +261,9 @@ fn destination_too_small_is_refused_before_writing() {
     let output = import(&[], &image, device.path());
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("device holds 8388608 bytes") && stderr.contains("needs 9437184 bytes"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("device holds 8388608 bytes") && stderr.contains("needs 9437184 bytes"), "{stderr}");
     let mut contents = vec![0u8; 8 * MIB as usize];
-    File::open(device.path())
-        .unwrap()
-        .read_exact_at(&mut contents, 0)
-        .unwrap();
+    File::open(device.path()).unwrap().read_exact_at(&mut contents, 0).unwrap();
     assert!(contents.iter().all(|&b| b == 0xAA), "the device was written to");
 }
 
@@ -377,27 +278,16 @@ fn source_checksum_is_verified() {
     let (want, _) = qemu_reference(&image, bench.dir.path());
     assert_eq!(reported_digest(&good, "good checksum"), want);
     let summary: serde_json::Value = serde_json::from_slice(&good.stdout).unwrap();
-    assert_eq!(
-        summary["source_checksum"].as_str(),
-        Some(format!("sha256:{source_digest}").as_str())
-    );
+    assert_eq!(summary["source_checksum"].as_str(), Some(format!("sha256:{source_digest}").as_str()));
 
     let wrong = format!("sha256:{}", "0".repeat(64));
     let bad = import(&["--checksum", &wrong], &image, &dest);
     assert_eq!(bad.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&bad.stderr);
-    assert!(
-        stderr.contains("checksum mismatch") && stderr.contains(&source_digest),
-        "{stderr}"
-    );
+    assert!(stderr.contains("checksum mismatch") && stderr.contains(&source_digest), "{stderr}");
 
     let usage = import(&["--checksum", "sha256:xyz"], &image, &dest);
-    assert_eq!(
-        usage.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&usage.stderr)
-    );
+    assert_eq!(usage.status.code(), Some(2), "{}", String::from_utf8_lossy(&usage.stderr));
 }
 
 #[test]
@@ -411,23 +301,12 @@ fn usage_errors_exit_2_and_bad_images_exit_1() {
     let missing = import(&[], &bench.path("missing.qcow2"), &dest);
     assert_eq!(missing.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&missing.stderr);
-    assert!(
-        stderr.contains("missing.qcow2") && stderr.trim().lines().count() == 1,
-        "{stderr}"
-    );
+    assert!(stderr.contains("missing.qcow2") && stderr.trim().lines().count() == 1, "{stderr}");
 
     let truncated = bench.qcow2_mix("t.qcow2", 4 * MIB, "", &[]);
-    File::options()
-        .write(true)
-        .open(&truncated)
-        .unwrap()
-        .set_len(100)
-        .unwrap();
+    File::options().write(true).open(&truncated).unwrap().set_len(100).unwrap();
     let output = import(&[], &truncated, &dest);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("t.qcow2") && stderr.trim().lines().count() == 1,
-        "{stderr}"
-    );
+    assert!(stderr.contains("t.qcow2") && stderr.trim().lines().count() == 1, "{stderr}");
 }

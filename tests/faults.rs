@@ -22,18 +22,9 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// needle. Returns the offset.
 fn assert_fault(finished: &common::Finished, path: &Path, offsets: std::ops::Range<u64>, needles: &[&str]) -> u64 {
     let stderr = finished.stderr.trim();
-    assert_eq!(
-        finished.status.code(),
-        Some(1),
-        "status {:?}: {stderr}",
-        finished.status
-    );
+    assert_eq!(finished.status.code(), Some(1), "status {:?}: {stderr}", finished.status);
     assert_eq!(stderr.lines().count(), 1, "more than one line:\n{stderr}");
-    assert!(
-        stderr.contains(&path.display().to_string()),
-        "does not name {}: {stderr}",
-        path.display()
-    );
+    assert!(stderr.contains(&path.display().to_string()), "does not name {}: {stderr}", path.display());
     for needle in needles {
         assert!(stderr.contains(needle), "lacks {needle:?}: {stderr}");
     }
@@ -43,10 +34,7 @@ fn assert_fault(finished: &common::Finished, path: &Path, offsets: std::ops::Ran
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no offset: {stderr}"));
-    assert!(
-        offsets.contains(&offset),
-        "offset {offset} outside {offsets:?}: {stderr}"
-    );
+    assert!(offsets.contains(&offset), "offset {offset} outside {offsets:?}: {stderr}");
     offset
 }
 
@@ -77,11 +65,7 @@ fn enospc_on_a_small_filesystem() {
     let started = run.started;
     let finished = run.finish_within(LIMIT);
     let offset = assert_fault(&finished, &dest, 16 * MIB..96 * MIB, &["No space left on device"]);
-    eprintln!(
-        "ENOSPC at {offset} after {:?}: {}",
-        finished.ended - started,
-        finished.stderr.trim()
-    );
+    eprintln!("ENOSPC at {offset} after {:?}: {}", finished.ended - started, finished.stderr.trim());
     drop(fs);
 }
 
@@ -106,15 +90,8 @@ fn write_error_from_a_device_whose_backing_file_cannot_grow() {
     let finished = run.finish_within(LIMIT);
     let offset = assert_fault(&finished, disk.path(), 4 * MIB..64 * MIB, &["writing destination"]);
     let text = finished.stderr.trim();
-    assert!(
-        text.contains("No space left on device") || text.contains("Input/output error"),
-        "{text}"
-    );
-    eprintln!(
-        "device write error at {offset} after {:?}: {}",
-        finished.ended - started,
-        finished.stderr.trim()
-    );
+    assert!(text.contains("No space left on device") || text.contains("Input/output error"), "{text}");
+    eprintln!("device write error at {offset} after {:?}: {}", finished.ended - started, finished.stderr.trim());
     drop(disk);
     drop(fs);
 }
@@ -151,11 +128,7 @@ fn eio_reading_a_source_whose_filesystem_fails() {
     let failed = std::time::Instant::now();
     let finished = run.finish_within(LIMIT);
     let offset = assert_fault(&finished, &source, 0..48 * MIB, &["Input/output error"]);
-    eprintln!(
-        "read EIO {:?} after the shutdown, at {offset}: {}",
-        finished.ended - failed,
-        finished.stderr.trim()
-    );
+    eprintln!("read EIO {:?} after the shutdown, at {offset}: {}", finished.ended - failed, finished.stderr.trim());
 }
 
 /// A loop device of `size` bytes, written with direct I/O and throttled to `bps`.
@@ -187,16 +160,7 @@ fn source_truncated_mid_import() {
         write_raw(&raw, 48 * MIB, &[(0, 48 * MIB, Fill::Random(3))]);
         let source = if make {
             let qcow2 = bench.path("source.qcow2");
-            bench.qemu_img(&[
-                "convert",
-                "-q",
-                "-f",
-                "raw",
-                "-O",
-                "qcow2",
-                raw.to_str().unwrap(),
-                "source.qcow2",
-            ]);
+            bench.qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), "source.qcow2"]);
             qcow2
         } else {
             raw
@@ -204,12 +168,7 @@ fn source_truncated_mid_import() {
         let before = common::sectors_written(device.path());
         let mut run = Running::start(boundimport().arg("--quiet").arg(&source).arg(device.path()));
         wait_until_writing(&mut run, device.path(), before);
-        File::options()
-            .write(true)
-            .open(&source)
-            .unwrap()
-            .set_len(8 * MIB)
-            .unwrap();
+        File::options().write(true).open(&source).unwrap().set_len(8 * MIB).unwrap();
         let truncated = std::time::Instant::now();
         let finished = run.finish_within(LIMIT);
         let offset = assert_fault(&finished, &source, 0..48 * MIB + MIB, &[]);
@@ -218,10 +177,7 @@ fn source_truncated_mid_import() {
             text.contains("truncated") || text.contains("shrank") || text.contains("past the end of the file"),
             "{text}"
         );
-        eprintln!(
-            "{label}: stopped {:?} after the truncation, at {offset}: {text}",
-            finished.ended - truncated
-        );
+        eprintln!("{label}: stopped {:?} after the truncation, at {offset}: {text}", finished.ended - truncated);
     }
 }
 
@@ -243,11 +199,7 @@ fn destination_file_removed_mid_import() {
     let removed = std::time::Instant::now();
     let finished = run.finish_within(LIMIT);
     let offset = assert_fault(&finished, &dest, 0..48 * MIB, &["destination file was removed"]);
-    eprintln!(
-        "stopped {:?} after the unlink, at {offset}: {}",
-        finished.ended - removed,
-        finished.stderr.trim()
-    );
+    eprintln!("stopped {:?} after the unlink, at {offset}: {}", finished.ended - removed, finished.stderr.trim());
     drop(fs);
 }
 
@@ -274,11 +226,7 @@ fn destination_device_loses_its_storage_mid_import() {
     let removed = std::time::Instant::now();
     let finished = run.finish_within(LIMIT);
     let offset = assert_fault(&finished, disk.path(), 0..48 * MIB, &["Input/output error"]);
-    eprintln!(
-        "stopped {:?} after the storage went, at {offset}: {}",
-        finished.ended - removed,
-        finished.stderr.trim()
-    );
+    eprintln!("stopped {:?} after the storage went, at {offset}: {}", finished.ended - removed, finished.stderr.trim());
 }
 
 /// Whether the kernel has device-mapper (it is a module some kernels lack).
@@ -299,11 +247,7 @@ fn destination_device_removed_mid_import() {
     }
     let bench = Workbench::new("fault-removed");
     let (device, _throttle) = throttled_device(&bench, "disk.img", 64 * MIB, 8 << 20);
-    let dm = DmDevice::create(
-        &dm_name("gone"),
-        &format!("0 131072 linear {} 0", device.path().display()),
-    )
-    .unwrap();
+    let dm = DmDevice::create(&dm_name("gone"), &format!("0 131072 linear {} 0", device.path().display())).unwrap();
     let source = bench.path("data.raw");
     write_raw(&source, 48 * MIB, &[(0, 48 * MIB, Fill::Random(5))]);
     let before = common::sectors_written(device.path());
@@ -313,9 +257,5 @@ fn destination_device_removed_mid_import() {
     let removed = std::time::Instant::now();
     let finished = run.finish_within(LIMIT);
     let offset = assert_fault(&finished, dm.path(), 0..48 * MIB, &["Input/output error"]);
-    eprintln!(
-        "stopped {:?} after the removal, at {offset}: {}",
-        finished.ended - removed,
-        finished.stderr.trim()
-    );
+    eprintln!("stopped {:?} after the removal, at {offset}: {}", finished.ended - removed, finished.stderr.trim());
 }

@@ -97,13 +97,7 @@ fn vmdk_odd_size_sparse_and_stream() {
     // A capacity that is not a multiple of the grain: the last grain of a compressed image is short.
     for subformat in ["monolithicSparse", "streamOptimized"] {
         let dir = scratch_dir(&format!("vmdk-odd-{subformat}"));
-        let image = make(
-            dir.path(),
-            7 * MIB + 4096 + 512,
-            "vmdk",
-            &format!("subformat={subformat}"),
-            "odd.vmdk",
-        );
+        let image = make(dir.path(), 7 * MIB + 4096 + 512, "vmdk", &format!("subformat={subformat}"), "odd.vmdk");
         assert_same_as_qemu(&image, "vmdk", "vmdk");
     }
 }
@@ -113,11 +107,7 @@ fn vmdk_odd_size_sparse_and_stream() {
 fn move_header_to_footer(image: &Path) {
     let header = read_at(image, 0, 512);
     let len = std::fs::metadata(image).unwrap().len();
-    assert_eq!(
-        read_at(image, len - 512, 512),
-        vec![0u8; 512],
-        "qemu ends with an EOS marker"
-    );
+    assert_eq!(read_at(image, len - 512, 512), vec![0u8; 512], "qemu ends with an EOS marker");
     let mut tail = vec![0u8; 1536];
     tail[12..16].copy_from_slice(&3u32.to_le_bytes());
     tail[512..1024].copy_from_slice(&header);
@@ -138,29 +128,16 @@ fn vmdk_stream_optimized_without_eos_marker() {
     let dir = scratch_dir("vmdk-no-eos");
     let image = make(dir.path(), SIZE, "vmdk", "subformat=streamOptimized", "disk.vmdk");
     let len = std::fs::metadata(&image).unwrap().len();
-    OpenOptions::new()
-        .write(true)
-        .open(&image)
-        .unwrap()
-        .set_len(len - 512)
-        .unwrap();
+    OpenOptions::new().write(true).open(&image).unwrap().set_len(len - 512).unwrap();
     assert_same_as_qemu(&image, "vmdk", "vmdk");
 }
 
 #[test]
 fn vmdk_zero_grains() {
     let dir = scratch_dir("vmdk-zero-grain");
-    let image = make(
-        dir.path(),
-        SIZE,
-        "vmdk",
-        "subformat=monolithicSparse,zeroed_grain=on",
-        "disk.vmdk",
-    );
+    let image = make(dir.path(), SIZE, "vmdk", "subformat=monolithicSparse,zeroed_grain=on", "disk.vmdk");
     // Zero whole grains over random data: qemu writes GT entry 1 for them.
-    run(Command::new(qemu_io())
-        .args(["-f", "vmdk", "-c", "write -z 0 512k", "-c", "write -z 8M 128k"])
-        .arg(&image));
+    run(Command::new(qemu_io()).args(["-f", "vmdk", "-c", "write -z 0 512k", "-c", "write -z 8M 128k"]).arg(&image));
     assert_same_as_qemu(&image, "vmdk", "vmdk");
     let gd = u64::from_le_bytes(read_at(&image, 56, 8).try_into().unwrap());
     let gt = u32::from_le_bytes(read_at(&image, gd * 512, 4).try_into().unwrap()) as u64;
@@ -173,12 +150,7 @@ fn vmdk_zero_grains() {
 fn mixed_descriptor(d: &Path, part_size: u64) -> PathBuf {
     write_raw(&d.join("data.bin"), 3 * MIB, &[(0, 3 * MIB, Fill::Random(11))]);
     write_raw(&d.join("part.raw"), part_size, &[(0, MIB + 4096, Fill::Random(12))]);
-    qemu_convert_from_raw(
-        &d.join("part.raw"),
-        "vmdk",
-        "subformat=monolithicSparse",
-        &d.join("part.vmdk"),
-    );
+    qemu_convert_from_raw(&d.join("part.raw"), "vmdk", "subformat=monolithicSparse", &d.join("part.vmdk"));
     write_raw(&d.join("tail.bin"), MIB, &[(0, MIB, Fill::MostlyZero(13))]);
     // qemu's parser needs the "# Extent description" comment before the first extent line: without it, it
     // reads the first line twice.
@@ -364,12 +336,7 @@ fn vhdx_dynamic_small_blocks() {
 
 #[test]
 fn vhdx_dynamic_without_zero_state() {
-    differential(
-        "vhdx",
-        "subformat=dynamic,block_size=8M,block_state_zero=off",
-        "disk.vhdx",
-        "vhdx",
-    );
+    differential("vhdx", "subformat=dynamic,block_size=8M,block_state_zero=off", "disk.vhdx", "vhdx");
 }
 
 /// File offset of the BAT of a vhdx, from its first region table.
@@ -413,11 +380,7 @@ fn crc32c(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82f6_3b78
-            } else {
-                crc >> 1
-            };
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
         }
     }
     !crc
@@ -520,10 +483,7 @@ fn vdi_parent_is_refused() {
 fn recognised_but_unsupported_formats_name_their_magic() {
     let dir = scratch_dir("detect");
     let d = dir.path();
-    run(Command::new(qemu_img())
-        .args(["create", "-f", "qed"])
-        .arg(d.join("disk.qed"))
-        .arg("1M"));
+    run(Command::new(qemu_img()).args(["create", "-f", "qed"]).arg(d.join("disk.qed")).arg("1M"));
     let err = open_error(&d.join("disk.qed"));
     assert_eq!(err.kind(), ErrorKind::Unsupported);
     assert!(err.to_string().contains("QED"), "{err}");
@@ -572,11 +532,7 @@ fn mutated_images_never_panic() {
     let d = dir.path();
     let raw = d.join("input.raw");
     let size = 3 * MIB + 65536 + 512;
-    write_raw(
-        &raw,
-        size,
-        &[(0, MIB, Fill::Random(21)), (2 * MIB, MIB, Fill::MostlyZero(22))],
-    );
+    write_raw(&raw, size, &[(0, MIB, Fill::Random(21)), (2 * MIB, MIB, Fill::MostlyZero(22))]);
     let variants = [
         ("vmdk", "subformat=monolithicSparse,zeroed_grain=on"),
         ("vmdk", "subformat=streamOptimized"),
@@ -591,14 +547,7 @@ fn mutated_images_never_panic() {
         qemu_convert_from_raw(&raw, format, options, &image);
         let original = std::fs::read(&image).unwrap();
         let len = original.len();
-        let mut hot = vec![
-            (0, 96),
-            (0x140, 0x90),
-            (0, 2048),
-            (len - 2048, 2048),
-            (64 << 10, 8192),
-            (0, len),
-        ];
+        let mut hot = vec![(0, 96), (0x140, 0x90), (0, 2048), (len - 2048, 2048), (64 << 10, 8192), (0, len)];
         if *format == "vhdx" {
             hot.extend(vhdx_hot_ranges(&original));
         }
@@ -625,9 +574,6 @@ fn mutated_images_never_panic() {
         }
         // Some mutated images must still open as the format and some not (refused, or a fixed vhd whose footer
         // no longer checks out opening as raw), or the mutations are not reaching the parser.
-        assert!(
-            (1..300).contains(&opened),
-            "{format} {options}: {opened} of 300 mutated images opened"
-        );
+        assert!((1..300).contains(&opened), "{format} {options}: {opened} of 300 mutated images opened");
     }
 }

@@ -39,18 +39,11 @@ struct Run {
 /// Runs `boundimport ARGS SRC DEST` under the address-space cap, measuring wall time and peak RSS (wait4).
 fn run_capped(args: &[&str], source: &Path, dest: &Path) -> Run {
     let mut cmd = boundimport();
-    cmd.args(args)
-        .arg(source)
-        .arg(dest)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.args(args).arg(source).arg(dest).stdout(Stdio::null()).stderr(Stdio::piped());
     // SAFETY: setrlimit is async-signal-safe and touches no memory of the parent.
     unsafe {
         cmd.pre_exec(|| {
-            let limit = libc::rlimit {
-                rlim_cur: ADDRESS_SPACE_CAP,
-                rlim_max: ADDRESS_SPACE_CAP,
-            };
+            let limit = libc::rlimit { rlim_cur: ADDRESS_SPACE_CAP, rlim_max: ADDRESS_SPACE_CAP };
             if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -60,12 +53,7 @@ fn run_capped(args: &[&str], source: &Path, dest: &Path) -> Run {
     let started = Instant::now();
     let mut child = cmd.spawn().expect("starting boundimport");
     let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .expect("piped stderr")
-        .read_to_string(&mut stderr)
-        .expect("reading stderr");
+    child.stderr.take().expect("piped stderr").read_to_string(&mut stderr).expect("reading stderr");
     let mut status = 0;
     // SAFETY: an all-zero rusage is valid; wait4 fills it.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -74,13 +62,7 @@ fn run_capped(args: &[&str], source: &Path, dest: &Path) -> Run {
     let elapsed = started.elapsed();
     assert_eq!(pid, child.id() as i32, "wait4: {}", std::io::Error::last_os_error());
     let status = std::process::ExitStatus::from_raw(status);
-    Run {
-        code: status.code(),
-        signal: status.signal(),
-        stderr,
-        elapsed,
-        peak_rss: usage.ru_maxrss as u64 * KIB,
-    }
+    Run { code: status.code(), signal: status.signal(), stderr, elapsed, peak_rss: usage.ru_maxrss as u64 * KIB }
 }
 
 /// One malformed image and what the error must say.
@@ -134,10 +116,7 @@ fn write_be32(path: &Path, offset: u64, value: u32) {
 /// Little-endian u32 at `offset` of a file.
 fn read_le32(path: &Path, offset: u64) -> u32 {
     let mut b = [0u8; 4];
-    std::fs::File::open(path)
-        .unwrap()
-        .read_exact_at(&mut b, offset)
-        .unwrap();
+    std::fs::File::open(path).unwrap().read_exact_at(&mut b, offset).unwrap();
     u32::from_le_bytes(b)
 }
 
@@ -157,12 +136,7 @@ fn layout(path: &Path) -> Qcow2Layout {
     assert_ne!(l2, 0, "{}: first L1 entry unallocated", path.display());
     let first_entry = read_be64(path, l2);
     assert_ne!(first_entry, 0, "{}: first cluster unallocated", path.display());
-    Qcow2Layout {
-        l1,
-        l2,
-        first_entry_at: l2,
-        first_entry,
-    }
+    Qcow2Layout { l1, l2, first_entry_at: l2, first_entry }
 }
 
 /// The whole table of cases, built on `bench`.
@@ -278,9 +252,7 @@ fn cases(bench: &Workbench) -> Vec<(Case, PathBuf)> {
     );
     add(
         "l1-entry-reserved-bits",
-        damage("l1-entry-reserved-bits", &|p| {
-            write_be64(p, g.l1, read_be64(p, g.l1) | 1)
-        }),
+        damage("l1-entry-reserved-bits", &|p| write_be64(p, g.l1, read_be64(p, g.l1) | 1)),
         &[],
         &["L1 entry 0", "reserved bits 0x1"],
         g.l1,
@@ -361,21 +333,11 @@ fn cases(bench: &Workbench) -> Vec<(Case, PathBuf)> {
         (0, "cluster_bits 0 is below the minimum of 9"),
     ] {
         let name = format!("cluster-bits-{bits}");
-        add(
-            &name,
-            damage(&name, &|p| write_be32(p, 20, bits)),
-            &[],
-            &[needle],
-            20,
-            true,
-            SIZE,
-        );
+        add(&name, damage(&name, &|p| write_be32(p, 20, bits)), &[], &[needle], 20, true, SIZE);
     }
     add(
         "unknown-incompatible-feature-5",
-        damage("unknown-incompatible-feature-5", &|p| {
-            write_be64(p, 72, read_be64(p, 72) | 1 << 5)
-        }),
+        damage("unknown-incompatible-feature-5", &|p| write_be64(p, 72, read_be64(p, 72) | 1 << 5)),
         &[],
         &["unsupported incompatible feature", "bit 5"],
         72,
@@ -384,9 +346,7 @@ fn cases(bench: &Workbench) -> Vec<(Case, PathBuf)> {
     );
     add(
         "unknown-incompatible-feature-63",
-        damage("unknown-incompatible-feature-63", &|p| {
-            write_be64(p, 72, read_be64(p, 72) | 1 << 63)
-        }),
+        damage("unknown-incompatible-feature-63", &|p| write_be64(p, 72, read_be64(p, 72) | 1 << 63)),
         &[],
         &["unsupported incompatible feature", "bit 63"],
         72,
@@ -402,11 +362,7 @@ fn cases(bench: &Workbench) -> Vec<(Case, PathBuf)> {
     ] {
         let good = compressed_image(bench, codec, options);
         let c = layout(&good);
-        assert_ne!(
-            c.first_entry & 1 << 62,
-            0,
-            "first cluster of {codec} image is not compressed"
-        );
+        assert_ne!(c.first_entry & 1 << 62, 0, "first cluster of {codec} image is not compressed");
         // Compressed descriptor: bits 0..x-1 host offset, x..61 (additional sectors); x = 62 - (cluster_bits - 8).
         let offset_bits = 62 - (12 - 8);
         let host = c.first_entry & ((1 << offset_bits) - 1);
@@ -457,9 +413,7 @@ fn cases(bench: &Workbench) -> Vec<(Case, PathBuf)> {
         ("json", "json:{\"file.driver\":\"file\"}", "protocol prefix \"json\""),
     ] {
         let name = format!("backing-{label}.qcow2");
-        bench.qemu_img(&[
-            "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", &name, "4M",
-        ]);
+        bench.qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "raw", &name, "4M"]);
         let image = bench.path(&name);
         let name_at = read_be64(&image, 8);
         let quoted = format!("{backing:?}");
@@ -500,9 +454,7 @@ fn cases(bench: &Workbench) -> Vec<(Case, PathBuf)> {
     let vmdk = convert("vmdk", "", "good.vmdk");
     add(
         "vmdk-grain-size-zero",
-        damaged(bench, &vmdk, "vmdk-grain-size-zero.vmdk", |p| {
-            patch(p, 20, &0u64.to_le_bytes())
-        }),
+        damaged(bench, &vmdk, "vmdk-grain-size-zero.vmdk", |p| patch(p, 20, &0u64.to_le_bytes())),
         &[],
         &["vmdk grain of 0 sectors"],
         20,
@@ -511,9 +463,7 @@ fn cases(bench: &Workbench) -> Vec<(Case, PathBuf)> {
     );
     add(
         "vmdk-gd-past-eof",
-        damaged(bench, &vmdk, "vmdk-gd-past-eof.vmdk", |p| {
-            patch(p, 56, &(1u64 << 40).to_le_bytes())
-        }),
+        damaged(bench, &vmdk, "vmdk-gd-past-eof.vmdk", |p| patch(p, 56, &(1u64 << 40).to_le_bytes())),
         &[],
         &["vmdk grain directory", "lies outside the file"],
         56,
@@ -523,15 +473,9 @@ fn cases(bench: &Workbench) -> Vec<(Case, PathBuf)> {
     let gd = u64::from(read_le32(&vmdk, 56)) * 512;
     add(
         "vmdk-gt-past-eof",
-        damaged(bench, &vmdk, "vmdk-gt-past-eof.vmdk", |p| {
-            patch(p, gd, &0x7fff_fff0u32.to_le_bytes())
-        }),
+        damaged(bench, &vmdk, "vmdk-gt-past-eof.vmdk", |p| patch(p, gd, &0x7fff_fff0u32.to_le_bytes())),
         &[],
-        &[
-            "vmdk grain directory entry 0",
-            "grain table at sector 2147483632",
-            "past the end of the file",
-        ],
+        &["vmdk grain directory entry 0", "grain table at sector 2147483632", "past the end of the file"],
         gd,
         false,
         SIZE,
@@ -543,9 +487,7 @@ fn cases(bench: &Workbench) -> Vec<(Case, PathBuf)> {
     let dyn_at = read_be64(&vhd, 16);
     add(
         "vhd-block-size-not-power-of-two",
-        damaged(bench, &vhd, "vhd-block-size.vhd", |p| {
-            write_be32(p, dyn_at + 32, 3 << 20)
-        }),
+        damaged(bench, &vhd, "vhd-block-size.vhd", |p| write_be32(p, dyn_at + 32, 3 << 20)),
         &[],
         &["vhd block size 3145728 is not a power of two"],
         dyn_at + 32,
@@ -554,9 +496,7 @@ fn cases(bench: &Workbench) -> Vec<(Case, PathBuf)> {
     );
     add(
         "vhd-bat-past-eof",
-        damaged(bench, &vhd, "vhd-bat-past-eof.vhd", |p| {
-            write_be64(p, dyn_at + 16, 1 << 40)
-        }),
+        damaged(bench, &vhd, "vhd-bat-past-eof.vhd", |p| write_be64(p, dyn_at + 16, 1 << 40)),
         &[],
         &["vhd BAT", "ends past the end of the file"],
         dyn_at + 16,
@@ -570,7 +510,7 @@ fn cases(bench: &Workbench) -> Vec<(Case, PathBuf)> {
         "vhd-truncated-at-data",
         damaged(bench, &vhd, "vhd-truncated.vhd", |p| truncate(p, block0 * 512 + 512)),
         &[],
-        &["vhd block 0", "lies past the end of the file"],
+        &["vhd BAT entry 0: block at sector", "lies past the end of the file"],
         bat,
         false,
         vhd_size,
@@ -594,9 +534,7 @@ fn cases(bench: &Workbench) -> Vec<(Case, PathBuf)> {
     let vdi = convert("vdi", "", "good.vdi");
     add(
         "vdi-block-size",
-        damaged(bench, &vdi, "vdi-block-size.vdi", |p| {
-            patch(p, 0x178, &(2u32 << 20).to_le_bytes())
-        }),
+        damaged(bench, &vdi, "vdi-block-size.vdi", |p| patch(p, 0x178, &(2u32 << 20).to_le_bytes())),
         &[],
         &["vdi block size 2097152 is not 1048576"],
         0x178,
@@ -606,11 +544,9 @@ fn cases(bench: &Workbench) -> Vec<(Case, PathBuf)> {
     let bmap = u64::from(read_le32(&vdi, 0x154));
     add(
         "vdi-data-offset-past-eof",
-        damaged(bench, &vdi, "vdi-data-past-eof.vdi", |p| {
-            patch(p, 0x158, &0xffff_fe00u32.to_le_bytes())
-        }),
+        damaged(bench, &vdi, "vdi-data-past-eof.vdi", |p| patch(p, 0x158, &0xffff_fe00u32.to_le_bytes())),
         &[],
-        &["vdi block 0 at 0xfffffe00 lies past the end of the file"],
+        &["vdi block map entry 0: block at 0xfffffe00 lies past the end of the file"],
         bmap,
         false,
         SIZE,
@@ -620,7 +556,7 @@ fn cases(bench: &Workbench) -> Vec<(Case, PathBuf)> {
         "vdi-truncated-at-data",
         damaged(bench, &vdi, "vdi-truncated.vdi", |p| truncate(p, data_at)),
         &[],
-        &["vdi block 0", "lies past the end of the file"],
+        &["vdi block map entry 0: block at", "lies past the end of the file"],
         bmap,
         false,
         SIZE,
@@ -630,11 +566,7 @@ fn cases(bench: &Workbench) -> Vec<(Case, PathBuf)> {
 
 /// The virtual size qemu-img reports for `image`.
 fn virtual_size(image: &Path) -> u64 {
-    let output = common::run(
-        std::process::Command::new(common::qemu_img())
-            .args(["info", "--output=json"])
-            .arg(image),
-    );
+    let output = common::run(std::process::Command::new(common::qemu_img()).args(["info", "--output=json"]).arg(image));
     let info: serde_json::Value = serde_json::from_slice(&output.stdout).expect("qemu-img info JSON");
     info["virtual-size"].as_u64().expect("virtual-size")
 }
@@ -644,19 +576,7 @@ fn compressed_image(bench: &Workbench, codec: &str, options: &str) -> PathBuf {
     let raw = bench.path(&format!("{codec}.raw"));
     common::write_raw(&raw, SIZE, &[(0, 2 * MIB, Fill::Pattern)]);
     let name = format!("good-{codec}.qcow2");
-    bench.qemu_img(&[
-        "convert",
-        "-q",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        "-o",
-        options,
-        raw.to_str().unwrap(),
-        &name,
-    ]);
+    bench.qemu_img(&["convert", "-q", "-c", "-f", "raw", "-O", "qcow2", "-o", options, raw.to_str().unwrap(), &name]);
     bench.path(&name)
 }
 
@@ -678,10 +598,7 @@ fn malformed_images_fail_fast_with_one_line_naming_the_offset() {
             let lines: Vec<&str> = run.stderr.lines().collect();
             let errors: Vec<&&str> = lines.iter().filter(|l| l.contains("error:")).collect();
             if run.code != Some(1) {
-                bad(format!(
-                    "exit code {:?} (signal {:?}), stderr: {}",
-                    run.code, run.signal, run.stderr
-                ));
+                bad(format!("exit code {:?} (signal {:?}), stderr: {}", run.code, run.signal, run.stderr));
                 continue;
             }
             let line = match (quiet, lines.as_slice(), errors.as_slice()) {
@@ -726,12 +643,7 @@ fn malformed_images_fail_fast_with_one_line_naming_the_offset() {
         }
     }
     eprintln!("{table}");
-    assert!(
-        problems.is_empty(),
-        "{} problem(s):\n{}",
-        problems.len(),
-        problems.join("\n")
-    );
+    assert!(problems.is_empty(), "{} problem(s):\n{}", problems.len(), problems.join("\n"));
 }
 
 /// The cap itself leaves room for a real import: a valid image imports under it.

@@ -53,11 +53,8 @@ impl Seen {
 /// Reads `name` from the workbench with boundimport and with qemu-img, asserting they agree; returns the extent
 /// kinds seen.
 fn check(bench: &Workbench, name: &str) -> Seen {
-    let policy = BackingPolicy {
-        allow: true,
-        base_dir: Some(bench.dir.path().to_path_buf()),
-        ..BackingPolicy::default()
-    };
+    let policy =
+        BackingPolicy { allow: true, base_dir: Some(bench.dir.path().to_path_buf()), ..BackingPolicy::default() };
     compare_with_qemu(&bench.path(name), &policy, &bench.path(&format!("{name}.ref.raw")))
 }
 
@@ -96,10 +93,7 @@ fn read_checked(
 
 /// Reads the whole guest disk of `path` in windows and at odd ranges, comparing with qemu's raw conversion.
 fn compare_with_qemu(path: &Path, policy: &BackingPolicy, reference: &Path) -> Seen {
-    run(Command::new(qemu_img())
-        .args(["convert", "-O", "raw"])
-        .arg(path)
-        .arg(reference));
+    run(Command::new(qemu_img()).args(["convert", "-O", "raw"]).arg(path).arg(reference));
     let expected = std::fs::File::open(reference).expect("opening reference");
     let size = expected.metadata().unwrap().len();
     let mut image = open(path, policy).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
@@ -251,12 +245,7 @@ fn extended_l2_subclusters() {
     for cluster in ["64k", "2M"] {
         let lab = Workbench::new(&format!("ext-{cluster}"));
         // Converting the mix leaves holes at 4 KiB granularity: partly allocated clusters.
-        lab.qcow2_mix(
-            "e.qcow2",
-            8 * MIB,
-            &format!("extended_l2=on,cluster_size={cluster}"),
-            &[],
-        );
+        lab.qcow2_mix("e.qcow2", 8 * MIB, &format!("extended_l2=on,cluster_size={cluster}"), &[]);
         lab.write("e.qcow2", Fill::Random(21), MIB + 3 * KIB, 5 * KIB);
         lab.qemu_io(
             "e.qcow2",
@@ -283,17 +272,9 @@ fn compressed_zlib_and_zstd() {
     for kind in ["zlib", "zstd"] {
         for cluster in ["4k", "64k", "2M"] {
             let name = format!("{kind}-{cluster}.qcow2");
-            let path = lab.qcow2_mix(
-                &name,
-                9 * MIB,
-                &format!("compression_type={kind},cluster_size={cluster}"),
-                &["-c"],
-            );
-            assert_eq!(
-                incompatible_features(&path) & (1 << 3) != 0,
-                kind == "zstd",
-                "compression type bit of {name}"
-            );
+            let path =
+                lab.qcow2_mix(&name, 9 * MIB, &format!("compression_type={kind},cluster_size={cluster}"), &["-c"]);
+            assert_eq!(incompatible_features(&path) & (1 << 3) != 0, kind == "zstd", "compression type bit of {name}");
             let seen = check(&lab, &name);
             assert!(seen.compressed > 0, "{name}: {seen:?}");
         }
@@ -341,22 +322,9 @@ fn backing_chain_qcow2_on_raw() {
     let lab = Workbench::new("backing-raw");
     lab.raw_mix("base.raw", 4 * MIB, 41);
     // The overlay is larger than its backing file: the excess reads as zeros.
-    lab.qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        "top.qcow2",
-        "6M",
-    ]);
+    lab.qemu_img(&["create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "top.qcow2", "6M"]);
     lab.write("top.qcow2", Fill::Random(42), 100 * KIB, 8 * KIB);
-    lab.qemu_io(
-        "top.qcow2",
-        &["write -z 1M 64k", "write -P 0x44 3M 1M", "write -P 0x45 5M 4k"],
-    );
+    lab.qemu_io("top.qcow2", &["write -z 1M 64k", "write -P 0x44 3M 1M", "write -P 0x45 5M 4k"]);
     let seen = check(&lab, "top.qcow2");
     assert!(seen.data > 0 && seen.backing.first() > Some(&0), "{seen:?}");
 }
@@ -378,10 +346,7 @@ fn backing_chain_qcow2_on_qcow2() {
         "mid.qcow2",
         "5M",
     ]);
-    lab.qemu_io(
-        "mid.qcow2",
-        &["write -P 0x51 10k 3k", "write -z 2M 2k", "write -P 0x52 4M 100k"],
-    );
+    lab.qemu_io("mid.qcow2", &["write -P 0x51 10k 3k", "write -z 2M 2k", "write -P 0x52 4M 100k"]);
     lab.qemu_img(&[
         "create",
         "-f",
@@ -398,32 +363,16 @@ fn backing_chain_qcow2_on_qcow2() {
     lab.write("top.qcow2", Fill::Random(43), 3 * MIB + 100, 50_000);
     lab.qemu_io("top.qcow2", &["write -z 8k 8k", "discard 1M 64k"]);
     let seen = check(&lab, "top.qcow2");
-    assert!(
-        seen.backing.len() == 2 && seen.backing.iter().all(|&n| n > 0),
-        "{seen:?}"
-    );
+    assert!(seen.backing.len() == 2 && seen.backing.iter().all(|&n| n > 0), "{seen:?}");
 }
 
 #[test]
 fn backing_file_refused_unless_allowed() {
     let lab = Workbench::new("backing-refused");
     lab.raw_mix("base.raw", MIB, 51);
-    lab.qemu_img(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        "top.qcow2",
-        "1M",
-    ]);
-    let policy = BackingPolicy {
-        allow: false,
-        base_dir: Some(lab.dir.path().to_path_buf()),
-        ..BackingPolicy::default()
-    };
+    lab.qemu_img(&["create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "top.qcow2", "1M"]);
+    let policy =
+        BackingPolicy { allow: false, base_dir: Some(lab.dir.path().to_path_buf()), ..BackingPolicy::default() };
     let err = match open(&lab.path("top.qcow2"), &policy) {
         Ok(_) => panic!("backing file was followed without permission"),
         Err(e) => e,
@@ -491,10 +440,7 @@ fn corrupted_tables_are_reported_with_their_offsets() {
 /// Opens `bytes` as an image and reads up to 8 MiB of it plus a few ranges across the whole virtual size: errors
 /// are fine, panics are not.
 fn read_mutated(bytes: Vec<u8>, rng: &mut common::SplitMix64) -> boundimport::error::Result<()> {
-    let source: Arc<dyn ReadAt> = Arc::new(common::MemSource {
-        name: "mutated.qcow2".into(),
-        bytes,
-    });
+    let source: Arc<dyn ReadAt> = Arc::new(common::MemSource { name: "mutated.qcow2".into(), bytes });
     let mut image = format::open(source, &BackingPolicy::default())?;
     let size = image.virtual_size();
     let mut buf = vec![0u8; WINDOW as usize];

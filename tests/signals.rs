@@ -33,10 +33,7 @@ impl Device {
         File::create(&backing).unwrap().set_len(size).unwrap();
         let device = LoopDevice::attach(&backing, true).unwrap();
         let throttle = WriteThrottle::set(device.path(), bps, None).unwrap();
-        Device {
-            _throttle: throttle,
-            device,
-        }
+        Device { _throttle: throttle, device }
     }
 
     fn path(&self) -> &Path {
@@ -89,10 +86,7 @@ fn sigterm_and_sigint_stop_writing_within_a_second() {
                 last = now;
                 last_change = Instant::now();
             }
-            assert!(
-                signalled.elapsed() < Duration::from_secs(30),
-                "{signal} did not stop the import"
-            );
+            assert!(signalled.elapsed() < Duration::from_secs(30), "{signal} did not stop the import");
             std::thread::sleep(Duration::from_millis(5));
         }
         let finished = run.finish_within(Duration::from_secs(1));
@@ -102,30 +96,14 @@ fn sigterm_and_sigint_stop_writing_within_a_second() {
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(sectors_written(device.path()), last, "{signal}: writes after the exit");
 
-        assert_eq!(
-            finished.status.code(),
-            Some(128 + signal as i32),
-            "{signal}: {}",
-            finished.stderr
-        );
+        assert_eq!(finished.status.code(), Some(128 + signal as i32), "{signal}: {}", finished.stderr);
         let errors: Vec<&str> = finished.stderr.lines().filter(|l| l.contains("error:")).collect();
         assert_eq!(errors.len(), 1, "{signal}: {}", finished.stderr);
-        assert_eq!(
-            finished.stderr.lines().last(),
-            Some(errors[0]),
-            "{signal}: {}",
-            finished.stderr
-        );
+        assert_eq!(finished.stderr.lines().last(), Some(errors[0]), "{signal}: {}", finished.stderr);
         let offset = reported_offset(errors[0]);
         assert!(offset > 0 && offset < SIZE, "{signal}: stopped at {offset}");
-        assert!(
-            stopped_writing <= Duration::from_secs(1),
-            "{signal}: writes went on for {stopped_writing:?}"
-        );
-        assert!(
-            exited <= Duration::from_millis(1500),
-            "{signal}: exited after {exited:?}"
-        );
+        assert!(stopped_writing <= Duration::from_secs(1), "{signal}: writes went on for {stopped_writing:?}");
+        assert!(exited <= Duration::from_millis(1500), "{signal}: exited after {exited:?}");
         // Everything below the reported offset is on the device.
         assert_eq!(
             sha256_prefix(device.path(), offset),
@@ -162,10 +140,7 @@ fn sigkill_at_random_points_then_a_rerun_matches_qemu() {
     let image = bench.qcow2_mix("image.qcow2", 64 * MIB, "cluster_size=64k", &["-c"]);
     let (want, len) = common::qemu_reference(&image, bench.dir.path());
     let device = Device::new(&bench, "disk.img", 96 * MIB, 16 << 20);
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
+    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     eprintln!("delays from seed {seed}");
     let mut rng = SplitMix64::new(seed);
     let mut killed_mid_import = 0;
@@ -177,11 +152,7 @@ fn sigkill_at_random_points_then_a_rerun_matches_qemu() {
         run.signal(Signal::SIGKILL);
         killed_mid_import += usize::from(was_running);
         let killed = run.finish_within(Duration::from_secs(10));
-        assert!(
-            !was_running || killed.status.code().is_none(),
-            "round {round}: not killed: {}",
-            killed.stderr
-        );
+        assert!(!was_running || killed.status.code().is_none(), "round {round}: not killed: {}", killed.stderr);
         let rerun = Running::start(boundimport().arg("--quiet").arg(&image).arg(device.path())).finish_within(LIMIT);
         assert!(rerun.status.success(), "round {round}: rerun failed: {}", rerun.stderr);
         assert_eq!(
@@ -191,8 +162,5 @@ fn sigkill_at_random_points_then_a_rerun_matches_qemu() {
         );
         eprintln!("round {round}: killed after {delay:?}, rerun identical to qemu-img");
     }
-    assert!(
-        killed_mid_import >= 3,
-        "only {killed_mid_import} of 5 kills landed mid-import"
-    );
+    assert!(killed_mid_import >= 3, "only {killed_mid_import} of 5 kills landed mid-import");
 }

@@ -31,11 +31,7 @@ fn import_as_nobody(source: &Path, dest: &Path) -> (String, std::process::Output
             .gid(NOBODY),
     );
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let caps = stdout
-        .lines()
-        .filter(|l| l.starts_with("Cap"))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let caps = stdout.lines().filter(|l| l.starts_with("Cap")).collect::<Vec<_>>().join("\n");
     (caps, output)
 }
 
@@ -86,8 +82,5 @@ fn imports_as_nobody_without_capabilities() {
     let (_, output) = import_as_nobody(&image, &root_only.join("disk.raw"));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(
-        stderr.contains("Permission denied") && stderr.trim().lines().count() == 1,
-        "{stderr}"
-    );
+    assert!(stderr.contains("Permission denied") && stderr.trim().lines().count() == 1, "{stderr}");
 }

@@ -93,15 +93,10 @@ impl Governor {
     pub fn new(cgroup: Option<MemCgroup>, targets: Targets, timeline: Option<&Path>) -> Result<Self> {
         let timeline = match timeline {
             Some(path) => {
-                let file = File::create(path)
-                    .io_context("creating governor timeline")
-                    .map_err(|e| e.at_path(path))?;
+                let file = File::create(path).io_context("creating governor timeline").map_err(|e| e.at_path(path))?;
                 let mut w = BufWriter::new(file);
-                writeln!(
-                    w,
-                    "elapsed_ms,usage,dirty,writeback,own_inflight,own_cached,target,decision"
-                )
-                .io_context("writing governor timeline")?;
+                writeln!(w, "elapsed_ms,usage,dirty,writeback,own_inflight,own_cached,target,decision")
+                    .io_context("writing governor timeline")?;
                 Some(w)
             }
             None => None,
@@ -113,12 +108,7 @@ impl Governor {
             stat_slack: MEMCG_STAT_BATCH_PAGES
                 * crate::sys::page_size()
                 * std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
-            state: Mutex::new(State {
-                last: None,
-                timeline,
-                peak_dirty_writeback: 0,
-                readings: 0,
-            }),
+            state: Mutex::new(State { last: None, timeline, peak_dirty_writeback: 0, readings: 0 }),
         })
     }
 
@@ -209,10 +199,7 @@ mod tests {
     }
 
     const MIB: u64 = 1 << 20;
-    const TARGETS: Targets = Targets {
-        dirty_writeback: 32 * MIB,
-        usage_ceiling: Some(500 * MIB),
-    };
+    const TARGETS: Targets = Targets { dirty_writeback: 32 * MIB, usage_ceiling: Some(500 * MIB) };
 
     #[test]
     fn decisions_follow_readings() {
@@ -226,10 +213,7 @@ mod tests {
             // The reading lags our own writes: own in-flight bytes count even if memory.stat does not show them.
             ((0, 0, 100 * MIB, 2 * MIB, 31 * MIB, None), Decision::Drain),
             // Clean pages of ours the kernel has not dropped yet count too; with nothing to drain, wait.
-            (
-                (2 * MIB, 2 * MIB, 100 * MIB, 2 * MIB, 4 * MIB, Some(31 * MIB)),
-                Decision::Drain,
-            ),
+            ((2 * MIB, 2 * MIB, 100 * MIB, 2 * MIB, 4 * MIB, Some(31 * MIB)), Decision::Drain),
             ((0, 0, 100 * MIB, 2 * MIB, 0, Some(31 * MIB)), Decision::Wait),
             ((0, 0, 100 * MIB, 2 * MIB, 0, Some(4 * MIB)), Decision::Proceed),
         ];
@@ -254,10 +238,7 @@ mod tests {
     fn without_a_cgroup_own_bytes_are_the_reading() {
         let governor = Governor::new(None, TARGETS, None).unwrap();
         let own = |inflight| OwnBytes { inflight, cached: None };
-        assert_eq!(
-            governor.decide(2 * MIB, own(10 * MIB), true).unwrap(),
-            Decision::Proceed
-        );
+        assert_eq!(governor.decide(2 * MIB, own(10 * MIB), true).unwrap(), Decision::Proceed);
         assert_eq!(governor.decide(2 * MIB, own(31 * MIB), true).unwrap(), Decision::Drain);
     }
 

@@ -78,10 +78,7 @@ impl MemCgroup {
 
     /// A cgroup at a known directory.
     pub fn at(dir: impl Into<PathBuf>, version: Version) -> Self {
-        MemCgroup {
-            dir: dir.into(),
-            version,
-        }
+        MemCgroup { dir: dir.into(), version }
     }
 
     /// The cgroup directory.
@@ -215,9 +212,7 @@ impl Version {
 }
 
 fn read_text(path: &Path) -> Result<String> {
-    fs::read_to_string(path)
-        .io_context("reading cgroup file")
-        .map_err(|e| e.at_path(path))
+    fs::read_to_string(path).io_context("reading cgroup file").map_err(|e| e.at_path(path))
 }
 
 fn malformed(path: &Path, text: &str) -> Error {
@@ -275,10 +270,7 @@ fn locate(membership: &str, mountinfo: &str) -> Option<MemCgroup> {
             _ => continue,
         };
         let relative = path.strip_prefix(root).unwrap_or(path).trim_start_matches('/');
-        return Some(MemCgroup::at(
-            Path::new(&unescape_mount_path(mountpoint)).join(relative),
-            version,
-        ));
+        return Some(MemCgroup::at(Path::new(&unescape_mount_path(mountpoint)).join(relative), version));
     }
     None
 }
@@ -327,13 +319,7 @@ mod tests {
 
     #[test]
     fn no_memory_controller_means_none() {
-        assert_eq!(
-            locate(
-                "1:cpu:/\n",
-                "28 25 0:25 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"
-            ),
-            None
-        );
+        assert_eq!(locate("1:cpu:/\n", "28 25 0:25 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"), None);
     }
 
     #[test]
@@ -360,17 +346,8 @@ mod tests {
             ("memory.events", "low 0\nhigh 0\nmax 7\noom 1\noom_kill 1\n"),
         ]);
         let s = cg.stat().unwrap();
-        assert_eq!(
-            (s.usage, s.file, s.anon, s.dirty_writeback(), s.working_set()),
-            (4096, 2000, 100, 70, 3596)
-        );
-        assert_eq!(
-            cg.events().unwrap(),
-            MemEvents {
-                limit_hits: 7,
-                oom_kills: 1
-            }
-        );
+        assert_eq!((s.usage, s.file, s.anon, s.dirty_writeback(), s.working_set()), (4096, 2000, 100, 70, 3596));
+        assert_eq!(cg.events().unwrap(), MemEvents { limit_hits: 7, oom_kills: 1 });
         assert_eq!(cg.limit().unwrap(), Some(600_000_000));
     }
 
@@ -379,10 +356,7 @@ mod tests {
         let (_dir, cg) = fake_v2(&[("memory.current", "lots\n"), ("memory.stat", "anon 1\n")]);
         assert!(cg.usage().is_err());
         let err = cg.stat().unwrap_err();
-        assert!(
-            err.to_string().contains("memory.current") || err.to_string().contains("file"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("memory.current") || err.to_string().contains("file"), "{err}");
         let missing = MemCgroup::at("/nonexistent/cgroup", Version::V1);
         assert!(missing.stat().is_err());
         assert!(missing.usage().is_err());

@@ -62,9 +62,7 @@ pub fn detect_tail(tail: &[u8]) -> Option<Detected> {
         return super::vhd::is_fixed_footer(footer).then_some(Detected::Vhd);
     }
     if tail.starts_with(b"koly") {
-        return Some(Detected::Unsupported(
-            "Apple disk image (dmg, trailer magic \"koly\")".into(),
-        ));
+        return Some(Detected::Unsupported("Apple disk image (dmg, trailer magic \"koly\")".into()));
     }
     None
 }
@@ -77,10 +75,7 @@ fn is_vmdk_descriptor(head: &[u8]) -> bool {
         let line_end = rest.iter().position(|&b| b == b'\n');
         let line = &rest[..line_end.unwrap_or(rest.len())];
         let trimmed = line.strip_suffix(b"\r").unwrap_or(line);
-        let trimmed = trimmed
-            .iter()
-            .position(|&b| b != b' ' && b != b'\t')
-            .map_or(&[][..], |i| &trimmed[i..]);
+        let trimmed = trimmed.iter().position(|&b| b != b' ' && b != b'\t').map_or(&[][..], |i| &trimmed[i..]);
         if trimmed.is_empty() || trimmed[0] == b'#' {
             match line_end {
                 // A comment line cut off by the end of the probe buffer says nothing either way.
@@ -152,17 +147,12 @@ mod tests {
         for (head, want) in cases {
             assert_eq!(detect_bytes(&head), want, "{:?}", String::from_utf8_lossy(&head));
         }
-        for head in [
-            b"QFI\xfb\0\0\0\x01".to_vec(),
-            b"QED\0xxxx".to_vec(),
-            b"COWD\x01\0\0\0".to_vec(),
-            b"\x1f\x8b\x08".to_vec(),
-        ] {
+        for head in
+            [b"QFI\xfb\0\0\0\x01".to_vec(), b"QED\0xxxx".to_vec(), b"COWD\x01\0\0\0".to_vec(), b"\x1f\x8b\x08".to_vec()]
+        {
             assert!(matches!(detect_bytes(&head), Detected::Unsupported(_)), "{head:?}");
         }
-        let Detected::Unsupported(what) = detect_bytes(b"QFI\xfb\0\0\0\x01") else {
-            unreachable!()
-        };
+        let Detected::Unsupported(what) = detect_bytes(b"QFI\xfb\0\0\0\x01") else { unreachable!() };
         assert!(what.contains("version 1"), "{what}");
     }
 
@@ -170,9 +160,7 @@ mod tests {
     fn tail_magic() {
         let mut koly = vec![0u8; 512];
         koly[..4].copy_from_slice(b"koly");
-        let Some(Detected::Unsupported(what)) = detect_tail(&koly) else {
-            panic!("koly trailer not recognised")
-        };
+        let Some(Detected::Unsupported(what)) = detect_tail(&koly) else { panic!("koly trailer not recognised") };
         assert!(what.contains("dmg") && what.contains("koly"), "{what}");
         // A "conectix" sector that is not a valid fixed-disk footer leaves the source raw.
         let mut footer = vec![0u8; 512];

@@ -4,6 +4,7 @@
 //! [`Image::map`] with [`Extent`]s saying, for each guest range, whether it reads as zeros, is stored verbatim
 //! somewhere in a source, or lies inside a compressed unit. The pipeline does the data I/O.
 
+mod block_table;
 pub mod detect;
 pub mod qcow2;
 pub mod raw;
@@ -90,20 +91,10 @@ impl Extent {
         let shift = from - self.guest;
         let content = match self.content {
             Content::Zero => Content::Zero,
-            Content::Data { source, offset } => Content::Data {
-                source,
-                offset: offset + shift,
-            },
-            Content::Compressed(unit) => Content::Compressed(Compressed {
-                skip: unit.skip + shift,
-                ..unit
-            }),
+            Content::Data { source, offset } => Content::Data { source, offset: offset + shift },
+            Content::Compressed(unit) => Content::Compressed(Compressed { skip: unit.skip + shift, ..unit }),
         };
-        Extent {
-            guest: from,
-            len: to - from,
-            content,
-        }
+        Extent { guest: from, len: to - from, content }
     }
 }
 
@@ -226,10 +217,7 @@ pub fn open_backing(
     let image = open_at_depth(source, &child_policy, depth + 1)?;
     if let Some(hint) = format_hint {
         if hint != image.format_name() {
-            return Err(refuse(&format!(
-                ": named as {hint} but its header says {}",
-                image.format_name()
-            )));
+            return Err(refuse(&format!(": named as {hint} but its header says {}", image.format_name())));
         }
     }
     Ok(image)
@@ -252,11 +240,7 @@ fn resolve_backing_path(policy: &BackingPolicy, base_dir: &Path, name: &str) -> 
     }
     let path = Path::new(name);
     if policy.allow_outside {
-        return Ok(if path.is_absolute() {
-            path.to_path_buf()
-        } else {
-            base_dir.join(path)
-        });
+        return Ok(if path.is_absolute() { path.to_path_buf() } else { base_dir.join(path) });
     }
     if path.is_absolute() {
         return Err("an absolute path leaves the image's directory (pass --allow-backing-outside to follow it)".into());
@@ -278,10 +262,7 @@ pub fn confined_path(root: &Path, dir: &Path, name: &Path) -> std::result::Resul
             // Say "leaves the directory" for a missing file whose name already climbs out, rather than
             // "not found", so the refusal does not depend on what exists outside.
             if name.components().any(|c| c == std::path::Component::ParentDir) && !lexically_inside(&root, dir, name) {
-                return Err(format!(
-                    "{:?} leaves the image's directory {outside}",
-                    name.display().to_string()
-                ));
+                return Err(format!("{:?} leaves the image's directory {outside}", name.display().to_string()));
             }
             return Err(format!("cannot resolve {}: {e}", joined.display()));
         }
@@ -320,11 +301,7 @@ mod tests {
     use super::*;
 
     fn data(guest: u64, len: u64, offset: u64) -> Extent {
-        Extent {
-            guest,
-            len,
-            content: Content::Data { source: 0, offset },
-        }
+        Extent { guest, len, content: Content::Data { source: 0, offset } }
     }
 
     #[test]
@@ -333,60 +310,20 @@ mod tests {
         push_extent(&mut out, data(0, 10, 100));
         push_extent(&mut out, data(10, 10, 110));
         push_extent(&mut out, data(20, 10, 500));
-        push_extent(
-            &mut out,
-            Extent {
-                guest: 30,
-                len: 5,
-                content: Content::Zero,
-            },
-        );
-        push_extent(
-            &mut out,
-            Extent {
-                guest: 35,
-                len: 5,
-                content: Content::Zero,
-            },
-        );
-        push_extent(
-            &mut out,
-            Extent {
-                guest: 40,
-                len: 0,
-                content: Content::Zero,
-            },
-        );
+        push_extent(&mut out, Extent { guest: 30, len: 5, content: Content::Zero });
+        push_extent(&mut out, Extent { guest: 35, len: 5, content: Content::Zero });
+        push_extent(&mut out, Extent { guest: 40, len: 0, content: Content::Zero });
         assert_eq!(
             out,
-            vec![
-                data(0, 20, 100),
-                data(20, 10, 500),
-                Extent {
-                    guest: 30,
-                    len: 10,
-                    content: Content::Zero
-                }
-            ]
+            vec![data(0, 20, 100), data(20, 10, 500), Extent { guest: 30, len: 10, content: Content::Zero }]
         );
     }
 
     #[test]
     fn clipping_shifts_source_offsets() {
         assert_eq!(data(100, 50, 1000).clip(120, 400), data(120, 30, 1020));
-        let unit = Compressed {
-            source: 0,
-            offset: 7,
-            src_len: 9,
-            unit_len: 64,
-            skip: 0,
-            codec: Codec::Zstd,
-        };
-        let whole = Extent {
-            guest: 0,
-            len: 64,
-            content: Content::Compressed(unit),
-        };
+        let unit = Compressed { source: 0, offset: 7, src_len: 9, unit_len: 64, skip: 0, codec: Codec::Zstd };
+        let whole = Extent { guest: 0, len: 64, content: Content::Compressed(unit) };
         let part = whole.clip(16, 32);
         assert_eq!(part.guest, 16);
         assert_eq!(part.len, 16);
@@ -395,41 +332,17 @@ mod tests {
 
     /// A policy confined to `dir`.
     fn confined(dir: &Path) -> BackingPolicy {
-        BackingPolicy {
-            allow: true,
-            base_dir: Some(dir.to_path_buf()),
-            root: None,
-            allow_outside: false,
-        }
+        BackingPolicy { allow: true, base_dir: Some(dir.to_path_buf()), root: None, allow_outside: false }
     }
 
     #[test]
     fn backing_names_with_protocols_are_refused() {
         let base = Path::new("/images");
-        let free = BackingPolicy {
-            allow_outside: true,
-            ..confined(base)
-        };
-        assert_eq!(
-            resolve_backing_path(&free, base, "base.qcow2").unwrap(),
-            Path::new("/images/base.qcow2")
-        );
-        assert_eq!(
-            resolve_backing_path(&free, base, "/abs/base.raw").unwrap(),
-            Path::new("/abs/base.raw")
-        );
-        assert_eq!(
-            resolve_backing_path(&free, base, "./a:b").unwrap(),
-            Path::new("/images/./a:b")
-        );
-        for name in [
-            "nbd:localhost:10809",
-            "http://example/base",
-            "json:{}",
-            "file:base.raw",
-            "",
-            "a\0b",
-        ] {
+        let free = BackingPolicy { allow_outside: true, ..confined(base) };
+        assert_eq!(resolve_backing_path(&free, base, "base.qcow2").unwrap(), Path::new("/images/base.qcow2"));
+        assert_eq!(resolve_backing_path(&free, base, "/abs/base.raw").unwrap(), Path::new("/abs/base.raw"));
+        assert_eq!(resolve_backing_path(&free, base, "./a:b").unwrap(), Path::new("/images/./a:b"));
+        for name in ["nbd:localhost:10809", "http://example/base", "json:{}", "file:base.raw", "", "a\0b"] {
             assert!(resolve_backing_path(&free, base, name).is_err(), "{name}");
             assert!(resolve_backing_path(&confined(base), base, name).is_err(), "{name}");
         }
@@ -454,11 +367,7 @@ mod tests {
             ("inside.raw", "sub/deep.raw"),
             ("sub/deep.raw", "sub/deep.raw"),
         ] {
-            assert_eq!(
-                resolve_backing_path(&policy, &dir, name).unwrap(),
-                canonical.join(want),
-                "{name}"
-            );
+            assert_eq!(resolve_backing_path(&policy, &dir, name).unwrap(), canonical.join(want), "{name}");
         }
         for (name, needle) in [
             ("../secret.raw", "outside the image's directory"),
@@ -472,20 +381,11 @@ mod tests {
             assert!(why.contains(needle), "{name}: {why}");
         }
         // Deeper in a chain, names resolve against the backing file's directory but stay under the root.
-        let deeper = BackingPolicy {
-            root: Some(dir.clone()),
-            ..confined(&dir.join("sub"))
-        };
-        assert_eq!(
-            resolve_backing_path(&deeper, &dir.join("sub"), "../base.raw").unwrap(),
-            canonical.join("base.raw")
-        );
+        let deeper = BackingPolicy { root: Some(dir.clone()), ..confined(&dir.join("sub")) };
+        assert_eq!(resolve_backing_path(&deeper, &dir.join("sub"), "../base.raw").unwrap(), canonical.join("base.raw"));
         assert!(resolve_backing_path(&deeper, &dir.join("sub"), "../../secret.raw").is_err());
         // The explicit flag follows all of them.
-        let free = BackingPolicy {
-            allow_outside: true,
-            ..policy
-        };
+        let free = BackingPolicy { allow_outside: true, ..policy };
         for name in ["../secret.raw", "escape.raw", "/etc/passwd"] {
             assert!(resolve_backing_path(&free, &dir, name).is_ok(), "{name}");
         }

@@ -46,36 +46,12 @@ impl Image for RawImage {
                 Some(run) if run.start < data_limit => (cursor, data_limit),
                 _ => (data_limit, data_limit),
             };
-            push_extent(
-                out,
-                Extent {
-                    guest: cursor,
-                    len: data_start - cursor,
-                    content: Content::Zero,
-                },
-            );
-            let data = Content::Data {
-                source: 0,
-                offset: data_start,
-            };
-            push_extent(
-                out,
-                Extent {
-                    guest: data_start,
-                    len: data_end - data_start,
-                    content: data,
-                },
-            );
+            push_extent(out, Extent { guest: cursor, len: data_start - cursor, content: Content::Zero });
+            let data = Content::Data { source: 0, offset: data_start };
+            push_extent(out, Extent { guest: data_start, len: data_end - data_start, content: data });
             cursor = data_end;
         }
-        push_extent(
-            out,
-            Extent {
-                guest: cursor,
-                len: end - cursor,
-                content: Content::Zero,
-            },
-        );
+        push_extent(out, Extent { guest: cursor, len: end - cursor, content: Content::Zero });
         Ok(())
     }
 }

@@ -5,7 +5,8 @@
 //! both of which read as zeros. Which headers qemu refuses: `vdi_open` in qemu's block/vdi.c; the rules below
 //! follow it, plus the caps this reader needs. Differencing images (non-null parent or link UUID) are refused.
 
-use super::{push_extent, Content, Extent, Image};
+use super::block_table::BlockTable;
+use super::{Content, Extent, Image};
 use crate::error::{Error, Result};
 use crate::source::{read_exact_at, ReadAt};
 use std::sync::Arc;
@@ -28,8 +29,6 @@ pub const MAX_BLOCKS: u32 = 0x3fff_ffff;
 pub const UNALLOCATED: u32 = 0xffff_ffff;
 /// Block map entry of a discarded block (reads as zeros).
 pub const DISCARDED: u32 = 0xffff_fffe;
-/// Block map entries read with one request while mapping.
-const MAP_CHUNK_ENTRIES: u64 = 16 << 10;
 
 /// A validated VDI header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,12 +86,12 @@ pub fn parse_header(buf: &[u8; 512], file_len: u64) -> Result<Header> {
     }
     if offset_bmap % 512 != 0 || offset_bmap < 512 {
         return Err(
-            crate::bad_image!("vdi block map offset {offset_bmap:#x} is not a sector past the header").at_offset(0x154),
+            crate::bad_image!("vdi block map offset {offset_bmap:#x} is not a sector past the header").at_offset(0x154)
         );
     }
     if offset_data % 512 != 0 || offset_data < 512 {
         return Err(
-            crate::bad_image!("vdi data offset {offset_data:#x} is not a sector past the header").at_offset(0x158),
+            crate::bad_image!("vdi data offset {offset_data:#x} is not a sector past the header").at_offset(0x158)
         );
     }
     if sector_size != 512 {
@@ -106,7 +105,7 @@ pub fn parse_header(buf: &[u8; 512], file_len: u64) -> Result<Header> {
     }
     if blocks_in_image > MAX_BLOCKS {
         return Err(
-            crate::bad_image!("vdi has too many blocks ({blocks_in_image}, at most {MAX_BLOCKS})").at_offset(0x180),
+            crate::bad_image!("vdi has too many blocks ({blocks_in_image}, at most {MAX_BLOCKS})").at_offset(0x180)
         );
     }
     let room = blocks_in_image as u64 * block_size as u64;
@@ -121,18 +120,10 @@ pub fn parse_header(buf: &[u8; 512], file_len: u64) -> Result<Header> {
     disk_size = disk_size.div_ceil(512) * 512;
     let map_end = offset_bmap + blocks_in_image as u64 * 4;
     if map_end > file_len {
-        return Err(
-            crate::bad_image!("vdi block map ends at {map_end}, past the end of the file ({file_len})")
-                .at_offset(0x154),
-        );
+        return Err(crate::bad_image!("vdi block map ends at {map_end}, past the end of the file ({file_len})")
+            .at_offset(0x154));
     }
-    Ok(Header {
-        image_type,
-        offset_bmap,
-        offset_data,
-        disk_size,
-        blocks_in_image,
-    })
+    Ok(Header { image_type, offset_bmap, offset_data, disk_size, blocks_in_image })
 }
 
 /// A UUID as text (byte order as stored).
@@ -176,49 +167,25 @@ impl Image for VdiImage {
 
     fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
         let block = BLOCK_SIZE as u64;
-        let end = offset + len;
-        let mut guest = offset;
-        let mut entries = Vec::new();
-        while guest < end {
-            let first = guest / block;
-            let last = (end - 1) / block;
-            let count = (last - first + 1).min(MAP_CHUNK_ENTRIES);
-            entries.resize(count as usize * 4, 0);
-            let at = self.header.offset_bmap + first * 4;
-            read_exact_at(self.source.as_ref(), at, &mut entries, "vdi block map")?;
-            for (i, raw) in entries.chunks_exact(4).enumerate() {
-                let index = first + i as u64;
-                let block_end = ((index + 1) * block).min(end);
-                let entry = u32::from_le_bytes(raw.try_into().expect("4 bytes"));
-                let content = if entry >= DISCARDED {
-                    Content::Zero
-                } else if self.header.offset_data + entry as u64 * block >= self.source.len() {
-                    // Bytes past the end would read as zeros: a truncated file must not import as zeros.
-                    return Err(crate::bad_image!(
-                        "vdi block {index} at {:#x} lies past the end of the file ({} bytes)",
-                        self.header.offset_data + entry as u64 * block,
-                        self.source.len()
-                    )
-                    .at_offset(at + i as u64 * 4)
-                    .at_path(self.source.name()));
-                } else {
-                    Content::Data {
-                        source: 0,
-                        offset: self.header.offset_data + entry as u64 * block + (guest - index * block),
-                    }
-                };
-                push_extent(
-                    out,
-                    Extent {
-                        guest,
-                        len: block_end - guest,
-                        content,
-                    },
-                );
-                guest = block_end;
+        let data = self.header.offset_data;
+        let table = BlockTable {
+            source: self.source.as_ref(),
+            offset: self.header.offset_bmap,
+            block,
+            big_endian: false,
+            what: "vdi block map",
+        };
+        let file_len = self.source.len();
+        table.map(offset, len, out, |entry, within| {
+            let start = data + entry as u64 * block;
+            if entry >= DISCARDED {
+                Ok(Content::Zero)
+            } else if start >= file_len {
+                Err(format!("block at {start:#x} lies past the end of the file ({file_len} bytes)"))
+            } else {
+                Ok(Content::Data { source: 0, offset: start + within })
             }
-        }
-        Ok(())
+        })
     }
 }
 

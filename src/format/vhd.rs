@@ -12,6 +12,7 @@
 //! - a footer checksum mismatch is only a warning;
 //! - sector bitmaps are not consulted for dynamic disks: qemu reads an allocated block's data as stored.
 
+use super::block_table::BlockTable;
 use super::{push_extent, Content, Extent, Image};
 use crate::error::{Error, Result};
 use crate::source::{read_exact_at, ReadAt};
@@ -33,8 +34,6 @@ pub const MAX_GEOMETRY_SECTORS: u64 = 65535 * 16 * 255;
 pub const MAX_SECTORS: u64 = 0xff00_0000;
 /// BAT entry of an unallocated block.
 pub const UNALLOCATED: u32 = 0xffff_ffff;
-/// BAT entries read with one request while mapping.
-const MAP_CHUNK_ENTRIES: u64 = 16 << 10;
 
 fn be32(buf: &[u8], at: usize) -> u32 {
     u32::from_be_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
@@ -87,11 +86,7 @@ impl Footer {
     pub fn virtual_size(&self) -> u64 {
         let uses_current_size = matches!(&self.creator_app, b"win " | b"qem2" | b"d2v " | b"CTXS" | b"tap\0");
         let chs = self.chs_sectors();
-        let sectors = if uses_current_size || chs == MAX_GEOMETRY_SECTORS {
-            self.current_size / 512
-        } else {
-            chs
-        };
+        let sectors = if uses_current_size || chs == MAX_GEOMETRY_SECTORS { self.current_size / 512 } else { chs };
         sectors * 512
     }
 }
@@ -112,9 +107,7 @@ pub fn parse_footer(buf: &[u8; 512]) -> Result<Footer> {
     match footer.disk_type {
         TYPE_FIXED | TYPE_DYNAMIC | TYPE_DIFFERENCING => {}
         other => {
-            return Err(crate::bad_image!(
-                "vhd disk type {other} is not fixed (2), dynamic (3) or differencing (4)"
-            ))
+            return Err(crate::bad_image!("vhd disk type {other} is not fixed (2), dynamic (3) or differencing (4)"))
         }
     }
     let sectors = footer.virtual_size() / 512;
@@ -151,11 +144,8 @@ pub fn parse_dynamic_header(buf: &[u8; 1024], virtual_size: u64, file_len: u64) 
     if !buf.starts_with(DYNAMIC_COOKIE) {
         return Err(crate::bad_image!("vhd dynamic header has no \"cxsparse\" cookie"));
     }
-    let units: Vec<u16> = buf[64..576]
-        .chunks_exact(2)
-        .map(|c| u16::from_be_bytes([c[0], c[1]]))
-        .take_while(|&u| u != 0)
-        .collect();
+    let units: Vec<u16> =
+        buf[64..576].chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).take_while(|&u| u != 0).collect();
     let header = DynamicHeader {
         table_offset: be64(buf, 16),
         max_table_entries: be32(buf, 28),
@@ -165,7 +155,7 @@ pub fn parse_dynamic_header(buf: &[u8; 1024], virtual_size: u64, file_len: u64) 
     let block_size = header.block_size as u64;
     if !block_size.is_power_of_two() || block_size < 512 {
         return Err(
-            crate::bad_image!("vhd block size {block_size} is not a power of two of at least 512").at_offset(32),
+            crate::bad_image!("vhd block size {block_size} is not a power of two of at least 512").at_offset(32)
         );
     }
     let needed = virtual_size.div_ceil(block_size);
@@ -218,10 +208,7 @@ impl VhdImage {
             .at_offset(footer_at)));
         }
         if !footer.checksum_ok {
-            log::warn!(
-                "{}: the vhd footer checksum is incorrect (read anyway, like qemu)",
-                source.name()
-            );
+            log::warn!("{}: the vhd footer checksum is incorrect (read anyway, like qemu)", source.name());
         }
         let virtual_size = footer.virtual_size();
         let dynamic = if footer.disk_type == TYPE_FIXED {
@@ -239,11 +226,7 @@ impl VhdImage {
             }
             Some(header)
         };
-        Ok(VhdImage {
-            source,
-            footer,
-            dynamic,
-        })
+        Ok(VhdImage { source, footer, dynamic })
     }
 
     /// The parsed footer.
@@ -266,66 +249,30 @@ impl Image for VhdImage {
     }
 
     fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
-        let end = offset + len;
         let Some(dynamic) = &self.dynamic else {
             // Fixed: guest offset = file offset, as qemu reads it (bytes past the data read as zeros).
-            push_extent(
-                out,
-                Extent {
-                    guest: offset,
-                    len,
-                    content: Content::Data { source: 0, offset },
-                },
-            );
+            push_extent(out, Extent { guest: offset, len, content: Content::Data { source: 0, offset } });
             return Ok(());
         };
-        let block = dynamic.block_size as u64;
         let bitmap = dynamic.bitmap_size();
-        let mut guest = offset;
-        let mut entries = Vec::new();
-        while guest < end {
-            let first = guest / block;
-            let last = (end - 1) / block;
-            let count = (last - first + 1).min(MAP_CHUNK_ENTRIES);
-            entries.resize(count as usize * 4, 0);
-            read_exact_at(
-                self.source.as_ref(),
-                dynamic.table_offset + first * 4,
-                &mut entries,
-                "vhd BAT",
-            )?;
-            for (i, raw) in entries.chunks_exact(4).enumerate() {
-                let index = first + i as u64;
-                let block_end = ((index + 1) * block).min(end);
-                let entry = u32::from_be_bytes(raw.try_into().expect("4 bytes"));
-                let content = if entry == UNALLOCATED {
-                    Content::Zero
-                } else if entry as u64 * 512 + bitmap >= self.source.len() {
-                    // Bytes past the end would read as zeros: a truncated file must not import as zeros.
-                    return Err(crate::bad_image!(
-                        "vhd block {index} at sector {entry} lies past the end of the file ({} bytes)",
-                        self.source.len()
-                    )
-                    .at_offset(dynamic.table_offset + index * 4)
-                    .at_path(self.source.name()));
-                } else {
-                    Content::Data {
-                        source: 0,
-                        offset: entry as u64 * 512 + bitmap + (guest - index * block),
-                    }
-                };
-                push_extent(
-                    out,
-                    Extent {
-                        guest,
-                        len: block_end - guest,
-                        content,
-                    },
-                );
-                guest = block_end;
+        let table = BlockTable {
+            source: self.source.as_ref(),
+            offset: dynamic.table_offset,
+            block: dynamic.block_size as u64,
+            big_endian: true,
+            what: "vhd BAT",
+        };
+        let file_len = self.source.len();
+        table.map(offset, len, out, |entry, within| {
+            let start = entry as u64 * 512 + bitmap;
+            if entry == UNALLOCATED {
+                Ok(Content::Zero)
+            } else if start >= file_len {
+                Err(format!("block at sector {entry} lies past the end of the file ({file_len} bytes)"))
+            } else {
+                Ok(Content::Data { source: 0, offset: start + within })
             }
-        }
-        Ok(())
+        })
     }
 }
 

@@ -8,8 +8,8 @@ use crate::format::{Compressed, Content, Extent, Image};
 use crate::source::ReadAt;
 use std::sync::Arc;
 
-/// Largest span of compressed bytes fetched with one read; a run of compressed units stored back to back is read
-/// together up to this size, instead of one small read per unit.
+/// Largest span of compressed bytes ever fetched with one read: one unit's compressed bytes, which qcow2 bounds by
+/// twice the 2 MiB maximum cluster size.
 pub const COMPRESSED_READ_SPAN: usize = 4 << 20;
 
 /// Largest decompressed unit accepted (qcow2 clusters are at most 2 MiB); formats cap theirs below this too.
@@ -19,14 +19,28 @@ pub const MAX_UNIT_LEN: u64 = 8 << 20;
 const MAX_READ_THROUGH_GAP: u64 = 64 << 10;
 
 /// Reusable memory for [`fill`]: the compressed input span and, for units only partly covered by a buffer, a
-/// whole decompressed unit. Allocated on first use, so imports without compression never pay for it.
-#[derive(Default)]
+/// whole decompressed unit. Allocated on first use, so imports without compression never pay for it, and only as
+/// large as needed.
 pub struct Scratch {
+    /// Compressed units stored back to back are fetched together, up to this many bytes per read.
+    span: usize,
     input: Option<AlignedBuf>,
     unit: Vec<u8>,
 }
 
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch::with_span(COMPRESSED_READ_SPAN)
+    }
+}
+
 impl Scratch {
+    /// Scratch that batches compressed reads up to `span` bytes (a worker passes about its chunk size: a chunk's
+    /// compressed units take less room than the chunk).
+    pub fn with_span(span: usize) -> Self {
+        Scratch { span: span.clamp(64 << 10, COMPRESSED_READ_SPAN), input: None, unit: Vec::new() }
+    }
+
     /// Bytes currently held.
     pub fn footprint(&self) -> usize {
         self.input.as_ref().map_or(0, |b| b.capacity()) + self.unit.capacity()
@@ -57,7 +71,7 @@ pub fn fill(
                 i += 1;
             }
             Content::Compressed(first) => {
-                let run = compressed_run(&extents[i..]);
+                let run = compressed_run(&extents[i..], scratch.span);
                 fill_compressed_run(sources, &extents[i..i + run], first, guest, buf, scratch)?;
                 i += run;
             }
@@ -67,10 +81,7 @@ pub fn fill(
 }
 
 fn source_of(sources: &[Arc<dyn ReadAt>], id: usize) -> Result<&dyn ReadAt> {
-    sources
-        .get(id)
-        .map(|s| s.as_ref())
-        .ok_or_else(|| crate::bad_image!("extent names unknown source {id}"))
+    sources.get(id).map(|s| s.as_ref()).ok_or_else(|| crate::bad_image!("extent names unknown source {id}"))
 }
 
 /// Reads verbatim data. Bytes past the end of the source (the partial last cluster of an image) read as zeros,
@@ -82,10 +93,7 @@ fn read_data(source: &dyn ReadAt, offset: u64, out: &mut [u8]) -> Result<()> {
         if got < expected {
             return Err(Error::new(
                 crate::error::ErrorKind::Io,
-                format!(
-                    "source ended after {} of {} bytes: was it truncated during the import?",
-                    got, expected
-                ),
+                format!("source ended after {} of {} bytes: was it truncated during the import?", got, expected),
             )
             .at_offset(offset + got as u64)
             .at_path(source.name()));
@@ -95,12 +103,13 @@ fn read_data(source: &dyn ReadAt, offset: u64, out: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
-/// How many extents from the start of `extents` are compressed units that can be fetched with one read.
-fn compressed_run(extents: &[Extent]) -> usize {
+/// How many extents from the start of `extents` are compressed units that can be fetched with one read of at
+/// most `span` bytes (the first always counts).
+fn compressed_run(extents: &[Extent], span: usize) -> usize {
     let Content::Compressed(first) = extents[0].content else {
         return 1;
     };
-    let mut span_end = first.offset + first.src_len;
+    let mut span_end = first.offset.saturating_add(first.src_len);
     let mut n = 1;
     for extent in &extents[1..] {
         let Content::Compressed(next) = extent.content else {
@@ -109,8 +118,8 @@ fn compressed_run(extents: &[Extent]) -> usize {
         let next_end = next.offset.saturating_add(next.src_len);
         let fits = next.source == first.source
             && next.offset >= first.offset
-            && next.offset <= span_end + MAX_READ_THROUGH_GAP
-            && next_end - first.offset <= (COMPRESSED_READ_SPAN - 8192) as u64;
+            && next.offset <= span_end.saturating_add(MAX_READ_THROUGH_GAP)
+            && next_end - first.offset <= span.saturating_sub(8192) as u64;
         if !fits {
             break;
         }
@@ -142,26 +151,21 @@ fn fill_compressed_run(
     let read_start = align_down(first.offset, align);
     let read_len = (align_up(span_end, align) - read_start) as usize;
     if read_len > COMPRESSED_READ_SPAN {
-        return Err(
-            crate::bad_image!("compressed unit of {} bytes is too large", first.src_len)
-                .at_offset(first.offset)
-                .at_path(source.name()),
-        );
+        return Err(crate::bad_image!("compressed unit of {} bytes is too large", first.src_len)
+            .at_offset(first.offset)
+            .at_path(source.name()));
     }
-    let input = scratch
-        .input
-        .get_or_insert_with(|| AlignedBuf::new(COMPRESSED_READ_SPAN));
+    if scratch.input.as_ref().is_none_or(|b| b.capacity() < read_len) {
+        scratch.input = Some(AlignedBuf::new(read_len.max(scratch.span)));
+    }
+    let input = scratch.input.as_mut().expect("input buffer just sized");
     let got = source.read_at(read_start, &mut input[..read_len])?;
     for extent in run {
-        let Content::Compressed(unit) = extent.content else {
-            unreachable!("run holds compressed extents only")
-        };
+        let Content::Compressed(unit) = extent.content else { unreachable!("run holds compressed extents only") };
         if unit.unit_len > MAX_UNIT_LEN || unit.skip + extent.len > unit.unit_len {
-            return Err(
-                crate::bad_image!("compressed unit of {} bytes is out of range", unit.unit_len)
-                    .at_offset(unit.offset)
-                    .at_path(source.name()),
-            );
+            return Err(crate::bad_image!("compressed unit of {} bytes is out of range", unit.unit_len)
+                .at_offset(unit.offset)
+                .at_path(source.name()));
         }
         let from = (unit.offset - read_start) as usize;
         let to = (unit.offset.saturating_add(unit.src_len) - read_start).min(got as u64) as usize;

@@ -11,19 +11,20 @@ pub mod ordered;
 pub mod schedule;
 
 use crate::buffer::AlignedBuf;
-use crate::checksum::Algorithm;
+use crate::checksum::Hasher;
 use crate::error::{Error, ErrorKind, Result};
 use crate::progress::Progress;
 use crate::sink::Destination;
 use crate::source::ReadAt;
 use fill::Scratch;
-use ordered::{Completion, OrderedDigest};
+use ordered::{Completion, OrderedDigest, Piece};
 use schedule::{Scheduler, Work};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
 /// How the pipeline runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     /// Number of workers (and chunk buffers).
     pub workers: usize,
@@ -31,8 +32,9 @@ pub struct Config {
     pub chunk: u64,
     /// Read sources strictly in item order, one read at a time (needed by the source checksum tap).
     pub serial_reads: bool,
-    /// Digest the output image with this algorithm.
-    pub output_digest: Option<Algorithm>,
+    /// Digest the output image: a digest of the part before the first item (empty unless resuming) and where
+    /// that part ends.
+    pub output_digest: Option<(Hasher, u64)>,
 }
 
 /// What the pipeline produced.
@@ -50,10 +52,9 @@ struct Shared<'a> {
     dest: &'a Destination,
     config: &'a Config,
     progress: &'a Progress,
-    digest: Option<OrderedDigest>,
     completion: Completion,
     stop: &'a AtomicBool,
-    halt: AtomicBool,
+    halt: &'a AtomicBool,
     failure: Mutex<Option<Error>>,
 }
 
@@ -66,58 +67,80 @@ pub fn run(
     progress: &Progress,
     stop: &AtomicBool,
 ) -> Result<PipelineOutcome> {
-    let sources = scheduler.image().sources();
+    let halt = AtomicBool::new(false);
     let shared = Shared {
+        sources: scheduler.image().sources(),
+        completion: Completion::starting_at(scheduler.position()),
         scheduler: Mutex::new(scheduler),
-        sources,
         dest,
         config,
         progress,
-        digest: config.output_digest.map(OrderedDigest::new),
-        completion: Completion::default(),
         stop,
-        halt: AtomicBool::new(false),
+        halt: &halt,
         failure: Mutex::new(None),
     };
-    let scratch_bytes = std::thread::scope(|scope| {
+    let (scratch_bytes, digest) = std::thread::scope(|scope| {
+        let digest = config.output_digest.clone().map(|prefix| OrderedDigest::spawn(scope, prefix, &halt));
         let workers: Vec<_> = (0..config.workers.max(1))
             .map(|i| {
+                let feeder = digest.as_ref().map(|(d, _)| d.feeder());
+                let shared = &shared;
                 std::thread::Builder::new()
                     .name(format!("worker-{i}"))
-                    .spawn_scoped(scope, || worker(&shared))
+                    .spawn_scoped(scope, move || worker(shared, feeder))
                     .expect("spawning a pipeline worker")
             })
             .collect();
-        workers.into_iter().map(|w| w.join().unwrap_or(0)).max().unwrap_or(0)
+        // Only the workers' feeders remain: the digest thread ends when the last worker does.
+        let digest = digest.map(|(feed, handle)| {
+            drop(feed);
+            handle
+        });
+        let scratch = workers.into_iter().map(|w| w.join().unwrap_or(0)).max().unwrap_or(0);
+        (scratch, digest.map(|handle| handle.join().expect("digest thread")))
     });
     if let Some(err) = shared.failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(err);
     }
-    let output_digest = shared.digest.map(|d| d.finish().0);
-    Ok(PipelineOutcome {
-        output_digest,
-        scratch_bytes,
-    })
+    if stop.load(Ordering::Relaxed) {
+        let stopped = "import stopped; everything below this offset was written";
+        return Err(Error::new(ErrorKind::Interrupted, stopped).at_offset(shared.completion.watermark()));
+    }
+    Ok(PipelineOutcome { output_digest: digest.map(|(digest, _)| digest), scratch_bytes })
+}
+
+/// One worker's buffer, shared read-only with the digest thread between its fill and the digest's turn.
+struct WorkerBuffer {
+    buffer: Arc<AlignedBuf>,
+    /// Disconnects once the digest thread has hashed the last piece handed to it.
+    hashed: Option<Receiver<()>>,
+}
+
+impl WorkerBuffer {
+    /// The buffer for writing, once the digest no longer reads it.
+    fn writable(&mut self) -> &mut AlignedBuf {
+        if let Some(hashed) = self.hashed.take() {
+            // Err is the signal: the digest dropped its end after hashing (or gave up on a halted run).
+            let _ = hashed.recv();
+        }
+        if Arc::get_mut(&mut self.buffer).is_none() {
+            // Not reachable (the digest drops its reference before signalling), but never worth a panic.
+            self.buffer = Arc::new(AlignedBuf::new(self.buffer.capacity()));
+        }
+        Arc::get_mut(&mut self.buffer).expect("buffer has a single owner")
+    }
 }
 
 /// One worker: loops over items until none are left or the run is halted. Returns its scratch footprint.
-fn worker(shared: &Shared) -> usize {
-    let mut buffer = AlignedBuf::new(shared.config.chunk as usize);
-    let mut scratch = Scratch::default();
+fn worker(shared: &Shared, digest: Option<Sender<Piece>>) -> usize {
+    let mut buffer = WorkerBuffer { buffer: Arc::new(AlignedBuf::new(shared.config.chunk as usize)), hashed: None };
+    let mut scratch = Scratch::with_span(shared.config.chunk as usize + (64 << 10));
     while !shared.halt.load(Ordering::Relaxed) {
         if shared.stop.load(Ordering::Relaxed) {
-            let watermark = shared.completion.watermark();
-            fail(
-                shared,
-                Error::new(
-                    ErrorKind::Interrupted,
-                    "import stopped; everything below this offset was written",
-                )
-                .at_offset(watermark),
-            );
+            // The run reports the interruption once every worker has finished its item.
             break;
         }
-        match process_next(shared, &mut buffer, &mut scratch) {
+        match process_next(shared, &mut buffer, &mut scratch, digest.as_ref()) {
             Ok(true) => {}
             Ok(false) => break,
             Err(err) => fail(shared, err),
@@ -132,13 +155,16 @@ fn fail(shared: &Shared, err: Error) {
         *failure = Some(err);
     }
     shared.halt.store(true, Ordering::Relaxed);
-    if let Some(digest) = &shared.digest {
-        digest.wake_all();
-    }
 }
 
 /// Takes one item and carries it through. Returns `false` when there is nothing left.
-fn process_next(shared: &Shared, buffer: &mut AlignedBuf, scratch: &mut Scratch) -> Result<bool> {
+fn process_next(
+    shared: &Shared,
+    buffer: &mut WorkerBuffer,
+    scratch: &mut Scratch,
+    digest: Option<&Sender<Piece>>,
+) -> Result<bool> {
+    let writable = buffer.writable();
     let work = {
         let mut scheduler = shared.scheduler.lock().unwrap_or_else(|p| p.into_inner());
         let Some(work) = scheduler.next_work()? else {
@@ -146,27 +172,31 @@ fn process_next(shared: &Shared, buffer: &mut AlignedBuf, scratch: &mut Scratch)
         };
         if shared.config.serial_reads {
             // Fill while still holding the scheduler: reads then reach the sources in item order.
-            fill_chunk(shared, &work, buffer, scratch)?;
+            fill_chunk(shared, &work, writable, scratch)?;
         }
         work
     };
     if !shared.config.serial_reads {
-        fill_chunk(shared, &work, buffer, scratch)?;
+        fill_chunk(shared, &work, writable, scratch)?;
     }
     let (guest, len) = (work.guest(), work.len());
-    let bytes = match &work {
+    match &work {
         Work::Zero { .. } => {
             shared.dest.zero(guest, len)?;
-            None
+            if let Some(feeder) = digest {
+                // A send fails only when the digest thread has given up on a halted run.
+                let _ = feeder.send(Piece::Zeros { guest, len });
+            }
         }
         Work::Chunk { .. } => {
-            let filled = &buffer[..len as usize];
-            write_runs(shared.dest, guest, filled)?;
-            Some(filled)
+            if let Some(feeder) = digest {
+                // Hand the filled buffer to the digest first, so hashing and writing overlap.
+                let (done, hashed) = std::sync::mpsc::sync_channel(0);
+                buffer.hashed = Some(hashed);
+                let _ = feeder.send(Piece::Bytes { guest, len: len as usize, buffer: buffer.buffer.clone(), done });
+            }
+            write_runs(shared.dest, guest, &buffer.buffer[..len as usize])?;
         }
-    };
-    if let Some(digest) = &shared.digest {
-        digest.feed(guest, len, bytes, &shared.halt);
     }
     let watermark = shared.completion.complete(guest, guest + len);
     shared.progress.advance(len, watermark);
@@ -220,9 +250,7 @@ pub fn is_zero(bytes: &[u8]) -> bool {
     let (head, words, tail) = unsafe { bytes.align_to::<u128>() };
     head.iter().all(|&b| b == 0)
         && tail.iter().all(|&b| b == 0)
-        && words
-            .chunks(8)
-            .all(|group| group.iter().fold(0, |acc, &w| acc | w) == 0)
+        && words.chunks(8).all(|group| group.iter().fold(0, |acc, &w| acc | w) == 0)
 }
 
 #[cfg(test)]

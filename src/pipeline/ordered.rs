@@ -1,65 +1,116 @@
 //! Bookkeeping for work that completes out of order: the digest of the output (which must see bytes in guest
 //! order) and the watermark below which everything is written.
 
-use crate::checksum::{Algorithm, Hasher};
+use crate::buffer::AlignedBuf;
+use crate::checksum::Hasher;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Zeros fed to the digest for zero items, a slice at a time.
 static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
-/// A digest of the output fed in guest order by workers that finish out of order: each waits for its turn.
+/// How often a digest thread waiting for the next piece checks whether the run was halted.
+const HALT_POLL: Duration = Duration::from_millis(50);
+
+/// A piece of the output handed to the digest thread.
+pub enum Piece {
+    /// Guest `[guest, guest + len)` holds the first `len` bytes of `buffer`. The worker keeps its own reference
+    /// and writes from it meanwhile; dropping `done` (after hashing) tells it the buffer is free again.
+    Bytes {
+        /// Guest offset.
+        guest: u64,
+        /// Number of bytes.
+        len: usize,
+        /// The worker's buffer, shared read-only while both write and hash it.
+        buffer: Arc<AlignedBuf>,
+        /// Dropped once hashed.
+        done: SyncSender<()>,
+    },
+    /// Guest `[guest, guest + len)` reads as zeros.
+    Zeros {
+        /// Guest offset.
+        guest: u64,
+        /// Number of bytes.
+        len: u64,
+    },
+}
+
+impl Piece {
+    fn guest(&self) -> u64 {
+        match self {
+            Piece::Bytes { guest, .. } | Piece::Zeros { guest, .. } => *guest,
+        }
+    }
+}
+
+/// The digest of the output, computed on its own thread in guest order while workers, finishing out of order,
+/// go on writing: a worker hashes nothing and waits only if the digest falls behind.
 pub struct OrderedDigest {
-    state: Mutex<(u64, Hasher)>,
-    turn: Condvar,
+    sender: Sender<Piece>,
 }
 
 impl OrderedDigest {
-    /// A digest starting at guest offset 0.
-    pub fn new(algorithm: Algorithm) -> Self {
-        OrderedDigest {
-            state: Mutex::new((0, Hasher::new(algorithm))),
-            turn: Condvar::new(),
-        }
+    /// Starts the digest thread in `scope`, continuing `prefix` (a digest of guest `[0, prefix.1)` already
+    /// hashed). It stops when every sender is dropped or `halt` is raised; the handle yields the digest and how
+    /// many bytes it covers.
+    pub fn spawn<'scope>(
+        scope: &'scope std::thread::Scope<'scope, '_>,
+        prefix: (Hasher, u64),
+        halt: &'scope AtomicBool,
+    ) -> (Self, std::thread::ScopedJoinHandle<'scope, (Vec<u8>, u64)>) {
+        let (sender, receiver) = mpsc::channel();
+        let handle = std::thread::Builder::new()
+            .name("digest".into())
+            .spawn_scoped(scope, move || digest_in_order(receiver, prefix, halt))
+            .expect("spawning the digest thread");
+        (OrderedDigest { sender }, handle)
     }
 
-    /// Feeds the bytes of guest `[guest, guest + bytes.len())` (or that many zeros when `bytes` is `None`) once
-    /// everything before them has been fed. Returns early without feeding if `stop` is raised.
-    pub fn feed(&self, guest: u64, len: u64, bytes: Option<&[u8]>, stop: &AtomicBool) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        while state.0 != guest {
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-            state = self.turn.wait(state).unwrap_or_else(|p| p.into_inner());
-        }
-        match bytes {
-            Some(bytes) => state.1.update(bytes),
-            None => {
-                let mut left = len;
-                while left > 0 {
-                    let n = left.min(ZEROS.len() as u64) as usize;
-                    state.1.update(&ZEROS[..n]);
-                    left -= n as u64;
+    /// A handle for one worker.
+    pub fn feeder(&self) -> Sender<Piece> {
+        self.sender.clone()
+    }
+}
+
+fn digest_in_order(receiver: Receiver<Piece>, prefix: (Hasher, u64), halt: &AtomicBool) -> (Vec<u8>, u64) {
+    let (mut hasher, mut next) = prefix;
+    // Pieces that arrived before their turn; at most one per worker, since a worker waits for its piece to be
+    // hashed before it refills its buffer.
+    let mut waiting: BTreeMap<u64, Piece> = BTreeMap::new();
+    loop {
+        while let Some(piece) = waiting.remove(&next) {
+            next += match &piece {
+                Piece::Bytes { len, buffer, .. } => {
+                    hasher.update(&buffer[..*len]);
+                    *len as u64
                 }
-            }
+                Piece::Zeros { len, .. } => {
+                    let mut left = *len;
+                    while left > 0 {
+                        let n = left.min(ZEROS.len() as u64) as usize;
+                        hasher.update(&ZEROS[..n]);
+                        left -= n as u64;
+                    }
+                    *len
+                }
+            };
+            // Dropping the piece drops `done`: its worker may reuse the buffer.
         }
-        state.0 += len;
-        self.turn.notify_all();
+        if halt.load(Ordering::Relaxed) {
+            break;
+        }
+        match receiver.recv_timeout(HALT_POLL) {
+            Ok(piece) => {
+                waiting.insert(piece.guest(), piece);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
     }
-
-    /// Wakes every waiting worker (after `stop` was raised).
-    pub fn wake_all(&self) {
-        let _guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.turn.notify_all();
-    }
-
-    /// The digest, and how many bytes it covers.
-    pub fn finish(self) -> (Vec<u8>, u64) {
-        let (fed, hasher) = self.state.into_inner().unwrap_or_else(|p| p.into_inner());
-        (hasher.finish(), fed)
-    }
+    (hasher.finish(), next)
 }
 
 /// Tracks completed guest ranges; the watermark is the end of the longest completed prefix.
@@ -69,6 +120,11 @@ pub struct Completion {
 }
 
 impl Completion {
+    /// Tracking that starts with `[0, start)` already complete.
+    pub fn starting_at(start: u64) -> Self {
+        Completion { state: Mutex::new((start, BTreeMap::new())) }
+    }
+
     /// Records `[start, end)` as done; returns the new watermark.
     pub fn complete(&self, start: u64, end: u64) -> u64 {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -90,57 +146,69 @@ impl Completion {
 mod tests {
     use super::*;
     use crate::checksum::hex;
-    use std::sync::Arc;
+    use crate::checksum::Algorithm;
+
+    fn buffer_with(bytes: &[u8]) -> Arc<AlignedBuf> {
+        let mut buffer = AlignedBuf::new(bytes.len());
+        buffer[..bytes.len()].copy_from_slice(bytes);
+        Arc::new(buffer)
+    }
 
     #[test]
-    fn out_of_order_feeders_produce_the_in_order_digest() {
+    fn out_of_order_pieces_produce_the_in_order_digest() {
         let pieces: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 1000 + i as usize]).collect();
         let mut expected = Hasher::new(Algorithm::Sha256);
-        let mut offsets = Vec::new();
+        let mut layout = Vec::new();
         let mut at = 0u64;
         for (i, p) in pieces.iter().enumerate() {
             if i == 3 {
                 expected.update(&vec![0u8; 70_000]);
-                offsets.push((at, None));
+                layout.push((at, None));
                 at += 70_000;
             }
             expected.update(p);
-            offsets.push((at, Some(p.clone())));
+            layout.push((at, Some(p.clone())));
             at += p.len() as u64;
         }
-        let digest = Arc::new(OrderedDigest::new(Algorithm::Sha256));
-        let stop = Arc::new(AtomicBool::new(false));
-        let handles: Vec<_> = offsets
-            .into_iter()
-            .rev()
-            .map(|(guest, bytes)| {
-                let (digest, stop) = (digest.clone(), stop.clone());
-                std::thread::spawn(move || {
-                    let len = bytes.as_ref().map_or(70_000, |b| b.len() as u64);
-                    digest.feed(guest, len, bytes.as_deref(), &stop)
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().unwrap();
-        }
-        let (got, fed) = Arc::try_unwrap(digest).ok().unwrap().finish();
+        let halt = AtomicBool::new(false);
+        let (digest, fed) = std::thread::scope(|scope| {
+            let (digest, handle) = OrderedDigest::spawn(scope, (Hasher::new(Algorithm::Sha256), 0), &halt);
+            let mut waits = Vec::new();
+            for (guest, bytes) in layout.into_iter().rev() {
+                let piece = match bytes {
+                    Some(bytes) => {
+                        let (done, freed) = mpsc::sync_channel(0);
+                        waits.push(freed);
+                        Piece::Bytes { guest, len: bytes.len(), buffer: buffer_with(&bytes), done }
+                    }
+                    None => Piece::Zeros { guest, len: 70_000 },
+                };
+                digest.feeder().send(piece).unwrap();
+            }
+            drop(digest);
+            for freed in waits {
+                // The digest thread drops `done` after hashing: recv reports the disconnection.
+                assert!(freed.recv().is_err());
+            }
+            handle.join().unwrap()
+        });
         assert_eq!(fed, at);
-        assert_eq!(hex(&got), hex(&expected.finish()));
+        assert_eq!(hex(&digest), hex(&expected.finish()));
     }
 
     #[test]
-    fn stop_releases_waiters() {
-        let digest = Arc::new(OrderedDigest::new(Algorithm::Sha256));
-        let stop = Arc::new(AtomicBool::new(false));
-        let waiter = {
-            let (digest, stop) = (digest.clone(), stop.clone());
-            std::thread::spawn(move || digest.feed(100, 10, Some(&[1; 10]), &stop))
-        };
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        stop.store(true, Ordering::Relaxed);
-        digest.wake_all();
-        waiter.join().unwrap();
+    fn halt_releases_workers_waiting_on_a_missing_piece() {
+        let halt = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let (digest, handle) = OrderedDigest::spawn(scope, (Hasher::new(Algorithm::Sha256), 0), &halt);
+            let (done, freed) = mpsc::sync_channel(0);
+            // Offset 100 can never be hashed: nothing covers 0..100.
+            digest.feeder().send(Piece::Bytes { guest: 100, len: 10, buffer: buffer_with(&[1; 10]), done }).unwrap();
+            halt.store(true, Ordering::Relaxed);
+            assert!(freed.recv().is_err(), "the worker's buffer must be released");
+            handle.join().unwrap();
+            drop(digest);
+        });
     }
 
     #[test]

@@ -68,15 +68,18 @@ pub struct Scheduler {
 impl Scheduler {
     /// A scheduler over `image` cutting guest space into `chunk`-byte items (a power of two).
     pub fn new(image: Box<dyn Image>, chunk: u64) -> Self {
+        Self::starting_at(image, chunk, 0)
+    }
+
+    /// A scheduler that skips guest `[0, start)` (already written by an interrupted run).
+    pub fn starting_at(image: Box<dyn Image>, chunk: u64, start: u64) -> Self {
         let size = image.virtual_size();
-        Scheduler {
-            image,
-            chunk,
-            cursor: 0,
-            size,
-            pending: VecDeque::new(),
-            extents: Vec::new(),
-        }
+        Scheduler { image, chunk, cursor: start.min(size), size, pending: VecDeque::new(), extents: Vec::new() }
+    }
+
+    /// Guest offset of the next item to plan.
+    pub fn position(&self) -> u64 {
+        self.cursor
     }
 
     /// The image being scheduled.
@@ -125,11 +128,7 @@ impl Scheduler {
             if extents.iter().all(|e| e.content == Content::Zero) {
                 self.push_zero(chunk_start, chunk_end - chunk_start);
             } else {
-                self.pending.push_back(Work::Chunk {
-                    guest: chunk_start,
-                    len: chunk_end - chunk_start,
-                    extents,
-                });
+                self.pending.push_back(Work::Chunk { guest: chunk_start, len: chunk_end - chunk_start, extents });
             }
             chunk_start = chunk_end;
         }
@@ -199,22 +198,11 @@ mod tests {
     const MIB: u64 = 1 << 20;
 
     fn data(guest: u64, len: u64) -> Extent {
-        Extent {
-            guest,
-            len,
-            content: Content::Data {
-                source: 0,
-                offset: guest,
-            },
-        }
+        Extent { guest, len, content: Content::Data { source: 0, offset: guest } }
     }
 
     fn zero(guest: u64, len: u64) -> Extent {
-        Extent {
-            guest,
-            len,
-            content: Content::Zero,
-        }
+        Extent { guest, len, content: Content::Zero }
     }
 
     fn drain(image: Scripted, chunk: u64) -> Vec<Work> {
@@ -231,11 +219,7 @@ mod tests {
         let size = 100 * MIB + 512;
         let image = Scripted {
             size,
-            extents: vec![
-                data(0, MIB + 4096),
-                zero(MIB + 4096, 90 * MIB - 4096),
-                data(91 * MIB, 9 * MIB + 512),
-            ],
+            extents: vec![data(0, MIB + 4096), zero(MIB + 4096, 90 * MIB - 4096), data(91 * MIB, 9 * MIB + 512)],
         };
         let items = drain(image, 2 * MIB);
         // The items tile guest space in order.
@@ -248,18 +232,11 @@ mod tests {
         // First chunk carries both the data and the start of the zero run.
         assert_eq!(
             items[0],
-            Work::Chunk {
-                guest: 0,
-                len: 2 * MIB,
-                extents: vec![data(0, MIB + 4096), zero(MIB + 4096, MIB - 4096)]
-            }
+            Work::Chunk { guest: 0, len: 2 * MIB, extents: vec![data(0, MIB + 4096), zero(MIB + 4096, MIB - 4096)] }
         );
         // The empty middle becomes zero items, merged across windows.
         let zero_items: Vec<_> = items.iter().filter(|w| matches!(w, Work::Zero { .. })).collect();
-        assert!(
-            zero_items.len() as u64 <= (88 * MIB).div_ceil(MAX_ZERO_SPAN) + 1,
-            "{zero_items:?}"
-        );
+        assert!(zero_items.len() as u64 <= (88 * MIB).div_ceil(MAX_ZERO_SPAN) + 1, "{zero_items:?}");
         assert!(zero_items.iter().all(|w| w.len() <= MAX_ZERO_SPAN));
         assert_eq!(zero_items.iter().map(|w| w.len()).sum::<u64>(), 88 * MIB);
         // The odd-sized tail is one short chunk.
@@ -269,25 +246,14 @@ mod tests {
     #[test]
     fn zero_items_are_capped() {
         let size = 3 * MAX_ZERO_SPAN + MIB;
-        let items = drain(
-            Scripted {
-                size,
-                extents: vec![zero(0, size)],
-            },
-            2 * MIB,
-        );
-        assert!(items
-            .iter()
-            .all(|w| matches!(w, Work::Zero { .. }) && w.len() <= MAX_ZERO_SPAN));
+        let items = drain(Scripted { size, extents: vec![zero(0, size)] }, 2 * MIB);
+        assert!(items.iter().all(|w| matches!(w, Work::Zero { .. }) && w.len() <= MAX_ZERO_SPAN));
         assert_eq!(items.iter().map(Work::len).sum::<u64>(), size);
     }
 
     #[test]
     fn a_mapping_with_a_gap_is_rejected() {
-        let image = Scripted {
-            size: 4 * MIB,
-            extents: vec![data(0, MIB), data(2 * MIB, 2 * MIB)],
-        };
+        let image = Scripted { size: 4 * MIB, extents: vec![data(0, MIB), data(2 * MIB, 2 * MIB)] };
         let mut scheduler = Scheduler::new(Box::new(image), 2 * MIB);
         let err = scheduler.next_work().unwrap_err();
         assert!(err.to_string().contains("gap"), "{err}");

@@ -50,6 +50,19 @@ pub enum DestKind {
     RegularFile,
 }
 
+impl DestKind {
+    /// What `path` is (a path that does not exist yet will be a regular file); anything else is refused.
+    pub fn of(path: &Path) -> Result<DestKind> {
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.file_type().is_block_device() => Ok(DestKind::BlockDevice),
+            Ok(meta) if meta.is_file() => Ok(DestKind::RegularFile),
+            Ok(_) => Err(Error::usage("destination is neither a block device nor a regular file").at_path(path)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DestKind::RegularFile),
+            Err(e) => Err(Error::io("examining destination", e).at_path(path)),
+        }
+    }
+}
+
 /// Options for opening a destination.
 #[derive(Debug, Clone)]
 pub struct DestOptions {
@@ -59,15 +72,13 @@ pub struct DestOptions {
     pub target_is_zero: bool,
     /// Permission bits for a newly created file.
     pub file_mode: u32,
+    /// Keep a regular file's contents (resuming an interrupted import of the same image) instead of truncating.
+    pub keep_contents: bool,
 }
 
 impl Default for DestOptions {
     fn default() -> Self {
-        DestOptions {
-            io: IoChoice::Auto,
-            target_is_zero: false,
-            file_mode: 0o644,
-        }
+        DestOptions { io: IoChoice::Auto, target_is_zero: false, file_mode: 0o644, keep_contents: false }
     }
 }
 
@@ -115,36 +126,21 @@ impl Destination {
         governor: impl FnOnce() -> Result<Governor>,
     ) -> Result<Self> {
         let ctx = |e: Error| e.at_path(path);
-        let existing = std::fs::metadata(path).ok();
-        let kind = match &existing {
-            Some(meta) if meta.file_type().is_block_device() => DestKind::BlockDevice,
-            Some(meta) if meta.is_file() => DestKind::RegularFile,
-            Some(_) => {
-                return Err(ctx(Error::usage(
-                    "destination is neither a block device nor a regular file",
-                )))
-            }
-            None => DestKind::RegularFile,
-        };
+        let kind = DestKind::of(path)?;
         // O_EXCL on a block device refuses one that is mounted or otherwise claimed.
         let base_flags = match kind {
             DestKind::BlockDevice => libc::O_EXCL,
             DestKind::RegularFile => 0,
         };
         let mut open = OpenOptions::new();
-        open.read(true)
-            .write(true)
-            .custom_flags(base_flags)
-            .mode(options.file_mode);
+        open.read(true).write(true).custom_flags(base_flags).mode(options.file_mode);
         if kind == DestKind::RegularFile {
             open.create(true);
         }
         let buffered = open.open(path).io_context("opening destination").map_err(ctx)?;
         let capacity = match kind {
             DestKind::BlockDevice => {
-                let capacity = sys::file_or_device_size(&buffered)
-                    .io_context("reading device size")
-                    .map_err(ctx)?;
+                let capacity = sys::file_or_device_size(&buffered).io_context("reading device size").map_err(ctx)?;
                 if capacity < size {
                     return Err(ctx(Error::new(
                         ErrorKind::TooSmall,
@@ -157,6 +153,7 @@ impl Destination {
                 }
                 capacity
             }
+            DestKind::RegularFile if options.keep_contents => size,
             DestKind::RegularFile => {
                 // Truncate first so every old block becomes a hole, then extend to the image size.
                 buffered.set_len(0).io_context("truncating destination").map_err(ctx)?;
@@ -242,12 +239,9 @@ impl Destination {
         let aligned = is_aligned(offset, self.block) && (is_aligned(len, self.block) || end == Some(self.size));
         match (end, aligned) {
             (Some(_), true) => Ok(()),
-            _ => Err(Error::new(
-                ErrorKind::Io,
-                format!("refusing a {len}-byte write outside or misaligned"),
-            )
-            .at_offset(offset)
-            .at_path(&self.path)),
+            _ => Err(Error::new(ErrorKind::Io, format!("refusing a {len}-byte write outside or misaligned"))
+                .at_offset(offset)
+                .at_path(&self.path)),
         }
     }
 
@@ -280,17 +274,11 @@ impl Destination {
         if self.kind != DestKind::RegularFile {
             return Ok(());
         }
-        let meta = self
-            .buffered
-            .metadata()
-            .io_context("checking destination")
-            .map_err(|e| e.at_path(&self.path))?;
+        let meta = self.buffered.metadata().io_context("checking destination").map_err(|e| e.at_path(&self.path))?;
         if meta.nlink() == 0 {
-            return Err(
-                Error::new(ErrorKind::Io, "destination file was removed during the import")
-                    .at_offset(offset)
-                    .at_path(&self.path),
-            );
+            return Err(Error::new(ErrorKind::Io, "destination file was removed during the import")
+                .at_offset(offset)
+                .at_path(&self.path));
         }
         Ok(())
     }
@@ -338,15 +326,18 @@ impl Destination {
         Ok(())
     }
 
+    /// Makes everything written so far durable (fdatasync), without waiting for the write-behind window to drain.
+    pub fn sync(&self) -> Result<()> {
+        sys::fdatasync(&self.buffered).io_context("syncing destination").map_err(|e| e.at_path(&self.path))
+    }
+
     /// Waits for everything written to be durable (fdatasync) and leaves no page cache behind.
     pub fn finish(&self) -> Result<Option<GovernorSummary>> {
         let summary = match &self.path_kind {
             WritePath::WriteBehind(window) => Some(window.finish(&self.buffered).map_err(|e| e.at_path(&self.path))?),
             WritePath::Direct { .. } => None,
         };
-        sys::fdatasync(&self.buffered)
-            .io_context("syncing destination")
-            .map_err(|e| e.at_path(&self.path))?;
+        sys::fdatasync(&self.buffered).io_context("syncing destination").map_err(|e| e.at_path(&self.path))?;
         self.check_still_linked(self.size)?;
         // Zeroing and tail writes may have left clean pages of the device in the cache.
         let _ = sys::drop_cache(&self.buffered, 0, 0);
@@ -363,19 +354,13 @@ fn open_direct(path: &Path, buffered: &File, kind: DestKind) -> std::result::Res
     match kind {
         DestKind::BlockDevice => {
             let geometry = sys::block_geometry(&file).map_err(|e| format!("reading block size failed ({e})"))?;
-            Ok((
-                file,
-                geometry.logical.max(512),
-                format!("block device, logical block {} B", geometry.logical),
-            ))
+            Ok((file, geometry.logical.max(512), format!("block device, logical block {} B", geometry.logical)))
         }
         DestKind::RegularFile => match sys::statx_dio_alignment(&file) {
             Ok(Some((0, _))) | Ok(Some((_, 0))) => Err("the filesystem does not support O_DIRECT".into()),
-            Ok(Some((mem, offset))) if mem <= MIN_BLOCK && offset <= MIN_BLOCK => Ok((
-                file,
-                offset.max(512),
-                format!("filesystem direct-I/O alignment {offset} B"),
-            )),
+            Ok(Some((mem, offset))) if mem <= MIN_BLOCK && offset <= MIN_BLOCK => {
+                Ok((file, offset.max(512), format!("filesystem direct-I/O alignment {offset} B")))
+            }
             Ok(Some((mem, offset))) => Err(format!("direct-I/O alignment too large ({mem}/{offset} B)")),
             Err(_) | Ok(None) => probe_direct_write(path, file, buffered),
         },
@@ -385,27 +370,13 @@ fn open_direct(path: &Path, buffered: &File, kind: DestKind) -> std::result::Res
 /// Where statx cannot tell, one trial write of a zero page at offset 0 of the fresh (all-hole) file decides; the
 /// page is punched out again and the size restored, so the file stays as it was.
 fn probe_direct_write(path: &Path, file: File, buffered: &File) -> std::result::Result<(File, u64, String), String> {
-    let size = buffered
-        .metadata()
-        .map_err(|e| format!("reading destination size failed ({e})"))?
-        .len();
+    let size = buffered.metadata().map_err(|e| format!("reading destination size failed ({e})"))?.len();
     let page = AlignedBuf::new(MIN_BLOCK as usize);
     let outcome = file.write_all_at(&page, 0);
-    let _ = sys::fallocate(
-        &file,
-        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-        0,
-        MIN_BLOCK,
-    );
-    buffered
-        .set_len(size)
-        .map_err(|e| format!("restoring destination size failed ({e})"))?;
+    let _ = sys::fallocate(&file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, MIN_BLOCK);
+    buffered.set_len(size).map_err(|e| format!("restoring destination size failed ({e})"))?;
     match outcome {
-        Ok(()) => Ok((
-            file,
-            MIN_BLOCK,
-            format!("trial O_DIRECT write to {} succeeded", path.display()),
-        )),
+        Ok(()) => Ok((file, MIN_BLOCK, format!("trial O_DIRECT write to {} succeeded", path.display()))),
         Err(e) => Err(format!("trial O_DIRECT write failed ({e})")),
     }
 }

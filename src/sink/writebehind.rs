@@ -58,13 +58,7 @@ struct Window {
 impl WriteBehind {
     /// A window paced by `governor`.
     pub fn new(governor: Governor) -> Self {
-        WriteBehind {
-            governor,
-            admission: Mutex::new(Window {
-                cachestat: true,
-                ..Window::default()
-            }),
-        }
+        WriteBehind { governor, admission: Mutex::new(Window { cachestat: true, ..Window::default() }) }
     }
 
     /// Writes `data` at `offset` through the page cache once the governor allows, and starts its writeback.
@@ -74,10 +68,7 @@ impl WriteBehind {
         let mut fresh = false;
         let mut patience = WAIT_PATIENCE;
         loop {
-            let own = OwnBytes {
-                inflight: window.inflight_bytes,
-                cached: window.cached(file)?,
-            };
+            let own = OwnBytes { inflight: window.inflight_bytes, cached: window.cached(file)? };
             match self.governor.decide(len, own, fresh)? {
                 Decision::Proceed => break,
                 Decision::Drain => window.drain_oldest(file)?,
@@ -91,8 +82,7 @@ impl WriteBehind {
             }
             fresh = true;
         }
-        file.write_all_at(data, offset)
-            .map_err(|e| Error::io("writing destination", e).at_offset(offset))?;
+        file.write_all_at(data, offset).map_err(|e| Error::io("writing destination", e).at_offset(offset))?;
         sys::start_writeback(file, offset, len).map_err(|e| Error::io("starting writeback", e).at_offset(offset))?;
         window.inflight.push_back((offset, len));
         window.inflight_bytes += len;

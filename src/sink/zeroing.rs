@@ -30,9 +30,7 @@ pub struct Zeroer {
 
 impl Default for Zeroer {
     fn default() -> Self {
-        Zeroer {
-            method: AtomicU8::new(METHOD_UNKNOWN),
-        }
+        Zeroer { method: AtomicU8::new(METHOD_UNKNOWN) }
     }
 }
 
@@ -43,12 +41,9 @@ impl Zeroer {
         let mut method = self.method.load(Ordering::Relaxed);
         loop {
             let result = match method {
-                METHOD_UNKNOWN | METHOD_PUNCH => sys::fallocate(
-                    file,
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    offset,
-                    len,
-                ),
+                METHOD_UNKNOWN | METHOD_PUNCH => {
+                    sys::fallocate(file, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+                }
                 METHOD_ZEROOUT => sys::blkzeroout(file, offset, len),
                 _ => return write_zeros(direct.unwrap_or(file), offset, len),
             };
@@ -60,11 +55,7 @@ impl Zeroer {
                     return Ok(());
                 }
                 Err(e) if is_unsupported(&e) => {
-                    method = if method <= METHOD_PUNCH {
-                        METHOD_ZEROOUT
-                    } else {
-                        METHOD_WRITE
-                    };
+                    method = if method <= METHOD_PUNCH { METHOD_ZEROOUT } else { METHOD_WRITE };
                     self.method.store(method, Ordering::Relaxed);
                 }
                 Err(e) => return Err(Error::io("zeroing destination range", e).at_offset(offset)),
@@ -84,10 +75,7 @@ impl Zeroer {
 }
 
 fn is_unsupported(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL) | Some(libc::ENOSYS)
-    )
+    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL) | Some(libc::ENOSYS))
 }
 
 fn write_zeros(file: &File, offset: u64, len: u64) -> Result<()> {

@@ -58,26 +58,15 @@ impl FileSource {
         if meta.is_dir() {
             return Err(Error::usage("source is a directory").at_path(path));
         }
-        let len = sys::file_or_device_size(&file)
-            .io_context("reading source size")
-            .map_err(ctx)?;
-        let is_block_device = sys::is_block_device(&file)
-            .io_context("reading source type")
-            .map_err(ctx)?;
-        let mut source = FileSource {
-            name,
-            file,
-            len,
-            mode: ReadMode::BufferedDropBehind,
-            is_block_device,
-        };
+        let len = sys::file_or_device_size(&file).io_context("reading source size").map_err(ctx)?;
+        let is_block_device = sys::is_block_device(&file).io_context("reading source type").map_err(ctx)?;
+        let mut source = FileSource { name, file, len, mode: ReadMode::BufferedDropBehind, is_block_device };
         if try_direct {
             match source.probe_direct_alignment() {
                 Some(align) => source.mode = ReadMode::Direct(align),
                 None => {
-                    source.file = sys::reopen(&source.file, libc::O_RDONLY)
-                        .io_context("reopening source")
-                        .map_err(ctx)?
+                    source.file =
+                        sys::reopen(&source.file, libc::O_RDONLY).io_context("reopening source").map_err(ctx)?
                 }
             }
         }
@@ -105,22 +94,15 @@ impl FileSource {
             _ => {}
         }
         let mut probe = AlignedBuf::new(4096);
-        [512u64, 4096]
-            .into_iter()
-            .find(|&align| match self.file.read_at(&mut probe[..align as usize], 0) {
-                Ok(_) => true,
-                Err(e) => e.raw_os_error() != Some(libc::EINVAL),
-            })
+        [512u64, 4096].into_iter().find(|&align| match self.file.read_at(&mut probe[..align as usize], 0) {
+            Ok(_) => true,
+            Err(e) => e.raw_os_error() != Some(libc::EINVAL),
+        })
     }
 
     /// Fails if the file is now shorter than when it was opened (truncated during the import).
     fn check_not_shrunk(&self) -> Result<()> {
-        let now = self
-            .file
-            .metadata()
-            .io_context("reading source size")
-            .map_err(|e| e.at_path(&self.name))?
-            .len();
+        let now = self.file.metadata().io_context("reading source size").map_err(|e| e.at_path(&self.name))?.len();
         if now < self.len {
             return Err(Error::new(
                 crate::error::ErrorKind::Io,
@@ -212,6 +194,12 @@ impl ReadAt for FileSource {
         }
     }
 
+    fn identity(&self) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = self.file.metadata().ok()?;
+        Some(format!("mtime={}.{:09} ino={}", meta.mtime(), meta.mtime_nsec(), meta.ino()))
+    }
+
     fn next_data(&self, offset: u64) -> Result<Option<Range<u64>>> {
         if offset >= self.len {
             return Ok(None);
@@ -230,9 +218,7 @@ impl ReadAt for FileSource {
             }
             // Filesystems without SEEK_DATA: everything is data.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Some(offset..self.len)),
-            Err(e) => Err(Error::io("finding data in source", e)
-                .at_offset(offset)
-                .at_path(&self.name)),
+            Err(e) => Err(Error::io("finding data in source", e).at_offset(offset).at_path(&self.name)),
         }
     }
 }
@@ -253,10 +239,7 @@ mod tests {
         assert!(source.next_data(1 << 20).unwrap().is_none_or(|r| r.start >= 1 << 20));
         file.set_len(2 << 20).unwrap();
         let err = source.next_data(1 << 20).unwrap_err();
-        assert!(
-            err.to_string().contains("shrank from 4194304 to 2097152 bytes"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("shrank from 4194304 to 2097152 bytes"), "{err}");
         assert_eq!(err.offset(), Some(2 << 20));
     }
 
@@ -277,12 +260,7 @@ mod tests {
         assert_eq!(source.read_at(1 << 20, &mut aligned).unwrap(), 1 << 20);
         assert_eq!(&aligned[..], &data[1 << 20..2 << 20]);
 
-        for &(offset, len) in &[
-            (1usize, 10usize),
-            (4095, 2),
-            (511, BOUNCE_SIZE + 3000),
-            (100, 2 * BOUNCE_SIZE),
-        ] {
+        for &(offset, len) in &[(1usize, 10usize), (4095, 2), (511, BOUNCE_SIZE + 3000), (100, 2 * BOUNCE_SIZE)] {
             let mut buf = vec![0u8; len];
             assert_eq!(source.read_at(offset as u64, &mut buf).unwrap(), len);
             assert_eq!(buf, &data[offset..offset + len], "offset {offset} len {len}");

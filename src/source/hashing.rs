@@ -41,14 +41,7 @@ pub struct HashOutcome {
 impl HashingSource {
     /// Wraps `inner`, digesting it with `algorithm`.
     pub fn new(inner: Arc<dyn ReadAt>, algorithm: Algorithm) -> Self {
-        HashingSource {
-            inner,
-            state: Mutex::new(TapState {
-                cursor: 0,
-                hasher: Hasher::new(algorithm),
-                gap_bytes: 0,
-            }),
-        }
+        HashingSource { inner, state: Mutex::new(TapState { cursor: 0, hasher: Hasher::new(algorithm), gap_bytes: 0 }) }
     }
 
     /// Hashes whatever has not been read yet up to the end of the source and returns the digest.
@@ -56,10 +49,7 @@ impl HashingSource {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         self.fill_gap(&mut state, self.inner.len())?;
         let hasher = std::mem::replace(&mut state.hasher, Hasher::new(Algorithm::Md5));
-        Ok(HashOutcome {
-            digest: hasher.finish(),
-            gap_bytes: state.gap_bytes,
-        })
+        Ok(HashOutcome { digest: hasher.finish(), gap_bytes: state.gap_bytes })
     }
 
     fn fill_gap(&self, state: &mut TapState, until: u64) -> Result<()> {
@@ -105,6 +95,10 @@ impl ReadAt for HashingSource {
 
     fn direct_alignment(&self) -> u64 {
         self.inner.direct_alignment()
+    }
+
+    fn identity(&self) -> Option<String> {
+        self.inner.identity()
     }
 
     fn next_data(&self, offset: u64) -> Result<Option<Range<u64>>> {

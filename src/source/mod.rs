@@ -100,6 +100,12 @@ pub trait ReadAt: Send + Sync {
         1
     }
 
+    /// Something that changes when the source's contents are replaced (a file's modification time, an HTTP
+    /// ETag), for checking that a resumed import reads the same source; `None` when the source cannot tell.
+    fn identity(&self) -> Option<String> {
+        None
+    }
+
     /// The next range at or after `offset` that may hold non-zero bytes, or `None` if the rest reads as zeros.
     /// Sources that cannot tell report everything as data.
     fn next_data(&self, offset: u64) -> Result<Option<Range<u64>>> {
@@ -112,11 +118,9 @@ pub trait ReadAt: Send + Sync {
 pub fn read_exact_at(source: &dyn ReadAt, offset: u64, buf: &mut [u8], what: &str) -> Result<()> {
     let got = source.read_at(offset, buf)?;
     if got < buf.len() {
-        return Err(
-            crate::bad_image!("{what} ends past the end of the file ({} bytes)", source.len())
-                .at_offset(offset)
-                .at_path(source.name()),
-        );
+        return Err(crate::bad_image!("{what} ends past the end of the file ({} bytes)", source.len())
+            .at_offset(offset)
+            .at_path(source.name()));
     }
     Ok(())
 }
@@ -127,10 +131,7 @@ mod tests {
 
     #[test]
     fn locations_are_urls_only_with_an_http_scheme() {
-        assert_eq!(
-            Location::parse("https://h/x.qcow2"),
-            Location::Url("https://h/x.qcow2".into())
-        );
+        assert_eq!(Location::parse("https://h/x.qcow2"), Location::Url("https://h/x.qcow2".into()));
         assert_eq!(Location::parse("HTTP://h/x"), Location::Url("HTTP://h/x".into()));
         assert_eq!(Location::parse("disk.qcow2"), Location::Path("disk.qcow2".into()));
         assert_eq!(Location::parse("./http:x"), Location::Path("./http:x".into()));

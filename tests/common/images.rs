@@ -38,9 +38,7 @@ pub fn qemu_convert_from_raw(raw: &Path, format: &str, options: &str, image: &Pa
 
 /// Hex sha256 and length of a file.
 pub fn sha256_file(path: &Path) -> (String, u64) {
-    let len = std::fs::metadata(path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-        .len();
+    let len = std::fs::metadata(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display())).len();
     (sha256_prefix(path, len), len)
 }
 
@@ -51,11 +49,8 @@ fn hex(bytes: &[u8]) -> String {
 /// Opens `path` through boundimport's detection, with backing files refused and siblings resolved beside it.
 pub fn open_image(path: &Path) -> boundimport::error::Result<Box<dyn Image>> {
     let source: Arc<dyn ReadAt> = Arc::new(FileSource::open(path)?);
-    let policy = BackingPolicy {
-        allow: false,
-        base_dir: path.parent().map(Path::to_path_buf),
-        ..BackingPolicy::default()
-    };
+    let policy =
+        BackingPolicy { allow: false, base_dir: path.parent().map(Path::to_path_buf), ..BackingPolicy::default() };
     format::open(source, &policy)
 }
 
@@ -77,10 +72,7 @@ pub fn reconstruct(image: &mut dyn Image, window: u64) -> (String, u64) {
 /// The bytes of `qemu-img convert -f <format> -O raw image`.
 pub fn qemu_raw_bytes(image: &Path, format: &str) -> Vec<u8> {
     let out = image.with_extension("qemu-raw");
-    run(Command::new(qemu_img())
-        .args(["convert", "-f", format, "-O", "raw"])
-        .arg(image)
-        .arg(&out));
+    run(Command::new(qemu_img()).args(["convert", "-f", format, "-O", "raw"]).arg(image).arg(&out));
     let bytes = std::fs::read(&out).unwrap_or_else(|e| panic!("reading {}: {e}", out.display()));
     std::fs::remove_file(&out).ok();
     bytes
@@ -95,33 +87,21 @@ pub fn assert_same_as_qemu(image: &Path, qemu_format: &str, format_name: &str) {
     let mut opened = open_image(image).unwrap_or_else(|e| panic!("opening {}: {e}", image.display()));
     assert_eq!(opened.format_name(), format_name, "{}", image.display());
     assert_eq!(opened.virtual_size(), want.1, "virtual size of {}", image.display());
-    assert_eq!(
-        reconstruct(opened.as_mut(), 1 << 20),
-        want,
-        "{} read in 1 MiB windows",
-        image.display()
-    );
+    assert_eq!(reconstruct(opened.as_mut(), 1 << 20), want, "{} read in 1 MiB windows", image.display());
     let window = 3 * 65536 + 4096 + 512;
     let mut buf = vec![0u8; window];
     for (i, expected) in want_bytes.chunks(window).enumerate() {
         let at = (i * window) as u64;
         let got = &mut buf[..expected.len()];
         read_guest(opened.as_mut(), at, got).unwrap_or_else(|e| panic!("reading guest bytes at {at}: {e}"));
-        assert!(
-            got == expected,
-            "{}: bytes at {at} differ in {window}-byte windows",
-            image.display()
-        );
+        assert!(got == expected, "{}: bytes at {at} differ in {window}-byte windows", image.display());
     }
 }
 
 /// Opens `bytes` as an image and reads guest windows at its start, middle and end, ignoring errors: for
 /// mutation tests, where only a panic is a failure. Returns the format it opened as, if it opened.
 pub fn exercise(name: &str, bytes: Vec<u8>) -> Option<&'static str> {
-    let source: Arc<dyn ReadAt> = Arc::new(MemSource {
-        name: name.to_string(),
-        bytes,
-    });
+    let source: Arc<dyn ReadAt> = Arc::new(MemSource { name: name.to_string(), bytes });
     let Ok(mut image) = format::open(source, &BackingPolicy::default()) else {
         return None;
     };

@@ -99,18 +99,14 @@ pub fn run(cmd: &mut Command) -> Output {
 
 /// Runs `cmd` whatever its exit status (for commands expected to fail, like qemu-io's `abort`).
 pub fn run_any(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", describe(cmd)))
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", describe(cmd)))
 }
 
 /// A fresh scratch directory under Cargo's per-target temporary directory, removed when dropped.
 pub fn scratch_dir(label: &str) -> tempfile::TempDir {
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     std::fs::create_dir_all(&base).expect("creating CARGO_TARGET_TMPDIR");
-    tempfile::Builder::new()
-        .prefix(&format!("{label}-"))
-        .tempdir_in(&base)
-        .expect("creating a scratch directory")
+    tempfile::Builder::new().prefix(&format!("{label}-")).tempdir_in(&base).expect("creating a scratch directory")
 }
 
 /// What a segment of a generated raw image holds.
@@ -242,9 +238,7 @@ pub struct Workbench {
 impl Workbench {
     /// A workbench in a fresh scratch directory named after `label`.
     pub fn new(label: &str) -> Self {
-        Workbench {
-            dir: scratch_dir(label),
-        }
+        Workbench { dir: scratch_dir(label) }
     }
 
     /// Path of `name` in the scratch directory.
@@ -332,8 +326,7 @@ pub fn sha256_prefix(path: &Path, len: u64) -> String {
     let mut at = 0;
     while at < len {
         let n = (len - at).min(buf.len() as u64) as usize;
-        file.read_exact_at(&mut buf[..n], at)
-            .unwrap_or_else(|e| panic!("reading {} at {at}: {e}", path.display()));
+        file.read_exact_at(&mut buf[..n], at).unwrap_or_else(|e| panic!("reading {} at {at}: {e}", path.display()));
         hasher.update(&buf[..n]);
         at += n as u64;
     }
@@ -342,14 +335,9 @@ pub fn sha256_prefix(path: &Path, len: u64) -> String {
 
 /// SHA-256 and length of `qemu-img convert -O raw IMAGE` (the reference output), converting into `scratch`.
 pub fn qemu_reference(image: &Path, scratch: &Path) -> (String, u64) {
-    let reference = scratch.join(format!(
-        "{}.reference.raw",
-        image.file_name().and_then(|n| n.to_str()).unwrap_or("image")
-    ));
-    run(Command::new(qemu_img())
-        .args(["convert", "-O", "raw"])
-        .arg(image)
-        .arg(&reference));
+    let reference =
+        scratch.join(format!("{}.reference.raw", image.file_name().and_then(|n| n.to_str()).unwrap_or("image")));
+    run(Command::new(qemu_img()).args(["convert", "-O", "raw"]).arg(image).arg(&reference));
     let len = std::fs::metadata(&reference).expect("reference output").len();
     let digest = sha256_prefix(&reference, len);
     std::fs::remove_file(&reference).expect("removing reference output");
@@ -395,11 +383,7 @@ impl Running {
             let _ = pipe.read_to_string(&mut text);
             text
         });
-        Running {
-            child,
-            started: std::time::Instant::now(),
-            stderr: Some(stderr),
-        }
+        Running { child, started: std::time::Instant::now(), stderr: Some(stderr) }
     }
 
     /// Sends `signal` to the process.
@@ -418,12 +402,7 @@ impl Running {
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 let ended = std::time::Instant::now();
-                let stderr = self
-                    .stderr
-                    .take()
-                    .expect("stderr reader")
-                    .join()
-                    .expect("stderr reader");
+                let stderr = self.stderr.take().expect("stderr reader").join().expect("stderr reader");
                 return Finished { status, stderr, ended };
             }
             if std::time::Instant::now() > deadline {
@@ -453,8 +432,5 @@ pub fn sectors_written(device: &Path) -> u64 {
     let name = real.file_name().expect("device name").to_string_lossy().into_owned();
     let stat = std::fs::read_to_string(format!("/sys/class/block/{name}/stat"))
         .unwrap_or_else(|e| panic!("reading stat of {name}: {e}"));
-    stat.split_whitespace()
-        .nth(6)
-        .and_then(|v| v.parse().ok())
-        .expect("write sectors field")
+    stat.split_whitespace().nth(6).and_then(|v| v.parse().ok()).expect("write sectors field")
 }

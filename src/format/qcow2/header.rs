@@ -165,24 +165,20 @@ fn be64(buf: &[u8], at: usize) -> u64 {
 /// [`parse`] needs to know how many bytes to be given.
 pub fn peek_cluster_size(head: &[u8]) -> Result<u64> {
     if head.len() < V2_HEADER_LENGTH as usize {
-        return Err(
-            crate::bad_image!("qcow2 header truncated: {} of {V2_HEADER_LENGTH} bytes", head.len())
-                .at_offset(head.len() as u64),
-        );
+        return Err(crate::bad_image!("qcow2 header truncated: {} of {V2_HEADER_LENGTH} bytes", head.len())
+            .at_offset(head.len() as u64));
     }
     if head[..4] != MAGIC {
         return Err(crate::bad_image!("not a qcow2 image: bad magic {:02x?}", &head[..4]).at_offset(0));
     }
     let version = be32(head, 4);
     if version != 2 && version != 3 {
-        return Err(
-            Error::unsupported(format!("qcow2 version {version} is not supported (only 2 and 3)")).at_offset(4),
-        );
+        return Err(Error::unsupported(format!("qcow2 version {version} is not supported (only 2 and 3)")).at_offset(4));
     }
     let cluster_bits = be32(head, 20);
     if cluster_bits < MIN_CLUSTER_BITS {
         return Err(
-            crate::bad_image!("cluster_bits {cluster_bits} is below the minimum of {MIN_CLUSTER_BITS}").at_offset(20),
+            crate::bad_image!("cluster_bits {cluster_bits} is below the minimum of {MIN_CLUSTER_BITS}").at_offset(20)
         );
     }
     if cluster_bits > MAX_CLUSTER_BITS {
@@ -206,10 +202,7 @@ pub fn parse(first_cluster: &[u8], file_len: u64) -> Result<Header> {
     let cluster_size = peek_cluster_size(first_cluster)?;
     let buf = first_cluster;
     if (buf.len() as u64) < cluster_size {
-        return Err(crate::bad_image!(
-            "qcow2 header cluster truncated: {} of {cluster_size} bytes",
-            buf.len()
-        ));
+        return Err(crate::bad_image!("qcow2 header cluster truncated: {} of {cluster_size} bytes", buf.len()));
     }
     let version = be32(buf, 4);
     let cluster_bits = be32(buf, 20);
@@ -231,10 +224,8 @@ pub fn parse(first_cluster: &[u8], file_len: u64) -> Result<Header> {
             .at_offset(100));
         }
         if u64::from(header_length) > cluster_size {
-            return Err(
-                crate::bad_image!("header_length {header_length} exceeds the cluster size {cluster_size}")
-                    .at_offset(100),
-            );
+            return Err(crate::bad_image!("header_length {header_length} exceeds the cluster size {cluster_size}")
+                .at_offset(100));
         }
         let refcount_order = be32(buf, 96);
         if refcount_order > 6 {
@@ -250,11 +241,7 @@ pub fn parse(first_cluster: &[u8], file_len: u64) -> Result<Header> {
         )
         .at_offset(8));
     }
-    let ext_end = if backing_file_offset != 0 {
-        backing_file_offset as usize
-    } else {
-        cluster_size as usize
-    };
+    let ext_end = if backing_file_offset != 0 { backing_file_offset as usize } else { cluster_size as usize };
     let extensions = read_extensions(buf, header_length as usize, ext_end)?;
     let find = |kind: u32| extensions.iter().find(|e| e.kind == kind);
 
@@ -294,19 +281,14 @@ pub fn parse(first_cluster: &[u8], file_len: u64) -> Result<Header> {
         .at_offset(e.data.start as u64 - 8));
     }
 
-    let compression_type = if header_length as usize > COMPRESSION_TYPE_OFFSET {
-        buf[COMPRESSION_TYPE_OFFSET]
-    } else {
-        0
-    };
+    let compression_type =
+        if header_length as usize > COMPRESSION_TYPE_OFFSET { buf[COMPRESSION_TYPE_OFFSET] } else { 0 };
     let codec = match compression_type {
         0 => Codec::Deflate,
         1 => Codec::Zstd,
         other => {
-            return Err(Error::unsupported(format!(
-                "compression type {other} is not supported (0 = zlib, 1 = zstd)"
-            ))
-            .at_offset(COMPRESSION_TYPE_OFFSET as u64));
+            return Err(Error::unsupported(format!("compression type {other} is not supported (0 = zlib, 1 = zstd)"))
+                .at_offset(COMPRESSION_TYPE_OFFSET as u64));
         }
     };
     let flagged = incompatible & INCOMPAT_COMPRESSION != 0;
@@ -351,7 +333,7 @@ pub fn parse(first_cluster: &[u8], file_len: u64) -> Result<Header> {
         }
         if l1_table_offset < cluster_size {
             return Err(
-                crate::bad_image!("L1 table offset {l1_table_offset:#x} lies inside the header cluster").at_offset(40),
+                crate::bad_image!("L1 table offset {l1_table_offset:#x} lies inside the header cluster").at_offset(40)
             );
         }
         if l1_table_offset.checked_add(l1_bytes).is_none_or(|end| end > file_len) {
@@ -376,11 +358,8 @@ pub fn parse(first_cluster: &[u8], file_len: u64) -> Result<Header> {
         let at = backing_file_offset as usize;
         let raw = &buf[at..at + len as usize];
         let name = String::from_utf8(raw.to_vec()).map_err(|_| {
-            Error::unsupported(format!(
-                "backing file name {:?} is not UTF-8",
-                String::from_utf8_lossy(raw)
-            ))
-            .at_offset(backing_file_offset)
+            Error::unsupported(format!("backing file name {:?} is not UTF-8", String::from_utf8_lossy(raw)))
+                .at_offset(backing_file_offset)
         })?;
         let format = match find(EXT_BACKING_FORMAT) {
             None => None,
@@ -396,11 +375,7 @@ pub fn parse(first_cluster: &[u8], file_len: u64) -> Result<Header> {
                 Some(format)
             }
         };
-        Some(BackingFile {
-            name,
-            format,
-            offset: backing_file_offset,
-        })
+        Some(BackingFile { name, format, offset: backing_file_offset })
     } else {
         None
     };
@@ -426,10 +401,8 @@ fn read_extensions(buf: &[u8], start: usize, end: usize) -> Result<Vec<Extension
     let mut at = start;
     while at < end {
         if end - at < 8 {
-            return Err(
-                crate::bad_image!("header extension header crosses the end of the extension area at {end:#x}")
-                    .at_offset(at as u64),
-            );
+            return Err(crate::bad_image!("header extension header crosses the end of the extension area at {end:#x}")
+                .at_offset(at as u64));
         }
         let kind = be32(buf, at);
         let len = be32(buf, at + 4) as usize;
@@ -452,10 +425,7 @@ fn read_extensions(buf: &[u8], start: usize, end: usize) -> Result<Vec<Extension
             )
             .at_offset(at as u64));
         }
-        found.push(Extension {
-            kind,
-            data: data..data + len,
-        });
+        found.push(Extension { kind, data: data..data + len });
         // Data is padded to a multiple of 8; `len <= end - data` keeps this from overflowing.
         at = data + len.next_multiple_of(8);
     }
@@ -469,14 +439,11 @@ fn describe_features(bits: u64, table: &[u8]) -> String {
         if bits & (1 << bit) == 0 {
             continue;
         }
-        let name = table
-            .chunks_exact(FEATURE_ENTRY_LEN)
-            .find(|entry| entry[0] == 0 && entry[1] == bit)
-            .map(|entry| {
-                let raw = &entry[2..];
-                let raw = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
-                String::from_utf8_lossy(raw).into_owned()
-            });
+        let name = table.chunks_exact(FEATURE_ENTRY_LEN).find(|entry| entry[0] == 0 && entry[1] == bit).map(|entry| {
+            let raw = &entry[2..];
+            let raw = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
+            String::from_utf8_lossy(raw).into_owned()
+        });
         parts.push(match name {
             Some(name) => format!("{bit} ({name:?})"),
             None => bit.to_string(),
@@ -778,11 +745,7 @@ mod tests {
         h[0x80..0x84].copy_from_slice(b"base");
         put64(&mut h, 8, 0x80);
         put32(&mut h, 16, 4);
-        fails(
-            &h,
-            ErrorKind::BadImage,
-            "runs past the end of the extension area at 0x80",
-        );
+        fails(&h, ErrorKind::BadImage, "runs past the end of the extension area at 0x80");
         // Unknown extensions are skipped, padding included, but not forever.
         let mut h = valid_header();
         let mut at = 112;

@@ -135,18 +135,11 @@ impl Qcow2Image {
             None => None,
             Some(file) => {
                 let image = open_backing(&name, &file.name, file.format.as_deref(), file.offset, backing, depth)?;
-                Some(Backing {
-                    virtual_size: image.virtual_size(),
-                    image,
-                    scratch: Vec::new(),
-                })
+                Some(Backing { virtual_size: image.virtual_size(), image, scratch: Vec::new() })
             }
         };
-        let layout = Layout {
-            cluster_bits: header.cluster_bits,
-            extended_l2: header.extended_l2,
-            version: header.version,
-        };
+        let layout =
+            Layout { cluster_bits: header.cluster_bits, extended_l2: header.extended_l2, version: header.version };
         Ok(Qcow2Image {
             l2: L2Cache {
                 slice_bytes: L2_SLICE_BYTES.min(header.cluster_size()),
@@ -185,27 +178,15 @@ impl Qcow2Image {
             let count = L1_WINDOW_ENTRIES.min(l1_size - first);
             window.bytes.resize(count as usize * 8, 0);
             window.entries.clear();
-            read_exact_at(
-                self.source.as_ref(),
-                l1_offset + first * 8,
-                &mut window.bytes,
-                "L1 table",
-            )?;
-            window.entries.extend(
-                window
-                    .bytes
-                    .chunks_exact(8)
-                    .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes"))),
-            );
+            read_exact_at(self.source.as_ref(), l1_offset + first * 8, &mut window.bytes, "L1 table")?;
+            window
+                .entries
+                .extend(window.bytes.chunks_exact(8).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes"))));
             window.first = first;
         }
         let entry = window.entries[(index - window.first) as usize];
         let at = l1_offset + index * 8;
-        let bad = |why: String| {
-            crate::bad_image!("L1 entry {index}: {why}")
-                .at_offset(at)
-                .at_path(self.source.name())
-        };
+        let bad = |why: String| crate::bad_image!("L1 entry {index}: {why}").at_offset(at).at_path(self.source.name());
         let Some(l2) = decode_l1(entry, &self.layout).map_err(bad)? else {
             return Ok(None);
         };
@@ -213,15 +194,10 @@ impl Qcow2Image {
         let cluster_size = self.layout.cluster_size();
         let l1_end = l1_offset + l1_size * 8;
         if l2 < l1_end && l1_offset < l2 + cluster_size {
-            return Err(bad(format!(
-                "L2 table at {l2:#x} overlaps the L1 table at {l1_offset:#x}"
-            )));
+            return Err(bad(format!("L2 table at {l2:#x} overlaps the L1 table at {l1_offset:#x}")));
         }
         if l2 + cluster_size > self.file_len {
-            return Err(bad(format!(
-                "L2 table at {l2:#x} lies past the end of the file ({} bytes)",
-                self.file_len
-            )));
+            return Err(bad(format!("L2 table at {l2:#x} lies past the end of the file ({} bytes)", self.file_len)));
         }
         Ok(Some(l2))
     }
@@ -239,41 +215,25 @@ impl Qcow2Image {
                 cache.bytes.resize(cache.slice_bytes as usize, 0);
                 read_exact_at(self.source.as_ref(), slice_offset, &mut cache.bytes, "L2 table")?;
                 let slot = if cache.slices.len() < L2_CACHE_SLICES {
-                    cache.slices.push(L2Slice {
-                        offset: slice_offset,
-                        words: Vec::new(),
-                        used: 0,
-                    });
+                    cache.slices.push(L2Slice { offset: slice_offset, words: Vec::new(), used: 0 });
                     cache.slices.len() - 1
                 } else {
-                    let (slot, _) = cache
-                        .slices
-                        .iter()
-                        .enumerate()
-                        .min_by_key(|(_, s)| s.used)
-                        .expect("cache is full");
+                    let (slot, _) = cache.slices.iter().enumerate().min_by_key(|(_, s)| s.used).expect("cache is full");
                     slot
                 };
                 let slice = &mut cache.slices[slot];
                 slice.offset = slice_offset;
                 slice.words.clear();
-                slice.words.extend(
-                    cache
-                        .bytes
-                        .chunks_exact(8)
-                        .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes"))),
-                );
+                slice
+                    .words
+                    .extend(cache.bytes.chunks_exact(8).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes"))));
                 slot
             }
         };
         let slice = &mut cache.slices[slot];
         slice.used = cache.clock;
         let word = ((byte % cache.slice_bytes) / 8) as usize;
-        let bitmap = if self.layout.extended_l2 {
-            slice.words[word + 1]
-        } else {
-            0
-        };
+        let bitmap = if self.layout.extended_l2 { slice.words[word + 1] } else { 0 };
         Ok((slice.words[word], bitmap))
     }
 
@@ -294,10 +254,7 @@ impl Qcow2Image {
         if host >= self.file_len {
             return Err(self.bad_entry(
                 at,
-                format!(
-                    "{what} at {host:#x} lies past the end of the file ({} bytes)",
-                    self.file_len
-                ),
+                format!("{what} at {host:#x} lies past the end of the file ({} bytes)", self.file_len),
             ));
         }
         Ok(())
@@ -331,18 +288,10 @@ impl Qcow2Image {
                     skip: from - cluster_start,
                     codec: self.header.codec,
                 };
-                let extent = Extent {
-                    guest: from,
-                    len: to - from,
-                    content: Content::Compressed(unit),
-                };
+                let extent = Extent { guest: from, len: to - from, content: Content::Compressed(unit) };
                 self.emit(extent, pending, out)
             }
-            Cluster::Subclusters {
-                host,
-                alloc,
-                zero: zeros,
-            } => {
+            Cluster::Subclusters { host, alloc, zero: zeros } => {
                 let bits = self.layout.subcluster_bits();
                 let mut pos = from;
                 while pos < to {
@@ -427,20 +376,12 @@ fn shift_source(mut extent: Extent) -> Extent {
 
 /// A zero extent for guest `[from, to)`.
 fn zero(from: u64, to: u64) -> Extent {
-    Extent {
-        guest: from,
-        len: to - from,
-        content: Content::Zero,
-    }
+    Extent { guest: from, len: to - from, content: Content::Zero }
 }
 
 /// A verbatim extent for guest `[from, to)` stored at `offset` in this image's file.
 fn data(from: u64, to: u64, offset: u64) -> Extent {
-    Extent {
-        guest: from,
-        len: to - from,
-        content: Content::Data { source: 0, offset },
-    }
+    Extent { guest: from, len: to - from, content: Content::Data { source: 0, offset } }
 }
 
 impl Image for Qcow2Image {

@@ -103,10 +103,7 @@ pub fn subcluster_state(alloc: u32, zero: u32, index: u32) -> Subcluster {
 /// alignment. The caller checks where the table lies.
 pub fn decode_l1(entry: u64, layout: &Layout) -> Result<Option<u64>, String> {
     if entry & L1_RESERVED != 0 {
-        return Err(format!(
-            "entry {entry:#018x} has reserved bits {:#x} set",
-            entry & L1_RESERVED
-        ));
+        return Err(format!("entry {entry:#018x} has reserved bits {:#x} set", entry & L1_RESERVED));
     }
     let offset = entry & OFFSET_MASK;
     if offset == 0 {
@@ -127,33 +124,21 @@ pub fn decode_l2(entry: u64, bitmap: u64, layout: &Layout) -> Result<Cluster, St
         return decode_compressed(entry, bitmap, layout);
     }
     if entry & L2_RESERVED != 0 {
-        return Err(format!(
-            "entry {entry:#018x} has reserved bits {:#x} set",
-            entry & L2_RESERVED
-        ));
+        return Err(format!("entry {entry:#018x} has reserved bits {:#x} set", entry & L2_RESERVED));
     }
     let host = entry & OFFSET_MASK;
     if host % layout.cluster_size() != 0 {
-        return Err(format!(
-            "cluster offset {host:#x} is not aligned to the cluster size {}",
-            layout.cluster_size()
-        ));
+        return Err(format!("cluster offset {host:#x} is not aligned to the cluster size {}", layout.cluster_size()));
     }
     if !layout.extended_l2 {
         if entry & L2_ZERO != 0 {
             if layout.version < 3 {
                 // qemu refuses these too ("Zero cluster entry found in pre-v3 image").
-                return Err(format!(
-                    "entry {entry:#018x} has the zero flag, which version 2 images do not have"
-                ));
+                return Err(format!("entry {entry:#018x} has the zero flag, which version 2 images do not have"));
             }
             return Ok(Cluster::Zero);
         }
-        return Ok(if host == 0 {
-            Cluster::Unallocated
-        } else {
-            Cluster::Data(host)
-        });
+        return Ok(if host == 0 { Cluster::Unallocated } else { Cluster::Data(host) });
     }
     // Extended L2: bit 0 is unused (qemu ignores it); the bitmap decides.
     let alloc = bitmap as u32;
@@ -165,9 +150,7 @@ pub fn decode_l2(entry: u64, bitmap: u64, layout: &Layout) -> Result<Cluster, St
         ));
     }
     if host == 0 && alloc != 0 {
-        return Err(format!(
-            "subclusters {alloc:#010x} are marked allocated but the cluster has no host offset"
-        ));
+        return Err(format!("subclusters {alloc:#010x} are marked allocated but the cluster has no host offset"));
     }
     Ok(match (alloc, zero) {
         (u32::MAX, _) => Cluster::Data(host),
@@ -181,44 +164,27 @@ pub fn decode_l2(entry: u64, bitmap: u64, layout: &Layout) -> Result<Cluster, St
 /// in bits x..62).
 fn decode_compressed(entry: u64, bitmap: u64, layout: &Layout) -> Result<Cluster, String> {
     if layout.extended_l2 && bitmap != 0 {
-        return Err(format!(
-            "compressed cluster has a non-zero subcluster bitmap {bitmap:#018x}"
-        ));
+        return Err(format!("compressed cluster has a non-zero subcluster bitmap {bitmap:#018x}"));
     }
     let sector_bits = layout.cluster_bits - 8;
     let shift = 62 - sector_bits;
     let offset = entry & ((1 << shift) - 1);
     let sectors = ((entry >> shift) & ((1 << sector_bits) - 1)) + 1;
     if offset >= MAX_COMPRESSED_OFFSET {
-        return Err(format!(
-            "compressed cluster offset {offset:#x} is beyond the 2^56 limit"
-        ));
+        return Err(format!("compressed cluster offset {offset:#x} is beyond the 2^56 limit"));
     }
     if offset < layout.cluster_size() {
-        return Err(format!(
-            "compressed cluster offset {offset:#x} lies inside the header cluster"
-        ));
+        return Err(format!("compressed cluster offset {offset:#x} lies inside the header cluster"));
     }
-    Ok(Cluster::Compressed {
-        offset,
-        len: sectors * 512 - (offset & 511),
-    })
+    Ok(Cluster::Compressed { offset, len: sectors * 512 - (offset & 511) })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const STD: Layout = Layout {
-        cluster_bits: 16,
-        extended_l2: false,
-        version: 3,
-    };
-    const EXT: Layout = Layout {
-        cluster_bits: 16,
-        extended_l2: true,
-        version: 3,
-    };
+    const STD: Layout = Layout { cluster_bits: 16, extended_l2: false, version: 3 };
+    const EXT: Layout = Layout { cluster_bits: 16, extended_l2: true, version: 3 };
     const COPIED: u64 = 1 << 63;
 
     #[test]
@@ -248,48 +214,21 @@ mod tests {
     fn compressed_descriptors() {
         // 64 KiB clusters: x = 54; offset in bits 0..54, additional sectors in bits 54..62.
         let entry = L2_COMPRESSED | (3 << 54) | 0x12_3456;
-        assert_eq!(
-            decode_l2(entry, 0, &STD),
-            Ok(Cluster::Compressed {
-                offset: 0x12_3456,
-                len: 4 * 512 - 0x056
-            })
-        );
+        assert_eq!(decode_l2(entry, 0, &STD), Ok(Cluster::Compressed { offset: 0x12_3456, len: 4 * 512 - 0x056 }));
         // 2 MiB clusters: x = 49.
-        let big = Layout {
-            cluster_bits: 21,
-            ..STD
-        };
+        let big = Layout { cluster_bits: 21, ..STD };
         let entry = L2_COMPRESSED | (0x1fff << 49) | 0x40_0000;
-        assert_eq!(
-            decode_l2(entry, 0, &big),
-            Ok(Cluster::Compressed {
-                offset: 0x40_0000,
-                len: 0x2000 * 512
-            })
-        );
+        assert_eq!(decode_l2(entry, 0, &big), Ok(Cluster::Compressed { offset: 0x40_0000, len: 0x2000 * 512 }));
         // 512-byte clusters: x = 61, offset bits above 55 must be zero.
         let small = Layout { cluster_bits: 9, ..STD };
         assert_eq!(
             decode_l2(L2_COMPRESSED | (1 << 61) | 0x400, 0, &small),
-            Ok(Cluster::Compressed {
-                offset: 0x400,
-                len: 1024
-            })
+            Ok(Cluster::Compressed { offset: 0x400, len: 1024 })
         );
-        assert!(decode_l2(L2_COMPRESSED | (1 << 57), 0, &small)
-            .unwrap_err()
-            .contains("2^56"));
-        assert!(decode_l2(L2_COMPRESSED | 0x100, 0, &STD)
-            .unwrap_err()
-            .contains("header cluster"));
-        assert!(decode_l2(L2_COMPRESSED | 0x12_3456, 1, &EXT)
-            .unwrap_err()
-            .contains("non-zero subcluster bitmap"));
-        assert!(matches!(
-            decode_l2(L2_COMPRESSED | 0x12_3456, 0, &EXT),
-            Ok(Cluster::Compressed { .. })
-        ));
+        assert!(decode_l2(L2_COMPRESSED | (1 << 57), 0, &small).unwrap_err().contains("2^56"));
+        assert!(decode_l2(L2_COMPRESSED | 0x100, 0, &STD).unwrap_err().contains("header cluster"));
+        assert!(decode_l2(L2_COMPRESSED | 0x12_3456, 1, &EXT).unwrap_err().contains("non-zero subcluster bitmap"));
+        assert!(matches!(decode_l2(L2_COMPRESSED | 0x12_3456, 0, &EXT), Ok(Cluster::Compressed { .. })));
     }
 
     #[test]
@@ -303,15 +242,9 @@ mod tests {
         assert_eq!(decode_l2(host | 1, 0xffff_ffff, &EXT), Ok(Cluster::Data(0x70000)));
         assert_eq!(
             decode_l2(host, 0x0000_0f00_0000_00f0, &EXT),
-            Ok(Cluster::Subclusters {
-                host: 0x70000,
-                alloc: 0xf0,
-                zero: 0xf00
-            })
+            Ok(Cluster::Subclusters { host: 0x70000, alloc: 0xf0, zero: 0xf00 })
         );
-        assert!(decode_l2(host, 0x0000_0010_0000_0010, &EXT)
-            .unwrap_err()
-            .contains("both allocated and zero"));
+        assert!(decode_l2(host, 0x0000_0010_0000_0010, &EXT).unwrap_err().contains("both allocated and zero"));
         assert!(decode_l2(0, 1, &EXT).unwrap_err().contains("no host offset"));
         assert_eq!(subcluster_state(0xf0, 0xf00, 4), Subcluster::Data);
         assert_eq!(subcluster_state(0xf0, 0xf00, 8), Subcluster::Zero);

@@ -35,70 +35,33 @@ pub const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
 const SECTORS_PER_BITMAP: u64 = 1 << 23;
 
 /// Region GUID of the block allocation table, 2DC27766-F623-4200-9D64-115E9BFD4A08.
-pub const BAT_GUID: [u8; 16] = guid(
-    0x2dc2_7766,
-    0xf623,
-    0x4200,
-    [0x9d, 0x64, 0x11, 0x5e, 0x9b, 0xfd, 0x4a, 0x08],
-);
+pub const BAT_GUID: [u8; 16] = guid(0x2dc2_7766, 0xf623, 0x4200, [0x9d, 0x64, 0x11, 0x5e, 0x9b, 0xfd, 0x4a, 0x08]);
 /// Region GUID of the metadata region, 8B7CA206-4790-4B9A-B8FE-575F050F886E.
-pub const METADATA_GUID: [u8; 16] = guid(
-    0x8b7c_a206,
-    0x4790,
-    0x4b9a,
-    [0xb8, 0xfe, 0x57, 0x5f, 0x05, 0x0f, 0x88, 0x6e],
-);
+pub const METADATA_GUID: [u8; 16] = guid(0x8b7c_a206, 0x4790, 0x4b9a, [0xb8, 0xfe, 0x57, 0x5f, 0x05, 0x0f, 0x88, 0x6e]);
 /// Metadata item: file parameters, CAA16737-FA36-4D43-B3B6-33F0AA44E76B.
-pub const FILE_PARAMETERS_GUID: [u8; 16] = guid(
-    0xcaa1_6737,
-    0xfa36,
-    0x4d43,
-    [0xb3, 0xb6, 0x33, 0xf0, 0xaa, 0x44, 0xe7, 0x6b],
-);
+pub const FILE_PARAMETERS_GUID: [u8; 16] =
+    guid(0xcaa1_6737, 0xfa36, 0x4d43, [0xb3, 0xb6, 0x33, 0xf0, 0xaa, 0x44, 0xe7, 0x6b]);
 /// Metadata item: virtual disk size, 2FA54224-CD1B-4876-B211-5DBED83BF4B8.
-pub const VIRTUAL_DISK_SIZE_GUID: [u8; 16] = guid(
-    0x2fa5_4224,
-    0xcd1b,
-    0x4876,
-    [0xb2, 0x11, 0x5d, 0xbe, 0xd8, 0x3b, 0xf4, 0xb8],
-);
+pub const VIRTUAL_DISK_SIZE_GUID: [u8; 16] =
+    guid(0x2fa5_4224, 0xcd1b, 0x4876, [0xb2, 0x11, 0x5d, 0xbe, 0xd8, 0x3b, 0xf4, 0xb8]);
 /// Metadata item: page 83 data, BECA12AB-B2E6-4523-93EF-C309E000C746.
-pub const PAGE83_GUID: [u8; 16] = guid(
-    0xbeca_12ab,
-    0xb2e6,
-    0x4523,
-    [0x93, 0xef, 0xc3, 0x09, 0xe0, 0x00, 0xc7, 0x46],
-);
+pub const PAGE83_GUID: [u8; 16] = guid(0xbeca_12ab, 0xb2e6, 0x4523, [0x93, 0xef, 0xc3, 0x09, 0xe0, 0x00, 0xc7, 0x46]);
 /// Metadata item: logical sector size, 8141BF1D-A96F-4709-BA47-F233A8FAAB5F.
-pub const LOGICAL_SECTOR_SIZE_GUID: [u8; 16] = guid(
-    0x8141_bf1d,
-    0xa96f,
-    0x4709,
-    [0xba, 0x47, 0xf2, 0x33, 0xa8, 0xfa, 0xab, 0x5f],
-);
+pub const LOGICAL_SECTOR_SIZE_GUID: [u8; 16] =
+    guid(0x8141_bf1d, 0xa96f, 0x4709, [0xba, 0x47, 0xf2, 0x33, 0xa8, 0xfa, 0xab, 0x5f]);
 /// Metadata item: physical sector size, CDA348C7-445D-4471-9CC9-E9885251C556.
-pub const PHYSICAL_SECTOR_SIZE_GUID: [u8; 16] = guid(
-    0xcda3_48c7,
-    0x445d,
-    0x4471,
-    [0x9c, 0xc9, 0xe9, 0x88, 0x52, 0x51, 0xc5, 0x56],
-);
+pub const PHYSICAL_SECTOR_SIZE_GUID: [u8; 16] =
+    guid(0xcda3_48c7, 0x445d, 0x4471, [0x9c, 0xc9, 0xe9, 0x88, 0x52, 0x51, 0xc5, 0x56]);
 /// Metadata item: parent locator, A8D35F2D-B30B-454D-ABF7-D3D84834AB0C.
-pub const PARENT_LOCATOR_GUID: [u8; 16] = guid(
-    0xa8d3_5f2d,
-    0xb30b,
-    0x454d,
-    [0xab, 0xf7, 0xd3, 0xd8, 0x48, 0x34, 0xab, 0x0c],
-);
+pub const PARENT_LOCATOR_GUID: [u8; 16] =
+    guid(0xa8d3_5f2d, 0xb30b, 0x454d, [0xab, 0xf7, 0xd3, 0xd8, 0x48, 0x34, 0xab, 0x0c]);
 
 /// A GUID in its on-disk byte order (first three fields little-endian).
 const fn guid(a: u32, b: u16, c: u16, d: [u8; 8]) -> [u8; 16] {
     let a = a.to_le_bytes();
     let b = b.to_le_bytes();
     let c = c.to_le_bytes();
-    [
-        a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7],
-    ]
+    [a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]
 }
 
 /// CRC32C (Castagnoli) lookup table, reflected polynomial 0x82F63B78.
@@ -109,11 +72,7 @@ const CRC32C_TABLE: [u32; 256] = {
         let mut crc = i as u32;
         let mut bit = 0;
         while bit < 8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82f6_3b78
-            } else {
-                crc >> 1
-            };
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
             bit += 1;
         }
         table[i] = crc;
@@ -193,11 +152,7 @@ pub fn select_header(first: &[u8], second: &[u8]) -> Result<Header> {
     let header = match (parse_header(first), parse_header(second)) {
         (Some(a), None) => a,
         (None, Some(b)) => b,
-        (None, None) => {
-            return Err(crate::bad_image!(
-                "no valid vhdx header (both copies fail their checks)"
-            ))
-        }
+        (None, None) => return Err(crate::bad_image!("no valid vhdx header (both copies fail their checks)")),
         (Some(a), Some(b)) if a.sequence_number > b.sequence_number => a,
         (Some(a), Some(b)) if b.sequence_number > a.sequence_number => b,
         (Some(a), Some(_)) if first == second => a,
@@ -209,10 +164,7 @@ pub fn select_header(first: &[u8], second: &[u8]) -> Result<Header> {
         }
     };
     if header.log_version != 0 {
-        return Err(Error::unsupported(format!(
-            "vhdx log version {} is not supported",
-            header.log_version
-        )));
+        return Err(Error::unsupported(format!("vhdx log version {} is not supported", header.log_version)));
     }
     Ok(header)
 }
@@ -258,14 +210,9 @@ pub fn parse_region_table(buf: &[u8], log: Region, file_len: u64) -> Result<Regi
     }
     let count = le32(buf, 8) as usize;
     if count > MAX_TABLE_ENTRIES {
-        return Err(crate::bad_image!(
-            "vhdx region table has {count} entries (at most {MAX_TABLE_ENTRIES})"
-        ));
+        return Err(crate::bad_image!("vhdx region table has {count} entries (at most {MAX_TABLE_ENTRIES})"));
     }
-    let mut taken = vec![Region {
-        offset: 0,
-        length: HEADER_SECTION_END,
-    }];
+    let mut taken = vec![Region { offset: 0, length: HEADER_SECTION_END }];
     if log.length > 0 {
         taken.push(log);
     }
@@ -306,17 +253,12 @@ pub fn parse_region_table(buf: &[u8], log: Region, file_len: u64) -> Result<Regi
             continue;
         };
         if slot.replace(region).is_some() {
-            return Err(crate::bad_image!(
-                "vhdx region table lists the {} region twice",
-                guid_text(&id)
-            ));
+            return Err(crate::bad_image!("vhdx region table lists the {} region twice", guid_text(&id)));
         }
     }
     match (bat, metadata) {
         (Some(bat), Some(metadata)) => Ok(Regions { bat, metadata }),
-        _ => Err(crate::bad_image!(
-            "vhdx region table lacks the BAT or the metadata region"
-        )),
+        _ => Err(crate::bad_image!("vhdx region table lacks the BAT or the metadata region")),
     }
 }
 
@@ -330,11 +272,7 @@ pub fn guid_text(g: &[u8; 16]) -> String {
         g[8..]
             .iter()
             .enumerate()
-            .map(|(i, b)| if i == 2 {
-                format!("-{b:02X}")
-            } else {
-                format!("{b:02X}")
-            })
+            .map(|(i, b)| if i == 2 { format!("-{b:02X}") } else { format!("{b:02X}") })
             .collect::<String>()
     )
 }
@@ -368,9 +306,7 @@ pub fn parse_metadata_table(buf: &[u8], region_len: u64) -> Result<MetadataItems
     }
     let count = le16(buf, 10) as usize;
     if count > MAX_TABLE_ENTRIES {
-        return Err(crate::bad_image!(
-            "vhdx metadata table has {count} entries (at most {MAX_TABLE_ENTRIES})"
-        ));
+        return Err(crate::bad_image!("vhdx metadata table has {count} entries (at most {MAX_TABLE_ENTRIES})"));
     }
     // Slots: file parameters, virtual size, page 83, logical sector, physical sector, parent locator.
     const KNOWN: [([u8; 16], &str, u64); 6] = [
@@ -446,14 +382,10 @@ pub fn parse_geometry(params: &[u8; 8], virtual_disk_size: u64, logical_sector_s
     let block_size = le32(params, 0);
     let flags = le32(params, 4);
     if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) || !block_size.is_power_of_two() {
-        return Err(crate::bad_image!(
-            "vhdx block size {block_size} is not a power of two in 1..=256 MiB"
-        ));
+        return Err(crate::bad_image!("vhdx block size {block_size} is not a power of two in 1..=256 MiB"));
     }
     if logical_sector_size != 512 && logical_sector_size != 4096 {
-        return Err(crate::bad_image!(
-            "vhdx logical sector size {logical_sector_size} is not 512 or 4096"
-        ));
+        return Err(crate::bad_image!("vhdx logical sector size {logical_sector_size} is not 512 or 4096"));
     }
     if virtual_disk_size > MAX_VIRTUAL_SIZE {
         return Err(Error::unsupported(format!(
@@ -465,18 +397,8 @@ pub fn parse_geometry(params: &[u8; 8], virtual_disk_size: u64, logical_sector_s
     let virtual_size = virtual_disk_size / sector * sector;
     let chunk_ratio = SECTORS_PER_BITMAP * sector / block_size;
     let data_blocks = virtual_size.div_ceil(block_size);
-    let bat_entries = if data_blocks == 0 {
-        0
-    } else {
-        data_blocks + (data_blocks - 1) / chunk_ratio
-    };
-    Ok(Geometry {
-        block_size,
-        virtual_size,
-        chunk_ratio,
-        bat_entries,
-        has_parent: flags & HAS_PARENT != 0,
-    })
+    let bat_entries = if data_blocks == 0 { 0 } else { data_blocks + (data_blocks - 1) / chunk_ratio };
+    Ok(Geometry { block_size, virtual_size, chunk_ratio, bat_entries, has_parent: flags & HAS_PARENT != 0 })
 }
 
 /// The parent path a parent locator item names (its "relative_path", else "absolute_win32_path", else
@@ -491,16 +413,11 @@ pub fn parent_path(item: &[u8]) -> Option<String> {
         let (key_len, value_len) = (le16(entry, 8) as usize, le16(entry, 10) as usize);
         let text = |off: usize, len: usize| -> Option<String> {
             let bytes = item.get(off..off.checked_add(len)?)?;
-            let units: Vec<u16> = bytes
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                .collect();
+            let units: Vec<u16> = bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
             Some(String::from_utf16_lossy(&units))
         };
         let key = text(key_off, key_len)?;
-        let rank = ["relative_path", "absolute_win32_path", "volume_path"]
-            .iter()
-            .position(|k| *k == key);
+        let rank = ["relative_path", "absolute_win32_path", "volume_path"].iter().position(|k| *k == key);
         if let Some(rank) = rank {
             if best.as_ref().is_none_or(|(r, _)| rank < *r) {
                 best = Some((rank, text(value_off, value_len)?));
@@ -572,27 +489,18 @@ mod tests {
         seal(&mut log_version, 4);
         assert!(parse_header(&sig).is_none());
         assert!(parse_header(&version).is_none());
-        assert_eq!(
-            select_header(&log_version, &log_version).unwrap_err().kind(),
-            ErrorKind::Unsupported
-        );
+        assert_eq!(select_header(&log_version, &log_version).unwrap_err().kind(), ErrorKind::Unsupported);
     }
 
     const FILE_LEN: u64 = 8 << 20;
-    const LOG: Region = Region {
-        offset: 1 << 20,
-        length: 1 << 20,
-    };
+    const LOG: Region = Region { offset: 1 << 20, length: 1 << 20 };
 
     /// A region table: BAT at 3 MiB, metadata at 2 MiB, each 1 MiB.
     fn valid_region_table() -> Vec<u8> {
         let mut b = vec![0u8; TABLE_SIZE];
         b[..4].copy_from_slice(b"regi");
         b[8..12].copy_from_slice(&2u32.to_le_bytes());
-        for (i, (id, offset)) in [(BAT_GUID, 3u64 << 20), (METADATA_GUID, 2 << 20)]
-            .into_iter()
-            .enumerate()
-        {
+        for (i, (id, offset)) in [(BAT_GUID, 3u64 << 20), (METADATA_GUID, 2 << 20)].into_iter().enumerate() {
             let at = 16 + 32 * i;
             b[at..at + 16].copy_from_slice(&id);
             b[at + 16..at + 24].copy_from_slice(&offset.to_le_bytes());
@@ -606,20 +514,8 @@ mod tests {
     #[test]
     fn region_table_parses() {
         let r = parse_region_table(&valid_region_table(), LOG, FILE_LEN).unwrap();
-        assert_eq!(
-            r.bat,
-            Region {
-                offset: 3 << 20,
-                length: 1 << 20
-            }
-        );
-        assert_eq!(
-            r.metadata,
-            Region {
-                offset: 2 << 20,
-                length: 1 << 20
-            }
-        );
+        assert_eq!(r.bat, Region { offset: 3 << 20, length: 1 << 20 });
+        assert_eq!(r.metadata, Region { offset: 2 << 20, length: 1 << 20 });
     }
 
     #[test]
@@ -652,10 +548,7 @@ mod tests {
         b[48..64].copy_from_slice(&[7u8; 16]);
         b[76..80].copy_from_slice(&0u32.to_le_bytes());
         seal(&mut b, 4);
-        assert!(parse_region_table(&b, LOG, FILE_LEN)
-            .unwrap_err()
-            .to_string()
-            .contains("lacks"));
+        assert!(parse_region_table(&b, LOG, FILE_LEN).unwrap_err().to_string().contains("lacks"));
     }
 
     /// A metadata table with the five required items, each 64 KiB apart.
@@ -683,13 +576,7 @@ mod tests {
     #[test]
     fn metadata_table_parses() {
         let m = parse_metadata_table(&valid_metadata_table(), 1 << 20).unwrap();
-        assert_eq!(
-            m.file_parameters,
-            Item {
-                offset: 64 << 10,
-                length: 16
-            }
-        );
+        assert_eq!(m.file_parameters, Item { offset: 64 << 10, length: 16 });
         assert_eq!(m.virtual_disk_size.offset, (64 << 10) + 64);
         assert_eq!(m.logical_sector_size.offset, (64 << 10) + 192);
         assert_eq!(m.parent_locator, None);
@@ -733,11 +620,7 @@ mod tests {
         assert_eq!(g.bat_entries, 320 + 2);
         let g = parse_geometry(&params(1 << 20, 0), 1000, 4096).unwrap();
         assert_eq!((g.virtual_size, g.chunk_ratio, g.bat_entries), (0, 32768, 0));
-        assert!(
-            parse_geometry(&params(1 << 20, HAS_PARENT), 1 << 20, 512)
-                .unwrap()
-                .has_parent
-        );
+        assert!(parse_geometry(&params(1 << 20, HAS_PARENT), 1 << 20, 512).unwrap().has_parent);
     }
 
     #[test]
@@ -747,9 +630,7 @@ mod tests {
         assert!(parse_geometry(&params(1 << 19, 0), 1 << 30, 512).is_err());
         assert!(parse_geometry(&params(1 << 20, 0), 1 << 30, 1024).is_err());
         assert_eq!(
-            parse_geometry(&params(1 << 20, 0), (64 << 40) + 512, 512)
-                .unwrap_err()
-                .kind(),
+            parse_geometry(&params(1 << 20, 0), (64 << 40) + 512, 512).unwrap_err().kind(),
             ErrorKind::Unsupported
         );
     }

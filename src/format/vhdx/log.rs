@@ -44,10 +44,8 @@ pub fn needs_replay(source: &dyn ReadAt, header: &Header) -> Result<bool> {
     let (offset, length) = (header.log_offset, header.log_length as u64);
     let inside = offset.checked_add(length).is_some_and(|end| end <= source.len());
     if length == 0 || length % LOG_SECTOR != 0 || offset % LOG_SECTOR != 0 || !inside {
-        return Err(
-            crate::bad_image!("vhdx log ({offset}+{length}) is not whole 4 KiB sectors inside the file")
-                .at_offset(offset),
-        );
+        return Err(crate::bad_image!("vhdx log ({offset}+{length}) is not whole 4 KiB sectors inside the file")
+            .at_offset(offset));
     }
     let mut chunk = vec![0u8; SCAN_CHUNK.min(length) as usize];
     let mut verified = 0u64;

@@ -70,10 +70,7 @@ impl VhdxImage {
             )
             .at_offset(current.log_offset));
         }
-        let log_region = Region {
-            offset: current.log_offset,
-            length: current.log_length as u64,
-        };
+        let log_region = Region { offset: current.log_offset, length: current.log_length as u64 };
         let mut table = vec![0u8; header::TABLE_SIZE];
         read_exact_at(src, header::REGION_TABLE_OFFSET, &mut table, "vhdx region table")?;
         let regions = header::parse_region_table(&table, log_region, len)
@@ -82,26 +79,11 @@ impl VhdxImage {
         read_exact_at(src, meta.offset, &mut table, "vhdx metadata table")?;
         let items = header::parse_metadata_table(&table, meta.length).map_err(|e| e.at_offset(meta.offset))?;
         let mut params = [0u8; 8];
-        read_exact_at(
-            src,
-            meta.offset + items.file_parameters.offset,
-            &mut params,
-            "vhdx file parameters",
-        )?;
+        read_exact_at(src, meta.offset + items.file_parameters.offset, &mut params, "vhdx file parameters")?;
         let mut size = [0u8; 8];
-        read_exact_at(
-            src,
-            meta.offset + items.virtual_disk_size.offset,
-            &mut size,
-            "vhdx virtual disk size",
-        )?;
+        read_exact_at(src, meta.offset + items.virtual_disk_size.offset, &mut size, "vhdx virtual disk size")?;
         let mut sector = [0u8; 4];
-        read_exact_at(
-            src,
-            meta.offset + items.logical_sector_size.offset,
-            &mut sector,
-            "vhdx logical sector size",
-        )?;
+        read_exact_at(src, meta.offset + items.logical_sector_size.offset, &mut sector, "vhdx logical sector size")?;
         let geometry = header::parse_geometry(&params, u64::from_le_bytes(size), u32::from_le_bytes(sector))
             .map_err(|e| e.at_offset(meta.offset))?;
         if geometry.has_parent {
@@ -125,23 +107,12 @@ impl VhdxImage {
             )
             .at_offset(regions.bat.offset));
         }
-        let mut reserved = vec![
-            Region {
-                offset: 0,
-                length: header::HEADER_SECTION_END,
-            },
-            regions.bat,
-            regions.metadata,
-        ];
+        let mut reserved =
+            vec![Region { offset: 0, length: header::HEADER_SECTION_END }, regions.bat, regions.metadata];
         if log_region.length > 0 {
             reserved.push(log_region);
         }
-        Ok(VhdxImage {
-            source,
-            geometry,
-            bat: regions.bat,
-            reserved,
-        })
+        Ok(VhdxImage { source, geometry, bat: regions.bat, reserved })
     }
 
     /// The guest geometry.
@@ -157,21 +128,14 @@ impl VhdxImage {
     /// The extent content of payload block `block` from its BAT entry, for guest bytes starting `within` it.
     fn content(&self, block: u64, entry: u64, within: u64) -> Result<Content> {
         let bat_at = self.bat.offset + self.bat_index(block) * 8;
-        let bad = |what: String| {
-            Err(crate::bad_image!("{what}")
-                .at_offset(bat_at)
-                .at_path(self.source.name()))
-        };
+        let bad = |what: String| Err(crate::bad_image!("{what}").at_offset(bat_at).at_path(self.source.name()));
         match entry & 7 {
             PAYLOAD_NOT_PRESENT | PAYLOAD_UNDEFINED | PAYLOAD_ZERO | PAYLOAD_UNMAPPED | PAYLOAD_UNMAPPED_V095 => {
                 Ok(Content::Zero)
             }
             PAYLOAD_FULLY_PRESENT => {
                 let offset = entry & !0xf_ffff;
-                let data = Region {
-                    offset,
-                    length: self.geometry.block_size,
-                };
+                let data = Region { offset, length: self.geometry.block_size };
                 if offset.checked_add(self.geometry.block_size).is_none() {
                     return bad(format!("vhdx block {block} at {offset} lies past any file"));
                 }
@@ -188,10 +152,7 @@ impl VhdxImage {
                         r.offset, r.length
                     ));
                 }
-                Ok(Content::Data {
-                    source: 0,
-                    offset: offset + within,
-                })
+                Ok(Content::Data { source: 0, offset: offset + within })
             }
             PAYLOAD_PARTIALLY_PRESENT => Err(Error::unsupported(format!(
                 "vhdx block {block} is partially present, which only differencing disks use"
@@ -226,25 +187,13 @@ impl Image for VhdxImage {
             let last = ((end - 1) / block).min(first + MAP_CHUNK_BLOCKS - 1);
             let (first_index, last_index) = (self.bat_index(first), self.bat_index(last));
             entries.resize(((last_index - first_index + 1) * 8) as usize, 0);
-            read_exact_at(
-                self.source.as_ref(),
-                self.bat.offset + first_index * 8,
-                &mut entries,
-                "vhdx BAT",
-            )?;
+            read_exact_at(self.source.as_ref(), self.bat.offset + first_index * 8, &mut entries, "vhdx BAT")?;
             for index in first..=last {
                 let at = ((self.bat_index(index) - first_index) * 8) as usize;
                 let entry = u64::from_le_bytes(entries[at..at + 8].try_into().expect("8 bytes"));
                 let block_end = ((index + 1) * block).min(end);
                 let content = self.content(index, entry, guest - index * block)?;
-                push_extent(
-                    out,
-                    Extent {
-                        guest,
-                        len: block_end - guest,
-                        content,
-                    },
-                );
+                push_extent(out, Extent { guest, len: block_end - guest, content });
                 guest = block_end;
             }
         }

@@ -60,11 +60,7 @@ fn value_of<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 /// Parses descriptor text. Extent lines are required only when `need_extents` (a separate descriptor file; the
 /// descriptor embedded in a sparse extent describes that extent itself).
 pub fn parse(text: &str, need_extents: bool) -> Result<Descriptor> {
-    let mut descriptor = Descriptor {
-        create_type: None,
-        parent: None,
-        extents: Vec::new(),
-    };
+    let mut descriptor = Descriptor { create_type: None, parent: None, extents: Vec::new() };
     for (number, raw) in text.lines().enumerate() {
         let line = raw.trim_matches(|c: char| c.is_whitespace() || c == '\0');
         if line.is_empty() || line.starts_with('#') {
@@ -74,17 +70,12 @@ pub fn parse(text: &str, need_extents: bool) -> Result<Descriptor> {
             descriptor.create_type = Some(v.to_string());
         } else if let Some(v) = value_of(line, "parentFileNameHint") {
             descriptor.parent = (!v.is_empty()).then(|| v.to_string());
-        } else if ["RW", "RDONLY", "NOACCESS"]
-            .iter()
-            .any(|a| line.split_whitespace().next() == Some(a))
-        {
+        } else if ["RW", "RDONLY", "NOACCESS"].iter().any(|a| line.split_whitespace().next() == Some(a)) {
             if !need_extents {
                 continue;
             }
             if descriptor.extents.len() == MAX_EXTENTS {
-                return Err(Error::unsupported(format!(
-                    "vmdk descriptor lists more than {MAX_EXTENTS} extents"
-                )));
+                return Err(Error::unsupported(format!("vmdk descriptor lists more than {MAX_EXTENTS} extents")));
             }
             let extent = parse_extent_line(line)
                 .map_err(|why| Error::bad_image(format!("vmdk descriptor line {}: {why}: {line:?}", number + 1)))?;
@@ -116,9 +107,7 @@ fn next_word<'a>(rest: &mut &'a str) -> Option<&'a str> {
 fn parse_extent_line(line: &str) -> std::result::Result<Result<ExtentLine>, String> {
     let mut rest = line;
     let access = next_word(&mut rest).ok_or("no access mode")?;
-    let sectors: u64 = next_word(&mut rest)
-        .and_then(|w| w.parse().ok())
-        .ok_or("no sector count")?;
+    let sectors: u64 = next_word(&mut rest).and_then(|w| w.parse().ok()).ok_or("no sector count")?;
     let kind = next_word(&mut rest).ok_or("no extent type")?;
     let rest = rest.trim();
     let (file, tail) = match rest.strip_prefix('"') {
@@ -128,11 +117,8 @@ fn parse_extent_line(line: &str) -> std::result::Result<Result<ExtentLine>, Stri
         }
         None => (None, rest),
     };
-    let offset: Option<u64> = if tail.is_empty() {
-        None
-    } else {
-        Some(tail.parse().map_err(|_| "offset is not a number")?)
-    };
+    let offset: Option<u64> =
+        if tail.is_empty() { None } else { Some(tail.parse().map_err(|_| "offset is not a number")?) };
     if sectors == 0 {
         return Err("zero sectors".into());
     }
@@ -145,11 +131,7 @@ fn parse_extent_line(line: &str) -> std::result::Result<Result<ExtentLine>, Stri
         ))));
     }
     let file = match (kind, file) {
-        ("ZERO", _) => {
-            return Ok(Err(Error::unsupported(
-                "vmdk ZERO extents are not supported (qemu ignores them)",
-            )))
-        }
+        ("ZERO", _) => return Ok(Err(Error::unsupported("vmdk ZERO extents are not supported (qemu ignores them)"))),
         (_, None) => return Err("no file name".into()),
         (_, Some(file)) => file.to_string(),
     };
@@ -159,11 +141,7 @@ fn parse_extent_line(line: &str) -> std::result::Result<Result<ExtentLine>, Stri
         ("VMFS", None) => ExtentKind::Flat { file, offset: 0 },
         ("SPARSE", None) => ExtentKind::Sparse { file },
         ("VMFS" | "SPARSE", Some(_)) => return Err(format!("{kind} extent with an offset")),
-        (other, _) => {
-            return Ok(Err(Error::unsupported(format!(
-                "vmdk extent type {other} is not supported"
-            ))))
-        }
+        (other, _) => return Ok(Err(Error::unsupported(format!("vmdk extent type {other} is not supported")))),
     };
     Ok(Ok(ExtentLine { sectors, kind }))
 }
@@ -173,9 +151,7 @@ pub fn check_extent_name(name: &str) -> Result<()> {
     let path = Path::new(name);
     let plain = !name.is_empty()
         && !name.contains('\0')
-        && path
-            .components()
-            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+        && path.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
     if !plain {
         return Err(Error::unsupported(format!(
             "vmdk extent file {name:?} is not a relative path inside the descriptor's directory"
@@ -201,20 +177,8 @@ mod tests {
         assert_eq!(
             d.extents,
             vec![
-                ExtentLine {
-                    sectors: 4194304,
-                    kind: ExtentKind::Flat {
-                        file: "d-f001.vmdk".into(),
-                        offset: 0
-                    }
-                },
-                ExtentLine {
-                    sectors: 1954,
-                    kind: ExtentKind::Flat {
-                        file: "d-f002.vmdk".into(),
-                        offset: 0
-                    }
-                },
+                ExtentLine { sectors: 4194304, kind: ExtentKind::Flat { file: "d-f001.vmdk".into(), offset: 0 } },
+                ExtentLine { sectors: 1954, kind: ExtentKind::Flat { file: "d-f002.vmdk".into(), offset: 0 } },
             ]
         );
     }
@@ -228,25 +192,12 @@ mod tests {
         assert_eq!(
             d.extents.iter().map(|e| e.kind.clone()).collect::<Vec<_>>(),
             vec![
-                ExtentKind::Sparse {
-                    file: "my disk-s001.vmdk".into()
-                },
-                ExtentKind::Flat {
-                    file: "flat.bin".into(),
-                    offset: 0
-                },
-                ExtentKind::Flat {
-                    file: "f.bin".into(),
-                    offset: 7
-                },
+                ExtentKind::Sparse { file: "my disk-s001.vmdk".into() },
+                ExtentKind::Flat { file: "flat.bin".into(), offset: 0 },
+                ExtentKind::Flat { file: "f.bin".into(), offset: 7 },
             ]
         );
-        assert_eq!(
-            parse("parentFileNameHint=\"\"\ncreateType=\"x\"\nRW 1 SPARSE \"a\"", true)
-                .unwrap()
-                .parent,
-            None
-        );
+        assert_eq!(parse("parentFileNameHint=\"\"\ncreateType=\"x\"\nRW 1 SPARSE \"a\"", true).unwrap().parent, None);
     }
 
     #[test]

@@ -138,19 +138,15 @@ pub fn parse_sparse_header(buf: &[u8; 512], file_len: u64) -> Result<SparseHeade
     let grain_offset = le64(buf, 64);
     let algorithm = le16(buf, 77);
     if !(1..=3).contains(&header.version) {
-        return Err(Error::unsupported(format!(
-            "vmdk sparse extent version {} is not supported",
-            header.version
-        ))
-        .at_offset(4));
+        return Err(
+            Error::unsupported(format!("vmdk sparse extent version {} is not supported", header.version)).at_offset(4)
+        );
     }
     let compressed = match algorithm {
         COMPRESSION_NONE => false,
         COMPRESSION_DEFLATE => true,
         other => {
-            return Err(
-                Error::unsupported(format!("vmdk compression algorithm {other} is not supported")).at_offset(77),
-            )
+            return Err(Error::unsupported(format!("vmdk compression algorithm {other} is not supported")).at_offset(77))
         }
     };
     let header = SparseHeader { compressed, ..header };
@@ -188,10 +184,7 @@ pub fn parse_sparse_header(buf: &[u8; 512], file_len: u64) -> Result<SparseHeade
         .at_offset(64));
     }
     if !header.gd_at_end() {
-        let gd_end = header
-            .gd_offset
-            .checked_mul(512)
-            .and_then(|start| start.checked_add(header.gd_entries() * 4));
+        let gd_end = header.gd_offset.checked_mul(512).and_then(|start| start.checked_add(header.gd_entries() * 4));
         if header.gd_offset == 0 || gd_end.is_none_or(|end| end > file_len) {
             return Err(crate::bad_image!(
                 "vmdk grain directory at sector {} lies outside the file ({file_len} bytes)",

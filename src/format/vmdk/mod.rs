@@ -80,11 +80,7 @@ impl VmdkImage {
             let size = sparse.header.size();
             return Ok(VmdkImage {
                 sources: vec![source],
-                pieces: vec![Piece {
-                    start: 0,
-                    len: size,
-                    part: Part::Sparse(Box::new(sparse)),
-                }],
+                pieces: vec![Piece { start: 0, len: size, part: Part::Sparse(Box::new(sparse)) }],
                 size,
             });
         }
@@ -155,11 +151,7 @@ impl VmdkImage {
                 .filter(|&end| end <= u64::MAX / 2)
                 .ok_or_else(|| crate::bad_image!("vmdk extents add up to more than the largest disk"))?;
         }
-        Ok(VmdkImage {
-            sources,
-            pieces,
-            size: start,
-        })
+        Ok(VmdkImage { sources, pieces, size: start })
     }
 }
 
@@ -182,9 +174,7 @@ fn open_sparse(source: &dyn ReadAt, id: SourceId, whole_image: bool) -> Result<S
     read_exact_at(source, 0, &mut sector, "vmdk header")?;
     let mut parsed = header::parse_sparse_header(&sector, len)?;
     if parsed.capacity == 0 && parsed.desc_offset != 0 && !whole_image {
-        return Err(Error::unsupported(
-            "vmdk sparse extent holding only a descriptor is not supported",
-        ));
+        return Err(Error::unsupported("vmdk sparse extent holding only a descriptor is not supported"));
     }
     if whole_image && parsed.desc_offset != 0 && parsed.desc_size != 0 {
         let at = parsed.desc_offset.saturating_mul(512);
@@ -194,9 +184,7 @@ fn open_sparse(source: &dyn ReadAt, id: SourceId, whole_image: bool) -> Result<S
         let embedded = descriptor::parse(&String::from_utf8_lossy(&text), false).map_err(|e| e.at_offset(at))?;
         refuse_parent(&embedded)?;
         if parsed.capacity == 0 {
-            return Err(Error::unsupported(
-                "vmdk sparse file holding only a descriptor is not supported",
-            ));
+            return Err(Error::unsupported("vmdk sparse file holding only a descriptor is not supported"));
         }
     }
     if parsed.gd_at_end() {
@@ -211,12 +199,7 @@ fn open_sparse(source: &dyn ReadAt, id: SourceId, whole_image: bool) -> Result<S
             return Err(crate::bad_image!("vmdk footer defers the grain directory to itself").at_offset(footer_at));
         }
     }
-    Ok(Sparse {
-        source: id,
-        header: parsed,
-        gt: None,
-        last_grain_len: None,
-    })
+    Ok(Sparse { source: id, header: parsed, gt: None, last_grain_len: None })
 }
 
 impl Sparse {
@@ -260,10 +243,7 @@ impl Sparse {
     fn compressed_input(&self, grain_at: u64) -> (u64, u64) {
         let grain = self.header.grain_size();
         if self.header.has_markers() {
-            (
-                grain_at + header::GRAIN_MARKER_LEN,
-                2 * grain - header::GRAIN_MARKER_LEN,
-            )
+            (grain_at + header::GRAIN_MARKER_LEN, 2 * grain - header::GRAIN_MARKER_LEN)
         } else {
             (grain_at, grain)
         }
@@ -317,10 +297,7 @@ impl Sparse {
                 .at_offset(entry_at)
                 .at_path(source.name()));
             } else if !self.header.compressed {
-                Content::Data {
-                    source: self.source,
-                    offset: entry as u64 * 512 + (at - start),
-                }
+                Content::Data { source: self.source, offset: entry as u64 * 512 + (at - start) }
             } else {
                 let grain_at = entry as u64 * 512;
                 let unit_len = self.unit_len(source, start, grain_at)?;
@@ -334,14 +311,7 @@ impl Sparse {
                     codec: Codec::Zlib,
                 })
             };
-            push_extent(
-                out,
-                Extent {
-                    guest: guest + (at - offset),
-                    len: stop - at,
-                    content,
-                },
-            );
+            push_extent(out, Extent { guest: guest + (at - offset), len: stop - at, content });
             at = stop;
         }
         Ok(())
@@ -377,10 +347,7 @@ impl Image for VmdkImage {
                     Extent {
                         guest: at,
                         len: stop - at,
-                        content: Content::Data {
-                            source: *source,
-                            offset: *offset + local,
-                        },
+                        content: Content::Data { source: *source, offset: *offset + local },
                     },
                 ),
                 Part::Sparse(sparse) => {

@@ -1,0 +1,280 @@
+//! Speed against qemu-img and dd, measured the way issue 7 asks: the same inputs and destinations, runs of each
+//! importer alternated, median and range of wall time, ratio to each baseline, and the peak memory-cgroup charge of
+//! every run (each importer runs alone in a fresh 600M child cgroup, caches dropped first).
+//!
+//! Needs root (loop devices, cgroups, drop_caches). Run: `cargo bench --bench perf -- [--runs N]
+//! [--cases incompressible,zlib,zstd,mostly-zero,file]`. Test images are generated once into
+//! target/bench-images/ (about 8 GiB of disk; the 20 GiB image is sparse).
+
+use boundimport::lab::fixtures::{drop_caches, is_root, ChildCgroup, LoopDevice};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+/// CDI's pod limit; every run gets a fresh cgroup of this size.
+const LIMIT: u64 = 600_000_000;
+
+/// One importer invocation: a label and a command line, with `{src}` and `{dst}` placeholders.
+struct Importer {
+    label: &'static str,
+    argv: Vec<String>,
+}
+
+/// A benchmark case: an image, a destination kind, the importers to compare.
+struct Case {
+    name: &'static str,
+    image: PathBuf,
+    /// Destination is a loop device (true) or a regular file on the host filesystem (false).
+    block: bool,
+    importers: Vec<Importer>,
+}
+
+struct Sample {
+    wall: f64,
+    peak: u64,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if !is_root() {
+        eprintln!("perf bench: needs root (loop devices, memory cgroups); skipped");
+        return;
+    }
+    let runs: usize = option(&args, "--runs").map_or(3, |v| v.parse().expect("--runs N"));
+    let wanted: Option<Vec<String>> = option(&args, "--cases").map(|v| v.split(',').map(String::from).collect());
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-images");
+    std::fs::create_dir_all(&dir).unwrap();
+    let boundimport = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/boundimport");
+    assert!(boundimport.exists(), "build the release binary first: cargo build --release");
+    let bi = boundimport.to_string_lossy().into_owned();
+
+    let mut cases = Vec::new();
+    let want = |name: &str| wanted.as_ref().is_none_or(|w| w.iter().any(|c| c == name));
+    if want("incompressible") || want("file") {
+        let image = ensure_image(&dir, "incompressible-3g.qcow2", || random_qcow2(&dir, 3 * GIB));
+        let qemu_fast = importer("qemu-img -t none -W -m 16", "qemu-img convert -t none -W -m 16 -O raw {src} {dst}");
+        let qemu_bounded =
+            importer("qemu-img -T none -t none", "qemu-img convert -T none -t none -W -m 16 -O raw {src} {dst}");
+        let dd = importer("dd direct 4M", "dd if={src} of={dst} bs=4M iflag=direct oflag=direct status=none");
+        let ours = importer("boundimport", &format!("{bi} --progress none {{src}} {{dst}}"));
+        if want("incompressible") {
+            let importers = vec![clone(&qemu_fast), clone(&qemu_bounded), clone(&dd), clone(&ours)];
+            cases.push(Case { name: "incompressible 3 GiB -> loop", image: image.clone(), block: true, importers });
+        }
+        if want("file") {
+            let importers = vec![qemu_fast, qemu_bounded, dd, ours];
+            cases.push(Case { name: "incompressible 3 GiB -> ext4 file", image, block: false, importers });
+        }
+    }
+    for (name, codec) in [("zlib", "zlib"), ("zstd", "zstd")] {
+        if want(name) {
+            let file = format!("text-2g-{codec}.qcow2");
+            let image = ensure_image(&dir, &file, || text_qcow2(&dir, 2 * GIB, codec));
+            let importers = vec![
+                importer("qemu-img -t none -W -m 16", "qemu-img convert -t none -W -m 16 -O raw {src} {dst}"),
+                importer("boundimport", &format!("{bi} --progress none {{src}} {{dst}}")),
+            ];
+            let name = if codec == "zlib" { "zlib text 2 GiB -> loop" } else { "zstd text 2 GiB -> loop" };
+            cases.push(Case { name, image, block: true, importers });
+        }
+    }
+    if want("mostly-zero") {
+        let image = ensure_image(&dir, "mostly-zero-20g.qcow2", || mostly_zero_qcow2(&dir));
+        let importers = vec![
+            importer("qemu-img -t none -W -m 16", "qemu-img convert -t none -W -m 16 -O raw {src} {dst}"),
+            importer("boundimport", &format!("{bi} --progress none {{src}} {{dst}}")),
+            importer("boundimport --no-digest", &format!("{bi} --progress none --no-digest {{src}} {{dst}}")),
+        ];
+        cases.push(Case { name: "mostly-zero 20 GiB -> loop", image, block: true, importers });
+    }
+
+    if runs == 0 {
+        eprintln!("images ready in {}", dir.display());
+        return;
+    }
+    println!("| case | importer | median s | min–max s | peak MiB | ratio (boundimport / this) |");
+    println!("|---|---|---|---|---|---|");
+    for case in &cases {
+        let results = run_case(case, &dir, runs);
+        let ours = median(&results.last().expect("boundimport runs last").1);
+        for (label, samples) in &results {
+            let med = median(samples);
+            let (min, max) = samples.iter().fold((f64::MAX, 0f64), |(lo, hi), s| (lo.min(s.wall), hi.max(s.wall)));
+            let peak = samples.iter().map(|s| s.peak).max().unwrap_or(0) / MIB;
+            let ratio = if *label == "boundimport" { "—".to_string() } else { format!("{:.2}", ours / med) };
+            println!("| {} | {label} | {med:.2} | {min:.2}–{max:.2} | {peak} | {ratio} |", case.name);
+        }
+    }
+}
+
+fn option<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
+}
+
+fn importer(label: &'static str, command: &str) -> Importer {
+    Importer { label, argv: command.split_whitespace().map(String::from).collect() }
+}
+
+fn clone(importer: &Importer) -> Importer {
+    Importer { label: importer.label, argv: importer.argv.clone() }
+}
+
+/// Runs every importer of `case` `runs` times, alternating, onto a fresh destination each time. boundimport's
+/// samples come last.
+fn run_case(case: &Case, dir: &Path, runs: usize) -> Vec<(&'static str, Vec<Sample>)> {
+    let virtual_size = virtual_size(&case.image);
+    let mut results: Vec<(&'static str, Vec<Sample>)> = case.importers.iter().map(|i| (i.label, Vec::new())).collect();
+    for run in 0..runs {
+        for (importer, (_, samples)) in case.importers.iter().zip(results.iter_mut()) {
+            let backing = dir.join("destination.img");
+            let _ = std::fs::remove_file(&backing);
+            // dd copies the qcow2 file itself, which is a little larger than the virtual disk.
+            let size = (virtual_size.max(std::fs::metadata(&case.image).unwrap().len()) + MIB).next_multiple_of(MIB);
+            let device = if case.block {
+                File::create(&backing).unwrap().set_len(size).unwrap();
+                Some(LoopDevice::attach(&backing, true).unwrap())
+            } else {
+                None
+            };
+            let dst = device.as_ref().map_or(backing.clone(), |d| d.path().to_path_buf());
+            let argv: Vec<String> = importer
+                .argv
+                .iter()
+                .map(|a| a.replace("{src}", &case.image.to_string_lossy()).replace("{dst}", &dst.to_string_lossy()))
+                .collect();
+            let sample = measure(&argv, &format!("perf-{run}"));
+            eprintln!("{} / {}: {:.2}s, peak {} MiB", case.name, importer.label, sample.wall, sample.peak / MIB);
+            samples.push(sample);
+            drop(device);
+            let _ = std::fs::remove_file(&backing);
+        }
+    }
+    results
+}
+
+/// Runs `argv` alone in a fresh 600M cgroup with caches dropped, returning wall time and peak charge.
+fn measure(argv: &[String], name: &str) -> Sample {
+    let cgroup = ChildCgroup::create(&format!("{name}-{}", std::process::id()), LIMIT).unwrap();
+    drop_caches().unwrap();
+    let started = Instant::now();
+    let mut command = Command::new(&argv[0]);
+    command.args(&argv[1..]).stdout(Stdio::null()).stderr(Stdio::piped());
+    let output = cgroup.spawn(&mut command).unwrap().wait_with_output().unwrap();
+    let wall = started.elapsed().as_secs_f64();
+    assert!(output.status.success(), "{argv:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    let peak = cgroup.reader().peak().unwrap().unwrap_or(0);
+    Sample { wall, peak }
+}
+
+fn median(samples: &[Sample]) -> f64 {
+    let mut walls: Vec<f64> = samples.iter().map(|s| s.wall).collect();
+    walls.sort_by(|a, b| a.total_cmp(b));
+    walls[walls.len() / 2]
+}
+
+fn virtual_size(image: &Path) -> u64 {
+    let out = Command::new("qemu-img").args(["info", "--output=json"]).arg(image).output().unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    info["virtual-size"].as_u64().unwrap()
+}
+
+/// The image at `dir/name`, generated by `make` if missing (generation writes a temporary name first, so an
+/// interrupted generation is not mistaken for an image).
+fn ensure_image(dir: &Path, name: &str, make: impl FnOnce() -> PathBuf) -> PathBuf {
+    let path = dir.join(name);
+    if !path.exists() {
+        eprintln!("generating {}", path.display());
+        let made = make();
+        std::fs::rename(made, &path).unwrap();
+    }
+    path
+}
+
+/// Fills `path` with `size` bytes from `block`, a generator of 1 MiB blocks.
+fn write_raw(path: &Path, size: u64, mut block: impl FnMut(u64, &mut [u8])) {
+    let mut out = BufWriter::new(File::create(path).unwrap());
+    let mut buf = vec![0u8; MIB as usize];
+    for i in 0..size / MIB {
+        block(i, &mut buf);
+        out.write_all(&buf).unwrap();
+    }
+    out.flush().unwrap();
+}
+
+fn convert(raw: &Path, args: &[&str], out: &Path) {
+    let status =
+        Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).args(args).arg(raw).arg(out).status();
+    assert!(status.unwrap().success(), "qemu-img convert failed");
+    std::fs::remove_file(raw).unwrap();
+}
+
+fn random_qcow2(dir: &Path, size: u64) -> PathBuf {
+    let raw = dir.join("generating.raw");
+    let mut state = 0x5eed_u64;
+    write_raw(&raw, size, |_, buf| {
+        for chunk in buf.chunks_mut(8) {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            chunk.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes()[..chunk.len()]);
+        }
+    });
+    let out = dir.join("generating.qcow2");
+    convert(&raw, &[], &out);
+    out
+}
+
+/// Log-like text: compresses about 4:1 with zlib, like a guest filesystem full of text and binaries would not,
+/// but like the text-heavy images the issue describes.
+fn text_qcow2(dir: &Path, size: u64, codec: &str) -> PathBuf {
+    let raw = dir.join("generating.raw");
+    let words = ["kernel", "systemd", "started", "network", "eth0", "link", "up", "mount", "ext4", "error", "ok"];
+    let mut line = 0u64;
+    write_raw(&raw, size, |_, buf| {
+        let mut at = 0;
+        while at < buf.len() {
+            line += 1;
+            let text = format!(
+                "{:010}.{:06} host{} {}[{}]: {} {} {}\n",
+                line / 977,
+                line * 7919 % 1_000_000,
+                line % 13,
+                words[(line % 11) as usize],
+                line * 31 % 65_536,
+                words[(line * 7 % 11) as usize],
+                words[(line * 3 % 11) as usize],
+                line.wrapping_mul(2_654_435_761) % 1_000_003
+            );
+            let n = text.len().min(buf.len() - at);
+            buf[at..at + n].copy_from_slice(&text.as_bytes()[..n]);
+            at += n;
+        }
+    });
+    let out = dir.join("generating.qcow2");
+    convert(&raw, &["-c", "-o", &format!("compression_type={codec}")], &out);
+    out
+}
+
+/// 20 GiB virtual, 256 MiB of data in 64 scattered 4 MiB extents.
+fn mostly_zero_qcow2(dir: &Path) -> PathBuf {
+    let raw = dir.join("generating.raw");
+    let file = File::create(&raw).unwrap();
+    file.set_len(20 * GIB).unwrap();
+    let mut buf = vec![0u8; 4 * MIB as usize];
+    for i in 0..64u64 {
+        for (j, b) in buf.iter_mut().enumerate() {
+            *b = (i as usize * 31 + j * 7 + j / 4096) as u8;
+        }
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(&buf, i * 320 * MIB + i * 4096).unwrap();
+    }
+    drop(file);
+    let out = dir.join("generating.qcow2");
+    convert(&raw, &[], &out);
+    out
+}

@@ -1,0 +1,194 @@
+//! `boundimport lab`: the harness's command line. Parses arguments into a [`Config`], runs a session (or the
+//! bandwidth benchmark, or the hidden co-tenant probe) with Ctrl-C handled, and prints the table.
+
+use super::fixtures::StopOnSignals;
+use super::{bandwidth_label, Config, DestChoice, Importer};
+use crate::error::{Error, ErrorKind, Result};
+use crate::size::parse_quantity;
+use clap::Subcommand;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Reproduce the page-cache pathology of importer pods: run qemu-img (as CDI does) and boundimport in a memory
+/// cgroup against throttled storage, with a co-tenant in the same cgroup, and report what each did (needs root).
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct LabCommand {
+    #[command(subcommand)]
+    mode: Option<LabMode>,
+
+    #[command(flatten)]
+    session: SessionArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum LabMode {
+    /// Run a session per write bandwidth and tabulate wall time, throughput and peak per importer.
+    Bench {
+        #[command(flatten)]
+        session: SessionArgs,
+
+        /// Write bandwidths to run at, comma-separated quantities per second or `unthrottled`.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "20M,50M,200M,unthrottled",
+            value_parser = parse_bandwidth
+        )]
+        bandwidths: Vec<Bandwidth>,
+    },
+    /// The co-tenant probe the harness spawns into the cgroup (internal).
+    #[command(hide = true)]
+    Cotenant {
+        /// Bytes to allocate and touch each round.
+        #[arg(long, value_parser = parse_size)]
+        bytes: u64,
+
+        /// Milliseconds between the starts of two rounds.
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+    },
+}
+
+/// Settings shared by a session and the benchmark.
+#[derive(Debug, clap::Args)]
+struct SessionArgs {
+    /// Image to import (any format both boundimport and qemu-img read: raw, qcow2, ...).
+    #[arg(long, required = true)]
+    image: Option<PathBuf>,
+
+    /// Memory limit of the importer's cgroup (a Kubernetes quantity).
+    #[arg(long, default_value = "600M", value_parser = parse_size)]
+    limit: u64,
+
+    /// Destination write bandwidth per second (a quantity, e.g. 30M), or `unthrottled` [default: 30M].
+    #[arg(long, value_parser = parse_bandwidth)]
+    write_bps: Option<Bandwidth>,
+
+    /// Destination: `loop` (a fresh loop device over a sparse file per importer) or a block device or file path.
+    #[arg(long, default_value = "loop")]
+    dest: String,
+
+    /// Which importers to run.
+    #[arg(long, value_enum, default_value = "both")]
+    importer: ImporterChoice,
+
+    /// Bytes the co-tenant allocates and touches every 100 ms (0: no co-tenant).
+    #[arg(long, default_value = "64Mi", value_parser = parse_size)]
+    cotenant: u64,
+
+    /// Directory for report.json, timeline.csv, timeline.svg and the importers' logs.
+    #[arg(long, default_value = "lab-out")]
+    out: PathBuf,
+
+    /// The qemu-img binary to test.
+    #[arg(long, default_value = "qemu-img")]
+    qemu_img: PathBuf,
+
+    /// More log output.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ImporterChoice {
+    QemuImg,
+    Boundimport,
+    Both,
+}
+
+/// A write bandwidth: bytes per second, or unthrottled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Bandwidth(Option<u64>);
+
+fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    parse_quantity(text).map_err(|e| e.to_string())
+}
+
+fn parse_bandwidth(text: &str) -> std::result::Result<Bandwidth, String> {
+    match text.trim() {
+        "unthrottled" | "none" | "0" => Ok(Bandwidth(None)),
+        other => parse_size(other).map(|b| Bandwidth(Some(b))),
+    }
+}
+
+impl SessionArgs {
+    fn config(&self, write_bps: Option<u64>) -> Result<Config> {
+        let image = self.image.clone().ok_or_else(|| Error::usage("--image is required"))?;
+        Ok(Config {
+            limit: self.limit,
+            write_bps,
+            dest: match self.dest.as_str() {
+                "loop" => DestChoice::Loop,
+                path => DestChoice::Path(PathBuf::from(path)),
+            },
+            importers: match self.importer {
+                ImporterChoice::QemuImg => vec![Importer::QemuImg],
+                ImporterChoice::Boundimport => vec![Importer::Boundimport],
+                ImporterChoice::Both => vec![Importer::QemuImg, Importer::Boundimport],
+            },
+            cotenant_bytes: self.cotenant,
+            qemu_img: self.qemu_img.clone(),
+            ..Config::new(image, &self.out)?
+        })
+    }
+}
+
+/// Runs `boundimport lab ...`; returns the process exit code.
+pub fn main(command: LabCommand) -> i32 {
+    let result = match command.mode {
+        Some(LabMode::Cotenant { bytes, interval_ms }) => {
+            crate::logging::init(0, true);
+            super::cotenant::probe(bytes, Duration::from_millis(interval_ms)).map_err(|e| (e, None))
+        }
+        Some(LabMode::Bench { session, bandwidths }) => {
+            crate::logging::init(session.verbose, false);
+            bench(&session, &bandwidths)
+        }
+        None => {
+            crate::logging::init(command.session.verbose, false);
+            session(&command.session)
+        }
+    };
+    match result {
+        Ok(()) => 0,
+        Err((err, signal)) => {
+            log::error!("{err}");
+            match (err.kind(), signal) {
+                // Stopped by a signal: 128 + its number, as shells report it.
+                (ErrorKind::Interrupted, Some(signal)) => 128 + signal,
+                _ => err.exit_code(),
+            }
+        }
+    }
+}
+
+/// An error, and the signal that stopped the session if one did.
+type Failure = (Error, Option<i32>);
+
+fn session(args: &SessionArgs) -> std::result::Result<(), Failure> {
+    let write_bps = args.write_bps.map_or(Some(30_000_000), |b| b.0);
+    let config = args.config(write_bps).map_err(|e| (e, None))?;
+    let signals = StopOnSignals::install().map_err(|e| (e, None))?;
+    let report = super::run(&config, signals.flag()).map_err(|e| (e, signals.signal()))?;
+    print!("{}", report.table());
+    println!("report: {0}/report.json  timeline: {0}/timeline.csv  plot: {0}/timeline.svg", config.out.display());
+    Ok(())
+}
+
+fn bench(args: &SessionArgs, bandwidths: &[Bandwidth]) -> std::result::Result<(), Failure> {
+    if args.write_bps.is_some() {
+        return Err((Error::usage("lab bench takes --bandwidths, not --write-bps"), None));
+    }
+    let config = args.config(None).map_err(|e| (e, None))?;
+    let bandwidths: Vec<Option<u64>> = bandwidths.iter().map(|b| b.0).collect();
+    let signals = StopOnSignals::install().map_err(|e| (e, None))?;
+    let rows = super::bench(&config, &bandwidths, signals.flag()).map_err(|e| (e, signals.signal()))?;
+    print!("{}", super::bench_table(&rows));
+    println!(
+        "tables: {0}/bench.md  {0}/bench.json  sessions: {0}/bw-{{{1}}}",
+        config.out.display(),
+        bandwidths.iter().map(|&b| bandwidth_label(b)).collect::<Vec<_>>().join(",")
+    );
+    Ok(())
+}

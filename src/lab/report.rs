@@ -1,0 +1,450 @@
+//! What a lab session concludes: per-importer figures and verdicts (`report.json`), the raw timeline
+//! (`timeline.csv`), the co-tenant's allocation latencies (`stalls.csv`) and a short table for the terminal.
+
+use super::cotenant::Stall;
+use super::sampler::Sample;
+use crate::error::{IoContext, Result};
+use crate::size::human;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::Path;
+use std::time::Instant;
+
+/// Share of the limit at or above which the cgroup counts as pinned.
+pub const PINNED_SHARE: f64 = 0.95;
+
+/// Explanation attached to a PINNED run: this kernel stalls where others kill.
+pub const PINNED_NOTE: &str = "The cgroup sat at its limit but nothing was killed: on cgroup v1 (and on v2 with \
+cgroup writeback) current kernels make memcg reclaim wait for the pages under writeback, so the importer and its \
+co-tenants stall instead. The same import is OOM-killed where reclaim cannot wait and the flushers fall behind: \
+cgroup v2 with destinations on filesystems without cgroup writeback (NFS, FUSE: the common CDI setting with NFS or \
+Longhorn RWX volumes), older kernels, and v2 kernels before 6.13 with MGLRU (flushers not woken; fixed by \
+\"mm/vmscan: wake up flushers conditionally to avoid cgroup OOM\"). PINNED here means OOMKILLED there.";
+
+/// How an importer fared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Verdict {
+    /// Killed: SIGKILL exit or an OOM kill in the cgroup.
+    #[serde(rename = "OOMKILLED")]
+    OomKilled,
+    /// Completed, but the cgroup reached at least 95% of its limit.
+    #[serde(rename = "PINNED")]
+    Pinned,
+    /// Completed below 95% of the limit.
+    #[serde(rename = "BOUNDED")]
+    Bounded,
+    /// Exited with an error without being killed: no memory verdict (see the importer's log).
+    #[serde(rename = "FAILED")]
+    Failed,
+}
+
+impl Verdict {
+    /// The verdict as written in the report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::OomKilled => "OOMKILLED",
+            Verdict::Pinned => "PINNED",
+            Verdict::Bounded => "BOUNDED",
+            Verdict::Failed => "FAILED",
+        }
+    }
+}
+
+/// The machine and the conditions of the session.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Host {
+    /// `uname -r`.
+    pub kernel: String,
+    /// 1 or 2.
+    pub cgroup_version: u8,
+    /// The memory limit of the cgroup the importers ran in.
+    pub limit_bytes: u64,
+    /// Write bandwidth of the destination, `null` when unthrottled.
+    pub write_bps: Option<u64>,
+}
+
+/// One importer's run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Run {
+    /// "qemu-img" or "boundimport".
+    pub importer: String,
+    /// How it fared.
+    pub verdict: Verdict,
+    /// Exit code, or 128 + signal number when killed by a signal (137 = SIGKILL, as Kubernetes reports it).
+    pub exit_status: i32,
+    /// From start to exit.
+    pub wall_seconds: f64,
+    /// Virtual size over wall time; `null` unless the import completed.
+    pub throughput_bytes_per_sec: Option<f64>,
+    /// Highest charge of the importer's cgroup.
+    pub peak_bytes: u64,
+    /// Highest working set (usage − inactive_file) of the importer's cgroup: what `kubectl top` shows.
+    pub kubectl_top_peak_bytes: u64,
+    /// Time the limited cgroup spent at or above 95% of its limit.
+    pub pinned_seconds: f64,
+    /// Times the limit was hit during the run.
+    pub limit_hits: u64,
+    /// OOM kills in the cgroup during the run.
+    pub oom_kills: u64,
+    /// Median co-tenant allocation latency during the run, `null` without a co-tenant.
+    pub stall_p50_ms: Option<f64>,
+    /// 99th percentile of the co-tenant allocation latency.
+    pub stall_p99_ms: Option<f64>,
+    /// Worst co-tenant allocation latency.
+    pub stall_max_ms: Option<f64>,
+    /// What the verdict means on other kernels (set for PINNED runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// The whole session: `report.json`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    /// Machine and conditions.
+    pub host: Host,
+    /// One entry per importer, in the order they ran.
+    pub runs: Vec<Run>,
+}
+
+/// Everything measured about one importer run, before it is summarised.
+#[derive(Debug, Clone)]
+pub struct Measured {
+    /// Importer name.
+    pub importer: String,
+    /// Exit code or 128 + signal.
+    pub exit_status: i32,
+    /// Whether the importer died of SIGKILL.
+    pub sigkilled: bool,
+    /// When the importer was started (timeline origin).
+    pub started: Instant,
+    /// Seconds from start to exit.
+    pub wall_seconds: f64,
+    /// Bytes the import covers (virtual size).
+    pub bytes: u64,
+    /// The cgroup limit.
+    pub limit: u64,
+    /// The importer cgroup's kernel-recorded peak, if the kernel keeps one.
+    pub importer_peak: Option<u64>,
+    /// The limited cgroup's kernel-recorded peak, if the kernel keeps one.
+    pub pod_peak: Option<u64>,
+    /// Limit hits of the limited cgroup before the importer started.
+    pub limit_hits_before: u64,
+    /// OOM kills in the limited cgroup (all its members) during the run.
+    pub oom_kills: u64,
+    /// The sampled timeline.
+    pub samples: Vec<Sample>,
+    /// Co-tenant rounds reported while the importer ran.
+    pub stalls: Vec<Stall>,
+}
+
+impl Measured {
+    /// Co-tenant latencies in milliseconds, sorted, of rounds that ended while the importer ran.
+    fn stall_ms(&self) -> Vec<f64> {
+        let end = self.wall_seconds;
+        let mut ms: Vec<f64> = self
+            .stalls
+            .iter()
+            .filter(|s| {
+                let t = s.at.saturating_duration_since(self.started).as_secs_f64();
+                s.at >= self.started && t <= end
+            })
+            .map(|s| s.latency.as_secs_f64() * 1000.0)
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        ms
+    }
+
+    /// Applies the verdict rules and computes the figures of the report.
+    pub fn summarize(&self) -> Run {
+        let threshold = (self.limit as f64 * PINNED_SHARE) as u64;
+        let sampled_pod_peak = self.samples.iter().map(|s| s.pod.usage).max().unwrap_or(0);
+        let pod_peak = self.pod_peak.unwrap_or(0).max(sampled_pod_peak);
+        let sampled_peak = self.samples.iter().map(|s| s.importer.usage).max().unwrap_or(0);
+        let kubectl_top_peak = self.samples.iter().map(|s| s.importer.working_set()).max().unwrap_or(0);
+        let pinned_seconds =
+            self.samples.windows(2).filter(|w| w[1].pod.usage >= threshold).fold(0.0, |sum, w| sum + (w[1].t - w[0].t));
+        let limit_hits =
+            self.samples.last().map_or(0, |s| s.pod_events.limit_hits).saturating_sub(self.limit_hits_before);
+        let verdict = if self.sigkilled || self.oom_kills > 0 {
+            Verdict::OomKilled
+        } else if self.exit_status != 0 {
+            Verdict::Failed
+        } else if pod_peak >= threshold {
+            Verdict::Pinned
+        } else {
+            Verdict::Bounded
+        };
+        let completed = self.exit_status == 0;
+        let stalls = self.stall_ms();
+        Run {
+            importer: self.importer.clone(),
+            verdict,
+            exit_status: self.exit_status,
+            wall_seconds: round(self.wall_seconds, 3),
+            throughput_bytes_per_sec: (completed && self.wall_seconds > 0.0)
+                .then(|| (self.bytes as f64 / self.wall_seconds).round()),
+            peak_bytes: self.importer_peak.unwrap_or(0).max(sampled_peak),
+            kubectl_top_peak_bytes: kubectl_top_peak,
+            pinned_seconds: round(pinned_seconds, 1),
+            limit_hits,
+            oom_kills: self.oom_kills,
+            stall_p50_ms: percentile(&stalls, 50.0).map(|v| round(v, 1)),
+            stall_p99_ms: percentile(&stalls, 99.0).map(|v| round(v, 1)),
+            stall_max_ms: stalls.last().map(|&v| round(v, 1)),
+            note: (verdict == Verdict::Pinned).then(|| PINNED_NOTE.to_string()),
+        }
+    }
+}
+
+fn round(value: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (value * scale).round() / scale
+}
+
+/// Nearest-rank percentile of sorted values, `None` when empty.
+pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+impl Report {
+    /// Writes `report.json` into `dir`.
+    pub fn write_json(&self, dir: &Path) -> Result<()> {
+        let path = dir.join("report.json");
+        let mut text = serde_json::to_string_pretty(self).map_err(|e| {
+            crate::error::Error::new(crate::error::ErrorKind::Io, "serialising the report").with_source(e)
+        })?;
+        text.push('\n');
+        fs::write(&path, text).io_context("writing report").map_err(|e| e.at_path(&path))
+    }
+
+    /// A short table for the terminal.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "{:<12} {:<10} {:>8} {:>9} {:>10} {:>11} {:>8} {:>10} {:>24}",
+            "importer",
+            "verdict",
+            "wall s",
+            "MB/s",
+            "peak",
+            "kubectl-top",
+            "pinned s",
+            "limit hits",
+            "stall p50/p99/max ms"
+        );
+        for run in &self.runs {
+            let ms = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.0}"));
+            let _ = writeln!(
+                out,
+                "{:<12} {:<10} {:>8.1} {:>9} {:>10} {:>11} {:>8.1} {:>10} {:>24}",
+                run.importer,
+                run.verdict.as_str(),
+                run.wall_seconds,
+                run.throughput_bytes_per_sec.map_or_else(|| "-".to_string(), |b| format!("{:.1}", b / 1e6)),
+                human(run.peak_bytes),
+                human(run.kubectl_top_peak_bytes),
+                run.pinned_seconds,
+                run.limit_hits,
+                format!("{}/{}/{}", ms(run.stall_p50_ms), ms(run.stall_p99_ms), ms(run.stall_max_ms)),
+            );
+        }
+        out
+    }
+}
+
+/// Header of `timeline.csv`.
+pub const TIMELINE_HEADER: &str = "importer,t_s,usage_bytes,file_bytes,anon_bytes,dirty_bytes,writeback_bytes,\
+inactive_file_bytes,kubectl_top_bytes,cgroup_usage_bytes,limit_hits";
+
+/// Writes every importer's samples to `dir/timeline.csv`: the importer cgroup's counters, what `kubectl top`
+/// would show, and the limited cgroup's usage (importer plus co-tenant) and limit hits.
+pub fn write_timeline(dir: &Path, runs: &[(&str, &[Sample])]) -> Result<()> {
+    let mut text = String::from(TIMELINE_HEADER);
+    text.push('\n');
+    for (importer, samples) in runs {
+        for s in *samples {
+            let m = &s.importer;
+            let _ = writeln!(
+                text,
+                "{importer},{:.3},{},{},{},{},{},{},{},{},{}",
+                s.t,
+                m.usage,
+                m.file,
+                m.anon,
+                m.dirty,
+                m.writeback,
+                m.inactive_file,
+                m.working_set(),
+                s.pod.usage,
+                s.pod_events.limit_hits
+            );
+        }
+    }
+    let path = dir.join("timeline.csv");
+    fs::write(&path, text).io_context("writing timeline").map_err(|e| e.at_path(&path))
+}
+
+/// Writes every co-tenant round to `dir/stalls.csv` (seconds since the importer started, latency in ms).
+pub fn write_stalls(dir: &Path, runs: &[(&str, Instant, &[Stall])]) -> Result<()> {
+    let mut text = String::from("importer,t_s,latency_ms\n");
+    for (importer, started, stalls) in runs {
+        for s in *stalls {
+            let t = s.at.saturating_duration_since(*started).as_secs_f64();
+            let _ = writeln!(text, "{importer},{t:.3},{:.3}", s.latency.as_secs_f64() * 1000.0);
+        }
+    }
+    let path = dir.join("stalls.csv");
+    fs::write(&path, text).io_context("writing stalls").map_err(|e| e.at_path(&path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cgroup::{MemEvents, MemStat};
+    use std::time::Duration;
+
+    const LIMIT: u64 = 1000;
+
+    fn sample(t: f64, importer: u64, pod: u64, hits: u64) -> Sample {
+        Sample {
+            t,
+            importer: MemStat { usage: importer, inactive_file: importer / 2, ..MemStat::default() },
+            pod: MemStat { usage: pod, ..MemStat::default() },
+            pod_events: MemEvents { limit_hits: hits, oom_kills: 0 },
+        }
+    }
+
+    fn measured(samples: Vec<Sample>) -> Measured {
+        let started = Instant::now();
+        Measured {
+            importer: "qemu-img".into(),
+            exit_status: 0,
+            sigkilled: false,
+            started,
+            wall_seconds: 4.0,
+            bytes: 4_000_000,
+            limit: LIMIT,
+            importer_peak: None,
+            pod_peak: None,
+            limit_hits_before: 2,
+            oom_kills: 0,
+            samples,
+            stalls: [5u64, 1, 3, 2, 4, 900]
+                .iter()
+                .enumerate()
+                .map(|(i, &ms)| Stall {
+                    at: started + Duration::from_millis(500 * i as u64 + 1),
+                    latency: Duration::from_millis(ms),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn pinned_when_the_cgroup_reaches_95_percent_and_seconds_are_counted() {
+        let run = measured(vec![
+            sample(0.0, 100, 150, 2),
+            sample(1.0, 900, 960, 10),
+            sample(2.0, 900, 990, 50),
+            sample(3.0, 500, 600, 60),
+        ])
+        .summarize();
+        assert_eq!(run.verdict, Verdict::Pinned);
+        assert_eq!(run.pinned_seconds, 2.0);
+        assert_eq!(run.limit_hits, 58);
+        assert_eq!(run.peak_bytes, 900);
+        assert_eq!(run.kubectl_top_peak_bytes, 450);
+        assert_eq!(run.throughput_bytes_per_sec, Some(1_000_000.0));
+        assert!(run.note.as_deref().unwrap().contains("MGLRU"));
+    }
+
+    #[test]
+    fn bounded_below_95_percent_and_kernel_peak_counts() {
+        let mut m = measured(vec![sample(0.0, 10, 50, 2), sample(1.0, 20, 60, 2)]);
+        m.importer_peak = Some(30);
+        let run = m.summarize();
+        assert_eq!(run.verdict, Verdict::Bounded);
+        assert_eq!(run.peak_bytes, 30);
+        assert_eq!((run.pinned_seconds, run.limit_hits), (0.0, 0));
+        assert_eq!(run.note, None);
+        // A peak between samples still pins.
+        m.pod_peak = Some(LIMIT);
+        assert_eq!(m.summarize().verdict, Verdict::Pinned);
+    }
+
+    #[test]
+    fn killed_beats_everything_and_failures_are_not_memory_verdicts() {
+        let mut m = measured(vec![sample(0.0, 10, 990, 2)]);
+        m.sigkilled = true;
+        m.exit_status = 137;
+        let run = m.summarize();
+        assert_eq!(run.verdict, Verdict::OomKilled);
+        assert_eq!(run.throughput_bytes_per_sec, None);
+        m.sigkilled = false;
+        m.oom_kills = 1;
+        m.exit_status = 0;
+        assert_eq!(m.summarize().verdict, Verdict::OomKilled);
+        m.oom_kills = 0;
+        m.exit_status = 1;
+        assert_eq!(m.summarize().verdict, Verdict::Failed);
+    }
+
+    #[test]
+    fn stall_figures_cover_rounds_during_the_run() {
+        // The 900 ms round ends at 2.5 s, inside the 4 s run; with a 2 s run it is left out.
+        let mut m = measured(vec![sample(0.0, 1, 1, 0)]);
+        let run = m.summarize();
+        assert_eq!((run.stall_p50_ms, run.stall_p99_ms, run.stall_max_ms), (Some(3.0), Some(900.0), Some(900.0)));
+        m.wall_seconds = 2.0;
+        assert_eq!(m.summarize().stall_max_ms, Some(5.0));
+        m.stalls.clear();
+        assert_eq!(m.summarize().stall_p50_ms, None);
+    }
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), Some(50.0));
+        assert_eq!(percentile(&v, 99.0), Some(99.0));
+        assert_eq!(percentile(&[7.0], 99.0), Some(7.0));
+        assert_eq!(percentile(&[], 50.0), None);
+    }
+
+    #[test]
+    fn report_json_has_the_documented_fields() {
+        let report = Report {
+            host: Host { kernel: "6.18".into(), cgroup_version: 1, limit_bytes: LIMIT, write_bps: None },
+            runs: vec![measured(vec![sample(0.0, 1, 1, 0)]).summarize()],
+        };
+        let value = serde_json::to_value(&report).unwrap();
+        let host = value["host"].as_object().unwrap();
+        for key in ["kernel", "cgroup_version", "limit_bytes", "write_bps"] {
+            assert!(host.contains_key(key), "{key}");
+        }
+        let run = value["runs"][0].as_object().unwrap();
+        for key in [
+            "importer",
+            "verdict",
+            "exit_status",
+            "wall_seconds",
+            "throughput_bytes_per_sec",
+            "peak_bytes",
+            "kubectl_top_peak_bytes",
+            "pinned_seconds",
+            "limit_hits",
+            "oom_kills",
+            "stall_p50_ms",
+            "stall_p99_ms",
+            "stall_max_ms",
+        ] {
+            assert!(run.contains_key(key), "{key}");
+        }
+        assert_eq!(run["verdict"], "BOUNDED");
+        assert!(report.table().contains("BOUNDED"));
+    }
+}

@@ -1,0 +1,185 @@
+//! The lab end to end (root): qemu-img as CDI runs it pins (or loses) a 600M cgroup against 30 MB/s storage while
+//! boundimport stays bounded, and an interrupted session leaves no cgroup, loop device or throttle behind.
+
+mod common;
+
+use common::privileged::require_privileged;
+use common::{qemu_img, run, scratch_dir, write_raw, Fill, MIB};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Lab sessions measure the machine: never two at once.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const V1_THROTTLE: &str = "/sys/fs/cgroup/blkio/blkio.throttle.write_bps_device";
+
+/// An incompressible qcow2 of `size` bytes (every cluster allocated, random data).
+fn random_qcow2(dir: &Path, size: u64) -> std::path::PathBuf {
+    let raw = dir.join("random.raw");
+    write_raw(&raw, size, &[(0, size, Fill::Random(7))]);
+    let qcow2 = dir.join("random.qcow2");
+    run(Command::new(qemu_img()).args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow2));
+    std::fs::remove_file(&raw).expect("removing the raw image");
+    qcow2
+}
+
+/// Lines of `losetup -a` mentioning `needle`.
+fn loop_devices_with(needle: &str) -> Vec<String> {
+    let out = run(Command::new("losetup").arg("-a"));
+    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(needle)).map(str::to_string).collect()
+}
+
+/// Cgroup directories the lab process `pid` made, anywhere in the memory hierarchy below our own cgroup.
+fn lab_cgroups_of(pid: u32) -> Vec<String> {
+    let own = boundimport::cgroup::MemCgroup::own().unwrap().unwrap();
+    let prefix = format!("boundimport-lab-{pid}-");
+    std::fs::read_dir(own.dir())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(&prefix))
+        .collect()
+}
+
+fn throttle_lines() -> String {
+    std::fs::read_to_string(V1_THROTTLE).unwrap_or_default()
+}
+
+#[test]
+fn qemu_img_pins_the_cgroup_and_boundimport_stays_bounded() {
+    if !require_privileged("qemu_img_pins_the_cgroup_and_boundimport_stays_bounded") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = scratch_dir("lab");
+    let image = random_qcow2(dir.path(), 1024 * MIB);
+    let out = dir.path().join("out");
+
+    let child = common::boundimport()
+        .args(["lab", "--image"])
+        .arg(&image)
+        .args(["--limit", "600M", "--write-bps", "30M", "--cotenant", "64Mi", "--out"])
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting boundimport lab");
+    let pid = child.id();
+    let output = child.wait_with_output().expect("waiting for boundimport lab");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "lab failed ({}):\n{stdout}\n{stderr}", output.status);
+    eprintln!("{stdout}");
+
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["host"]["limit_bytes"], 600_000_000);
+    assert_eq!(report["host"]["write_bps"], 30_000_000);
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    let (qemu, ours) = (&runs[0], &runs[1]);
+    assert_eq!(qemu["importer"], "qemu-img");
+    assert_eq!(ours["importer"], "boundimport");
+
+    let verdict = qemu["verdict"].as_str().unwrap();
+    assert!(verdict == "PINNED" || verdict == "OOMKILLED", "qemu-img: {qemu}");
+    if verdict == "PINNED" {
+        assert!(qemu["note"].as_str().unwrap().contains("OOM"), "{qemu}");
+        assert!(qemu["pinned_seconds"].as_f64().unwrap() > 0.0, "{qemu}");
+        assert!(qemu["limit_hits"].as_u64().unwrap() > 0, "{qemu}");
+    }
+
+    assert_eq!(ours["verdict"], "BOUNDED", "boundimport: {ours}");
+    assert_eq!(ours["exit_status"], 0);
+    let peak = ours["peak_bytes"].as_u64().unwrap();
+    assert!(peak > 0 && peak <= 64 * MIB, "boundimport peak {peak} bytes: {ours}");
+    let stall_max = ours["stall_max_ms"].as_f64().expect("co-tenant rounds were recorded");
+    assert!(stall_max <= 500.0, "co-tenant stalled {stall_max} ms during boundimport: {ours}");
+    assert!(ours["throughput_bytes_per_sec"].as_f64().unwrap() > 0.0);
+
+    let csv = std::fs::read_to_string(out.join("timeline.csv")).unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    assert_eq!(header[..3], ["importer", "t_s", "usage_bytes"]);
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    for importer in ["qemu-img", "boundimport"] {
+        let mine: Vec<_> = rows.iter().filter(|r| r[0] == importer).collect();
+        // At least 5 Hz over a run that takes more than 30 s at 30 MB/s.
+        assert!(mine.len() >= 150, "{importer}: only {} samples", mine.len());
+        for row in mine {
+            assert_eq!(row.len(), header.len());
+            row[1].parse::<f64>().unwrap();
+            for field in &row[2..] {
+                field.parse::<u64>().unwrap();
+            }
+        }
+    }
+
+    let svg = std::fs::read_to_string(out.join("timeline.svg")).unwrap();
+    let start = svg.trim_start();
+    assert!(start.starts_with("<svg") || start.starts_with("<?xml"), "not an SVG: {:.80}", start);
+    assert!(svg.contains("<svg") && svg.trim_end().ends_with("</svg>"));
+    assert!(svg.contains("qemu-img") && svg.contains("boundimport") && svg.contains("limit"));
+
+    assert!(lab_cgroups_of(pid).is_empty(), "cgroups left behind");
+    assert!(loop_devices_with(&out.display().to_string()).is_empty(), "loop devices left behind");
+}
+
+#[test]
+fn an_interrupted_session_cleans_up() {
+    if !require_privileged("an_interrupted_session_cleans_up") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = scratch_dir("lab-sigint");
+    let image = dir.path().join("random.raw");
+    write_raw(&image, 256 * MIB, &[(0, 256 * MIB, Fill::Random(3))]);
+    let out = dir.path().join("out");
+    let mut child = common::boundimport()
+        .args(["lab", "--importer", "qemu-img", "--write-bps", "10M", "--image"])
+        .arg(&image)
+        .arg("--out")
+        .arg(&out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting boundimport lab");
+    let pid = child.id();
+
+    // Wait until the importer is running: its cgroup, loop device and throttle exist.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let device = loop {
+        let devices = loop_devices_with(&out.display().to_string());
+        if let Some(line) = devices.first() {
+            if !lab_cgroups_of(pid).is_empty() && out.join("qemu-img.log").exists() {
+                break line.split(':').next().unwrap().to_string();
+            }
+        }
+        assert!(Instant::now() < deadline, "the lab did not start its importer");
+        assert!(child.try_wait().unwrap().is_none(), "the lab exited early");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let rdev = {
+        use std::os::unix::fs::MetadataExt;
+        let rdev = std::fs::metadata(&device).unwrap().rdev();
+        format!("{}:{} ", libc::major(rdev), libc::minor(rdev))
+    };
+    if Path::new(V1_THROTTLE).exists() {
+        assert!(throttle_lines().contains(&rdev), "no throttle on {device}");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGINT).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "exit status after SIGINT: {}\n{stderr}", output.status);
+    assert!(stderr.contains("interrupted"), "{stderr}");
+
+    assert!(lab_cgroups_of(pid).is_empty(), "cgroups left behind: {:?}", lab_cgroups_of(pid));
+    assert!(loop_devices_with(&out.display().to_string()).is_empty(), "loop devices left behind");
+    assert!(!throttle_lines().contains(&rdev), "throttle left on {device}: {}", throttle_lines());
+    assert!(!out.join("qemu-img.dest.img").exists(), "destination file left behind");
+    assert!(!out.join("report.json").exists());
+}
