@@ -53,10 +53,7 @@ impl SparseImage {
             rest = tail;
         }
         // The claimed length wins when it is larger; records past it are cut off by reads.
-        SparseImage {
-            len: if claimed == 0 { end } else { claimed },
-            records,
-        }
+        SparseImage { len: if claimed == 0 { end } else { claimed }, records }
     }
 
     /// Encodes `bytes` as a sparse image (the inverse of [`decode`](Self::decode) for seeds): 512-byte blocks
