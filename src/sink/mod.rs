@@ -157,7 +157,11 @@ impl Destination {
             DestKind::RegularFile => {
                 // Truncate first so every old block becomes a hole, then extend to the image size.
                 buffered.set_len(0).io_context("truncating destination").map_err(ctx)?;
-                buffered.set_len(size).io_context("sizing destination").map_err(ctx)?;
+                // A huge virtual size fails here (EFBIG past the filesystem's largest file): name the size.
+                buffered
+                    .set_len(size)
+                    .io_context(format!("sizing destination to {size} bytes"))
+                    .map_err(|e| ctx(e.at_offset(size)))?;
                 size
             }
         };
