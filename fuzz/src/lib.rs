@@ -138,7 +138,7 @@ pub fn exercise_image(data: &[u8], family: Detected) {
         .rev()
         .take(16)
         .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-    let mut starts = vec![0, size.saturating_sub(WINDOW), size / 2 & !511];
+    let mut starts = vec![0, size.saturating_sub(WINDOW), (size / 2) & !511];
     for _ in 0..2 {
         seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         starts.push((seed >> 11) % size);
@@ -213,7 +213,7 @@ pub fn exercise_decompress(data: &[u8]) {
         1 => Codec::Zlib,
         _ => Codec::Zstd,
     };
-    let out_len = (usize::from(data[1]) << 16 | usize::from(data[2]) << 8 | usize::from(data[3])) & 0xff_ffff;
+    let out_len = ((usize::from(data[1]) << 16) | (usize::from(data[2]) << 8) | usize::from(data[3])) & 0xff_ffff;
     let mut out = vec![0u8; out_len];
     if boundimport::codec::decompress(codec, &data[4..], &mut out).is_ok() {
         let mut again = vec![0xa5u8; out_len];
