@@ -8,12 +8,14 @@ use crate::import::{self, Outcome, Plan, ResumeOptions};
 use crate::progress::{self, Progress, ProgressStyle};
 use crate::sink::IoChoice;
 use crate::size::{human, parse_quantity};
-use crate::source::Location;
+use crate::source::{HttpOptions, Location};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::time::Duration;
 
-/// Import a VM disk image (qcow2 or raw) onto a block device or raw file without filling the memory cgroup.
+/// Import a VM disk image (qcow2, raw, vmdk, vhd, vhdx, vdi; plain or gz/xz/zst; a file or an http(s) URL) onto a
+/// block device or raw file without filling the memory cgroup.
 #[derive(Debug, Parser)]
 #[command(name = "boundimport", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Cli {
@@ -90,6 +92,35 @@ struct ImportArgs {
     #[arg(long)]
     no_digest: bool,
 
+    /// Directory of extra PEM CA certificates trusted for https sources, besides the system roots (repeatable).
+    #[arg(long, value_name = "DIR")]
+    ca_dir: Vec<PathBuf>,
+
+    /// Do not verify the TLS certificate of an https source.
+    #[arg(long)]
+    insecure: bool,
+
+    /// Basic-auth credentials for the source, USER or USER:PASS (also taken from the URL's user info).
+    #[arg(long, value_name = "USER[:PASS]")]
+    user: Option<String>,
+
+    /// Extra request header for the source, 'Name: value' (repeatable).
+    #[arg(long, value_name = "NAME: VALUE", value_parser = parse_header)]
+    header: Vec<(String, String)>,
+
+    /// Directory for a spool file when a streamed source needs one (a compressed or Range-less source whose
+    /// format needs random access, or a qcow2 stream with data before its tables).
+    #[arg(long, value_name = "DIR")]
+    scratch: Option<PathBuf>,
+
+    /// Fail a download that delivers no byte for this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    stall_timeout: f64,
+
+    /// Reconnections (resuming where the transfer stopped) after a dropped connection before giving up.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    retries: u32,
+
     /// Append every cgroup reading of the write-behind governor to this CSV file.
     #[arg(long, value_name = "CSV")]
     governor_log: Option<PathBuf>,
@@ -109,6 +140,15 @@ struct ImportArgs {
     /// Only warnings and errors on stderr.
     #[arg(short, long)]
     quiet: bool,
+}
+
+fn parse_header(text: &str) -> std::result::Result<(String, String), String> {
+    match text.split_once(':') {
+        Some((name, value)) if !name.trim().is_empty() && !name.contains(char::is_whitespace) => {
+            Ok((name.trim().to_string(), value.trim().to_string()))
+        }
+        _ => Err(format!("expected 'Name: value', got {text:?}")),
+    }
 }
 
 fn parse_limit(text: &str) -> std::result::Result<u64, String> {
@@ -186,6 +226,16 @@ fn import_and_report(args: &ImportArgs) -> Result<()> {
         governor_timeline: args.governor_log.clone(),
         sizing_override: SizingOverride { workers: args.workers, chunk: args.chunk_size },
         resume: args.resume.then(|| ResumeOptions { state_dir: args.state_dir.clone() }),
+        http: HttpOptions {
+            ca_dirs: args.ca_dir.clone(),
+            insecure: args.insecure,
+            username: args.user.as_ref().map(|u| u.split_once(':').map_or(u.as_str(), |(name, _)| name).to_string()),
+            password: args.user.as_ref().and_then(|u| u.split_once(':')).map(|(_, pass)| pass.to_string()),
+            headers: args.header.clone(),
+            stall_timeout: Duration::from_secs_f64(args.stall_timeout.max(0.1)),
+            retries: args.retries,
+        },
+        scratch: args.scratch.clone(),
         ..Plan::new(Location::parse(source), dest)
     };
     let progress = Progress::default();

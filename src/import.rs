@@ -5,13 +5,15 @@ use crate::budget::{Budget, Sizing, SizingOverride};
 use crate::cgroup::governor::{Governor, GovernorSummary, Targets};
 use crate::cgroup::MemCgroup;
 use crate::checksum::{hex, Algorithm, Checksum, Hasher};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, Result};
 use crate::format::{self, BackingPolicy};
 use crate::pipeline::{self, schedule::Scheduler};
 use crate::progress::Progress;
 use crate::resume::Checkpoints;
 use crate::sink::{DestKind, DestOptions, Destination, IoChoice};
 use crate::size::human;
+use crate::source::decompress::Compression;
+use crate::source::open::{open, Input};
 use crate::source::{FileSource, HashingSource, HttpOptions, Location, ReadAt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -122,6 +124,22 @@ pub struct Outcome {
     pub governor: Option<GovernorSummary>,
     /// Guest offset this run started from (non-zero when it resumed an interrupted import).
     pub resumed_at: u64,
+    /// Compression layers unwrapped, outermost first.
+    pub compression: Vec<Compression>,
+    /// Bytes of a stream kept in a spool (memory or `--scratch` file) because they could not be placed yet.
+    pub spooled_bytes: u64,
+    /// HTTP requests sent, for a URL source.
+    pub http_requests: Option<u64>,
+}
+
+/// What every import path shares: the memory cgroup, the budget and the sizing derived from it.
+pub struct Context {
+    /// Our memory cgroup, if any.
+    pub cgroup: Option<MemCgroup>,
+    /// The budget.
+    pub budget: Budget,
+    /// The sizing derived from it.
+    pub sizing: Sizing,
 }
 
 /// Runs `plan`, advancing `progress`; raising `stop` ends the import early with an interrupted error.
@@ -131,24 +149,45 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
     let sizing = plan.sizing_override.apply(budget.sizing());
     log::debug!("memory budget {budget}: {} workers x {} chunks", sizing.workers, human(sizing.chunk));
 
-    let source_path = match &plan.source {
-        Location::Path(path) => path,
-        Location::Url(url) => {
-            return Err(Error::unsupported("HTTP sources are not supported yet").at_path(url));
+    let ctx = Context { cgroup, budget, sizing };
+    let opened = open(&plan.source, &plan.http)?;
+    let client = opened.client;
+    let result = match opened.input {
+        Input::Random { source, base_dir } => {
+            import_random(plan, &ctx, source, base_dir, plan.checksum.as_ref(), client.is_some(), progress, stop)
         }
+        Input::Stream { reader, len } => crate::stream::import(plan, &ctx, reader, len, progress, stop),
     };
-    let file: Arc<dyn ReadAt> = Arc::new(FileSource::open(source_path)?);
-    let tap = plan.checksum.as_ref().map(|c| Arc::new(HashingSource::new(file.clone(), c.algorithm)));
+    if let Some(client) = &client {
+        log::info!("{}: {} HTTP requests", client.name(), client.requests());
+    }
+    let mut outcome = result?;
+    outcome.http_requests = client.map(|c| c.requests());
+    Ok(outcome)
+}
+
+/// Imports from a random-access source through the pipeline. `base_dir` is where a local image's backing files
+/// live; `checksum` is verified over `file` (a tap reads it whole, in order); `serial` asks for reads in offset
+/// order (a network source reads best front to back).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn import_random(
+    plan: &Plan,
+    ctx: &Context,
+    file: Arc<dyn ReadAt>,
+    base_dir: Option<PathBuf>,
+    checksum: Option<&Checksum>,
+    serial: bool,
+    progress: &Progress,
+    stop: &AtomicBool,
+) -> Result<Outcome> {
+    let sizing = ctx.sizing;
+    let tap = checksum.map(|c| Arc::new(HashingSource::new(file.clone(), c.algorithm)));
     let source: Arc<dyn ReadAt> = match &tap {
         Some(tap) => tap.clone(),
         None => file.clone(),
     };
-    let backing = BackingPolicy {
-        allow: plan.allow_backing,
-        allow_outside: plan.allow_backing_outside,
-        root: None,
-        base_dir: Some(source_path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)),
-    };
+    let backing =
+        BackingPolicy { allow: plan.allow_backing, allow_outside: plan.allow_backing_outside, root: None, base_dir };
     let image = format::open(source, &backing)?;
     let virtual_size = image.virtual_size();
     let format_name = image.format_name();
@@ -177,17 +216,7 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
         (true, start) => Some((hash_prefix(&plan.destination, start)?, start)),
     };
 
-    let options = DestOptions {
-        io: plan.io,
-        target_is_zero: plan.target_is_zero,
-        file_mode: plan.file_mode,
-        keep_contents: start > 0,
-    };
-    let governor = || {
-        let targets = Targets { dirty_writeback: sizing.dirty_target, usage_ceiling: Some(sizing.usage_ceiling) };
-        Governor::new(cgroup.clone(), targets, plan.governor_timeline.as_deref())
-    };
-    let dest = Destination::open(&plan.destination, virtual_size, &options, governor)?;
+    let dest = open_destination(plan, ctx, virtual_size, start > 0)?;
     log::info!("{}: writing {} ({})", plan.destination.display(), dest.io_name(), dest.io_reason);
 
     progress.set_total(virtual_size);
@@ -195,7 +224,7 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
     let config = pipeline::Config {
         workers: sizing.workers,
         chunk: sizing.chunk,
-        serial_reads: tap.is_some(),
+        serial_reads: tap.is_some() || serial,
         output_digest: digest_prefix,
     };
     let scheduler = Scheduler::starting_at(image, sizing.chunk, start);
@@ -211,10 +240,10 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
             dest.finish()?;
         }
     }
-    let outcome = outcome?;
+    let pipeline_outcome = outcome?;
     let governor = dest.finish()?;
 
-    let source_checksum = match (&plan.checksum, &tap) {
+    let source_checksum = match (checksum, &tap) {
         (Some(expected), Some(tap)) => {
             let hashed = tap.finish()?;
             if hashed.gap_bytes > 0 {
@@ -225,6 +254,7 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
                 if let Some(checkpoints) = &checkpoints {
                     checkpoints.clear()?;
                 }
+                crate::stream::discard(&dest, &mismatch);
                 return Err(mismatch);
             }
             Some(expected.to_string())
@@ -234,11 +264,51 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
     if let Some(checkpoints) = &checkpoints {
         checkpoints.clear()?;
     }
+    let mut result = outcome_of(
+        plan,
+        ctx,
+        &dest,
+        format_name,
+        virtual_size,
+        progress,
+        pipeline_outcome.output_digest.as_deref().map(hex),
+        governor,
+    );
+    result.source_checksum = source_checksum;
+    result.resumed_at = start;
+    Ok(result)
+}
+
+/// Opens the destination for an image of `size` bytes with the plan's write path; `keep_contents` keeps a file's
+/// existing bytes (resuming).
+pub(crate) fn open_destination(plan: &Plan, ctx: &Context, size: u64, keep_contents: bool) -> Result<Destination> {
+    let options =
+        DestOptions { io: plan.io, target_is_zero: plan.target_is_zero, file_mode: plan.file_mode, keep_contents };
+    let sizing = ctx.sizing;
+    let governor = || {
+        let targets = Targets { dirty_writeback: sizing.dirty_target, usage_ceiling: Some(sizing.usage_ceiling) };
+        Governor::new(ctx.cgroup.clone(), targets, plan.governor_timeline.as_deref())
+    };
+    Destination::open(&plan.destination, size, &options, governor)
+}
+
+/// The report of a finished import into `dest`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn outcome_of(
+    plan: &Plan,
+    ctx: &Context,
+    dest: &Destination,
+    format: &'static str,
+    virtual_size: u64,
+    progress: &Progress,
+    sha256: Option<String>,
+    governor: Option<GovernorSummary>,
+) -> Outcome {
     let stats = &dest.stats;
-    let result = Outcome {
+    Outcome {
         source: plan.source.clone(),
         destination: plan.destination.clone(),
-        format: format_name,
+        format,
         virtual_size,
         destination_kind: dest.kind(),
         io: dest.io_name(),
@@ -246,14 +316,16 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
         zero_bytes_skipped: stats.skipped.load(Ordering::Relaxed),
         zero_bytes_zeroed: stats.zeroed.load(Ordering::Relaxed),
         seconds: progress.elapsed().as_secs_f64(),
-        sha256: outcome.output_digest.as_deref().map(hex),
-        source_checksum,
-        budget,
-        sizing,
+        sha256,
+        source_checksum: None,
+        budget: ctx.budget,
+        sizing: ctx.sizing,
         governor,
-        resumed_at: start,
-    };
-    Ok(result)
+        resumed_at: 0,
+        compression: Vec::new(),
+        spooled_bytes: 0,
+        http_requests: None,
+    }
 }
 
 /// Runs `pipeline` while a checkpointer records durable progress every [`CHECKPOINT_INTERVAL`]: sync the

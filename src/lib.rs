@@ -23,4 +23,5 @@ pub mod resume;
 pub mod sink;
 pub mod size;
 pub mod source;
+pub mod stream;
 pub mod sys;

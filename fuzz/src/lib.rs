@@ -221,3 +221,33 @@ pub fn exercise_decompress(data: &[u8]) {
         assert!(out == again, "decompression is not deterministic");
     }
 }
+
+/// Most decompressed bytes read per input by the stacking target: enough to get through every layer's framing and
+/// into the image, bounded so a decompression bomb costs time linear in this cap, not in its claims.
+pub const MAX_STREAM_OUTPUT: usize = 8 << 20;
+
+/// The `stream_decompress` target: gzip/xz/zstd layers around an image, unwrapped as the forward-only import does
+/// (`source::decompress::unwrap_layers`, with the xz memory limit a 600M budget gets), then the innermost stream
+/// peeked for format detection and read up to [`MAX_STREAM_OUTPUT`] bytes.
+pub fn exercise_stream_decompress(data: &[u8]) {
+    use boundimport::source::decompress::unwrap_layers;
+    use std::io::Read;
+    let reader = Box::new(std::io::Cursor::new(data.to_vec()));
+    let memlimit = boundimport::stream::xz_memlimit(600_000_000);
+    let Ok((mut stream, layers)) = unwrap_layers(reader, "fuzz.img", memlimit) else {
+        return;
+    };
+    assert!(layers.len() <= boundimport::source::decompress::MAX_LAYERS);
+    let Ok(head) = stream.peek(512) else {
+        return;
+    };
+    let _ = format::detect::detect_bytes(head);
+    let mut buf = vec![0u8; 64 << 10];
+    let mut total = 0;
+    while total < MAX_STREAM_OUTPUT {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total += n,
+        }
+    }
+}

@@ -7,6 +7,7 @@
 //! allocation on stdout; [`Cotenant`] reads them on the harness side.
 
 use super::fixtures::ChildCgroup;
+use super::ticker::Ticker;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
@@ -31,7 +32,7 @@ pub fn probe(bytes: u64, interval: Duration) -> Result<()> {
     }
     let mut out = std::io::stdout().lock();
     let mut ready = false;
-    let mut next = Instant::now();
+    let mut ticker = Ticker::new(interval);
     loop {
         let latency = touch_block(len)?;
         let line = if ready {
@@ -43,21 +44,14 @@ pub fn probe(bytes: u64, interval: Duration) -> Result<()> {
         if out.write_all(line.as_bytes()).and_then(|()| out.flush()).is_err() {
             return Ok(());
         }
-        next += interval;
-        let now = Instant::now();
-        if next > now {
-            std::thread::sleep(next - now);
-        } else {
-            // A round that overran its interval starts the next one at once; the schedule restarts from now.
-            next = now;
-        }
+        ticker.wait();
     }
 }
 
 /// Maps `len` bytes of anonymous memory, writes one byte per page (each write faults in and charges a page),
 /// unmaps it, and returns how long that took.
 fn touch_block(len: usize) -> Result<Duration> {
-    let page = page_size();
+    let page = crate::sys::page_size() as usize;
     let started = Instant::now();
     // SAFETY: a private anonymous mapping with no address hint; the result is checked before use.
     let ptr = unsafe {
@@ -84,12 +78,6 @@ fn touch_block(len: usize) -> Result<Duration> {
         return Err(Error::io("unmapping co-tenant memory", std::io::Error::last_os_error()));
     }
     Ok(latency)
-}
-
-fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(size).unwrap_or(4096).max(1)
 }
 
 /// One allocation round of the probe, as the harness received it.

@@ -18,6 +18,7 @@ pub mod fixtures;
 pub mod plot;
 pub mod report;
 pub mod sampler;
+pub mod ticker;
 
 use crate::cgroup::{MemCgroup, Version};
 use crate::error::{Error, ErrorKind, IoContext, Result};

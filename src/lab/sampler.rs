@@ -1,6 +1,7 @@
 //! The sampler: a thread that reads the importer's cgroup and the limited (pod) cgroup around it at a fixed rate
 //! while an importer runs, building the timeline the report and the plot are made from.
 
+use super::ticker::Ticker;
 use crate::cgroup::{MemCgroup, MemEvents, MemStat, Version};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,7 +39,7 @@ impl Sampler {
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
             let mut samples = Vec::new();
-            let mut next = Instant::now();
+            let mut ticker = Ticker::new(interval);
             loop {
                 // Read once more after the stop request, so the timeline ends after the importer did.
                 let last = flag.load(Ordering::SeqCst);
@@ -46,13 +47,7 @@ impl Sampler {
                 if last {
                     return Ok(samples);
                 }
-                next += interval;
-                let now = Instant::now();
-                if next > now {
-                    std::thread::sleep(next - now);
-                } else {
-                    next = now;
-                }
+                ticker.wait();
             }
         });
         Sampler { stop, handle: Some(handle) }

@@ -212,7 +212,7 @@ fn fill_chunk(shared: &Shared, work: &Work, buffer: &mut AlignedBuf, scratch: &m
 
 /// Writes a filled chunk as runs: blocks that are all zeros become zero ranges (holes, or zeroing on a device),
 /// the rest is written as data.
-fn write_runs(dest: &Destination, guest: u64, chunk: &[u8]) -> Result<()> {
+pub(crate) fn write_runs(dest: &Destination, guest: u64, chunk: &[u8]) -> Result<()> {
     let block = dest.block() as usize;
     let mut run_start = 0;
     let mut run_is_zero = None;

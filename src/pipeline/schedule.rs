@@ -2,8 +2,11 @@
 //! that reads as zeros and needs no buffer at all.
 
 use crate::error::Result;
-use crate::format::{Content, Extent, Image};
+use crate::format::{push_extent, Content, Extent, Image};
+use crate::source::ReadAt;
 use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::Arc;
 
 /// Longest zero span handed out as one item, so a stop request is noticed within about a second between zeroing
 /// calls even on a slow device that zeroes by writing.
@@ -58,6 +61,7 @@ impl Work {
 /// Hands out work items in guest order.
 pub struct Scheduler {
     image: Box<dyn Image>,
+    holes: HoleFinder,
     chunk: u64,
     cursor: u64,
     size: u64,
@@ -74,7 +78,8 @@ impl Scheduler {
     /// A scheduler that skips guest `[0, start)` (already written by an interrupted run).
     pub fn starting_at(image: Box<dyn Image>, chunk: u64, start: u64) -> Self {
         let size = image.virtual_size();
-        Scheduler { image, chunk, cursor: start.min(size), size, pending: VecDeque::new(), extents: Vec::new() }
+        let holes = HoleFinder::new(image.sources());
+        Scheduler { image, holes, chunk, cursor: start.min(size), size, pending: VecDeque::new(), extents: Vec::new() }
     }
 
     /// Guest offset of the next item to plan.
@@ -111,6 +116,7 @@ impl Scheduler {
         self.extents.clear();
         self.image.map(start, end - start, &mut self.extents)?;
         check_coverage(&self.extents, start, end)?;
+        self.holes.refine(&mut self.extents)?;
         let mut next = 0;
         let mut chunk_start = start;
         while chunk_start < end {
@@ -147,6 +153,70 @@ impl Scheduler {
     }
 }
 
+/// Finds holes in the sources behind verbatim-data extents (a preallocated image's never-written clusters, a
+/// sparse raw file), so those bytes are neither read nor written: they become zero extents. One data run per
+/// source is remembered, so a source without holes costs one lseek(SEEK_DATA) for the whole import.
+struct HoleFinder {
+    sources: Vec<Arc<dyn ReadAt>>,
+    known: Vec<Option<Range<u64>>>,
+    scratch: Vec<Extent>,
+}
+
+impl HoleFinder {
+    fn new(sources: Vec<Arc<dyn ReadAt>>) -> Self {
+        let known = vec![None; sources.len()];
+        HoleFinder { sources, known, scratch: Vec::new() }
+    }
+
+    /// Rewrites `extents` with the holes of their sources as zero extents.
+    fn refine(&mut self, extents: &mut Vec<Extent>) -> Result<()> {
+        self.scratch.clear();
+        for extent in extents.iter() {
+            let Content::Data { source, offset } = extent.content else {
+                push_extent(&mut self.scratch, *extent);
+                continue;
+            };
+            let end = offset + extent.len;
+            let mut at = offset;
+            while at < end {
+                let run = self.data_run(source, at)?;
+                let (data_start, data_end) = match run {
+                    Some(run) if run.start < end => (run.start.max(at), run.end.min(end)),
+                    _ => (end, end),
+                };
+                let guest = extent.guest + (at - offset);
+                push_extent(&mut self.scratch, Extent { guest, len: data_start - at, content: Content::Zero });
+                let data = Content::Data { source, offset: data_start };
+                let guest = extent.guest + (data_start - offset);
+                push_extent(&mut self.scratch, Extent { guest, len: data_end - data_start, content: data });
+                at = data_end.max(data_start);
+            }
+        }
+        std::mem::swap(extents, &mut self.scratch);
+        Ok(())
+    }
+
+    /// The data run of `source` containing or following `at`, from the cache when it covers `at`. A run that does
+    /// not move forward is not trusted: everything from `at` on counts as data.
+    fn data_run(&mut self, source: usize, at: u64) -> Result<Option<Range<u64>>> {
+        let Some(reader) = self.sources.get(source) else {
+            return Err(crate::bad_image!("extent names unknown source {source}"));
+        };
+        if let Some(run) = &self.known[source] {
+            if run.start <= at && at < run.end {
+                return Ok(Some(run.clone()));
+            }
+        }
+        let run = match reader.next_data(at)? {
+            Some(run) if run.end > run.start.max(at) => Some(run),
+            Some(_) => Some(at..u64::MAX),
+            None => None,
+        };
+        self.known[source] = run.clone();
+        Ok(run)
+    }
+}
+
 /// A format must answer with extents that tile the asked range exactly; anything else is a bug or a lie in the
 /// image that would otherwise become a silent hole or an overlapping write.
 fn check_coverage(extents: &[Extent], start: u64, end: u64) -> Result<()> {
@@ -166,13 +236,44 @@ fn check_coverage(extents: &[Extent], start: u64, end: u64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::ReadAt;
-    use std::sync::Arc;
 
     /// An image described directly by a list of extents.
     struct Scripted {
         size: u64,
         extents: Vec<Extent>,
+        source: Arc<dyn ReadAt>,
+    }
+
+    /// A source of `len` bytes whose holes are the given ranges.
+    struct Holey {
+        len: u64,
+        holes: Vec<Range<u64>>,
+    }
+
+    impl ReadAt for Holey {
+        fn name(&self) -> &str {
+            "holey"
+        }
+        fn len(&self) -> u64 {
+            self.len
+        }
+        fn read_at(&self, _offset: u64, _buf: &mut [u8]) -> Result<usize> {
+            unreachable!("the scheduler never reads data")
+        }
+        fn next_data(&self, offset: u64) -> Result<Option<Range<u64>>> {
+            let mut at = offset;
+            for hole in &self.holes {
+                if hole.start <= at && at < hole.end {
+                    at = hole.end;
+                }
+            }
+            let end = self.holes.iter().map(|h| h.start).filter(|&s| s > at).min().unwrap_or(self.len);
+            Ok((at < self.len).then(|| at..end))
+        }
+    }
+
+    fn scripted(size: u64, extents: Vec<Extent>) -> Scripted {
+        Scripted { size, extents, source: Arc::new(Holey { len: size, holes: Vec::new() }) }
     }
 
     impl Image for Scripted {
@@ -183,7 +284,7 @@ mod tests {
             self.size
         }
         fn sources(&self) -> Vec<Arc<dyn ReadAt>> {
-            Vec::new()
+            vec![self.source.clone()]
         }
         fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()> {
             for e in &self.extents {
@@ -217,10 +318,8 @@ mod tests {
     #[test]
     fn zero_runs_merge_and_data_chunks_are_cut_at_chunk_boundaries() {
         let size = 100 * MIB + 512;
-        let image = Scripted {
-            size,
-            extents: vec![data(0, MIB + 4096), zero(MIB + 4096, 90 * MIB - 4096), data(91 * MIB, 9 * MIB + 512)],
-        };
+        let image =
+            scripted(size, vec![data(0, MIB + 4096), zero(MIB + 4096, 90 * MIB - 4096), data(91 * MIB, 9 * MIB + 512)]);
         let items = drain(image, 2 * MIB);
         // The items tile guest space in order.
         let mut at = 0;
@@ -246,14 +345,35 @@ mod tests {
     #[test]
     fn zero_items_are_capped() {
         let size = 3 * MAX_ZERO_SPAN + MIB;
-        let items = drain(Scripted { size, extents: vec![zero(0, size)] }, 2 * MIB);
+        let items = drain(scripted(size, vec![zero(0, size)]), 2 * MIB);
         assert!(items.iter().all(|w| matches!(w, Work::Zero { .. }) && w.len() <= MAX_ZERO_SPAN));
         assert_eq!(items.iter().map(Work::len).sum::<u64>(), size);
     }
 
     #[test]
+    fn holes_in_the_source_become_zero_items_and_are_never_read() {
+        let size = 16 * MIB;
+        let source = Arc::new(Holey { len: size, holes: vec![2 * MIB..9 * MIB, 10 * MIB..11 * MIB] });
+        let image = Scripted { size, extents: vec![data(0, size)], source };
+        let items = drain(image, 2 * MIB);
+        let zeros: u64 = items.iter().filter(|w| matches!(w, Work::Zero { .. })).map(Work::len).sum();
+        let zero_in_chunks: u64 = items
+            .iter()
+            .filter_map(|w| match w {
+                Work::Chunk { extents, .. } => Some(extents),
+                Work::Zero { .. } => None,
+            })
+            .flatten()
+            .filter(|e| e.content == Content::Zero)
+            .map(|e| e.len)
+            .sum();
+        assert_eq!(zeros + zero_in_chunks, 8 * MIB, "{items:?}");
+        assert!(matches!(items[1], Work::Zero { guest, len } if guest == 2 * MIB && len == 6 * MIB), "{items:?}");
+    }
+
+    #[test]
     fn a_mapping_with_a_gap_is_rejected() {
-        let image = Scripted { size: 4 * MIB, extents: vec![data(0, MIB), data(2 * MIB, 2 * MIB)] };
+        let image = scripted(4 * MIB, vec![data(0, MIB), data(2 * MIB, 2 * MIB)]);
         let mut scheduler = Scheduler::new(Box::new(image), 2 * MIB);
         let err = scheduler.next_work().unwrap_err();
         assert!(err.to_string().contains("gap"), "{err}");

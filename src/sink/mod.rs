@@ -103,7 +103,8 @@ enum WritePath {
 pub struct Destination {
     path: PathBuf,
     kind: DestKind,
-    size: u64,
+    /// Bytes of the image: fixed at open, or grown by [`Destination::grow`] for a stream of unknown length.
+    size: AtomicU64,
     capacity: u64,
     block: u64,
     buffered: File,
@@ -179,7 +180,7 @@ impl Destination {
         Ok(Destination {
             path: path.to_path_buf(),
             kind,
-            size,
+            size: AtomicU64::new(size),
             capacity,
             block: align.max(MIN_BLOCK),
             buffered,
@@ -202,7 +203,61 @@ impl Destination {
 
     /// Bytes the image occupies on the destination.
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Extends the image to `end` bytes (a raw stream whose length is known only at its end): a file grows
+    /// (sparse), a block device must hold it. Writes up to the new size are then allowed.
+    pub fn grow(&self, end: u64) -> Result<()> {
+        if end <= self.size() {
+            return Ok(());
+        }
+        match self.kind {
+            DestKind::BlockDevice if end > self.capacity => {
+                return Err(Error::new(
+                    ErrorKind::TooSmall,
+                    format!(
+                        "device holds {} bytes ({}) but the image is already {end} bytes long",
+                        self.capacity,
+                        human(self.capacity)
+                    ),
+                )
+                .at_path(&self.path))
+            }
+            DestKind::BlockDevice => {}
+            DestKind::RegularFile => {
+                self.buffered.set_len(end).io_context("extending destination").map_err(|e| e.at_path(&self.path))?
+            }
+        }
+        self.size.store(end, Ordering::Release);
+        Ok(())
+    }
+
+    /// Throws away what the import wrote (after a checksum mismatch): a file is cut to nothing and extended again,
+    /// so it reads as zeros; the image range of a block device is zeroed.
+    pub fn discard(&self) -> Result<()> {
+        let size = self.size();
+        let ctx = |e: Error| e.at_path(&self.path);
+        match self.kind {
+            DestKind::RegularFile => {
+                self.buffered.set_len(0).io_context("discarding destination").map_err(ctx)?;
+                self.buffered.set_len(size).io_context("discarding destination").map_err(ctx)?;
+            }
+            DestKind::BlockDevice => {
+                let zeroer = Zeroer::default();
+                let aligned = align_down(size, self.block);
+                let direct = match &self.path_kind {
+                    WritePath::Direct { file, .. } => Some(file),
+                    WritePath::WriteBehind(_) => None,
+                };
+                zeroer.zero(&self.buffered, direct, 0, aligned).map_err(ctx)?;
+                if size > aligned {
+                    let zeros = AlignedBuf::new((size - aligned) as usize);
+                    self.write_tail(aligned, &zeros[..(size - aligned) as usize]).map_err(ctx)?;
+                }
+            }
+        }
+        self.sync()
     }
 
     /// Whole size of the destination (a device may be larger than the image).
@@ -239,8 +294,9 @@ impl Destination {
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
-        let end = offset.checked_add(len).filter(|&end| end <= self.size);
-        let aligned = is_aligned(offset, self.block) && (is_aligned(len, self.block) || end == Some(self.size));
+        let size = self.size();
+        let end = offset.checked_add(len).filter(|&end| end <= size);
+        let aligned = is_aligned(offset, self.block) && (is_aligned(len, self.block) || end == Some(size));
         match (end, aligned) {
             (Some(_), true) => Ok(()),
             _ => Err(Error::new(ErrorKind::Io, format!("refusing a {len}-byte write outside or misaligned"))
@@ -342,7 +398,7 @@ impl Destination {
             WritePath::Direct { .. } => None,
         };
         sys::fdatasync(&self.buffered).io_context("syncing destination").map_err(|e| e.at_path(&self.path))?;
-        self.check_still_linked(self.size)?;
+        self.check_still_linked(self.size())?;
         // Zeroing and tail writes may have left clean pages of the device in the cache.
         let _ = sys::drop_cache(&self.buffered, 0, 0);
         Ok(summary)

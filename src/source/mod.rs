@@ -2,8 +2,12 @@
 //! descriptor, so the same parser serves a local file, a backing file, or an HTTP range reader. A [`Location`]
 //! names a source; [`HttpOptions`] say how to reach a URL.
 
+pub mod decompress;
 mod file;
 mod hashing;
+pub mod http;
+pub mod open;
+pub mod sequential;
 
 pub use file::FileSource;
 pub use hashing::HashingSource;

@@ -2,6 +2,7 @@
 //! pseudo-random data, raw guest images built from described segments, and scratch directories.
 #![allow(dead_code)]
 
+pub mod http;
 pub mod images;
 pub mod privileged;
 

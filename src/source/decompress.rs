@@ -1,0 +1,173 @@
+//! Compressed wrappers around an image (gzip, xz, zstd), detected by their magic bytes and unwrapped as many times
+//! as the data says (an `image.qcow2.xz`, a `disk.raw.gz.xz`). Decompressor memory is capped: xz by a memory limit
+//! the stream's dictionary must fit, zstd by the largest window it may ask for.
+
+use super::sequential::Peek;
+use crate::error::Error;
+use std::fmt;
+use std::io::{self, BufReader, Read};
+
+/// Most wrappers unwrapped.
+pub const MAX_LAYERS: usize = 4;
+/// Largest zstd window accepted (log2): 128 MiB, zstd's own default limit for streaming decoders.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 27;
+/// Input buffer of each decoder.
+const DECODER_INPUT: usize = 128 << 10;
+
+/// A compression wrapper.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// gzip (`1f 8b`), one or more members.
+    Gzip,
+    /// xz (`fd 37 7a 58 5a 00`), one or more streams.
+    Xz,
+    /// zstd (`28 b5 2f fd`), one or more frames.
+    Zstd,
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Compression::Gzip => "gzip",
+            Compression::Xz => "xz",
+            Compression::Zstd => "zstd",
+        })
+    }
+}
+
+/// The wrapper `head` (the first bytes of a stream) starts with, if any.
+pub fn sniff(head: &[u8]) -> Option<Compression> {
+    if head.starts_with(&[0x1f, 0x8b]) {
+        Some(Compression::Gzip)
+    } else if head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0]) {
+        Some(Compression::Xz)
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Some(Compression::Zstd)
+    } else {
+        None
+    }
+}
+
+/// Unwraps every compression layer of `reader` (named `name` in messages); returns the innermost stream, ready to be
+/// peeked, and the layers from outermost to innermost. `xz_memlimit` caps an xz decoder's memory.
+pub fn unwrap_layers(
+    reader: Box<dyn Read + Send>,
+    name: &str,
+    xz_memlimit: u64,
+) -> Result<(Peek, Vec<Compression>), Error> {
+    let mut peek = Peek::new(reader);
+    let mut layers = Vec::new();
+    loop {
+        let head = peek.peek(6).map_err(|e| super::sequential::stream_error(e, name, 0))?;
+        let Some(kind) = sniff(head) else {
+            return Ok((peek, layers));
+        };
+        if layers.len() == MAX_LAYERS {
+            return Err(Error::unsupported(format!("more than {MAX_LAYERS} nested compression layers")).at_path(name));
+        }
+        layers.push(kind);
+        let decoder = decoder(kind, Box::new(peek), xz_memlimit).map_err(|e| e.at_path(name))?;
+        peek = Peek::new(Box::new(Labeled { inner: decoder, kind, name: name.to_string(), limit: xz_memlimit }));
+    }
+}
+
+fn decoder(kind: Compression, input: Box<dyn Read + Send>, xz_memlimit: u64) -> Result<Box<dyn Read + Send>, Error> {
+    let buffered = BufReader::with_capacity(DECODER_INPUT, input);
+    Ok(match kind {
+        Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
+        Compression::Xz => {
+            let stream = liblzma::stream::Stream::new_stream_decoder(xz_memlimit, liblzma::stream::CONCATENATED)
+                .map_err(|e| Error::unsupported(format!("starting the xz decoder: {e}")))?;
+            Box::new(liblzma::bufread::XzDecoder::new_stream(buffered, stream))
+        }
+        Compression::Zstd => {
+            let mut decoder = zstd::stream::read::Decoder::with_buffer(buffered)
+                .map_err(|e| Error::unsupported(format!("starting the zstd decoder: {e}")))?;
+            decoder
+                .window_log_max(ZSTD_WINDOW_LOG_MAX)
+                .map_err(|e| Error::unsupported(format!("configuring the zstd decoder: {e}")))?;
+            Box::new(decoder)
+        }
+    })
+}
+
+/// Names the layer in a decoder's own errors; errors from below (the network, an inner layer) pass unchanged.
+struct Labeled {
+    inner: Box<dyn Read + Send>,
+    kind: Compression,
+    name: String,
+    limit: u64,
+}
+
+impl Read for Labeled {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(out).map_err(|e| {
+            if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+                return e;
+            }
+            let text = e.to_string();
+            let err = if text.to_ascii_lowercase().contains("memory") || text.contains("window") {
+                Error::unsupported(format!(
+                    "{} data needs more decoder memory than allowed ({} MiB for xz, a 2^{ZSTD_WINDOW_LOG_MAX}-byte window for zstd): {text}",
+                    self.kind,
+                    self.limit >> 20
+                ))
+            } else {
+                Error::bad_image(format!("{} data is corrupt or truncated: {text}", self.kind))
+            };
+            io::Error::other(err.at_path(&self.name))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(data).unwrap();
+        enc.finish().unwrap()
+    }
+
+    fn xz(data: &[u8], preset: u32) -> Vec<u8> {
+        let mut enc = liblzma::write::XzEncoder::new(Vec::new(), preset);
+        enc.write_all(data).unwrap();
+        enc.finish().unwrap()
+    }
+
+    fn unwrap_all(bytes: Vec<u8>, limit: u64) -> Result<(Vec<u8>, Vec<Compression>), Error> {
+        let (mut peek, layers) = unwrap_layers(Box::new(io::Cursor::new(bytes)), "test", limit)?;
+        let mut out = Vec::new();
+        peek.read_to_end(&mut out).map_err(|e| super::super::sequential::stream_error(e, "test", 0))?;
+        Ok((out, layers))
+    }
+
+    #[test]
+    fn nested_and_concatenated_layers_unwrap() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let mut members = gzip(&data[..1000]);
+        members.extend(gzip(&data[1000..]));
+        let wrapped = zstd::encode_all(&xz(&members, 1)[..], 3).unwrap();
+        let (out, layers) = unwrap_all(wrapped, 64 << 20).unwrap();
+        assert_eq!(layers, vec![Compression::Zstd, Compression::Xz, Compression::Gzip]);
+        assert_eq!(out, data);
+        let mut streams = xz(&data[..5], 0);
+        streams.extend(xz(&data[5..], 0));
+        assert_eq!(unwrap_all(streams, 64 << 20).unwrap().0, data);
+    }
+
+    #[test]
+    fn xz_dictionary_over_the_limit_is_refused_and_corruption_named() {
+        let data = vec![7u8; 100_000];
+        let err = unwrap_all(xz(&data, 9), 16 << 20).unwrap_err();
+        assert!(err.to_string().contains("decoder memory"), "{err}");
+        let mut bad = gzip(&data);
+        let n = bad.len();
+        bad.truncate(n - 20);
+        let err = unwrap_all(bad, 64 << 20).unwrap_err();
+        assert!(err.to_string().contains("gzip data is corrupt or truncated"), "{err}");
+    }
+}

@@ -1,0 +1,748 @@
+//! A small blocking HTTP/1.1 client: GET with optional Range, Content-Length and chunked bodies, redirects, basic
+//! auth, extra headers, proxies from the environment, TLS through rustls.
+//!
+//! Blocking on purpose: the importer is synchronous, so each transfer is read straight into the caller's buffer
+//! with the socket as the only buffer (back-pressure is the TCP window), and the stall timeout is the socket's read
+//! timeout. Owning the connection also lets us check what async clients hide: a body that ends before its
+//! Content-Length, and bytes sent past it.
+
+use super::tls;
+use crate::error::{Error, ErrorKind, Result};
+use crate::source::HttpOptions;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use url::Url;
+
+/// Most redirects followed for one request.
+const MAX_REDIRECTS: usize = 10;
+/// Largest response head accepted.
+const MAX_HEAD: usize = 64 << 10;
+/// Socket read buffer.
+const READ_BUFFER: usize = 64 << 10;
+
+/// A byte stream a request runs over: plain TCP or TLS.
+pub(crate) trait Transport: Read + Write + Send {}
+impl<T: Read + Write + Send> Transport for T {}
+
+/// One open connection, with the origin it talks to.
+pub(crate) struct Conn {
+    /// `scheme://host:port` of the origin.
+    origin: String,
+    /// Buffered reads over the transport.
+    io: BufReader<Box<dyn Transport>>,
+    /// The TCP socket under the transport, for changing its timeout.
+    socket: TcpStream,
+}
+
+/// The HTTP client for one source URL.
+pub struct Client {
+    /// The URL as given, without credentials.
+    url: Url,
+    /// The URL to request now: the given one, or where it redirected to.
+    current: Mutex<Url>,
+    /// What to call the source in messages: the given URL without credentials.
+    name: String,
+    /// `Authorization` value for the source's origin.
+    auth: Option<String>,
+    /// Options from the plan.
+    pub(crate) options: HttpOptions,
+    /// TLS settings, built on first use.
+    tls: OnceLock<std::result::Result<Arc<rustls::ClientConfig>, String>>,
+    /// One idle keep-alive connection.
+    idle: Mutex<Option<Conn>>,
+    /// Requests sent, redirects included.
+    requests: AtomicU64,
+}
+
+/// A response whose body is read through [`Read`].
+pub struct Response {
+    /// HTTP status code.
+    pub status: u16,
+    headers: Vec<(String, String)>,
+    body: Body,
+}
+
+/// How the end of a body is found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// This many bytes remain.
+    Length(u64),
+    /// Chunked: bytes left in the current chunk (0: a size line comes next).
+    Chunked(u64),
+    /// Until the server closes the connection.
+    Close,
+    /// The body is complete.
+    Done,
+}
+
+struct Body {
+    conn: Option<Conn>,
+    framing: Framing,
+    /// Whether the connection may be reused once the body is read.
+    keep_alive: bool,
+    /// Declared Content-Length, for messages.
+    declared: Option<u64>,
+    /// Bytes of body delivered.
+    delivered: u64,
+}
+
+impl Client {
+    /// A client for `url` with `options`; credentials in the URL's userinfo become basic auth (options win).
+    pub fn new(url: &str, options: &HttpOptions) -> Result<Self> {
+        let mut parsed = Url::parse(url).map_err(|e| Error::usage(format!("invalid URL: {e}")).at_path(url))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(Error::usage("only http:// and https:// URLs with a host are supported").at_path(url));
+        }
+        let url_user = percent_decode(parsed.username());
+        let url_pass = parsed.password().map(percent_decode);
+        let _ = parsed.set_username("");
+        let _ = parsed.set_password(None);
+        parsed.set_fragment(None);
+        let user = options.username.clone().or((!url_user.is_empty()).then_some(url_user));
+        let pass = options.password.clone().or(url_pass);
+        let auth = user.map(|u| basic_auth(&u, pass.as_deref().unwrap_or("")));
+        Ok(Client {
+            name: parsed.to_string(),
+            current: Mutex::new(parsed.clone()),
+            url: parsed,
+            auth,
+            options: options.clone(),
+            tls: OnceLock::new(),
+            idle: Mutex::new(None),
+            requests: AtomicU64::new(0),
+        })
+    }
+
+    /// The URL without credentials, for messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Requests sent so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// An error about this URL.
+    pub(crate) fn error(&self, kind: ErrorKind, what: impl Into<String>) -> Error {
+        Error::new(kind, what).at_path(&self.name)
+    }
+
+    /// Sends `GET` with an optional `Range: bytes=START-[END]`, following redirects, and returns the response head
+    /// with its body unread. Statuses other than 2xx and 416 are errors.
+    pub fn get(&self, range: Option<(u64, Option<u64>)>, keep_alive: bool) -> Result<Response> {
+        let mut url = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for _ in 0..=MAX_REDIRECTS {
+            let response = self.send(&url, range, keep_alive)?;
+            match response.status {
+                200..=299 | 416 => {
+                    *self.current.lock().unwrap_or_else(|p| p.into_inner()) = url;
+                    return Ok(response);
+                }
+                301 | 302 | 303 | 307 | 308 => {
+                    let location = response.header("location").ok_or_else(|| {
+                        self.error(ErrorKind::Io, format!("redirect {} without a Location", response.status))
+                    })?;
+                    let next = url.join(location).map_err(|e| {
+                        self.error(ErrorKind::Io, format!("redirect to an invalid location {location:?}: {e}"))
+                    })?;
+                    if !matches!(next.scheme(), "http" | "https") {
+                        return Err(self.error(ErrorKind::Io, format!("redirect to unsupported URL {next}")));
+                    }
+                    log::debug!("{}: redirected ({}) to {next}", self.name, response.status);
+                    drop(response);
+                    url = next;
+                }
+                401 | 407 => {
+                    let what = if self.auth.is_some() { "credentials refused" } else { "authentication required" };
+                    return Err(self.error(ErrorKind::Io, format!("{what} (HTTP {})", response.status)));
+                }
+                status => {
+                    return Err(self.error(ErrorKind::Io, format!("server answered HTTP {status}")));
+                }
+            }
+        }
+        Err(self.error(ErrorKind::Io, format!("more than {MAX_REDIRECTS} redirects")))
+    }
+
+    /// Sends one request to `url` and reads the response head.
+    fn send(&self, url: &Url, range: Option<(u64, Option<u64>)>, keep_alive: bool) -> Result<Response> {
+        let io_err = |what: &str, e: io::Error| self.io_error(what, e);
+        let origin = origin(url);
+        let proxy = proxy_for(url);
+        let reused = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            match idle.take() {
+                Some(conn) if conn.origin == origin && proxy.is_none() => Some(conn),
+                _ => None,
+            }
+        };
+        let fresh = reused.is_none();
+        let mut conn = match reused {
+            Some(conn) => conn,
+            None => self.connect(url, proxy.as_ref())?,
+        };
+        let head = self.request_head(url, range, keep_alive, proxy.as_ref());
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let sent = conn.io.get_mut().write_all(head.as_bytes()).and_then(|()| conn.io.get_mut().flush());
+        let response = sent.and_then(|()| read_head(&mut conn.io));
+        match response {
+            Ok((status, headers)) => Ok(Response::new(status, headers, conn, keep_alive)),
+            // A reused connection the server had closed meanwhile: once more on a new one.
+            Err(_) if !fresh => self.send(url, range, keep_alive),
+            Err(e) => Err(io_err("reading the response", e)),
+        }
+    }
+
+    fn request_head(
+        &self,
+        url: &Url,
+        range: Option<(u64, Option<u64>)>,
+        keep_alive: bool,
+        proxy: Option<&Url>,
+    ) -> String {
+        let target = match proxy {
+            Some(_) if url.scheme() == "http" => url.as_str().to_string(),
+            _ => {
+                let mut t = url.path().to_string();
+                if let Some(q) = url.query() {
+                    t.push('?');
+                    t.push_str(q);
+                }
+                t
+            }
+        };
+        let mut head = format!(
+            "GET {target} HTTP/1.1\r\nHost: {}\r\nUser-Agent: boundimport/{}\r\nAccept: */*\r\nAccept-Encoding: identity\r\n",
+            host_header(url),
+            env!("CARGO_PKG_VERSION")
+        );
+        match range {
+            Some((start, Some(end))) => head.push_str(&format!("Range: bytes={start}-{end}\r\n")),
+            Some((start, None)) => head.push_str(&format!("Range: bytes={start}-\r\n")),
+            None => {}
+        }
+        if let Some(auth) = &self.auth {
+            // Credentials go only to the origin they were given for, not to where it redirects.
+            if origin(url) == origin(&self.url) {
+                head.push_str(&format!("Authorization: {auth}\r\n"));
+            }
+        }
+        if let (Some(proxy), "http") = (proxy, url.scheme()) {
+            if let Some(auth) = proxy_auth(proxy) {
+                head.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
+            }
+        }
+        for (name, value) in &self.options.headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        head.push_str(if keep_alive { "Connection: keep-alive\r\n\r\n" } else { "Connection: close\r\n\r\n" });
+        head
+    }
+
+    /// Opens a connection to `url`'s origin, through `proxy` if given (CONNECT for https).
+    fn connect(&self, url: &Url, proxy: Option<&Url>) -> Result<Conn> {
+        let host = url.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+        let port = url.port_or_known_default().unwrap_or(80);
+        let (dial_host, dial_port) = match proxy {
+            Some(p) => (
+                p.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_string(),
+                p.port_or_known_default().unwrap_or(3128),
+            ),
+            None => (host.to_string(), port),
+        };
+        let tcp = self.dial(&dial_host, dial_port)?;
+        let socket = tcp.try_clone().map_err(|e| self.io_error("cloning the socket", e))?;
+        let mut transport: Box<dyn Transport> = Box::new(tcp);
+        if url.scheme() == "https" {
+            if let Some(proxy) = proxy {
+                transport = self.tunnel(transport, host, port, proxy)?;
+            }
+            let config = self
+                .tls
+                .get_or_init(|| tls::client_config(&self.options).map(Arc::new))
+                .clone()
+                .map_err(|why| self.error(ErrorKind::Usage, why))?;
+            transport = tls::wrap(config, host, transport).map_err(|e| self.io_error("starting TLS", e))?;
+        }
+        Ok(Conn { origin: origin(url), io: BufReader::with_capacity(READ_BUFFER, transport), socket })
+    }
+
+    fn dial(&self, host: &str, port: u16) -> Result<TcpStream> {
+        let timeout = self.options.stall_timeout;
+        let addrs = (host, port).to_socket_addrs().map_err(|e| self.io_error(&format!("resolving {host}"), e))?;
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, timeout) {
+                Ok(tcp) => {
+                    let _ = tcp.set_nodelay(true);
+                    tcp.set_read_timeout(Some(timeout))
+                        .and_then(|()| tcp.set_write_timeout(Some(timeout)))
+                        .map_err(|e| self.io_error("configuring the socket", e))?;
+                    return Ok(tcp);
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(self.io_error(&format!("connecting to {host}:{port}"), last))
+    }
+
+    /// Asks an HTTP proxy for a tunnel to `host:port`.
+    fn tunnel(
+        &self,
+        mut transport: Box<dyn Transport>,
+        host: &str,
+        port: u16,
+        proxy: &Url,
+    ) -> Result<Box<dyn Transport>> {
+        let authority = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+        let mut head = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
+        if let Some(auth) = proxy_auth(proxy) {
+            head.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
+        }
+        head.push_str("\r\n");
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        transport.write_all(head.as_bytes()).map_err(|e| self.io_error("talking to the proxy", e))?;
+        // Read the proxy's answer byte by byte: nothing past its head may be consumed.
+        let mut answer = Vec::new();
+        let mut byte = [0u8; 1];
+        while !answer.ends_with(b"\r\n\r\n") {
+            if answer.len() > MAX_HEAD {
+                return Err(self.error(ErrorKind::Io, "proxy answer too long"));
+            }
+            match transport.read(&mut byte) {
+                Ok(0) => return Err(self.error(ErrorKind::Io, "proxy closed the connection")),
+                Ok(_) => answer.push(byte[0]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.io_error("reading the proxy's answer", e)),
+            }
+        }
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Response::new(&mut headers);
+        match parsed.parse(&answer) {
+            Ok(httparse::Status::Complete(_)) if parsed.code.is_some_and(|c| (200..300).contains(&c)) => Ok(transport),
+            Ok(_) => Err(self.error(
+                ErrorKind::Io,
+                format!("proxy {} refused the tunnel (HTTP {})", origin(proxy), parsed.code.unwrap_or(0)),
+            )),
+            Err(e) => Err(self.error(ErrorKind::Io, format!("bad proxy answer: {e}"))),
+        }
+    }
+
+    /// Keeps a connection whose body was read completely for the next request.
+    fn recycle(&self, conn: Conn) {
+        *self.idle.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn);
+    }
+
+    /// An I/O error about this URL, saying "stalled" for a read timeout.
+    pub(crate) fn io_error(&self, what: &str, e: io::Error) -> Error {
+        if is_timeout(&e) {
+            return self.error(
+                ErrorKind::Io,
+                format!("{what}: no data for {} s (stalled)", self.options.stall_timeout.as_secs_f64()),
+            );
+        }
+        match e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) {
+            Some(_) => {
+                let inner = e.into_inner().expect("checked above").downcast::<Error>().expect("checked above");
+                *inner
+            }
+            None => Error::io(what, e).at_path(&self.name),
+        }
+    }
+}
+
+/// Whether `e` is a socket read/write timeout.
+pub(crate) fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+impl Response {
+    fn new(status: u16, headers: Vec<(String, String)>, conn: Conn, asked_keep_alive: bool) -> Self {
+        let find = |name: &str| headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
+        let chunked = find("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+        let declared = find("content-length").and_then(|v| v.trim().parse::<u64>().ok());
+        let close = find("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let framing = if status == 204 || status == 304 {
+            Framing::Done
+        } else if chunked {
+            Framing::Chunked(0)
+        } else if let Some(len) = declared {
+            Framing::Length(len)
+        } else {
+            Framing::Close
+        };
+        Response {
+            status,
+            body: Body {
+                conn: Some(conn),
+                framing,
+                keep_alive: asked_keep_alive && !close && framing != Framing::Close,
+                declared: if chunked { None } else { declared },
+                delivered: 0,
+            },
+            headers,
+        }
+    }
+
+    /// The value of header `name` (case-insensitive), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The declared Content-Length of the body, if any.
+    pub fn content_length(&self) -> Option<u64> {
+        self.body.declared
+    }
+
+    /// `Content-Range: bytes START-END/TOTAL` as numbers (TOTAL `None` when `*`).
+    pub fn content_range(&self) -> Option<(u64, u64, Option<u64>)> {
+        let value = self.header("content-range")?.trim();
+        let rest = value.strip_prefix("bytes")?.trim_start();
+        let (span, total) = rest.split_once('/')?;
+        let (start, end) = span.split_once('-')?;
+        let total = match total.trim() {
+            "*" => None,
+            t => Some(t.parse().ok()?),
+        };
+        Some((start.trim().parse().ok()?, end.trim().parse().ok()?, total))
+    }
+
+    /// Body bytes read so far.
+    pub fn delivered(&self) -> u64 {
+        self.body.delivered
+    }
+
+    /// After the body was read to its end: checks that the server sent nothing past it, waiting up to `linger` for a
+    /// connection the request asked to close, and keeps a reusable connection in `client`.
+    pub fn finish(mut self, client: &Client, linger: Duration) -> Result<()> {
+        let Some(mut conn) = self.body.conn.take() else {
+            return Ok(());
+        };
+        if self.body.framing != Framing::Done {
+            return Ok(());
+        }
+        let mut extra = conn.io.buffer().len();
+        if extra == 0 && !self.body.keep_alive && linger > Duration::ZERO {
+            // The server was asked to close: anything but an end of stream now is more body than it declared.
+            let mut probe = [0u8; 1];
+            let _ = conn.socket.set_read_timeout(Some(linger));
+            extra = conn.io.read(&mut probe).unwrap_or(0);
+        }
+        if extra > 0 {
+            return Err(client.error(
+                ErrorKind::Io,
+                format!(
+                    "server sent more than its Content-Length of {} bytes",
+                    self.body.declared.map_or("?".into(), |d| d.to_string())
+                ),
+            ));
+        }
+        if self.body.keep_alive {
+            client.recycle(conn);
+        }
+        Ok(())
+    }
+}
+
+impl Read for Response {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.body.read(buf)
+    }
+}
+
+impl Body {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Ok(0);
+            };
+            match self.framing {
+                Framing::Done => return Ok(0),
+                Framing::Length(0) => {
+                    self.framing = Framing::Done;
+                    return Ok(0);
+                }
+                Framing::Length(left) => {
+                    let want = (left.min(buf.len() as u64)) as usize;
+                    let n = conn.io.read(&mut buf[..want]).or_else(eof_as_zero)?;
+                    if n == 0 {
+                        self.conn = None;
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!(
+                                "connection closed after {} of {} body bytes",
+                                self.delivered,
+                                self.declared.unwrap_or(0)
+                            ),
+                        ));
+                    }
+                    self.framing = Framing::Length(left - n as u64);
+                    self.delivered += n as u64;
+                    if left == n as u64 {
+                        self.framing = Framing::Done;
+                    }
+                    return Ok(n);
+                }
+                Framing::Close => {
+                    let n = conn.io.read(buf).or_else(eof_as_zero)?;
+                    if n == 0 {
+                        self.framing = Framing::Done;
+                        self.conn = None;
+                    }
+                    self.delivered += n as u64;
+                    return Ok(n);
+                }
+                Framing::Chunked(0) => {
+                    let size = read_chunk_size(&mut conn.io)?;
+                    if size == 0 {
+                        // Trailers, up to the empty line.
+                        loop {
+                            let line = read_line(&mut conn.io)?;
+                            if line.is_empty() {
+                                break;
+                            }
+                        }
+                        self.framing = Framing::Done;
+                        return Ok(0);
+                    }
+                    self.framing = Framing::Chunked(size);
+                }
+                Framing::Chunked(left) => {
+                    let want = (left.min(buf.len() as u64)) as usize;
+                    let n = conn.io.read(&mut buf[..want]).or_else(eof_as_zero)?;
+                    if n == 0 {
+                        self.conn = None;
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("connection closed inside a chunk after {} body bytes", self.delivered),
+                        ));
+                    }
+                    if left == n as u64 {
+                        let line = read_line(&mut conn.io)?;
+                        if !line.is_empty() {
+                            return Err(io::Error::new(io::ErrorKind::InvalidData, "chunk not followed by CRLF"));
+                        }
+                    }
+                    self.framing = Framing::Chunked(left - n as u64);
+                    self.delivered += n as u64;
+                    return Ok(n);
+                }
+            }
+        }
+    }
+}
+
+/// A TLS peer that closes without close_notify looks like EOF to us; the framing decides whether that was early.
+fn eof_as_zero(e: io::Error) -> io::Result<usize> {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        Ok(0)
+    } else {
+        Err(e)
+    }
+}
+
+fn read_line(io: &mut BufReader<Box<dyn Transport>>) -> io::Result<String> {
+    let mut line = Vec::new();
+    let n = io.by_ref().take(8192).read_until(b'\n', &mut line)?;
+    if n == 0 || !line.ends_with(b"\n") {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed in a chunk header"));
+    }
+    let text = String::from_utf8_lossy(&line);
+    Ok(text.trim_end_matches(['\r', '\n']).to_string())
+}
+
+fn read_chunk_size(io: &mut BufReader<Box<dyn Transport>>) -> io::Result<u64> {
+    let line = read_line(io)?;
+    let digits = line.split(';').next().unwrap_or("").trim();
+    u64::from_str_radix(digits, 16)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad chunk size line {line:?}")))
+}
+
+/// Reads a response head (skipping 1xx interim responses): status and headers.
+fn read_head(io: &mut BufReader<Box<dyn Transport>>) -> io::Result<(u16, Vec<(String, String)>)> {
+    loop {
+        let mut head = Vec::new();
+        loop {
+            let before = head.len();
+            let n = io.by_ref().take((MAX_HEAD - head.len()) as u64 + 1).read_until(b'\n', &mut head)?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed before a response"));
+            }
+            if head.len() > MAX_HEAD {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "response head too long"));
+            }
+            let line = &head[before..];
+            if line == b"\r\n" || line == b"\n" {
+                if before == 0 {
+                    head.clear();
+                    continue;
+                }
+                break;
+            }
+        }
+        let mut slots = [httparse::EMPTY_HEADER; 128];
+        let mut parsed = httparse::Response::new(&mut slots);
+        match parsed.parse(&head) {
+            Ok(httparse::Status::Complete(_)) => {}
+            Ok(httparse::Status::Partial) => {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "incomplete response head"))
+            }
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad response head: {e}"))),
+        }
+        let status = parsed.code.unwrap_or(0);
+        if (100..200).contains(&status) {
+            continue;
+        }
+        let headers = parsed
+            .headers
+            .iter()
+            .map(|h| (h.name.to_string(), String::from_utf8_lossy(h.value).into_owned()))
+            .collect();
+        return Ok((status, headers));
+    }
+}
+
+/// `scheme://host:port`.
+fn origin(url: &Url) -> String {
+    format!("{}://{}:{}", url.scheme(), url.host_str().unwrap_or_default(), url.port_or_known_default().unwrap_or(0))
+}
+
+fn host_header(url: &Url) -> String {
+    let host = url.host_str().unwrap_or_default();
+    match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    }
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 3 <= bytes.len() {
+            let digits = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(b) = digits.and_then(|d| u8::from_str_radix(d, 16).ok()) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `Basic base64(user:pass)`.
+pub(crate) fn basic_auth(user: &str, pass: &str) -> String {
+    format!("Basic {}", base64(format!("{user}:{pass}").as_bytes()))
+}
+
+fn proxy_auth(proxy: &Url) -> Option<String> {
+    let user = percent_decode(proxy.username());
+    (!user.is_empty()).then(|| basic_auth(&user, &percent_decode(proxy.password().unwrap_or(""))))
+}
+
+/// Standard base64 with padding.
+pub(crate) fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for group in bytes.chunks(3) {
+        let b = [group[0], *group.get(1).unwrap_or(&0), *group.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= group.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// The proxy for `url` from `http_proxy`/`https_proxy` (lower case first, as CDI passes them, then upper case),
+/// unless `no_proxy`/`NO_PROXY` names its host.
+fn proxy_for(url: &Url) -> Option<Url> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let value = match url.scheme() {
+        "https" => var("https_proxy").or_else(|| var("HTTPS_PROXY")),
+        _ => var("http_proxy").or_else(|| var("HTTP_PROXY")),
+    }?;
+    let host = url.host_str().unwrap_or_default();
+    let no_proxy = var("no_proxy").or_else(|| var("NO_PROXY")).unwrap_or_default();
+    if bypasses_proxy(host, &no_proxy) {
+        return None;
+    }
+    let value = value.trim();
+    let with_scheme = if value.contains("://") { value.to_string() } else { format!("http://{value}") };
+    match Url::parse(&with_scheme) {
+        Ok(proxy) if proxy.scheme() == "http" => Some(proxy),
+        Ok(proxy) => {
+            log::warn!("ignoring proxy {}: only http:// proxies are supported", origin(&proxy));
+            None
+        }
+        Err(e) => {
+            log::warn!("ignoring unparsable proxy setting: {e}");
+            None
+        }
+    }
+}
+
+/// Whether `host` matches a `no_proxy` list: `*`, exact names or addresses, and domain suffixes (`.example.com` or
+/// `example.com` both match `a.example.com`); a `:port` on an entry is ignored.
+pub(crate) fn bypasses_proxy(host: &str, no_proxy: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+    no_proxy.split(',').map(str::trim).filter(|e| !e.is_empty()).any(|entry| {
+        if entry == "*" {
+            return true;
+        }
+        let entry = entry.to_ascii_lowercase();
+        let entry = match entry.rsplit_once(':') {
+            Some((name, port)) if !name.contains(':') && port.chars().all(|c| c.is_ascii_digit()) => name.to_string(),
+            _ => entry,
+        };
+        let entry = entry.trim_start_matches('[').trim_end_matches(']');
+        let domain = entry.trim_start_matches('.');
+        host == domain || host.ends_with(&format!(".{domain}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        for (plain, coded) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foobar", "Zm9vYmFy")] {
+            assert_eq!(base64(plain.as_bytes()), coded);
+        }
+        assert_eq!(basic_auth("Aladdin", "open sesame"), "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==");
+    }
+
+    #[test]
+    fn no_proxy_lists() {
+        assert!(bypasses_proxy("a.example.com", "foo, .example.com"));
+        assert!(bypasses_proxy("example.com", "example.com:8080"));
+        assert!(bypasses_proxy("a.example.com", "example.com"));
+        assert!(!bypasses_proxy("badexample.com", "example.com"));
+        assert!(bypasses_proxy("127.0.0.1", "localhost,127.0.0.1"));
+        assert!(bypasses_proxy("anything", "*"));
+        assert!(!bypasses_proxy("host", ""));
+    }
+
+    #[test]
+    fn userinfo_becomes_basic_auth_and_leaves_the_name() {
+        let client = Client::new("http://us%40er:p%3Ass@example.com:8080/x.img", &HttpOptions::default()).unwrap();
+        assert_eq!(client.name(), "http://example.com:8080/x.img");
+        assert_eq!(client.auth.as_deref(), Some(basic_auth("us@er", "p:ss").as_str()));
+    }
+}

@@ -1,0 +1,62 @@
+//! Opening a [`Location`]: random access where the bytes allow it (a local file, an HTTP server honouring Range),
+//! a forward-only stream otherwise (an HTTP server without Range, or any compressed wrapper).
+
+use super::decompress::sniff;
+use super::http::{self, Client, Remote};
+use super::sequential::ReadAtReader;
+use super::{FileSource, HttpOptions, Location, ReadAt};
+use crate::error::Result;
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// How the source's bytes can be read.
+pub enum Input {
+    /// Random access.
+    Random {
+        /// The bytes.
+        source: Arc<dyn ReadAt>,
+        /// Directory of a local image, against which backing and extent files resolve.
+        base_dir: Option<PathBuf>,
+    },
+    /// Front to back only, compressed or not (unwrapping is the stream importer's job).
+    Stream {
+        /// The bytes as stored.
+        reader: Box<dyn Read + Send>,
+        /// Their number, when known.
+        len: Option<u64>,
+    },
+}
+
+/// An opened source.
+pub struct Opened {
+    /// Its bytes.
+    pub input: Input,
+    /// The HTTP client, for a URL (its request count goes into the report).
+    pub client: Option<Arc<Client>>,
+}
+
+/// Opens `location`; a random-access source whose first bytes are a compression magic becomes a stream.
+pub fn open(location: &Location, options: &HttpOptions) -> Result<Opened> {
+    let (source, base_dir, client): (Arc<dyn ReadAt>, _, _) = match location {
+        Location::Path(path) => {
+            let base = path.parent().map_or_else(|| PathBuf::from("."), |p| p.to_path_buf());
+            (Arc::new(FileSource::open(path)?), Some(base), None)
+        }
+        Location::Url(url) => match http::open(url, options)? {
+            (client, Remote::Random(source)) => (source, None, Some(client)),
+            (client, Remote::Stream(stream)) => {
+                let len = stream.total();
+                return Ok(Opened { input: Input::Stream { reader: Box::new(stream), len }, client: Some(client) });
+            }
+        },
+    };
+    let mut head = [0u8; 6];
+    let got = source.read_at(0, &mut head)?;
+    if let Some(kind) = sniff(&head[..got]) {
+        log::debug!("{}: {kind}-compressed; reading it as a stream", source.name());
+        let len = Some(source.len());
+        return Ok(Opened { input: Input::Stream { reader: Box::new(ReadAtReader::new(source)), len }, client });
+    }
+    Ok(Opened { input: Input::Random { source, base_dir }, client })
+}
