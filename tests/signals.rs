@@ -90,9 +90,15 @@ fn sigterm_and_sigint_stop_writing_within_a_second() {
             std::thread::sleep(Duration::from_millis(5));
         }
         let finished = run.finish_within(Duration::from_secs(1));
+        // Writes that completed between the last sample and the exit count as late as the exit.
+        let at_exit = sectors_written(device.path());
+        if at_exit != last {
+            last = at_exit;
+            last_change = finished.ended;
+        }
         let exited = finished.ended - signalled;
         let stopped_writing = last_change - signalled;
-        // Nothing may move after the exit either.
+        // Nothing may move after the exit.
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(sectors_written(device.path()), last, "{signal}: writes after the exit");
 
@@ -127,7 +133,9 @@ fn sigterm_and_sigint_stop_writing_within_a_second() {
     let finished = run.finish_within(Duration::from_secs(5));
     assert_eq!(finished.status.code(), Some(143), "{}", finished.stderr);
     eprintln!("second SIGTERM: exited {:?} after it", finished.ended - signalled);
-    assert!(finished.ended - signalled < Duration::from_millis(500));
+    // "At once" still waits for the O_DIRECT writes already in the device queue (a thread in one cannot be
+    // killed until it completes): up to 16 MiB at 32 MB/s here.
+    assert!(finished.ended - signalled < Duration::from_secs(1));
 }
 
 #[test]
