@@ -60,9 +60,15 @@ struct ImportArgs {
     #[arg(long)]
     checksum: Option<Checksum>,
 
-    /// Read the image's backing file (relative to the image's directory) instead of refusing the image.
+    /// Read the image's backing file (relative to the image's directory) instead of refusing the image. The
+    /// backing chain must stay inside the image's directory; protocol names (nbd:, http:, json:) are never read.
     #[arg(long)]
     allow_backing: bool,
+
+    /// With --allow-backing: also follow backing names that leave the image's directory (absolute paths, `..`,
+    /// symlinks pointing elsewhere).
+    #[arg(long, requires = "allow_backing")]
+    allow_backing_outside: bool,
 
     /// Record durable progress and, when a previous run of the same import was interrupted, continue from it.
     /// The state lives beside a file destination (.NAME.boundimport-resume), or in --state-dir.
@@ -229,6 +235,7 @@ fn import_and_report(args: &ImportArgs) -> Result<()> {
         io: args.io,
         checksum: args.checksum.clone(),
         allow_backing: args.allow_backing,
+        allow_backing_outside: args.allow_backing_outside,
         target_is_zero: args.target_is_zero,
         output_digest: !args.no_digest,
         governor_timeline: args.governor_log.clone(),

@@ -81,6 +81,13 @@ impl Error {
         self
     }
 
+    /// Places the error inside a structure that starts at file offset `base`: an offset the parser of that
+    /// structure set (relative to its start) becomes `base + offset`; without one, the offset is `base`.
+    pub fn within(mut self, base: u64) -> Self {
+        self.offset = Some(self.offset.map_or(base, |relative| base.saturating_add(relative)));
+        self
+    }
+
     /// Attaches the underlying cause.
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         self.source = Some(Box::new(source));
@@ -181,6 +188,12 @@ mod tests {
         let err = Error::bad_image("x").at_offset(1).at_offset(2).at_path("a").at_path("b");
         assert_eq!(err.offset(), Some(1));
         assert_eq!(err.path(), Some(Path::new("a")));
+    }
+
+    #[test]
+    fn offsets_inside_a_structure_become_file_offsets() {
+        assert_eq!(Error::bad_image("x").at_offset(32).within(512).offset(), Some(544));
+        assert_eq!(Error::bad_image("x").within(512).offset(), Some(512));
     }
 
     #[test]

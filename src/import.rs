@@ -40,6 +40,8 @@ pub struct Plan {
     pub checksum: Option<Checksum>,
     /// Follow backing files.
     pub allow_backing: bool,
+    /// Follow backing files outside the image's directory (absolute names, `..`, symlinks elsewhere).
+    pub allow_backing_outside: bool,
     /// The destination device already reads as zeros.
     pub target_is_zero: bool,
     /// Digest the written image (SHA-256).
@@ -72,6 +74,7 @@ impl Plan {
             io: IoChoice::Auto,
             checksum: None,
             allow_backing: false,
+            allow_backing_outside: false,
             target_is_zero: false,
             output_digest: true,
             governor_timeline: None,
@@ -191,7 +194,8 @@ pub(crate) fn import_random(
         Some(tap) => tap.clone(),
         None => file.clone(),
     };
-    let backing = BackingPolicy { allow: plan.allow_backing, base_dir };
+    let backing =
+        BackingPolicy { allow: plan.allow_backing, allow_outside: plan.allow_backing_outside, root: None, base_dir };
     let image = format::open(source, &backing)?;
     let virtual_size = image.virtual_size();
     let format_name = image.format_name();

@@ -53,7 +53,8 @@ impl Seen {
 /// Reads `name` from the workbench with boundimport and with qemu-img, asserting they agree; returns the extent
 /// kinds seen.
 fn check(bench: &Workbench, name: &str) -> Seen {
-    let policy = BackingPolicy { allow: true, base_dir: Some(bench.dir.path().to_path_buf()) };
+    let policy =
+        BackingPolicy { allow: true, base_dir: Some(bench.dir.path().to_path_buf()), ..BackingPolicy::default() };
     compare_with_qemu(&bench.path(name), &policy, &bench.path(&format!("{name}.ref.raw")))
 }
 
@@ -370,7 +371,8 @@ fn backing_file_refused_unless_allowed() {
     let lab = Workbench::new("backing-refused");
     lab.raw_mix("base.raw", MIB, 51);
     lab.qemu_img(&["create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "top.qcow2", "1M"]);
-    let policy = BackingPolicy { allow: false, base_dir: Some(lab.dir.path().to_path_buf()) };
+    let policy =
+        BackingPolicy { allow: false, base_dir: Some(lab.dir.path().to_path_buf()), ..BackingPolicy::default() };
     let err = match open(&lab.path("top.qcow2"), &policy) {
         Ok(_) => panic!("backing file was followed without permission"),
         Err(e) => e,

@@ -1,5 +1,8 @@
 //! Formats that store the disk in fixed-size blocks listed in a table of 32-bit entries (vdi's block map, vhd's
 //! BAT): one mapping loop for all of them.
+//!
+//! A block that starts past the end of the file is an error, not zeros: reads there would return nothing, and a
+//! truncated download must not import as a disk full of zeros.
 
 use super::{push_extent, Content, Extent};
 use crate::error::Result;
@@ -24,13 +27,14 @@ pub struct BlockTable<'a> {
 
 impl BlockTable<'_> {
     /// Appends extents for guest `[offset, offset + len)`: `content(entry, within)` says what the guest bytes
-    /// from `within` bytes into a block with table entry `entry` to the block's end hold.
+    /// from `within` bytes into a block with table entry `entry` to the block's end hold, or why the entry is
+    /// invalid (reported naming the entry and its file offset).
     pub fn map(
         &self,
         offset: u64,
         len: u64,
         out: &mut Vec<Extent>,
-        content: impl Fn(u32, u64) -> Content,
+        content: impl Fn(u32, u64) -> std::result::Result<Content, String>,
     ) -> Result<()> {
         let end = offset + len;
         let mut guest = offset;
@@ -46,10 +50,12 @@ impl BlockTable<'_> {
                 let block_end = ((index + 1) * self.block).min(end);
                 let raw: [u8; 4] = raw.try_into().expect("4 bytes");
                 let entry = if self.big_endian { u32::from_be_bytes(raw) } else { u32::from_le_bytes(raw) };
-                push_extent(
-                    out,
-                    Extent { guest, len: block_end - guest, content: content(entry, guest - index * self.block) },
-                );
+                let content = content(entry, guest - index * self.block).map_err(|why| {
+                    crate::bad_image!("{} entry {index}: {why}", self.what)
+                        .at_offset(self.offset + index * 4)
+                        .at_path(self.source.name())
+                })?;
+                push_extent(out, Extent { guest, len: block_end - guest, content });
                 guest = block_end;
             }
         }

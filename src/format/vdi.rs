@@ -175,11 +175,15 @@ impl Image for VdiImage {
             big_endian: false,
             what: "vdi block map",
         };
+        let file_len = self.source.len();
         table.map(offset, len, out, |entry, within| {
+            let start = data + entry as u64 * block;
             if entry >= DISCARDED {
-                Content::Zero
+                Ok(Content::Zero)
+            } else if start >= file_len {
+                Err(format!("block at {start:#x} lies past the end of the file ({file_len} bytes)"))
             } else {
-                Content::Data { source: 0, offset: data + entry as u64 * block + within }
+                Ok(Content::Data { source: 0, offset: start + within })
             }
         })
     }

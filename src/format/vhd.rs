@@ -217,7 +217,7 @@ impl VhdImage {
             let mut buf = [0u8; 1024];
             read_exact_at(source.as_ref(), footer.data_offset, &mut buf, "vhd dynamic header")?;
             let header =
-                parse_dynamic_header(&buf, virtual_size, len).map_err(|e| ctx(e.at_offset(footer.data_offset)))?;
+                parse_dynamic_header(&buf, virtual_size, len).map_err(|e| ctx(e.within(footer.data_offset)))?;
             if footer.disk_type == TYPE_DIFFERENCING {
                 return Err(ctx(Error::unsupported(format!(
                     "vhd differencing disk with parent {:?} is not supported (convert it with its parent first)",
@@ -262,11 +262,15 @@ impl Image for VhdImage {
             big_endian: true,
             what: "vhd BAT",
         };
+        let file_len = self.source.len();
         table.map(offset, len, out, |entry, within| {
+            let start = entry as u64 * 512 + bitmap;
             if entry == UNALLOCATED {
-                Content::Zero
+                Ok(Content::Zero)
+            } else if start >= file_len {
+                Err(format!("block at sector {entry} lies past the end of the file ({file_len} bytes)"))
             } else {
-                Content::Data { source: 0, offset: entry as u64 * 512 + bitmap + within }
+                Ok(Content::Data { source: 0, offset: start + within })
             }
         })
     }

@@ -371,3 +371,96 @@ impl Drop for MountedExt4 {
         let _ = Command::new("umount").arg("--lazy").arg(self.mountpoint.path()).status();
     }
 }
+
+/// A device-mapper device built from a table (`dmsetup create`), removed on drop. With an `error` target in the
+/// table, I/O to that range fails with EIO: a disk with bad sectors, for fault tests.
+pub struct DmDevice {
+    name: String,
+    path: PathBuf,
+}
+
+impl DmDevice {
+    /// Creates `/dev/mapper/NAME` from `table` (dmsetup's format: `START LEN TARGET ARGS`, in 512-byte sectors, one
+    /// line per segment).
+    pub fn create(name: &str, table: &str) -> Result<Self> {
+        let output = Command::new("dmsetup")
+            .args(["create", name, "--table", table])
+            .stderr(Stdio::piped())
+            .output()
+            .io_context("running dmsetup")?;
+        if !output.status.success() {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("dmsetup create {name} failed: {}", String::from_utf8_lossy(&output.stderr).trim()),
+            ));
+        }
+        let device = DmDevice { name: name.to_string(), path: PathBuf::from("/dev/mapper").join(name) };
+        // udev may create the node a moment after dmsetup returns.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !device.path.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !device.path.exists() {
+            let _ = Command::new("dmsetup").args(["mknodes", name]).status();
+        }
+        Ok(device)
+    }
+
+    /// A device whose sectors `[error_start, error_start + error_len)` fail every I/O and whose other sectors map
+    /// linearly onto `backing` (a block device of at least `total` sectors).
+    pub fn with_error_range(name: &str, backing: &Path, total: u64, error_start: u64, error_len: u64) -> Result<Self> {
+        let dev = backing.display();
+        let error_end = error_start + error_len;
+        let mut table = String::new();
+        if error_start > 0 {
+            table.push_str(&format!("0 {error_start} linear {dev} 0\n"));
+        }
+        table.push_str(&format!("{error_start} {error_len} error\n"));
+        if error_end < total {
+            table.push_str(&format!("{error_end} {} linear {dev} {error_end}\n", total - error_end));
+        }
+        Self::create(name, &table)
+    }
+
+    /// The device node, `/dev/mapper/NAME`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Replaces the table with an all-`error` one and removes the device even while it is open
+    /// (`dmsetup remove --force`): what a disk torn out from under a writer looks like.
+    pub fn force_remove(&self) -> Result<()> {
+        let status = Command::new("dmsetup")
+            .args(["remove", "--force", &self.name])
+            .stderr(Stdio::null())
+            .status()
+            .io_context("running dmsetup")?;
+        if !status.success() {
+            return Err(Error::new(ErrorKind::Io, format!("dmsetup remove --force {} failed", self.name)));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DmDevice {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            match Command::new("dmsetup").args(["remove", &self.name]).stderr(Stdio::null()).status() {
+                Ok(status) if status.success() => return,
+                _ if !self.path.exists() && !dm_exists(&self.name) => return,
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+        let _ = Command::new("dmsetup").args(["remove", "--force", &self.name]).status();
+    }
+}
+
+/// Whether a device-mapper device named `name` exists.
+fn dm_exists(name: &str) -> bool {
+    Command::new("dmsetup")
+        .args(["info", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}

@@ -176,7 +176,11 @@ impl Destination {
             DestKind::RegularFile => {
                 // Truncate first so every old block becomes a hole, then extend to the image size.
                 buffered.set_len(0).io_context("truncating destination").map_err(ctx)?;
-                buffered.set_len(size).io_context("sizing destination").map_err(ctx)?;
+                // A huge virtual size fails here (EFBIG past the filesystem's largest file): name the size.
+                buffered
+                    .set_len(size)
+                    .io_context(format!("sizing destination to {size} bytes"))
+                    .map_err(|e| ctx(e.at_offset(size)))?;
                 if options.preallocate && size > 0 {
                     sys::fallocate(&buffered, 0, 0, size).io_context("preallocating destination").map_err(ctx)?;
                 }
@@ -346,7 +350,25 @@ impl Destination {
             WritePath::WriteBehind(window) => window.write(&self.buffered, offset, data),
         };
         result.map_err(|e| e.at_path(&self.path))?;
+        self.check_still_linked(offset)?;
         self.stats.written.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Fails if the destination file has been unlinked (writes to a removed file succeed, and the import would
+    /// report success for an image nobody can reach). One fstat per chunk; block devices are not checked here
+    /// (a removed device fails its writes).
+    fn check_still_linked(&self, offset: u64) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        if self.kind != DestKind::RegularFile {
+            return Ok(());
+        }
+        let meta = self.buffered.metadata().io_context("checking destination").map_err(|e| e.at_path(&self.path))?;
+        if meta.nlink() == 0 {
+            return Err(Error::new(ErrorKind::Io, "destination file was removed during the import")
+                .at_offset(offset)
+                .at_path(&self.path));
+        }
         Ok(())
     }
 
@@ -370,6 +392,7 @@ impl Destination {
     pub fn zero(&self, offset: u64, len: u64) -> Result<()> {
         self.check_range(offset, len)?;
         let Some(zeroer) = &self.zeroer else {
+            self.check_still_linked(offset)?;
             self.stats.skipped.fetch_add(len, Ordering::Relaxed);
             return Ok(());
         };
@@ -404,6 +427,7 @@ impl Destination {
             WritePath::Direct { .. } => None,
         };
         sys::fdatasync(&self.buffered).io_context("syncing destination").map_err(|e| e.at_path(&self.path))?;
+        self.check_still_linked(self.size())?;
         // Zeroing and tail writes may have left clean pages of the device in the cache.
         let _ = sys::drop_cache(&self.buffered, 0, 0);
         Ok(summary)

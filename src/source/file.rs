@@ -100,6 +100,20 @@ impl FileSource {
         })
     }
 
+    /// Fails if the file is now shorter than when it was opened (truncated during the import).
+    fn check_not_shrunk(&self) -> Result<()> {
+        let now = self.file.metadata().io_context("reading source size").map_err(|e| e.at_path(&self.name))?.len();
+        if now < self.len {
+            return Err(Error::new(
+                crate::error::ErrorKind::Io,
+                format!("source shrank from {} to {now} bytes during the import", self.len),
+            )
+            .at_offset(now)
+            .at_path(&self.name));
+        }
+        Ok(())
+    }
+
     fn pread_full(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
         let mut done = 0;
         while done < buf.len() {
@@ -194,7 +208,14 @@ impl ReadAt for FileSource {
             return Ok(Some(offset..self.len));
         }
         match sys::next_data_run(&self.file, offset) {
-            Ok(run) => Ok(run.map(|(start, end)| start..end.min(self.len))),
+            Ok(run) => {
+                // "No data up to the end" also describes a file truncated under us; the length we planned with is
+                // then a lie, and the missing tail must not be imported as zeros.
+                if run.is_none_or(|(_, end)| end < self.len) {
+                    self.check_not_shrunk()?;
+                }
+                Ok(run.map(|(start, end)| start..end.min(self.len)))
+            }
             // Filesystems without SEEK_DATA: everything is data.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Some(offset..self.len)),
             Err(e) => Err(Error::io("finding data in source", e).at_offset(offset).at_path(&self.name)),
@@ -206,6 +227,21 @@ impl ReadAt for FileSource {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn a_source_truncated_after_opening_is_an_error_not_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("src.bin");
+        let file = File::create(&path).unwrap();
+        file.set_len(4 << 20).unwrap();
+        file.write_all_at(&pattern(1 << 20), 0).unwrap();
+        let source = FileSource::open(&path).unwrap();
+        assert!(source.next_data(1 << 20).unwrap().is_none_or(|r| r.start >= 1 << 20));
+        file.set_len(2 << 20).unwrap();
+        let err = source.next_data(1 << 20).unwrap_err();
+        assert!(err.to_string().contains("shrank from 4194304 to 2097152 bytes"), "{err}");
+        assert_eq!(err.offset(), Some(2 << 20));
+    }
 
     fn pattern(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 + i / 4096) as u8).collect()

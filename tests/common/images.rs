@@ -49,7 +49,8 @@ fn hex(bytes: &[u8]) -> String {
 /// Opens `path` through boundimport's detection, with backing files refused and siblings resolved beside it.
 pub fn open_image(path: &Path) -> boundimport::error::Result<Box<dyn Image>> {
     let source: Arc<dyn ReadAt> = Arc::new(FileSource::open(path)?);
-    let policy = BackingPolicy { allow: false, base_dir: path.parent().map(Path::to_path_buf) };
+    let policy =
+        BackingPolicy { allow: false, base_dir: path.parent().map(Path::to_path_buf), ..BackingPolicy::default() };
     format::open(source, &policy)
 }
 

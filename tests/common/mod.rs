@@ -349,3 +349,89 @@ pub fn qemu_reference(image: &Path, scratch: &Path) -> (String, u64) {
 pub fn boundimport() -> Command {
     Command::new(env!("CARGO_BIN_EXE_boundimport"))
 }
+
+/// A process whose stderr is collected in the background, so a test can act on it while it runs.
+pub struct Running {
+    /// The child process.
+    pub child: std::process::Child,
+    /// When it was started.
+    pub started: std::time::Instant,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+/// What a [`Running`] process ended with.
+pub struct Finished {
+    /// Its exit status.
+    pub status: std::process::ExitStatus,
+    /// Everything it wrote to stderr.
+    pub stderr: String,
+    /// When it exited.
+    pub ended: std::time::Instant,
+}
+
+impl Running {
+    /// Starts `cmd` with stdout discarded and stderr captured.
+    pub fn start(cmd: &mut Command) -> Running {
+        use std::io::Read;
+        let mut child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", describe(cmd)));
+        let mut pipe = child.stderr.take().expect("piped stderr");
+        let stderr = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        });
+        Running { child, started: std::time::Instant::now(), stderr: Some(stderr) }
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).expect("kill");
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Waits for the exit, at most `limit` from now; on timeout kills it and panics (a hang).
+    pub fn finish_within(mut self, limit: std::time::Duration) -> Finished {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                let ended = std::time::Instant::now();
+                let stderr = self.stderr.take().expect("stderr reader").join().expect("stderr reader");
+                return Finished { status, stderr, ended };
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                let stderr = self.stderr.take().expect("stderr reader").join().unwrap_or_default();
+                panic!("process still running after {limit:?} (a hang); stderr so far:\n{stderr}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Sectors written to block device `device` so far (field 7 of /sys/class/block/NAME/stat), to watch a
+/// destination change.
+pub fn sectors_written(device: &Path) -> u64 {
+    let real = std::fs::canonicalize(device).unwrap_or_else(|e| panic!("resolving {}: {e}", device.display()));
+    let name = real.file_name().expect("device name").to_string_lossy().into_owned();
+    let stat = std::fs::read_to_string(format!("/sys/class/block/{name}/stat"))
+        .unwrap_or_else(|e| panic!("reading stat of {name}: {e}"));
+    stat.split_whitespace().nth(6).and_then(|v| v.parse().ok()).expect("write sectors field")
+}

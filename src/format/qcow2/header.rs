@@ -75,6 +75,8 @@ pub struct BackingFile {
     pub name: String,
     /// The format named by the backing format extension ("raw" or "qcow2"), if present.
     pub format: Option<String>,
+    /// File offset of the name, for messages about it.
+    pub offset: u64,
 }
 
 /// A validated qcow2 header.
@@ -163,7 +165,8 @@ fn be64(buf: &[u8], at: usize) -> u64 {
 /// [`parse`] needs to know how many bytes to be given.
 pub fn peek_cluster_size(head: &[u8]) -> Result<u64> {
     if head.len() < V2_HEADER_LENGTH as usize {
-        return Err(crate::bad_image!("qcow2 header truncated: {} of {V2_HEADER_LENGTH} bytes", head.len()));
+        return Err(crate::bad_image!("qcow2 header truncated: {} of {V2_HEADER_LENGTH} bytes", head.len())
+            .at_offset(head.len() as u64));
     }
     if head[..4] != MAGIC {
         return Err(crate::bad_image!("not a qcow2 image: bad magic {:02x?}", &head[..4]).at_offset(0));
@@ -372,7 +375,7 @@ pub fn parse(first_cluster: &[u8], file_len: u64) -> Result<Header> {
                 Some(format)
             }
         };
-        Some(BackingFile { name, format })
+        Some(BackingFile { name, format, offset: backing_file_offset })
     } else {
         None
     };
@@ -695,7 +698,14 @@ mod tests {
         put64(&mut h, 8, 0x1000);
         put32(&mut h, 16, 8);
         let parsed = parse(&h, FILE_LEN).unwrap();
-        assert_eq!(parsed.backing, Some(BackingFile { name: "base.img".into(), format: Some("qcow2".into()) }));
+        assert_eq!(
+            parsed.backing,
+            Some(BackingFile {
+                name: "base.img".into(),
+                format: Some("qcow2".into()),
+                offset: parsed.backing.as_ref().unwrap().offset,
+            })
+        );
         put_ext(&mut h, 112, EXT_BACKING_FORMAT, b"vmdk\0");
         fails(&h, ErrorKind::Unsupported, "format \"vmdk");
         put_ext(&mut h, 112, EXT_BACKING_FORMAT, &[b'x'; 16]);

@@ -134,7 +134,7 @@ impl Qcow2Image {
         let backing = match &header.backing {
             None => None,
             Some(file) => {
-                let image = open_backing(&name, &file.name, file.format.as_deref(), backing, depth)?;
+                let image = open_backing(&name, &file.name, file.format.as_deref(), file.offset, backing, depth)?;
                 Some(Backing { virtual_size: image.virtual_size(), image, scratch: Vec::new() })
             }
         };

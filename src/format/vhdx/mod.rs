@@ -139,6 +139,13 @@ impl VhdxImage {
                 if offset.checked_add(self.geometry.block_size).is_none() {
                     return bad(format!("vhdx block {block} at {offset} lies past any file"));
                 }
+                if offset >= self.source.len() {
+                    // Bytes past the end would read as zeros: a truncated file must not import as zeros.
+                    return bad(format!(
+                        "vhdx block {block} at {offset:#x} lies past the end of the file ({} bytes)",
+                        self.source.len()
+                    ));
+                }
                 if let Some(r) = self.reserved.iter().find(|r| r.overlaps(&data)) {
                     return bad(format!(
                         "vhdx block {block} at {offset} overlaps metadata at {}+{}",

@@ -55,8 +55,8 @@ struct Sparse {
     source: SourceId,
     /// Its header (from the footer when the header defers to it).
     header: SparseHeader,
-    /// The last GT read: GD index and entries.
-    gt: Option<(u64, Vec<u32>)>,
+    /// The last GT read: GD index, file offset of the table, and its entries.
+    gt: Option<(u64, u64, Vec<u32>)>,
     /// Decompressed length of the extent's partial last grain, once known.
     last_grain_len: Option<u64>,
 }
@@ -116,7 +116,14 @@ impl VmdkImage {
             let id = match opened.get(file) {
                 Some(&id) => id,
                 None => {
-                    let path = base_dir.join(Path::new(file));
+                    let path = if backing.allow_outside {
+                        base_dir.join(Path::new(file))
+                    } else {
+                        // A plain name can still be a symlink out of the directory: resolve it and check.
+                        let root = backing.root.as_deref().unwrap_or(base_dir);
+                        super::confined_path(root, base_dir, Path::new(file))
+                            .map_err(|why| Error::unsupported(format!("vmdk extent file {file:?}: {why}")))?
+                    };
                     sources.push(Arc::new(FileSource::open(&path)?));
                     opened.insert(file.clone(), sources.len() - 1);
                     sources.len() - 1
@@ -187,7 +194,7 @@ fn open_sparse(source: &dyn ReadAt, id: SourceId, whole_image: bool) -> Result<S
         let mut tail = [0u8; 1536];
         read_exact_at(source, footer_at, &mut tail, "vmdk footer")?;
         let sector = header::footer_header(&tail).map_err(|e| e.at_offset(footer_at))?;
-        parsed = header::parse_sparse_header(&sector, len).map_err(|e| e.at_offset(footer_at + 512))?;
+        parsed = header::parse_sparse_header(&sector, len).map_err(|e| e.within(footer_at + 512))?;
         if parsed.gd_at_end() {
             return Err(crate::bad_image!("vmdk footer defers the grain directory to itself").at_offset(footer_at));
         }
@@ -196,30 +203,40 @@ fn open_sparse(source: &dyn ReadAt, id: SourceId, whole_image: bool) -> Result<S
 }
 
 impl Sparse {
-    /// The GT entry of the grain at extent byte `at`.
-    fn grain_entry(&mut self, source: &dyn ReadAt, at: u64) -> Result<u32> {
+    /// The GT entry of the grain at extent byte `at`, and the file offset of that entry (for messages).
+    fn grain_entry(&mut self, source: &dyn ReadAt, at: u64) -> Result<(u32, u64)> {
         let h = &self.header;
         let gd_index = at / h.gt_span();
         let gt_index = ((at % h.gt_span()) / h.grain_size()) as usize;
-        if let Some((index, gt)) = &self.gt {
+        if let Some((index, gt_at, gt)) = &self.gt {
             if *index == gd_index {
-                return Ok(gt[gt_index]);
+                return Ok((gt[gt_index], gt_at + gt_index as u64 * 4));
             }
         }
         let mut entry = [0u8; 4];
-        read_exact_at(source, h.gd_offset * 512 + gd_index * 4, &mut entry, "vmdk grain directory")?;
+        let gd_entry_at = h.gd_offset * 512 + gd_index * 4;
+        read_exact_at(source, gd_entry_at, &mut entry, "vmdk grain directory")?;
         let gt_sector = u32::from_le_bytes(entry) as u64;
         let mut gt = vec![0u32; h.gtes_per_gt as usize];
         if gt_sector != 0 {
             let mut raw = vec![0u8; gt.len() * 4];
+            if gt_sector * 512 + raw.len() as u64 > source.len() {
+                return Err(crate::bad_image!(
+                    "vmdk grain directory entry {gd_index}: grain table at sector {gt_sector} ends past the end of \
+                     the file ({} bytes)",
+                    source.len()
+                )
+                .at_offset(gd_entry_at)
+                .at_path(source.name()));
+            }
             read_exact_at(source, gt_sector * 512, &mut raw, "vmdk grain table")?;
             for (slot, bytes) in gt.iter_mut().zip(raw.chunks_exact(4)) {
                 *slot = u32::from_le_bytes(bytes.try_into().expect("4 bytes"));
             }
         }
         let value = gt[gt_index];
-        self.gt = Some((gd_index, gt));
-        Ok(value)
+        self.gt = Some((gd_index, gt_sector * 512, gt));
+        Ok((value, gt_sector * 512 + gt_index as u64 * 4))
     }
 
     /// Where a compressed grain's zlib stream starts and how many bytes of input it may use.
@@ -268,9 +285,17 @@ impl Sparse {
         while at < end {
             let start = at - at % grain;
             let stop = (start + grain).min(end);
-            let entry = self.grain_entry(source, at)?;
+            let (entry, entry_at) = self.grain_entry(source, at)?;
             let content = if entry == 0 || (entry == header::GTE_ZERO && self.header.has_zero_grain()) {
                 Content::Zero
+            } else if entry as u64 * 512 >= source.len() {
+                // Bytes past the end would read as zeros: a truncated file must not import as zeros.
+                return Err(crate::bad_image!(
+                    "vmdk grain table entry: grain at sector {entry} lies past the end of the file ({} bytes)",
+                    source.len()
+                )
+                .at_offset(entry_at)
+                .at_path(source.name()));
             } else if !self.header.compressed {
                 Content::Data { source: self.source, offset: entry as u64 * 512 + (at - start) }
             } else {
