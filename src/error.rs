@@ -60,6 +60,13 @@ impl Error {
         Self::new(ErrorKind::Usage, what)
     }
 
+    /// The import into `destination` stopped on request; everything below `watermark` is written.
+    pub fn interrupted(destination: &Path, watermark: u64) -> Self {
+        Self::new(ErrorKind::Interrupted, "import stopped; everything below this offset was written")
+            .at_offset(watermark)
+            .at_path(destination)
+    }
+
     /// A failed system call while doing `operation`.
     pub fn io(operation: impl Into<String>, err: io::Error) -> Self {
         Self::new(ErrorKind::Io, operation).with_source(err)

@@ -12,7 +12,7 @@ pub mod schedule;
 
 use crate::buffer::AlignedBuf;
 use crate::checksum::Hasher;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::sink::Destination;
 use crate::source::ReadAt;
@@ -59,7 +59,7 @@ struct Shared<'a> {
 }
 
 /// Runs `scheduler`'s items through `config.workers` workers into `dest`. Raising `stop` makes every worker
-/// finish its current item and the run fail with an [`ErrorKind::Interrupted`] error naming the watermark.
+/// finish its current item and the run fail with an [`Error::interrupted`] error naming the watermark.
 pub fn run(
     scheduler: Scheduler,
     dest: &Destination,
@@ -103,8 +103,7 @@ pub fn run(
         return Err(err);
     }
     if stop.load(Ordering::Relaxed) {
-        let stopped = "import stopped; everything below this offset was written";
-        return Err(Error::new(ErrorKind::Interrupted, stopped).at_offset(shared.completion.watermark()));
+        return Err(Error::interrupted(dest.path(), shared.completion.watermark()));
     }
     Ok(PipelineOutcome { output_digest: digest.map(|(digest, _)| digest), scratch_bytes })
 }

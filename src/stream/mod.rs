@@ -210,8 +210,7 @@ fn raw(
     let mut guest = 0u64;
     loop {
         if stop.load(Ordering::Relaxed) {
-            return Err(Error::new(ErrorKind::Interrupted, "import stopped; everything below this offset was written")
-                .at_offset(guest));
+            return Err(Error::interrupted(dest.path(), guest));
         }
         let mut buf = writer.buffer()?.expect("the raw copy holds no buffer");
         let n = read_full(reader, &mut buf[..chunk]).map_err(|e| stream_error(e, name, guest))?;
