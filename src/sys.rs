@@ -245,6 +245,19 @@ pub fn page_size() -> u64 {
     }
 }
 
+/// Lowers the calling thread's scheduling priority to `nice` (Linux applies setpriority(PRIO_PROCESS, tid) to
+/// one thread). Raising the nice value needs no privilege.
+pub fn lower_thread_priority(nice: libc::c_int) -> io::Result<()> {
+    // SAFETY: gettid and setpriority take no pointers.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: as above.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// fdatasync, retrying on EINTR.
 pub fn fdatasync(file: &File) -> io::Result<()> {
     loop {
