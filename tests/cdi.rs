@@ -281,6 +281,12 @@ fn ended_ok(ended: &Ended) {
     assert_eq!(ended.code, 0, "termination {:?}\nstderr:\n{}", ended.termination, ended.stderr);
 }
 
+/// The import succeeded and told the controller so, as CDI's importer does.
+fn ended_complete(ended: &Ended) {
+    ended_ok(ended);
+    assert_eq!(ended.termination, COMPLETE);
+}
+
 /// A qcow2 of the standard mix, its reference digest and virtual size.
 fn qcow2_image(bench: &Workbench, size: u64) -> (PathBuf, String, u64) {
     let image = bench.qcow2_mix("disk.qcow2", size, "", &[]);
@@ -300,8 +306,7 @@ fn qcow2_into_a_file_volume_is_sized_like_cdi() {
         .set("IMPORTER_IMAGE_SIZE", "64Mi")
         .set("FILESYSTEM_OVERHEAD", "0.055");
     let (ended, values, text) = pod.run_scraping();
-    ended_ok(&ended);
-    assert_eq!(ended.termination, COMPLETE);
+    ended_complete(&ended);
     assert_progress_series(&values, false);
     for gauge in ["boundimport_written_bytes ", "boundimport_budget_bytes ", "boundimport_processed_bytes "] {
         assert!(text.contains(&format!("\n{gauge}")), "{gauge} missing from:\n{text}");
@@ -414,8 +419,7 @@ fn checksum_mismatch_removes_the_image_and_exits_0() {
     let mut good = Pod::new("cdi-checksum-good");
     good.set("IMPORTER_ENDPOINT", image.to_str().unwrap()).set("IMPORTER_CHECKSUM", &format!("sha256:{file_digest}"));
     let ended = good.run();
-    ended_ok(&ended);
-    assert_eq!(ended.termination, COMPLETE);
+    ended_complete(&ended);
     assert_eq!(sha256_prefix(&good.data().join("disk.img"), virtual_size), digest);
 }
 
@@ -604,8 +608,7 @@ fn qcow2_onto_a_block_volume_reports_progress_mid_import() {
         .set("IMPORTER_IMAGE_SIZE", "64Mi")
         .set("FILESYSTEM_OVERHEAD", "0.055");
     let (ended, values, _) = pod.run_scraping();
-    ended_ok(&ended);
-    assert_eq!(ended.termination, COMPLETE);
+    ended_complete(&ended);
     assert_progress_series(&values, true);
     assert_eq!(sha256_prefix(device.path(), virtual_size), digest);
     assert_eq!(fs::read_dir(pod.data()).unwrap().count(), 0, "nothing written to the data directory");
@@ -676,8 +679,7 @@ fn runs_unprivileged_as_uid_107() {
     let mut pod = Pod::new("cdi-uid-file");
     pod.as_pod_user().set("IMPORTER_ENDPOINT", image.to_str().unwrap()).set("IMPORTER_IMAGE_SIZE", "32Mi");
     let (ended, values, _) = pod.run_scraping();
-    ended_ok(&ended);
-    assert_eq!(ended.termination, COMPLETE);
+    ended_complete(&ended);
     assert_progress_series(&values, false);
     let disk = pod.data().join("disk.img");
     assert_eq!(fs::metadata(&disk).unwrap().uid(), POD_UID);
@@ -691,8 +693,7 @@ fn runs_unprivileged_as_uid_107() {
     pod.block = Some(device.path().to_path_buf());
     pod.as_pod_user().set("IMPORTER_ENDPOINT", image.to_str().unwrap());
     let ended = pod.run();
-    ended_ok(&ended);
-    assert_eq!(ended.termination, COMPLETE);
+    ended_complete(&ended);
     assert_eq!(sha256_prefix(device.path(), virtual_size), digest);
     std::os::unix::fs::chown(device.path(), Some(0), Some(6)).unwrap();
 }
@@ -763,8 +764,7 @@ fn https_qcow2_into_a_file_volume_with_auth_headers_and_progress() {
         .set("IMPORTER_EXTRA_HEADER_0", "X-Tenant: blue")
         .set("IMPORTER_EXTRA_HEADER_1", "X-Trace:42");
     let (ended, values, text) = pod.run_scraping();
-    ended_ok(&ended);
-    assert_eq!(ended.termination, COMPLETE);
+    ended_complete(&ended);
     assert_progress_series(&values, true);
     assert!(text.contains("\nboundimport_written_bytes "), "{text}");
     let disk = pod.data().join("disk.img");
@@ -792,8 +792,7 @@ fn https_without_a_trusted_certificate_fails_unless_insecure() {
 
     pod.set("INSECURE_TLS", "true");
     let ended = pod.run();
-    ended_ok(&ended);
-    assert_eq!(ended.termination, COMPLETE);
+    ended_complete(&ended);
     assert_eq!(sha256_prefix(&pod.data().join("disk.img"), virtual_size), digest);
 }
 
@@ -809,8 +808,7 @@ fn http_without_ranges_streams_a_compressed_image_and_checks_its_checksum() {
     let mut pod = Pod::new("cdi-http-stream-pod");
     pod.set("IMPORTER_ENDPOINT", &server.url("disk.qcow2.gz")).set("IMPORTER_CHECKSUM", &format!("sha256:{gz_digest}"));
     let ended = pod.run();
-    ended_ok(&ended);
-    assert_eq!(ended.termination, COMPLETE);
+    ended_complete(&ended);
     assert_eq!(sha256_prefix(&pod.data().join("disk.img"), virtual_size), digest);
 
     let mut bad = Pod::new("cdi-http-stream-bad");
@@ -876,8 +874,7 @@ fn http_compressed_archive_is_extracted() {
         .set("IMPORTER_ENDPOINT", &server.url("bundle.tar.xz"))
         .set("IMPORTER_CHECKSUM", &format!("sha256:{sum}"));
     let (ended, values, _) = pod.run_scraping();
-    ended_ok(&ended);
-    assert_eq!(ended.termination, COMPLETE);
+    ended_complete(&ended);
     assert_progress_series(&values, false);
     assert_eq!(
         sha256_prefix(&pod.data().join("images/disk.img"), 8 * MIB),
@@ -905,8 +902,7 @@ fn http_onto_a_block_volume_as_uid_107_reports_progress_mid_import() {
     pod.as_pod_user().set("IMPORTER_ENDPOINT", &server.url("disk.qcow2"));
     let (ended, values, _) = pod.run_scraping();
     std::os::unix::fs::chown(device.path(), Some(0), Some(6)).unwrap();
-    ended_ok(&ended);
-    assert_eq!(ended.termination, COMPLETE);
+    ended_complete(&ended);
     assert_progress_series(&values, true);
     assert_eq!(sha256_prefix(device.path(), virtual_size), digest);
 }
@@ -933,8 +929,7 @@ fn in_a_pod_cgroup_the_gauges_show_the_bound_holding() {
     let mut pod = Pod::new("cdi-cgroup-pod");
     pod.set("IMPORTER_ENDPOINT", &server.url("disk.qcow2"));
     let (ended, values, texts) = pod.run_scraping_in(Some(&cgroup));
-    ended_ok(&ended);
-    assert_eq!(ended.termination, COMPLETE);
+    ended_complete(&ended);
     assert_progress_series(&values, true);
     assert_eq!(sha256_prefix(&pod.data().join("disk.img"), virtual_size), digest);
     // The budget is the pod cgroup's own limit; what the cgroup holds stays well inside it all along.
