@@ -14,10 +14,10 @@ pub const DEFAULT_BUDGET: u64 = 600_000_000;
 
 const MIB: u64 = 1 << 20;
 
-/// The buffer pool never grows past this: more buffers stop paying once the device queue is full (a 3 GiB qcow2 onto
-/// a direct-io loop device ran as fast with 4 buffers of 4 MiB as with 8 of 2 MiB or 16 of 1 MiB), while each one is
-/// charged to the cgroup. 4 MiB requests are what a virtio disk takes whole (its max_sectors_kb here): 4 x 4 MiB
-/// measured a median 4.54 s against 4.89 s for 8 x 2 MiB over 7 alternating runs.
+/// The buffer pool never grows past this: more buffers stop paying once the device queue is full (onto a direct-io
+/// loop device, 8 x 4 MiB and 16 x 2 MiB were no faster than 4 x 4 MiB), while each one is charged to the cgroup.
+/// 4 MiB requests are what a virtio disk takes whole (its max_sectors_kb here): 4 x 4 MiB measured a median 4.54 s
+/// against 4.89 s for 8 x 2 MiB over 7 alternating runs of a 3 GiB qcow2.
 const MAX_POOL: u64 = 16 * MIB;
 
 /// Where the budget came from.
