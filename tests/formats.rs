@@ -6,7 +6,7 @@ mod common;
 
 use boundimport::error::ErrorKind;
 use common::images::*;
-use common::{qemu_img, qemu_io, run, scratch_dir, write_raw, Fill, SplitMix64};
+use common::{patch, qemu_img, qemu_io, run, scratch_dir, write_raw, Fill, SplitMix64};
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -29,14 +29,6 @@ fn differential(format: &str, options: &str, name: &str, detected: &str) {
     let dir = scratch_dir(&format!("{format}-{}", options.replace([',', '='], "_")));
     let image = make(dir.path(), SIZE, format, options, name);
     assert_same_as_qemu(&image, format, detected);
-}
-
-fn patch(path: &Path, offset: u64, bytes: &[u8]) {
-    OpenOptions::new()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.write_all_at(bytes, offset))
-        .unwrap_or_else(|e| panic!("patching {}: {e}", path.display()));
 }
 
 fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {

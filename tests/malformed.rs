@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{boundimport, read_be64, write_be64, Fill, Workbench, KIB, MIB};
+use common::{boundimport, patch, read_be64, write_be64, Fill, Workbench, KIB, MIB};
 use std::fs::OpenOptions;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
@@ -91,15 +91,6 @@ fn damaged(bench: &Workbench, good: &Path, name: &str, damage: impl FnOnce(&Path
     std::fs::copy(good, &path).unwrap();
     damage(&path);
     path
-}
-
-/// Writes `bytes` at `offset` of a file.
-fn patch(path: &Path, offset: u64, bytes: &[u8]) {
-    OpenOptions::new()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.write_all_at(bytes, offset))
-        .unwrap_or_else(|e| panic!("patching {}: {e}", path.display()));
 }
 
 /// Truncates a file to `len` bytes.

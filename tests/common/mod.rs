@@ -195,10 +195,15 @@ pub fn read_be64(path: &Path, offset: u64) -> u64 {
 
 /// Overwrites a big-endian u64 at `offset` of a file.
 pub fn write_be64(path: &Path, offset: u64, value: u64) {
+    patch(path, offset, &value.to_be_bytes());
+}
+
+/// Writes `bytes` at `offset` of a file.
+pub fn patch(path: &Path, offset: u64, bytes: &[u8]) {
     OpenOptions::new()
         .write(true)
         .open(path)
-        .and_then(|f| f.write_all_at(&value.to_be_bytes(), offset))
+        .and_then(|f| f.write_all_at(bytes, offset))
         .unwrap_or_else(|e| panic!("patching {}: {e}", path.display()));
 }
 
