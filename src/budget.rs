@@ -14,10 +14,11 @@ pub const DEFAULT_BUDGET: u64 = 600_000_000;
 
 const MIB: u64 = 1 << 20;
 
-/// The buffer pool never grows past this: more buffers stop paying once the device queue is full (onto a direct-io
-/// loop device, 8 x 4 MiB and 16 x 2 MiB were no faster than 4 x 4 MiB), while each one is charged to the cgroup.
-/// 4 MiB requests are what a virtio disk takes whole (its max_sectors_kb here): 4 x 4 MiB measured a median 4.54 s
-/// against 4.89 s for 8 x 2 MiB over 7 alternating runs of a 3 GiB qcow2.
+/// The buffer pool never grows past this: more buffers stop paying once the device queue is full, while each one
+/// is charged to the cgroup. 4 MiB chunks are what a virtio disk takes as one request (its max_sectors_kb here)
+/// now that buffers are huge pages (see `buffer`). Measured onto a direct-io loop device, 3 GiB qcow2, medians of
+/// 4 alternating runs: 3 x 4, 4 x 4, 8 x 2 and 2 x 8 MiB all took 1.70-1.75 s, the disk's limit here; 16 MiB keeps
+/// room for devices with longer latency and the whole charge under 32 MiB.
 const MAX_POOL: u64 = 16 * MIB;
 
 /// Where the budget came from.

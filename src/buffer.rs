@@ -78,9 +78,9 @@ impl Drop for AlignedBuf {
 }
 
 /// An anonymous mapping of `len` bytes (a multiple of the page size) starting on a huge-page boundary and
-/// advised to use huge pages (only whole huge pages inside it become huge, so nothing is charged unused). A 4 MiB buffer in 4 KiB pages is 1024 scattered pages, and a virtio disk takes
-/// at most max_segments (254 here) of them per request; in two huge pages it is one 4 MiB request. The charge is
-/// the same: every byte of the buffer is used.
+/// advised to use huge pages. A 4 MiB buffer in 4 KiB pages is up to 1024 scattered segments, and a virtio disk
+/// takes at most max_segments (254 here) per request; in two huge pages it is one 4 MiB request. Only whole huge
+/// pages inside the mapping become huge, so nothing is charged that the buffer does not use.
 fn map_huge(len: usize) -> Option<NonNull<u8>> {
     let span = len + HUGE_PAGE;
     // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
