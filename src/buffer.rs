@@ -83,20 +83,7 @@ impl Drop for AlignedBuf {
 /// pages inside the mapping become huge, so nothing is charged that the buffer does not use.
 fn map_huge(len: usize) -> Option<NonNull<u8>> {
     let span = len + HUGE_PAGE;
-    // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
-    let raw = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            span,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if raw == libc::MAP_FAILED {
-        return None;
-    }
+    let raw: *mut libc::c_void = crate::sys::map_anonymous(span).ok()?.as_ptr().cast();
     let start = raw as usize;
     let aligned = start.next_multiple_of(HUGE_PAGE);
     // SAFETY: both trimmed ranges lie inside the mapping just made and are never touched.

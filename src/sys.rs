@@ -245,6 +245,26 @@ pub fn page_size() -> u64 {
     }
 }
 
+/// A fresh private anonymous read-write mapping of `len` bytes (zeroed, charged page by page as it is touched).
+/// The caller owns it and unmaps it with `munmap`.
+pub fn map_anonymous(len: usize) -> io::Result<std::ptr::NonNull<u8>> {
+    // SAFETY: no address hint and no file: the kernel picks a free range that nothing else refers to.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    std::ptr::NonNull::new(raw.cast()).ok_or_else(|| io::Error::other("mmap returned a null mapping"))
+}
+
 /// Lowers the calling thread's scheduling priority to `nice` (Linux applies setpriority(PRIO_PROCESS, tid) to
 /// one thread). Raising the nice value needs no privilege.
 pub fn lower_thread_priority(nice: libc::c_int) -> io::Result<()> {

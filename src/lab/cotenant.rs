@@ -53,28 +53,14 @@ pub fn probe(bytes: u64, interval: Duration) -> Result<()> {
 fn touch_block(len: usize) -> Result<Duration> {
     let page = crate::sys::page_size() as usize;
     let started = Instant::now();
-    // SAFETY: a private anonymous mapping with no address hint; the result is checked before use.
-    let ptr = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        return Err(Error::io("mapping co-tenant memory", std::io::Error::last_os_error()));
-    }
-    let base = ptr.cast::<u8>();
+    let base = crate::sys::map_anonymous(len).map_err(|err| Error::io("mapping co-tenant memory", err))?.as_ptr();
     for offset in (0..len).step_by(page) {
         // SAFETY: offset < len, inside the mapping made above; volatile so the touch is not optimised away.
         unsafe { base.add(offset).write_volatile(1) };
     }
     let latency = started.elapsed();
     // SAFETY: unmaps exactly the mapping made above; nothing refers to it any more.
-    if unsafe { libc::munmap(ptr, len) } != 0 {
+    if unsafe { libc::munmap(base.cast(), len) } != 0 {
         return Err(Error::io("unmapping co-tenant memory", std::io::Error::last_os_error()));
     }
     Ok(latency)
