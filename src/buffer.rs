@@ -101,6 +101,17 @@ fn map_huge(len: usize) -> Option<NonNull<u8>> {
     NonNull::new(aligned as *mut u8)
 }
 
+/// The kernel's transparent-huge-page mode (`always`, `madvise` or `never`), if it says.
+pub fn huge_page_mode() -> Option<String> {
+    let modes = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok()?;
+    chosen_mode(&modes).map(String::from)
+}
+
+/// The bracketed entry of a sysfs choice list such as `always [madvise] never`.
+fn chosen_mode(modes: &str) -> Option<&str> {
+    modes.split_whitespace().find_map(|m| m.strip_prefix('[')?.strip_suffix(']'))
+}
+
 /// Whether `value` is a multiple of `align` (a power of two).
 pub fn is_aligned(value: u64, align: u64) -> bool {
     value & (align - 1) == 0
@@ -141,6 +152,13 @@ mod tests {
         buf[last] = 2;
         assert_eq!((buf[0], buf[last]), (1, 2));
         assert!(!AlignedBuf::new(1 << 20).huge);
+    }
+
+    #[test]
+    fn the_bracketed_huge_page_mode_is_the_chosen_one() {
+        assert_eq!(chosen_mode("always [madvise] never\n"), Some("madvise"));
+        assert_eq!(chosen_mode("[always] madvise never"), Some("always"));
+        assert_eq!(chosen_mode("always madvise never"), None);
     }
 
     #[test]

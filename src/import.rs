@@ -156,6 +156,12 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
     let budget = Budget::resolve(plan.limit, cgroup.as_ref())?;
     let sizing = plan.sizing_override.apply(budget.sizing());
     log::debug!("memory budget {budget}: {} workers x {} chunks", sizing.workers, human(sizing.chunk));
+    if crate::buffer::huge_page_mode().as_deref() == Some("never") {
+        // Measured onto a virtio disk: 3.56 s instead of 1.91 s for 3 GiB (README, Speed).
+        log::info!(
+            "transparent huge pages are off: 4 KiB-page buffers split large requests at the disk's segment limit"
+        );
+    }
 
     let ctx = Context { cgroup, budget, sizing };
     let opened = open(&plan.source, &plan.http)?;
