@@ -118,6 +118,9 @@ pub struct Outcome {
     pub zero_bytes_skipped: u64,
     /// Zero bytes zeroed explicitly on a block device.
     pub zero_bytes_zeroed: u64,
+    /// Bytes read from a local image file (metadata and alignment padding included): zeros the image maps as
+    /// unallocated or zero are never read.
+    pub source_bytes_read: Option<u64>,
     /// Wall time in seconds.
     pub seconds: f64,
     /// SHA-256 of the written image, lower-case hex.
@@ -290,6 +293,7 @@ pub(crate) fn import_random(
     );
     result.source_checksum = source_checksum;
     result.resumed_at = start;
+    result.source_bytes_read = file.bytes_read();
     Ok(result)
 }
 
@@ -335,6 +339,7 @@ pub(crate) fn outcome_of(
         bytes_written: stats.written.load(Ordering::Relaxed),
         zero_bytes_skipped: stats.skipped.load(Ordering::Relaxed),
         zero_bytes_zeroed: stats.zeroed.load(Ordering::Relaxed),
+        source_bytes_read: None,
         seconds: progress.elapsed().as_secs_f64(),
         sha256,
         source_checksum: None,

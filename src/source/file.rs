@@ -15,6 +15,7 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Bounce buffer size for unaligned O_DIRECT requests; larger requests are split.
 const BOUNCE_SIZE: usize = 1 << 20;
@@ -39,6 +40,8 @@ pub struct FileSource {
     len: u64,
     mode: ReadMode,
     is_block_device: bool,
+    /// Bytes the kernel returned to our reads.
+    bytes_read: AtomicU64,
 }
 
 impl FileSource {
@@ -60,7 +63,14 @@ impl FileSource {
         }
         let len = sys::file_or_device_size(&file).io_context("reading source size").map_err(ctx)?;
         let is_block_device = sys::is_block_device(&file).io_context("reading source type").map_err(ctx)?;
-        let mut source = FileSource { name, file, len, mode: ReadMode::BufferedDropBehind, is_block_device };
+        let mut source = FileSource {
+            name,
+            file,
+            len,
+            mode: ReadMode::BufferedDropBehind,
+            is_block_device,
+            bytes_read: AtomicU64::new(0),
+        };
         if try_direct {
             match source.probe_direct_alignment() {
                 Some(align) => source.mode = ReadMode::Direct(align),
@@ -124,6 +134,7 @@ impl FileSource {
                 Err(e) => return Err(e),
             }
         }
+        self.bytes_read.fetch_add(done as u64, Ordering::Relaxed);
         Ok(done)
     }
 
@@ -185,6 +196,10 @@ impl ReadAt for FileSource {
             }),
         };
         result.map_err(|e| Error::io("reading source", e).at_offset(offset).at_path(&self.name))
+    }
+
+    fn bytes_read(&self) -> Option<u64> {
+        Some(self.bytes_read.load(Ordering::Relaxed))
     }
 
     fn direct_alignment(&self) -> u64 {

@@ -110,6 +110,11 @@ pub trait ReadAt: Send + Sync {
         None
     }
 
+    /// Bytes read from the underlying file or device so far (alignment padding included), where the source counts.
+    fn bytes_read(&self) -> Option<u64> {
+        None
+    }
+
     /// The next range at or after `offset` that may hold non-zero bytes, or `None` if the rest reads as zeros.
     /// Sources that cannot tell report everything as data.
     fn next_data(&self, offset: u64) -> Result<Option<Range<u64>>> {
