@@ -82,7 +82,7 @@ impl Drop for AlignedBuf {
 /// takes at most max_segments (254 here) per request; in two huge pages it is one 4 MiB request. Only whole huge
 /// pages inside the mapping become huge, so nothing is charged that the buffer does not use.
 fn map_huge(len: usize) -> Option<NonNull<u8>> {
-    let span = len + HUGE_PAGE;
+    let span = len.checked_add(HUGE_PAGE)?;
     let raw: *mut libc::c_void = crate::sys::map_anonymous(span).ok()?.as_ptr().cast();
     let start = raw as usize;
     let aligned = start.next_multiple_of(HUGE_PAGE);
