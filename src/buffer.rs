@@ -80,7 +80,9 @@ impl Drop for AlignedBuf {
 /// An anonymous mapping of `len` bytes (a multiple of the page size) starting on a huge-page boundary and
 /// advised to use huge pages. A 4 MiB buffer in 4 KiB pages is up to 1024 scattered segments, and a virtio disk
 /// takes at most max_segments (254 here) per request; in two huge pages it is one 4 MiB request. Only whole huge
-/// pages inside the mapping become huge, so nothing is charged that the buffer does not use.
+/// pages inside the mapping become huge. A buffer used whole costs the same; one filled only in part (a worker's
+/// compressed-input scratch) is charged whole huge pages where base pages would have been charged one by one:
+/// 36-37 MiB against 33 MiB peak for a zstd qcow2.
 fn map_huge(len: usize) -> Option<NonNull<u8>> {
     let span = len.checked_add(HUGE_PAGE)?;
     let raw: *mut libc::c_void = crate::sys::map_anonymous(span).ok()?.as_ptr().cast();

@@ -118,8 +118,8 @@ pub struct Outcome {
     pub zero_bytes_skipped: u64,
     /// Zero bytes zeroed explicitly on a block device.
     pub zero_bytes_zeroed: u64,
-    /// Bytes read from a local image file (metadata and alignment padding included): zeros the image maps as
-    /// unallocated or zero are never read.
+    /// Bytes read from a local image file by a random-access import (metadata and alignment padding included):
+    /// zeros the image maps as unallocated or zero are never read. `None` for streams and URLs.
     pub source_bytes_read: Option<u64>,
     /// Wall time in seconds.
     pub seconds: f64,
