@@ -168,12 +168,39 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
 
     let ctx = Context { cgroup, budget, sizing };
     let opened = open(&plan.source, &plan.http)?;
+    run_opened(plan, &ctx, opened, progress, stop)
+}
+
+/// Runs `plan` on a forward-only stream the caller already has (an upload body, a registry layer's disk):
+/// `plan.source` only names it in messages and the report; `len` is the number of bytes as stored, when known.
+pub fn run_stream(
+    plan: &Plan,
+    reader: Box<dyn std::io::Read + Send>,
+    len: Option<u64>,
+    progress: &Progress,
+    stop: &AtomicBool,
+) -> Result<Outcome> {
+    let cgroup = MemCgroup::own()?;
+    let budget = Budget::resolve(plan.limit, cgroup.as_ref())?;
+    let sizing = plan.sizing_override.apply(budget.sizing());
+    let ctx = Context { cgroup, budget, sizing };
+    let opened = crate::source::open::Opened { input: Input::Stream { reader, len }, client: None };
+    run_opened(plan, &ctx, opened, progress, stop)
+}
+
+fn run_opened(
+    plan: &Plan,
+    ctx: &Context,
+    opened: crate::source::open::Opened,
+    progress: &Progress,
+    stop: &AtomicBool,
+) -> Result<Outcome> {
     let client = opened.client;
     let result = match opened.input {
         Input::Random { source, base_dir } => {
-            import_random(plan, &ctx, source, base_dir, plan.checksum.as_ref(), client.is_some(), progress, stop)
+            import_random(plan, ctx, source, base_dir, plan.checksum.as_ref(), client.is_some(), progress, stop)
         }
-        Input::Stream { reader, len } => crate::stream::import(plan, &ctx, reader, len, progress, stop),
+        Input::Stream { reader, len } => crate::stream::import(plan, ctx, reader, len, progress, stop),
     };
     if let Some(client) = &client {
         log::info!("{}: {} HTTP requests", client.name(), client.requests());
