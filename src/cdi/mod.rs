@@ -13,7 +13,7 @@ pub mod metrics;
 pub mod tar;
 pub mod termination;
 
-use crate::budget::Budget;
+use crate::budget::xz_memlimit;
 use crate::cgroup::governor::Targets;
 use crate::cgroup::MemCgroup;
 use crate::error::{Error, ErrorKind, Result};
@@ -23,7 +23,6 @@ use crate::source::decompress::unwrap_layers;
 use crate::source::open::Input;
 use crate::source::sequential::{HashingReader, ReadAtReader, StreamTap};
 use crate::source::{HttpOptions, Location};
-use crate::stream::xz_memlimit;
 use dest::Volume;
 use env::{CdiEnv, ContentType, Source};
 use metrics::Metrics;
@@ -195,7 +194,7 @@ pub fn main(args: CdiArgs) -> i32 {
         2..=3 => 1,
         _ => 2,
     };
-    crate::logging::init(verbosity, false);
+    crate::process::logging::init(verbosity, false);
     if let Some(fallback) = &args.fallback {
         let source = std::env::var("IMPORTER_SOURCE").unwrap_or_default();
         if !handles_source(&source) {
@@ -206,7 +205,7 @@ pub fn main(args: CdiArgs) -> i32 {
             return 1;
         }
     }
-    let stop = crate::cli::install_stop_handlers();
+    let stop = crate::process::install_stop_handlers();
     let progress = Arc::new(Progress::default());
     let cgroup = match MemCgroup::own() {
         Ok(cgroup) => cgroup,
@@ -218,13 +217,17 @@ pub fn main(args: CdiArgs) -> i32 {
     // Like cdi-importer, the endpoint is up before anything else happens.
     let owner_uid = std::env::var("OWNER_UID").unwrap_or_default();
     let metrics = Arc::new(Metrics::new(owner_uid, progress.clone(), cgroup.clone()));
-    match Budget::resolve(None, cgroup.as_ref()) {
-        Ok(budget) => {
-            log::info!("memory budget {budget}");
-            metrics.set_budget(budget.bytes);
+    // The cgroup is found and the budget resolved once, here, for everything this run does.
+    let engine = match import::Context::for_cgroup(cgroup.clone(), None, Default::default()) {
+        Ok(engine) => engine,
+        Err(e) => {
+            log::warn!("cannot read the memory budget: {e}");
+            let fallback = crate::budget::Budget { bytes: crate::budget::DEFAULT_BUDGET, origin: crate::budget::BudgetOrigin::Default };
+            import::Context { cgroup: cgroup.clone(), budget: fallback, sizing: fallback.sizing() }
         }
-        Err(e) => log::warn!("cannot read the memory budget: {e}"),
-    }
+    };
+    log::info!("memory budget {}", engine.budget);
+    metrics.set_budget(engine.budget.bytes);
     let serving = match metrics::start(&args.metrics_addr, metrics.clone()) {
         Ok(addr) => {
             log::info!("serving progress metrics on https://{addr}/metrics");
@@ -236,7 +239,7 @@ pub fn main(args: CdiArgs) -> i32 {
         }
     };
 
-    let context = Context { args: &args, metrics: &metrics, progress: &progress, cgroup: cgroup.as_ref(), stop };
+    let context = Context { args: &args, metrics: &metrics, progress: &progress, engine: &engine, stop };
     let finish = context.run();
     let code = report(&args, finish);
     if code == 0 && serving && args.metrics_linger > 0.0 {
@@ -276,7 +279,7 @@ struct Context<'a> {
     args: &'a CdiArgs,
     metrics: &'a Metrics,
     progress: &'a Arc<Progress>,
-    cgroup: Option<&'a MemCgroup>,
+    engine: &'a import::Context,
     stop: &'a AtomicBool,
 }
 
@@ -344,7 +347,7 @@ impl Context<'_> {
         }
         log::info!("{}: preallocating {size} bytes of blank block volume", device.display());
         let options = crate::sink::DestOptions { preallocate: true, ..Default::default() };
-        let governor = || crate::cgroup::governor::Governor::new(self.cgroup.cloned(), self.pacing_targets(), None);
+        let governor = || crate::cgroup::governor::Governor::new(self.engine.cgroup.clone(), self.pacing_targets());
         let destination = crate::sink::Destination::open(device, size, &options, governor)?;
         self.progress.set_total(size);
         if size > 0 {
@@ -357,10 +360,7 @@ impl Context<'_> {
 
     /// Governor targets for writes outside an import pipeline (archive members, blank preallocation).
     fn pacing_targets(&self) -> Targets {
-        let budget = Budget::resolve(None, self.cgroup)
-            .unwrap_or(Budget { bytes: crate::budget::DEFAULT_BUDGET, origin: crate::budget::BudgetOrigin::Default });
-        let sizing = budget.sizing();
-        Targets { dirty_writeback: sizing.dirty_target, usage_ceiling: Some(sizing.usage_ceiling) }
+        self.engine.sizing.governor_targets()
     }
 
     /// Waits for `IMPORTER_READY_FILE` and takes the image name from it, as CDI does for node-pulled registry
@@ -413,7 +413,7 @@ impl Context<'_> {
             preallocate: env.preallocation,
             ..Plan::new(location, &image)
         };
-        let outcome = match import::run(&plan, self.progress, self.stop) {
+        let outcome = match import::run_in(self.engine, &plan, self.progress, self.stop) {
             Ok(outcome) => outcome,
             Err(e) if e.kind() == ErrorKind::ChecksumMismatch => {
                 // Leave no unverified data behind: CDI removes the image file (a device cannot be removed).
@@ -466,7 +466,7 @@ impl Context<'_> {
         self.progress.set_total(length.unwrap_or(0));
         // The checksum and the progress follow the bytes as downloaded, before any decompression.
         let tap = StreamTap::new(env.checksum.as_ref().map(|c| c.algorithm));
-        let budget = Budget::resolve(None, self.cgroup).map_or(crate::budget::DEFAULT_BUDGET, |b| b.bytes);
+        let budget = self.engine.budget.bytes;
         let tapped = Box::new(HashingReader::new(raw, tap.clone()));
         let (stream, layers) = match unwrap_layers(tapped, &name, xz_memlimit(budget)) {
             Ok(unwrapped) => unwrapped,
@@ -477,7 +477,7 @@ impl Context<'_> {
             log::info!("{name}: {}-compressed archive", wrapped.join(" in "));
         }
         let mut reader = StopReader { inner: stream, stop: self.stop };
-        let pacing = archive::Pacing { cgroup: self.cgroup.cloned(), targets: self.pacing_targets() };
+        let pacing = archive::Pacing { cgroup: self.engine.cgroup.clone(), targets: self.pacing_targets() };
         let mut reported = 0u64;
         let extracted = archive::extract(&mut reader, dir, &pacing, |_| {
             let position = tap.bytes();

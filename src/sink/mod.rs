@@ -10,6 +10,8 @@
 //! Zero ranges are skipped on a fresh file (they are already holes) and zeroed on a block device unless the
 //! caller knows it is already zero.
 
+pub mod paced;
+pub mod probe;
 pub mod writebehind;
 pub mod zeroing;
 
@@ -19,9 +21,10 @@ use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::size::human;
 use crate::sys;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+pub use probe::Probe;
 use writebehind::WriteBehind;
 use zeroing::Zeroer;
 
@@ -29,7 +32,7 @@ use zeroing::Zeroer;
 pub const MIN_BLOCK: u64 = 4096;
 
 /// Which write path to use (`--io`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IoChoice {
     /// O_DIRECT where the destination accepts it, else write-behind.
@@ -48,19 +51,6 @@ pub enum DestKind {
     BlockDevice,
     /// A regular file, created or truncated to the image size.
     RegularFile,
-}
-
-impl DestKind {
-    /// What `path` is (a path that does not exist yet will be a regular file); anything else is refused.
-    pub fn of(path: &Path) -> Result<DestKind> {
-        match std::fs::metadata(path) {
-            Ok(meta) if meta.file_type().is_block_device() => Ok(DestKind::BlockDevice),
-            Ok(meta) if meta.is_file() => Ok(DestKind::RegularFile),
-            Ok(_) => Err(Error::usage("destination is neither a block device nor a regular file").at_path(path)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DestKind::RegularFile),
-            Err(e) => Err(Error::io("examining destination", e).at_path(path)),
-        }
-    }
 }
 
 /// Options for opening a destination.
@@ -141,11 +131,22 @@ impl Destination {
         options: &DestOptions,
         governor: impl FnOnce() -> Result<Governor>,
     ) -> Result<Self> {
+        Self::open_probed(&Probe::of(path)?, size, options, governor)
+    }
+
+    /// [`open`](Self::open) for a destination already examined.
+    pub fn open_probed(
+        probe: &Probe,
+        size: u64,
+        options: &DestOptions,
+        governor: impl FnOnce() -> Result<Governor>,
+    ) -> Result<Self> {
+        let path = probe.path.as_path();
         let ctx = |e: Error| e.at_path(path);
         if let Some(max) = options.max_size {
             check_fits(size, max)?;
         }
-        let kind = DestKind::of(path)?;
+        let kind = probe.kind;
         // O_EXCL on a block device refuses one that is mounted or otherwise claimed.
         let base_flags = match kind {
             DestKind::BlockDevice => libc::O_EXCL,
@@ -434,6 +435,58 @@ impl Destination {
     }
 }
 
+impl Destination {
+    /// Writes a filled chunk at guest offset `guest` as runs: blocks that are all zeros become zero ranges
+    /// (holes, or zeroing on a device), the rest is written as data.
+    pub fn write_runs(&self, guest: u64, chunk: &[u8]) -> Result<()> {
+        for_each_run(chunk, self.block() as usize, |start, end, zero| {
+            let offset = guest + start as u64;
+            if zero {
+                self.zero(offset, (end - start) as u64)
+            } else {
+                self.write(offset, &chunk[start..end])
+            }
+        })
+    }
+}
+
+/// Splits `chunk` into maximal runs of all-zero and data blocks of `block` bytes (the last may be shorter) and
+/// calls `each(start, end, is_zero)` for every run, in order.
+pub fn for_each_run(
+    chunk: &[u8],
+    block: usize,
+    mut each: impl FnMut(usize, usize, bool) -> Result<()>,
+) -> Result<()> {
+    let mut run_start = 0;
+    let mut run_is_zero = None;
+    let mut at = 0;
+    while at < chunk.len() {
+        let end = (at + block).min(chunk.len());
+        let zero = is_zero(&chunk[at..end]);
+        if run_is_zero != Some(zero) {
+            if let Some(was_zero) = run_is_zero {
+                each(run_start, at, was_zero)?;
+            }
+            run_start = at;
+            run_is_zero = Some(zero);
+        }
+        at = end;
+    }
+    match run_is_zero {
+        Some(was_zero) => each(run_start, chunk.len(), was_zero),
+        None => Ok(()),
+    }
+}
+
+/// Whether every byte is zero. Compares 16-byte words, eight at a time, so the loop vectorises.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets the aligned middle.
+    let (head, words, tail) = unsafe { bytes.align_to::<u128>() };
+    head.iter().all(|&b| b == 0)
+        && tail.iter().all(|&b| b == 0)
+        && words.chunks(8).all(|group| group.iter().fold(0, |acc, &w| acc | w) == 0)
+}
+
 /// Refuses an image of `size` bytes where only `available` fit, in CDI's words: its controller turns "is larger
 /// than the reported available" into "DataVolume too small to contain image".
 pub fn check_fits(size: u64, available: u64) -> Result<()> {
@@ -479,5 +532,42 @@ fn probe_direct_write(path: &Path, file: File, buffered: &File) -> std::result::
     match outcome {
         Ok(()) => Ok((file, MIN_BLOCK, format!("trial O_DIRECT write to {} succeeded", path.display()))),
         Err(e) => Err(format!("trial O_DIRECT write failed ({e})")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection_finds_any_set_byte() {
+        let mut buf = AlignedBuf::new(1 << 16);
+        assert!(is_zero(&buf));
+        assert!(is_zero(&buf[3..1001]));
+        for at in [0usize, 1, 15, 16, 127, 128, 4095, 65535] {
+            buf[at] = 1;
+            assert!(!is_zero(&buf), "{at}");
+            assert!(!is_zero(&buf[at..]), "{at}");
+            buf[at] = 0;
+        }
+        assert!(is_zero(&[]));
+    }
+
+    #[test]
+    fn runs_alternate_and_cover_the_chunk() {
+        let mut chunk = vec![0u8; 10 * 4096 + 100];
+        chunk[4096] = 1;
+        chunk[3 * 4096 + 5] = 1;
+        chunk[10 * 4096 + 99] = 1;
+        let mut runs = Vec::new();
+        for_each_run(&chunk, 4096, |start, end, zero| {
+            runs.push((start, end, zero));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            runs,
+            [(0, 4096, true), (4096, 8192, false), (8192, 12288, true), (12288, 16384, false), (16384, 40960, true), (40960, 41060, false)]
+        );
     }
 }

@@ -3,6 +3,7 @@
 //! names a source; [`HttpOptions`] say how to reach a URL.
 
 pub mod decompress;
+pub mod files;
 mod file;
 mod hashing;
 pub mod http;

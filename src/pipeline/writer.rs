@@ -5,8 +5,7 @@
 use crate::buffer::AlignedBuf;
 use crate::checksum::{Algorithm, Hasher};
 use crate::error::{Error, ErrorKind, Result};
-use crate::pipeline::schedule::MAX_ZERO_SPAN;
-use crate::pipeline::write_runs;
+use super::schedule::MAX_ZERO_SPAN;
 use crate::progress::Progress;
 use crate::sink::Destination;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
@@ -205,7 +204,7 @@ fn write_loop(
     for item in items {
         match item {
             Item::Data { guest, buf, len } => {
-                write_runs(dest, guest, &buf[..len])?;
+                dest.write_runs(guest, &buf[..len])?;
                 digest.feed(guest, len as u64, Some(&buf[..len]));
                 if guest == watermark {
                     watermark += len as u64;

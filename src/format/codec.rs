@@ -5,7 +5,7 @@
 //! is ignored.
 
 use crate::error::{Error, Result};
-use crate::format::Codec;
+use super::Codec;
 use std::cell::RefCell;
 
 thread_local! {
