@@ -108,12 +108,18 @@ pub fn remove_stale(path: &Path) -> Result<()> {
 /// than the usable space after the filesystem overhead; `None` when nothing was requested or the image is already
 /// at least that large (an image is never shrunk).
 pub fn resize_target(virtual_size: u64, requested: Option<u64>, available: u64, overhead: f64) -> Option<u64> {
+    file_size_target(requested, available, overhead).filter(|&target| target > virtual_size)
+}
+
+/// The size CDI gives `disk.img` once the image is in it, whatever the image's size: the requested size, capped
+/// by the usable space (never below the image; the sink only grows).
+pub fn file_size_target(requested: Option<u64>, available: u64, overhead: f64) -> Option<u64> {
     let requested = requested?;
     let target = requested.min(usable_space(overhead, available));
     if target < requested {
         log::warn!("available space less than requested size, resizing image to available space {target}");
     }
-    (target > virtual_size).then_some(target)
+    Some(target)
 }
 
 /// Finishes an image file: grows it to `size` when given (never shrinking), allocates it whole when

@@ -94,6 +94,7 @@ impl<'a> Engine<'a> {
             keep_contents: start > 0,
             preallocate: plan.preallocate,
             max_size: plan.max_virtual_size,
+            grow_to: plan.grow_file_to,
         };
         let governor = || {
             let governor = crate::cgroup::governor::Governor::new(ctx.cgroup.clone(), ctx.sizing.governor_targets())?;

@@ -66,6 +66,8 @@ pub struct Plan {
     /// Allocate the destination's blocks: a file is fallocated whole, a block device's zero ranges are zeroed
     /// without unmapping.
     pub preallocate: bool,
+    /// Grow a file destination to at least this many bytes once the image is written (CDI's volume sizing).
+    pub grow_file_to: Option<u64>,
 }
 
 impl Plan {
@@ -89,6 +91,7 @@ impl Plan {
             file_mode: 0o644,
             max_virtual_size: None,
             preallocate: false,
+            grow_file_to: None,
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::size::human;
 use crate::sys;
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,6 +71,9 @@ pub struct DestOptions {
     pub max_size: Option<u64>,
     /// Keep a regular file's contents (resuming an interrupted import of the same image) instead of truncating.
     pub keep_contents: bool,
+    /// Grow a regular file to at least this many bytes when the import is done (CDI sizes `disk.img` to the
+    /// volume's usable space; never shrinks below the image).
+    pub grow_to: Option<u64>,
 }
 
 impl Default for DestOptions {
@@ -81,6 +85,7 @@ impl Default for DestOptions {
             keep_contents: false,
             preallocate: false,
             max_size: None,
+            grow_to: None,
         }
     }
 }
@@ -115,6 +120,9 @@ pub struct Destination {
     buffered: File,
     path_kind: WritePath,
     zeroer: Option<Zeroer>,
+    /// Final length of a file (`DestOptions::grow_to`) and whether to allocate it.
+    grow_to: Option<u64>,
+    preallocate: bool,
     /// Why this write path was chosen, for the log.
     pub io_reason: String,
     /// What was written.
@@ -158,6 +166,11 @@ impl Destination {
             open.create(true);
         }
         let buffered = open.open(path).io_context("opening destination").map_err(ctx)?;
+        if kind == DestKind::RegularFile && !probe.exists {
+            // The mode asked for, not the umask's version of it (CDI's disk.img is 0660).
+            nix::sys::stat::fchmod(buffered.as_raw_fd(), nix::sys::stat::Mode::from_bits_truncate(options.file_mode))
+                .map_err(|e| ctx(Error::io("setting the destination's mode", e.into())))?;
+        }
         let capacity = match kind {
             DestKind::BlockDevice => {
                 let capacity = sys::file_or_device_size(&buffered).io_context("reading device size").map_err(ctx)?;
@@ -213,6 +226,8 @@ impl Destination {
                 DestKind::BlockDevice if !options.target_is_zero => Some(Zeroer::default()),
                 _ => None,
             },
+            grow_to: options.grow_to,
+            preallocate: options.preallocate,
             io_reason,
             stats: DestStats::default(),
         })
@@ -427,6 +442,17 @@ impl Destination {
             WritePath::WriteBehind(window) => Some(window.finish(&self.buffered).map_err(|e| e.at_path(&self.path))?),
             WritePath::Direct { .. } => None,
         };
+        if let (DestKind::RegularFile, Some(target)) = (self.kind, self.grow_to) {
+            if target > self.size() {
+                let ctx = |e: Error| e.at_path(&self.path);
+                log::info!("{}: expanding image size to {target}", self.path.display());
+                self.buffered.set_len(target).io_context("resizing the image").map_err(ctx)?;
+                if self.preallocate {
+                    // Mode 0 allocates the holes and keeps the data: qemu-img's preallocation=falloc.
+                    sys::fallocate(&self.buffered, 0, 0, target).io_context("preallocating the image").map_err(ctx)?;
+                }
+            }
+        }
         sys::fdatasync(&self.buffered).io_context("syncing destination").map_err(|e| e.at_path(&self.path))?;
         self.check_still_linked(self.size())?;
         // Zeroing and tail writes may have left clean pages of the device in the cache.

@@ -92,11 +92,7 @@ impl LocalFiles {
                     .unwrap_or_else(|_| self.root.join(&relative));
                 Ok((file, path))
             }
-            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => Err(format!(
-                "{:?} resolves outside the image's directory {} {outside}",
-                name.display().to_string(),
-                self.root.display()
-            )),
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => Err(escape(&self.root, &self.root.join(&self.dir), name)),
             Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
                 let path = confined_path(&self.root, &self.root.join(&self.dir), name)?;
                 let file = File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
@@ -172,12 +168,8 @@ fn confined_path(root: &Path, dir: &Path, name: &Path) -> std::result::Result<Pa
         Err(e) => {
             // Say "outside" for a missing file whose name already climbs out, rather than "not found", so the
             // refusal does not depend on what exists outside.
-            if name.components().any(|c| c == Component::ParentDir) && !lexically_inside(root, dir, name) {
-                return Err(format!(
-                    "{:?} resolves outside the image's directory {} {outside}",
-                    name.display().to_string(),
-                    root.display()
-                ));
+            if climbs_out(root, dir, name) {
+                return Err(escape(root, dir, name));
             }
             return Err(format!("cannot resolve {}: {e}", joined.display()));
         }
@@ -191,6 +183,22 @@ fn confined_path(root: &Path, dir: &Path, name: &Path) -> std::result::Result<Pa
         ));
     }
     Ok(target)
+}
+
+/// The refusal of a name that leads out of `root`: by its `..` components, or through a symlink.
+fn escape(root: &Path, dir: &Path, name: &Path) -> String {
+    let shown = name.display().to_string();
+    let outside = "(pass --allow-backing-outside to follow it)";
+    if climbs_out(root, dir, name) {
+        format!("{shown:?} leaves the image's directory {} {outside}", root.display())
+    } else {
+        format!("{shown:?} resolves outside the image's directory {} {outside}", root.display())
+    }
+}
+
+/// Whether `name`'s `..` components alone take `dir/name` out of `root`.
+fn climbs_out(root: &Path, dir: &Path, name: &Path) -> bool {
+    name.components().any(|c| c == Component::ParentDir) && !lexically_inside(root, dir, name)
 }
 
 /// Whether `dir/name` stays inside `root` when `..` is applied lexically (used only to word a refusal).
@@ -252,9 +260,9 @@ mod tests {
             assert_eq!(opened(&files, name).unwrap(), canonical.join(want), "{name}");
         }
         for (name, needle) in [
-            ("../secret.raw", "outside the image's directory"),
-            ("../missing.raw", "outside the image's directory"),
-            ("sub/../../secret.raw", "outside the image's directory"),
+            ("../secret.raw", "leaves the image's directory"),
+            ("../missing.raw", "leaves the image's directory"),
+            ("sub/../../secret.raw", "leaves the image's directory"),
             ("escape.raw", "outside the image's directory"),
             ("/etc/passwd", "absolute path"),
             ("missing.raw", "cannot resolve"),
@@ -273,7 +281,7 @@ mod tests {
         }
         // The canonicalising fallback words its refusals the same way.
         assert!(confined_path(&canonical, &canonical, Path::new("escape.raw")).unwrap_err().contains("outside"));
-        assert!(confined_path(&canonical, &canonical, Path::new("../missing.raw")).unwrap_err().contains("outside"));
+        assert!(confined_path(&canonical, &canonical, Path::new("../missing.raw")).unwrap_err().contains("leaves"));
     }
 
     #[test]
