@@ -33,6 +33,7 @@ enum Command {
     /// reports through the termination log and an HTTPS progress metric (a drop-in for `cdi-importer`).
     Cdi(crate::cdi::CdiArgs),
     /// Reproduce the importer-pod page-cache pathology and measure importers side by side (needs root).
+    #[cfg(feature = "lab")]
     Lab(crate::lab::command::LabCommand),
 }
 
@@ -197,6 +198,7 @@ pub fn main() -> i32 {
     match cli.command {
         None => run_import(cli.import),
         Some(Command::Cdi(args)) => crate::cdi::main(args),
+        #[cfg(feature = "lab")]
         Some(Command::Lab(lab)) => crate::lab::command::main(lab),
     }
 }

@@ -9,18 +9,19 @@
 
 pub mod budget;
 pub mod buffer;
-pub mod cdi;
+pub(crate) mod cdi;
 pub mod cgroup;
 pub mod checksum;
 pub mod cli;
 pub mod error;
 pub mod format;
 pub mod import;
+#[cfg(feature = "lab")]
 pub mod lab;
 pub mod pipeline;
-pub mod process;
+pub(crate) mod process;
 pub mod progress;
 pub mod sink;
-pub mod size;
+pub(crate) mod size;
 pub mod source;
-pub mod sys;
+pub(crate) mod sys;

@@ -13,8 +13,8 @@
 
 use super::tar::{Entry, Kind, TarReader};
 use crate::error::{Error, ErrorKind, Result};
-pub use crate::sink::paced::Pacing;
 use crate::sink::paced::PacedFile;
+pub use crate::sink::paced::Pacing;
 use nix::fcntl::AtFlags;
 use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::{fchmod, mkdirat, Mode};

@@ -88,9 +88,7 @@ impl Context<'_> {
             Err(e) => Finish::Failure(format!("Unable to process data: {e}")),
         }
     }
-
 }
-
 
 /// Opens the archive stream (a local file or a URL), as stored: the reader and its length when known.
 fn open_stream(location: &Location, http: &HttpOptions) -> Result<(Box<dyn Read + Send>, Option<u64>)> {
@@ -103,7 +101,6 @@ fn open_stream(location: &Location, http: &HttpOptions) -> Result<(Box<dyn Read 
         Input::Stream { reader, len } => (reader, len),
     })
 }
-
 
 /// Stops reading when the import is interrupted.
 struct StopReader<'a, R> {

@@ -4,10 +4,8 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-
 /// klog flags the controller (or a pod spec) may pass as `-name` or `-name=value`.
 const KLOG_FLAGS: &[&str] = &["v", "alsologtostderr", "logtostderr", "stderrthreshold", "vmodule"];
-
 
 /// Options of `boundimport cdi`. Everything else comes from the environment CDI's controller sets.
 #[derive(Debug, Clone, clap::Args)]
@@ -70,7 +68,6 @@ pub struct CdiArgs {
     pub fallback: Option<PathBuf>,
 }
 
-
 /// Rewrites klog-style single-dash long flags (`-v=3`, `-alsologtostderr`) after the `cdi` subcommand into the
 /// double-dash form clap parses. A binary invoked as `cdi-importer` runs `cdi` (for images that replace CDI's
 /// binary in place). Returns the arguments and whether they select the `cdi` subcommand.
@@ -100,7 +97,6 @@ pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> (Vec<OsString
     (args, true)
 }
 
-
 /// Writes a failure that happened before the arguments could be parsed (default termination-log path).
 pub fn report_usage_error(message: &str) {
     let path = Path::new("/dev/termination-log");
@@ -109,12 +105,10 @@ pub fn report_usage_error(message: &str) {
     }
 }
 
-
 /// Sources `boundimport cdi` imports itself.
 pub(super) fn handles_source(source: &str) -> bool {
     matches!(source, "" | "http" | "none")
 }
-
 
 /// The klog flags among the arguments given after the `cdi` subcommand (or after the program name, when invoked
 /// as `cdi-importer`): what CDI's own importer understands, without boundimport's options.
@@ -140,7 +134,6 @@ fn klog_args(all: &[OsString]) -> Vec<OsString> {
     }
     kept
 }
-
 
 /// Replaces this process with `fallback`, passing on our arguments; returns only if the exec failed.
 pub(super) fn exec_fallback(fallback: &Path) -> std::io::Error {
@@ -198,5 +191,4 @@ mod tests {
         assert_eq!(klog_args(&args(&["/usr/bin/cdi-importer", "-v=1"])), args(&["-v=1"]));
         assert!(klog_args(&args(&["boundimport", "cdi"])).is_empty());
     }
-
 }

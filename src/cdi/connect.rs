@@ -47,7 +47,6 @@ pub(super) fn http_options(
     })
 }
 
-
 /// PEM certificates in the regular files of `dir` (dot files skipped, symlinks to files followed, as CDI reads a
 /// mounted ConfigMap); a file without one gets CDI's warning.
 fn count_pem_certificates(dir: &Path) -> std::io::Result<usize> {
@@ -66,7 +65,6 @@ fn count_pem_certificates(dir: &Path) -> std::io::Result<usize> {
     }
     Ok(total)
 }
-
 
 /// Header lines from the files of a mounted secret directory (dot files and dot directories skipped, as in CDI).
 fn secret_headers(dir: &Path) -> std::io::Result<Vec<(String, String)>> {

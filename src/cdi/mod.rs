@@ -31,8 +31,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use termination::TerminationMessage;
 
-pub use args::{normalize_args, report_usage_error, CdiArgs};
 use args::{exec_fallback, handles_source};
+pub use args::{normalize_args, report_usage_error, CdiArgs};
 
 /// How long to wait for `IMPORTER_READY_FILE` (CDI: 60 s).
 const READY_FILE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -83,7 +83,10 @@ pub fn main(args: CdiArgs) -> i32 {
         Ok(engine) => engine,
         Err(e) => {
             log::warn!("cannot read the memory budget: {e}");
-            let fallback = crate::budget::Budget { bytes: crate::budget::DEFAULT_BUDGET, origin: crate::budget::BudgetOrigin::Default };
+            let fallback = crate::budget::Budget {
+                bytes: crate::budget::DEFAULT_BUDGET,
+                origin: crate::budget::BudgetOrigin::Default,
+            };
             import::Context { cgroup: cgroup.clone(), budget: fallback, sizing: fallback.sizing() }
         }
     };
@@ -301,7 +304,6 @@ impl Context<'_> {
         // The engine synced the destination and sized the file.
         Finish::Success(TerminationMessage::import_complete(env.preallocation))
     }
-
 }
 
 /// A blank `disk.img`: the requested size, capped by the free space, less the filesystem overhead.

@@ -253,7 +253,14 @@ mod tests {
     fn the_observer_sees_each_reading() {
         struct Count(Arc<Mutex<Vec<Decision>>>);
         impl Observer for Count {
-            fn reading(&mut self, _: Duration, _: &MemStat, _: OwnBytes, _: Targets, d: Decision) -> std::io::Result<()> {
+            fn reading(
+                &mut self,
+                _: Duration,
+                _: &MemStat,
+                _: OwnBytes,
+                _: Targets,
+                d: Decision,
+            ) -> std::io::Result<()> {
                 self.0.lock().unwrap().push(d);
                 Ok(())
             }

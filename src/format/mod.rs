@@ -7,9 +7,9 @@
 mod block_table;
 pub mod codec;
 pub mod detect;
-pub mod stream;
 pub mod qcow2;
 pub mod raw;
+pub(crate) mod stream;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;

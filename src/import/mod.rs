@@ -10,7 +10,7 @@
 mod engine;
 mod forward;
 mod random;
-pub mod resume;
+pub(crate) mod resume;
 
 use crate::budget::{Budget, Sizing, SizingOverride};
 use crate::cgroup::governor::{GovernorSummary, ObserverFactory};
@@ -169,7 +169,11 @@ impl Context {
     }
 
     /// The context for an already discovered cgroup.
-    pub fn for_cgroup(cgroup: Option<MemCgroup>, limit: Option<u64>, sizing_override: SizingOverride) -> Result<Context> {
+    pub fn for_cgroup(
+        cgroup: Option<MemCgroup>,
+        limit: Option<u64>,
+        sizing_override: SizingOverride,
+    ) -> Result<Context> {
         let budget = Budget::resolve(limit, cgroup.as_ref())?;
         let sizing = sizing_override.apply(budget.sizing());
         Ok(Context { cgroup, budget, sizing })

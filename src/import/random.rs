@@ -56,13 +56,12 @@ pub(super) fn import(
         output_digest: engine.digest_prefix()?,
     };
     let scheduler = Scheduler::starting_at(image, sizing.chunk, engine.start());
-    let produced = engine.produce(|| pipeline::run(scheduler, engine.dest(), &config, progress, stop)).map(|run| {
-        Produced {
+    let produced =
+        engine.produce(|| pipeline::run(scheduler, engine.dest(), &config, progress, stop)).map(|run| Produced {
             output_digest: run.output_digest,
             source_bytes_read: file.bytes_read(),
             ..Produced::new(format_name, virtual_size)
-        }
-    });
+        });
     let name = plan.source.to_string();
     engine.finish(produced, || match (input.checksum, &tap) {
         (Some(expected), Some(tap)) => {

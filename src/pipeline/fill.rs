@@ -2,8 +2,8 @@
 //! compressed units are inflated.
 
 use crate::buffer::{align_down, align_up, AlignedBuf};
-use crate::format::codec;
 use crate::error::{Error, Result};
+use crate::format::codec;
 use crate::format::{Compressed, Content, Extent, Image, MAX_UNIT_LEN};
 use crate::source::ReadAt;
 use std::sync::Arc;
@@ -11,7 +11,6 @@ use std::sync::Arc;
 /// Largest span of compressed bytes ever fetched with one read: one unit's compressed bytes, which qcow2 bounds by
 /// twice the 2 MiB maximum cluster size.
 pub const COMPRESSED_READ_SPAN: usize = 4 << 20;
-
 
 /// Largest gap between two compressed units that is read through rather than skipped.
 const MAX_READ_THROUGH_GAP: u64 = 64 << 10;

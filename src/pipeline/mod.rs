@@ -6,12 +6,12 @@
 //! With several workers, reads of one chunk overlap writes of another and compressed chunks inflate on every
 //! core; writes land out of order, which is safe because items never overlap.
 
-pub mod assemble;
+pub(crate) mod assemble;
 pub mod fill;
-pub mod ordered;
-pub mod schedule;
-pub mod spool;
-pub mod writer;
+pub(crate) mod ordered;
+pub(crate) mod schedule;
+pub(crate) mod spool;
+pub(crate) mod writer;
 
 use crate::buffer::AlignedBuf;
 use crate::checksum::Hasher;

@@ -48,11 +48,6 @@ impl Spool {
         }
     }
 
-    /// Bytes written to the spool file.
-    pub fn file_bytes(&self) -> u64 {
-        self.file.as_ref().map_or(0, |(_, len)| *len)
-    }
-
     /// Keeps `bytes`, which are stream bytes `[at, at + bytes.len())`.
     pub fn put(&mut self, at: u64, bytes: &[u8]) -> Result<()> {
         if bytes.is_empty() {

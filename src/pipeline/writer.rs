@@ -2,10 +2,10 @@
 //! bounded queue and writes them through the destination's usual rules, so reading and decompressing the stream
 //! overlaps writing. The chunk buffers are a fixed pool that the writer hands back: the memory bound.
 
+use super::schedule::MAX_ZERO_SPAN;
 use crate::buffer::AlignedBuf;
 use crate::checksum::{Algorithm, Hasher};
 use crate::error::{Error, ErrorKind, Result};
-use super::schedule::MAX_ZERO_SPAN;
 use crate::progress::Progress;
 use crate::sink::Destination;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};

@@ -10,22 +10,22 @@
 //! Zero ranges are skipped on a fresh file (they are already holes) and zeroed on a block device unless the
 //! caller knows it is already zero.
 
-pub mod paced;
-pub mod probe;
-pub mod writebehind;
-pub mod zeroing;
+pub(crate) mod paced;
+pub(crate) mod probe;
+pub(crate) mod writebehind;
+pub(crate) mod zeroing;
 
 use crate::buffer::{align_down, is_aligned, AlignedBuf};
 use crate::cgroup::governor::{Governor, GovernorSummary};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::size::human;
 use crate::sys;
+pub(crate) use probe::Probe;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-pub use probe::Probe;
 use writebehind::WriteBehind;
 use zeroing::Zeroer;
 
@@ -478,11 +478,7 @@ impl Destination {
 
 /// Splits `chunk` into maximal runs of all-zero and data blocks of `block` bytes (the last may be shorter) and
 /// calls `each(start, end, is_zero)` for every run, in order.
-pub fn for_each_run(
-    chunk: &[u8],
-    block: usize,
-    mut each: impl FnMut(usize, usize, bool) -> Result<()>,
-) -> Result<()> {
+pub fn for_each_run(chunk: &[u8], block: usize, mut each: impl FnMut(usize, usize, bool) -> Result<()>) -> Result<()> {
     let mut run_start = 0;
     let mut run_is_zero = None;
     let mut at = 0;
@@ -593,7 +589,14 @@ mod tests {
         .unwrap();
         assert_eq!(
             runs,
-            [(0, 4096, true), (4096, 8192, false), (8192, 12288, true), (12288, 16384, false), (16384, 40960, true), (40960, 41060, false)]
+            [
+                (0, 4096, true),
+                (4096, 8192, false),
+                (8192, 12288, true),
+                (12288, 16384, false),
+                (16384, 40960, true),
+                (40960, 41060, false)
+            ]
         );
     }
 }

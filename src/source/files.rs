@@ -56,7 +56,8 @@ impl LocalFiles {
 
     /// The opener for names relative to `dir`, confined to it unless `anywhere`.
     pub fn in_dir(dir: &Path, anywhere: bool) -> Result<LocalFiles> {
-        let root = std::fs::canonicalize(dir).map_err(|e| Error::io("resolving the image's directory", e).at_path(dir))?;
+        let root =
+            std::fs::canonicalize(dir).map_err(|e| Error::io("resolving the image's directory", e).at_path(dir))?;
         let handle = File::open(&root).map_err(|e| Error::io("opening the image's directory", e).at_path(&root))?;
         Ok(LocalFiles { root, root_fd: Arc::new(OwnedFd::from(handle)), dir: PathBuf::new(), anywhere })
     }
@@ -92,7 +93,9 @@ impl LocalFiles {
                     .unwrap_or_else(|_| self.root.join(&relative));
                 Ok((file, path))
             }
-            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => Err(escape(&self.root, &self.root.join(&self.dir), name)),
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                Err(escape(&self.root, &self.root.join(&self.dir), name))
+            }
             Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
                 let path = confined_path(&self.root, &self.root.join(&self.dir), name)?;
                 let file = File::open(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;

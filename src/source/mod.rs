@@ -3,12 +3,12 @@
 //! names a source; [`HttpOptions`] say how to reach a URL.
 
 pub mod decompress;
-pub mod files;
 mod file;
+pub mod files;
 mod hashing;
-pub mod http;
-pub mod open;
-pub mod sequential;
+pub(crate) mod http;
+pub(crate) mod open;
+pub(crate) mod sequential;
 
 pub use file::FileSource;
 pub use hashing::HashingSource;

@@ -18,8 +18,8 @@ pub mod header;
 pub mod stream;
 
 use super::{push_extent, BackingPolicy, Codec, Compressed, Content, Extent, Image, SourceId};
-use crate::format::codec;
 use crate::error::{Error, Result};
+use crate::format::codec;
 use crate::source::{read_exact_at, ReadAt};
 use descriptor::{Descriptor, ExtentKind};
 use header::SparseHeader;
@@ -116,8 +116,9 @@ impl VmdkImage {
             let id = match opened.get(file) {
                 Some(&id) => id,
                 None => {
-                    let named =
-                        files.open(file).map_err(|why| Error::unsupported(format!("vmdk extent file {file:?}: {why}")))?;
+                    let named = files
+                        .open(file)
+                        .map_err(|why| Error::unsupported(format!("vmdk extent file {file:?}: {why}")))?;
                     sources.push(named.source);
                     opened.insert(file.clone(), sources.len() - 1);
                     sources.len() - 1
