@@ -12,6 +12,10 @@ pub struct Progress {
     processed: AtomicU64,
     watermark: AtomicU64,
     written: AtomicU64,
+    /// Bytes of the source as stored, and how many of them were consumed: the measure of progress for a stream
+    /// whose image size is known only at its end (a compressed raw image).
+    stored_total: AtomicU64,
+    stored_read: AtomicU64,
     started: Instant,
     finished: Mutex<bool>,
     wake: Condvar,
@@ -24,6 +28,8 @@ impl Default for Progress {
             processed: AtomicU64::new(0),
             watermark: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            stored_total: AtomicU64::new(0),
+            stored_read: AtomicU64::new(0),
             started: Instant::now(),
             finished: Mutex::new(false),
             wake: Condvar::new(),
@@ -68,11 +74,24 @@ impl Progress {
         self.watermark.load(Ordering::Relaxed)
     }
 
-    /// Percent done, 0–100.
+    /// Sets the number of source bytes as stored, for a stream whose image size is not known yet.
+    pub fn set_stored_total(&self, total: u64) {
+        self.stored_total.store(total, Ordering::Relaxed);
+    }
+
+    /// Records how many source bytes (as stored) have been consumed.
+    pub fn note_stored(&self, read: u64) {
+        self.stored_read.fetch_max(read, Ordering::Relaxed);
+    }
+
+    /// Percent done, 0–100: guest bytes against the image size, or, before the image size is known, source
+    /// bytes consumed against the source's length.
     pub fn percent(&self) -> f64 {
-        match self.total() {
-            0 => 0.0,
-            total => (self.processed() as f64 * 100.0 / total as f64).min(100.0),
+        let ratio = |done: u64, total: u64| (done as f64 * 100.0 / total as f64).min(100.0);
+        match (self.total(), self.stored_total.load(Ordering::Relaxed)) {
+            (0, 0) => 0.0,
+            (0, stored) => ratio(self.stored_read.load(Ordering::Relaxed), stored),
+            (total, _) => ratio(self.processed(), total),
         }
     }
 

@@ -121,7 +121,13 @@ impl Governor {
             stat_slack: MEMCG_STAT_BATCH_PAGES
                 * crate::sys::page_size()
                 * std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
-            state: Mutex::new(State { last: None, observer: None, said_why: false, peak_dirty_writeback: 0, readings: 0 }),
+            state: Mutex::new(State {
+                last: None,
+                observer: None,
+                said_why: false,
+                peak_dirty_writeback: 0,
+                readings: 0,
+            }),
         })
     }
 

@@ -110,6 +110,12 @@ pub(super) fn import(
         Kind::Qcow2 => u64::from_be_bytes(head[24..32].try_into().expect("a qcow2 header")) & !511,
         Kind::Vmdk => u64::from_le_bytes(head[12..20].try_into().expect("a vmdk header")).saturating_mul(512),
     };
+    // Progress: against the virtual size the header gives (qcow2, vmdk) or the raw stream's length; a compressed
+    // raw stream's size is known only at its end, so its progress is the share of the source consumed.
+    match (kind, raw_unknown_size) {
+        (Kind::Raw, true) => progress.set_stored_total(len.unwrap_or(0)),
+        _ => progress.set_total(size_hint),
+    }
     let engine = Engine::open(plan, ctx, progress, size_hint, None)?;
     let dest = engine.dest();
     let sizing = &ctx.sizing;
@@ -117,12 +123,7 @@ pub(super) fn import(
     let chunk = sizing.chunk as usize;
     let mut spooled = 0;
     let produced = with_writer(dest, progress, digest, sizing.workers.max(2), chunk, |writer| match kind {
-        Kind::Raw => {
-            if !raw_unknown_size {
-                progress.set_total(size_hint);
-            }
-            raw(&mut stream, &name, writer, dest, stop)
-        }
+        Kind::Raw => raw(&mut stream, &name, writer, dest, stop, || progress.note_stored(tap.bytes())),
         Kind::Qcow2 => {
             let mut spool = Spool::new(&name, plan.scratch.as_deref());
             let stats = qcow2::stream::walk(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?;
@@ -179,6 +180,7 @@ fn raw(
     writer: &mut Writer,
     dest: &crate::sink::Destination,
     stop: &AtomicBool,
+    mut consumed: impl FnMut(),
 ) -> Result<u64> {
     let chunk = writer.chunk();
     let mut guest = 0u64;
@@ -192,6 +194,7 @@ fn raw(
             writer.give_back(buf);
             break;
         }
+        consumed();
         dest.grow(guest + n as u64)?;
         writer.submit(Item::Data { guest, buf, len: n })?;
         guest += n as u64;

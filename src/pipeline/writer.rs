@@ -210,6 +210,7 @@ fn write_loop(
                     watermark += len as u64;
                 }
                 progress.advance(len as u64, watermark);
+                progress.note_written(dest.stats.written.load(std::sync::atomic::Ordering::Relaxed));
                 let _ = give.send(buf);
             }
             Item::Zero { guest, len } => {
