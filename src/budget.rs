@@ -15,6 +15,11 @@ pub const DEFAULT_BUDGET: u64 = 600_000_000;
 
 const MIB: u64 = 1 << 20;
 
+/// The smallest budget an import runs in: the smallest pool and write-behind window (4 x 1 MiB buffers, a 4 MiB
+/// window), the program's own pages (about 11 MiB of page cache for the binary and libc, measured), and room for
+/// the kernel's batched accounting. Below it the import would crawl against its own ceiling or be killed.
+pub const MIN_BUDGET: u64 = 32 * MIB;
+
 /// The buffer pool never grows past this: more buffers stop paying once the device queue is full, while each one
 /// is charged to the cgroup. 4 MiB chunks are what a virtio disk takes as one request (its max_sectors_kb here)
 /// now that buffers are huge pages (see `buffer`). Measured onto a direct-io loop device, 3 GiB qcow2, medians of
@@ -90,15 +95,23 @@ impl SizingOverride {
 impl Budget {
     /// The budget: `explicit` if given, else the effective limit of `cgroup`, else [`DEFAULT_BUDGET`].
     pub fn resolve(explicit: Option<u64>, cgroup: Option<&MemCgroup>) -> Result<Budget> {
-        if let Some(bytes) = explicit {
-            return Ok(Budget { bytes, origin: BudgetOrigin::Explicit });
+        let budget = match (explicit, cgroup) {
+            (Some(bytes), _) => Budget { bytes, origin: BudgetOrigin::Explicit },
+            (None, Some(cg)) => match cg.limit()? {
+                Some(bytes) => Budget { bytes, origin: BudgetOrigin::Cgroup },
+                None => Budget { bytes: DEFAULT_BUDGET, origin: BudgetOrigin::Default },
+            },
+            (None, None) => Budget { bytes: DEFAULT_BUDGET, origin: BudgetOrigin::Default },
+        };
+        if budget.bytes < MIN_BUDGET {
+            return Err(crate::error::Error::usage(format!(
+                "a memory budget of {} bytes ({budget}) is below the {} an import needs (buffers, write-behind \
+                 window and the program's own pages)",
+                budget.bytes,
+                human(MIN_BUDGET)
+            )));
         }
-        if let Some(cg) = cgroup {
-            if let Some(bytes) = cg.limit()? {
-                return Ok(Budget { bytes, origin: BudgetOrigin::Cgroup });
-            }
-        }
-        Ok(Budget { bytes: DEFAULT_BUDGET, origin: BudgetOrigin::Default })
+        Ok(budget)
     }
 
     /// The planned footprint: an eighth of the budget, between 8 and 64 MiB. Up to half of it, at most
@@ -156,9 +169,18 @@ mod tests {
     }
 
     #[test]
+    fn budgets_below_the_minimum_are_refused_naming_it() {
+        for bytes in [0, 1, 8 * MIB, MIN_BUDGET - 1] {
+            let err = Budget::resolve(Some(bytes), None).unwrap_err();
+            assert!(err.to_string().contains("32.00 MiB an import needs"), "{err}");
+        }
+        assert!(Budget::resolve(Some(MIN_BUDGET), None).is_ok());
+    }
+
+    #[test]
     fn explicit_limit_wins() {
-        let b = Budget::resolve(Some(123), None).unwrap();
-        assert_eq!(b, Budget { bytes: 123, origin: BudgetOrigin::Explicit });
+        let b = Budget::resolve(Some(123 * MIB), None).unwrap();
+        assert_eq!(b, Budget { bytes: 123 * MIB, origin: BudgetOrigin::Explicit });
         let d = Budget::resolve(None, None).unwrap();
         assert_eq!(d.origin, BudgetOrigin::Default);
     }

@@ -172,3 +172,51 @@ fn attach_read_only(backing: &Path) -> ReadOnlyLoop {
         common::run(std::process::Command::new("losetup").args(["--find", "--show", "--read-only"]).arg(backing));
     ReadOnlyLoop(std::path::PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
 }
+
+/// Runs boundimport with `args` and returns (exit code, stderr).
+fn run_args(args: &[&str]) -> (Option<i32>, String) {
+    let output = run_any(boundimport().args(args));
+    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn limits_that_cannot_work_are_refused_naming_the_minimum() {
+    let bench = Workbench::new("limits");
+    let image = bench.raw_mix("image.raw", MIB, 2);
+    let dest = bench.path("out.raw");
+    let (image, dest) = (image.to_str().unwrap(), dest.to_str().unwrap());
+    for limit in ["0", "1", "8Mi", "33554431"] {
+        let (code, stderr) = run_args(&["--quiet", "--limit", limit, image, dest]);
+        assert_eq!(code, Some(2), "--limit {limit}: {stderr}");
+        assert!(stderr.contains("below the 32.00 MiB an import needs"), "--limit {limit}: {stderr}");
+        assert!(!Path::new(dest).exists(), "--limit {limit} wrote the destination");
+    }
+    let (code, stderr) = run_args(&["--limit", "600m", image, dest]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("did you mean 600M or 600Mi?"), "{stderr}");
+    let (code, stderr) = run_args(&["--quiet", "--limit", "32Mi", image, dest]);
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn a_checksum_of_the_wrong_length_says_so() {
+    let (code, stderr) = run_args(&["--checksum", "sha256:abc", "a.raw", "b.raw"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("the digest has 3 hex digits, but a sha256 digest has 64"), "{stderr}");
+}
+
+#[test]
+fn the_output_digest_is_printed_only_when_asked_for() {
+    let bench = Workbench::new("digest-opt-in");
+    let image = bench.raw_mix("image.raw", 4 * MIB, 8);
+    let dest = bench.path("out.raw");
+    let plain = run_any(boundimport().arg("--quiet").arg(&image).arg(&dest));
+    assert!(plain.status.success(), "{}", String::from_utf8_lossy(&plain.stderr));
+    assert!(plain.stdout.is_empty(), "{}", String::from_utf8_lossy(&plain.stdout));
+    let asked = run_any(boundimport().args(["--quiet", "--digest"]).arg(&image).arg(&dest));
+    let line = String::from_utf8_lossy(&asked.stdout).into_owned();
+    assert_eq!(line, format!("{}  {}\n", sha256_prefix(&image, 4 * MIB), dest.display()));
+    // The old switch is still accepted.
+    let old = run_any(boundimport().args(["--quiet", "--no-digest"]).arg(&image).arg(&dest));
+    assert!(old.status.success() && old.stdout.is_empty(), "{}", String::from_utf8_lossy(&old.stderr));
+}

@@ -3,7 +3,7 @@
 use super::resume::Checkpoints;
 use super::{Context, Outcome, Plan};
 use crate::checksum::{hex, Algorithm, Hasher};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{ErrorKind, Result};
 use crate::progress::Progress;
 use crate::sink::{DestKind, DestOptions, Destination, Probe};
 use crate::source::decompress::Compression;
@@ -200,7 +200,7 @@ impl<'a> Engine<'a> {
                 if let Some(checkpoints) = &self.checkpoints {
                     checkpoints.clear()?;
                 }
-                self.discard(&mismatch);
+                self.discard();
                 return Err(mismatch);
             }
         };
@@ -249,8 +249,12 @@ impl<'a> Engine<'a> {
     }
 
     /// After a checksum mismatch: what was written came from the wrong bytes, so throw it away.
-    fn discard(&self, why: &Error) {
-        log::warn!("{why}; discarding what was written to {}", self.dest.path().display());
+    /// The mismatch itself is the import's error, reported once by the front end.
+    fn discard(&self) {
+        log::warn!(
+            "discarding what was written to {}: it came from bytes that failed their checksum",
+            self.dest.path().display()
+        );
         if let Err(e) = self.dest.discard() {
             log::warn!("could not discard the written image: {e}");
         }
