@@ -33,6 +33,9 @@ enum Command {
     Cdi(crate::cdi::CdiArgs),
     /// Reproduce the importer-pod page-cache pathology and measure importers side by side (needs root).
     Lab(crate::lab::command::LabCommand),
+    /// Explain a memory cgroup's usage (own, --cgroup, --pid, --pod): page cache, dirty and writeback pages,
+    /// anonymous memory, limit hits, OOM kills, the processes and the files they write — and a verdict.
+    Diagnose(crate::diagnose::DiagnoseArgs),
 }
 
 /// Arguments of a plain import.
@@ -176,6 +179,7 @@ pub fn main() -> i32 {
         None => run_import(cli.import),
         Some(Command::Cdi(args)) => crate::cdi::main(args),
         Some(Command::Lab(lab)) => crate::lab::command::main(lab),
+        Some(Command::Diagnose(args)) => crate::diagnose::main(args),
     }
 }
 

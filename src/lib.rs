@@ -14,6 +14,7 @@ pub mod cgroup;
 pub mod checksum;
 pub mod cli;
 pub mod codec;
+pub mod diagnose;
 pub mod error;
 pub mod format;
 pub mod import;

@@ -202,6 +202,295 @@ impl MemCgroup {
     }
 }
 
+/// Every memory.stat field the troubleshooting report shows, named the same on both hierarchies (v1 hierarchical
+/// `total_*` fields, v2 fields), from one reading of memory.stat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MemBreakdown {
+    /// Page cache, shmem included (v1 total_cache, v2 file).
+    pub file: u64,
+    /// Anonymous memory (v1 total_rss, v2 anon).
+    pub anon: u64,
+    /// Dirty page cache (v1 total_dirty, v2 file_dirty).
+    pub dirty: u64,
+    /// Page cache under writeback (v1 total_writeback, v2 file_writeback).
+    pub writeback: u64,
+    /// Active file pages (v1 total_active_file, v2 active_file).
+    pub active_file: u64,
+    /// Inactive file pages (v1 total_inactive_file, v2 inactive_file).
+    pub inactive_file: u64,
+    /// Active anonymous pages (v1 total_active_anon, v2 active_anon).
+    pub active_anon: u64,
+    /// Inactive anonymous pages (v1 total_inactive_anon, v2 inactive_anon).
+    pub inactive_anon: u64,
+    /// Shared memory and tmpfs (v1 total_shmem, v2 shmem).
+    pub shmem: u64,
+    /// File pages mapped into processes (v1 total_mapped_file, v2 file_mapped).
+    pub mapped_file: u64,
+}
+
+/// Every limit and OOM counter the kernel keeps for a memory cgroup. A counter this kernel does not keep is
+/// `None`; a file that cannot be read is an error.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MemEventCounts {
+    /// Times a charge hit the limit: v1 memory.failcnt plus memory.memsw.failcnt where present (a failed charge
+    /// is counted in at most one of them), v2 memory.events `max`.
+    pub limit_hits: u64,
+    /// Times usage went over memory.high and was throttled (v2 memory.events `high`; v1 has no such limit).
+    pub high: Option<u64>,
+    /// Times the OOM killer was invoked for this cgroup (v2 memory.events `oom`).
+    pub oom: Option<u64>,
+    /// Processes the OOM killer killed (v2 memory.events `oom_kill`, v1 memory.oom_control `oom_kill`, since
+    /// Linux 4.13).
+    pub oom_kills: Option<u64>,
+    /// Whether the cgroup is in OOM now, its tasks stopped (v1 memory.oom_control `under_oom`, only with
+    /// oom_kill_disable).
+    pub under_oom: Option<bool>,
+}
+
+/// Pressure stall information of one resource: the share of wall time some (or all) tasks waited for memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct Pressure {
+    /// `some` averages over 10, 60 and 300 seconds, in percent.
+    pub some_avg: [f64; 3],
+    /// `full` averages over 10, 60 and 300 seconds, in percent.
+    pub full_avg: [f64; 3],
+    /// Total `some` stall time in microseconds.
+    pub some_total_us: u64,
+    /// Total `full` stall time in microseconds.
+    pub full_total_us: u64,
+}
+
+impl MemCgroup {
+    /// The memory cgroup of process `pid`, found from /proc/PID/cgroup and our own mount table (paths in
+    /// /proc/PID/cgroup are relative to the reader's cgroup namespace). `None` when it is in no memory cgroup
+    /// visible here.
+    pub fn of_pid(pid: u32) -> Result<Option<MemCgroup>> {
+        let membership = read_text(&PathBuf::from(format!("/proc/{pid}/cgroup")))?;
+        let mountinfo = read_text(Path::new("/proc/self/mountinfo"))?;
+        Ok(locate(&membership, &mountinfo).filter(|cg| cg.dir.join(cg.version.usage_file()).exists()))
+    }
+
+    /// The memory cgroup at `dir`, its version told by the files it holds (memory.current: v2,
+    /// memory.usage_in_bytes: v1).
+    pub fn detect(dir: impl Into<PathBuf>) -> Result<MemCgroup> {
+        let dir = dir.into();
+        for version in [Version::V2, Version::V1] {
+            if dir.join(version.usage_file()).exists() {
+                return Ok(MemCgroup { dir, version });
+            }
+        }
+        Err(Error::new(
+            crate::error::ErrorKind::Usage,
+            "not a memory cgroup (neither memory.current nor memory.usage_in_bytes is there)",
+        )
+        .at_path(dir))
+    }
+
+    /// The limit set on this cgroup itself (memory.limit_in_bytes / memory.max), `None` when unlimited. See
+    /// [`limit`](Self::limit) for the effective one.
+    pub fn own_limit(&self) -> Result<Option<u64>> {
+        match self.version {
+            Version::V1 => Ok(Some(self.read_number("memory.limit_in_bytes")?).filter(|&l| l < V1_UNLIMITED)),
+            Version::V2 => self.read_max("memory.max"),
+        }
+    }
+
+    /// memory.high (v2), `None` when it is `max` or on v1, which has no such limit.
+    pub fn high(&self) -> Result<Option<u64>> {
+        match self.version {
+            Version::V1 => Ok(None),
+            Version::V2 => self.read_max("memory.high"),
+        }
+    }
+
+    /// All memory.stat fields of [`MemBreakdown`]; a missing field is an error naming it.
+    pub fn breakdown(&self) -> Result<MemBreakdown> {
+        let stat = self.read_keyed("memory.stat")?;
+        let field = |name: &str| {
+            find_key(&stat, name).ok_or_else(|| {
+                Error::new(crate::error::ErrorKind::Io, format!("memory.stat has no {name} field"))
+                    .at_path(self.dir.join("memory.stat"))
+            })
+        };
+        let names = match self.version {
+            Version::V1 => [
+                "total_cache",
+                "total_rss",
+                "total_dirty",
+                "total_writeback",
+                "total_active_file",
+                "total_inactive_file",
+                "total_active_anon",
+                "total_inactive_anon",
+                "total_shmem",
+                "total_mapped_file",
+            ],
+            Version::V2 => [
+                "file",
+                "anon",
+                "file_dirty",
+                "file_writeback",
+                "active_file",
+                "inactive_file",
+                "active_anon",
+                "inactive_anon",
+                "shmem",
+                "file_mapped",
+            ],
+        };
+        Ok(MemBreakdown {
+            file: field(names[0])?,
+            anon: field(names[1])?,
+            dirty: field(names[2])?,
+            writeback: field(names[3])?,
+            active_file: field(names[4])?,
+            inactive_file: field(names[5])?,
+            active_anon: field(names[6])?,
+            inactive_anon: field(names[7])?,
+            shmem: field(names[8])?,
+            mapped_file: field(names[9])?,
+        })
+    }
+
+    /// Every limit and OOM counter; see [`MemEventCounts`].
+    pub fn event_counts(&self) -> Result<MemEventCounts> {
+        match self.version {
+            Version::V1 => {
+                let oom = self.read_keyed("memory.oom_control")?;
+                let mut limit_hits = self.read_number("memory.failcnt")?;
+                if self.dir.join("memory.memsw.failcnt").exists() {
+                    limit_hits += self.read_number("memory.memsw.failcnt")?;
+                }
+                Ok(MemEventCounts {
+                    limit_hits,
+                    high: None,
+                    oom: None,
+                    oom_kills: find_key(&oom, "oom_kill"),
+                    under_oom: find_key(&oom, "under_oom").map(|v| v != 0),
+                })
+            }
+            Version::V2 => {
+                let path = self.dir.join("memory.events");
+                let events = self.read_keyed("memory.events")?;
+                let limit_hits = find_key(&events, "max").ok_or_else(|| {
+                    Error::new(crate::error::ErrorKind::Io, "memory.events has no max field").at_path(&path)
+                })?;
+                Ok(MemEventCounts {
+                    limit_hits,
+                    high: find_key(&events, "high"),
+                    oom: find_key(&events, "oom"),
+                    oom_kills: find_key(&events, "oom_kill"),
+                    under_oom: None,
+                })
+            }
+        }
+    }
+
+    /// memory.pressure (v2 with PSI), `None` where the file does not exist (v1, or a kernel without PSI).
+    pub fn pressure(&self) -> Result<Option<Pressure>> {
+        let path = self.dir.join("memory.pressure");
+        if !path.exists() {
+            return Ok(None);
+        }
+        read_pressure(&path).map(Some)
+    }
+
+    /// The processes of this cgroup itself (cgroup.procs; not those of its children).
+    pub fn procs(&self) -> Result<Vec<u32>> {
+        let path = self.dir.join("cgroup.procs");
+        let text = read_text(&path)?;
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| l.trim().parse().map_err(|_| malformed(&path, l)))
+            .collect()
+    }
+
+    /// The cgroups directly below this one (each a directory holding the same kind of memory cgroup).
+    pub fn children(&self) -> Result<Vec<MemCgroup>> {
+        let entries = fs::read_dir(&self.dir).io_context("listing cgroup").map_err(|e| e.at_path(&self.dir))?;
+        let mut children = Vec::new();
+        for entry in entries {
+            let entry = entry.io_context("listing cgroup").map_err(|e| e.at_path(&self.dir))?;
+            let path = entry.path();
+            if path.is_dir() && path.join(self.version.usage_file()).exists() {
+                children.push(MemCgroup { dir: path, version: self.version });
+            }
+        }
+        children.sort_by(|a, b| a.dir.cmp(&b.dir));
+        Ok(children)
+    }
+
+    /// Reads a v2 `max`-or-number file: `None` for `max`.
+    fn read_max(&self, name: &str) -> Result<Option<u64>> {
+        let path = self.dir.join(name);
+        let text = read_text(&path)?;
+        if text.trim() == "max" {
+            return Ok(None);
+        }
+        parse_number(&text).map(Some).ok_or_else(|| malformed(&path, &text))
+    }
+}
+
+/// Where the memory controller's hierarchy is mounted here, from /proc/self/mountinfo: the v1 `memory` hierarchy
+/// if there is one, else the unified one. `None` when neither is mounted.
+pub fn memory_hierarchy() -> Result<Option<(PathBuf, Version)>> {
+    let mountinfo = read_text(Path::new("/proc/self/mountinfo"))?;
+    Ok(hierarchy_mount(&mountinfo))
+}
+
+fn hierarchy_mount(mountinfo: &str) -> Option<(PathBuf, Version)> {
+    let mut v2 = None;
+    for line in mountinfo.lines() {
+        let Some((before, after)) = line.split_once(" - ") else { continue };
+        let fields: Vec<&str> = before.split(' ').collect();
+        let tail: Vec<&str> = after.split(' ').collect();
+        if fields.len() < 5 || tail.len() < 3 {
+            continue;
+        }
+        let mountpoint = PathBuf::from(unescape_mount_path(fields[4]));
+        match tail[0] {
+            "cgroup" if tail[2].split(',').any(|o| o == "memory") => return Some((mountpoint, Version::V1)),
+            "cgroup2" if v2.is_none() => v2 = Some((mountpoint, Version::V2)),
+            _ => {}
+        }
+    }
+    v2
+}
+
+/// Reads a PSI file (`some avg10=0.00 avg60=0.00 avg300=0.00 total=0`, then `full ...`): a cgroup's
+/// memory.pressure or the node's /proc/pressure/memory.
+pub fn read_pressure(path: &Path) -> Result<Pressure> {
+    let text = read_text(path)?;
+    parse_pressure(&text).ok_or_else(|| malformed(path, &text))
+}
+
+fn parse_pressure(text: &str) -> Option<Pressure> {
+    let mut pressure = Pressure::default();
+    let mut seen = (false, false);
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let mut parts = line.split_whitespace();
+        let kind = parts.next()?;
+        let mut avg = [0.0; 3];
+        let mut total = 0;
+        for part in parts {
+            let (key, value) = part.split_once('=')?;
+            match key {
+                "avg10" => avg[0] = value.parse().ok()?,
+                "avg60" => avg[1] = value.parse().ok()?,
+                "avg300" => avg[2] = value.parse().ok()?,
+                "total" => total = value.parse().ok()?,
+                _ => {}
+            }
+        }
+        match kind {
+            "some" => (pressure.some_avg, pressure.some_total_us, seen.0) = (avg, total, true),
+            "full" => (pressure.full_avg, pressure.full_total_us, seen.1) = (avg, total, true),
+            _ => return None,
+        }
+    }
+    seen.0.then_some(pressure)
+}
+
 impl Version {
     fn usage_file(self) -> &'static str {
         match self {
