@@ -652,6 +652,78 @@ mod tests {
     }
 
     #[test]
+    fn v2_breakdown_events_pressure_and_procs() {
+        let stat = "anon 100\nfile 2000\nfile_dirty 30\nfile_writeback 40\nactive_file 1500\ninactive_file 500\n\
+                    active_anon 90\ninactive_anon 10\nshmem 5\nfile_mapped 7\n";
+        let (dir, cg) = fake_v2(&[
+            ("memory.current", "4096\n"),
+            ("memory.max", "max\n"),
+            ("memory.high", "300000000\n"),
+            ("memory.stat", stat),
+            ("memory.events", "low 0\nhigh 3\nmax 7\noom 2\noom_kill 1\n"),
+            ("memory.pressure", "some avg10=2.50 avg60=1.00 avg300=0.20 total=999\nfull avg10=1.25 avg60=0.50 avg300=0.10 total=444\n"),
+            ("cgroup.procs", "12\n34\n"),
+        ]);
+        let b = cg.breakdown().unwrap();
+        assert_eq!((b.file, b.anon, b.dirty, b.writeback, b.active_file, b.inactive_file), (2000, 100, 30, 40, 1500, 500));
+        assert_eq!((b.active_anon, b.inactive_anon, b.shmem, b.mapped_file), (90, 10, 5, 7));
+        let e = cg.event_counts().unwrap();
+        assert_eq!((e.limit_hits, e.high, e.oom, e.oom_kills, e.under_oom), (7, Some(3), Some(2), Some(1), None));
+        let p = cg.pressure().unwrap().unwrap();
+        assert_eq!((p.some_avg, p.full_avg[0], p.some_total_us, p.full_total_us), ([2.5, 1.0, 0.2], 1.25, 999, 444));
+        assert_eq!(cg.procs().unwrap(), vec![12, 34]);
+        assert_eq!((cg.own_limit().unwrap(), cg.high().unwrap()), (None, Some(300_000_000)));
+        assert_eq!(MemCgroup::detect(dir.path()).unwrap().version(), Version::V2);
+        // A child cgroup is a directory with the usage file.
+        fs::create_dir(dir.path().join("ctr")).unwrap();
+        fs::write(dir.path().join("ctr/memory.current"), "1\n").unwrap();
+        fs::create_dir(dir.path().join("not-a-cgroup")).unwrap();
+        assert_eq!(cg.children().unwrap(), vec![MemCgroup::at(dir.path().join("ctr"), Version::V2)]);
+    }
+
+    #[test]
+    fn missing_fields_and_files_are_named() {
+        let (_dir, cg) = fake_v2(&[("memory.stat", "anon 1\nfile 2\n"), ("memory.events", "oom 1\n")]);
+        let err = cg.breakdown().unwrap_err().to_string();
+        assert!(err.contains("memory.stat") && err.contains("file_dirty"), "{err}");
+        assert!(cg.event_counts().unwrap_err().to_string().contains("no max field"));
+        assert_eq!(cg.pressure().unwrap(), None, "no memory.pressure: a kernel without PSI, not an error");
+        assert!(cg.procs().unwrap_err().to_string().contains("cgroup.procs"));
+        assert!(MemCgroup::detect("/nonexistent").is_err());
+        assert_eq!(parse_pressure("some avg10=x\n"), None);
+    }
+
+    #[test]
+    fn hierarchy_mount_prefers_v1_memory() {
+        assert_eq!(hierarchy_mount(HYBRID_MOUNTINFO), Some((PathBuf::from("/sys/fs/cgroup/memory"), Version::V1)));
+        let unified = "33 25 0:30 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(hierarchy_mount(unified), Some((PathBuf::from("/sys/fs/cgroup"), Version::V2)));
+        assert_eq!(hierarchy_mount("1 2 0:1 / / rw - ext4 /dev/vda rw\n"), None);
+    }
+
+    #[test]
+    fn v1_readers_on_this_hosts_memcg() {
+        // The real v1 memcg of this host (skipped where the host has v2 only: the v2 tests above use fixtures).
+        let Some(cg) = MemCgroup::own().unwrap() else { return };
+        if cg.version() != Version::V1 {
+            return;
+        }
+        let b = cg.breakdown().unwrap();
+        let s = cg.stat().unwrap();
+        assert_eq!((b.file, b.anon, b.inactive_file), (s.file, s.anon, s.inactive_file), "one reader, same fields");
+        assert!(b.active_file + b.inactive_file <= b.file + (1 << 20));
+        let e = cg.event_counts().unwrap();
+        assert!(e.oom_kills.is_some(), "6.x kernels keep oom_kill in memory.oom_control");
+        assert_eq!(e.high, None);
+        assert!(cg.procs().unwrap().contains(&std::process::id()));
+        assert_eq!(cg.pressure().unwrap(), None, "v1 memcgs have no memory.pressure");
+        assert_eq!(MemCgroup::detect(cg.dir()).unwrap(), cg);
+        assert_eq!(MemCgroup::of_pid(std::process::id()).unwrap(), Some(cg.clone()));
+        let (mount, version) = memory_hierarchy().unwrap().unwrap();
+        assert!(cg.dir().starts_with(&mount) && version == Version::V1);
+    }
+
+    #[test]
     fn own_cgroup_reads_on_this_host() {
         // Whatever this host has, reading it must not fail once found.
         if let Some(cg) = MemCgroup::own().unwrap() {
