@@ -45,8 +45,20 @@ fn text(v: &Value, key: &str) -> String {
 fn own_cgroup_unprivileged_report_and_watch() {
     let v = diagnose_json(&[]);
     for key in [
-        "verdict", "reason", "limit_bytes", "usage_bytes", "working_set_bytes", "anon_bytes", "file_bytes",
-        "dirty_bytes", "writeback_bytes", "limit_hits", "oom_kills", "writers", "cgroup", "cgroup_version",
+        "verdict",
+        "reason",
+        "limit_bytes",
+        "usage_bytes",
+        "working_set_bytes",
+        "anon_bytes",
+        "file_bytes",
+        "dirty_bytes",
+        "writeback_bytes",
+        "limit_hits",
+        "oom_kills",
+        "writers",
+        "cgroup",
+        "cgroup_version",
     ] {
         assert!(v.get(key).is_some(), "missing {key}: {v}");
     }
@@ -146,7 +158,7 @@ fn v2_systemd_containerd_pod_fixture() {
     let v = diagnose_json(&["--cgroup-root", root_arg, "--cgroup", &relative]);
     assert!(v["limit_hits"].is_null() && v["oom_kills"].is_null(), "{v}");
     let unreadable = v["unreadable"].as_array().unwrap();
-    assert!(unreadable.iter().any(|u| PathBuf::from(u["path"].as_str().unwrap()) == ctr.join("memory.events")), "{v}");
+    assert!(unreadable.iter().any(|u| ctr.join("memory.events") == u["path"].as_str().unwrap()), "{v}");
     let out = boundimport().args(["diagnose", "--cgroup-root", root_arg, "--cgroup", &relative]).output().unwrap();
     let report = String::from_utf8_lossy(&out.stdout);
     assert!(report.contains("limit hits    unreadable"), "{report}");
@@ -165,7 +177,8 @@ fn v1_cgroupfs_fixtures_for_crio_and_docker() {
         let ctr = root.path().join(format!("kubepods/besteffort/pod{UID}")).join(&container_dir);
         // Anonymous memory at the limit, with past OOM kills counted in memory.oom_control.
         fake_cgroup(&ctr, false, 256 * MIB, 240 * MIB, 10 * MIB, 0, 0);
-        let v = diagnose_json(&["--cgroup-root", root.path().to_str().unwrap(), "--pod", UID, "--container", &CTR[..12]]);
+        let v =
+            diagnose_json(&["--cgroup-root", root.path().to_str().unwrap(), "--pod", UID, "--container", &CTR[..12]]);
         assert_eq!(PathBuf::from(text(&v, "cgroup")), ctr, "{name}");
         assert_eq!(text(&v, "cgroup_version"), "v1");
         assert_eq!(text(&v, "verdict"), "oom-killed", "{name}: {v}");
@@ -204,7 +217,13 @@ impl Scene {
     fn new(label: &str, limit: u64) -> Scene {
         let name = format!("diag-{label}-{}", std::process::id());
         let cgroup = ChildCgroup::create(&name, limit).unwrap();
-        Scene { throttle: None, children: Vec::new(), cgroup: Some(cgroup), device: None, dir: Some(scratch_dir(label)) }
+        Scene {
+            throttle: None,
+            children: Vec::new(),
+            cgroup: Some(cgroup),
+            device: None,
+            dir: Some(scratch_dir(label)),
+        }
     }
 
     fn dir(&self) -> &Path {

@@ -661,11 +661,17 @@ mod tests {
             ("memory.high", "300000000\n"),
             ("memory.stat", stat),
             ("memory.events", "low 0\nhigh 3\nmax 7\noom 2\noom_kill 1\n"),
-            ("memory.pressure", "some avg10=2.50 avg60=1.00 avg300=0.20 total=999\nfull avg10=1.25 avg60=0.50 avg300=0.10 total=444\n"),
+            (
+                "memory.pressure",
+                "some avg10=2.50 avg60=1.00 avg300=0.20 total=999\nfull avg10=1.25 avg60=0.50 avg300=0.10 total=444\n",
+            ),
             ("cgroup.procs", "12\n34\n"),
         ]);
         let b = cg.breakdown().unwrap();
-        assert_eq!((b.file, b.anon, b.dirty, b.writeback, b.active_file, b.inactive_file), (2000, 100, 30, 40, 1500, 500));
+        assert_eq!(
+            (b.file, b.anon, b.dirty, b.writeback, b.active_file, b.inactive_file),
+            (2000, 100, 30, 40, 1500, 500)
+        );
         assert_eq!((b.active_anon, b.inactive_anon, b.shmem, b.mapped_file), (90, 10, 5, 7));
         let e = cg.event_counts().unwrap();
         assert_eq!((e.limit_hits, e.high, e.oom, e.oom_kills, e.under_oom), (7, Some(3), Some(2), Some(1), None));

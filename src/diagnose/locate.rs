@@ -78,8 +78,10 @@ pub fn find_container(pod: &Path, id: &str) -> Result<PathBuf> {
     match matches.len() {
         1 => Ok(matches.remove(0)),
         0 => Err(Error::new(ErrorKind::Usage, format!("no cgroup of container {id} in this pod")).at_path(pod)),
-        _ => Err(Error::new(ErrorKind::Usage, format!("container ID prefix {id} is ambiguous: {matches:?}"))
-            .at_path(pod)),
+        _ => {
+            Err(Error::new(ErrorKind::Usage, format!("container ID prefix {id} is ambiguous: {matches:?}"))
+                .at_path(pod))
+        }
     }
 }
 
@@ -98,11 +100,8 @@ pub fn container_id_of(name: &str) -> Option<&str> {
 
 fn subdirectories(dir: &Path) -> Result<Vec<PathBuf>> {
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io("listing cgroups", e).at_path(dir))?;
-    let mut dirs: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.path())
-        .collect();
+    let mut dirs: Vec<PathBuf> =
+        entries.filter_map(|e| e.ok()).filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()).collect();
     dirs.sort();
     Ok(dirs)
 }
@@ -180,7 +179,10 @@ mod tests {
 
     #[test]
     fn missing_ambiguous_and_malformed_are_errors() {
-        let root = tree(&[format!("kubepods/burstable/pod{UID}/{ID}"), format!("kubepods/burstable/pod{UID}/3b9f{}", &ID[4..60])]);
+        let root = tree(&[
+            format!("kubepods/burstable/pod{UID}/{ID}"),
+            format!("kubepods/burstable/pod{UID}/3b9f{}", &ID[4..60]),
+        ]);
         let pod = find_pod(root.path(), UID).unwrap();
         assert!(find_container(&pod, "3b9f").unwrap_err().to_string().contains("ambiguous"));
         assert_eq!(find_container(&pod, ID).unwrap(), pod.join(ID), "an exact match wins over prefixes");

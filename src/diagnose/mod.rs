@@ -163,9 +163,8 @@ fn run(args: &DiagnoseArgs) -> Result<()> {
 fn target(args: &DiagnoseArgs) -> Result<(MemCgroup, Option<PathBuf>)> {
     let mounted = crate::cgroup::memory_hierarchy()?;
     let root = args.cgroup_root.clone().or_else(|| mounted.as_ref().map(|(p, _)| p.clone()));
-    let root_or_err = || {
-        root.clone().ok_or_else(|| Error::new(ErrorKind::Unsupported, "no memory cgroup hierarchy is mounted"))
-    };
+    let root_or_err =
+        || root.clone().ok_or_else(|| Error::new(ErrorKind::Unsupported, "no memory cgroup hierarchy is mounted"));
     let mount = if args.cgroup_root.is_some() { None } else { mounted.map(|(p, _)| p) };
     if let Some(path) = &args.cgroup {
         let dir = if path.is_absolute() && path.is_dir() {

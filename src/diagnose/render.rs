@@ -82,7 +82,9 @@ pub fn report(s: &Snapshot, v: &Verdict) -> String {
     };
     let _ = writeln!(
         w,
-        "node          Dirty {}, Writeback {}; writers throttled above {}, flushers start above {} ({}, {}; expire {} cs)",
+        "node          MemAvailable {} of {}; Dirty {}, Writeback {}; writers throttled above {}, flushers start above {} ({}, {}; expire {} cs)",
+        opt(n.mem_available_bytes),
+        opt(n.mem_total_bytes),
         opt(n.dirty_bytes),
         opt(n.writeback_bytes),
         opt(n.dirty_threshold_bytes),
@@ -96,7 +98,14 @@ pub fn report(s: &Snapshot, v: &Verdict) -> String {
     } else {
         let _ = writeln!(w, "processes     {:>8} {:>10} {:>10}  COMMAND", "PID", "RSS", "ANON");
         for p in &s.processes {
-            let _ = writeln!(w, "              {:>8} {:>10} {:>10}  {}", p.pid, opt(p.rss_bytes), opt(p.anon_bytes), p.command);
+            let _ = writeln!(
+                w,
+                "              {:>8} {:>10} {:>10}  {}",
+                p.pid,
+                opt(p.rss_bytes),
+                opt(p.anon_bytes),
+                p.command
+            );
         }
     }
     files(w, "writing", &s.writers);
@@ -132,7 +141,11 @@ fn files(w: &mut String, label: &str, files: &[OpenFile]) {
         let _ = writeln!(w, "{label:<13} none");
         return;
     }
-    let _ = writeln!(w, "{label:<13} {:>8} {:<12} {:>10} {:>10} {:>10}  PATH", "PID", "COMMAND", "CACHED", "DIRTY", "WRITEBACK");
+    let _ = writeln!(
+        w,
+        "{label:<13} {:>8} {:<12} {:>10} {:>10} {:>10}  PATH",
+        "PID", "COMMAND", "CACHED", "DIRTY", "WRITEBACK"
+    );
     for f in files {
         let how = match f.residency {
             Residency::Cachestat => "",
@@ -288,8 +301,20 @@ mod tests {
         let v = judge(&s, None);
         let value: serde_json::Value = serde_json::from_str(&json(&s, &v, None)).unwrap();
         for key in [
-            "verdict", "reason", "limit_bytes", "usage_bytes", "working_set_bytes", "anon_bytes", "file_bytes",
-            "dirty_bytes", "writeback_bytes", "limit_hits", "oom_kills", "writers", "cgroup", "cgroup_version",
+            "verdict",
+            "reason",
+            "limit_bytes",
+            "usage_bytes",
+            "working_set_bytes",
+            "anon_bytes",
+            "file_bytes",
+            "dirty_bytes",
+            "writeback_bytes",
+            "limit_hits",
+            "oom_kills",
+            "writers",
+            "cgroup",
+            "cgroup_version",
         ] {
             assert!(value.get(key).is_some(), "missing {key}: {value}");
         }

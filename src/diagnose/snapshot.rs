@@ -252,9 +252,8 @@ pub fn read_node(misses: &mut Misses) -> Node {
     let vmstat = Path::new("/proc/vmstat");
     if let Some(text) = misses.take(read(vmstat), vmstat) {
         let page = crate::sys::page_size();
-        let pages = |key: &str| {
-            text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse::<u64>().ok())
-        };
+        let pages =
+            |key: &str| text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse::<u64>().ok());
         node.dirty_threshold_bytes = pages("nr_dirty_threshold").map(|p| p * page);
         node.background_threshold_bytes = pages("nr_dirty_background_threshold").map(|p| p * page);
     }
@@ -312,7 +311,10 @@ mod tests {
             "anon 10485760\nfile 94371840\nfile_dirty 41943040\nfile_writeback 10485760\nactive_file 73400320\n\
              inactive_file 20971520\nactive_anon 10485760\ninactive_anon 0\nshmem 0\nfile_mapped 0\n",
         );
-        write("memory.pressure", "some avg10=1.50 avg60=0.40 avg300=0.10 total=12345\nfull avg10=0.50 avg60=0.10 avg300=0.00 total=678\n");
+        write(
+            "memory.pressure",
+            "some avg10=1.50 avg60=0.40 avg300=0.10 total=12345\nfull avg10=0.50 avg60=0.10 avg300=0.00 total=678\n",
+        );
         std::fs::create_dir(dir.path().join("memory.events")).unwrap(); // reading a directory fails
         let cg = MemCgroup::detect(dir.path()).unwrap();
         let mut snap = Snapshot::default();

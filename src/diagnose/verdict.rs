@@ -92,7 +92,8 @@ pub struct Verdict {
 
 /// Judges `s` (with `trend` from a watch).
 pub fn judge(s: &Snapshot, trend: Option<&Trend>) -> Verdict {
-    let (Some(usage), Some(file), Some(anon), Some(dw)) = (s.usage_bytes, s.file_bytes, s.anon_bytes, s.dirty_writeback())
+    let (Some(usage), Some(file), Some(anon), Some(dw)) =
+        (s.usage_bytes, s.file_bytes, s.anon_bytes, s.dirty_writeback())
     else {
         let files: Vec<String> = s.unreadable.iter().map(|u| u.path.display().to_string()).collect();
         return Verdict {
@@ -119,16 +120,26 @@ pub fn judge(s: &Snapshot, trend: Option<&Trend>) -> Verdict {
         };
         let page_cache = s.limit_bytes.is_some_and(|l| dw >= l / 4) || (file > anon && dw >= file / 2);
         let now = if page_cache {
-            format!("now {} of {} charged is file cache, {} of it dirty or under writeback — page cache filled it", mib(file), mib(usage), mib(dw))
+            format!(
+                "now {} of {} charged is file cache, {} of it dirty or under writeback — page cache filled it",
+                mib(file),
+                mib(usage),
+                mib(dw)
+            )
         } else {
             format!("now {} charged ({limit_text}): anonymous {}, file cache {}", mib(usage), mib(anon), mib(file))
         };
-        let mut advice =
-            vec!["the killed container's logs: kubectl logs --previous; the pod: kubectl describe pod (Reason: OOMKilled)".to_string()];
+        let mut advice = vec![
+            "the killed container's logs: kubectl logs --previous; the pod: kubectl describe pod (Reason: OOMKilled)"
+                .to_string(),
+        ];
         advice.extend(if page_cache { page_cache_advice(s) } else { anonymous_advice() });
         return Verdict {
             verdict: Kind::OomKilled,
-            reason: format!("{kills} process{} OOM-killed in this cgroup ({counter}){last}; {now}; {kubectl}", plural(kills)),
+            reason: format!(
+                "{kills} process{} OOM-killed in this cgroup ({counter}){last}; {now}; {kubectl}",
+                plural(kills)
+            ),
             advice,
         };
     }
@@ -140,8 +151,8 @@ pub fn judge(s: &Snapshot, trend: Option<&Trend>) -> Verdict {
             return Verdict {
                 verdict: Kind::PageCachePressure,
                 reason: format!(
-                    "{} of the {} charged ({limit_text}) is file cache, {} of it dirty or under writeback{heading}, {culprit}; {anon_note}; {kubectl}",
-                    mib(file), mib(usage), mib(dw)
+                    "{} of the {} charged ({limit_text}) is file cache, {} of it dirty or under writeback{heading}, {culprit}{}; {anon_note}; {kubectl}",
+                    mib(file), mib(usage), mib(dw), reader_note(s, file)
                 ),
                 advice: page_cache_advice(s),
             };
@@ -169,8 +180,8 @@ pub fn judge(s: &Snapshot, trend: Option<&Trend>) -> Verdict {
             return Verdict {
                 verdict: Kind::CleanCache,
                 reason: format!(
-                    "{} of the {} charged ({limit_text}) is file cache, only {} of it dirty or under writeback: clean pages the kernel reclaims on demand; {anon_note}; {kubectl}",
-                    mib(file), mib(usage), mib(dw)
+                    "{} of the {} charged ({limit_text}) is file cache, only {} of it dirty or under writeback: clean pages the kernel reclaims on demand{}; {anon_note}; {kubectl}",
+                    mib(file), mib(usage), mib(dw), reader_note(s, file)
                 ),
                 advice: vec![format!(
                     "nothing to fix: kubectl top counts {} of active page cache; watch limit hits and memory pressure (--watch) for stalls",
@@ -183,7 +194,10 @@ pub fn judge(s: &Snapshot, trend: Option<&Trend>) -> Verdict {
         verdict: Kind::Healthy,
         reason: format!(
             "{} charged ({limit_text}): anonymous {}, file cache {}, {} of it dirty or under writeback; {kubectl}",
-            mib(usage), mib(anon), mib(file), mib(dw)
+            mib(usage),
+            mib(anon),
+            mib(file),
+            mib(dw)
         ),
         advice: Vec::new(),
     }
@@ -191,21 +205,34 @@ pub fn judge(s: &Snapshot, trend: Option<&Trend>) -> Verdict {
 
 /// "written by qemu-img (pid 12) to /dev/vda", from the writer holding the most dirty + writeback (else cache).
 fn culprit(s: &Snapshot) -> String {
-    let best = s
-        .writers
-        .iter()
-        .max_by_key(|w| (w.dirty_writeback().unwrap_or(0), w.cached_bytes.unwrap_or(0)));
+    let best = s.writers.iter().max_by_key(|w| (w.dirty_writeback().unwrap_or(0), w.cached_bytes.unwrap_or(0)));
     match best {
         Some(w) => {
             let how = match (w.dirty_writeback(), w.cached_bytes) {
-                (Some(dw), _) => format!(" ({} of it dirty or under writeback)", mib(dw)),
-                (None, Some(c)) => format!(" ({} of it cached; dirty unknown)", mib(c)),
+                (Some(dw), _) => format!(" ({} of those pages are its)", mib(dw)),
+                (None, Some(c)) => format!(" ({} of its pages cached, how many dirty unknown)", mib(c)),
                 (None, None) => " (its page cache unknown)".to_string(),
             };
             format!("written by {} (pid {}) to {}{how}", w.command, w.pid, w.path)
         }
         None if s.processes.is_empty() => "and no process is left in the cgroup to name".to_string(),
         None => "but no process in the cgroup has a file open for writing (the writer closed it or exited)".to_string(),
+    }
+}
+
+/// "; 120 MiB of it is /src.qcow2 read by qemu-img", for the reader holding the most cache when it holds at least
+/// a quarter of the cgroup's file cache.
+fn reader_note(s: &Snapshot, file: u64) -> String {
+    let best = s.readers.iter().filter(|r| r.cached_bytes.is_some()).max_by_key(|r| r.cached_bytes);
+    match best {
+        Some(r) if r.cached_bytes.unwrap_or(0) >= file / 4 && file > 0 => format!(
+            "; {} of the cache is {} read by {} (pid {})",
+            mib(r.cached_bytes.unwrap_or(0)),
+            r.path,
+            r.command,
+            r.pid
+        ),
+        _ => String::new(),
     }
 }
 
@@ -224,10 +251,9 @@ fn page_cache_advice(s: &Snapshot) -> Vec<String> {
         "with qemu-img: -t none -T none (cache=none for destination and source), where the destination accepts O_DIRECT".to_string(),
     ];
     let node = match (s.node.dirty_threshold_bytes, s.limit_bytes) {
-        (Some(t), Some(l)) if t > l => format!(
-            "; the node lets {} be dirty before it throttles writers, more than this cgroup's limit",
-            mib(t)
-        ),
+        (Some(t), Some(l)) if t > l => {
+            format!("; the node lets {} be dirty before it throttles writers, more than this cgroup's limit", mib(t))
+        }
         _ => String::new(),
     };
     let scope = if s.cgroup_version == "v1" {
@@ -235,9 +261,7 @@ fn page_cache_advice(s: &Snapshot) -> Vec<String> {
     } else {
         "cgroup v2 limits dirty pages per cgroup only on filesystems with cgroup writeback (not NFS or FUSE)"
     };
-    advice.push(format!(
-        "a larger limit only buys time while writes outrun the device: {scope}{node}"
-    ));
+    advice.push(format!("a larger limit only buys time while writes outrun the device: {scope}{node}"));
     advice
 }
 
@@ -322,7 +346,11 @@ mod tests {
         assert_eq!(v.verdict, Kind::PageCachePressure, "{v:?}");
         assert!(v.reason.contains("556 MiB of the 570 MiB charged (limit 572 MiB) is file cache"), "{}", v.reason);
         assert!(v.reason.contains("498 MiB of it dirty or under writeback"), "{}", v.reason);
-        assert!(v.reason.contains("written by qemu-img (pid 4242) to /dev/vda"), "{}", v.reason);
+        assert!(
+            v.reason.contains("written by qemu-img (pid 4242) to /dev/vda (490 MiB of those pages are its)"),
+            "{}",
+            v.reason
+        );
         assert!(v.reason.contains("anonymous memory 14 MiB — not a leak"), "{}", v.reason);
         assert!(v.reason.contains("kubectl top shows"), "{}", v.reason);
         assert!(v.advice[0].contains("boundimport"));
@@ -341,7 +369,8 @@ mod tests {
     #[test]
     fn anonymous_memory_near_the_limit() {
         let mut s = snapshot(540, 20, 0);
-        s.processes = vec![Process { pid: 7, command: "java".into(), rss_bytes: Some(538 * MIB), anon_bytes: Some(536 * MIB) }];
+        s.processes =
+            vec![Process { pid: 7, command: "java".into(), rss_bytes: Some(538 * MIB), anon_bytes: Some(536 * MIB) }];
         let v = judge(&s, None);
         assert_eq!(v.verdict, Kind::AnonymousPressure);
         assert!(v.reason.contains("anonymous memory is 540 MiB of the 560 MiB charged"), "{}", v.reason);
@@ -367,7 +396,11 @@ mod tests {
         s.oom_kills = Some(2);
         let v = judge(&s, None);
         assert_eq!(v.verdict, Kind::OomKilled);
-        assert!(v.reason.starts_with("2 processes OOM-killed in this cgroup (memory.oom_control oom_kill)"), "{}", v.reason);
+        assert!(
+            v.reason.starts_with("2 processes OOM-killed in this cgroup (memory.oom_control oom_kill)"),
+            "{}",
+            v.reason
+        );
         assert!(v.reason.contains("page cache filled it"), "{}", v.reason);
         assert!(v.advice.iter().any(|a| a.contains("boundimport")));
 
@@ -394,6 +427,16 @@ mod tests {
         let v = judge(&snapshot(20, 520, 3), None);
         assert_eq!(v.verdict, Kind::CleanCache, "{v:?}");
         assert!(v.reason.contains("only 3 MiB of it dirty or under writeback"), "{}", v.reason);
+        let mut s = snapshot(20, 520, 3);
+        let mut source = writer("qemu-img", "/data/image.qcow2", 400);
+        source.writing = false;
+        s.readers = vec![source];
+        let v = judge(&s, None);
+        assert!(
+            v.reason.contains("400 MiB of the cache is /data/image.qcow2 read by qemu-img (pid 4242)"),
+            "{}",
+            v.reason
+        );
         // A limit hit during a watch counts as near even below 90%.
         let first = snapshot(20, 300, 3);
         let mut now = first.clone();

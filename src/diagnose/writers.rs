@@ -79,7 +79,7 @@ impl OpenFile {
 pub fn scan(proc: &Path, pids: &[u32], misses: &mut Misses) -> (Vec<Process>, Vec<OpenFile>) {
     let mut processes = Vec::new();
     let mut files = Vec::new();
-    let mut measured: HashMap<(u64, u64), (Option<u64>, Option<u64>, Option<u64>, Residency)> = HashMap::new();
+    let mut measured: HashMap<(u64, u64), Measured> = HashMap::new();
     for &pid in pids {
         let dir = proc.join(pid.to_string());
         let Some(command) = gone_or(misses, read_line(&dir.join("comm")), &dir) else { continue };
@@ -177,13 +177,12 @@ fn device_size(link: &Path) -> Option<u64> {
     crate::sys::file_or_device_size(&file).ok()
 }
 
+/// Cached, dirty and writeback bytes of one file, and how they were measured.
+type Measured = (Option<u64>, Option<u64>, Option<u64>, Residency);
+
 /// Page cache of the file behind `link`: cachestat, else mincore where truthful, else unknown. A failure that
 /// leaves it unknown is recorded.
-fn measure(
-    link: &Path,
-    meta: &std::fs::Metadata,
-    misses: &mut Misses,
-) -> (Option<u64>, Option<u64>, Option<u64>, Residency) {
+fn measure(link: &Path, meta: &std::fs::Metadata, misses: &mut Misses) -> Measured {
     let unknown = (None, None, None, Residency::Unknown);
     let file = match File::open(link).io_context("opening to measure its page cache") {
         Ok(f) => f,
