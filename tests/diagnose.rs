@@ -279,9 +279,19 @@ impl Scene {
 
 /// `perl` allocating `mib` MiB of anonymous memory, 1 MiB at a time, then saying "ready" and sleeping.
 fn allocator(mib: u64) -> Command {
+    growing_allocator(mib, 0)
+}
+
+/// `perl` allocating `first` MiB at once, saying "ready", then 1 MiB every 100 ms up to `first + more` MiB,
+/// saying "done", and sleeping.
+fn growing_allocator(first: u64, more: u64) -> Command {
     let mut cmd = Command::new(tool("perl", "PERL"));
     cmd.arg("-e")
-        .arg(format!(r#"$| = 1; my @a; push @a, "x" x 1048576 for 1..{mib}; print "ready\n"; sleep 60"#))
+        .arg(format!(
+            r#"$| = 1; my @a; push @a, "x" x 1048576 for 1..{first}; print "ready\n";
+               for (1..{more}) {{ select(undef, undef, undef, 0.1); push @a, "x" x 1048576 }}
+               print "done\n"; sleep 60"#
+        ))
         .stdout(Stdio::piped());
     cmd
 }
@@ -335,9 +345,19 @@ fn anonymous_allocation_near_the_limit_is_anonymous_pressure() {
     }
     const LIMIT: u64 = 64 * MIB;
     let mut scene = Scene::new("anon", LIMIT);
-    let pid = scene.spawn(&mut allocator(57));
+    let pid = scene.spawn(&mut growing_allocator(40, 17));
     wait_ready(scene.children.last_mut().unwrap());
-    scene.wait_for(Duration::from_secs(10), "usage near the limit", |s| s.usage as f64 >= 0.9 * LIMIT as f64);
+    // While it grows by 10 MiB/s, --watch sees the rate.
+    let samples = diagnose_lines(&["--cgroup", &scene.cgroup_dir(), "--watch", "0.4", "--count", "4"]);
+    let last = samples.last().unwrap();
+    eprintln!("{}", text(last, "reason"));
+    assert_eq!(text(last, "verdict"), "anonymous-pressure", "{last}");
+    assert!(text(last, "reason").contains("MiB/s over 1 s"), "{last}");
+    assert!(last["trend"]["anon_bytes_per_sec"].as_f64().unwrap() > 4.0 * MIB as f64, "{last}");
+    // Once it is done growing, one sample alone says the same.
+    scene.wait_for(Duration::from_secs(10), "all 57 MiB allocated, near the limit", |s| {
+        s.anon >= 56 * MIB && s.usage as f64 >= 0.9 * LIMIT as f64
+    });
     let v = diagnose_json(&["--cgroup", &scene.cgroup_dir()]);
     eprintln!("{}", text(&v, "reason"));
     assert_eq!(text(&v, "verdict"), "anonymous-pressure", "{v}");
@@ -378,6 +398,33 @@ fn an_idle_cgroup_is_healthy() {
     assert_eq!(text(&v, "verdict"), "healthy", "{v}");
     assert!(v["processes"].as_array().unwrap().iter().any(|p| p["pid"] == pid && p["command"] == "sleep"));
     assert_eq!((v["limit_bytes"].as_u64(), v["oom_kills"].as_u64()), (Some(64 * MIB), Some(0)));
+    // --pid finds the same cgroup.
+    let by_pid = diagnose_json(&["--pid", &pid.to_string()]);
+    assert_eq!(by_pid["cgroup"], v["cgroup"]);
+}
+
+#[test]
+fn unprivileged_it_reads_its_own_cgroup_and_names_what_it_cannot_read() {
+    if !require_privileged("unprivileged_it_reads_its_own_cgroup_and_names_what_it_cannot_read") {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    const NOBODY: u32 = 65534;
+    // As nobody, in this test's own cgroup, beside root's processes (this test among them).
+    let output = boundimport().args(["diagnose", "--json"]).uid(NOBODY).gid(NOBODY).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let v: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(v["usage_bytes"].as_u64().unwrap() > 0 && v["file_bytes"].is_u64(), "{v}");
+    let unreadable: Vec<String> =
+        v["unreadable"].as_array().unwrap().iter().map(|u| u["path"].as_str().unwrap().to_string()).collect();
+    let me = format!("/proc/{}/fd", std::process::id());
+    assert!(unreadable.contains(&me), "root's descriptors are named, not skipped: {unreadable:?}");
+    let restricted = std::fs::read_to_string("/proc/sys/kernel/dmesg_restrict").is_ok_and(|t| t.trim() == "1");
+    if restricted {
+        assert!(unreadable.iter().any(|p| p == "/dev/kmsg"), "{unreadable:?}");
+        assert!(v["kernel_oom_kills"].is_null());
+    }
+    assert_ne!(text(&v, "verdict"), "unknown", "{v}");
 }
 
 #[test]

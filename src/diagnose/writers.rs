@@ -6,6 +6,9 @@
 //! mincore(2) over a read-only shared mapping (cached pages only; dirty and writeback stay unknown), else it is
 //! unknown. mincore is used only where the kernel answers it truthfully: for files we own or may write, or as
 //! CAP_SYS_ADMIN — for other files it reports every page resident (mm/mincore.c `can_do_mincore`).
+//!
+//! Both count a file's pages whoever is charged for them: a page is charged to the cgroup that first brought it
+//! into the cache, so a source another cgroup already read shows cached here without being charged here.
 
 use super::snapshot::{meminfo_kib, Misses, Unreadable};
 use crate::error::{IoContext, Result};
