@@ -188,6 +188,10 @@ fn v1_cgroupfs_fixtures_for_crio_and_docker() {
         assert_eq!((v["limit_hits"].as_u64(), v["oom_kills"].as_u64()), (Some(77), Some(3)));
         assert!(text(&v, "reason").starts_with("3 processes OOM-killed in this cgroup (memory.oom_control oom_kill)"));
         assert!(v["kernel_oom_kills"].is_null(), "a fixture is outside the hierarchy: no kernel lines to match");
+        // v1 counts a kill in the victim's cgroup only: the pod's count adds its containers'.
+        fake_cgroup(ctr.parent().unwrap(), false, 256 * MIB, 240 * MIB, 10 * MIB, 0, 0);
+        let v = diagnose_json(&["--cgroup-root", root.path().to_str().unwrap(), "--pod", UID]);
+        assert_eq!(v["oom_kills"], 6, "{name}: 3 in the pod's own cgroup, 3 in the container's");
     }
 }
 

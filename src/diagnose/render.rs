@@ -56,7 +56,7 @@ pub fn report(s: &Snapshot, v: &Verdict) -> String {
     );
     let _ = writeln!(w, "dirty         {}, writeback {}", opt(s.dirty_bytes), opt(s.writeback_bytes));
     let (hits_src, oom_src) = match s.cgroup_version {
-        "v1" => ("memory.failcnt + memory.memsw.failcnt", "memory.oom_control oom_kill"),
+        "v1" => ("memory.failcnt + memory.memsw.failcnt", "memory.oom_control oom_kill, with the cgroups below"),
         _ => ("memory.events max", "memory.events oom_kill"),
     };
     let high_events = s.high_events.map_or(String::new(), |h| format!(", {h} over memory.high"));

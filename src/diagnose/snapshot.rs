@@ -105,7 +105,7 @@ pub struct Snapshot {
     pub limit_hits: Option<u64>,
     /// memory.high events (v2).
     pub high_events: Option<u64>,
-    /// OOM kills (v2 memory.events oom_kill, v1 memory.oom_control oom_kill).
+    /// OOM kills (v2 memory.events oom_kill; v1 memory.oom_control oom_kill of the cgroup and all below it).
     pub oom_kills: Option<u64>,
     /// Memory pressure, the cgroup's where it has PSI, else the node's.
     pub pressure: Option<PressureReading>,
@@ -191,6 +191,11 @@ pub fn read_cgroup(cg: &MemCgroup, snap: &mut Snapshot, misses: &mut Misses) {
         snap.limit_hits = Some(events.limit_hits);
         snap.high_events = events.high;
         snap.oom_kills = events.oom_kills;
+        if cg.version() == Version::V1 {
+            // v1 counts a kill only in the victim's own cgroup (v2's memory.events is hierarchical): a pod's
+            // count is the sum over its containers.
+            snap.oom_kills = snap.oom_kills.and_then(|own| Some(own + descendant_oom_kills(cg, misses)?));
+        }
         if events.oom_kills.is_none() {
             let file = if cg.version() == Version::V1 { "memory.oom_control" } else { "memory.events" };
             misses.0.push(Unreadable {
@@ -211,6 +216,16 @@ pub fn read_cgroup(cg: &MemCgroup, snap: &mut Snapshot, misses: &mut Misses) {
         }
         None => None,
     };
+}
+
+/// The v1 oom_kill counters of every cgroup below `cg`; `None` if one could not be read (it is recorded).
+fn descendant_oom_kills(cg: &MemCgroup, misses: &mut Misses) -> Option<u64> {
+    let mut total = 0;
+    for child in misses.take(cg.children(), cg.dir())? {
+        let own = misses.take(child.event_counts(), child.dir())?.oom_kills.unwrap_or(0);
+        total += own + descendant_oom_kills(&child, misses)?;
+    }
+    Some(total)
 }
 
 fn pressure_reading(scope: &'static str, p: cgroup::Pressure) -> PressureReading {
