@@ -16,7 +16,7 @@ pub mod snapshot;
 pub mod verdict;
 pub mod writers;
 
-use crate::cgroup::{MemCgroup, Version};
+use crate::cgroup::MemCgroup;
 use crate::error::{Error, ErrorKind, Result};
 use snapshot::{Misses, Snapshot, Unreadable};
 use std::path::{Path, PathBuf};
@@ -109,6 +109,10 @@ fn run(args: &DiagnoseArgs) -> Result<()> {
     let mut next = Instant::now();
     let mut taken = 0;
     loop {
+        if !cg.dir().is_dir() {
+            log::warn!("{}: the cgroup is gone (its pod or container was removed)", cg.dir().display());
+            break;
+        }
         let snap = take(&cg, &mut kernel);
         let base = first.get_or_insert_with(|| snap.clone());
         let trend = (taken > 0).then(|| verdict::Trend::between(base, &snap));
@@ -219,11 +223,7 @@ fn unreadable(err: &Error, fallback: &Path) -> Unreadable {
     misses.0.remove(0)
 }
 
-/// Takes one snapshot of `cg`.
-pub fn take_snapshot(cg: &MemCgroup) -> Snapshot {
-    take(cg, &mut KernelLog::NotApplicable)
-}
-
+/// Takes one snapshot of `cg`, with the kernel log lines read since the last one.
 fn take(cg: &MemCgroup, kernel: &mut KernelLog) -> Snapshot {
     let mut misses = Misses::default();
     let mut snap = Snapshot {
@@ -252,9 +252,6 @@ fn take(cg: &MemCgroup, kernel: &mut KernelLog) -> Snapshot {
         }
         KernelLog::NotApplicable => None,
     };
-    if cg.version() == Version::V1 && snap.pressure.is_none() {
-        log::debug!("no PSI: neither memory.pressure nor /proc/pressure/memory");
-    }
     snap.unreadable = misses.0;
     snap
 }
