@@ -4,6 +4,7 @@
 //! memory) and the page cache our reads and writes create. boundimport plans to use a small share of it and leaves
 //! the rest to co-tenants (a CDI pod's other processes share the cgroup).
 
+use crate::cgroup::governor::Targets;
 use crate::cgroup::MemCgroup;
 use crate::error::Result;
 use crate::size::human;
@@ -113,6 +114,19 @@ impl Budget {
         let workers = (pool / chunk).clamp(2, 8) as usize;
         Sizing { workers, chunk, dirty_target: (share / 2).max(2 * chunk), usage_ceiling: self.bytes - self.bytes / 8 }
     }
+}
+
+impl Sizing {
+    /// What the write-behind governor keeps the cgroup under.
+    pub fn governor_targets(&self) -> Targets {
+        Targets { dirty_writeback: self.dirty_target, usage_ceiling: Some(self.usage_ceiling) }
+    }
+}
+
+/// Memory an xz decoder may use for a budget of `budget` bytes: a quarter of it, between 16 and 72 MiB (enough
+/// for `xz -9`'s 64 MiB dictionary when the budget allows, refused with a clear error otherwise).
+pub fn xz_memlimit(budget: u64) -> u64 {
+    (budget / 4).clamp(16 << 20, 72 << 20)
 }
 
 #[cfg(test)]

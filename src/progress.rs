@@ -1,28 +1,10 @@
-//! Progress: counters the pipeline advances, and a reporter that shows them (an indicatif bar on a terminal,
-//! a log line every few seconds elsewhere). Front ends that publish progress differently (CDI's metric) read the
-//! same counters.
+//! Progress: counters the engine advances. Showing them is the front ends' business (a bar or log lines in
+//! `process::render`, CDI's metric in `cdi::metrics`); they all read the same counters.
 
 use crate::size::human;
-use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
-
-/// Interval between log lines when not on a terminal.
-const LOG_INTERVAL: Duration = Duration::from_secs(5);
-
-/// How progress is shown (`--progress`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ProgressStyle {
-    /// A bar on a terminal, log lines otherwise.
-    Auto,
-    /// Always a bar.
-    Bar,
-    /// Log lines every few seconds.
-    Log,
-    /// Nothing.
-    None,
-}
 
 /// Shared import progress.
 pub struct Progress {
@@ -106,7 +88,7 @@ impl Progress {
     }
 
     /// Waits up to `timeout` for the import to finish; returns whether it has.
-    fn wait_finished(&self, timeout: Duration) -> bool {
+    pub fn wait_finished(&self, timeout: Duration) -> bool {
         let finished = self.finished.lock().unwrap_or_else(|p| p.into_inner());
         let (finished, _) =
             self.wake.wait_timeout_while(finished, timeout, |done| !*done).unwrap_or_else(|p| p.into_inner());
@@ -123,38 +105,5 @@ impl Progress {
             human(self.total()),
             human((self.processed() as f64 / secs) as u64)
         )
-    }
-}
-
-/// Shows `progress` in `style` until [`Progress::finish`] is called. Run it on its own thread.
-pub fn report(progress: &Progress, style: ProgressStyle) {
-    let style = match style {
-        ProgressStyle::Auto if std::io::stderr().is_terminal() => ProgressStyle::Bar,
-        ProgressStyle::Auto => ProgressStyle::Log,
-        other => other,
-    };
-    match style {
-        ProgressStyle::Bar => {
-            let bar = indicatif::ProgressBar::new(progress.total());
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{elapsed_precise} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                )
-                .expect("valid progress template")
-                .progress_chars("=> "),
-            );
-            while !progress.wait_finished(Duration::from_millis(200)) {
-                bar.set_length(progress.total());
-                bar.set_position(progress.processed());
-            }
-            bar.set_position(progress.processed());
-            bar.finish_and_clear();
-        }
-        ProgressStyle::Log => {
-            while !progress.wait_finished(LOG_INTERVAL) {
-                log::info!("{}", progress.log_line());
-            }
-        }
-        ProgressStyle::None | ProgressStyle::Auto => while !progress.wait_finished(Duration::from_secs(3600)) {},
     }
 }

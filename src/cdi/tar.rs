@@ -86,11 +86,6 @@ impl<R: Read> TarReader<R> {
         self.position
     }
 
-    /// The underlying reader.
-    pub fn into_inner(self) -> R {
-        self.inner
-    }
-
     /// The next entry, or `None` at the end of the archive. Unread data of the previous entry is skipped.
     pub fn next_entry(&mut self) -> Result<Option<Entry>> {
         self.skip(self.pending)?;

@@ -74,7 +74,7 @@ pub struct DiagnoseArgs {
 
 /// Entry point of `boundimport diagnose`: returns the exit code.
 pub fn main(args: DiagnoseArgs) -> i32 {
-    crate::logging::init(args.verbose, args.quiet);
+    crate::process::logging::init(args.verbose, args.quiet);
     match run(&args) {
         Ok(()) => 0,
         Err(err) => {
@@ -102,7 +102,7 @@ fn run(args: &DiagnoseArgs) -> Result<()> {
         return Err(Error::usage("--watch needs a positive number of seconds"));
     }
     let interval = Duration::from_secs_f64(interval);
-    let stop = crate::lab::fixtures::StopOnSignals::install()?;
+    let stop = crate::process::install_stop_handlers();
     let mut first: Option<Snapshot> = None;
     let mut previous: Option<Snapshot> = None;
     let mut summary = render::Summary::default();
@@ -137,14 +137,14 @@ fn run(args: &DiagnoseArgs) -> Result<()> {
         }
         previous = Some(snap);
         taken += 1;
-        if args.count.is_some_and(|n| taken >= n) || stop.flag().load(Ordering::SeqCst) {
+        if args.count.is_some_and(|n| taken >= n) || stop.load(Ordering::SeqCst) {
             break;
         }
         next += interval;
-        while Instant::now() < next && !stop.flag().load(Ordering::SeqCst) {
+        while Instant::now() < next && !stop.load(Ordering::SeqCst) {
             std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
         }
-        if stop.flag().load(Ordering::SeqCst) {
+        if stop.load(Ordering::SeqCst) {
             break;
         }
     }

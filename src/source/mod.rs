@@ -4,10 +4,11 @@
 
 pub mod decompress;
 mod file;
+pub mod files;
 mod hashing;
-pub mod http;
-pub mod open;
-pub mod sequential;
+pub(crate) mod http;
+pub(crate) mod open;
+pub(crate) mod sequential;
 
 pub use file::FileSource;
 pub use hashing::HashingSource;

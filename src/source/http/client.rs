@@ -411,11 +411,6 @@ impl Response {
         Some((start.trim().parse().ok()?, end.trim().parse().ok()?, total))
     }
 
-    /// Body bytes read so far.
-    pub fn delivered(&self) -> u64 {
-        self.body.delivered
-    }
-
     /// After the body was read to its end: checks that the server sent nothing past it, waiting up to `linger` for a
     /// connection the request asked to close, and keeps a reusable connection in `client`.
     pub fn finish(mut self, client: &Client, linger: Duration) -> Result<()> {

@@ -7,7 +7,7 @@ mod random;
 mod stream;
 mod tls;
 
-pub use client::{Client, Response};
+pub use client::Client;
 pub use random::HttpSource;
 pub use stream::HttpStream;
 
