@@ -62,7 +62,9 @@ pub fn report(s: &Snapshot, v: &Verdict) -> String {
     let high_events = s.high_events.map_or(String::new(), |h| format!(", {h} over memory.high"));
     let count = |v: Option<u64>| v.map_or_else(|| "unreadable".to_string(), |n| n.to_string());
     let _ = writeln!(w, "limit hits    {}{high_events}  ({hits_src})", count(s.limit_hits));
-    let _ = writeln!(w, "OOM kills     {}  ({oom_src})", count(s.oom_kills));
+    let invoked = s.oom_events.map_or(String::new(), |n| format!(", OOM killer invoked {n} times"));
+    let frozen = if s.under_oom == Some(true) { ", UNDER OOM NOW: tasks stopped (oom_kill_disable)" } else { "" };
+    let _ = writeln!(w, "OOM kills     {}{invoked}{frozen}  ({oom_src})", count(s.oom_kills));
     let pressure = match s.pressure {
         Some(p) if p.scope == "cgroup" => {
             format!("some {:.2}% full {:.2}% of the last 10 s (memory.pressure)", p.some_avg10, p.full_avg10)

@@ -105,6 +105,10 @@ pub struct Snapshot {
     pub limit_hits: Option<u64>,
     /// memory.high events (v2).
     pub high_events: Option<u64>,
+    /// Times the OOM killer was invoked (v2 memory.events oom).
+    pub oom_events: Option<u64>,
+    /// The cgroup is in OOM now with its tasks stopped (v1 memory.oom_control under_oom, with oom_kill_disable).
+    pub under_oom: Option<bool>,
     /// OOM kills (v2 memory.events oom_kill; v1 memory.oom_control oom_kill of the cgroup and all below it).
     pub oom_kills: Option<u64>,
     /// Memory pressure, the cgroup's where it has PSI, else the node's.
@@ -190,6 +194,8 @@ pub fn read_cgroup(cg: &MemCgroup, snap: &mut Snapshot, misses: &mut Misses) {
     if let Some(events) = misses.take(cg.event_counts(), dir) {
         snap.limit_hits = Some(events.limit_hits);
         snap.high_events = events.high;
+        snap.oom_events = events.oom;
+        snap.under_oom = events.under_oom;
         snap.oom_kills = events.oom_kills;
         if cg.version() == Version::V1 {
             // v1 counts a kill only in the victim's own cgroup (v2's memory.events is hierarchical): a pod's
