@@ -59,7 +59,7 @@ impl FileSource {
         let ctx = |e: Error| e.at_path(path);
         let meta = file.metadata().io_context("reading source metadata").map_err(ctx)?;
         if meta.is_dir() {
-            return Err(Error::usage("source is a directory").at_path(path));
+            return Err(Error::new(crate::error::ErrorKind::Io, "source is a directory").at_path(path));
         }
         let len = sys::file_or_device_size(&file).io_context("reading source size").map_err(ctx)?;
         let is_block_device = sys::is_block_device(&file).io_context("reading source type").map_err(ctx)?;
