@@ -96,7 +96,12 @@ fn fake_cgroup(dir: &Path, v2: bool, limit: u64, anon: u64, file: u64, dirty: u6
             ),
         );
         write("memory.events", "low 0\nhigh 0\nmax 4051\noom 0\noom_kill 0\n".into());
-        write("memory.pressure", "some avg10=31.20 avg60=12.00 avg300=3.00 total=9000000\nfull avg10=25.00 avg60=9.00 avg300=2.00 total=7000000\n".into());
+        write(
+            "memory.pressure",
+            "some avg10=31.20 avg60=12.00 avg300=3.00 total=9000000\n\
+             full avg10=25.00 avg60=9.00 avg300=2.00 total=7000000\n"
+                .into(),
+        );
     } else {
         write("memory.usage_in_bytes", format!("{usage}\n"));
         write("memory.limit_in_bytes", format!("{limit}\n"));

@@ -1,9 +1,8 @@
 //! Finding a pod's or a container's memory cgroup on a node, for both kubelet cgroup drivers and every runtime:
 //!
-//! | driver   | pod directory                                                           | container directory        |
-//! |----------|-------------------------------------------------------------------------|----------------------------|
-//! | systemd  | `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<UID_>.slice` | `cri-containerd-<ID>.scope`, `crio-<ID>.scope`, `docker-<ID>.scope` |
-//! | cgroupfs | `kubepods/burstable/pod<UID>`                                           | `<ID>` (containerd, docker), `crio-<ID>` |
+//! - systemd driver: pod `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<UID_>.slice`,
+//!   container `cri-containerd-<ID>.scope`, `crio-<ID>.scope` or `docker-<ID>.scope`;
+//! - cgroupfs driver: pod `kubepods/burstable/pod<UID>`, container `<ID>` (containerd, docker) or `crio-<ID>`.
 //!
 //! Guaranteed pods sit directly under `kubepods[.slice]`; systemd spells the UID with `_` for `-`. The same layout
 //! appears under the v1 memory hierarchy and the unified one, sometimes below a prefix (`kubelet.slice/…` in kind).
@@ -135,10 +134,17 @@ mod tests {
                 format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice"),
                 format!("crio-{ID}.scope"),
             ),
-            ("systemd docker guaranteed", format!("kubepods.slice/kubepods-pod{u}.slice"), format!("docker-{ID}.scope")),
+            (
+                "systemd docker guaranteed",
+                format!("kubepods.slice/kubepods-pod{u}.slice"),
+                format!("docker-{ID}.scope"),
+            ),
             (
                 "kind: systemd below kubelet.slice",
-                format!("kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/kubelet-kubepods-burstable-pod{u}.slice"),
+                format!(
+                    "kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/\
+                     kubelet-kubepods-burstable-pod{u}.slice"
+                ),
                 format!("cri-containerd-{ID}.scope"),
             ),
             ("cgroupfs containerd burstable", format!("kubepods/burstable/pod{UID}"), ID.to_string()),

@@ -70,7 +70,8 @@ pub fn report(s: &Snapshot, v: &Verdict) -> String {
             format!("some {:.2}% full {:.2}% of the last 10 s (memory.pressure)", p.some_avg10, p.full_avg10)
         }
         Some(p) => format!(
-            "node: some {:.2}% full {:.2}% of the last 10 s (/proc/pressure/memory; this cgroup has no memory.pressure)",
+            "node: some {:.2}% full {:.2}% of the last 10 s \
+             (/proc/pressure/memory; this cgroup has no memory.pressure)",
             p.some_avg10, p.full_avg10
         ),
         None => "not available (no PSI on this kernel)".to_string(),
@@ -84,7 +85,8 @@ pub fn report(s: &Snapshot, v: &Verdict) -> String {
     };
     let _ = writeln!(
         w,
-        "node          MemAvailable {} of {}; Dirty {}, Writeback {}; writers throttled above {}, flushers start above {} ({}, {}; expire {} cs)",
+        "node          MemAvailable {} of {}; Dirty {}, Writeback {}; writers throttled above {}, \
+         flushers start above {} ({}, {}; expire {} cs)",
         opt(n.mem_available_bytes),
         opt(n.mem_total_bytes),
         opt(n.dirty_bytes),

@@ -1,13 +1,13 @@
 //! The verdict: a pure function of a snapshot (and, with `--watch`, of how it changed since the first sample).
 //!
-//! | verdict               | when                                                                                 |
+//! | verdict               | when (first match wins)                                                              |
 //! |-----------------------|--------------------------------------------------------------------------------------|
-//! | `oom-killed`          | the cgroup's oom_kill counter is above zero, or the kernel log has a kill for it     |
-//! | `page-cache-pressure` | dirty + writeback ≥ ¼ of the limit while near it, or ≥ ½ of the limit at all          |
-//! | `anonymous-pressure`  | near the limit with anonymous memory at least half the charge, or anonymous memory ≥ ½ of the limit and growing |
-//! | `clean-cache`         | near the limit (or `kubectl top` ≥ ½ of it) and the rest is mostly clean page cache  |
-//! | `healthy`             | none of the above                                                                     |
 //! | `unknown`             | usage or memory.stat could not be read                                               |
+//! | `oom-killed`          | the cgroup's oom_kill counter is above zero, or the kernel log has a kill for it     |
+//! | `page-cache-pressure` | dirty + writeback ≥ ¼ of the limit while near it, or ≥ ½ of the limit at all         |
+//! | `anonymous-pressure`  | near the limit, anonymous ≥ ½ of the charge; or anonymous ≥ ½ of the limit, growing  |
+//! | `clean-cache`         | near the limit (or `kubectl top` ≥ ½ of it) and the rest is mostly clean page cache  |
+//! | `healthy`             | none of the above                                                                    |
 //!
 //! "Near the limit" is usage ≥ 90% of it, or a limit hit during `--watch`.
 
@@ -112,7 +112,8 @@ pub fn judge(s: &Snapshot, trend: Option<&Trend>) -> Verdict {
     let kills = s.oom_kills.unwrap_or(0).max(s.kernel_oom_kills.as_ref().map_or(0, |k| k.len() as u64));
     if kills > 0 {
         let last = s.kernel_oom_kills.as_ref().and_then(|k| k.last()).map_or(String::new(), |k| {
-            format!("; the kernel killed {} (pid {}) at {:.1} s after boot", k.task, k.pid.unwrap_or(0), k.seconds)
+            let pid = k.pid.map_or(String::new(), |pid| format!(" (pid {pid})"));
+            format!("; the kernel killed {}{pid} at {:.1} s after boot", k.task, k.seconds)
         });
         let counter = match s.cgroup_version {
             "v1" => "memory.oom_control oom_kill",
@@ -151,8 +152,12 @@ pub fn judge(s: &Snapshot, trend: Option<&Trend>) -> Verdict {
             return Verdict {
                 verdict: Kind::PageCachePressure,
                 reason: format!(
-                    "{} of the {} charged ({limit_text}) is file cache, {} of it dirty or under writeback{heading}, {culprit}{}; {anon_note}; {kubectl}",
-                    mib(file), mib(usage), mib(dw), reader_note(s, file)
+                    "{} of the {} charged ({limit_text}) is file cache, {} of it dirty or under writeback{heading}, \
+                     {culprit}{}; {anon_note}; {kubectl}",
+                    mib(file),
+                    mib(usage),
+                    mib(dw),
+                    reader_note(s, file)
                 ),
                 advice: page_cache_advice(s),
             };
@@ -170,8 +175,12 @@ pub fn judge(s: &Snapshot, trend: Option<&Trend>) -> Verdict {
             return Verdict {
                 verdict: Kind::AnonymousPressure,
                 reason: format!(
-                    "anonymous memory is {} of the {} charged ({limit_text}){who}{rate}; file cache {} ({} dirty or under writeback); {kubectl}",
-                    mib(anon), mib(usage), mib(file), mib(dw)
+                    "anonymous memory is {} of the {} charged ({limit_text}){who}{rate}; \
+                     file cache {} ({} dirty or under writeback); {kubectl}",
+                    mib(anon),
+                    mib(usage),
+                    mib(file),
+                    mib(dw)
                 ),
                 advice: anonymous_advice(),
             };
@@ -180,11 +189,16 @@ pub fn judge(s: &Snapshot, trend: Option<&Trend>) -> Verdict {
             return Verdict {
                 verdict: Kind::CleanCache,
                 reason: format!(
-                    "{} of the {} charged ({limit_text}) is file cache, only {} of it dirty or under writeback: clean pages the kernel reclaims on demand{}; {anon_note}; {kubectl}",
-                    mib(file), mib(usage), mib(dw), reader_note(s, file)
+                    "{} of the {} charged ({limit_text}) is file cache, only {} of it dirty or under writeback: \
+                     clean pages the kernel reclaims on demand{}; {anon_note}; {kubectl}",
+                    mib(file),
+                    mib(usage),
+                    mib(dw),
+                    reader_note(s, file)
                 ),
                 advice: vec![format!(
-                    "nothing to fix: kubectl top counts {} of active page cache; watch limit hits and memory pressure (--watch) for stalls",
+                    "nothing to fix: kubectl top counts {} of active page cache; \
+                     watch limit hits and memory pressure (--watch) for stalls",
                     mib(working_set.saturating_sub(anon))
                 )],
             };
@@ -249,8 +263,12 @@ fn anon_note(anon: u64, usage: u64, trend: Option<&Trend>) -> String {
 
 fn page_cache_advice(s: &Snapshot) -> Vec<String> {
     let mut advice = vec![
-        "import with boundimport (O_DIRECT, or buffered writes paced by this cgroup's dirty pages): its charge stays near 30 MiB whatever the storage speed".to_string(),
-        "with qemu-img: -t none -T none (cache=none for destination and source), where the destination accepts O_DIRECT".to_string(),
+        "import with boundimport (O_DIRECT, or buffered writes paced by this cgroup's dirty pages): \
+         its charge stays near 30 MiB whatever the storage speed"
+            .to_string(),
+        "with qemu-img: -t none -T none (cache=none for destination and source), \
+         where the destination accepts O_DIRECT"
+            .to_string(),
     ];
     let node = match (s.node.dirty_threshold_bytes, s.limit_bytes) {
         (Some(t), Some(l)) if t > l => {
