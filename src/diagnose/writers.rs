@@ -186,6 +186,16 @@ type Measured = (Option<u64>, Option<u64>, Option<u64>, Residency);
 /// Page cache of the file behind `link`: cachestat, else mincore where truthful, else unknown. A failure that
 /// leaves it unknown is recorded.
 fn measure(link: &Path, meta: &std::fs::Metadata, misses: &mut Misses) -> Measured {
+    measure_with(link, meta, misses, crate::sys::cachestat)
+}
+
+/// [`measure`] with the cachestat call given (tests stand in a kernel without it).
+fn measure_with(
+    link: &Path,
+    meta: &std::fs::Metadata,
+    misses: &mut Misses,
+    cachestat: impl Fn(&File) -> io::Result<Option<crate::sys::FileCache>>,
+) -> Measured {
     let unknown = (None, None, None, Residency::Unknown);
     let file = match File::open(link).io_context("opening to measure its page cache") {
         Ok(f) => f,
@@ -194,7 +204,7 @@ fn measure(link: &Path, meta: &std::fs::Metadata, misses: &mut Misses) -> Measur
             return unknown;
         }
     };
-    match crate::sys::cachestat(&file) {
+    match cachestat(&file) {
         Ok(Some(c)) => return (Some(c.cached), Some(c.dirty), Some(c.writeback), Residency::Cachestat),
         Ok(None) => {}
         Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
@@ -328,6 +338,25 @@ mod tests {
             Residency::Unknown => panic!("our own file must be measurable: {misses:?}"),
         }
         drop(reader);
+    }
+
+    #[test]
+    fn without_cachestat_mincore_gives_cached_bytes_and_dirty_stays_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, vec![3u8; 5 * 4096]).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        let mut misses = Misses::default();
+        let no_cachestat = |_: &File| Ok(None);
+        let (cached, dirty, writeback, how) = measure_with(&path, &meta, &mut misses, no_cachestat);
+        assert_eq!((cached, dirty, writeback, how), (Some(5 * 4096), None, None, Residency::Mincore));
+        let refused = |_: &File| Err(io::Error::from_raw_os_error(libc::EPERM));
+        assert_eq!(measure_with(&path, &meta, &mut misses, refused).3, Residency::Mincore, "EPERM falls back");
+        let broken = |_: &File| Err(io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(measure_with(&path, &meta, &mut misses, broken), (None, None, None, Residency::Unknown));
+        assert!(misses.0.iter().any(|u| u.error.starts_with("cachestat:")), "a failure is named: {misses:?}");
+        let gone = dir.path().join("gone");
+        assert_eq!(measure_with(&gone, &meta, &mut misses, no_cachestat).3, Residency::Unknown);
     }
 
     #[test]
