@@ -67,3 +67,108 @@ fn directories_are_bad_paths_with_exit_1() {
         assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     }
 }
+
+/// Fills `path` with `len` bytes of a recognisable pattern and returns its sha256.
+fn precious(path: &Path, len: u64) -> String {
+    common::write_pattern_file(path, common::Fill::Random(77), 0, len as usize);
+    sha256_prefix(path, len)
+}
+
+#[test]
+fn a_corrupt_image_leaves_the_destination_untouched() {
+    let bench = Workbench::new("corrupt-untouched");
+    let image = bench.qcow2_mix("whole.qcow2", 256 * MIB, "cluster_size=65536", &[]);
+    // The header and L1 table survive, the L2 tables and data do not: found only by mapping the image.
+    let bytes = std::fs::read(&image).unwrap();
+    let truncated = bench.path("truncated.qcow2");
+    std::fs::write(&truncated, &bytes[..(320 << 10).min(bytes.len())]).unwrap();
+    let dest = bench.path("existing.raw");
+    let before = precious(&dest, 3 * MIB);
+    let output = run_any(boundimport().arg("--quiet").arg(&truncated).arg(&dest));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("truncated.qcow2"), "{stderr}");
+    assert_eq!(std::fs::metadata(&dest).unwrap().len(), 3 * MIB, "{stderr}");
+    assert_eq!(sha256_prefix(&dest, 3 * MIB), before, "the destination was written: {stderr}");
+}
+
+#[test]
+fn a_failed_stream_leaves_nothing_that_looks_complete() {
+    let bench = Workbench::new("stream-failed");
+    let image = bench.qcow2_mix("whole.qcow2", 64 * MIB, "cluster_size=65536", &[]);
+    let bytes = std::fs::read(&image).unwrap();
+    // A gzip stream cut short: the forward driver has written part of the image when the stream breaks.
+    let gz = bench.path("cut.qcow2.gz");
+    let compressed = gzip(bytes);
+    std::fs::write(&gz, &compressed[..compressed.len() * 3 / 4]).unwrap();
+    let created = bench.path("created.raw");
+    let output = run_any(boundimport().arg("--quiet").arg(&gz).arg(&created));
+    assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(!created.exists(), "a partial image was left at {}", created.display());
+    let existing = bench.path("existing.raw");
+    precious(&existing, MIB);
+    let output = run_any(boundimport().arg("--quiet").arg(&gz).arg(&existing));
+    assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(std::fs::metadata(&existing).unwrap().len(), 0, "a partial image of full size was left");
+}
+
+/// `bytes` gzipped by the system's `gzip`.
+fn gzip(bytes: Vec<u8>) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("gzip")
+        .arg("-c")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || stdin.write_all(&bytes));
+    let output = child.wait_with_output().unwrap();
+    feeder.join().unwrap().unwrap();
+    output.stdout
+}
+
+#[test]
+fn read_only_destinations_are_refused_before_writing() {
+    if !require_privileged("read_only_destinations_are_refused_before_writing") {
+        return;
+    }
+    let bench = Workbench::new("read-only-dest");
+    let image = bench.qcow2_mix("image.qcow2", 8 * MIB, "cluster_size=65536", &[]);
+    // An immutable file: even root cannot open it for writing.
+    let immutable = bench.path("immutable.raw");
+    let before = precious(&immutable, 8 * MIB);
+    common::run(std::process::Command::new("chattr").arg("+i").arg(&immutable));
+    let output = run_any(boundimport().arg("--quiet").arg(&image).arg(&immutable));
+    common::run(std::process::Command::new("chattr").arg("-i").arg(&immutable));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("immutable (chattr +i)"), "{stderr}");
+    assert_eq!(sha256_prefix(&immutable, 8 * MIB), before);
+    // A read-only loop device: opening it for writing succeeds, every write would fail.
+    let backing = bench.path("ro-backing.raw");
+    let before = precious(&backing, 16 * MIB);
+    let device = attach_read_only(&backing);
+    let output = run_any(boundimport().arg("--quiet").arg(&image).arg(&device.0));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("read-only"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    drop(device);
+    assert_eq!(sha256_prefix(&backing, 16 * MIB), before);
+}
+
+/// A read-only loop device, detached on drop.
+struct ReadOnlyLoop(std::path::PathBuf);
+
+impl Drop for ReadOnlyLoop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+fn attach_read_only(backing: &Path) -> ReadOnlyLoop {
+    let output =
+        common::run(std::process::Command::new("losetup").args(["--find", "--show", "--read-only"]).arg(backing));
+    ReadOnlyLoop(std::path::PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+}

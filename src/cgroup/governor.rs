@@ -94,6 +94,8 @@ pub struct Governor {
 struct State {
     last: Option<(Instant, MemStat)>,
     observer: Option<Box<dyn Observer>>,
+    /// Whether the first wait has been explained in the log.
+    said_why: bool,
     peak_dirty_writeback: u64,
     readings: u64,
 }
@@ -119,7 +121,7 @@ impl Governor {
             stat_slack: MEMCG_STAT_BATCH_PAGES
                 * crate::sys::page_size()
                 * std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
-            state: Mutex::new(State { last: None, observer: None, peak_dirty_writeback: 0, readings: 0 }),
+            state: Mutex::new(State { last: None, observer: None, said_why: false, peak_dirty_writeback: 0, readings: 0 }),
         })
     }
 
@@ -154,8 +156,11 @@ impl Governor {
         // Our own page cache is the floor of what the cgroup holds for us, whatever the (batched) reading says.
         let pressure = stat.map_or(0, |s| s.dirty_writeback()).max(own.footprint());
         let over_dirty = pressure + incoming + self.stat_slack > self.targets.dirty_writeback;
+        // Clean page cache is not pressure: the kernel reclaims it at once (a co-tenant reading a large file
+        // fills the cgroup with it). What counts is what it cannot take back without waiting: anonymous memory,
+        // dirty and writeback pages.
         let over_usage = match (stat, self.targets.usage_ceiling) {
-            (Some(s), Some(ceiling)) => s.usage + incoming > ceiling,
+            (Some(s), Some(ceiling)) => s.unreclaimable() + incoming > ceiling,
             _ => false,
         };
         let decision = if !over_dirty && !over_usage {
@@ -168,6 +173,18 @@ impl Governor {
         } else {
             Decision::Wait
         };
+        if let (Decision::Wait, Some(stat), false) = (decision, stat, state.said_why) {
+            state.said_why = true;
+            log::info!(
+                "write-behind waits for the device: the cgroup holds {} dirty or under writeback (target {}), {} \
+                 of it not ours, and {} it cannot reclaim at once (ceiling {})",
+                crate::size::human(stat.dirty_writeback()),
+                crate::size::human(self.targets.dirty_writeback),
+                crate::size::human(stat.dirty_writeback().saturating_sub(own.footprint())),
+                crate::size::human(stat.unreclaimable()),
+                self.targets.usage_ceiling.map_or("none".into(), crate::size::human)
+            );
+        }
         if let (Some(stat), Some(observer)) = (stat, state.observer.as_mut()) {
             observer
                 .reading(self.started.elapsed(), &stat, own, self.targets, decision)
@@ -197,8 +214,12 @@ mod tests {
     use std::fs;
 
     fn cgroup_with(dirty: u64, writeback: u64, usage: u64) -> (tempfile::TempDir, MemCgroup) {
+        cgroup_with_file(dirty, writeback, usage, dirty + writeback)
+    }
+
+    fn cgroup_with_file(dirty: u64, writeback: u64, usage: u64, file: u64) -> (tempfile::TempDir, MemCgroup) {
         let dir = tempfile::tempdir().unwrap();
-        let stat = format!("anon 0\nfile 0\nfile_dirty {dirty}\nfile_writeback {writeback}\ninactive_file 0\n");
+        let stat = format!("anon 0\nfile {file}\nfile_dirty {dirty}\nfile_writeback {writeback}\ninactive_file 0\n");
         fs::write(dir.path().join("memory.stat"), stat).unwrap();
         fs::write(dir.path().join("memory.current"), format!("{usage}\n")).unwrap();
         let cg = MemCgroup::at(dir.path(), Version::V2);
@@ -231,6 +252,19 @@ mod tests {
             let got = governor.decide(incoming, own, true).unwrap();
             assert_eq!(got, want, "{dirty} {wb} {usage} {incoming} {own:?}");
         }
+    }
+
+    #[test]
+    fn clean_page_cache_is_not_pressure() {
+        // A co-tenant's 560 MiB of clean cache in a cgroup at 590 MiB: reclaimable at once, so write.
+        let (_dir, cg) = cgroup_with_file(MIB, MIB, 590 * MIB, 562 * MIB);
+        let governor = Governor::new(Some(cg), TARGETS).unwrap();
+        let own = OwnBytes { inflight: 4 * MIB, cached: Some(4 * MIB) };
+        assert_eq!(governor.decide(2 * MIB, own, true).unwrap(), Decision::Proceed);
+        // The same usage as anonymous memory is pressure.
+        let (_dir, cg) = cgroup_with_file(MIB, MIB, 590 * MIB, 2 * MIB);
+        let governor = Governor::new(Some(cg), TARGETS).unwrap();
+        assert_eq!(governor.decide(2 * MIB, own, true).unwrap(), Decision::Drain);
     }
 
     #[test]

@@ -52,6 +52,13 @@ impl MemStat {
         self.dirty + self.writeback
     }
 
+    /// Usage less the clean page cache (reclaimable at once): anonymous memory, dirty and writeback pages, and
+    /// kernel memory. Shared memory counted as file cache is treated as clean here, which errs on the side of
+    /// writing.
+    pub fn unreclaimable(&self) -> u64 {
+        self.usage.saturating_sub(self.file.saturating_sub(self.dirty_writeback()))
+    }
+
     /// What `kubectl top` and the kubelet working set show: usage minus inactive file pages.
     pub fn working_set(&self) -> u64 {
         self.usage.saturating_sub(self.inactive_file)

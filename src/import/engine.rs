@@ -5,7 +5,7 @@ use super::{Context, Outcome, Plan};
 use crate::checksum::{hex, Algorithm, Hasher};
 use crate::error::{Error, ErrorKind, Result};
 use crate::progress::Progress;
-use crate::sink::{DestOptions, Destination, Probe};
+use crate::sink::{DestKind, DestOptions, Destination, Probe};
 use crate::source::decompress::Compression;
 use crate::source::ReadAt;
 use std::sync::atomic::Ordering;
@@ -53,6 +53,8 @@ pub(super) struct Engine<'a> {
     dest: Destination,
     checkpoints: Option<Checkpoints>,
     start: u64,
+    /// Whether the destination file is ours (it did not exist before this import).
+    created: bool,
 }
 
 /// How an import may resume: the source to recognise again, and the image size.
@@ -109,7 +111,8 @@ impl<'a> Engine<'a> {
         let dest = Destination::open_probed(&probe, size, &options, governor)?;
         log::info!("{}: writing {} ({})", plan.destination.display(), dest.io_name(), dest.io_reason);
         progress.advance(start, start);
-        Ok(Engine { plan, ctx, progress, dest, checkpoints, start })
+        let created = probe.kind == DestKind::RegularFile && !probe.exists;
+        Ok(Engine { plan, ctx, progress, dest, checkpoints, start, created })
     }
 
     /// The destination.
@@ -184,6 +187,8 @@ impl<'a> Engine<'a> {
             Err(err) => {
                 if err.kind() == ErrorKind::Interrupted {
                     self.dest.finish()?;
+                } else if self.checkpoints.is_none() {
+                    self.abandon();
                 }
                 return Err(err);
             }
@@ -225,6 +230,22 @@ impl<'a> Engine<'a> {
             spooled_bytes: produced.spooled_bytes,
             http_requests: None,
         })
+    }
+
+    /// After a failure with nothing to resume from: leave no file that looks like a complete image. A file this
+    /// import created is removed; one that existed (and was truncated when the import began) is cut to nothing. A
+    /// block device keeps what was written: it has no length to cut.
+    fn abandon(&self) {
+        if self.dest.kind() != DestKind::RegularFile {
+            return;
+        }
+        let path = self.dest.path();
+        let outcome = if self.created { std::fs::remove_file(path) } else { self.dest.truncate() };
+        match outcome {
+            Ok(()) if self.created => log::info!("{}: removed the partial image", path.display()),
+            Ok(()) => log::info!("{}: cut the partial image to 0 bytes", path.display()),
+            Err(e) => log::warn!("{}: cannot remove the partial image: {e}", path.display()),
+        }
     }
 
     /// After a checksum mismatch: what was written came from the wrong bytes, so throw it away.

@@ -165,7 +165,17 @@ impl Destination {
         if kind == DestKind::RegularFile {
             open.create(true);
         }
-        let buffered = open.open(path).io_context("opening destination").map_err(ctx)?;
+        let buffered = match open.open(path) {
+            Ok(file) => file,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) && probe.exists => {
+                let why = sys::immutable_flags(path).unwrap_or("not writable (Operation not permitted)");
+                return Err(ctx(Error::new(ErrorKind::Io, format!("destination is {why}: nothing was written"))));
+            }
+            Err(e) => return Err(ctx(Error::io("opening destination", e))),
+        };
+        if kind == DestKind::BlockDevice && sys::is_read_only_device(&buffered).unwrap_or(false) {
+            return Err(ctx(Error::new(ErrorKind::Io, "destination block device is read-only: nothing was written")));
+        }
         if kind == DestKind::RegularFile && !probe.exists {
             // The mode asked for, not the umask's version of it (CDI's disk.img is 0660).
             nix::sys::stat::fchmod(buffered.as_raw_fd(), nix::sys::stat::Mode::from_bits_truncate(options.file_mode))
@@ -303,6 +313,11 @@ impl Destination {
             }
         }
         self.sync()
+    }
+
+    /// Cuts a file destination to nothing (a failed import leaves no file that looks complete).
+    pub fn truncate(&self) -> std::io::Result<()> {
+        self.buffered.set_len(0)
     }
 
     /// Whole size of the destination (a device may be larger than the image).
