@@ -35,6 +35,9 @@ enum Command {
     /// Reproduce the importer-pod page-cache pathology and measure importers side by side (needs root).
     #[cfg(feature = "lab")]
     Lab(crate::lab::command::LabCommand),
+    /// Explain a memory cgroup's usage (own, --cgroup, --pid, --pod): page cache, dirty and writeback pages,
+    /// anonymous memory, limit hits, OOM kills, the processes and the files they write — and a verdict.
+    Diagnose(crate::diagnose::DiagnoseArgs),
 }
 
 /// Arguments of a plain import.
@@ -209,6 +212,7 @@ pub fn main() -> i32 {
         Some(Command::Cdi(args)) => crate::cdi::main(args),
         #[cfg(feature = "lab")]
         Some(Command::Lab(lab)) => crate::lab::command::main(lab),
+        Some(Command::Diagnose(args)) => crate::diagnose::main(args),
     }
 }
 

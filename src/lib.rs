@@ -13,6 +13,7 @@ pub(crate) mod cdi;
 pub mod cgroup;
 pub mod checksum;
 pub mod cli;
+pub mod diagnose;
 pub mod error;
 pub mod format;
 pub mod import;

@@ -32,7 +32,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("process", &["cgroup", "progress"]),
     ("cdi", &["budget", "cgroup", "progress", "source", "sink", "import", "process"]),
     ("lab", &["budget", "cgroup", "progress", "source", "format", "import", "process"]),
-    ("cli", &["budget", "cgroup", "progress", "source", "sink", "import", "process", "cdi", "lab"]),
+    ("diagnose", &["cgroup", "process"]),
+    ("cli", &["budget", "cgroup", "progress", "source", "sink", "import", "process", "cdi", "lab", "diagnose"]),
 ];
 
 fn src() -> PathBuf {
