@@ -60,6 +60,8 @@ pub struct Plan {
     /// Allocate the destination's blocks: a file is fallocated whole, a block device's zero ranges are zeroed
     /// without unmapping.
     pub preallocate: bool,
+    /// The stream is the raw disk byte for byte (a clone stream): no decompression, no format detection.
+    pub verbatim: bool,
 }
 
 impl Plan {
@@ -83,6 +85,7 @@ impl Plan {
             file_mode: 0o644,
             max_virtual_size: None,
             preallocate: false,
+            verbatim: false,
         }
     }
 }

@@ -27,3 +27,4 @@ pub mod size;
 pub mod source;
 pub mod stream;
 pub mod sys;
+pub mod upload;
