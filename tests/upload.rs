@@ -695,7 +695,7 @@ fn a_client_that_drops_mid_body_leaves_nothing_and_the_server_waits_for_a_retry(
         let _ = send(&pod, &server, upload);
         // The server notices, cleans up and is ready again.
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !server.log().contains("removing what it wrote") || pod.image().exists() {
+        while !server.log().contains("Saving stream failed") || pod.image().exists() {
             assert!(Instant::now() < deadline, "no cleanup after a dropped client:\n{}", server.log());
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -819,7 +819,7 @@ fn archives_and_filesystem_clones_are_extracted_into_the_data_directory() {
     upload.abort_after = Some(fs::metadata(bench.path("tree.tar.gz")).unwrap().len() / 2);
     let _ = send(&pod, &server, upload);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !server.log().contains("removing what it wrote") {
+    while !server.log().contains("Saving stream failed") {
         assert!(Instant::now() < deadline, "{}", server.log());
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -882,7 +882,7 @@ fn block_volumes_take_images_and_clones_and_are_scrubbed_after_a_failure() {
     upload.abort_after = Some(10 * MIB);
     let _ = send(&pod, &server, upload);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !server.log().contains("removing what it wrote") {
+    while !server.log().contains("Saving stream failed") {
         assert!(Instant::now() < deadline, "{}", server.log());
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -170,6 +170,8 @@ impl Conn {
     /// unread data does not reset the connection before the client has read the answer).
     pub fn drain(&mut self, limit: u64, time: Duration) {
         let deadline = Instant::now() + time;
+        // Our side is finished: the client sees the end of the answer even while it still sends.
+        let _ = self.tls.sock.shutdown(std::net::Shutdown::Write);
         let mut drained = (self.end - self.pos) as u64;
         self.pos = self.end;
         self.idle_limit = time;

@@ -39,8 +39,9 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_TICK: Duration = Duration::from_secs(1);
 /// Longest a write to a client may block.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
-/// After a refusal: how much of an unread body is drained so the answer is not lost to a connection reset.
-const DRAIN_LIMIT: u64 = 4 << 20;
+/// After a refusal: how much of an unread body is drained so the answer is not lost to a connection reset (a
+/// client that reads its answer only once its body is sent, unlike Go's and curl's, still gets it).
+const DRAIN_LIMIT: u64 = 256 << 20;
 /// And for how long.
 const DRAIN_TIME: Duration = Duration::from_secs(2);
 
@@ -333,6 +334,8 @@ impl Server {
                             });
                             return Ok(());
                         }
+                        // Ready for the next attempt before the answer goes out (as CDI resets `uploading` first).
+                        self.update(|status| status.uploading = false);
                         return respond_shared(&shared, request, failure_status(&e), &failure_message(&e));
                     }
                     Err(_) => return Ok(()),
