@@ -247,11 +247,7 @@ impl Server {
         let code = wait_child(&mut self.child, limit);
         // Let the stderr reader catch up with the last lines.
         std::thread::sleep(Duration::from_millis(100));
-        Ended {
-            code,
-            termination: fs::read_to_string(&self.termination).unwrap_or_default(),
-            stderr: self.log(),
-        }
+        Ended { code, termination: fs::read_to_string(&self.termination).unwrap_or_default(), stderr: self.log() }
     }
 }
 
@@ -353,10 +349,11 @@ fn client_config(pod: &Pod, cert: Option<&str>) -> Arc<rustls::ClientConfig> {
     Arc::new(match cert {
         None => builder.with_no_client_auth(),
         Some(name) => {
-            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(pod.pki.path(&format!("{name}.pem")))
-                .unwrap()
-                .map(Result::unwrap)
-                .collect();
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_file_iter(pod.pki.path(&format!("{name}.pem")))
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect();
             let key = PrivateKeyDer::from_pem_file(pod.pki.path(&format!("{name}.key"))).unwrap();
             builder.with_client_auth_cert(chain, key).unwrap()
         }
@@ -518,7 +515,8 @@ fn every_format_uploads_sync_async_and_as_a_form_byte_identical_to_qemu_img() {
         // Sync, curl.
         let pod = Pod::new("upload-sync");
         let server = pod.start();
-        let (status, code, body) = curl(&pod, &server, Some("client"), &["--data-binary", &file_arg], "/v1beta1/upload");
+        let (status, code, body) =
+            curl(&pod, &server, Some("client"), &["--data-binary", &file_arg], "/v1beta1/upload");
         assert_eq!((status, code), (200, 0), "{name} sync: {body}\n{}", server.log());
         expect_complete(server, name, UPLOAD_COMPLETE);
         assert_image(&pod, &images, &format!("{name} sync (curl)"));
@@ -682,11 +680,9 @@ fn a_client_that_drops_mid_body_leaves_nothing_and_the_server_waits_for_a_retry(
     let raw = bench.raw_mix("disk.raw", 16 * MIB, 9);
     let pod = Pod::new("upload-drop");
     let mut server = pod.start();
-    for (file, chunked, path) in [
-        (&qcow2, false, "/v1beta1/upload"),
-        (&raw, true, "/v1beta1/upload"),
-        (&raw, false, "/v1beta1/upload-async"),
-    ] {
+    for (file, chunked, path) in
+        [(&qcow2, false, "/v1beta1/upload"), (&raw, true, "/v1beta1/upload"), (&raw, false, "/v1beta1/upload-async")]
+    {
         let mut upload = Upload::file(path, file);
         if chunked {
             upload = upload.chunked();
@@ -787,7 +783,12 @@ fn archives_and_filesystem_clones_are_extracted_into_the_data_directory() {
     fs::write(tree.join("sub/a.txt"), b"alpha\n").unwrap();
     write_raw(&tree.join("disk.img"), 12 * MIB, &[(MIB, 2 * MIB, Fill::Random(4)), (9 * MIB, MIB, Fill::Pattern)]);
     let image_digest = sha256_prefix(&tree.join("disk.img"), 12 * MIB);
-    run(Command::new("tar").arg("-C").arg(&tree).args(["-czf"]).arg(bench.path("tree.tar.gz")).args(["sub", "disk.img"]));
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&tree)
+        .args(["-czf"])
+        .arg(bench.path("tree.tar.gz"))
+        .args(["sub", "disk.img"]));
     // CDI's clone source: `tar cv -S <files>` in the source volume, snappy-framed.
     let tar = run(Command::new("tar").current_dir(&tree).args(["cvS", "-f", "-", "disk.img", "sub"])).stdout;
 

@@ -88,9 +88,10 @@ impl UploadEnv {
         let size_text = get("UPLOAD_IMAGE_SIZE");
         let image_size = match size_text.trim() {
             "" => None,
-            text => Some(crate::size::parse_quantity(text).map_err(|e| {
-                Error::usage(format!("invalid UPLOAD_IMAGE_SIZE {size_text:?}: {e}"))
-            })?),
+            text => Some(
+                crate::size::parse_quantity(text)
+                    .map_err(|e| Error::usage(format!("invalid UPLOAD_IMAGE_SIZE {size_text:?}: {e}")))?,
+            ),
         };
         let listen_address = vars.get("LISTEN_ADDRESS").cloned().unwrap_or_else(|| DEFAULT_ADDRESS.to_string());
         let port_text = get("LISTEN_PORT");
@@ -103,9 +104,9 @@ impl UploadEnv {
         };
         let deadline = match get("DEADLINE") {
             "" => None,
-            text => Some(
-                parse_rfc3339(text).ok_or_else(|| Error::usage(format!("Failed to parse deadline: {text:?}")))?,
-            ),
+            text => {
+                Some(parse_rfc3339(text).ok_or_else(|| Error::usage(format!("Failed to parse deadline: {text:?}")))?)
+            }
         };
         let ciphers =
             get("TLS_CIPHERS").split(',').map(str::trim).filter(|c| !c.is_empty()).map(String::from).collect();

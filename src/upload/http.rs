@@ -41,7 +41,14 @@ fn timed_out(e: &io::Error) -> bool {
 impl Conn {
     /// Wraps an accepted TLS stream (see [`handshake`](Self::handshake)); reads give up when `stop` is raised.
     pub fn new(tls: StreamOwned<ServerConnection, TcpStream>, stop: &'static AtomicBool) -> Self {
-        Conn { tls, buf: vec![0u8; BUFFER].into_boxed_slice(), pos: 0, end: 0, stop, idle_limit: Duration::from_secs(10) }
+        Conn {
+            tls,
+            buf: vec![0u8; BUFFER].into_boxed_slice(),
+            pos: 0,
+            end: 0,
+            stop,
+            idle_limit: Duration::from_secs(10),
+        }
     }
 
     /// How long a read may get nothing before it fails.
@@ -379,7 +386,9 @@ impl Body {
     fn early_end(&self) -> io::Error {
         let what = match self.total {
             Some(total) => format!("the client closed the connection after {} of {total} body bytes", self.received),
-            None => format!("the client closed the connection after {} body bytes (chunked, no last chunk)", self.received),
+            None => {
+                format!("the client closed the connection after {} body bytes (chunked, no last chunk)", self.received)
+            }
         };
         io::Error::new(io::ErrorKind::UnexpectedEof, what)
     }
@@ -511,7 +520,9 @@ mod tests {
 
     #[test]
     fn parses_heads_and_framing() {
-        let r = request("POST /v1beta1/upload?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nX-Cdi-Content-Type: archive\r\n\r\n");
+        let r = request(
+            "POST /v1beta1/upload?x=1 HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nX-Cdi-Content-Type: archive\r\n\r\n",
+        );
         assert_eq!((r.method.as_str(), r.path.as_str()), ("POST", "/v1beta1/upload"));
         assert_eq!(r.header("x-cdi-content-type"), Some("archive"));
         assert_eq!(r.framing(), Ok(Framing::Length(12)));

@@ -88,7 +88,10 @@ pub fn main(args: UploadArgs) -> i32 {
     match run(&args) {
         Ok(Ended::Done(done)) => {
             log::info!("UploadServer successfully exited");
-            report_json(&args.termination_log, &TerminationMessage::upload_complete(done.clone, done.preallocation_applied))
+            report_json(
+                &args.termination_log,
+                &TerminationMessage::upload_complete(done.clone, done.preallocation_applied),
+            )
         }
         Ok(Ended::DeadlinePassed) => report_json(&args.termination_log, &TerminationMessage::deadline_passed()),
         Ok(Ended::Stopped) => {
@@ -223,7 +226,10 @@ mod tests {
             destination(&args, Some(Path::new("/data/disk.img"))),
             (Volume::Filesystem("/d".into()), "/d/disk.img".into())
         );
-        assert_eq!(destination(&args, Some(Path::new("/dev/cdi-block-volume"))), (Volume::Block("/b".into()), "/b".into()));
+        assert_eq!(
+            destination(&args, Some(Path::new("/dev/cdi-block-volume"))),
+            (Volume::Block("/b".into()), "/b".into())
+        );
         assert_eq!(
             destination(&args, Some(Path::new("/elsewhere/x.img"))),
             (Volume::Filesystem("/elsewhere".into()), "/elsewhere/x.img".into())

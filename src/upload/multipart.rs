@@ -30,8 +30,7 @@ pub fn boundary(content_type: Option<&str>) -> Result<String, String> {
         .find(|(k, _)| k.eq_ignore_ascii_case("boundary"))
         .map(|(_, v)| v)
         .ok_or("no multipart boundary param in Content-Type")?;
-    if boundary.is_empty() || boundary.len() > MAX_BOUNDARY || !boundary.bytes().all(|b| (0x20..0x7f).contains(&b))
-    {
+    if boundary.is_empty() || boundary.len() > MAX_BOUNDARY || !boundary.bytes().all(|b| (0x20..0x7f).contains(&b)) {
         return Err(format!("invalid multipart boundary (1 to {MAX_BOUNDARY} printable ASCII characters)"));
     }
     Ok(boundary)
@@ -330,7 +329,9 @@ mod tests {
     fn form(boundary: &str, file: &[u8]) -> Vec<u8> {
         let mut body = Vec::new();
         body.extend_from_slice(b"preamble\r\n");
-        body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n").as_bytes());
+        body.extend_from_slice(
+            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n").as_bytes(),
+        );
         body.extend_from_slice(
             format!("--{boundary}  \r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.qcow2\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
         );
@@ -382,7 +383,8 @@ mod tests {
         assert!(boundary(None).is_err());
         assert!(boundary(Some("multipart/form-data")).is_err());
         assert!(boundary(Some(&format!("multipart/form-data; boundary={}", "x".repeat(71)))).is_err());
-        let headers = vec![("content-disposition".to_string(), "form-data; filename=\"a\\\"b\"; name=file".to_string())];
+        let headers =
+            vec![("content-disposition".to_string(), "form-data; filename=\"a\\\"b\"; name=file".to_string())];
         assert_eq!(form_name(&headers).as_deref(), Some("file"));
         let attachment = vec![("Content-Disposition".to_string(), "attachment; name=\"file\"".to_string())];
         assert_eq!(form_name(&attachment), None);

@@ -104,19 +104,16 @@ impl Job {
                 let stream = Box::new(snap::read::FrameDecoder::new(body));
                 match self.volume {
                     // CDI reports preallocation for a filesystem-to-filesystem clone (fileToFileCloneProcessor).
-                    Volume::Filesystem(_) => self.archive(stream, None, true, progress, stop).map(|_| Done {
-                        preallocation_applied: true,
-                        clone: true,
-                    }),
+                    Volume::Filesystem(_) => self
+                        .archive(stream, None, true, progress, stop)
+                        .map(|_| Done { preallocation_applied: true, clone: true }),
                     Volume::Block(_) => {
                         let disk = tar_member(stream, dest::DISK_IMAGE_NAME)?;
                         self.raw_clone(disk, progress, stop)
                     }
                 }
             }
-            Content::BlockdeviceClone => {
-                self.raw_clone(Box::new(snap::read::FrameDecoder::new(body)), progress, stop)
-            }
+            Content::BlockdeviceClone => self.raw_clone(Box::new(snap::read::FrameDecoder::new(body)), progress, stop),
         };
         if let Err(e) = &result {
             log::warn!("upload failed ({e}); removing what it wrote");
@@ -136,7 +133,13 @@ impl Job {
     }
 
     /// A disk image: converted to raw onto the volume, refused before anything is written when it does not fit.
-    fn image(&self, body: Box<dyn Read + Send>, len: Option<u64>, progress: &Progress, stop: &AtomicBool) -> Result<Done> {
+    fn image(
+        &self,
+        body: Box<dyn Read + Send>,
+        len: Option<u64>,
+        progress: &Progress,
+        stop: &AtomicBool,
+    ) -> Result<Done> {
         if let Volume::Filesystem(_) = self.volume {
             dest::remove_stale(&self.image)?;
         }
@@ -303,7 +306,9 @@ fn tar_member(stream: Box<dyn Read + Send>, name: &str) -> Result<Box<dyn Read +
             let mut tar = TarReader::new(stream);
             let entry = loop {
                 match tar.next_entry() {
-                    Ok(Some(entry)) if entry.kind == Kind::File && entry.path.windows(name.len()).any(|w| w == name) => {
+                    Ok(Some(entry))
+                        if entry.kind == Kind::File && entry.path.windows(name.len()).any(|w| w == name) =>
+                    {
                         break entry
                     }
                     Ok(Some(_)) => {}

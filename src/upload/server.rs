@@ -212,9 +212,7 @@ impl Server {
             Route::Healthz => conn.respond(200, "OK"),
             Route::Metrics if request.method == "GET" => conn.respond(200, &self.metrics.render_gauges()),
             Route::Metrics | Route::NotFound => refuse(conn, &request, 404, "404 page not found\n"),
-            Route::Upload { asynchronous, form, archive } => {
-                self.upload(conn, &request, asynchronous, form, archive)
-            }
+            Route::Upload { asynchronous, form, archive } => self.upload(conn, &request, asynchronous, form, archive),
         }
     }
 
@@ -293,7 +291,8 @@ impl Server {
             (Box::new(body), len)
         };
         let signal = events.clone();
-        let reader = Box::new(EndSignal { inner: reader, on_end: Some(Box::new(move || drop(signal.send(Event::BodyDone)))) });
+        let reader =
+            Box::new(EndSignal { inner: reader, on_end: Some(Box::new(move || drop(signal.send(Event::BodyDone)))) });
 
         // The processing runs on its own thread so an async upload can be answered when its body is in.
         std::thread::scope(|scope| {
@@ -453,17 +452,24 @@ mod tests {
         assert_eq!(route("/v1beta1/upload"), Route::Upload { asynchronous: false, form: false, archive: false });
         assert_eq!(route("/v1alpha1/upload-async"), Route::Upload { asynchronous: true, form: false, archive: false });
         assert_eq!(route("/v1beta1/upload-archive"), Route::Upload { asynchronous: false, form: false, archive: true });
-        assert_eq!(route("/v1beta1/upload-form-async"), Route::Upload { asynchronous: true, form: true, archive: false });
+        assert_eq!(
+            route("/v1beta1/upload-form-async"),
+            Route::Upload { asynchronous: true, form: true, archive: false }
+        );
         assert_eq!(route("/v1beta1/upload/"), Route::NotFound);
         assert_eq!(route("/"), Route::NotFound);
     }
 
     #[test]
     fn failures_answer_like_cdi() {
-        let small = Error::new(ErrorKind::TooSmall, "virtual image size 2 is larger than the reported available storage 1");
+        let small =
+            Error::new(ErrorKind::TooSmall, "virtual image size 2 is larger than the reported available storage 1");
         assert_eq!(failure_status(&small), 400);
         assert!(failure_message(&small).starts_with("Saving stream failed: effective image size is larger"));
         let other = Error::bad_image("truncated");
-        assert_eq!((failure_status(&other), failure_message(&other).as_str()), (500, "Saving stream failed: truncated"));
+        assert_eq!(
+            (failure_status(&other), failure_message(&other).as_str()),
+            (500, "Saving stream failed: truncated")
+        );
     }
 }

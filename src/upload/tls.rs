@@ -38,7 +38,9 @@ fn tls_error(what: impl Into<String>) -> Error {
 pub fn server_config(files: &TlsFiles) -> Result<(Arc<ServerConfig>, Vec<String>)> {
     let mut notes = Vec::new();
     let (Some(cert_path), Some(key_path)) = (files.cert, files.key) else {
-        return Err(tls_error("Error getting TLS config: invalid TLS config (TLS_CERT_FILE and TLS_KEY_FILE are required)"));
+        return Err(tls_error(
+            "Error getting TLS config: invalid TLS config (TLS_CERT_FILE and TLS_KEY_FILE are required)",
+        ));
     };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
         .and_then(|certs| certs.collect::<std::result::Result<_, _>>())
@@ -224,7 +226,8 @@ mod tests {
 
     #[test]
     fn reads_the_subject_common_name() {
-        let der = cert_with(&[(rcgen::DnType::OrganizationName, "kubevirt"), (rcgen::DnType::CommonName, "cdi-uploadproxy")]);
+        let der =
+            cert_with(&[(rcgen::DnType::OrganizationName, "kubevirt"), (rcgen::DnType::CommonName, "cdi-uploadproxy")]);
         assert_eq!(common_name(&der).as_deref(), Some("cdi-uploadproxy"));
         assert_eq!(common_name(&cert_with(&[(rcgen::DnType::OrganizationName, "x")])), None);
         // Truncations and garbage never panic.
