@@ -668,6 +668,9 @@ fn a_second_upload_gets_503_and_one_after_done_409() {
     });
     assert_eq!(send(&pod, &server, Upload::file("/v1beta1/upload", &raw)), Ok((409, String::new())));
     assert_eq!(curl(&pod, &server, None, &[], "/healthz").0, 200);
+    let (_, _, metrics) = curl(&pod, &server, None, &[], "/metrics");
+    assert!(metrics.contains(&format!("\nboundimport_processed_bytes {}\n", 6 * MIB)), "{metrics}");
+    assert!(metrics.contains("# TYPE boundimport_written_bytes gauge"), "{metrics}");
     let ended = expect_complete(server, "busy", UPLOAD_COMPLETE);
     assert!(ended.stderr.contains("Got concurrent upload request"), "{}", ended.stderr);
     assert_eq!(sha256_prefix(&pod.image(), 6 * MIB), sha256_prefix(&raw, 6 * MIB));
@@ -981,4 +984,132 @@ fn incompressible_qcow2(size: u64) -> (PathBuf, String) {
     let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
     fs::write(&sidecar, &digest).unwrap();
     (path, digest)
+}
+
+/// Sends `request` as is (head and body) with the upload proxy's certificate and returns the raw answer.
+fn raw_exchange(pod: &Pod, server: &Server, request: &[u8]) -> String {
+    let config = client_config(pod, Some("client"));
+    let session = rustls::ClientConnection::new(config, ServerName::IpAddress(server.addr.ip().into())).unwrap();
+    let sock = TcpStream::connect(server.addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut tls = rustls::StreamOwned::new(session, sock);
+    let _ = tls.write_all(request).and_then(|()| tls.flush());
+    // Nothing more comes from this client (a stream that stops here).
+    tls.conn.send_close_notify();
+    let _ = tls.flush();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = tls.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[test]
+fn hostile_requests_get_one_line_answers_and_the_server_carries_on() {
+    let pod = Pod::new("upload-hostile");
+    let mut server = pod.start();
+    let status = |answer: &str| answer.split_whitespace().nth(1).unwrap_or("").to_string();
+
+    let huge = format!("POST /v1beta1/upload HTTP/1.1\r\nX-Junk: {}\r\n\r\n", "a".repeat(70 * 1024));
+    assert_eq!(status(&raw_exchange(&pod, &server, huge.as_bytes())), "431");
+    let many: String = (0..200).map(|i| format!("X-{i}: v\r\n")).collect();
+    let answer = raw_exchange(&pod, &server, format!("GET /healthz HTTP/1.1\r\n{many}\r\n").as_bytes());
+    assert_eq!(status(&answer), "431");
+    assert_eq!(status(&raw_exchange(&pod, &server, b"POST /v1beta1/upload HTTP/1.0\r\n\r\n")), "505");
+    assert_eq!(status(&raw_exchange(&pod, &server, b"\x16\x03garbage\r\n\r\n")), "400");
+    let te = b"POST /v1beta1/upload HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n";
+    assert_eq!(status(&raw_exchange(&pod, &server, te)), "501");
+    let cl = b"POST /v1beta1/upload HTTP/1.1\r\nContent-Length: 12x\r\n\r\n";
+    assert_eq!(status(&raw_exchange(&pod, &server, cl)), "400");
+
+    // Malformed chunking inside an accepted upload: 500, one line, nothing left, ready for the next attempt.
+    for body in [
+        "zz\r\nabc\r\n0\r\n\r\n".to_string(),
+        format!("{}\r\n", "1".repeat(5000)),
+        "4\r\nabcdXX\r\n".to_string(),
+        "ffffffffffffffff\r\nabc".to_string(),
+    ] {
+        let request = format!("POST /v1beta1/upload HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{body}");
+        let answer = raw_exchange(&pod, &server, request.as_bytes());
+        assert_eq!(status(&answer), "500", "{answer}");
+        let text = answer.split_once("\r\n\r\n").unwrap().1;
+        assert!(text.starts_with("Saving stream failed: ") && !text.contains('\n'), "{text}");
+        assert!(!pod.image().exists());
+    }
+    // A form without a file part, a form without a boundary.
+    let form = "--b\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nx\r\n--b--\r\n";
+    let request = format!(
+        "POST /v1beta1/upload-form HTTP/1.1\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: {}\r\n\r\n{form}",
+        form.len()
+    );
+    assert_eq!(status(&raw_exchange(&pod, &server, request.as_bytes())), "400");
+    let request =
+        "POST /v1beta1/upload-form HTTP/1.1\r\nContent-Type: multipart/form-data\r\nContent-Length: 1\r\n\r\nx";
+    assert_eq!(status(&raw_exchange(&pod, &server, request.as_bytes())), "400");
+    // An empty body is no image.
+    let answer = raw_exchange(&pod, &server, b"POST /v1beta1/upload HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!(status(&answer), "500", "{answer}");
+    assert!(server.running(), "{}", server.log());
+    assert!(!server.log().contains("panicked"), "{}", server.log());
+    assert_eq!(curl(&pod, &server, None, &[], "/healthz").0, 200);
+}
+
+#[test]
+fn tls_versions_and_ciphers_follow_cdis_crypto_configuration() {
+    let mut pod = Pod::new("upload-tls13");
+    pod.set("TLS_MIN_VERSION", "VersionTLS13");
+    let server = pod.start();
+    assert_eq!(curl(&pod, &server, None, &["--tlsv1.3"], "/healthz").0, 200);
+    let (status, code, _) = curl(&pod, &server, None, &["--tls-max", "1.2"], "/healthz");
+    assert_eq!(status, 0, "TLS 1.2 refused");
+    assert_ne!(code, 0);
+    drop(server);
+
+    let mut pod = Pod::new("upload-ciphers");
+    pod.set("TLS_CIPHERS", "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384");
+    let server = pod.start();
+    let tls12 = ["--tls-max", "1.2"];
+    let with = |cipher: &str| {
+        let mut args = tls12.to_vec();
+        args.extend(["--ciphers", cipher]);
+        curl(&pod, &server, None, &args, "/healthz").0
+    };
+    assert_eq!(with("ECDHE-ECDSA-AES256-GCM-SHA384"), 200);
+    assert_eq!(with("ECDHE-ECDSA-AES128-GCM-SHA256"), 0, "a suite left out of TLS_CIPHERS");
+}
+
+#[test]
+fn a_signal_stops_the_server_and_an_interrupted_upload_leaves_nothing() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let pod = Pod::new("upload-signal-idle");
+    let server = pod.start();
+    kill(Pid::from_raw(server.child.id() as i32), Signal::SIGTERM).unwrap();
+    let ended = server.finish(Duration::from_secs(20));
+    assert_eq!(ended.code, 143, "{}", ended.stderr);
+    assert!(ended.termination.contains("stopped by a signal"), "{}", ended.termination);
+
+    let bench = Workbench::new("upload-signal");
+    let raw = bench.raw_mix("disk.raw", 16 * MIB, 2);
+    let pod = Pod::new("upload-signal-busy");
+    let server = pod.start();
+    let pid = Pid::from_raw(server.child.id() as i32);
+    std::thread::scope(|scope| {
+        let slow = scope.spawn(|| {
+            let mut upload = Upload::file("/v1beta1/upload", &raw);
+            upload.rate = Some(2 * MIB);
+            send(&pod, &server, upload)
+        });
+        std::thread::sleep(Duration::from_millis(1500));
+        kill(pid, Signal::SIGTERM).unwrap();
+        let answer = slow.join().unwrap();
+        assert!(!matches!(answer, Ok((200, _))), "{answer:?}");
+    });
+    let ended = server.finish(Duration::from_secs(30));
+    assert_eq!(ended.code, 143, "{}", ended.stderr);
+    assert!(!pod.image().exists(), "an interrupted upload left a disk.img");
 }

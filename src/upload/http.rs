@@ -138,6 +138,9 @@ impl Conn {
             self.pos = self.end;
             if let Some(i) = head[window_start..].windows(4).position(|w| w == b"\r\n\r\n") {
                 let head_end = window_start + i + 4;
+                if head_end > MAX_HEAD {
+                    return Err(HeadError::TooLarge);
+                }
                 // Give back what belongs to the body.
                 let extra = head.len() - head_end;
                 self.pos -= extra.min(consumed);

@@ -147,6 +147,9 @@ impl Job {
         log::info!("space available for the image: {available} bytes");
         let plan = Plan { max_virtual_size: Some(available), ..self.plan() };
         let outcome = import::run_stream(&plan, body, len, progress, stop)?;
+        if outcome.virtual_size == 0 {
+            return Err(Error::bad_image("the upload holds no image (an empty body)").at_path(UPLOAD_NAME));
+        }
         log::info!(
             "uploaded {} image of {} bytes: {} bytes written, {:.2}s",
             outcome.format,
@@ -173,6 +176,9 @@ impl Job {
         }
         let plan = Plan { verbatim: true, ..self.plan() };
         let outcome = import::run_stream(&plan, stream, None, progress, stop)?;
+        if outcome.virtual_size == 0 {
+            return Err(Error::bad_image("the clone stream holds no data").at_path(UPLOAD_NAME));
+        }
         log::info!("cloned {} bytes ({} written as data)", outcome.virtual_size, outcome.bytes_written);
         match &self.volume {
             Volume::Filesystem(_) => dest::finish_file(&self.image, None, false)?,

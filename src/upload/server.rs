@@ -196,7 +196,13 @@ impl Server {
         let session = ServerConnection::new(self.tls.clone()).map_err(io::Error::other)?;
         let mut conn = Conn::new(StreamOwned::new(session, stream), self.stop);
         let deadline = Instant::now() + HEAD_TIMEOUT;
-        conn.handshake(deadline)?;
+        if let Err(e) = conn.handshake(deadline) {
+            // As Go's server logs "http: TLS handshake error from ...": a client certificate the CA did not sign
+            // shows here.
+            let peer = conn.tls.sock.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
+            log::info!("TLS handshake error from {peer}: {e}");
+            return Ok(());
+        }
         let head = match conn.read_head(deadline) {
             Ok(Some(head)) => head,
             Ok(None) => return Ok(()),
@@ -255,10 +261,9 @@ impl Server {
             }
             status.uploading = true;
         }
-        let ended = self.receive(conn, request, asynchronous, form, archive);
-        // Whatever happened, this request no longer uploads.
-        self.update(|status| status.uploading = false);
-        ended
+        // Whatever happens, even a panic, this request no longer uploads once it is over.
+        let _uploading = Uploading(self);
+        self.receive(conn, request, asynchronous, form, archive)
     }
 
     /// Runs an accepted upload; `uploading` is set.
@@ -296,9 +301,18 @@ impl Server {
 
         // The processing runs on its own thread so an async upload can be answered when its body is in.
         std::thread::scope(|scope| {
-            scope.spawn(|| {
-                let result = self.job.run(content, reader, len, &self.progress, self.stop);
-                let _ = events.send(Event::Finished(result));
+            let finished = events;
+            scope.spawn(move || {
+                let run = || self.job.run(content, reader, len, &self.progress, self.stop);
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    Err(Error::new(ErrorKind::Io, format!("internal error: {what}")))
+                });
+                let _ = finished.send(Event::Finished(result));
             });
             let mut answered = false;
             loop {
@@ -377,6 +391,15 @@ impl Server {
             }
         }
         ended
+    }
+}
+
+/// Clears `uploading` when dropped.
+struct Uploading<'a>(&'a Server);
+
+impl Drop for Uploading<'_> {
+    fn drop(&mut self) {
+        self.0.update(|status| status.uploading = false);
     }
 }
 
