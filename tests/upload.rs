@@ -957,20 +957,21 @@ fn a_2_gib_upload_onto_a_throttled_device_stays_under_64_mib_in_a_600m_cgroup() 
 }
 
 /// A qcow2 of `size` incompressible bytes and the sha256 of its guest contents, built once and kept in Cargo's
-/// target temp directory.
+/// target temp directory. The same file (name, seed, sidecar) as tests/bounded.rs, so a test run builds it once;
+/// whichever binary builds it, the sidecar holds the digest of what was built.
 fn incompressible_qcow2(size: u64) -> (PathBuf, String) {
     use sha2::{Digest, Sha256};
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("upload-incompressible-2g.qcow2");
-    let sidecar = dir.join("upload-incompressible-2g.qcow2.sha256");
+    let path = dir.join("bounded-incompressible-2g.qcow2");
+    let sidecar = dir.join("bounded-incompressible-2g.qcow2.sha256");
     if let (true, Ok(digest)) = (path.exists(), fs::read_to_string(&sidecar)) {
         return (path, digest.trim().to_string());
     }
-    let raw = dir.join("upload-incompressible-2g.raw");
+    let raw = dir.join("bounded-incompressible-2g.raw");
     let mut file = std::io::BufWriter::new(fs::File::create(&raw).unwrap());
     let mut hasher = Sha256::new();
-    let mut rng = common::SplitMix64::new(1616);
+    let mut rng = common::SplitMix64::new(2024);
     let mut block = vec![0u8; MIB as usize];
     for _ in 0..size / MIB {
         rng.fill(&mut block);
