@@ -97,6 +97,7 @@ impl Job {
         progress: &Progress,
         stop: &AtomicBool,
     ) -> Result<Done> {
+        let started = std::time::Instant::now();
         let result = match content {
             Content::Image => self.image(body, len, progress, stop),
             Content::Archive => self.archive(body, len, false, progress, stop),
@@ -115,9 +116,12 @@ impl Job {
             }
             Content::BlockdeviceClone => self.raw_clone(Box::new(snap::read::FrameDecoder::new(body)), progress, stop),
         };
-        if let Err(e) = &result {
-            log::warn!("upload failed ({e}); removing what it wrote");
-            self.clean_after_failure(content);
+        match &result {
+            Ok(_) => log::info!("upload processed in {:.2}s", started.elapsed().as_secs_f64()),
+            Err(e) => {
+                log::warn!("upload failed ({e}); removing what it wrote");
+                self.clean_after_failure(content);
+            }
         }
         result
     }
@@ -151,11 +155,11 @@ impl Job {
             return Err(Error::bad_image("the upload holds no image (an empty body)").at_path(UPLOAD_NAME));
         }
         log::info!(
-            "uploaded {} image of {} bytes: {} bytes written, {:.2}s",
+            "uploaded {} image of {} bytes: {} bytes written ({} write path)",
             outcome.format,
             outcome.virtual_size,
             outcome.bytes_written,
-            outcome.seconds
+            outcome.io
         );
         dest::finish_image(
             &self.volume,

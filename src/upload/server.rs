@@ -443,6 +443,10 @@ fn respond_shared(shared: &Shared, request: &Request, status: u16, message: &str
     conn.respond(status, message)?;
     if status >= 400 {
         conn.drain(DRAIN_LIMIT, DRAIN_TIME);
+    } else {
+        // What a successful upload left unread (a form's closing delimiter, say) must not reset the connection
+        // before the client has its answer.
+        conn.drain(1 << 20, Duration::from_millis(500));
     }
     Ok(())
 }
