@@ -86,6 +86,7 @@ struct Pod {
     env: Vec<(String, String)>,
     block: Option<PathBuf>,
     args: Vec<String>,
+    uid: Option<u32>,
 }
 
 /// A running upload server.
@@ -110,7 +111,7 @@ impl Pod {
             fs::create_dir(dir.path().join(sub)).unwrap();
         }
         let pki = Pki::create(&dir.path().join("certs"));
-        let mut pod = Pod { dir, pki, env: Vec::new(), block: None, args: Vec::new() };
+        let mut pod = Pod { dir, pki, env: Vec::new(), block: None, args: Vec::new(), uid: None };
         let (cert, key, ca) = (pod.pki.path("server.pem"), pod.pki.path("server.key"), pod.pki.path("ca.pem"));
         for (k, v) in [
             ("TLS_KEY_FILE", key.to_str().unwrap()),
@@ -159,6 +160,10 @@ impl Pod {
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .envs(self.env.iter().map(|(k, v)| (k, v)));
+        if let Some(uid) = self.uid {
+            std::os::unix::process::CommandExt::uid(&mut cmd, uid);
+            std::os::unix::process::CommandExt::gid(&mut cmd, uid);
+        }
         cmd
     }
 
@@ -488,6 +493,8 @@ impl Images {
 }
 
 fn assert_image(pod: &Pod, images: &Images, what: &str) {
+    let scratch: Vec<_> = fs::read_dir(pod.dir.path().join("scratch")).unwrap().collect();
+    assert!(scratch.is_empty(), "{what}: files left in the scratch directory");
     let image = pod.image();
     let len = fs::metadata(&image).unwrap_or_else(|e| panic!("{what}: {}: {e}", image.display())).len();
     assert_eq!(len, images.len, "{what}: image size");
@@ -1113,4 +1120,30 @@ fn a_signal_stops_the_server_and_an_interrupted_upload_leaves_nothing() {
     let ended = server.finish(Duration::from_secs(30));
     assert_eq!(ended.code, 143, "{}", ended.stderr);
     assert!(!pod.image().exists(), "an interrupted upload left a disk.img");
+}
+
+#[test]
+fn runs_unprivileged_as_the_pod_user() {
+    if !require_privileged("runs_unprivileged_as_the_pod_user") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    const POD_UID: u32 = 107;
+    let bench = Workbench::new("upload-uid");
+    let qcow2 = bench.qcow2_mix("disk.qcow2", 8 * MIB, "", &[]);
+    let (digest, len) = qemu_reference(&qcow2, bench.dir.path());
+    let mut pod = Pod::new("upload-uid");
+    for sub in ["data", "run", "scratch"] {
+        std::os::unix::fs::chown(pod.dir.path().join(sub), Some(POD_UID), Some(POD_UID)).unwrap();
+    }
+    for dir in [pod.dir.path().to_path_buf(), pod.pki.dir.clone()] {
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    pod.uid = Some(POD_UID);
+    let server = pod.start();
+    assert_eq!(send(&pod, &server, Upload::file("/v1beta1/upload", &qcow2)), Ok((200, String::new())));
+    expect_complete(server, "as uid 107", UPLOAD_COMPLETE);
+    let meta = fs::metadata(pod.image()).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), POD_UID);
+    assert_eq!(sha256_prefix(&pod.image(), len), digest);
 }

@@ -546,6 +546,34 @@ mod tests {
     }
 
     #[test]
+    fn mangled_heads_never_panic() {
+        let valid = b"POST /v1beta1/upload-form?x HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut state = 0x1234_5678_9abc_def0u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20_000 {
+            let mut head = valid.to_vec();
+            for _ in 0..(next() % 6 + 1) {
+                let at = (next() % head.len() as u64) as usize;
+                match next() % 3 {
+                    0 => head[at] = next() as u8,
+                    1 => {
+                        head.remove(at);
+                    }
+                    _ => head.insert(at, next() as u8),
+                }
+            }
+            if let Ok(request) = Request::parse(&head) {
+                let _ = (request.framing(), request.expects_continue(), request.header("content-type"));
+            }
+        }
+    }
+
+    #[test]
     fn chunk_sizes() {
         assert_eq!(parse_chunk_size(b"1a").unwrap(), 26);
         assert_eq!(parse_chunk_size(b"0;name=value").unwrap(), 0);

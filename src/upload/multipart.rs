@@ -376,6 +376,39 @@ mod tests {
     }
 
     #[test]
+    fn mangled_forms_never_panic() {
+        let b = "bnd";
+        let valid = form(b, b"file bytes\r\n--bn not a delimiter");
+        let mut state = 0x0bad_5eed_u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..5_000 {
+            let mut body = valid.clone();
+            for _ in 0..(next() % 4 + 1) {
+                let at = (next() % body.len() as u64) as usize;
+                match next() % 3 {
+                    0 => body[at] = next() as u8,
+                    1 => {
+                        body.remove(at);
+                    }
+                    _ => body.insert(at, b"\r\n-"[(next() % 3) as usize]),
+                }
+            }
+            let step = (next() % 9 + 1) as usize;
+            if let Ok(mut part) = file_part(Trickle { data: &body, step }, b) {
+                let _ = io::copy(&mut part, &mut io::sink());
+                let _ = part.next_part();
+            }
+            let _ = boundary(Some(&String::from_utf8_lossy(&body[..40.min(body.len())])));
+            let _ = form_name(&[("Content-Disposition".into(), String::from_utf8_lossy(&body).into_owned())]);
+        }
+    }
+
+    #[test]
     fn boundaries_and_names() {
         assert_eq!(boundary(Some("multipart/form-data; boundary=abc")).unwrap(), "abc");
         assert_eq!(boundary(Some("Multipart/Form-Data; charset=x; boundary=\"a b;c\"")).unwrap(), "a b;c");
