@@ -299,6 +299,8 @@ struct Upload {
     rate: Option<u64>,
     /// Drop the connection after this many body bytes.
     abort_after: Option<u64>,
+    /// Stop sending (keeping the connection open) after this many body bytes, and wait for the answer.
+    stall_after: Option<u64>,
 }
 
 impl Upload {
@@ -327,6 +329,7 @@ impl Upload {
             cert: Some("client"),
             rate: None,
             abort_after: None,
+            stall_after: None,
         }
     }
 
@@ -400,6 +403,9 @@ fn send(pod: &Pod, server: &Server, mut upload: Upload) -> Result<(u16, String),
                 }
                 _ => n,
             };
+            if upload.stall_after.is_some_and(|limit| sent + n as u64 >= limit) {
+                break;
+            }
             let written = if upload.len.is_none() {
                 if n == 0 {
                     tls.write_all(b"0\r\n\r\n")
@@ -1146,4 +1152,22 @@ fn runs_unprivileged_as_the_pod_user() {
     let meta = fs::metadata(pod.image()).unwrap();
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), POD_UID);
     assert_eq!(sha256_prefix(&pod.image(), len), digest);
+}
+
+#[test]
+fn a_client_that_stalls_fails_its_upload_after_the_body_timeout() {
+    let bench = Workbench::new("upload-stall");
+    let raw = bench.raw_mix("disk.raw", 8 * MIB, 4);
+    let mut pod = Pod::new("upload-stall");
+    pod.args.extend(["--body-timeout".to_string(), "2".to_string()]);
+    let mut server = pod.start();
+    let mut upload = Upload::file("/v1beta1/upload", &raw);
+    upload.stall_after = Some(3 * MIB);
+    let started = Instant::now();
+    let (status, body) = send(&pod, &server, upload).unwrap();
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("the client sent nothing for 2 s"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(!pod.image().exists());
+    assert!(server.running());
 }
