@@ -694,7 +694,8 @@ fn a_client_that_drops_mid_body_leaves_nothing_and_the_server_waits_for_a_retry(
     let bench = Workbench::new("upload-drop");
     let qcow2 = bench.qcow2_mix("disk.qcow2", 16 * MIB, "", &[]);
     let raw = bench.raw_mix("disk.raw", 16 * MIB, 9);
-    let pod = Pod::new("upload-drop");
+    let mut pod = Pod::new("upload-drop");
+    pod.args.extend(["--linger".to_string(), "3".to_string()]);
     let mut server = pod.start();
     for (file, chunked, path) in
         [(&qcow2, false, "/v1beta1/upload"), (&raw, true, "/v1beta1/upload"), (&raw, false, "/v1beta1/upload-async")]
@@ -718,6 +719,9 @@ fn a_client_that_drops_mid_body_leaves_nothing_and_the_server_waits_for_a_retry(
     }
     let answer = send(&pod, &server, Upload::file("/v1beta1/upload", &qcow2));
     assert_eq!(answer, Ok((200, String::new())));
+    // The gauges count the successful attempt only.
+    let (_, _, metrics) = curl(&pod, &server, None, &[], "/metrics");
+    assert!(metrics.contains(&format!("\nboundimport_processed_bytes {}\n", 16 * MIB)), "{metrics}");
     expect_complete(server, "retry", UPLOAD_COMPLETE);
     let (digest, len) = qemu_reference(&qcow2, bench.dir.path());
     assert_eq!(sha256_prefix(&pod.image(), len), digest);

@@ -15,16 +15,13 @@ pub mod server;
 pub mod tls;
 
 use crate::cdi::dest::{self, Volume};
-use crate::cdi::metrics::Metrics;
 use crate::cdi::termination::{self, TerminationMessage};
 use crate::cgroup::MemCgroup;
-use crate::progress::Progress;
 use env::UploadEnv;
 use process::Job;
 use server::{Ended, Server};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Options of `boundimport upload-server`. Everything else comes from the environment CDI's controller sets.
@@ -175,15 +172,16 @@ fn run(args: &UploadArgs) -> Result<Ended, String> {
             None
         }
     };
-    let progress = Arc::new(Progress::default());
-    let metrics = Metrics::new(String::new(), progress.clone(), cgroup.clone());
-    match crate::budget::Budget::resolve(None, cgroup.as_ref()) {
+    let budget = match crate::budget::Budget::resolve(None, cgroup.as_ref()) {
         Ok(budget) => {
             log::info!("memory budget {budget}");
-            metrics.set_budget(budget.bytes);
+            Some(budget.bytes)
         }
-        Err(e) => log::warn!("cannot read the memory budget: {e}"),
-    }
+        Err(e) => {
+            log::warn!("cannot read the memory budget: {e}");
+            None
+        }
+    };
     let job = Job {
         volume,
         image,
@@ -200,7 +198,7 @@ fn run(args: &UploadArgs) -> Result<Ended, String> {
     let bound = listener.local_addr().map_err(|e| format!("Error creating upload listener: {e}"))?;
     let stop = crate::cli::install_stop_handlers();
     let body_timeout = Duration::from_secs_f64(args.body_timeout.clamp(1.0, 86_400.0));
-    let server = Server::new(tls, env.client_name.clone(), job, progress, metrics, stop, body_timeout);
+    let server = Server::new(tls, env.client_name.clone(), job, budget, stop, body_timeout);
     server.serve(listener).map_err(|e| e.to_string())?;
     log::info!("Running server on {bound} (https)");
     let linger = Duration::from_secs_f64(args.linger.clamp(0.0, 3600.0));

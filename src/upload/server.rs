@@ -76,8 +76,10 @@ pub struct Server {
     tls: Arc<ServerConfig>,
     client_name: String,
     job: Job,
-    progress: Arc<Progress>,
-    metrics: Metrics,
+    /// The memory budget shown on the gauges.
+    budget: Option<u64>,
+    /// The gauges of the current (or last) upload attempt: each attempt counts from zero.
+    metrics: Mutex<Arc<Metrics>>,
     stop: &'static AtomicBool,
     body_timeout: Duration,
     status: Mutex<Status>,
@@ -116,28 +118,43 @@ enum Event {
 }
 
 impl Server {
-    /// A server for `job`, accepting clients whose certificate names `client_name`.
-    #[allow(clippy::too_many_arguments)]
+    /// A server for `job`, accepting clients whose certificate names `client_name`; `budget` is shown on the
+    /// gauges.
     pub fn new(
         tls: Arc<ServerConfig>,
         client_name: String,
         job: Job,
-        progress: Arc<Progress>,
-        metrics: Metrics,
+        budget: Option<u64>,
         stop: &'static AtomicBool,
         body_timeout: Duration,
     ) -> Arc<Server> {
+        let (_, metrics) = Self::gauges(&job, budget);
         Arc::new(Server {
             tls,
             client_name,
             job,
-            progress,
-            metrics,
+            budget,
+            metrics: Mutex::new(metrics),
             stop,
             body_timeout,
             status: Mutex::new(Status::default()),
             changed: Condvar::new(),
         })
+    }
+
+    /// Fresh progress counters and the gauges that show them.
+    fn gauges(job: &Job, budget: Option<u64>) -> (Arc<Progress>, Arc<Metrics>) {
+        let progress = Arc::new(Progress::default());
+        let metrics = Metrics::new(String::new(), progress.clone(), job.cgroup.clone());
+        if let Some(budget) = budget {
+            metrics.set_budget(budget);
+        }
+        (progress, Arc::new(metrics))
+    }
+
+    fn current_gauges(&self) -> String {
+        let metrics = self.metrics.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        metrics.render_gauges()
     }
 
     fn status(&self) -> std::sync::MutexGuard<'_, Status> {
@@ -216,7 +233,7 @@ impl Server {
         log::debug!("{} {}", request.method, request.path);
         match route(&request.path) {
             Route::Healthz => conn.respond(200, "OK"),
-            Route::Metrics if request.method == "GET" => conn.respond(200, &self.metrics.render_gauges()),
+            Route::Metrics if request.method == "GET" => conn.respond(200, &self.current_gauges()),
             Route::Metrics | Route::NotFound => refuse(conn, &request, 404, "404 page not found\n"),
             Route::Upload { asynchronous, form, archive } => self.upload(conn, &request, asynchronous, form, archive),
         }
@@ -300,10 +317,13 @@ impl Server {
             Box::new(EndSignal { inner: reader, on_end: Some(Box::new(move || drop(signal.send(Event::BodyDone)))) });
 
         // The processing runs on its own thread so an async upload can be answered when its body is in.
+        let (progress, metrics) = Self::gauges(&self.job, self.budget);
+        *self.metrics.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = metrics;
         std::thread::scope(|scope| {
             let finished = events;
+            let progress = &progress;
             scope.spawn(move || {
-                let run = || self.job.run(content, reader, len, &self.progress, self.stop);
+                let run = || self.job.run(content, reader, len, progress, self.stop);
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|panic| {
                     let what = panic
                         .downcast_ref::<&str>()
