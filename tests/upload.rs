@@ -960,7 +960,7 @@ fn a_2_gib_upload_onto_a_throttled_device_stays_under_64_mib_in_a_600m_cgroup() 
     let peak = reader.peak().unwrap().unwrap();
     let events = reader.events().unwrap();
     eprintln!(
-        "upload-bounded: peak {:.1} MiB, limit hits {}, oom kills {}, {wall:.1}s for 2 GiB ({:.1} MB/s; device {} MB/s)",
+        "upload-bounded: peak {:.1} MiB, limit hits {}, oom kills {}, 2 GiB in {wall:.1}s ({:.1} MB/s; device {} MB/s)",
         peak as f64 / MIB as f64,
         events.limit_hits,
         events.oom_kills,
@@ -1061,7 +1061,8 @@ fn hostile_requests_get_one_line_answers_and_the_server_carries_on() {
     // A form without a file part, a form without a boundary.
     let form = "--b\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nx\r\n--b--\r\n";
     let request = format!(
-        "POST /v1beta1/upload-form HTTP/1.1\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: {}\r\n\r\n{form}",
+        "POST /v1beta1/upload-form HTTP/1.1\r\nContent-Type: multipart/form-data; boundary=b\r\n\
+         Content-Length: {}\r\n\r\n{form}",
         form.len()
     );
     assert_eq!(status(&raw_exchange(&pod, &server, request.as_bytes())), "400");

@@ -547,7 +547,8 @@ mod tests {
 
     #[test]
     fn mangled_heads_never_panic() {
-        let valid = b"POST /v1beta1/upload-form?x HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let valid: &[u8] = b"POST /v1beta1/upload-form?x HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\
+                             Transfer-Encoding: chunked\r\n\r\n";
         let mut state = 0x1234_5678_9abc_def0u64;
         let mut next = || {
             state ^= state << 13;

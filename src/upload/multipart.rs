@@ -333,7 +333,11 @@ mod tests {
             format!("--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n").as_bytes(),
         );
         body.extend_from_slice(
-            format!("--{boundary}  \r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.qcow2\"\r\nContent-Type: application/octet-stream\r\n\r\n").as_bytes(),
+            format!(
+                "--{boundary}  \r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.qcow2\"\r\n\
+                 Content-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
         );
         body.extend_from_slice(file);
         body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());

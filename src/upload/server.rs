@@ -6,7 +6,7 @@
 //! | `/healthz` (any method) | `200 OK` |
 //! | `/metrics` (GET) | the `boundimport_` gauges (CDI's upload server exports none; no certificate needed) |
 //! | `/v1beta1/upload`, `/v1alpha1/upload` (POST) | the body is the image; 200 once written and synced |
-//! | `…/upload-async` (POST; HEAD answers 200) | 200 once the whole body is received; the rest continues in the background |
+//! | `…/upload-async` (POST; HEAD: 200) | 200 once the whole body is received; the rest goes on in the background |
 //! | `…/upload-archive` (POST) | the body is a tar archive for the data directory |
 //! | `…/upload-form`, `…/upload-form-async` (POST) | `multipart/form-data`, the image in the part named `file` |
 //! | anything else | 404 |
