@@ -3,9 +3,9 @@
 //!
 //! It reads the pod's environment ([`env`](mod@env)), serves CDI's routes over TLS with client-certificate
 //! verification ([`tls`], [`server`], [`http`], [`multipart`]), hands each upload body to the engine as a
-//! forward-only stream or extracts it ([`process`]), and reports in the termination log as CDI does: `Upload Complete` / `Clone
-//! Complete` with `preallocationApplied`, or `Deadline Passed` with `deadlinePassed`, exit 0; any fatal failure a
-//! plain line and exit 1.
+//! forward-only stream or extracts it ([`process`]), and reports in the termination log as CDI does: `Upload
+//! Complete` / `Clone Complete` with `preallocationApplied`, or `Deadline Passed` with `deadlinePassed`, exit 0;
+//! any fatal failure a plain line and exit 1.
 
 pub mod env;
 pub mod http;
