@@ -32,6 +32,9 @@ enum Command {
     /// Container entrypoint of a KubeVirt CDI importer pod: reads IMPORTER_* and the rest of CDI's environment,
     /// reports through the termination log and an HTTPS progress metric (a drop-in for `cdi-importer`).
     Cdi(crate::cdi::CdiArgs),
+    /// Container entrypoint of a KubeVirt CDI upload server pod: reads TLS_*, CLIENT_*, UPLOAD_IMAGE_SIZE and the
+    /// rest of CDI's environment and receives one upload over HTTPS (a drop-in for `cdi-uploadserver`).
+    UploadServer(crate::upload::UploadArgs),
     /// Reproduce the importer-pod page-cache pathology and measure importers side by side (needs root).
     #[cfg(feature = "lab")]
     Lab(crate::lab::command::LabCommand),
@@ -210,6 +213,7 @@ pub fn main() -> i32 {
     match cli.command {
         None => run_import(cli.import),
         Some(Command::Cdi(args)) => crate::cdi::main(args),
+        Some(Command::UploadServer(args)) => crate::upload::main(args),
         #[cfg(feature = "lab")]
         Some(Command::Lab(lab)) => crate::lab::command::main(lab),
         Some(Command::Diagnose(args)) => crate::diagnose::main(args),

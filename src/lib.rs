@@ -4,7 +4,7 @@
 //! Data flows one way: [`source`] (bytes) → [`format`] (extents of guest space) → [`pipeline`] (aligned buffers,
 //! decompression) → [`sink`] (writes), with the [`cgroup`] governor pacing buffered writes beside the sink.
 //! [`import`] wires them together for a [`import::Plan`]; [`cli`] is the command-line front end and [`cdi`] the
-//! entrypoint of a KubeVirt CDI importer pod.
+//! entrypoint of a KubeVirt CDI importer pod, [`upload`] that of its upload server pod.
 #![warn(missing_docs)]
 
 pub mod budget;
@@ -26,3 +26,4 @@ pub mod sink;
 pub(crate) mod size;
 pub mod source;
 pub(crate) mod sys;
+pub(crate) mod upload;

@@ -33,7 +33,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("cdi", &["budget", "cgroup", "progress", "source", "sink", "import", "process"]),
     ("lab", &["budget", "cgroup", "progress", "source", "format", "import", "process"]),
     ("diagnose", &["cgroup", "process"]),
-    ("cli", &["budget", "cgroup", "progress", "source", "sink", "import", "process", "cdi", "lab", "diagnose"]),
+    // The upload server shares CDI's volume sizing, termination messages, metrics and archive extraction.
+    ("upload", &["budget", "cgroup", "progress", "source", "import", "process", "cdi"]),
+    (
+        "cli",
+        &["budget", "cgroup", "progress", "source", "sink", "import", "process", "cdi", "lab", "diagnose", "upload"],
+    ),
 ];
 
 fn src() -> PathBuf {

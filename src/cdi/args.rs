@@ -71,14 +71,16 @@ pub struct CdiArgs {
 /// Rewrites klog-style single-dash long flags (`-v=3`, `-alsologtostderr`) after the `cdi` subcommand into the
 /// double-dash form clap parses. A binary invoked as `cdi-importer` runs `cdi` (for images that replace CDI's
 /// binary in place). Returns the arguments and whether they select the `cdi` subcommand.
+/// The same holds for `upload-server` (klog flags after it; a binary invoked as `cdi-uploadserver` runs it).
 pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> (Vec<OsString>, bool) {
     let mut args: Vec<OsString> = args.into_iter().collect();
-    let invoked_as_importer =
-        args.first().and_then(|arg0| Path::new(arg0).file_name()).is_some_and(|name| name == "cdi-importer");
-    if invoked_as_importer {
-        args.insert(1, OsString::from("cdi"));
+    let invoked_as = args.first().and_then(|arg0| Path::new(arg0).file_name()).map(|n| n.to_os_string());
+    match invoked_as.as_ref().and_then(|name| name.to_str()) {
+        Some("cdi-importer") => args.insert(1, OsString::from("cdi")),
+        Some("cdi-uploadserver") => args.insert(1, OsString::from("upload-server")),
+        _ => {}
     }
-    let Some(cdi_at) = args.iter().skip(1).position(|a| a == "cdi").map(|i| i + 1) else {
+    let Some(cdi_at) = args.iter().skip(1).position(|a| a == "cdi" || a == "upload-server").map(|i| i + 1) else {
         return (args, false);
     };
     // Only the subcommand itself, not a SOURCE or DEST that happens to be named "cdi".

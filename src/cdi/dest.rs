@@ -139,6 +139,35 @@ pub fn finish_file(path: &Path, size: Option<u64>, preallocate: bool) -> Result<
     file.sync_all().io_context("syncing the image").map_err(ctx)
 }
 
+/// What [`scrub_device`] zeroes at each end of a device.
+pub const SCRUB_LEN: u64 = 1 << 20;
+
+/// Makes a block device that holds a partial image read as no disk at all: its first and last MiB (partition
+/// tables and their GPT backup, boot sectors, image headers) are zeroed with O_DIRECT and synced.
+pub fn scrub_device(device: &Path) -> Result<()> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let ctx = |e: Error| e.at_path(device);
+    let size = device_size(device)?;
+    let file = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(device)
+        .io_context("opening the device to scrub it")
+        .map_err(ctx)?;
+    let len = SCRUB_LEN.min(size);
+    let zeros = crate::buffer::AlignedBuf::new(len as usize);
+    let mut offsets = vec![0];
+    if size >= 2 * SCRUB_LEN {
+        offsets.push(size - SCRUB_LEN);
+    }
+    for offset in offsets {
+        file.write_all_at(&zeros[..len as usize], offset)
+            .io_context("zeroing a partial image")
+            .map_err(|e| ctx(e.at_offset(offset)))?;
+    }
+    file.sync_all().io_context("syncing the device").map_err(ctx)
+}
+
 /// Creates a blank raw image file of `size` bytes (replacing any file there), preallocated if asked, mode 0660,
 /// durable.
 pub fn create_blank_file(path: &Path, size: u64, preallocate: bool) -> Result<()> {

@@ -87,6 +87,13 @@ impl Metrics {
             escape_label(&self.owner_uid),
             format_hundredths(self.observe())
         );
+        out.push_str(&self.render_gauges());
+        out
+    }
+
+    /// The `boundimport_` gauges alone (for front ends whose CDI counterpart exports no progress metric).
+    pub fn render_gauges(&self) -> String {
+        let mut out = String::new();
         let mut gauge = |name: &str, help: &str, value: u64| {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} gauge");

@@ -49,6 +49,26 @@ impl TerminationMessage {
         }
     }
 
+    /// What CDI's upload server writes after an upload (`"Upload Complete"`) or a clone (`"Clone Complete"`):
+    /// `{"preallocationApplied":..,"message":..}`.
+    pub fn upload_complete(clone: bool, preallocation_applied: bool) -> Self {
+        let message = if clone { "Clone Complete" } else { "Upload Complete" };
+        TerminationMessage {
+            preallocation_applied: Some(preallocation_applied),
+            message: Some(message.to_string()),
+            ..Default::default()
+        }
+    }
+
+    /// What CDI's upload server writes when its deadline passed before an upload completed.
+    pub fn deadline_passed() -> Self {
+        TerminationMessage {
+            deadline_passed: Some(true),
+            message: Some("Deadline Passed".to_string()),
+            ..Default::default()
+        }
+    }
+
     /// A message-only JSON report (CDI's shape for a checksum mismatch).
     pub fn message_only(message: impl Into<String>) -> Self {
         TerminationMessage { message: Some(message.into()), ..Default::default() }

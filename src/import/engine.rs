@@ -74,9 +74,6 @@ impl<'a> Engine<'a> {
         resumable: Option<Resumable>,
     ) -> Result<Self> {
         let probe = Probe::of(&plan.destination)?;
-        if let crate::source::Location::Path(source) = &plan.source {
-            probe.refuse_source(source)?;
-        }
         let checkpoints = match (&plan.resume, resumable) {
             (Some(options), Some(resumable)) => Some(Checkpoints::new(
                 &plan.source.to_string(),

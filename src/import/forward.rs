@@ -45,9 +45,12 @@ pub(super) fn import(
     }
     let tap = StreamTap::new(plan.checksum.as_ref().map(|c| c.algorithm));
     let tapped = Box::new(HashingReader::new(reader, tap.clone()));
-    let (mut stream, layers) = unwrap_layers(tapped, &name, xz_memlimit(ctx.budget.bytes))?;
+    let (mut stream, layers) = match plan.verbatim {
+        true => (crate::source::sequential::Peek::new(tapped), Vec::new()),
+        false => unwrap_layers(tapped, &name, xz_memlimit(ctx.budget.bytes))?,
+    };
     let head = stream.peek(512).map_err(|e| stream_error(e, &name, 0))?.to_vec();
-    let detected = detect_bytes(&head);
+    let detected = if plan.verbatim { Detected::Raw } else { detect_bytes(&head) };
     let wrapped = layers.iter().map(Compression::to_string).collect::<Vec<_>>().join(" in ");
     log::info!(
         "{name}: read as a stream{}{}",

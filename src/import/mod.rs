@@ -68,6 +68,8 @@ pub struct Plan {
     pub preallocate: bool,
     /// Grow a file destination to at least this many bytes once the image is written (CDI's volume sizing).
     pub grow_file_to: Option<u64>,
+    /// The stream is the raw disk byte for byte (a clone stream): no decompression, no format detection.
+    pub verbatim: bool,
 }
 
 impl Plan {
@@ -92,6 +94,7 @@ impl Plan {
             max_virtual_size: None,
             preallocate: false,
             grow_file_to: None,
+            verbatim: false,
         }
     }
 }
@@ -188,6 +191,10 @@ pub fn run(plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcom
 /// [`run`] within a context the caller already resolved.
 pub fn run_in(ctx: &Context, plan: &Plan, progress: &Progress, stop: &AtomicBool) -> Result<Outcome> {
     announce(ctx);
+    if let Location::Path(source) = &plan.source {
+        // Before anything is opened for writing: importing a file onto itself would destroy it.
+        crate::sink::Probe::of(&plan.destination)?.refuse_source(source)?;
+    }
     let opened = open(&plan.source, &plan.http)?;
     run_opened(ctx, plan, opened, progress, stop)
 }
