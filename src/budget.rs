@@ -130,6 +130,12 @@ impl Budget {
 }
 
 impl Sizing {
+    /// Chunk buffers of a forward-only import: the same pool as the workers', but at least two, so one can be
+    /// filled from the stream while the writer thread drains the other.
+    pub fn stream_buffers(&self) -> usize {
+        self.workers.max(2)
+    }
+
     /// What the write-behind governor keeps the cgroup under.
     pub fn governor_targets(&self) -> Targets {
         Targets { dirty_writeback: self.dirty_target, usage_ceiling: Some(self.usage_ceiling) }

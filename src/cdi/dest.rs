@@ -183,10 +183,6 @@ pub fn create_blank_file(path: &Path, size: u64, preallocate: bool) -> Result<()
     finish_file(path, None, preallocate)
 }
 
-/// Makes what was written to `path` durable (CDI's final fsync of the data file or device).
-pub fn sync_path(path: &Path) -> Result<()> {
-    File::open(path).and_then(|file| file.sync_all()).io_context("syncing the destination").map_err(|e| e.at_path(path))
-}
 
 /// Makes everything under `dir` durable: one `syncfs` of its filesystem (the extracted files of an archive).
 pub fn sync_filesystem(dir: &Path) -> Result<()> {

@@ -210,16 +210,12 @@ impl Context<'_> {
             log::warn!("available space less than requested size, preallocating {size} bytes");
         }
         log::info!("{}: preallocating {size} bytes of blank block volume", device.display());
-        let options = crate::sink::DestOptions { preallocate: true, ..Default::default() };
-        let governor = || crate::cgroup::governor::Governor::new(self.engine.cgroup.clone(), self.pacing_targets());
-        let destination = crate::sink::Destination::open(device, size, &options, governor)?;
-        self.progress.set_total(size);
-        if size > 0 {
-            destination.zero(0, size)?;
-        }
-        self.progress.advance(size, size);
-        destination.finish()?;
-        dest::sync_path(device)
+        let plan = Plan {
+            preallocate: true,
+            output_digest: false,
+            ..Plan::new(Location::Path(device.to_path_buf()), device)
+        };
+        import::run_blank(self.engine, &plan, size, self.progress, self.stop).map(drop)
     }
 
     /// Governor targets for writes outside an import pipeline (archive members, blank preallocation).

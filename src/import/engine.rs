@@ -238,10 +238,13 @@ impl<'a> Engine<'a> {
         }
         let path = self.dest.path();
         let outcome = if self.created { std::fs::remove_file(path) } else { self.dest.truncate() };
+        // Info, not a warning: the failure itself is the one line the user must read (and a destination whose
+        // storage failed may refuse this too).
         match outcome {
             Ok(()) if self.created => log::info!("{}: removed the partial image", path.display()),
             Ok(()) => log::info!("{}: cut the partial image to 0 bytes", path.display()),
-            Err(e) => log::warn!("{}: cannot remove the partial image: {e}", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => log::info!("{}: cannot remove the partial image: {e}", path.display()),
         }
     }
 

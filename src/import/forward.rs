@@ -125,7 +125,7 @@ pub(super) fn import(
     let digest = plan.output_digest.then_some(Algorithm::Sha256);
     let chunk = sizing.chunk as usize;
     let mut spooled = 0;
-    let produced = with_writer(dest, progress, digest, sizing.workers.max(2), chunk, |writer| match kind {
+    let produced = with_writer(dest, progress, digest, sizing.stream_buffers(), chunk, |writer| match kind {
         Kind::Raw => raw(&mut stream, &name, writer, dest, stop, || progress.note_stored(tap.bytes())),
         Kind::Qcow2 => {
             let mut spool = Spool::new(&name, plan.scratch.as_deref());

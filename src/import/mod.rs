@@ -224,6 +224,27 @@ pub fn run_stream_in(
     run_opened(ctx, plan, Opened { input: Input::Stream { reader, len }, client: None }, progress, stop)
 }
 
+/// Writes a blank disk of `size` bytes to `plan.destination`: every byte reads as zero (zeroed, or allocated as
+/// well with `plan.preallocate`). `plan.source` only names the disk in messages.
+pub fn run_blank(ctx: &Context, plan: &Plan, size: u64, progress: &Progress, stop: &AtomicBool) -> Result<Outcome> {
+    progress.set_total(size);
+    let engine = engine::Engine::open(plan, ctx, progress, size, None)?;
+    let zeroed = (|| {
+        let mut at = 0;
+        while at < size {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(crate::error::Error::interrupted(&plan.destination, at));
+            }
+            let len = (size - at).min(crate::pipeline::schedule::MAX_ZERO_SPAN);
+            engine.dest().zero(at, len)?;
+            at += len;
+            progress.advance(len, at);
+        }
+        Ok(engine::Produced::new("raw", size))
+    })();
+    engine.finish(zeroed, || Ok(None))
+}
+
 fn announce(ctx: &Context) {
     let sizing = ctx.sizing;
     log::debug!("memory budget {}: {} workers x {} chunks", ctx.budget, sizing.workers, human(sizing.chunk));

@@ -84,21 +84,34 @@ pub(super) fn import(
     })
 }
 
-/// Guest bytes mapped per call when validating: small enough that the extents of the most fragmented image (512 B
-/// clusters) stay around a megabyte.
-const VALIDATE_WINDOW: u64 = 16 << 20;
+/// Guest bytes mapped per call when validating: from 16 MiB, doubling while the image maps as one extent per
+/// call (unallocated or contiguous), to at most 256 MiB, so the extents of even the most fragmented window (512 B
+/// clusters) stay around 20 MB.
+const VALIDATE_WINDOW: (u64, u64) = (16 << 20, 256 << 20);
 
-/// Maps every guest byte of `image` once, keeping nothing: costs one pass over its metadata (a qcow2's L2 tables
+/// Map calls the validation may make: 16 TiB of guest space at the largest window. An image whose virtual size is
+/// beyond that (a hostile header claiming an exabyte) is checked as far as that and then as it is written, where
+/// the destination's own size limit refuses it first.
+const VALIDATE_CALLS: u64 = 1 << 16;
+
+/// Maps the guest space of `image` once, keeping nothing: costs one pass over its metadata (a qcow2's L2 tables
 /// are 1/8192 of its virtual size at 64 KiB clusters), read without page cache like everything else.
 fn validate_mapping(image: &mut dyn format::Image) -> Result<()> {
     let size = image.virtual_size();
+    let (smallest, largest) = VALIDATE_WINDOW;
+    let mut window = smallest;
     let mut extents = Vec::new();
     let mut at = 0;
-    while at < size {
-        let len = VALIDATE_WINDOW.min(size - at);
+    for _ in 0..VALIDATE_CALLS {
+        if at >= size {
+            return Ok(());
+        }
+        let len = window.min(size - at);
         extents.clear();
         image.map(at, len, &mut extents)?;
+        window = if extents.len() <= 1 { (window * 2).min(largest) } else { smallest };
         at += len;
     }
+    log::debug!("mapping checked ahead up to guest offset {at:#x}; the rest is checked as it is written");
     Ok(())
 }
