@@ -10,7 +10,7 @@ pub mod archive;
 pub mod dest;
 pub mod env;
 pub mod metrics;
-pub mod tar;
+pub use crate::source::tar;
 pub mod termination;
 
 use crate::budget::Budget;

@@ -7,7 +7,9 @@ mod file;
 mod hashing;
 pub mod http;
 pub mod open;
+pub mod registry;
 pub mod sequential;
+pub mod tar;
 
 pub use file::FileSource;
 pub use hashing::HashingSource;
@@ -26,6 +28,8 @@ pub enum Location {
     Path(PathBuf),
     /// An `http://` or `https://` URL.
     Url(String),
+    /// A containerDisk: `docker://…` or `oci-archive:…`.
+    Registry(registry::ImageRef),
 }
 
 impl Location {
@@ -34,6 +38,8 @@ impl Location {
         let lower = text.to_ascii_lowercase();
         if lower.starts_with("http://") || lower.starts_with("https://") {
             Location::Url(text.to_string())
+        } else if registry::ImageRef::is_image(text) {
+            Location::Registry(registry::ImageRef::new(text))
         } else {
             Location::Path(PathBuf::from(text))
         }
@@ -45,6 +51,7 @@ impl fmt::Display for Location {
         match self {
             Location::Path(path) => write!(f, "{}", path.display()),
             Location::Url(url) => f.write_str(url),
+            Location::Registry(image) => write!(f, "{image}"),
         }
     }
 }

@@ -43,6 +43,10 @@ pub fn open(location: &Location, options: &HttpOptions) -> Result<Opened> {
             let base = path.parent().map_or_else(|| PathBuf::from("."), |p| p.to_path_buf());
             (Arc::new(FileSource::open(path)?), Some(base), None)
         }
+        Location::Registry(image) => {
+            let (reader, len) = super::registry::open(image, options)?;
+            return Ok(Opened { input: Input::Stream { reader, len }, client: None });
+        }
         Location::Url(url) => match http::open(url, options)? {
             (client, Remote::Random(source)) => (source, None, Some(client)),
             (client, Remote::Stream(stream)) => {
