@@ -384,14 +384,14 @@ fn bad_preallocation_fails_with_one_line() {
 
 #[test]
 fn unsupported_sources_fail_with_one_line() {
-    for source in ["s3", "registry", "vddk"] {
+    for source in ["s3", "gcs", "vddk"] {
         let mut pod = Pod::new("cdi-source");
         pod.set("IMPORTER_SOURCE", source).set("IMPORTER_ENDPOINT", "s3://bucket/disk.img");
         let ended = pod.run();
         assert_eq!(ended.code, 1);
         assert_eq!(
             ended.termination,
-            format!("Unknown data source: {source} (unsupported source: boundimport cdi imports from http and none)")
+            format!("Unknown data source: {source} (unsupported source: boundimport cdi imports from http, registry and none)")
         );
     }
 }
@@ -705,10 +705,10 @@ fn unsupported_sources_go_to_a_fallback_importer_when_one_is_named() {
     let record = pod.dir.path().join("fallback-ran");
     fs::write(&script, format!("#!/bin/sh\necho \"$IMPORTER_SOURCE $*\" > {}\nexit 7\n", record.display())).unwrap();
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-    pod.set("IMPORTER_SOURCE", "registry").set("BOUNDIMPORT_CDI_FALLBACK", script.to_str().unwrap());
+    pod.set("IMPORTER_SOURCE", "s3").set("BOUNDIMPORT_CDI_FALLBACK", script.to_str().unwrap());
     let ended = pod.run();
     assert_eq!(ended.code, 7, "the fallback's own exit code: {}", ended.stderr);
-    assert_eq!(fs::read_to_string(&record).unwrap(), "registry -alsologtostderr -v=3\n");
+    assert_eq!(fs::read_to_string(&record).unwrap(), "s3 -alsologtostderr -v=3\n");
     assert!(ended.termination.is_empty(), "the fallback owns the termination log");
 
     // Sources boundimport imports stay with boundimport.

@@ -10,6 +10,7 @@ pub mod archive;
 pub mod dest;
 pub mod env;
 pub mod metrics;
+mod registry;
 pub use crate::source::tar;
 pub mod termination;
 
@@ -97,7 +98,7 @@ pub struct CdiArgs {
     pub metrics_linger: f64,
 
     /// Another importer (CDI's own `cdi-importer`) to exec, with the same arguments, when IMPORTER_SOURCE is one
-    /// boundimport does not import (s3, gcs, registry, imageio, vddk).
+    /// boundimport does not import (s3, gcs, imageio, vddk).
     #[arg(long, value_name = "PATH", env = "BOUNDIMPORT_CDI_FALLBACK")]
     pub fallback: Option<PathBuf>,
 }
@@ -152,7 +153,7 @@ pub fn report_usage_error(message: &str) {
 
 /// Sources `boundimport cdi` imports itself.
 fn handles_source(source: &str) -> bool {
-    matches!(source, "" | "http" | "none")
+    matches!(source, "" | "http" | "registry" | "none")
 }
 
 /// The klog flags among the arguments given after the `cdi` subcommand (or after the program name, when invoked
@@ -299,6 +300,7 @@ impl Context<'_> {
         log::info!("destination: {volume:?}");
         let finish = match &env.source {
             Source::Blank => self.blank(&env, &volume),
+            Source::Registry(image) => self.import_registry(&env, &volume, image),
             Source::Http(location) => match self.wait_for_ready_file(&env, location) {
                 Err(message) => Finish::Failure(message),
                 Ok(location) => {

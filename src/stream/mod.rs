@@ -156,6 +156,9 @@ pub fn import(
     if let Err(err) = &produced {
         if err.kind() == ErrorKind::Interrupted {
             dest.finish()?;
+        } else if err.kind() == ErrorKind::ChecksumMismatch {
+            // A source that failed its own verification (a registry layer's digest) wrote the wrong bytes.
+            discard(&dest, err);
         }
     }
     let (virtual_size, written) = produced?;

@@ -216,7 +216,10 @@ impl DiskReader {
             image,
             ErrorKind::BadImage,
             "finding the disk",
-            format!("no regular file under disk/ in any of the {count} layers: not a containerDisk"),
+            format!(
+                "no regular file under disk/ in its {count} layer{}: not a containerDisk",
+                if count == 1 { "" } else { "s" }
+            ),
         ))
     }
 

@@ -1,0 +1,204 @@
+//! containerDisks from a real registry: Debian's `docker-registry` started on 127.0.0.1 (TLS with a CA made here
+//! and htpasswd auth; plain HTTP), images pushed with `skopeo` from OCI layouts written here, imported with
+//! `boundimport docker://…` and compared with `qemu-img convert -O raw` of the original disk. Also `oci-archive:`,
+//! a Bearer-token registry (an in-process Distribution API server with its own token service, which the real
+//! registry cannot be without a JWT issuer), and the failures: each one line naming the image and the step,
+//! exit 1, and no destination that holds the image.
+
+mod common;
+
+use common::registry::{require_tools, Compress, Layout, Manifest, Registry, RegistryOptions};
+use common::{boundimport, qemu_reference, run, scratch_dir, sha256_prefix, Workbench, MIB};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The disks of the test images and their reference digests.
+struct Disks {
+    bench: Workbench,
+    /// qcow2 (the amd64 disk).
+    qcow2: PathBuf,
+    qcow2_ref: (String, u64),
+    /// The same qcow2, xz-compressed.
+    qcow2_xz: PathBuf,
+    /// A raw disk.
+    raw: PathBuf,
+    raw_ref: (String, u64),
+    /// Another qcow2 (the arm64 disk).
+    other: PathBuf,
+    other_ref: (String, u64),
+}
+
+fn disks(label: &str) -> Disks {
+    let bench = Workbench::new(label);
+    let qcow2 = bench.qcow2_mix("disk.qcow2", 24 * MIB, "cluster_size=65536", &[]);
+    let qcow2_ref = qemu_reference(&qcow2, bench.dir.path());
+    let qcow2_xz = bench.path("disk.qcow2.xz");
+    run(Command::new("xz")
+        .args(["-k", "-0", "-T0", "-c"])
+        .arg(&qcow2)
+        .stdout(std::fs::File::create(&qcow2_xz).unwrap()));
+    let raw = bench.raw_mix("disk.img", 9 * MIB + 4096, 77);
+    let raw_ref = qemu_reference(&raw, bench.dir.path());
+    let other = bench.qcow2_mix("other.qcow2", 17 * MIB, "", &[]);
+    let other_ref = qemu_reference(&other, bench.dir.path());
+    Disks { bench, qcow2, qcow2_ref, qcow2_xz, raw, raw_ref, other, other_ref }
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// `boundimport ARGS SOURCE DEST --json`.
+fn import(args: &[String], source: &str, dest: &Path) -> Output {
+    let mut cmd = boundimport();
+    cmd.args(["--progress", "none", "--json"]).args(args).arg(source).arg(dest);
+    cmd.output().unwrap()
+}
+
+/// Imports `source` and checks the destination against `reference`; returns the JSON summary.
+fn import_ok(args: &[String], source: &str, reference: &(String, u64), out: &Path) -> serde_json::Value {
+    let dest = out.join("out.raw");
+    let _ = std::fs::remove_file(&dest);
+    let output = import(args, source, &dest);
+    assert!(output.status.success(), "{source}: {}", stderr(&output));
+    assert_eq!(std::fs::metadata(&dest).unwrap().len(), reference.1, "{source}: size");
+    assert_eq!(sha256_prefix(&dest, reference.1), reference.0, "{source}: contents");
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(summary["spooled_bytes"], 0, "{source}: {summary}");
+    summary
+}
+
+/// Imports `source`, expecting failure: exit 1, one error line naming `source` and containing every `needle`, and
+/// a destination that does not hold `reference` (if it exists at all). Returns the error line.
+fn import_fails(args: &[String], source: &str, needles: &[&str], reference: &(String, u64), out: &Path) -> String {
+    let dest = out.join("failed.raw");
+    let _ = std::fs::remove_file(&dest);
+    let output = import(args, source, &dest);
+    let text = stderr(&output);
+    assert_eq!(output.status.code(), Some(1), "{source}: {text}");
+    let errors: Vec<&str> = text.lines().filter(|l| l.contains("error")).collect();
+    assert_eq!(errors.len(), 1, "{source}: one error line: {text}");
+    let line = errors[0].to_string();
+    assert!(line.contains(source), "{source}: the error names the image: {line}");
+    for needle in needles {
+        assert!(line.contains(needle), "{source}: {needle:?} in {line}");
+    }
+    assert!(!text.contains("panicked"), "{text}");
+    if let Ok(meta) = std::fs::metadata(&dest) {
+        if meta.len() == reference.1 {
+            assert_ne!(
+                sha256_prefix(&dest, reference.1),
+                reference.0,
+                "{source}: a failed import left the whole image"
+            );
+        }
+    }
+    line
+}
+
+/// The layout every registry test pushes: tags gz, zstd, raw, xz, multi, nodisk, bootc.
+struct Images {
+    layout: Layout,
+    gz: Manifest,
+    _dir: tempfile::TempDir,
+}
+
+fn build_images(d: &Disks) -> Images {
+    let dir = scratch_dir("registry-layout");
+    let mut layout = Layout::new(dir.path());
+    let gz_layer = layout.layer(&[("disk/disk.qcow2", &d.qcow2)], Compress::Gzip);
+    let env = ["PATH=/usr/bin", "INSTANCETYPE_KUBEVIRT_IO_DEFAULT_INSTANCETYPE=u1.medium"];
+    let gz = layout.image(Some("gz"), "amd64", &env, &[], &[gz_layer.clone()]);
+
+    let hostname = d.bench.path("hostname");
+    std::fs::write(&hostname, "containerdisk\n").unwrap();
+    let base = layout.layer(&[("etc/hostname", &hostname)], Compress::Gzip);
+    let zstd = layout.layer(&[("disk/disk.qcow2", &d.qcow2)], Compress::Zstd);
+    layout.image(Some("zstd"), "amd64", &env, &[], &[base.clone(), zstd]);
+
+    let raw = layout.layer(&[("./disk/disk.img", &d.raw)], Compress::None);
+    layout.image(Some("raw"), "amd64", &[], &[], &[raw]);
+
+    let xz = layout.layer(&[("disk/disk.qcow2.xz", &d.qcow2_xz)], Compress::Gzip);
+    layout.image(Some("xz"), "amd64", &[], &[], &[xz]);
+
+    let arm_layer = layout.layer(&[("disk/other.qcow2", &d.other)], Compress::Gzip);
+    let amd = layout.image(None, "amd64", &[], &[], &[gz_layer.clone()]);
+    let arm = layout.image(None, "arm64", &[], &[], &[arm_layer]);
+    layout.index("multi", &[(&amd, "amd64"), (&arm, "arm64")]);
+
+    layout.image(Some("nodisk"), "amd64", &[], &[], &[base]);
+    layout.image(Some("bootc"), "amd64", &[], &[("containers.bootc", "1")], &[gz_layer]);
+    Images { layout, gz, _dir: dir }
+}
+
+const TAGS: &[&str] = &["gz", "zstd", "raw", "xz", "multi", "nodisk", "bootc"];
+
+#[test]
+fn tls_registry_with_htpasswd_auth() {
+    if !require_tools("tls_registry_with_htpasswd_auth") {
+        return;
+    }
+    let d = disks("registry-tls");
+    let images = build_images(&d);
+    let registry = Registry::start(RegistryOptions { tls: true, user: Some(("tester".into(), "s3cret".into())) });
+    for tag in TAGS {
+        registry.push(&images.layout, tag, "containerdisks/test");
+    }
+    let out = scratch_dir("registry-tls-out");
+    let args = registry.client_args();
+    let image = |tag: &str| registry.image("containerdisks/test", tag);
+
+    let summary = import_ok(&args, &image("gz"), &d.qcow2_ref, out.path());
+    assert_eq!(summary["format"], "qcow2");
+    import_ok(&args, &image(&images.gz.desc.digest), &d.qcow2_ref, out.path());
+    import_ok(&args, &image("zstd"), &d.qcow2_ref, out.path());
+    import_ok(&args, &image("raw"), &d.raw_ref, out.path());
+    let summary = import_ok(&args, &image("xz"), &d.qcow2_ref, out.path());
+    assert_eq!(summary["compression"][0], "xz", "{summary}");
+    import_ok(&args, &image("multi"), &d.qcow2_ref, out.path());
+    let mut arm = args.clone();
+    arm.extend(["--arch".to_string(), "arm64".to_string()]);
+    import_ok(&arm, &image("multi"), &d.other_ref, out.path());
+    let mut amd = args.clone();
+    amd.extend(["--arch".to_string(), "amd64".to_string()]);
+    import_ok(&amd, &image("multi"), &d.qcow2_ref, out.path());
+
+    // Failures: one line naming the image and the step, exit 1.
+    let r = &d.qcow2_ref;
+    let mut s390 = args.clone();
+    s390.extend(["--arch".to_string(), "s390x".to_string()]);
+    import_fails(&s390, &image("multi"), &["choosing the platform", "\"s390x\"", "linux/arm64"], r, out.path());
+    import_fails(&arm, &image("gz"), &["doesn't match requested architecture: \"arm64\""], r, out.path());
+    import_fails(&args, &image("bootc"), &["bootc image detected"], r, out.path());
+    import_fails(
+        &args,
+        &image("nodisk"),
+        &["finding the disk", "no regular file under disk/ in its 1 layer:"],
+        r,
+        out.path(),
+    );
+    import_fails(
+        &args,
+        &image("no-such-tag"),
+        &["fetching the manifest", "HTTP 404", "MANIFEST_UNKNOWN"],
+        r,
+        out.path(),
+    );
+    let wrong = vec![
+        "--ca-dir".to_string(),
+        registry.certs.as_ref().unwrap().ca_dir.display().to_string(),
+        "--user".into(),
+        "tester:wrong".into(),
+    ];
+    let line = import_fails(&wrong, &image("gz"), &["401"], r, out.path());
+    assert!(!line.contains("wrong"), "no password in messages: {line}");
+    let anonymous = vec!["--ca-dir".to_string(), registry.certs.as_ref().unwrap().ca_dir.display().to_string()];
+    import_fails(&anonymous, &image("gz"), &["requires credentials", "--user"], r, out.path());
+    let untrusted = vec!["--user".to_string(), "tester:s3cret".into()];
+    let line = import_fails(&untrusted, &image("gz"), &["connecting to the registry"], r, out.path());
+    assert!(line.to_lowercase().contains("certificate"), "{line}");
+    // --insecure accepts the unknown CA.
+    let insecure = vec!["--insecure".to_string(), "--user".into(), "tester:s3cret".into()];
+    import_ok(&insecure, &image("gz"), &d.qcow2_ref, out.path());
+}
