@@ -79,6 +79,7 @@ fn import_fails(args: &[String], source: &str, needles: &[&str], reference: &(St
     let errors: Vec<&str> = text.lines().filter(|l| l.contains("error")).collect();
     assert_eq!(errors.len(), 1, "{source}: one error line: {text}");
     let line = errors[0].to_string();
+    eprintln!("expected failure: {line}");
     assert!(line.contains(source), "{source}: the error names the image: {line}");
     for needle in needles {
         assert!(line.contains(needle), "{source}: {needle:?} in {line}");
@@ -201,4 +202,113 @@ fn tls_registry_with_htpasswd_auth() {
     // --insecure accepts the unknown CA.
     let insecure = vec!["--insecure".to_string(), "--user".into(), "tester:s3cret".into()];
     import_ok(&insecure, &image("gz"), &d.qcow2_ref, out.path());
+}
+
+/// The SHA-256 of `len` zero bytes.
+fn zeros_digest(len: u64) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    let block = vec![0u8; MIB as usize];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(MIB) as usize;
+        hasher.update(&block[..n]);
+        left -= n as u64;
+    }
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn plain_http_registry_needs_insecure_and_corrupt_layers_fail() {
+    if !require_tools("plain_http_registry_needs_insecure_and_corrupt_layers_fail") {
+        return;
+    }
+    let d = disks("registry-plain");
+    let dir = scratch_dir("registry-plain-layout");
+    let mut layout = Layout::new(dir.path());
+    let gz = layout.layer(&[("disk/disk.qcow2", &d.qcow2)], Compress::Gzip);
+    layout.image(Some("gz"), "amd64", &[], &[], &[gz]);
+    // Layers of their own (a marker file makes each blob unique), to corrupt behind the registry's back.
+    let marker = |name: &str| {
+        let path = d.bench.path(name);
+        std::fs::write(&path, name).unwrap();
+        path
+    };
+    let (m1, m2, m3) = (marker("m1"), marker("m2"), marker("m3"));
+    let flipped = layout.layer(&[("disk/disk.img", &d.raw), ("etc/m1", &m1)], Compress::None);
+    let flipped = layout.image(Some("flipped"), "amd64", &[], &[], &[flipped]);
+    let truncated = layout.layer(&[("disk/disk.qcow2", &d.qcow2), ("etc/m2", &m2)], Compress::Gzip);
+    let truncated = layout.image(Some("truncated"), "amd64", &[], &[], &[truncated]);
+    let tail = layout.layer(&[("disk/disk.img", &d.raw), ("etc/m3", &m3)], Compress::None);
+    let tail = layout.image(Some("tail"), "amd64", &[], &[], &[tail]);
+
+    let registry = Registry::start(RegistryOptions::default());
+    for tag in ["gz", "flipped", "truncated", "tail"] {
+        registry.push(&layout, tag, "plain/disk");
+    }
+    let out = scratch_dir("registry-plain-out");
+    let image = |tag: &str| registry.image("plain/disk", tag);
+    let insecure = vec!["--insecure".to_string()];
+    import_ok(&insecure, &image("gz"), &d.qcow2_ref, out.path());
+    import_fails(&[], &image("gz"), &["connecting to the registry"], &d.qcow2_ref, out.path());
+
+    // One byte of the disk changed in a plain tar layer: every byte reaches the importer but the last 64 KiB,
+    // held back until the digest check fails; what was written is discarded.
+    let data = registry.blob_data(&flipped.layers[0].digest);
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[4 * MIB as usize] ^= 0x40;
+    std::fs::write(&data, &bytes).unwrap();
+    let line = import_fails(
+        &insecure,
+        &image("flipped"),
+        &["verifying layer 1 of 1", "digest mismatch"],
+        &d.raw_ref,
+        out.path(),
+    );
+    assert!(line.contains(&flipped.layers[0].digest), "{line}");
+    let dest = out.path().join("failed.raw");
+    assert_eq!(sha256_prefix(&dest, d.raw_ref.1), zeros_digest(d.raw_ref.1), "the destination was not discarded");
+
+    // A change after the disk (in the tar's last member): the disk is complete but its layer is not right.
+    let data = registry.blob_data(&tail.layers[0].digest);
+    let mut bytes = std::fs::read(&data).unwrap();
+    let at = bytes.len() - 1024 - 512;
+    bytes[at] ^= 1;
+    std::fs::write(&data, &bytes).unwrap();
+    import_fails(&insecure, &image("tail"), &["digest mismatch"], &d.raw_ref, out.path());
+    assert_eq!(sha256_prefix(&dest, d.raw_ref.1), zeros_digest(d.raw_ref.1), "the destination was not discarded");
+
+    // A layer cut in half in the registry's storage.
+    let data = registry.blob_data(&truncated.layers[0].digest);
+    let len = std::fs::metadata(&data).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&data).unwrap().set_len(len / 2).unwrap();
+    import_fails(&insecure, &image("truncated"), &["layer 1 of 1"], &d.qcow2_ref, out.path());
+}
+
+#[test]
+fn oci_archives_are_read_in_place() {
+    if !require_tools("oci_archives_are_read_in_place") {
+        return;
+    }
+    let d = disks("registry-archive");
+    let images = build_images(&d);
+    let out = scratch_dir("registry-archive-out");
+    let archive = out.path().join("images.tar");
+    for tag in ["gz", "multi"] {
+        run(Command::new("skopeo")
+            .args(["--insecure-policy", "copy", "--quiet", "--all", "--preserve-digests"])
+            .arg(format!("oci:{}:{tag}", images.layout.dir.display()))
+            .arg(format!("oci-archive:{}:{tag}", out.path().join(format!("{tag}.tar")).display())));
+    }
+    std::fs::rename(out.path().join("gz.tar"), &archive).unwrap();
+    let source = format!("oci-archive:{}", archive.display());
+    import_ok(&[], &source, &d.qcow2_ref, out.path());
+    import_ok(&[], &format!("{source}:gz"), &d.qcow2_ref, out.path());
+    let multi = format!("oci-archive:{}:multi", out.path().join("multi.tar").display());
+    import_ok(&["--arch".into(), "arm64".into()], &multi, &d.other_ref, out.path());
+    import_fails(&[], &format!("{source}:nope"), &["no image tagged \"nope\"", "gz"], &d.qcow2_ref, out.path());
+    let not_archive = format!("oci-archive:{}", d.qcow2.display());
+    import_fails(&[], &not_archive, &["reading the archive"], &d.qcow2_ref, out.path());
+    let files: Vec<_> = std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(files.iter().all(|f| f != "blobs" && f != "index.json"), "nothing extracted: {files:?}");
 }
