@@ -312,3 +312,286 @@ fn oci_archives_are_read_in_place() {
     let files: Vec<_> = std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(files.iter().all(|f| f != "blobs" && f != "index.json"), "nothing extracted: {files:?}");
 }
+
+// ---- Bearer tokens, redirects and resumption: an in-process Distribution API server over a layout.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+
+/// What the fake registry saw.
+#[derive(Default)]
+struct Seen {
+    /// Scopes asked of the token service.
+    scopes: Vec<String>,
+    /// `Authorization` headers that reached the blob storage origin (must stay empty).
+    storage_auth: Vec<String>,
+    /// Range headers the storage origin was sent.
+    ranges: Vec<String>,
+    /// Blob requests the storage cut short on purpose.
+    cut: Vec<String>,
+}
+
+/// A registry speaking just enough of the Distribution API over an OCI layout, with a Bearer token service on
+/// the same port and blobs redirected (307) to a second port, which cuts the first transfer of every blob after
+/// 1 MiB and honours Range.
+struct FakeRegistry {
+    port: u16,
+    seen: Arc<Mutex<Seen>>,
+}
+
+struct Request {
+    path: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+fn read_request(stream: &TcpStream) -> Option<Request> {
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let path = line.split_whitespace().nth(1)?.to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        reader.read_line(&mut h).ok()?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (n, v) = h.split_once(':')?;
+        headers.push((n.trim().to_string(), v.trim().to_string()));
+    }
+    Some(Request { path, headers })
+}
+
+fn respond(mut stream: &TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]) {
+    let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+    for (n, v) in headers {
+        head.push_str(&format!("{n}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let _ = stream.write_all(head.as_bytes());
+    let _ = stream.write_all(body);
+}
+
+fn serve(listener: TcpListener, handle: impl Fn(&TcpStream, Request) + Send + Sync + 'static) {
+    let handle = Arc::new(handle);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { break };
+            let handle = handle.clone();
+            std::thread::spawn(move || {
+                if let Some(request) = read_request(&stream) {
+                    handle(&stream, request);
+                }
+            });
+        }
+    });
+}
+
+const TOKEN: &str = "t0ken-for-pull";
+
+impl FakeRegistry {
+    fn start(layout: &Path, user: &str, pass: &str) -> FakeRegistry {
+        let main = TcpListener::bind("127.0.0.1:0").unwrap();
+        let storage = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = main.local_addr().unwrap().port();
+        let storage_port = storage.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let layout = layout.to_path_buf();
+        let basic = format!("Basic {}", base64(format!("{user}:{pass}").as_bytes()));
+
+        let seen_main = seen.clone();
+        let dir = layout.clone();
+        serve(main, move |stream, request| {
+            let challenge = |scope: Option<&str>| {
+                let mut c = format!("Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"fake-registry\"");
+                if let Some(scope) = scope {
+                    c.push_str(&format!(",scope=\"{scope}\""));
+                }
+                ("WWW-Authenticate", c)
+            };
+            if let Some(query) = request.path.strip_prefix("/token?") {
+                if request.header("authorization") != Some(basic.as_str()) {
+                    return respond(stream, "401 Unauthorized", &[], b"{}");
+                }
+                let scope = query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("scope="))
+                    .unwrap_or("")
+                    .replace("%3A", ":")
+                    .replace("%2F", "/");
+                seen_main.lock().unwrap().scopes.push(scope);
+                return respond(
+                    stream,
+                    "200 OK",
+                    &[("Content-Type", "application/json".into())],
+                    format!("{{\"access_token\":\"{TOKEN}\"}}").as_bytes(),
+                );
+            }
+            let authorized = request.header("authorization") == Some(&format!("Bearer {TOKEN}"));
+            if request.path == "/v2/" {
+                return respond(stream, "401 Unauthorized", &[challenge(None)], b"");
+            }
+            let Some(rest) = request.path.strip_prefix("/v2/fake/disk/") else {
+                return respond(stream, "404 Not Found", &[], b"");
+            };
+            if !authorized {
+                return respond(stream, "401 Unauthorized", &[challenge(Some("repository:fake/disk:pull"))], b"");
+            }
+            if let Some(reference) = rest.strip_prefix("manifests/") {
+                if reference == "big" {
+                    let body = format!("{{\"schemaVersion\":2,\"pad\":\"{}\"}}", "x".repeat(5 << 20));
+                    return respond(
+                        stream,
+                        "200 OK",
+                        &[("Content-Type", "application/vnd.oci.image.manifest.v1+json".into())],
+                        body.as_bytes(),
+                    );
+                }
+                let index: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+                let tag = reference.strip_prefix("liar-").unwrap_or(reference);
+                let entry = index["manifests"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|m| m["digest"] == tag || m["annotations"]["org.opencontainers.image.ref.name"] == tag);
+                let digest = match entry {
+                    Some(e) => e["digest"].as_str().unwrap().to_string(),
+                    None if tag.starts_with("sha256:") => tag.to_string(),
+                    None => {
+                        return respond(
+                            stream,
+                            "404 Not Found",
+                            &[],
+                            br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#,
+                        )
+                    }
+                };
+                let path = dir.join("blobs/sha256").join(digest.trim_start_matches("sha256:"));
+                let Ok(body) = std::fs::read(path) else { return respond(stream, "404 Not Found", &[], b"") };
+                let media: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                let said = if reference.starts_with("liar-") { format!("sha256:{}", "0".repeat(64)) } else { digest };
+                return respond(
+                    stream,
+                    "200 OK",
+                    &[
+                        ("Content-Type", media["mediaType"].as_str().unwrap_or("application/json").to_string()),
+                        ("Docker-Content-Digest", said),
+                    ],
+                    &body,
+                );
+            }
+            if let Some(digest) = rest.strip_prefix("blobs/") {
+                let location = format!("http://127.0.0.1:{storage_port}/storage/{digest}?signature=abc");
+                return respond(stream, "307 Temporary Redirect", &[("Location", location)], b"");
+            }
+            respond(stream, "404 Not Found", &[], b"")
+        });
+
+        let seen_storage = seen.clone();
+        serve(storage, move |stream, request| {
+            if let Some(auth) = request.header("authorization") {
+                seen_storage.lock().unwrap().storage_auth.push(auth.to_string());
+            }
+            let digest = request.path.trim_start_matches("/storage/").split('?').next().unwrap().to_string();
+            let Ok(body) = std::fs::read(layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"))) else {
+                return respond(stream, "404 Not Found", &[], b"");
+            };
+            if let Some(range) = request.header("range") {
+                seen_storage.lock().unwrap().ranges.push(range.to_string());
+                let start: usize = range.trim_start_matches("bytes=").trim_end_matches('-').parse().unwrap();
+                let header = ("Content-Range", format!("bytes {start}-{}/{}", body.len() - 1, body.len()));
+                return respond(stream, "206 Partial Content", &[header], &body[start..]);
+            }
+            let first = {
+                let mut seen = seen_storage.lock().unwrap();
+                let first = !seen.cut.contains(&digest);
+                if first && body.len() > 2 * MIB as usize {
+                    seen.cut.push(digest.clone());
+                }
+                first && body.len() > 2 * MIB as usize
+            };
+            if first {
+                // Declare the whole blob, send 1 MiB, hang up.
+                let mut s = stream;
+                let _ = s.write_all(
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+                        .as_bytes(),
+                );
+                let _ = s.write_all(&body[..MIB as usize]);
+                return;
+            }
+            respond(stream, "200 OK", &[], &body);
+        });
+        FakeRegistry { port, seen }
+    }
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for g in bytes.chunks(3) {
+        let n =
+            (u32::from(g[0]) << 16) | (u32::from(*g.get(1).unwrap_or(&0)) << 8) | u32::from(*g.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            out.push(if i <= g.len() { A[((n >> (18 - 6 * i)) & 63) as usize] as char } else { '=' });
+        }
+    }
+    out
+}
+
+#[test]
+fn bearer_tokens_redirects_and_resumed_blobs() {
+    if !require_tools("bearer_tokens_redirects_and_resumed_blobs") {
+        return;
+    }
+    let d = disks("registry-bearer");
+    let images = build_images(&d);
+    let fake = FakeRegistry::start(&images.layout.dir, "robot", "pa55");
+    let out = scratch_dir("registry-bearer-out");
+    let image = |tag: &str| format!("docker://127.0.0.1:{}/fake/disk:{tag}", fake.port);
+    let creds = vec!["--insecure".to_string(), "--user".into(), "robot:pa55".into()];
+    import_ok(&creds, &image("gz"), &d.qcow2_ref, out.path());
+    import_ok(
+        &creds,
+        &format!("docker://127.0.0.1:{}/fake/disk@{}", fake.port, images.gz.desc.digest),
+        &d.qcow2_ref,
+        out.path(),
+    );
+    let mut arm = creds.clone();
+    arm.extend(["--arch".to_string(), "arm64".into()]);
+    import_ok(&arm, &image("multi"), &d.other_ref, out.path());
+    {
+        let seen = fake.seen.lock().unwrap();
+        assert!(seen.scopes.iter().all(|s| s == "repository:fake/disk:pull"), "{:?}", seen.scopes);
+        assert!(!seen.scopes.is_empty());
+        assert!(seen.storage_auth.is_empty(), "Authorization sent to the storage origin: {:?}", seen.storage_auth);
+        assert!(
+            !seen.cut.is_empty() && seen.ranges.iter().any(|r| r == &format!("bytes={}-", MIB)),
+            "resumed with Range: {:?}",
+            seen.ranges
+        );
+    }
+    let r = &d.qcow2_ref;
+    import_fails(&creds, &image("big"), &["fetching the manifest", "more than the 4194304"], r, out.path());
+    import_fails(&creds, &image("liar-gz"), &["digest mismatch"], r, out.path());
+    import_fails(&creds, &image("absent"), &["HTTP 404", "MANIFEST_UNKNOWN"], r, out.path());
+    let wrong = vec!["--insecure".to_string(), "--user".into(), "robot:nope".into()];
+    let line = import_fails(
+        &wrong,
+        &image("gz"),
+        &["authenticating", "credentials refused by the token service (HTTP 401)"],
+        r,
+        out.path(),
+    );
+    assert!(!line.contains("nope"), "{line}");
+    import_fails(&["--insecure".to_string()], &image("gz"), &["anonymous access refused"], r, out.path());
+}
