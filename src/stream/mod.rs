@@ -130,11 +130,16 @@ pub fn import(
             raw(&mut stream, &name, writer, &dest, stop)
         }
         Kind::Qcow2 => {
+            // The header's virtual size: the writer advances over data and zeros alike.
+            progress.set_total(size_hint);
             let stats = qcow2::import(&mut stream, &name, plan.scratch.as_deref(), writer, stop)?;
             spooled = stats.spooled;
             Ok(stats.virtual_size)
         }
-        Kind::Vmdk => vmdk::import(&mut stream, &name, writer, stop),
+        Kind::Vmdk => {
+            progress.set_total(size_hint);
+            vmdk::import(&mut stream, &name, writer, stop)
+        }
     });
     let format_name = match kind {
         Kind::Raw => "raw",
