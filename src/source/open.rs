@@ -44,8 +44,11 @@ pub fn open(location: &Location, options: &HttpOptions) -> Result<Opened> {
             (Arc::new(FileSource::open(path)?), Some(base), None)
         }
         Location::Registry(image) => {
-            let (reader, len) = super::registry::open(image, options)?;
-            return Ok(Opened { input: Input::Stream { reader, len }, client: None });
+            let disk = super::registry::open(image, options)?;
+            return Ok(Opened {
+                input: Input::Stream { reader: disk.reader, len: Some(disk.len) },
+                client: disk.client,
+            });
         }
         Location::Url(url) => match http::open(url, options)? {
             (client, Remote::Random(source)) => (source, None, Some(client)),

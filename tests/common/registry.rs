@@ -305,6 +305,20 @@ impl Layout {
         Layout { dir: dir.to_path_buf(), tagged: Vec::new() }
     }
 
+    /// An existing layout (its index as written).
+    pub fn open(dir: &Path) -> Layout {
+        let index: serde_json::Value = serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
+        Layout { dir: dir.to_path_buf(), tagged: index["manifests"].as_array().cloned().unwrap_or_default() }
+    }
+
+    /// The digest of the last layer of the image tagged `tag`.
+    pub fn layer_of(&self, tag: &str) -> String {
+        let entry = self.tagged.iter().find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag).unwrap();
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&fs::read(self.blob_path(entry["digest"].as_str().unwrap())).unwrap()).unwrap();
+        manifest["layers"].as_array().unwrap().last().unwrap()["digest"].as_str().unwrap().to_string()
+    }
+
     /// Stores `bytes` as a blob.
     pub fn blob(&self, bytes: &[u8], media_type: &str) -> Desc {
         let digest = format!("sha256:{}", hex(&Sha256::digest(bytes)));

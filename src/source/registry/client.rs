@@ -4,7 +4,7 @@
 //! without sending the registry's `Authorization` to another origin.
 
 use super::manifest::ACCEPT;
-use super::{fail, step_error, BlobStore, DockerRef, Fetched, Stats, TagOrDigest, MAX_MANIFEST};
+use super::{fail, step_error, BlobStore, DockerRef, Fetched, TagOrDigest, MAX_MANIFEST};
 use crate::error::{Error, ErrorKind, Result};
 use crate::source::http::{backoff, basic_auth_value, is_timeout, Client, Response};
 use crate::source::HttpOptions;
@@ -28,7 +28,7 @@ pub struct Registry {
 struct Inner {
     /// The image, for messages.
     image: String,
-    http: Client,
+    http: Arc<Client>,
     /// `scheme://host:port/`.
     base: Url,
     repository: String,
@@ -53,6 +53,7 @@ impl Registry {
             let base = Url::parse(&format!("{scheme}://{host}/"))
                 .map_err(|e| Error::usage(format!("invalid registry host {host:?}: {e}")).at_path(image))?;
             let http = Client::new(base.as_str(), &http_options)
+                .map(Arc::new)
                 .map_err(|e| step_error(image, "connecting to the registry", e))?;
             let inner = Inner {
                 image: image.to_string(),
@@ -74,6 +75,13 @@ impl Registry {
             }
         }
         Err(last.unwrap_or_else(|| fail(image, ErrorKind::Io, "connecting to the registry", "no scheme left")))
+    }
+}
+
+impl Registry {
+    /// The HTTP client (its request count goes into the report).
+    pub fn client(&self) -> Arc<Client> {
+        self.inner.http.clone()
     }
 }
 
@@ -357,10 +365,6 @@ impl BlobStore for Registry {
         };
         stream.response = Some(stream.open()?);
         Ok(Box::new(stream))
-    }
-
-    fn stats(&self) -> Stats {
-        Stats { requests: self.inner.http.requests() }
     }
 }
 

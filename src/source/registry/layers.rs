@@ -6,7 +6,7 @@
 //! layer's digest checked: a corrupt or truncated layer fails the import before the image could be complete.
 
 use super::manifest::Descriptor;
-use super::{fail, verified, BlobStore, Verified};
+use super::{fail, verified, BlobStore};
 use crate::error::{Error, ErrorKind, Result};
 use crate::source::decompress::unwrap_layers;
 use crate::source::sequential::{stream_error, Peek};
@@ -34,9 +34,10 @@ pub fn is_disk_path(path: &[u8]) -> bool {
     !rest.is_empty() && !base.is_empty() && !base.starts_with(b".wh.")
 }
 
-/// A blob shared between the decompressor reading it and the walk that finishes it.
+/// A blob (verified, read ahead on its own thread, so hashing overlaps decompression) shared between the
+/// decompressor reading it and the walk that finishes it.
 #[derive(Clone)]
-struct Shared(Arc<Mutex<Verified>>);
+struct Shared(Arc<Mutex<Prefetch>>);
 
 impl Read for Shared {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -55,7 +56,8 @@ impl Layer {
     fn open(image: &str, store: &dyn BlobStore, descriptor: &Descriptor, what: String) -> Result<Layer> {
         let size = descriptor.checked_size(image, &format!("reading {what}"), None)?;
         let raw = store.blob(&descriptor.digest, size)?;
-        let blob = Shared(Arc::new(Mutex::new(verified(raw, image, &what, &descriptor.digest, size))));
+        let checked = verified(raw, image, &what, &descriptor.digest, size);
+        let blob = Shared(Arc::new(Mutex::new(Prefetch::new(Box::new(checked)))));
         let name = format!("{image} {what}");
         let (stream, compression) = unwrap_layers(Box::new(blob.clone()), &name, LAYER_XZ_MEMLIMIT)
             .map_err(|e| super::step_error(image, &format!("reading {what}"), e))?;
@@ -101,7 +103,8 @@ impl Layer {
                 Err(e) => return Err(layer_error(image, &what, e)),
             }
         }
-        let verified = blob.0.lock().unwrap_or_else(|p| p.into_inner()).is_verified();
+        // The verifier ends its stream only after the digest matched.
+        let verified = blob.0.lock().unwrap_or_else(|p| p.into_inner()).finished();
         if !verified {
             return Err(fail(
                 image,
@@ -281,9 +284,122 @@ impl Read for DiskReader {
     }
 }
 
+/// Chunks a [`Prefetch`] reads ahead.
+const PREFETCH_CHUNK: usize = 1 << 20;
+/// Chunks in flight between the reading thread and the consumer (the memory is `(DEPTH + 2) * CHUNK`).
+const PREFETCH_DEPTH: usize = 4;
+
+/// A reader run on a thread of its own, a few chunks ahead of its consumer: the download, its SHA-256, the layer's
+/// decompression and the tar walk overlap the import's own work instead of taking turns with it. Errors arrive in
+/// order, after the bytes read before them.
+pub struct Prefetch {
+    chunks: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    at: usize,
+    done: bool,
+    ended: bool,
+}
+
+impl Prefetch {
+    /// Reads `inner` on a new thread.
+    pub fn new(mut inner: Box<dyn Read + Send>) -> Prefetch {
+        let (send, chunks) = std::sync::mpsc::sync_channel(PREFETCH_DEPTH);
+        std::thread::Builder::new()
+            .name("registry-read".into())
+            .spawn(move || loop {
+                let mut chunk = vec![0u8; PREFETCH_CHUNK];
+                let mut filled = 0;
+                let result = loop {
+                    match inner.read(&mut chunk[filled..]) {
+                        Ok(0) => break Ok(()),
+                        Ok(n) => {
+                            filled += n;
+                            if filled == chunk.len() {
+                                break Ok(());
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => break Err(e),
+                    }
+                };
+                chunk.truncate(filled);
+                let end = filled < PREFETCH_CHUNK || result.is_err();
+                // A consumer that went away ends the thread.
+                if filled > 0 && send.send(Ok(chunk)).is_err() {
+                    return;
+                }
+                if let Err(e) = result {
+                    let _ = send.send(Err(e));
+                    return;
+                }
+                if end {
+                    let _ = send.send(Ok(Vec::new()));
+                    return;
+                }
+            })
+            .expect("spawning a thread");
+        Prefetch { chunks, current: Vec::new(), at: 0, done: false, ended: false }
+    }
+
+    /// Whether the inner reader ended its stream (not with an error).
+    pub fn finished(&self) -> bool {
+        self.ended
+    }
+}
+
+impl Read for Prefetch {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.current.len() {
+            if self.done || buf.is_empty() {
+                return Ok(0);
+            }
+            match self.chunks.recv() {
+                Ok(Ok(chunk)) if chunk.is_empty() => {
+                    self.done = true;
+                    self.ended = true;
+                }
+                Ok(Ok(chunk)) => {
+                    self.current = chunk;
+                    self.at = 0;
+                }
+                Ok(Err(e)) => {
+                    self.done = true;
+                    return Err(e);
+                }
+                Err(_) => return Err(io::Error::other("the registry reader thread ended early")),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefetch_keeps_bytes_and_errors_in_order() {
+        let data: Vec<u8> = (0..3 * PREFETCH_CHUNK + 17).map(|i| (i % 251) as u8).collect();
+        let mut out = Vec::new();
+        Prefetch::new(Box::new(io::Cursor::new(data.clone()))).read_to_end(&mut out).unwrap();
+        assert_eq!(out, data);
+        let failing = io::Cursor::new(data.clone()).chain(Failing);
+        let mut reader = Prefetch::new(Box::new(failing));
+        let mut out = Vec::new();
+        let err = reader.read_to_end(&mut out).unwrap_err();
+        assert_eq!(err.to_string(), "boom");
+        assert_eq!(out, data);
+    }
+
+    struct Failing;
+    impl Read for Failing {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::Error::other("boom"))
+        }
+    }
 
     #[test]
     fn disk_paths() {

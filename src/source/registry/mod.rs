@@ -260,11 +260,6 @@ pub trait BlobStore: Send + Sync {
 
     /// The blob with `digest` from its start, as stored, unverified: [`verified`] checks it.
     fn blob(&self, digest: &str, size: u64) -> Result<Box<dyn Read + Send>>;
-
-    /// Bytes and requests so far, for the report.
-    fn stats(&self) -> Stats {
-        Stats::default()
-    }
 }
 
 /// What a store fetched for a manifest.
@@ -276,13 +271,6 @@ pub struct Fetched {
     pub media_type: Option<String>,
     /// The digest the bytes must have, when the store knows it.
     pub digest: Option<String>,
-}
-
-/// Transfer counters.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Stats {
-    /// HTTP requests sent.
-    pub requests: u64,
 }
 
 /// A blob checked as it streams: no more than `size` bytes, and at its end exactly `size` bytes whose SHA-256 is
@@ -381,19 +369,28 @@ pub struct Inspected {
     pub architecture: String,
 }
 
-fn store_for(image: &ImageRef, options: &HttpOptions) -> Result<(Reference, Arc<dyn BlobStore>)> {
+/// The store `image` names, and its HTTP client for a registry.
+type Store = (Reference, Arc<dyn BlobStore>, Option<Arc<crate::source::http::Client>>);
+
+fn store_for(image: &ImageRef, options: &HttpOptions) -> Result<Store> {
     let reference = image.parse()?;
-    let store: Arc<dyn BlobStore> = match &reference {
-        Reference::Docker(docker) => Arc::new(client::Registry::connect(&image.spec, docker, options)?),
-        Reference::OciArchive { path, tag } => Arc::new(archive::OciArchive::open(&image.spec, path, tag.as_deref())?),
-    };
-    Ok((reference, store))
+    Ok(match &reference {
+        Reference::Docker(docker) => {
+            let registry = client::Registry::connect(&image.spec, docker, options)?;
+            let http = registry.client();
+            (reference, Arc::new(registry), Some(http))
+        }
+        Reference::OciArchive { path, tag } => {
+            let archive = archive::OciArchive::open(&image.spec, path, tag.as_deref())?;
+            (reference, Arc::new(archive), None)
+        }
+    })
 }
 
 /// Reads the image's manifest and configuration (not its layers): checks its platform and that it is no bootc
 /// image, and returns its labels and a reference pinned to the manifest chosen.
 pub fn inspect(image: &ImageRef, options: &HttpOptions) -> Result<Inspected> {
-    let (reference, store) = store_for(image, options)?;
+    let (reference, store, _) = store_for(image, options)?;
     let resolved = manifest::resolve(&image.spec, store.as_ref(), &image.platform()?)?;
     let pinned = match &reference {
         Reference::Docker(docker) => docker.pinned(&resolved.digest),
@@ -408,9 +405,19 @@ pub fn inspect(image: &ImageRef, options: &HttpOptions) -> Result<Inspected> {
     })
 }
 
-/// Opens the disk file of `image` as a forward-only stream: the reader and the file's length as stored.
-pub fn open(image: &ImageRef, options: &HttpOptions) -> Result<(Box<dyn Read + Send>, Option<u64>)> {
-    let (_, store) = store_for(image, options)?;
+/// The disk of an image, opened.
+pub struct OpenedDisk {
+    /// Its bytes as stored in the layer, front to back.
+    pub reader: Box<dyn Read + Send>,
+    /// Their number.
+    pub len: u64,
+    /// The registry's HTTP client (none for an archive).
+    pub client: Option<Arc<crate::source::http::Client>>,
+}
+
+/// Opens the disk file of `image` as a forward-only stream.
+pub fn open(image: &ImageRef, options: &HttpOptions) -> Result<OpenedDisk> {
+    let (_, store, client) = store_for(image, options)?;
     let resolved = manifest::resolve(&image.spec, store.as_ref(), &image.platform()?)?;
     log::info!(
         "{}: manifest {} ({}, {} layers)",
@@ -421,7 +428,7 @@ pub fn open(image: &ImageRef, options: &HttpOptions) -> Result<(Box<dyn Read + S
     );
     let disk = layers::DiskReader::open(&image.spec, store, resolved.layers)?;
     let len = disk.len();
-    Ok((Box::new(disk), Some(len)))
+    Ok(OpenedDisk { reader: Box::new(disk), len, client })
 }
 
 #[cfg(test)]
