@@ -109,7 +109,7 @@ fn build_images(d: &Disks) -> Images {
     let mut layout = Layout::new(dir.path());
     let gz_layer = layout.layer(&[("disk/disk.qcow2", &d.qcow2)], Compress::Gzip);
     let env = ["PATH=/usr/bin", "INSTANCETYPE_KUBEVIRT_IO_DEFAULT_INSTANCETYPE=u1.medium"];
-    let gz = layout.image(Some("gz"), "amd64", &env, &[], &[gz_layer.clone()]);
+    let gz = layout.image(Some("gz"), "amd64", &env, &[], std::slice::from_ref(&gz_layer));
 
     let hostname = d.bench.path("hostname");
     std::fs::write(&hostname, "containerdisk\n").unwrap();
@@ -124,7 +124,7 @@ fn build_images(d: &Disks) -> Images {
     layout.image(Some("xz"), "amd64", &[], &[], &[xz]);
 
     let arm_layer = layout.layer(&[("disk/other.qcow2", &d.other)], Compress::Gzip);
-    let amd = layout.image(None, "amd64", &[], &[], &[gz_layer.clone()]);
+    let amd = layout.image(None, "amd64", &[], &[], std::slice::from_ref(&gz_layer));
     let arm = layout.image(None, "arm64", &[], &[], &[arm_layer]);
     layout.index("multi", &[(&amd, "amd64"), (&arm, "arm64")]);
 
