@@ -152,6 +152,10 @@ fn tls_registry_with_htpasswd_auth() {
 
     let summary = import_ok(&args, &image("gz"), &d.qcow2_ref, out.path());
     assert_eq!(summary["format"], "qcow2");
+    assert_eq!(summary["source"], image("gz"));
+    // Ping, token-less basic auth, manifest, config, one layer: a handful of requests, not one per chunk.
+    let requests = summary["http_requests"].as_u64().unwrap();
+    assert!((4..=8).contains(&requests), "{requests} requests");
     import_ok(&args, &image(&images.gz.desc.digest), &d.qcow2_ref, out.path());
     import_ok(&args, &image("zstd"), &d.qcow2_ref, out.path());
     import_ok(&args, &image("raw"), &d.raw_ref, out.path());
@@ -307,6 +311,8 @@ fn oci_archives_are_read_in_place() {
     let multi = format!("oci-archive:{}:multi", out.path().join("multi.tar").display());
     import_ok(&["--arch".into(), "arm64".into()], &multi, &d.other_ref, out.path());
     import_fails(&[], &format!("{source}:nope"), &["no image tagged \"nope\"", "gz"], &d.qcow2_ref, out.path());
+    let output = import(&["--arch".into(), "arm64".into()], d.qcow2.to_str().unwrap(), &out.path().join("x.raw"));
+    assert_eq!(output.status.code(), Some(2), "--arch with a file source is a usage error: {}", stderr(&output));
     let not_archive = format!("oci-archive:{}", d.qcow2.display());
     import_fails(&[], &not_archive, &["reading the archive"], &d.qcow2_ref, out.path());
     let files: Vec<_> = std::fs::read_dir(out.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
