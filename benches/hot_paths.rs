@@ -5,9 +5,9 @@
 //! (with a message) when qemu-img is missing.
 
 use boundimport::checksum::{Algorithm, Hasher};
-use boundimport::codec::decompress;
+use boundimport::format::codec::decompress;
 use boundimport::format::{self, BackingPolicy, Codec};
-use boundimport::pipeline::is_zero;
+use boundimport::sink::is_zero;
 use boundimport::source::{FileSource, ReadAt};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;

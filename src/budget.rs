@@ -4,6 +4,7 @@
 //! memory) and the page cache our reads and writes create. boundimport plans to use a small share of it and leaves
 //! the rest to co-tenants (a CDI pod's other processes share the cgroup).
 
+use crate::cgroup::governor::Targets;
 use crate::cgroup::MemCgroup;
 use crate::error::Result;
 use crate::size::human;
@@ -13,6 +14,11 @@ use std::fmt;
 pub const DEFAULT_BUDGET: u64 = 600_000_000;
 
 const MIB: u64 = 1 << 20;
+
+/// The smallest budget an import runs in: the smallest pool and write-behind window (4 x 1 MiB buffers, a 4 MiB
+/// window), the program's own pages (about 11 MiB of page cache for the binary and libc, measured), and room for
+/// the kernel's batched accounting. Below it the import would crawl against its own ceiling or be killed.
+pub const MIN_BUDGET: u64 = 32 * MIB;
 
 /// The buffer pool never grows past this: more buffers stop paying once the device queue is full, while each one
 /// is charged to the cgroup. 4 MiB chunks are what a virtio disk takes as one request (its max_sectors_kb here)
@@ -89,15 +95,23 @@ impl SizingOverride {
 impl Budget {
     /// The budget: `explicit` if given, else the effective limit of `cgroup`, else [`DEFAULT_BUDGET`].
     pub fn resolve(explicit: Option<u64>, cgroup: Option<&MemCgroup>) -> Result<Budget> {
-        if let Some(bytes) = explicit {
-            return Ok(Budget { bytes, origin: BudgetOrigin::Explicit });
+        let budget = match (explicit, cgroup) {
+            (Some(bytes), _) => Budget { bytes, origin: BudgetOrigin::Explicit },
+            (None, Some(cg)) => match cg.limit()? {
+                Some(bytes) => Budget { bytes, origin: BudgetOrigin::Cgroup },
+                None => Budget { bytes: DEFAULT_BUDGET, origin: BudgetOrigin::Default },
+            },
+            (None, None) => Budget { bytes: DEFAULT_BUDGET, origin: BudgetOrigin::Default },
+        };
+        if budget.bytes < MIN_BUDGET {
+            return Err(crate::error::Error::usage(format!(
+                "a memory budget of {} bytes ({budget}) is below the {} an import needs (buffers, write-behind \
+                 window and the program's own pages)",
+                budget.bytes,
+                human(MIN_BUDGET)
+            )));
         }
-        if let Some(cg) = cgroup {
-            if let Some(bytes) = cg.limit()? {
-                return Ok(Budget { bytes, origin: BudgetOrigin::Cgroup });
-            }
-        }
-        Ok(Budget { bytes: DEFAULT_BUDGET, origin: BudgetOrigin::Default })
+        Ok(budget)
     }
 
     /// The planned footprint: an eighth of the budget, between 8 and 64 MiB. Up to half of it, at most
@@ -113,6 +127,19 @@ impl Budget {
         let workers = (pool / chunk).clamp(2, 8) as usize;
         Sizing { workers, chunk, dirty_target: (share / 2).max(2 * chunk), usage_ceiling: self.bytes - self.bytes / 8 }
     }
+}
+
+impl Sizing {
+    /// What the write-behind governor keeps the cgroup under.
+    pub fn governor_targets(&self) -> Targets {
+        Targets { dirty_writeback: self.dirty_target, usage_ceiling: Some(self.usage_ceiling) }
+    }
+}
+
+/// Memory an xz decoder may use for a budget of `budget` bytes: a quarter of it, between 16 and 72 MiB (enough
+/// for `xz -9`'s 64 MiB dictionary when the budget allows, refused with a clear error otherwise).
+pub fn xz_memlimit(budget: u64) -> u64 {
+    (budget / 4).clamp(16 << 20, 72 << 20)
 }
 
 #[cfg(test)]
@@ -142,9 +169,18 @@ mod tests {
     }
 
     #[test]
+    fn budgets_below_the_minimum_are_refused_naming_it() {
+        for bytes in [0, 1, 8 * MIB, MIN_BUDGET - 1] {
+            let err = Budget::resolve(Some(bytes), None).unwrap_err();
+            assert!(err.to_string().contains("32.00 MiB an import needs"), "{err}");
+        }
+        assert!(Budget::resolve(Some(MIN_BUDGET), None).is_ok());
+    }
+
+    #[test]
     fn explicit_limit_wins() {
-        let b = Budget::resolve(Some(123), None).unwrap();
-        assert_eq!(b, Budget { bytes: 123, origin: BudgetOrigin::Explicit });
+        let b = Budget::resolve(Some(123 * MIB), None).unwrap();
+        assert_eq!(b, Budget { bytes: 123 * MIB, origin: BudgetOrigin::Explicit });
         let d = Budget::resolve(None, None).unwrap();
         assert_eq!(d.origin, BudgetOrigin::Default);
     }

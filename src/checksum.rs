@@ -62,7 +62,16 @@ impl FromStr for Checksum {
             "sha512" => Algorithm::Sha512,
             _ => return Err(bad("algorithm must be md5, sha1, sha256 or sha512")),
         };
-        let digest = decode_hex(hex.trim()).ok_or_else(|| bad("digest is not hexadecimal"))?;
+        let hex = hex.trim();
+        if !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()) && hex.len() != algorithm.digest_len() * 2 {
+            return Err(bad(&format!(
+                "the digest has {} hex digits, but a {} digest has {}",
+                hex.len(),
+                algorithm.name(),
+                algorithm.digest_len() * 2
+            )));
+        }
+        let digest = decode_hex(hex).ok_or_else(|| bad("digest is not hexadecimal"))?;
         if digest.len() != algorithm.digest_len() {
             return Err(bad(&format!("a {} digest has {} hex digits", algorithm.name(), algorithm.digest_len() * 2)));
         }

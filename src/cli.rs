@@ -5,13 +5,14 @@ use crate::budget::SizingOverride;
 use crate::checksum::Checksum;
 use crate::error::{Error, Result};
 use crate::import::{self, Outcome, Plan, ResumeOptions};
-use crate::progress::{self, Progress, ProgressStyle};
+use crate::process::render::{self, ProgressStyle};
+use crate::process::{exit_code, install_stop_handlers};
+use crate::progress::Progress;
 use crate::sink::IoChoice;
 use crate::size::{human, parse_quantity};
 use crate::source::{HttpOptions, Location};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
 
 /// Import a VM disk image (qcow2, raw, vmdk, vhd, vhdx, vdi; plain or gz/xz/zst; a file or an http(s) URL) onto a
@@ -32,7 +33,11 @@ enum Command {
     /// reports through the termination log and an HTTPS progress metric (a drop-in for `cdi-importer`).
     Cdi(crate::cdi::CdiArgs),
     /// Reproduce the importer-pod page-cache pathology and measure importers side by side (needs root).
+    #[cfg(feature = "lab")]
     Lab(crate::lab::command::LabCommand),
+    /// Explain a memory cgroup's usage (own, --cgroup, --pid, --pod): page cache, dirty and writeback pages,
+    /// anonymous memory, limit hits, OOM kills, the processes and the files they write — and a verdict.
+    Diagnose(crate::diagnose::DiagnoseArgs),
 }
 
 /// Arguments of a plain import.
@@ -54,7 +59,7 @@ struct ImportArgs {
 
     /// Write path: direct (O_DIRECT), writebehind (buffered, paced by cgroup readings), or auto.
     #[arg(long, value_enum, default_value = "auto")]
-    io: IoChoice,
+    io: IoArg,
 
     /// Expected checksum of the source file, ALGO:HEX (md5, sha1, sha256, sha512).
     #[arg(long)]
@@ -91,8 +96,13 @@ struct ImportArgs {
     #[arg(long)]
     json: bool,
 
-    /// Skip the SHA-256 of the written image (it costs CPU time proportional to the virtual size).
-    #[arg(long)]
+    /// Compute the SHA-256 of the written image and print it (`HEX  DEST`, or `sha256` in --json). It costs about
+    /// 1 s of CPU per GiB of virtual size, zeros included, so it is off unless asked for.
+    #[arg(long, conflicts_with = "no_digest")]
+    digest: bool,
+
+    /// Accepted for scripts written when the digest was on by default; does nothing.
+    #[arg(long, hide = true)]
     no_digest: bool,
 
     /// Directory of extra PEM CA certificates trusted for https sources, besides the system roots (repeatable).
@@ -150,6 +160,27 @@ struct ImportArgs {
     quiet: bool,
 }
 
+/// `--io`: the sink's write-path choice, as the command line spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum IoArg {
+    /// O_DIRECT where the destination accepts it, else write-behind.
+    Auto,
+    /// O_DIRECT only; fail if the destination refuses it.
+    Direct,
+    /// Buffered writes paced by the cgroup governor.
+    Writebehind,
+}
+
+impl From<IoArg> for IoChoice {
+    fn from(arg: IoArg) -> IoChoice {
+        match arg {
+            IoArg::Auto => IoChoice::Auto,
+            IoArg::Direct => IoChoice::Direct,
+            IoArg::Writebehind => IoChoice::Writebehind,
+        }
+    }
+}
+
 fn parse_header(text: &str) -> std::result::Result<(String, String), String> {
     match text.split_once(':') {
         Some((name, value)) if !name.trim().is_empty() && !name.contains(char::is_whitespace) => {
@@ -160,6 +191,10 @@ fn parse_header(text: &str) -> std::result::Result<(String, String), String> {
 }
 
 fn parse_limit(text: &str) -> std::result::Result<u64, String> {
+    // Kubernetes reads `m` as milli: `600m` is 0.6 bytes, never what anyone means by a memory limit.
+    if let Some(number) = text.trim().strip_suffix('m') {
+        return Err(format!("{text:?} means {number} thousandths of a byte: did you mean {number}M or {number}Mi?"));
+    }
     parse_quantity(text).map_err(|e| e.to_string())
 }
 
@@ -180,12 +215,14 @@ pub fn main() -> i32 {
     match cli.command {
         None => run_import(cli.import),
         Some(Command::Cdi(args)) => crate::cdi::main(args),
+        #[cfg(feature = "lab")]
         Some(Command::Lab(lab)) => crate::lab::command::main(lab),
+        Some(Command::Diagnose(args)) => crate::diagnose::main(args),
     }
 }
 
 fn run_import(args: ImportArgs) -> i32 {
-    crate::logging::init(args.verbose, args.quiet);
+    crate::process::logging::init(args.verbose, args.quiet);
     match import_and_report(&args) {
         Ok(()) => 0,
         Err(err) => {
@@ -195,55 +232,19 @@ fn run_import(args: ImportArgs) -> i32 {
     }
 }
 
-/// Raised by SIGINT/SIGTERM: workers finish their current item and the import stops.
-static STOP: AtomicBool = AtomicBool::new(false);
-/// The signal that raised [`STOP`].
-static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
-
-extern "C" fn on_stop_signal(signal: libc::c_int) {
-    if STOP.swap(true, Ordering::SeqCst) {
-        // A second signal: the user does not want to wait for the flush.
-        // SAFETY: _exit is async-signal-safe.
-        unsafe { libc::_exit(128 + signal) }
-    }
-    STOP_SIGNAL.store(signal, Ordering::SeqCst);
-}
-
-/// Routes SIGINT and SIGTERM to [`STOP`] so an import stops cleanly: current writes finish, what was written is
-/// synced, and the log says where it stopped.
-pub fn install_stop_handlers() -> &'static AtomicBool {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let action = SigAction::new(SigHandler::Handler(on_stop_signal), SaFlags::SA_RESTART, SigSet::empty());
-    for signal in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only touches atomics and calls _exit.
-        if let Err(e) = unsafe { sigaction(signal, &action) } {
-            log::warn!("cannot install a {signal} handler: {e}");
-        }
-    }
-    &STOP
-}
-
-/// The exit code for `err`: 128 + the signal number for an import stopped by a signal, as shells report them.
-pub fn exit_code(err: &Error) -> i32 {
-    match (err.kind(), STOP_SIGNAL.load(Ordering::SeqCst)) {
-        (crate::error::ErrorKind::Interrupted, signal) if signal > 0 => 128 + signal,
-        _ => err.exit_code(),
-    }
-}
-
 fn import_and_report(args: &ImportArgs) -> Result<()> {
     let (Some(source), Some(dest)) = (&args.source, &args.dest) else {
         return Err(Error::usage("SOURCE and DEST are required"));
     };
     let plan = Plan {
         limit: args.limit,
-        io: args.io,
+        io: args.io.into(),
         checksum: args.checksum.clone(),
         allow_backing: args.allow_backing,
         allow_backing_outside: args.allow_backing_outside,
         target_is_zero: args.target_is_zero,
-        output_digest: !args.no_digest,
-        governor_timeline: args.governor_log.clone(),
+        output_digest: args.digest,
+        governor_observer: args.governor_log.clone().map(crate::process::timeline::csv),
         sizing_override: SizingOverride { workers: args.workers, chunk: args.chunk_size },
         resume: args.resume.then(|| ResumeOptions { state_dir: args.state_dir.clone() }),
         http: HttpOptions {
@@ -267,7 +268,7 @@ fn import_and_report(args: &ImportArgs) -> Result<()> {
     let progress = Progress::default();
     let stop = install_stop_handlers();
     let outcome = std::thread::scope(|scope| {
-        scope.spawn(|| progress::report(&progress, args.progress));
+        scope.spawn(|| render::report(&progress, args.progress));
         let outcome = import::run(&plan, &progress, stop);
         progress.finish();
         outcome

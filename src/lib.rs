@@ -9,21 +9,20 @@
 
 pub mod budget;
 pub mod buffer;
-pub mod cdi;
+pub(crate) mod cdi;
 pub mod cgroup;
 pub mod checksum;
 pub mod cli;
-pub mod codec;
+pub mod diagnose;
 pub mod error;
 pub mod format;
 pub mod import;
+#[cfg(feature = "lab")]
 pub mod lab;
-pub mod logging;
 pub mod pipeline;
+pub(crate) mod process;
 pub mod progress;
-pub mod resume;
 pub mod sink;
-pub mod size;
+pub(crate) mod size;
 pub mod source;
-pub mod stream;
-pub mod sys;
+pub(crate) mod sys;

@@ -1,28 +1,10 @@
-//! Progress: counters the pipeline advances, and a reporter that shows them (an indicatif bar on a terminal,
-//! a log line every few seconds elsewhere). Front ends that publish progress differently (CDI's metric) read the
-//! same counters.
+//! Progress: counters the engine advances. Showing them is the front ends' business (a bar or log lines in
+//! `process::render`, CDI's metric in `cdi::metrics`); they all read the same counters.
 
 use crate::size::human;
-use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
-
-/// Interval between log lines when not on a terminal.
-const LOG_INTERVAL: Duration = Duration::from_secs(5);
-
-/// How progress is shown (`--progress`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ProgressStyle {
-    /// A bar on a terminal, log lines otherwise.
-    Auto,
-    /// Always a bar.
-    Bar,
-    /// Log lines every few seconds.
-    Log,
-    /// Nothing.
-    None,
-}
 
 /// Shared import progress.
 pub struct Progress {
@@ -30,6 +12,10 @@ pub struct Progress {
     processed: AtomicU64,
     watermark: AtomicU64,
     written: AtomicU64,
+    /// Bytes of the source as stored, and how many of them were consumed: the measure of progress for a stream
+    /// whose image size is known only at its end (a compressed raw image).
+    stored_total: AtomicU64,
+    stored_read: AtomicU64,
     started: Instant,
     finished: Mutex<bool>,
     wake: Condvar,
@@ -42,6 +28,8 @@ impl Default for Progress {
             processed: AtomicU64::new(0),
             watermark: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            stored_total: AtomicU64::new(0),
+            stored_read: AtomicU64::new(0),
             started: Instant::now(),
             finished: Mutex::new(false),
             wake: Condvar::new(),
@@ -86,11 +74,24 @@ impl Progress {
         self.watermark.load(Ordering::Relaxed)
     }
 
-    /// Percent done, 0–100.
+    /// Sets the number of source bytes as stored, for a stream whose image size is not known yet.
+    pub fn set_stored_total(&self, total: u64) {
+        self.stored_total.store(total, Ordering::Relaxed);
+    }
+
+    /// Records how many source bytes (as stored) have been consumed.
+    pub fn note_stored(&self, read: u64) {
+        self.stored_read.fetch_max(read, Ordering::Relaxed);
+    }
+
+    /// Percent done, 0–100: guest bytes against the image size, or, before the image size is known, source
+    /// bytes consumed against the source's length.
     pub fn percent(&self) -> f64 {
-        match self.total() {
-            0 => 0.0,
-            total => (self.processed() as f64 * 100.0 / total as f64).min(100.0),
+        let ratio = |done: u64, total: u64| (done as f64 * 100.0 / total as f64).min(100.0);
+        match (self.total(), self.stored_total.load(Ordering::Relaxed)) {
+            (0, 0) => 0.0,
+            (0, stored) => ratio(self.stored_read.load(Ordering::Relaxed), stored),
+            (total, _) => ratio(self.processed(), total),
         }
     }
 
@@ -106,7 +107,7 @@ impl Progress {
     }
 
     /// Waits up to `timeout` for the import to finish; returns whether it has.
-    fn wait_finished(&self, timeout: Duration) -> bool {
+    pub fn wait_finished(&self, timeout: Duration) -> bool {
         let finished = self.finished.lock().unwrap_or_else(|p| p.into_inner());
         let (finished, _) =
             self.wake.wait_timeout_while(finished, timeout, |done| !*done).unwrap_or_else(|p| p.into_inner());
@@ -123,38 +124,5 @@ impl Progress {
             human(self.total()),
             human((self.processed() as f64 / secs) as u64)
         )
-    }
-}
-
-/// Shows `progress` in `style` until [`Progress::finish`] is called. Run it on its own thread.
-pub fn report(progress: &Progress, style: ProgressStyle) {
-    let style = match style {
-        ProgressStyle::Auto if std::io::stderr().is_terminal() => ProgressStyle::Bar,
-        ProgressStyle::Auto => ProgressStyle::Log,
-        other => other,
-    };
-    match style {
-        ProgressStyle::Bar => {
-            let bar = indicatif::ProgressBar::new(progress.total());
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{elapsed_precise} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                )
-                .expect("valid progress template")
-                .progress_chars("=> "),
-            );
-            while !progress.wait_finished(Duration::from_millis(200)) {
-                bar.set_length(progress.total());
-                bar.set_position(progress.processed());
-            }
-            bar.set_position(progress.processed());
-            bar.finish_and_clear();
-        }
-        ProgressStyle::Log => {
-            while !progress.wait_finished(LOG_INTERVAL) {
-                log::info!("{}", progress.log_line());
-            }
-        }
-        ProgressStyle::None | ProgressStyle::Auto => while !progress.wait_finished(Duration::from_secs(3600)) {},
     }
 }

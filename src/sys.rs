@@ -13,12 +13,17 @@ use std::os::unix::fs::FileTypeExt;
 //   #define BLKPBSZGET _IO(0x12,123)            /* physical sector size */
 //   #define BLKZEROOUT _IO(0x12,127)            /* zero a range: u64[2] = {start, len} in bytes */
 //   #define BLKGETSIZE64 _IOR(0x12,114,size_t)  /* device size in bytes */
+//   #define BLKROGET   _IO(0x12,94)             /* get read-only status (0 = read_write) */
+// linux/fs.h:
+//   #define FS_IOC_GETFLAGS _IOR('f', 1, long)   /* inode flags; FS_IMMUTABLE_FL 0x10, FS_APPEND_FL 0x20 */
 mod ioctls {
     nix::ioctl_read_bad!(blksszget, 0x1268, libc::c_int);
     nix::ioctl_read_bad!(blkioopt, 0x1279, libc::c_uint);
     nix::ioctl_read_bad!(blkpbszget, 0x127b, libc::c_uint);
     nix::ioctl_write_ptr_bad!(blkzeroout, 0x127f, [u64; 2]);
     nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+    nix::ioctl_read_bad!(blkroget, 0x125e, libc::c_int);
+    nix::ioctl_read!(fs_ioc_getflags, b'f', 1, libc::c_long);
 }
 
 fn nix_err(e: nix::Error) -> io::Error {
@@ -47,6 +52,29 @@ pub fn file_or_device_size(file: &File) -> io::Result<u64> {
         Ok(size)
     } else {
         Ok(file.metadata()?.len())
+    }
+}
+
+/// Whether a block device is read-only (BLKROGET): `losetup -r`, a write-protected disk. Writes to it fail with
+/// EPERM although opening it for writing succeeds.
+pub fn is_read_only_device(file: &File) -> io::Result<bool> {
+    let mut read_only: libc::c_int = 0;
+    // SAFETY: BLKROGET writes one int through the pointer.
+    unsafe { ioctls::blkroget(file.as_raw_fd(), &mut read_only) }.map_err(nix_err)?;
+    Ok(read_only != 0)
+}
+
+/// Whether the file at `path` is immutable or append-only (`chattr +i` / `+a`), which refuses opening it for
+/// writing with EPERM even to root. `None` when the filesystem cannot tell.
+pub fn immutable_flags(path: &std::path::Path) -> Option<&'static str> {
+    let file = File::open(path).ok()?;
+    let mut flags: libc::c_long = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one long through the pointer (the kernel copies an int into it).
+    unsafe { ioctls::fs_ioc_getflags(file.as_raw_fd(), &mut flags) }.ok()?;
+    match flags {
+        f if f & 0x10 != 0 => Some("immutable (chattr +i)"),
+        f if f & 0x20 != 0 => Some("append-only (chattr +a)"),
+        _ => None,
     }
 }
 

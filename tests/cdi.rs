@@ -1060,3 +1060,36 @@ fn registry_containerdisk_onto_a_block_volume_reports_progress_mid_import() {
     assert_eq!(sha256_prefix(device.path(), virtual_size), digest);
     assert_eq!(fs::read_dir(pod.data()).unwrap().count(), 0, "nothing written to the data directory");
 }
+
+/// `boundimport_written_bytes` in a scrape, if present.
+fn written_bytes(text: &str) -> Option<u64> {
+    text.lines().find_map(|line| line.strip_prefix("boundimport_written_bytes ")?.trim().parse().ok())
+}
+
+#[test]
+fn streamed_imports_report_progress_mid_import() {
+    // A server without Range: qcow2 and a gzipped raw image are read forward only, and their progress must move
+    // while they are written (against the qcow2's virtual size, and the share of the .gz consumed).
+    let bench = Workbench::new("cdi-stream-progress");
+    let (digest, virtual_size) = served_qcow2(&bench, 40 * MIB);
+    let raw = bench.raw_mix("plain.raw", 32 * MIB, 11);
+    common::run(Command::new("gzip").arg("-k").arg(&raw));
+    let raw_digest = sha256_prefix(&raw, 32 * MIB);
+    for (name, want, size) in [("disk.qcow2", &digest, virtual_size), ("plain.raw.gz", &raw_digest, 32 * MIB)] {
+        let len = fs::metadata(bench.path(name)).unwrap().len();
+        let server = TestServer::start(
+            bench.dir.path(),
+            ServerOptions { ranges: false, rate: Some(len / 4), ..Default::default() },
+        );
+        let mut pod = Pod::new("cdi-stream-progress-pod");
+        pod.set("IMPORTER_ENDPOINT", &server.url(name)).set("IMPORTER_IMAGE_SIZE", "64Mi");
+        let (ended, values, texts) = pod.run_scraping_in(None);
+        ended_complete(&ended);
+        assert!(ended.stderr.contains("read as a stream"), "{name} was not streamed: {}", ended.stderr);
+        assert_progress_series(&values, true);
+        let written: Vec<u64> = texts.iter().filter_map(|t| written_bytes(t)).collect();
+        assert!(written.iter().any(|&w| w > 0 && w < size), "{name}: written bytes never seen mid-import: {written:?}");
+        let disk = pod.data().join("disk.img");
+        assert_eq!(sha256_prefix(&disk, size), *want, "{name}");
+    }
+}

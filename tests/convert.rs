@@ -122,7 +122,7 @@ fn build(bench: &Workbench, variant: &Variant) -> PathBuf {
 
 /// Runs `boundimport --json ARGS` and returns its output.
 fn import(args: &[&str], source: &Path, dest: &Path) -> Output {
-    run_any(boundimport().args(["--progress", "none", "--json"]).args(args).arg(source).arg(dest))
+    run_any(boundimport().args(["--progress", "none", "--json", "--digest"]).args(args).arg(source).arg(dest))
 }
 
 /// The `sha256` field of a successful import's JSON summary, after checking the run succeeded.

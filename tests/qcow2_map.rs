@@ -6,6 +6,7 @@ mod common;
 use boundimport::error::ErrorKind;
 use boundimport::format::{self, BackingPolicy, Content, Extent, Image};
 use boundimport::pipeline::fill::{fill, Scratch};
+use boundimport::source::files::LocalFiles;
 use boundimport::source::{FileSource, ReadAt};
 use common::{qemu_img, qemu_io, run, run_any, write_pattern_file, Fill, Workbench, KIB, MIB};
 use sha2::{Digest, Sha256};
@@ -54,7 +55,7 @@ impl Seen {
 /// kinds seen.
 fn check(bench: &Workbench, name: &str) -> Seen {
     let policy =
-        BackingPolicy { allow: true, base_dir: Some(bench.dir.path().to_path_buf()), ..BackingPolicy::default() };
+        BackingPolicy { allow: true, files: Some(Arc::new(LocalFiles::in_dir(bench.dir.path(), false).unwrap())) };
     compare_with_qemu(&bench.path(name), &policy, &bench.path(&format!("{name}.ref.raw")))
 }
 
@@ -372,7 +373,7 @@ fn backing_file_refused_unless_allowed() {
     lab.raw_mix("base.raw", MIB, 51);
     lab.qemu_img(&["create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "top.qcow2", "1M"]);
     let policy =
-        BackingPolicy { allow: false, base_dir: Some(lab.dir.path().to_path_buf()), ..BackingPolicy::default() };
+        BackingPolicy { allow: false, files: Some(Arc::new(LocalFiles::in_dir(lab.dir.path(), false).unwrap())) };
     let err = match open(&lab.path("top.qcow2"), &policy) {
         Ok(_) => panic!("backing file was followed without permission"),
         Err(e) => e,

@@ -25,7 +25,7 @@ fn image(bench: &Workbench) -> (std::path::PathBuf, String, u64) {
 
 fn start(args: &[&str], image: &Path, dest: &Path) -> Child {
     boundimport()
-        .args(["--progress", "none", "--json", "--resume"])
+        .args(["--progress", "none", "--json", "--digest", "--resume"])
         .args(args)
         .arg(image)
         .arg(dest)

@@ -215,9 +215,9 @@ pub fn exercise_decompress(data: &[u8]) {
     };
     let out_len = ((usize::from(data[1]) << 16) | (usize::from(data[2]) << 8) | usize::from(data[3])) & 0xff_ffff;
     let mut out = vec![0u8; out_len];
-    if boundimport::codec::decompress(codec, &data[4..], &mut out).is_ok() {
+    if boundimport::format::codec::decompress(codec, &data[4..], &mut out).is_ok() {
         let mut again = vec![0xa5u8; out_len];
-        boundimport::codec::decompress(codec, &data[4..], &mut again).expect("second decompression");
+        boundimport::format::codec::decompress(codec, &data[4..], &mut again).expect("second decompression");
         assert!(out == again, "decompression is not deterministic");
     }
 }
@@ -233,7 +233,7 @@ pub fn exercise_stream_decompress(data: &[u8]) {
     use boundimport::source::decompress::unwrap_layers;
     use std::io::Read;
     let reader = Box::new(std::io::Cursor::new(data.to_vec()));
-    let memlimit = boundimport::stream::xz_memlimit(600_000_000);
+    let memlimit = boundimport::budget::xz_memlimit(600_000_000);
     let Ok((mut stream, layers)) = unwrap_layers(reader, "fuzz.img", memlimit) else {
         return;
     };

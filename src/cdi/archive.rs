@@ -12,11 +12,9 @@
 //! extraction is as bounded as an image import.
 
 use super::tar::{Entry, Kind, TarReader};
-use crate::cgroup::governor::{Governor, Targets};
-use crate::cgroup::MemCgroup;
 use crate::error::{Error, ErrorKind, Result};
-use crate::pipeline::is_zero;
-use crate::sink::writebehind::WriteBehind;
+use crate::sink::paced::PacedFile;
+pub use crate::sink::paced::Pacing;
 use nix::fcntl::AtFlags;
 use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::{fchmod, mkdirat, Mode};
@@ -27,9 +25,6 @@ use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-
-/// Unit of hole detection in extracted files.
-const HOLE_BLOCK: usize = 4096;
 
 /// What an extraction did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -44,15 +39,6 @@ pub struct Extracted {
     pub skipped: u64,
     /// File bytes written as data (holes excluded).
     pub bytes_written: u64,
-}
-
-/// Limits for the write-behind window of extracted files.
-#[derive(Debug, Clone)]
-pub struct Pacing {
-    /// The memory cgroup whose dirty pages pace writing, if any.
-    pub cgroup: Option<MemCgroup>,
-    /// Governor targets.
-    pub targets: Targets,
 }
 
 /// Extracts the tar stream `reader` into `dir`. `on_progress` is called with the bytes consumed from the stream
@@ -268,30 +254,10 @@ fn write_file<R: Read>(
     .map_err(|e| Error::io("creating a file", e.into()))?;
     // SAFETY: openat returned a fresh descriptor that nothing else owns.
     let file = unsafe { File::from_raw_fd(fd) };
-    let window = WriteBehind::new(Governor::new(pacing.cgroup.clone(), pacing.targets, None)?);
-    let mut written = 0u64;
+    let mut out = PacedFile::new(file, pacing)?;
     let mut last_report = 0u64;
     tar.read_data(entry, |offset, chunk| {
-        let mut at = 0;
-        while at < chunk.len() {
-            // Runs of data blocks are written together; zero blocks are skipped.
-            let end = (at + HOLE_BLOCK).min(chunk.len());
-            if is_zero(&chunk[at..end]) {
-                at = end;
-                continue;
-            }
-            let mut run_end = end;
-            while run_end < chunk.len() {
-                let next = (run_end + HOLE_BLOCK).min(chunk.len());
-                if is_zero(&chunk[run_end..next]) {
-                    break;
-                }
-                run_end = next;
-            }
-            window.write(&file, offset + at as u64, &chunk[at..run_end])?;
-            written += (run_end - at) as u64;
-            at = run_end;
-        }
+        out.write(offset, chunk)?;
         let through = offset + chunk.len() as u64;
         if through - last_report >= 4 << 20 {
             last_report = through;
@@ -299,8 +265,8 @@ fn write_file<R: Read>(
         }
         Ok(())
     })?;
-    window.finish(&file)?;
-    file.set_len(entry.size).map_err(|e| Error::io("sizing a file", e))?;
+    let written = out.written();
+    let file = out.finish(entry.size)?;
     set_mode_and_time(file.as_raw_fd(), entry.mode & 0o777, entry.mtime)?;
     Ok(written)
 }

@@ -104,16 +104,15 @@ pub fn remove_stale(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The size a file image should grow to after the import, CDI's `ResizeImage`: the requested size, but no more
-/// than the usable space after the filesystem overhead; `None` when nothing was requested or the image is already
-/// at least that large (an image is never shrunk).
-pub fn resize_target(virtual_size: u64, requested: Option<u64>, available: u64, overhead: f64) -> Option<u64> {
+/// The size CDI gives `disk.img` once the image is in it, whatever the image's size: the requested size, capped
+/// by the usable space (never below the image; the sink only grows).
+pub fn file_size_target(requested: Option<u64>, available: u64, overhead: f64) -> Option<u64> {
     let requested = requested?;
     let target = requested.min(usable_space(overhead, available));
     if target < requested {
         log::warn!("available space less than requested size, resizing image to available space {target}");
     }
-    (target > virtual_size).then_some(target)
+    Some(target)
 }
 
 /// Finishes an image file: grows it to `size` when given (never shrinking), allocates it whole when
@@ -211,6 +210,10 @@ mod tests {
 
     #[test]
     fn resize_never_shrinks_and_respects_overhead() {
+        // The sink grows the file to the target only when the target is larger than the image.
+        let resize_target = |virtual_size: u64, requested, available, overhead| {
+            file_size_target(requested, available, overhead).filter(|&target| target > virtual_size)
+        };
         // Plenty of space: grow to the request less nothing (no overhead).
         assert_eq!(resize_target(GIB, Some(4 * GIB), 4 * GIB, 0.0), Some(4 * GIB));
         // Overhead: the usable part of the capped space.

@@ -45,8 +45,6 @@ pub struct CdiEnv {
     pub content_type: ContentType,
     /// Requested size of the disk (`IMPORTER_IMAGE_SIZE`), bytes.
     pub image_size: Option<u64>,
-    /// Label value of the progress metric (`OWNER_UID`).
-    pub owner_uid: String,
     /// Share of a filesystem volume kept for the filesystem itself (`FILESYSTEM_OVERHEAD`).
     pub filesystem_overhead: f64,
     /// Preallocate the destination (`PREALLOCATION`).
@@ -232,7 +230,6 @@ impl CdiEnv {
             source,
             content_type,
             image_size,
-            owner_uid: get("OWNER_UID").to_string(),
             filesystem_overhead,
             preallocation,
             cache_mode: get("CACHE_MODE").to_string(),
@@ -289,7 +286,6 @@ mod tests {
         assert_eq!(e.source, Source::Http(Location::Url("https://h/disk.qcow2".into())));
         assert_eq!(e.content_type, ContentType::Kubevirt);
         assert_eq!(e.image_size, Some(10 << 30));
-        assert_eq!(e.owner_uid, "4f2c");
         assert_eq!(e.filesystem_overhead, 0.055);
         assert!(e.preallocation);
         assert_eq!(e.cache_mode, "TRYNONE");

@@ -12,7 +12,7 @@ use crate::source::Location;
 impl Context<'_> {
     /// Imports the containerDisk `image`; the termination message carries the labels of its environment.
     pub(super) fn import_registry(&self, env: &CdiEnv, volume: &Volume, image: &ImageRef) -> Finish {
-        let http = match self.http_options(env) {
+        let http = match super::connect::http_options(&self.args.proxy_cert_dir, &self.args.extra_headers_dir, env) {
             Ok(http) => http,
             Err(message) => return Finish::Failure(message),
         };

@@ -7,10 +7,7 @@
 
 use super::{MemCgroup, MemStat};
 use crate::error::{IoContext, Result};
-use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How old a reading may be before it is taken again. memory.stat is cheap (tens of microseconds) but writes
@@ -59,6 +56,31 @@ pub struct Targets {
     pub usage_ceiling: Option<u64>,
 }
 
+/// Sees every reading the governor takes and what it decided: a front end attaches one to record a timeline.
+pub trait Observer: Send {
+    /// One reading, `elapsed` after the governor started.
+    fn reading(
+        &mut self,
+        elapsed: Duration,
+        stat: &MemStat,
+        own: OwnBytes,
+        targets: Targets,
+        decision: Decision,
+    ) -> std::io::Result<()>;
+    /// The governor is done.
+    fn finish(&mut self) -> std::io::Result<()>;
+}
+
+/// Makes an observer for each governor an import creates (a front end's choice, carried by the plan).
+#[derive(Clone)]
+pub struct ObserverFactory(pub Arc<dyn Fn() -> Result<Box<dyn Observer>> + Send + Sync>);
+
+impl std::fmt::Debug for ObserverFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ObserverFactory")
+    }
+}
+
 /// Paces buffered writes from live cgroup readings.
 pub struct Governor {
     cgroup: Option<MemCgroup>,
@@ -71,7 +93,9 @@ pub struct Governor {
 
 struct State {
     last: Option<(Instant, MemStat)>,
-    timeline: Option<BufWriter<File>>,
+    observer: Option<Box<dyn Observer>>,
+    /// Whether the first wait has been explained in the log.
+    said_why: bool,
     peak_dirty_writeback: u64,
     readings: u64,
 }
@@ -88,19 +112,8 @@ pub struct GovernorSummary {
 }
 
 impl Governor {
-    /// A governor reading `cgroup` (or none) against `targets`; with `timeline`, every reading is appended to
-    /// that CSV file.
-    pub fn new(cgroup: Option<MemCgroup>, targets: Targets, timeline: Option<&Path>) -> Result<Self> {
-        let timeline = match timeline {
-            Some(path) => {
-                let file = File::create(path).io_context("creating governor timeline").map_err(|e| e.at_path(path))?;
-                let mut w = BufWriter::new(file);
-                writeln!(w, "elapsed_ms,usage,dirty,writeback,own_inflight,own_cached,target,decision")
-                    .io_context("writing governor timeline")?;
-                Some(w)
-            }
-            None => None,
-        };
+    /// A governor reading `cgroup` (or none) against `targets`.
+    pub fn new(cgroup: Option<MemCgroup>, targets: Targets) -> Result<Self> {
         Ok(Governor {
             cgroup,
             targets,
@@ -108,8 +121,20 @@ impl Governor {
             stat_slack: MEMCG_STAT_BATCH_PAGES
                 * crate::sys::page_size()
                 * std::thread::available_parallelism().map_or(1, |n| n.get() as u64),
-            state: Mutex::new(State { last: None, timeline, peak_dirty_writeback: 0, readings: 0 }),
+            state: Mutex::new(State {
+                last: None,
+                observer: None,
+                said_why: false,
+                peak_dirty_writeback: 0,
+                readings: 0,
+            }),
         })
+    }
+
+    /// Hands every reading to `observer` too.
+    pub fn observed_by(self, observer: Box<dyn Observer>) -> Self {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).observer = Some(observer);
+        self
     }
 
     /// The targets enforced.
@@ -137,8 +162,11 @@ impl Governor {
         // Our own page cache is the floor of what the cgroup holds for us, whatever the (batched) reading says.
         let pressure = stat.map_or(0, |s| s.dirty_writeback()).max(own.footprint());
         let over_dirty = pressure + incoming + self.stat_slack > self.targets.dirty_writeback;
+        // Clean page cache is not pressure: the kernel reclaims it at once (a co-tenant reading a large file
+        // fills the cgroup with it). What counts is what it cannot take back without waiting: anonymous memory,
+        // dirty and writeback pages.
         let over_usage = match (stat, self.targets.usage_ceiling) {
-            (Some(s), Some(ceiling)) => s.usage + incoming > ceiling,
+            (Some(s), Some(ceiling)) => s.unreclaimable() + incoming > ceiling,
             _ => false,
         };
         let decision = if !over_dirty && !over_usage {
@@ -151,29 +179,31 @@ impl Governor {
         } else {
             Decision::Wait
         };
-        if let (Some(stat), Some(w)) = (stat, state.timeline.as_mut()) {
-            writeln!(
-                w,
-                "{},{},{},{},{},{},{},{:?}",
-                self.started.elapsed().as_millis(),
-                stat.usage,
-                stat.dirty,
-                stat.writeback,
-                own.inflight,
-                own.cached.map_or(String::new(), |c| c.to_string()),
-                self.targets.dirty_writeback,
-                decision
-            )
-            .io_context("writing governor timeline")?;
+        if let (Decision::Wait, Some(stat), false) = (decision, stat, state.said_why) {
+            state.said_why = true;
+            log::info!(
+                "write-behind waits for the device: the cgroup holds {} dirty or under writeback (target {}), {} \
+                 of it not ours, and {} it cannot reclaim at once (ceiling {})",
+                crate::size::human(stat.dirty_writeback()),
+                crate::size::human(self.targets.dirty_writeback),
+                crate::size::human(stat.dirty_writeback().saturating_sub(own.footprint())),
+                crate::size::human(stat.unreclaimable()),
+                self.targets.usage_ceiling.map_or("none".into(), crate::size::human)
+            );
+        }
+        if let (Some(stat), Some(observer)) = (stat, state.observer.as_mut()) {
+            observer
+                .reading(self.started.elapsed(), &stat, own, self.targets, decision)
+                .io_context("recording a governor reading")?;
         }
         Ok(decision)
     }
 
-    /// Flushes the timeline and summarises the readings.
+    /// Tells the observer the readings are over and summarises them.
     pub fn finish(&self) -> Result<GovernorSummary> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(w) = state.timeline.as_mut() {
-            w.flush().io_context("writing governor timeline")?;
+        if let Some(observer) = state.observer.as_mut() {
+            observer.finish().io_context("recording governor readings")?;
         }
         Ok(GovernorSummary {
             peak_dirty_writeback: state.peak_dirty_writeback,
@@ -190,8 +220,12 @@ mod tests {
     use std::fs;
 
     fn cgroup_with(dirty: u64, writeback: u64, usage: u64) -> (tempfile::TempDir, MemCgroup) {
+        cgroup_with_file(dirty, writeback, usage, dirty + writeback)
+    }
+
+    fn cgroup_with_file(dirty: u64, writeback: u64, usage: u64, file: u64) -> (tempfile::TempDir, MemCgroup) {
         let dir = tempfile::tempdir().unwrap();
-        let stat = format!("anon 0\nfile 0\nfile_dirty {dirty}\nfile_writeback {writeback}\ninactive_file 0\n");
+        let stat = format!("anon 0\nfile {file}\nfile_dirty {dirty}\nfile_writeback {writeback}\ninactive_file 0\n");
         fs::write(dir.path().join("memory.stat"), stat).unwrap();
         fs::write(dir.path().join("memory.current"), format!("{usage}\n")).unwrap();
         let cg = MemCgroup::at(dir.path(), Version::V2);
@@ -219,7 +253,7 @@ mod tests {
         ];
         for ((dirty, wb, usage, incoming, inflight, cached), want) in cases {
             let (_dir, cg) = cgroup_with(dirty, wb, usage);
-            let governor = Governor::new(Some(cg), TARGETS, None).unwrap();
+            let governor = Governor::new(Some(cg), TARGETS).unwrap();
             let own = OwnBytes { inflight, cached };
             let got = governor.decide(incoming, own, true).unwrap();
             assert_eq!(got, want, "{dirty} {wb} {usage} {incoming} {own:?}");
@@ -227,33 +261,61 @@ mod tests {
     }
 
     #[test]
+    fn clean_page_cache_is_not_pressure() {
+        // A co-tenant's 560 MiB of clean cache in a cgroup at 590 MiB: reclaimable at once, so write.
+        let (_dir, cg) = cgroup_with_file(MIB, MIB, 590 * MIB, 562 * MIB);
+        let governor = Governor::new(Some(cg), TARGETS).unwrap();
+        let own = OwnBytes { inflight: 4 * MIB, cached: Some(4 * MIB) };
+        assert_eq!(governor.decide(2 * MIB, own, true).unwrap(), Decision::Proceed);
+        // The same usage as anonymous memory is pressure.
+        let (_dir, cg) = cgroup_with_file(MIB, MIB, 590 * MIB, 2 * MIB);
+        let governor = Governor::new(Some(cg), TARGETS).unwrap();
+        assert_eq!(governor.decide(2 * MIB, own, true).unwrap(), Decision::Drain);
+    }
+
+    #[test]
     fn a_vanished_cgroup_is_an_error() {
         let (dir, cg) = cgroup_with(0, 0, 0);
-        let governor = Governor::new(Some(cg), TARGETS, None).unwrap();
+        let governor = Governor::new(Some(cg), TARGETS).unwrap();
         drop(dir);
         assert!(governor.decide(MIB, OwnBytes::default(), true).is_err());
     }
 
     #[test]
     fn without_a_cgroup_own_bytes_are_the_reading() {
-        let governor = Governor::new(None, TARGETS, None).unwrap();
+        let governor = Governor::new(None, TARGETS).unwrap();
         let own = |inflight| OwnBytes { inflight, cached: None };
         assert_eq!(governor.decide(2 * MIB, own(10 * MIB), true).unwrap(), Decision::Proceed);
         assert_eq!(governor.decide(2 * MIB, own(31 * MIB), true).unwrap(), Decision::Drain);
     }
 
     #[test]
-    fn timeline_records_each_reading() {
+    fn the_observer_sees_each_reading() {
+        struct Count(Arc<Mutex<Vec<Decision>>>);
+        impl Observer for Count {
+            fn reading(
+                &mut self,
+                _: Duration,
+                _: &MemStat,
+                _: OwnBytes,
+                _: Targets,
+                d: Decision,
+            ) -> std::io::Result<()> {
+                self.0.lock().unwrap().push(d);
+                Ok(())
+            }
+            fn finish(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
         let (_dir, cg) = cgroup_with(MIB, MIB, 10 * MIB);
-        let out = tempfile::NamedTempFile::new().unwrap();
-        let governor = Governor::new(Some(cg), TARGETS, Some(out.path())).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let governor = Governor::new(Some(cg), TARGETS).unwrap().observed_by(Box::new(Count(seen.clone())));
         governor.decide(MIB, OwnBytes::default(), true).unwrap();
         governor.decide(MIB, OwnBytes::default(), true).unwrap();
         let summary = governor.finish().unwrap();
         assert_eq!(summary.readings, 2);
         assert_eq!(summary.peak_dirty_writeback, 2 * MIB);
-        let text = fs::read_to_string(out.path()).unwrap();
-        assert_eq!(text.lines().count(), 3, "{text}");
-        assert!(text.lines().nth(1).unwrap().ends_with(",Proceed"));
+        assert_eq!(*seen.lock().unwrap(), [Decision::Proceed, Decision::Proceed]);
     }
 }

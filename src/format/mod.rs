@@ -5,9 +5,11 @@
 //! somewhere in a source, or lies inside a compressed unit. The pipeline does the data I/O.
 
 mod block_table;
+pub mod codec;
 pub mod detect;
 pub mod qcow2;
 pub mod raw;
+pub(crate) mod stream;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
@@ -16,9 +18,13 @@ pub mod vmdk;
 pub use detect::{detect, Detected};
 
 use crate::error::{Error, Result};
+use crate::source::files::Opener;
 use crate::source::ReadAt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// Largest decompressed unit accepted (qcow2 clusters are at most 2 MiB); formats cap theirs below this too, and
+/// the pipeline sizes its decompression scratch by it.
+pub const MAX_UNIT_LEN: u64 = 8 << 20;
 
 /// Index of a source in [`Image::sources`]: 0 is the image itself, higher ones its backing chain.
 pub type SourceId = usize;
@@ -140,23 +146,23 @@ pub trait Image: Send {
     fn map(&mut self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<()>;
 }
 
-/// How backing files may be followed.
+/// How files an image names (backing files, vmdk extent files) may be followed.
 ///
-/// By default a backing file (and a vmdk extent file) must stay inside the image's directory: its name is resolved
-/// against `base_dir`, canonicalised (following `..` and symlinks), and must land under `root` (or `base_dir`
-/// for the top image). Protocol prefixes (`nbd:`, `http://`, `json:`) are never followed.
-#[derive(Debug, Clone, Default)]
+/// Format code opens nothing itself: names go to `files`, the opener the caller hands in (for a local image,
+/// [`crate::source::files::LocalFiles`], which keeps the chain inside the image's directory unless told
+/// otherwise). Without an opener (an image read over HTTP) such names are refused.
+#[derive(Clone, Default)]
 pub struct BackingPolicy {
-    /// Whether backing files may be read at all.
+    /// Whether backing files may be read at all (vmdk extent files are part of the image and always opened).
     pub allow: bool,
-    /// Directory relative backing names are resolved against (the image's directory); `None` for sources that
-    /// are not local files, where backing files are always refused.
-    pub base_dir: Option<PathBuf>,
-    /// Directory every file of the chain must stay inside; `None` means `base_dir` (set for images deeper in a
-    /// chain, so a backing file in a subdirectory cannot climb above the top image's directory).
-    pub root: Option<PathBuf>,
-    /// Follow names that leave the image's directory: absolute paths, `..` and symlinks pointing elsewhere.
-    pub allow_outside: bool,
+    /// Opens names written in the image, relative to its directory.
+    pub files: Option<Arc<dyn Opener>>,
+}
+
+impl std::fmt::Debug for BackingPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackingPolicy").field("allow", &self.allow).field("files", &self.files.is_some()).finish()
+    }
 }
 
 /// Longest backing chain followed; deeper chains are refused rather than recursed into.
@@ -181,9 +187,8 @@ fn open_at_depth(source: Arc<dyn ReadAt>, backing: &BackingPolicy, depth: usize)
     }
 }
 
-/// Resolves and opens a backing file named inside an image, applying `policy`. `format_hint` is the format the
-/// image names for it ("raw", "qcow2"), if any; `name_offset` is where the image stores the name (named in
-/// refusals).
+/// Opens a backing file named inside an image, applying `policy`. `format_hint` is the format the image names
+/// for it ("raw", "qcow2"), if any; `name_offset` is where the image stores the name (named in refusals).
 pub fn open_backing(
     image_name: &str,
     backing_name: &str,
@@ -203,97 +208,18 @@ pub fn open_backing(
     if depth + 1 >= MAX_BACKING_DEPTH {
         return Err(refuse(&format!(": backing chain deeper than {MAX_BACKING_DEPTH}")));
     }
-    let Some(base_dir) = &policy.base_dir else {
+    let Some(files) = &policy.files else {
         return Err(refuse(": backing files are only followed for local images"));
     };
-    let path = resolve_backing_path(policy, base_dir, backing_name).map_err(|why| refuse(&format!(": {why}")))?;
-    let source: Arc<dyn ReadAt> = Arc::new(crate::source::FileSource::open(&path)?);
-    let child_policy = BackingPolicy {
-        allow: true,
-        base_dir: path.parent().map(Path::to_path_buf),
-        root: Some(policy.root.clone().unwrap_or_else(|| base_dir.clone())),
-        allow_outside: policy.allow_outside,
-    };
-    let image = open_at_depth(source, &child_policy, depth + 1)?;
+    let named = files.open(backing_name).map_err(|why| refuse(&format!(": {why}")))?;
+    let child_policy = BackingPolicy { allow: true, files: Some(named.opener) };
+    let image = open_at_depth(named.source, &child_policy, depth + 1)?;
     if let Some(hint) = format_hint {
         if hint != image.format_name() {
             return Err(refuse(&format!(": named as {hint} but its header says {}", image.format_name())));
         }
     }
     Ok(image)
-}
-
-/// Resolves a backing file name against the image's directory, refusing protocol prefixes (`nbd:`, `http://`,
-/// `json:`), which qemu would interpret as network or pseudo protocols, not files, and, unless
-/// `policy.allow_outside`, any name that leaves the directory (see [`confined_path`]).
-fn resolve_backing_path(policy: &BackingPolicy, base_dir: &Path, name: &str) -> std::result::Result<PathBuf, String> {
-    if name.is_empty() {
-        return Err("the name is empty".into());
-    }
-    if name.contains('\0') {
-        return Err("the name contains a NUL byte".into());
-    }
-    if let Some((prefix, _)) = name.split_once(':') {
-        if !prefix.contains('/') {
-            return Err(format!("protocol prefix {prefix:?} is not a local file"));
-        }
-    }
-    let path = Path::new(name);
-    if policy.allow_outside {
-        return Ok(if path.is_absolute() { path.to_path_buf() } else { base_dir.join(path) });
-    }
-    if path.is_absolute() {
-        return Err("an absolute path leaves the image's directory (pass --allow-backing-outside to follow it)".into());
-    }
-    let root = policy.root.as_deref().unwrap_or(base_dir);
-    confined_path(root, base_dir, path)
-}
-
-/// Resolves relative `name` against `dir` and checks, after canonicalising (resolving `..` and symlinks), that it
-/// lies inside `root`: the file must exist, and a name that climbs out of `root` or a symlink that points out
-/// of it is refused. Returns the canonical path, so the file opened is the file checked.
-pub fn confined_path(root: &Path, dir: &Path, name: &Path) -> std::result::Result<PathBuf, String> {
-    let outside = "(pass --allow-backing-outside to follow it)";
-    let root = std::fs::canonicalize(root).map_err(|e| format!("cannot resolve {}: {e}", root.display()))?;
-    let joined = dir.join(name);
-    let target = match std::fs::canonicalize(&joined) {
-        Ok(target) => target,
-        Err(e) => {
-            // Say "leaves the directory" for a missing file whose name already climbs out, rather than
-            // "not found", so the refusal does not depend on what exists outside.
-            if name.components().any(|c| c == std::path::Component::ParentDir) && !lexically_inside(&root, dir, name) {
-                return Err(format!("{:?} leaves the image's directory {outside}", name.display().to_string()));
-            }
-            return Err(format!("cannot resolve {}: {e}", joined.display()));
-        }
-    };
-    if !target.starts_with(&root) {
-        return Err(format!(
-            "{:?} resolves to {}, outside the image's directory {} {outside}",
-            name.display().to_string(),
-            target.display(),
-            root.display()
-        ));
-    }
-    Ok(target)
-}
-
-/// Whether `dir/name` stays inside `root` when `..` is applied lexically (used only to word a refusal).
-fn lexically_inside(root: &Path, dir: &Path, name: &Path) -> bool {
-    let Ok(dir) = std::fs::canonicalize(dir) else {
-        return false;
-    };
-    let mut parts: Vec<_> = dir.components().collect();
-    for c in name.components() {
-        match c {
-            std::path::Component::ParentDir => {
-                parts.pop();
-            }
-            std::path::Component::Normal(_) => parts.push(c),
-            _ => {}
-        }
-    }
-    parts.iter().collect::<PathBuf>().starts_with(root)
 }
 
 #[cfg(test)]
@@ -328,66 +254,5 @@ mod tests {
         assert_eq!(part.guest, 16);
         assert_eq!(part.len, 16);
         assert_eq!(part.content, Content::Compressed(Compressed { skip: 16, ..unit }));
-    }
-
-    /// A policy confined to `dir`.
-    fn confined(dir: &Path) -> BackingPolicy {
-        BackingPolicy { allow: true, base_dir: Some(dir.to_path_buf()), root: None, allow_outside: false }
-    }
-
-    #[test]
-    fn backing_names_with_protocols_are_refused() {
-        let base = Path::new("/images");
-        let free = BackingPolicy { allow_outside: true, ..confined(base) };
-        assert_eq!(resolve_backing_path(&free, base, "base.qcow2").unwrap(), Path::new("/images/base.qcow2"));
-        assert_eq!(resolve_backing_path(&free, base, "/abs/base.raw").unwrap(), Path::new("/abs/base.raw"));
-        assert_eq!(resolve_backing_path(&free, base, "./a:b").unwrap(), Path::new("/images/./a:b"));
-        for name in ["nbd:localhost:10809", "http://example/base", "json:{}", "file:base.raw", "", "a\0b"] {
-            assert!(resolve_backing_path(&free, base, name).is_err(), "{name}");
-            assert!(resolve_backing_path(&confined(base), base, name).is_err(), "{name}");
-        }
-    }
-
-    #[test]
-    fn backing_names_stay_inside_the_image_directory() {
-        let top = tempfile::tempdir().unwrap();
-        let dir = top.path().join("images");
-        std::fs::create_dir_all(dir.join("sub")).unwrap();
-        std::fs::write(dir.join("base.raw"), b"x").unwrap();
-        std::fs::write(dir.join("sub/deep.raw"), b"x").unwrap();
-        std::fs::write(top.path().join("secret.raw"), b"x").unwrap();
-        std::os::unix::fs::symlink("../secret.raw", dir.join("escape.raw")).unwrap();
-        std::os::unix::fs::symlink("sub/deep.raw", dir.join("inside.raw")).unwrap();
-        let policy = confined(&dir);
-        let canonical = std::fs::canonicalize(&dir).unwrap();
-        for (name, want) in [
-            ("base.raw", "base.raw"),
-            ("./base.raw", "base.raw"),
-            ("sub/../base.raw", "base.raw"),
-            ("inside.raw", "sub/deep.raw"),
-            ("sub/deep.raw", "sub/deep.raw"),
-        ] {
-            assert_eq!(resolve_backing_path(&policy, &dir, name).unwrap(), canonical.join(want), "{name}");
-        }
-        for (name, needle) in [
-            ("../secret.raw", "outside the image's directory"),
-            ("../missing.raw", "leaves the image's directory"),
-            ("sub/../../secret.raw", "outside the image's directory"),
-            ("escape.raw", "outside the image's directory"),
-            ("/etc/passwd", "absolute path"),
-            ("missing.raw", "cannot resolve"),
-        ] {
-            let why = resolve_backing_path(&policy, &dir, name).unwrap_err();
-            assert!(why.contains(needle), "{name}: {why}");
-        }
-        // Deeper in a chain, names resolve against the backing file's directory but stay under the root.
-        let deeper = BackingPolicy { root: Some(dir.clone()), ..confined(&dir.join("sub")) };
-        assert_eq!(resolve_backing_path(&deeper, &dir.join("sub"), "../base.raw").unwrap(), canonical.join("base.raw"));
-        assert!(resolve_backing_path(&deeper, &dir.join("sub"), "../../secret.raw").is_err());
-        // The explicit flag follows all of them.
-        let free = BackingPolicy { allow_outside: true, ..policy };
-        for name in ["../secret.raw", "escape.raw", "/etc/passwd"] {
-            assert!(resolve_backing_path(&free, &dir, name).is_ok(), "{name}");
-        }
     }
 }

@@ -138,15 +138,15 @@ impl SessionArgs {
 pub fn main(command: LabCommand) -> i32 {
     let result = match command.mode {
         Some(LabMode::Cotenant { bytes, interval_ms }) => {
-            crate::logging::init(0, true);
+            crate::process::logging::init(0, true);
             super::cotenant::probe(bytes, Duration::from_millis(interval_ms)).map_err(|e| (e, None))
         }
         Some(LabMode::Bench { session, bandwidths }) => {
-            crate::logging::init(session.verbose, false);
+            crate::process::logging::init(session.verbose, false);
             bench(&session, &bandwidths)
         }
         None => {
-            crate::logging::init(command.session.verbose, false);
+            crate::process::logging::init(command.session.verbose, false);
             session(&command.session)
         }
     };

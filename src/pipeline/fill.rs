@@ -2,18 +2,15 @@
 //! compressed units are inflated.
 
 use crate::buffer::{align_down, align_up, AlignedBuf};
-use crate::codec;
 use crate::error::{Error, Result};
-use crate::format::{Compressed, Content, Extent, Image};
+use crate::format::codec;
+use crate::format::{Compressed, Content, Extent, Image, MAX_UNIT_LEN};
 use crate::source::ReadAt;
 use std::sync::Arc;
 
 /// Largest span of compressed bytes ever fetched with one read: one unit's compressed bytes, which qcow2 bounds by
 /// twice the 2 MiB maximum cluster size.
 pub const COMPRESSED_READ_SPAN: usize = 4 << 20;
-
-/// Largest decompressed unit accepted (qcow2 clusters are at most 2 MiB); formats cap theirs below this too.
-pub const MAX_UNIT_LEN: u64 = 8 << 20;
 
 /// Largest gap between two compressed units that is read through rather than skipped.
 const MAX_READ_THROUGH_GAP: u64 = 64 << 10;

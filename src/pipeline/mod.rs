@@ -6,9 +6,12 @@
 //! With several workers, reads of one chunk overlap writes of another and compressed chunks inflate on every
 //! core; writes land out of order, which is safe because items never overlap.
 
+pub(crate) mod assemble;
 pub mod fill;
-pub mod ordered;
-pub mod schedule;
+pub(crate) mod ordered;
+pub(crate) mod schedule;
+pub(crate) mod spool;
+pub(crate) mod writer;
 
 use crate::buffer::AlignedBuf;
 use crate::checksum::Hasher;
@@ -194,7 +197,7 @@ fn process_next(
                 buffer.hashed = Some(hashed);
                 let _ = feeder.send(Piece::Bytes { guest, len: len as usize, buffer: buffer.buffer.clone(), done });
             }
-            write_runs(shared.dest, guest, &buffer.buffer[..len as usize])?;
+            shared.dest.write_runs(guest, &buffer.buffer[..len as usize])?;
         }
     }
     let watermark = shared.completion.complete(guest, guest + len);
@@ -208,66 +211,4 @@ fn fill_chunk(shared: &Shared, work: &Work, buffer: &mut AlignedBuf, scratch: &m
         fill::fill(&shared.sources, extents, *guest, &mut buffer[..*len as usize], scratch)?;
     }
     Ok(())
-}
-
-/// Writes a filled chunk as runs: blocks that are all zeros become zero ranges (holes, or zeroing on a device),
-/// the rest is written as data.
-pub(crate) fn write_runs(dest: &Destination, guest: u64, chunk: &[u8]) -> Result<()> {
-    let block = dest.block() as usize;
-    let mut run_start = 0;
-    let mut run_is_zero = None;
-    let mut at = 0;
-    while at < chunk.len() {
-        let end = (at + block).min(chunk.len());
-        let zero = is_zero(&chunk[at..end]);
-        if run_is_zero != Some(zero) {
-            if let Some(was_zero) = run_is_zero {
-                emit_run(dest, guest, chunk, run_start, at, was_zero)?;
-            }
-            run_start = at;
-            run_is_zero = Some(zero);
-        }
-        at = end;
-    }
-    if let Some(was_zero) = run_is_zero {
-        emit_run(dest, guest, chunk, run_start, chunk.len(), was_zero)?;
-    }
-    Ok(())
-}
-
-fn emit_run(dest: &Destination, guest: u64, chunk: &[u8], start: usize, end: usize, zero: bool) -> Result<()> {
-    let offset = guest + start as u64;
-    if zero {
-        dest.zero(offset, (end - start) as u64)
-    } else {
-        dest.write(offset, &chunk[start..end])
-    }
-}
-
-/// Whether every byte is zero. Compares 16-byte words, eight at a time, so the loop vectorises.
-pub fn is_zero(bytes: &[u8]) -> bool {
-    // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets the aligned middle.
-    let (head, words, tail) = unsafe { bytes.align_to::<u128>() };
-    head.iter().all(|&b| b == 0)
-        && tail.iter().all(|&b| b == 0)
-        && words.chunks(8).all(|group| group.iter().fold(0, |acc, &w| acc | w) == 0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zero_detection_finds_any_set_byte() {
-        let mut buf = AlignedBuf::new(1 << 16);
-        assert!(is_zero(&buf));
-        assert!(is_zero(&buf[3..1001]));
-        for at in [0usize, 1, 15, 16, 127, 128, 4095, 65535] {
-            buf[at] = 1;
-            assert!(!is_zero(&buf), "{at}");
-            assert!(!is_zero(&buf[at..]), "{at}");
-            buf[at] = 0;
-        }
-        assert!(is_zero(&[]));
-    }
 }

@@ -26,7 +26,8 @@ pub enum Piece {
         len: usize,
         /// The worker's buffer, shared read-only while both write and hash it.
         buffer: Arc<AlignedBuf>,
-        /// Dropped once hashed.
+        /// Dropped once hashed: held only for that.
+        #[allow(dead_code)]
         done: SyncSender<()>,
     },
     /// Guest `[guest, guest + len)` reads as zeros.

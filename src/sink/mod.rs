@@ -10,16 +10,20 @@
 //! Zero ranges are skipped on a fresh file (they are already holes) and zeroed on a block device unless the
 //! caller knows it is already zero.
 
-pub mod writebehind;
-pub mod zeroing;
+pub(crate) mod paced;
+pub(crate) mod probe;
+pub(crate) mod writebehind;
+pub(crate) mod zeroing;
 
 use crate::buffer::{align_down, is_aligned, AlignedBuf};
 use crate::cgroup::governor::{Governor, GovernorSummary};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::size::human;
 use crate::sys;
+pub(crate) use probe::Probe;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use writebehind::WriteBehind;
@@ -29,7 +33,7 @@ use zeroing::Zeroer;
 pub const MIN_BLOCK: u64 = 4096;
 
 /// Which write path to use (`--io`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IoChoice {
     /// O_DIRECT where the destination accepts it, else write-behind.
@@ -50,19 +54,6 @@ pub enum DestKind {
     RegularFile,
 }
 
-impl DestKind {
-    /// What `path` is (a path that does not exist yet will be a regular file); anything else is refused.
-    pub fn of(path: &Path) -> Result<DestKind> {
-        match std::fs::metadata(path) {
-            Ok(meta) if meta.file_type().is_block_device() => Ok(DestKind::BlockDevice),
-            Ok(meta) if meta.is_file() => Ok(DestKind::RegularFile),
-            Ok(_) => Err(Error::usage("destination is neither a block device nor a regular file").at_path(path)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DestKind::RegularFile),
-            Err(e) => Err(Error::io("examining destination", e).at_path(path)),
-        }
-    }
-}
-
 /// Options for opening a destination.
 #[derive(Debug, Clone)]
 pub struct DestOptions {
@@ -80,6 +71,9 @@ pub struct DestOptions {
     pub max_size: Option<u64>,
     /// Keep a regular file's contents (resuming an interrupted import of the same image) instead of truncating.
     pub keep_contents: bool,
+    /// Grow a regular file to at least this many bytes when the import is done (CDI sizes `disk.img` to the
+    /// volume's usable space; never shrinks below the image).
+    pub grow_to: Option<u64>,
 }
 
 impl Default for DestOptions {
@@ -91,6 +85,7 @@ impl Default for DestOptions {
             keep_contents: false,
             preallocate: false,
             max_size: None,
+            grow_to: None,
         }
     }
 }
@@ -125,6 +120,9 @@ pub struct Destination {
     buffered: File,
     path_kind: WritePath,
     zeroer: Option<Zeroer>,
+    /// Final length of a file (`DestOptions::grow_to`) and whether to allocate it.
+    grow_to: Option<u64>,
+    preallocate: bool,
     /// Why this write path was chosen, for the log.
     pub io_reason: String,
     /// What was written.
@@ -141,11 +139,22 @@ impl Destination {
         options: &DestOptions,
         governor: impl FnOnce() -> Result<Governor>,
     ) -> Result<Self> {
+        Self::open_probed(&Probe::of(path)?, size, options, governor)
+    }
+
+    /// [`open`](Self::open) for a destination already examined.
+    pub fn open_probed(
+        probe: &Probe,
+        size: u64,
+        options: &DestOptions,
+        governor: impl FnOnce() -> Result<Governor>,
+    ) -> Result<Self> {
+        let path = probe.path.as_path();
         let ctx = |e: Error| e.at_path(path);
         if let Some(max) = options.max_size {
             check_fits(size, max)?;
         }
-        let kind = DestKind::of(path)?;
+        let kind = probe.kind;
         // O_EXCL on a block device refuses one that is mounted or otherwise claimed.
         let base_flags = match kind {
             DestKind::BlockDevice => libc::O_EXCL,
@@ -156,7 +165,22 @@ impl Destination {
         if kind == DestKind::RegularFile {
             open.create(true);
         }
-        let buffered = open.open(path).io_context("opening destination").map_err(ctx)?;
+        let buffered = match open.open(path) {
+            Ok(file) => file,
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) && probe.exists => {
+                let why = sys::immutable_flags(path).unwrap_or("not writable (Operation not permitted)");
+                return Err(ctx(Error::new(ErrorKind::Io, format!("destination is {why}: nothing was written"))));
+            }
+            Err(e) => return Err(ctx(Error::io("opening destination", e))),
+        };
+        if kind == DestKind::BlockDevice && sys::is_read_only_device(&buffered).unwrap_or(false) {
+            return Err(ctx(Error::new(ErrorKind::Io, "destination block device is read-only: nothing was written")));
+        }
+        if kind == DestKind::RegularFile && !probe.exists {
+            // The mode asked for, not the umask's version of it (CDI's disk.img is 0660).
+            nix::sys::stat::fchmod(buffered.as_raw_fd(), nix::sys::stat::Mode::from_bits_truncate(options.file_mode))
+                .map_err(|e| ctx(Error::io("setting the destination's mode", e.into())))?;
+        }
         let capacity = match kind {
             DestKind::BlockDevice => {
                 let capacity = sys::file_or_device_size(&buffered).io_context("reading device size").map_err(ctx)?;
@@ -212,6 +236,8 @@ impl Destination {
                 DestKind::BlockDevice if !options.target_is_zero => Some(Zeroer::default()),
                 _ => None,
             },
+            grow_to: options.grow_to,
+            preallocate: options.preallocate,
             io_reason,
             stats: DestStats::default(),
         })
@@ -287,6 +313,11 @@ impl Destination {
             }
         }
         self.sync()
+    }
+
+    /// Cuts a file destination to nothing (a failed import leaves no file that looks complete).
+    pub fn truncate(&self) -> std::io::Result<()> {
+        self.buffered.set_len(0)
     }
 
     /// Whole size of the destination (a device may be larger than the image).
@@ -426,12 +457,71 @@ impl Destination {
             WritePath::WriteBehind(window) => Some(window.finish(&self.buffered).map_err(|e| e.at_path(&self.path))?),
             WritePath::Direct { .. } => None,
         };
+        if let (DestKind::RegularFile, Some(target)) = (self.kind, self.grow_to) {
+            if target > self.size() {
+                let ctx = |e: Error| e.at_path(&self.path);
+                log::info!("{}: expanding image size to {target}", self.path.display());
+                self.buffered.set_len(target).io_context("resizing the image").map_err(ctx)?;
+                if self.preallocate {
+                    // Mode 0 allocates the holes and keeps the data: qemu-img's preallocation=falloc.
+                    sys::fallocate(&self.buffered, 0, 0, target).io_context("preallocating the image").map_err(ctx)?;
+                }
+            }
+        }
         sys::fdatasync(&self.buffered).io_context("syncing destination").map_err(|e| e.at_path(&self.path))?;
         self.check_still_linked(self.size())?;
         // Zeroing and tail writes may have left clean pages of the device in the cache.
         let _ = sys::drop_cache(&self.buffered, 0, 0);
         Ok(summary)
     }
+}
+
+impl Destination {
+    /// Writes a filled chunk at guest offset `guest` as runs: blocks that are all zeros become zero ranges
+    /// (holes, or zeroing on a device), the rest is written as data.
+    pub fn write_runs(&self, guest: u64, chunk: &[u8]) -> Result<()> {
+        for_each_run(chunk, self.block() as usize, |start, end, zero| {
+            let offset = guest + start as u64;
+            if zero {
+                self.zero(offset, (end - start) as u64)
+            } else {
+                self.write(offset, &chunk[start..end])
+            }
+        })
+    }
+}
+
+/// Splits `chunk` into maximal runs of all-zero and data blocks of `block` bytes (the last may be shorter) and
+/// calls `each(start, end, is_zero)` for every run, in order.
+pub fn for_each_run(chunk: &[u8], block: usize, mut each: impl FnMut(usize, usize, bool) -> Result<()>) -> Result<()> {
+    let mut run_start = 0;
+    let mut run_is_zero = None;
+    let mut at = 0;
+    while at < chunk.len() {
+        let end = (at + block).min(chunk.len());
+        let zero = is_zero(&chunk[at..end]);
+        if run_is_zero != Some(zero) {
+            if let Some(was_zero) = run_is_zero {
+                each(run_start, at, was_zero)?;
+            }
+            run_start = at;
+            run_is_zero = Some(zero);
+        }
+        at = end;
+    }
+    match run_is_zero {
+        Some(was_zero) => each(run_start, chunk.len(), was_zero),
+        None => Ok(()),
+    }
+}
+
+/// Whether every byte is zero. Compares 16-byte words, eight at a time, so the loop vectorises.
+pub fn is_zero(bytes: &[u8]) -> bool {
+    // SAFETY: u128 has no invalid bit patterns; align_to only reinterprets the aligned middle.
+    let (head, words, tail) = unsafe { bytes.align_to::<u128>() };
+    head.iter().all(|&b| b == 0)
+        && tail.iter().all(|&b| b == 0)
+        && words.chunks(8).all(|group| group.iter().fold(0, |acc, &w| acc | w) == 0)
 }
 
 /// Refuses an image of `size` bytes where only `available` fit, in CDI's words: its controller turns "is larger
@@ -479,5 +569,49 @@ fn probe_direct_write(path: &Path, file: File, buffered: &File) -> std::result::
     match outcome {
         Ok(()) => Ok((file, MIN_BLOCK, format!("trial O_DIRECT write to {} succeeded", path.display()))),
         Err(e) => Err(format!("trial O_DIRECT write failed ({e})")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection_finds_any_set_byte() {
+        let mut buf = AlignedBuf::new(1 << 16);
+        assert!(is_zero(&buf));
+        assert!(is_zero(&buf[3..1001]));
+        for at in [0usize, 1, 15, 16, 127, 128, 4095, 65535] {
+            buf[at] = 1;
+            assert!(!is_zero(&buf), "{at}");
+            assert!(!is_zero(&buf[at..]), "{at}");
+            buf[at] = 0;
+        }
+        assert!(is_zero(&[]));
+    }
+
+    #[test]
+    fn runs_alternate_and_cover_the_chunk() {
+        let mut chunk = vec![0u8; 10 * 4096 + 100];
+        chunk[4096] = 1;
+        chunk[3 * 4096 + 5] = 1;
+        chunk[10 * 4096 + 99] = 1;
+        let mut runs = Vec::new();
+        for_each_run(&chunk, 4096, |start, end, zero| {
+            runs.push((start, end, zero));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            runs,
+            [
+                (0, 4096, true),
+                (4096, 8192, false),
+                (8192, 12288, true),
+                (12288, 16384, false),
+                (16384, 40960, true),
+                (40960, 41060, false)
+            ]
+        );
     }
 }

@@ -97,11 +97,6 @@ impl WriteBehind {
         }
         self.governor.finish()
     }
-
-    /// Pauses spent waiting for pages to leave the cache.
-    pub fn waits(&self) -> u64 {
-        self.admission.lock().unwrap_or_else(|p| p.into_inner()).waits
-    }
 }
 
 impl Window {

@@ -10,10 +10,10 @@ use crate::buffer::{align_down, align_up, is_aligned, AlignedBuf};
 use crate::error::{Error, IoContext, Result};
 use crate::sys;
 use std::cell::RefCell;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::ops::Range;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -47,19 +47,19 @@ pub struct FileSource {
 impl FileSource {
     /// Opens `path` for reading, with O_DIRECT when the filesystem or device accepts it.
     pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).io_context("opening source").map_err(|e| e.at_path(path))?;
+        Self::from_file(file, path)
+    }
+
+    /// Reads `file`, already opened read-only as `path` (by a confined opener), with O_DIRECT when the
+    /// filesystem or device accepts it: the direct handle is a reopen of the same open file, never a new lookup
+    /// of the path.
+    pub fn from_file(file: File, path: &Path) -> Result<Self> {
         let name = path.display().to_string();
         let ctx = |e: Error| e.at_path(path);
-        let direct = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path);
-        let (file, try_direct) = match direct {
-            Ok(file) => (file, true),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                (File::open(path).io_context("opening source").map_err(ctx)?, false)
-            }
-            Err(e) => return Err(ctx(Error::io("opening source", e))),
-        };
         let meta = file.metadata().io_context("reading source metadata").map_err(ctx)?;
         if meta.is_dir() {
-            return Err(Error::usage("source is a directory").at_path(path));
+            return Err(Error::new(crate::error::ErrorKind::Io, "source is a directory").at_path(path));
         }
         let len = sys::file_or_device_size(&file).io_context("reading source size").map_err(ctx)?;
         let is_block_device = sys::is_block_device(&file).io_context("reading source type").map_err(ctx)?;
@@ -71,14 +71,16 @@ impl FileSource {
             is_block_device,
             bytes_read: AtomicU64::new(0),
         };
-        if try_direct {
-            match source.probe_direct_alignment() {
-                Some(align) => source.mode = ReadMode::Direct(align),
-                None => {
-                    source.file =
-                        sys::reopen(&source.file, libc::O_RDONLY).io_context("reopening source").map_err(ctx)?
+        match sys::reopen(&source.file, libc::O_RDONLY | libc::O_DIRECT) {
+            Ok(direct) => {
+                let buffered = std::mem::replace(&mut source.file, direct);
+                match source.probe_direct_alignment() {
+                    Some(align) => source.mode = ReadMode::Direct(align),
+                    None => source.file = buffered,
                 }
             }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(ctx(Error::io("opening source", e))),
         }
         if source.mode == ReadMode::BufferedDropBehind {
             // Readahead pages ahead of the cursor would stay cached; sequential advice keeps requests large and

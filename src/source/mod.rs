@@ -4,12 +4,13 @@
 
 pub mod decompress;
 mod file;
+pub mod files;
 mod hashing;
-pub mod http;
-pub mod open;
+pub(crate) mod http;
+pub(crate) mod open;
 pub mod registry;
-pub mod sequential;
-pub mod tar;
+pub(crate) mod sequential;
+pub(crate) mod tar;
 
 pub use file::FileSource;
 pub use hashing::HashingSource;

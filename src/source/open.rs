@@ -16,8 +16,8 @@ pub enum Input {
     Random {
         /// The bytes.
         source: Arc<dyn ReadAt>,
-        /// Directory of a local image, against which backing and extent files resolve.
-        base_dir: Option<PathBuf>,
+        /// Path of a local image, beside which its backing and extent files are found.
+        local_path: Option<PathBuf>,
     },
     /// Front to back only, compressed or not (unwrapping is the stream importer's job).
     Stream {
@@ -38,11 +38,8 @@ pub struct Opened {
 
 /// Opens `location`; a random-access source whose first bytes are a compression magic becomes a stream.
 pub fn open(location: &Location, options: &HttpOptions) -> Result<Opened> {
-    let (source, base_dir, client): (Arc<dyn ReadAt>, _, _) = match location {
-        Location::Path(path) => {
-            let base = path.parent().map_or_else(|| PathBuf::from("."), |p| p.to_path_buf());
-            (Arc::new(FileSource::open(path)?), Some(base), None)
-        }
+    let (source, local_path, client): (Arc<dyn ReadAt>, _, _) = match location {
+        Location::Path(path) => (Arc::new(FileSource::open(path)?), Some(path.clone()), None),
         Location::Registry(image) => {
             let disk = super::registry::open(image, options)?;
             return Ok(Opened {
@@ -65,5 +62,5 @@ pub fn open(location: &Location, options: &HttpOptions) -> Result<Opened> {
         let len = Some(source.len());
         return Ok(Opened { input: Input::Stream { reader: Box::new(ReadAtReader::new(source)), len }, client });
     }
-    Ok(Opened { input: Input::Random { source, base_dir }, client })
+    Ok(Opened { input: Input::Random { source, local_path }, client })
 }

@@ -93,7 +93,7 @@ impl<R: Read> TarReader<R> {
         self.position
     }
 
-    /// The underlying reader.
+    /// The underlying reader, positioned after what was consumed.
     pub fn into_inner(self) -> R {
         self.inner
     }

@@ -6,6 +6,7 @@
 use super::{qemu_img, run, sha256_prefix, Fill, MemSource};
 use boundimport::format::{self, BackingPolicy, Image};
 use boundimport::pipeline::fill::read_guest;
+use boundimport::source::files::LocalFiles;
 use boundimport::source::{FileSource, ReadAt};
 use sha2::{Digest, Sha256};
 use std::path::Path;
@@ -49,8 +50,7 @@ fn hex(bytes: &[u8]) -> String {
 /// Opens `path` through boundimport's detection, with backing files refused and siblings resolved beside it.
 pub fn open_image(path: &Path) -> boundimport::error::Result<Box<dyn Image>> {
     let source: Arc<dyn ReadAt> = Arc::new(FileSource::open(path)?);
-    let policy =
-        BackingPolicy { allow: false, base_dir: path.parent().map(Path::to_path_buf), ..BackingPolicy::default() };
+    let policy = BackingPolicy { allow: false, files: Some(std::sync::Arc::new(LocalFiles::beside(path, false)?)) };
     format::open(source, &policy)
 }
 

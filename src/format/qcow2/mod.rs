@@ -12,6 +12,7 @@
 
 /// Header parsing and validation.
 pub mod header;
+pub mod stream;
 /// L1/L2 entry decoding.
 pub mod table;
 
@@ -127,8 +128,8 @@ impl Qcow2Image {
 
         if header.is_corrupt() {
             // qemu refuses only to write such images; qemu-img convert reads them.
-            eprintln!(
-                "warning: {name}: the image is marked corrupt (incompatible feature bit 1); reading it anyway, as qemu-img does"
+            log::warn!(
+                "{name}: the image is marked corrupt (incompatible feature bit 1); reading it anyway, as qemu-img does"
             );
         }
         let backing = match &header.backing {

@@ -12,7 +12,7 @@
 //! them.
 
 use crate::error::{Error, Result};
-use crate::pipeline::fill::MAX_UNIT_LEN;
+use crate::format::MAX_UNIT_LEN;
 
 /// Magic of a sparse extent.
 pub const MAGIC: &[u8; 4] = b"KDMV";

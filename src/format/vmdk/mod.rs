@@ -15,15 +15,15 @@
 
 pub mod descriptor;
 pub mod header;
+pub mod stream;
 
 use super::{push_extent, BackingPolicy, Codec, Compressed, Content, Extent, Image, SourceId};
-use crate::codec;
 use crate::error::{Error, Result};
-use crate::source::{read_exact_at, FileSource, ReadAt};
+use crate::format::codec;
+use crate::source::{read_exact_at, ReadAt};
 use descriptor::{Descriptor, ExtentKind};
 use header::SparseHeader;
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 
 /// What backs one extent of guest space.
@@ -70,7 +70,7 @@ pub struct VmdkImage {
 
 impl VmdkImage {
     /// Opens a sparse extent or a descriptor. Extent files named by a descriptor are resolved against
-    /// `backing.base_dir` (the descriptor's directory); without one (a non-local source) they are refused.
+    /// `backing.files` (beside the descriptor); without an opener (a non-local source) they are refused.
     pub fn open(source: Arc<dyn ReadAt>, backing: &BackingPolicy) -> Result<Self> {
         let name = source.name().to_string();
         let mut magic = [0u8; 4];
@@ -99,7 +99,7 @@ impl VmdkImage {
         read_exact_at(source.as_ref(), 0, &mut text, "vmdk descriptor")?;
         let parsed = descriptor::parse(&String::from_utf8_lossy(&text), true)?;
         refuse_parent(&parsed)?;
-        let Some(base_dir) = &backing.base_dir else {
+        let Some(files) = &backing.files else {
             return Err(Error::unsupported(
                 "vmdk descriptor names extent files, which are only opened beside a local descriptor file",
             ));
@@ -116,15 +116,10 @@ impl VmdkImage {
             let id = match opened.get(file) {
                 Some(&id) => id,
                 None => {
-                    let path = if backing.allow_outside {
-                        base_dir.join(Path::new(file))
-                    } else {
-                        // A plain name can still be a symlink out of the directory: resolve it and check.
-                        let root = backing.root.as_deref().unwrap_or(base_dir);
-                        super::confined_path(root, base_dir, Path::new(file))
-                            .map_err(|why| Error::unsupported(format!("vmdk extent file {file:?}: {why}")))?
-                    };
-                    sources.push(Arc::new(FileSource::open(&path)?));
+                    let named = files
+                        .open(file)
+                        .map_err(|why| Error::unsupported(format!("vmdk extent file {file:?}: {why}")))?;
+                    sources.push(named.source);
                     opened.insert(file.clone(), sources.len() - 1);
                     sources.len() - 1
                 }

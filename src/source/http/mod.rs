@@ -9,7 +9,8 @@ mod tls;
 
 pub(crate) use client::basic_auth as basic_auth_value;
 pub(crate) use client::is_timeout;
-pub use client::{Client, Response};
+pub use client::Client;
+pub(crate) use client::Response;
 pub(crate) use random::backoff;
 pub use random::HttpSource;
 pub use stream::HttpStream;

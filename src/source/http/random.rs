@@ -44,11 +44,6 @@ impl HttpSource {
         }
     }
 
-    /// The client, for its request count.
-    pub fn client(&self) -> &Arc<Client> {
-        &self.client
-    }
-
     /// Opens `bytes=pos-` and checks the answer describes this file from `pos`.
     fn open_at(&self, pos: u64) -> Result<Response> {
         let response = self.client.get(Some((pos, None)), true)?;

@@ -4,11 +4,10 @@
 //! end-of-stream marker (or the end of the stream, for images whose tables precede the grains) ends the image. Grains come in LBA order (qemu and VMware write them so): guest space
 //! between two grains reads as zeros. No spool is ever needed.
 
-use super::assemble::Assembler;
-use super::writer::Writer;
-use crate::codec;
+use super::header::{self, SparseHeader, MARKER_EOS};
 use crate::error::{Error, Result};
-use crate::format::vmdk::header::{self, SparseHeader, MARKER_EOS};
+use crate::format::codec;
+use crate::format::stream::Placement;
 use crate::format::Codec;
 use crate::source::sequential::{read_full, stream_error};
 use std::io::Read;
@@ -54,8 +53,9 @@ impl Cursor<'_> {
     }
 }
 
-/// Imports the streamOptimized vmdk in `reader` (from its first byte) through `writer`; returns the virtual size.
-pub fn import(reader: &mut dyn Read, name: &str, writer: &mut Writer, stop: &AtomicBool) -> Result<u64> {
+/// Walks the streamOptimized vmdk in `reader` (from its first byte), placing its grains through `place`; returns
+/// the virtual size.
+pub fn walk(reader: &mut dyn Read, name: &str, place: &mut dyn Placement, stop: &AtomicBool) -> Result<u64> {
     let mut cursor = Cursor { reader, name, pos: 0 };
     let mut sector = [0u8; 512];
     cursor.exact(&mut sector, "the header")?;
@@ -63,7 +63,7 @@ pub fn import(reader: &mut dyn Read, name: &str, writer: &mut Writer, stop: &Ato
     let grain_offset = u64::from_le_bytes(sector[64..72].try_into().expect("8 bytes")) * 512;
     let size = h.size();
     let grain = h.grain_size();
-    let mut asm = Assembler::new(size, writer.chunk() as u64);
+    place.begin(size)?;
     cursor.skip(grain_offset.saturating_sub(512), "the header's overhead")?;
     let mut resolved = 0u64;
     let mut input = Vec::new();
@@ -124,15 +124,15 @@ pub fn import(reader: &mut dyn Read, name: &str, writer: &mut Writer, stop: &Ato
                     .at_offset(at)
                     .at_path(name)
             })?;
-        asm.zero(writer, resolved, guest - resolved)?;
+        place.zero(resolved, guest - resolved)?;
         let take = len.min(inside) as usize;
-        if !asm.data(writer, guest, &output[..take])? {
+        if !place.data(guest, &output[..take])? {
             return Err(crate::bad_image!("out of chunk buffers placing a vmdk grain").at_offset(at).at_path(name));
         }
         resolved = guest + take as u64;
     }
-    asm.zero(writer, resolved, size - resolved)?;
-    asm.finish(writer)?;
+    place.zero(resolved, size - resolved)?;
+    place.finish()?;
     // Whatever follows the end-of-stream marker is read (for the source checksum) and ignored.
     let mut sink = vec![0u8; 64 << 10];
     while cursor.read(&mut sink)? > 0 {}

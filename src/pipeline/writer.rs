@@ -2,11 +2,10 @@
 //! bounded queue and writes them through the destination's usual rules, so reading and decompressing the stream
 //! overlaps writing. The chunk buffers are a fixed pool that the writer hands back: the memory bound.
 
+use super::schedule::MAX_ZERO_SPAN;
 use crate::buffer::AlignedBuf;
 use crate::checksum::{Algorithm, Hasher};
 use crate::error::{Error, ErrorKind, Result};
-use crate::pipeline::schedule::MAX_ZERO_SPAN;
-use crate::pipeline::write_runs;
 use crate::progress::Progress;
 use crate::sink::Destination;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
@@ -205,12 +204,13 @@ fn write_loop(
     for item in items {
         match item {
             Item::Data { guest, buf, len } => {
-                write_runs(dest, guest, &buf[..len])?;
+                dest.write_runs(guest, &buf[..len])?;
                 digest.feed(guest, len as u64, Some(&buf[..len]));
                 if guest == watermark {
                     watermark += len as u64;
                 }
                 progress.advance(len as u64, watermark);
+                progress.note_written(dest.stats.written.load(std::sync::atomic::Ordering::Relaxed));
                 let _ = give.send(buf);
             }
             Item::Zero { guest, len } => {

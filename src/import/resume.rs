@@ -79,11 +79,6 @@ impl Checkpoints {
         Ok(Checkpoints { path, expected })
     }
 
-    /// The state file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// The offset to resume from: the recorded watermark if a state file exists and matches this import and the
     /// destination still has the image's size, else 0 (a stale or foreign state file is removed).
     pub fn resume_point(&self, destination_size: Option<u64>) -> Result<u64> {
@@ -185,14 +180,14 @@ mod tests {
     fn a_recorded_watermark_is_resumed_only_for_the_same_import() {
         let (_dir, source, dest) = setup();
         let cp = checkpoints(&source, &dest);
-        assert_eq!(cp.path(), dest.parent().unwrap().join(".disk.img.boundimport-resume"));
+        assert_eq!(cp.path, dest.parent().unwrap().join(".disk.img.boundimport-resume"));
         assert_eq!(cp.resume_point(Some(3 << 20)).unwrap(), 0);
         cp.record(2 << 20).unwrap();
         assert_eq!(checkpoints(&source, &dest).resume_point(Some(3 << 20)).unwrap(), 2 << 20);
 
         // A destination of the wrong size: start over, and the state is gone.
         assert_eq!(cp.resume_point(Some(1 << 20)).unwrap(), 0);
-        assert!(!cp.path().exists());
+        assert!(!cp.path.exists());
 
         // A changed source (same size, other bytes): start over.
         cp.record(2 << 20).unwrap();
@@ -204,7 +199,7 @@ mod tests {
     fn garbage_state_is_ignored() {
         let (_dir, source, dest) = setup();
         let cp = checkpoints(&source, &dest);
-        fs::write(cp.path(), "{not json").unwrap();
+        fs::write(&cp.path, "{not json").unwrap();
         assert_eq!(cp.resume_point(Some(3 << 20)).unwrap(), 0);
         cp.clear().unwrap();
         cp.clear().unwrap();

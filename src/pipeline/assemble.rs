@@ -7,6 +7,7 @@
 use super::writer::{Item, Writer};
 use crate::buffer::AlignedBuf;
 use crate::error::Result;
+use crate::format::stream::Placement;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// A chunk being assembled.
@@ -169,5 +170,58 @@ impl Assembler {
             ));
         }
         Ok(())
+    }
+}
+
+/// A forward-only walker's [`Placement`]: an assembler for the disk the walker announces, feeding `writer`.
+pub struct Placer<'w> {
+    writer: &'w mut Writer,
+    asm: Option<Assembler>,
+}
+
+impl<'w> Placer<'w> {
+    /// Places into chunks of `writer`'s buffer size.
+    pub fn new(writer: &'w mut Writer) -> Self {
+        Placer { writer, asm: None }
+    }
+
+    fn assembler(&mut self) -> Result<(&mut Assembler, &mut Writer)> {
+        match &mut self.asm {
+            Some(asm) => Ok((asm, &mut *self.writer)),
+            None => Err(crate::error::Error::new(
+                crate::error::ErrorKind::Io,
+                "guest bytes placed before the disk size was known",
+            )),
+        }
+    }
+}
+
+impl Placement for Placer<'_> {
+    fn chunk(&self) -> u64 {
+        self.writer.chunk() as u64
+    }
+
+    fn begin(&mut self, virtual_size: u64) -> Result<()> {
+        self.asm = Some(Assembler::new(virtual_size, self.chunk()));
+        Ok(())
+    }
+
+    fn data(&mut self, guest: u64, bytes: &[u8]) -> Result<bool> {
+        let (asm, writer) = self.assembler()?;
+        asm.data(writer, guest, bytes)
+    }
+
+    fn zero(&mut self, guest: u64, len: u64) -> Result<()> {
+        let (asm, writer) = self.assembler()?;
+        asm.zero(writer, guest, len)
+    }
+
+    fn has_buffer(&self, guest: u64) -> bool {
+        self.asm.as_ref().is_some_and(|asm| asm.has_buffer(guest))
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        let (asm, writer) = self.assembler()?;
+        asm.finish(writer)
     }
 }

@@ -3,22 +3,19 @@
 //! Nothing is read twice. The header names the L1 table and the refcount table; when the stream reaches the L1
 //! table, its entries name the L2 tables; each L2 table, when reached, maps its guest clusters to host offsets
 //! still ahead (data goes straight into its guest chunk as it passes) or says they read as zeros. Bytes that pass
-//! before anything names them are spooled by stream offset ([`Spool`]) in case a table read later points back at
+//! before anything names them are spooled by stream offset ([`Stash`]) in case a table read later points back at
 //! them; once the L1 table and every L2 table it names have passed, unnamed bytes are dropped. qemu-img writes
 //! tables before the data they map, so its images never spool. Header and table parsing are the random-access
 //! reader's ([`header`], [`table`]).
 
-use super::assemble::Assembler;
-use super::spool::Spool;
-use super::writer::Writer;
-use crate::codec;
+use super::header::{self, Header};
+use super::table::{decode_l1, decode_l2, subcluster_state, Cluster, Layout, Subcluster, SUBCLUSTERS};
 use crate::error::{Error, Result};
-use crate::format::qcow2::header::{self, Header};
-use crate::format::qcow2::table::{decode_l1, decode_l2, subcluster_state, Cluster, Layout, Subcluster, SUBCLUSTERS};
+use crate::format::codec;
+use crate::format::stream::{Placement, Stash};
 use crate::source::sequential::{read_full, stream_error};
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Largest refcount table whose entries are read (to skip the refcount blocks it names).
@@ -99,20 +96,20 @@ struct Walker<'a> {
     l2_pending: u64,
     /// Host ranges known to hold nothing the import needs (refcount structures).
     ignored: Vec<(u64, u64)>,
-    spool: Spool,
+    spool: &'a mut dyn Stash,
     /// Pieces that found no free chunk buffer, kept in the spool until the end.
     deferred: Vec<Deferred>,
-    asm: Assembler,
-    writer: &'a mut Writer,
+    place: &'a mut dyn Placement,
     unit: Vec<u8>,
 }
 
-/// Imports the qcow2 image in `reader`, whose first cluster is read here, through `writer`.
-pub fn import(
+/// Walks the qcow2 image in `reader` (from its first byte), placing its guest bytes through `place`; bytes seen
+/// before the table that maps them wait in `spool`.
+pub fn walk(
     reader: &mut dyn Read,
     name: &str,
-    scratch: Option<&Path>,
-    writer: &mut Writer,
+    spool: &mut dyn Stash,
+    place: &mut dyn Placement,
     stop: &AtomicBool,
 ) -> Result<Qcow2Stats> {
     let err = |e: std::io::Error, at: u64| stream_error(e, name, at);
@@ -135,7 +132,7 @@ pub fn import(
     let refcount_clusters = u64::from(u32::from_be_bytes(first[56..60].try_into().expect("4 bytes")));
     let layout = Layout { cluster_bits: header.cluster_bits, extended_l2: header.extended_l2, version: header.version };
     let size = header.virtual_size();
-    let chunk = writer.chunk() as u64;
+    place.begin(size)?;
     let mut walker = Walker {
         name: name.to_string(),
         layout,
@@ -148,10 +145,9 @@ pub fn import(
         l1_seen: false,
         l2_pending: 0,
         ignored: vec![(0, cluster)],
-        spool: Spool::new(name, scratch),
+        spool,
         deferred: Vec::new(),
-        asm: Assembler::new(size, chunk),
-        writer,
+        place,
         unit: Vec::new(),
         header,
     };
@@ -159,7 +155,7 @@ pub fn import(
     let l1_bytes = u64::from(walker.header.l1_size) * 8;
     if walker.header.l1_size == 0 || size == 0 {
         walker.l1_seen = true;
-        walker.asm.zero(walker.writer, 0, size)?;
+        walker.place.zero(0, size)?;
     } else {
         let l1_needed = walker.header.l1_entries_needed() * 8;
         // The rest of the L1 table's clusters (unused entries, padding) is never needed.
@@ -183,7 +179,7 @@ pub fn import(
         walker.pass(&window[..n])?;
     }
     walker.end_of_stream()?;
-    Ok(Qcow2Stats { virtual_size: size, spooled: walker.spool.bytes })
+    Ok(Qcow2Stats { virtual_size: size, spooled: walker.spool.kept() })
 }
 
 impl Walker<'_> {
@@ -246,7 +242,7 @@ impl Walker<'_> {
         match need.target {
             Target::Data(guest) => {
                 let at = guest + need.got;
-                if !self.asm.data(self.writer, at, bytes)? {
+                if !self.place.data(at, bytes)? {
                     self.spool.put(host, bytes)?;
                     self.deferred.push(Deferred::Data { host, guest: at, len: bytes.len() as u64 });
                 }
@@ -325,7 +321,7 @@ impl Walker<'_> {
             let l2 = decode_l1(entry, &self.layout)
                 .map_err(|why| self.bad(format!("L1 entry {index}: {why}")).at_offset(l1_start + index * 8))?;
             match l2 {
-                None => self.asm.zero(self.writer, guest, span.min(self.size - guest))?,
+                None => self.place.zero(guest, span.min(self.size - guest))?,
                 Some(l2) => {
                     self.l2_pending += 1;
                     self.register(l2, self.cluster, Target::L2(index))?;
@@ -362,7 +358,7 @@ impl Walker<'_> {
                     .at_offset(table + i * entry_size)
             })?;
             match cluster {
-                Cluster::Unallocated | Cluster::Zero => self.asm.zero(self.writer, guest, len)?,
+                Cluster::Unallocated | Cluster::Zero => self.place.zero(guest, len)?,
                 Cluster::Data(host) => self.register(host, len, Target::Data(guest))?,
                 Cluster::Compressed { offset, len: src_len } => {
                     self.register(offset, src_len, Target::Compressed(guest))?
@@ -383,7 +379,7 @@ impl Walker<'_> {
                                 Subcluster::Data => {
                                     self.register(host + from, to - from, Target::Data(guest + from))?
                                 }
-                                _ => self.asm.zero(self.writer, guest + from, to - from)?,
+                                _ => self.place.zero(guest + from, to - from)?,
                             }
                         }
                         index = next;
@@ -401,7 +397,7 @@ impl Walker<'_> {
             .map_err(|e| e.at_offset(host).at_path(&self.name))?;
         let len = self.cluster.min(self.size - guest) as usize;
         let unit = std::mem::take(&mut self.unit);
-        let placed = self.asm.data(self.writer, guest, &unit[..len]);
+        let placed = self.place.data(guest, &unit[..len]);
         self.unit = unit;
         if !placed? {
             // No free chunk buffer: keep the compressed bytes and inflate them again at the end.
@@ -421,7 +417,7 @@ impl Walker<'_> {
                 Target::Data(guest) if need.start < end => {
                     // The partial last cluster of a file: the rest reads as zeros, as in qemu.
                     let at = guest + need.got;
-                    self.asm.zero(self.writer, at, need.len - need.got)?;
+                    self.place.zero(at, need.len - need.got)?;
                 }
                 Target::Compressed(guest) if need.start < end => {
                     let bytes = std::mem::take(&mut need.bytes);
@@ -440,7 +436,7 @@ impl Walker<'_> {
         }
         // Chunks that already hold a buffer first, so they complete and free it.
         let mut deferred = std::mem::take(&mut self.deferred);
-        deferred.sort_by_key(|d| (!self.asm.has_buffer(d.guest()), d.guest()));
+        deferred.sort_by_key(|d| (!self.place.has_buffer(d.guest()), d.guest()));
         for piece in deferred {
             let placed = match piece {
                 Deferred::Compressed { host, guest, len } => {
@@ -451,20 +447,20 @@ impl Walker<'_> {
                         .map_err(|e| e.at_offset(host).at_path(&self.name))?;
                     let n = self.cluster.min(self.size - guest) as usize;
                     let unit = std::mem::take(&mut self.unit);
-                    let placed = self.asm.data(self.writer, guest, &unit[..n]);
+                    let placed = self.place.data(guest, &unit[..n]);
                     self.unit = unit;
                     placed?
                 }
                 Deferred::Data { host, guest, len } => {
                     let mut bytes = vec![0u8; len as usize];
                     self.spool.get(host, &mut bytes)?;
-                    self.asm.data(self.writer, guest, &bytes)?
+                    self.place.data(guest, &bytes)?
                 }
             };
             if !placed {
                 return Err(self.bad("out of chunk buffers while placing spooled clusters".into()));
             }
         }
-        self.asm.finish(self.writer)
+        self.place.finish()
     }
 }

@@ -3,6 +3,7 @@
 //! dropped, each read dropped after it).
 
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::stream::Stash;
 use crate::size::human;
 use crate::sys;
 use std::collections::BTreeMap;
@@ -45,11 +46,6 @@ impl Spool {
             file: None,
             bytes: 0,
         }
-    }
-
-    /// Bytes written to the spool file.
-    pub fn file_bytes(&self) -> u64 {
-        self.file.as_ref().map_or(0, |(_, len)| *len)
     }
 
     /// Keeps `bytes`, which are stream bytes `[at, at + bytes.len())`.
@@ -145,6 +141,20 @@ impl Spool {
             pos += n;
         }
         Ok(true)
+    }
+}
+
+impl Stash for Spool {
+    fn put(&mut self, at: u64, bytes: &[u8]) -> Result<()> {
+        Spool::put(self, at, bytes)
+    }
+
+    fn get(&self, at: u64, out: &mut [u8]) -> Result<bool> {
+        Spool::get(self, at, out)
+    }
+
+    fn kept(&self) -> u64 {
+        self.bytes
     }
 }
 

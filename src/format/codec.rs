@@ -4,8 +4,8 @@
 //! knows compressed sizes to the sector), so the rule is qemu's: the output must be filled exactly, trailing input
 //! is ignored.
 
+use super::Codec;
 use crate::error::{Error, Result};
-use crate::format::Codec;
 use std::cell::RefCell;
 
 thread_local! {

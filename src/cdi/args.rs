@@ -1,0 +1,194 @@
+//! The arguments of `boundimport cdi`: boundimport's own options, the klog flags CDI's controller passes, and
+//! the hand-over to CDI's own importer for sources boundimport does not import.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+/// klog flags the controller (or a pod spec) may pass as `-name` or `-name=value`.
+const KLOG_FLAGS: &[&str] = &["v", "alsologtostderr", "logtostderr", "stderrthreshold", "vmodule"];
+
+/// Options of `boundimport cdi`. Everything else comes from the environment CDI's controller sets.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CdiArgs {
+    /// klog verbosity, as the controller passes it (`-v=N`): 0-1 info, 2-3 debug, 4 and more trace.
+    #[arg(long = "v", value_name = "N", default_value_t = 0)]
+    pub verbosity: u8,
+
+    /// Accepted for klog compatibility: logs always go to stderr.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub alsologtostderr: Option<String>,
+
+    /// Accepted for klog compatibility: logs always go to stderr.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", hide = true)]
+    pub logtostderr: Option<String>,
+
+    /// Accepted for klog compatibility and ignored.
+    #[arg(long, value_name = "LEVEL", hide = true)]
+    pub stderrthreshold: Option<String>,
+
+    /// Accepted for klog compatibility and ignored.
+    #[arg(long, value_name = "PATTERN", hide = true)]
+    pub vmodule: Option<String>,
+
+    /// Data directory of a filesystem volume (the image goes to DATA_DIR/disk.img).
+    #[arg(long, value_name = "DIR", default_value = "/data")]
+    pub data_dir: PathBuf,
+
+    /// Device node of a block volume; used when it exists.
+    #[arg(long, value_name = "PATH", default_value = "/dev/cdi-block-volume")]
+    pub block_path: PathBuf,
+
+    /// Where the result is written for the controller.
+    #[arg(long, value_name = "PATH", default_value = "/dev/termination-log")]
+    pub termination_log: PathBuf,
+
+    /// Listen address of the HTTPS progress endpoint (`:PORT` means every interface).
+    #[arg(long, value_name = "[HOST]:PORT", default_value = ":8443")]
+    pub metrics_addr: String,
+
+    /// Scratch volume for sources that can only be read as a stream and need spooling (used when it exists).
+    #[arg(long, value_name = "DIR", default_value = "/scratch")]
+    pub scratch_dir: PathBuf,
+
+    /// Directory of the cluster proxy's CA certificates (read when it exists).
+    #[arg(long, value_name = "DIR", default_value = "/proxycerts/")]
+    pub proxy_cert_dir: PathBuf,
+
+    /// Directory of secret extra-header files (read when it exists).
+    #[arg(long, value_name = "DIR", default_value = "/extraheaders")]
+    pub extra_headers_dir: PathBuf,
+
+    /// Keep serving the final metrics this many seconds after a successful import (default: exit at once).
+    #[arg(long, value_name = "SECONDS", default_value_t = 0.0)]
+    pub metrics_linger: f64,
+
+    /// Another importer (CDI's own `cdi-importer`) to exec, with the same arguments, when IMPORTER_SOURCE is one
+    /// boundimport does not import (s3, gcs, imageio, vddk).
+    #[arg(long, value_name = "PATH", env = "BOUNDIMPORT_CDI_FALLBACK")]
+    pub fallback: Option<PathBuf>,
+}
+
+/// Rewrites klog-style single-dash long flags (`-v=3`, `-alsologtostderr`) after the `cdi` subcommand into the
+/// double-dash form clap parses. A binary invoked as `cdi-importer` runs `cdi` (for images that replace CDI's
+/// binary in place). Returns the arguments and whether they select the `cdi` subcommand.
+pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> (Vec<OsString>, bool) {
+    let mut args: Vec<OsString> = args.into_iter().collect();
+    let invoked_as_importer =
+        args.first().and_then(|arg0| Path::new(arg0).file_name()).is_some_and(|name| name == "cdi-importer");
+    if invoked_as_importer {
+        args.insert(1, OsString::from("cdi"));
+    }
+    let Some(cdi_at) = args.iter().skip(1).position(|a| a == "cdi").map(|i| i + 1) else {
+        return (args, false);
+    };
+    // Only the subcommand itself, not a SOURCE or DEST that happens to be named "cdi".
+    if args[1..cdi_at].iter().any(|a| !a.to_string_lossy().starts_with('-')) {
+        return (args, false);
+    }
+    for arg in &mut args[cdi_at + 1..] {
+        let text = arg.to_string_lossy();
+        if let Some(rest) = text.strip_prefix('-').filter(|r| !r.starts_with('-')) {
+            let name = rest.split('=').next().unwrap_or("");
+            if KLOG_FLAGS.contains(&name) {
+                *arg = OsString::from(format!("-{text}"));
+            }
+        }
+    }
+    (args, true)
+}
+
+/// Writes a failure that happened before the arguments could be parsed (default termination-log path).
+pub fn report_usage_error(message: &str) {
+    let path = Path::new("/dev/termination-log");
+    if let Err(e) = super::termination::write_plain(path, message) {
+        log::debug!("{}: {e}", path.display());
+    }
+}
+
+/// Sources `boundimport cdi` imports itself.
+pub(super) fn handles_source(source: &str) -> bool {
+    matches!(source, "" | "http" | "registry" | "none")
+}
+
+/// The klog flags among the arguments given after the `cdi` subcommand (or after the program name, when invoked
+/// as `cdi-importer`): what CDI's own importer understands, without boundimport's options.
+fn klog_args(all: &[OsString]) -> Vec<OsString> {
+    let invoked_as_importer =
+        all.first().and_then(|a| Path::new(a).file_name()).is_some_and(|name| name == "cdi-importer");
+    let start = if invoked_as_importer { 1 } else { all.iter().skip(1).position(|a| a == "cdi").map_or(1, |i| i + 2) };
+    let mut kept = Vec::new();
+    let mut rest = all.get(start..).unwrap_or_default().iter();
+    while let Some(arg) = rest.next() {
+        let text = arg.to_string_lossy();
+        let flag = text.trim_start_matches('-');
+        let (name, has_value) = match flag.split_once('=') {
+            Some((name, _)) => (name, true),
+            None => (flag, false),
+        };
+        if text.starts_with('-') && KLOG_FLAGS.contains(&name) {
+            kept.push(arg.clone());
+            if !has_value && matches!(name, "v" | "stderrthreshold" | "vmodule") {
+                kept.extend(rest.next().cloned());
+            }
+        }
+    }
+    kept
+}
+
+/// Replaces this process with `fallback`, passing on our arguments; returns only if the exec failed.
+pub(super) fn exec_fallback(fallback: &Path) -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    log::info!("IMPORTER_SOURCE is not imported by boundimport: handing over to {}", fallback.display());
+    let all: Vec<OsString> = std::env::args_os().collect();
+    std::process::Command::new(fallback).args(klog_args(&all)).exec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn normalized(args: &[&str]) -> (Vec<String>, bool) {
+        let (out, cdi) = normalize_args(args.iter().map(OsString::from));
+        (out.into_iter().map(|a| a.into_string().unwrap()).collect(), cdi)
+    }
+
+    #[test]
+    fn klog_flags_become_long_flags_after_cdi_only() {
+        assert_eq!(
+            normalized(&["boundimport", "cdi", "-alsologtostderr", "-v=3", "-v", "2", "--data-dir", "/d", "-h"]),
+            (
+                vec!["boundimport", "cdi", "--alsologtostderr", "--v=3", "--v", "2", "--data-dir", "/d", "-h"]
+                    .into_iter()
+                    .map(String::from)
+                    .collect(),
+                true
+            )
+        );
+        assert!(!normalized(&["boundimport", "-v", "a", "cdi"]).1);
+        assert!(!normalized(&["boundimport", "img", "out"]).1);
+        let (args, cdi) = normalized(&["/usr/bin/cdi-importer", "-v=1"]);
+        assert!(cdi);
+        assert_eq!(args, ["/usr/bin/cdi-importer", "cdi", "--v=1"]);
+    }
+
+    #[test]
+    fn the_fallback_gets_only_klog_flags() {
+        let args = |list: &[&str]| list.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            klog_args(&args(&[
+                "boundimport",
+                "cdi",
+                "--fallback",
+                "/x",
+                "-alsologtostderr",
+                "-v",
+                "3",
+                "--data-dir",
+                "/d"
+            ])),
+            args(&["-alsologtostderr", "-v", "3"])
+        );
+        assert_eq!(klog_args(&args(&["/usr/bin/cdi-importer", "-v=1"])), args(&["-v=1"]));
+        assert!(klog_args(&args(&["boundimport", "cdi"])).is_empty());
+    }
+}

@@ -1,0 +1,262 @@
+//! The one type that owns an import from the opened destination to its outcome, whichever driver feeds it.
+
+use super::resume::Checkpoints;
+use super::{Context, Outcome, Plan};
+use crate::checksum::{hex, Algorithm, Hasher};
+use crate::error::{ErrorKind, Result};
+use crate::progress::Progress;
+use crate::sink::{DestKind, DestOptions, Destination, Probe};
+use crate::source::decompress::Compression;
+use crate::source::ReadAt;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::Duration;
+
+/// How often durable progress is recorded while resuming is enabled.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// What a driver produced, for the report.
+pub(super) struct Produced {
+    /// Detected image format.
+    pub format: &'static str,
+    /// Size of the virtual disk.
+    pub virtual_size: u64,
+    /// Digest of the written image, when asked for and computed.
+    pub output_digest: Option<Vec<u8>>,
+    /// Compression layers unwrapped, outermost first.
+    pub compression: Vec<Compression>,
+    /// Bytes kept in a spool.
+    pub spooled_bytes: u64,
+    /// Bytes read from a local image file.
+    pub source_bytes_read: Option<u64>,
+}
+
+impl Produced {
+    /// A report of `format` and `virtual_size`; the rest empty.
+    pub fn new(format: &'static str, virtual_size: u64) -> Self {
+        Produced {
+            format,
+            virtual_size,
+            output_digest: None,
+            compression: Vec::new(),
+            spooled_bytes: 0,
+            source_bytes_read: None,
+        }
+    }
+}
+
+/// An import in progress: its destination, its checkpoints, and where it started.
+pub(super) struct Engine<'a> {
+    plan: &'a Plan,
+    ctx: &'a Context,
+    progress: &'a Progress,
+    dest: Destination,
+    checkpoints: Option<Checkpoints>,
+    start: u64,
+    /// Whether the destination file is ours (it did not exist before this import).
+    created: bool,
+}
+
+/// How an import may resume: the source to recognise again, and the image size.
+pub(super) struct Resumable<'s> {
+    /// The source's bytes (its size, identity and first MiB identify it).
+    pub source: &'s dyn ReadAt,
+}
+
+impl<'a> Engine<'a> {
+    /// Examines the destination and opens it for an image of `size` bytes; with `resumable` and `--resume`,
+    /// continues from the durable watermark of an interrupted import of the same source.
+    pub fn open(
+        plan: &'a Plan,
+        ctx: &'a Context,
+        progress: &'a Progress,
+        size: u64,
+        resumable: Option<Resumable>,
+    ) -> Result<Self> {
+        let probe = Probe::of(&plan.destination)?;
+        if let crate::source::Location::Path(source) = &plan.source {
+            probe.refuse_source(source)?;
+        }
+        let checkpoints = match (&plan.resume, resumable) {
+            (Some(options), Some(resumable)) => Some(Checkpoints::new(
+                &plan.source.to_string(),
+                resumable.source,
+                &plan.destination,
+                probe.kind,
+                size,
+                options.state_dir.as_deref(),
+            )?),
+            _ => None,
+        };
+        let start = match &checkpoints {
+            Some(checkpoints) => checkpoints.resume_point(probe.holds(size))?,
+            None => 0,
+        };
+        let options = DestOptions {
+            io: plan.io,
+            target_is_zero: plan.target_is_zero,
+            file_mode: plan.file_mode,
+            keep_contents: start > 0,
+            preallocate: plan.preallocate,
+            max_size: plan.max_virtual_size,
+            grow_to: plan.grow_file_to,
+        };
+        let governor = || {
+            let governor = crate::cgroup::governor::Governor::new(ctx.cgroup.clone(), ctx.sizing.governor_targets())?;
+            Ok(match &plan.governor_observer {
+                Some(factory) => governor.observed_by((factory.0)()?),
+                None => governor,
+            })
+        };
+        let dest = Destination::open_probed(&probe, size, &options, governor)?;
+        log::info!("{}: writing {} ({})", plan.destination.display(), dest.io_name(), dest.io_reason);
+        progress.advance(start, start);
+        let created = probe.kind == DestKind::RegularFile && !probe.exists;
+        Ok(Engine { plan, ctx, progress, dest, checkpoints, start, created })
+    }
+
+    /// The destination.
+    pub fn dest(&self) -> &Destination {
+        &self.dest
+    }
+
+    /// Guest offset the import starts from (non-zero when resuming).
+    pub fn start(&self) -> u64 {
+        self.start
+    }
+
+    /// The output digest's starting state: empty, or (resuming) over what the destination already holds, read
+    /// back. `None` when the plan asks for no digest.
+    pub fn digest_prefix(&self) -> Result<Option<(Hasher, u64)>> {
+        if !self.plan.output_digest {
+            return Ok(None);
+        }
+        let mut hasher = Hasher::new(Algorithm::Sha256);
+        if self.start > 0 {
+            crate::sink::probe::read_back(&self.plan.destination, self.start, |bytes| hasher.update(bytes))?;
+        }
+        Ok(Some((hasher, self.start)))
+    }
+
+    /// Runs `produce` while, with checkpoints, a recorder syncs the destination and records the watermark every
+    /// [`CHECKPOINT_INTERVAL`]; when `produce` fails, what it completed is recorded once more, so a rerun
+    /// continues from there.
+    pub fn produce<T>(&self, produce: impl FnOnce() -> Result<T>) -> Result<T> {
+        let Some(checkpoints) = &self.checkpoints else {
+            return produce();
+        };
+        let checkpoint = |last: &mut u64| {
+            let watermark = self.progress.watermark();
+            if watermark > *last {
+                match self.dest.sync().and_then(|()| checkpoints.record(watermark)) {
+                    Ok(()) => *last = watermark,
+                    Err(e) => log::warn!("cannot record resume state: {e}"),
+                }
+            }
+        };
+        let (finished, until_finished) = mpsc::channel::<()>();
+        std::thread::scope(|scope| {
+            let recorder = scope.spawn(move || {
+                let mut last = self.start;
+                while let Err(RecvTimeoutError::Timeout) = until_finished.recv_timeout(CHECKPOINT_INTERVAL) {
+                    checkpoint(&mut last);
+                }
+                last
+            });
+            let outcome = produce();
+            drop(finished);
+            let mut last = recorder.join().unwrap_or(self.start);
+            if outcome.is_err() {
+                checkpoint(&mut last);
+            }
+            outcome
+        })
+    }
+
+    /// The finish protocol. A stopped import leaves what it wrote durable (a rerun or resume starts from a known
+    /// state) and fails; a finished one is synced, then `verify` checks the source's checksum: a mismatch
+    /// discards what was written (it came from the wrong bytes) and fails; then the checkpoints go and the
+    /// outcome is reported.
+    pub fn finish(
+        self,
+        produced: Result<Produced>,
+        verify: impl FnOnce() -> Result<Option<String>>,
+    ) -> Result<Outcome> {
+        let produced = match produced {
+            Ok(produced) => produced,
+            Err(err) => {
+                if err.kind() == ErrorKind::Interrupted {
+                    self.dest.finish()?;
+                } else if self.checkpoints.is_none() {
+                    self.abandon();
+                }
+                return Err(err);
+            }
+        };
+        let governor = self.dest.finish()?;
+        let source_checksum = match verify() {
+            Ok(verified) => verified,
+            Err(mismatch) => {
+                if let Some(checkpoints) = &self.checkpoints {
+                    checkpoints.clear()?;
+                }
+                self.discard();
+                return Err(mismatch);
+            }
+        };
+        if let Some(checkpoints) = &self.checkpoints {
+            checkpoints.clear()?;
+        }
+        let stats = &self.dest.stats;
+        Ok(Outcome {
+            source: self.plan.source.clone(),
+            destination: self.plan.destination.clone(),
+            format: produced.format,
+            virtual_size: produced.virtual_size,
+            destination_kind: self.dest.kind(),
+            io: self.dest.io_name(),
+            bytes_written: stats.written.load(Ordering::Relaxed),
+            zero_bytes_skipped: stats.skipped.load(Ordering::Relaxed),
+            zero_bytes_zeroed: stats.zeroed.load(Ordering::Relaxed),
+            source_bytes_read: produced.source_bytes_read,
+            seconds: self.progress.elapsed().as_secs_f64(),
+            sha256: produced.output_digest.as_deref().map(hex),
+            source_checksum,
+            budget: self.ctx.budget,
+            sizing: self.ctx.sizing,
+            governor,
+            resumed_at: self.start,
+            compression: produced.compression,
+            spooled_bytes: produced.spooled_bytes,
+            http_requests: None,
+        })
+    }
+
+    /// After a failure with nothing to resume from: leave no file that looks like a complete image. A file this
+    /// import created is removed; one that existed (and was truncated when the import began) is cut to nothing. A
+    /// block device keeps what was written: it has no length to cut.
+    fn abandon(&self) {
+        if self.dest.kind() != DestKind::RegularFile {
+            return;
+        }
+        let path = self.dest.path();
+        let outcome = if self.created { std::fs::remove_file(path) } else { self.dest.truncate() };
+        match outcome {
+            Ok(()) if self.created => log::info!("{}: removed the partial image", path.display()),
+            Ok(()) => log::info!("{}: cut the partial image to 0 bytes", path.display()),
+            Err(e) => log::warn!("{}: cannot remove the partial image: {e}", path.display()),
+        }
+    }
+
+    /// After a checksum mismatch: what was written came from the wrong bytes, so throw it away.
+    /// The mismatch itself is the import's error, reported once by the front end.
+    fn discard(&self) {
+        log::warn!(
+            "discarding what was written to {}: it came from bytes that failed their checksum",
+            self.dest.path().display()
+        );
+        if let Err(e) = self.dest.discard() {
+            log::warn!("could not discard the written image: {e}");
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! Showing progress on stderr: an indicatif bar on a terminal, a log line every few seconds elsewhere.
+
+use crate::progress::Progress;
+use std::io::IsTerminal;
+use std::time::Duration;
+
+/// Interval between log lines when not on a terminal.
+const LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How progress is shown (`--progress`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgressStyle {
+    /// A bar on a terminal, log lines otherwise.
+    Auto,
+    /// Always a bar.
+    Bar,
+    /// Log lines every few seconds.
+    Log,
+    /// Nothing.
+    None,
+}
+
+/// Shows `progress` in `style` until [`Progress::finish`] is called. Run it on its own thread.
+pub fn report(progress: &Progress, style: ProgressStyle) {
+    let style = match style {
+        ProgressStyle::Auto if std::io::stderr().is_terminal() => ProgressStyle::Bar,
+        ProgressStyle::Auto => ProgressStyle::Log,
+        other => other,
+    };
+    match style {
+        ProgressStyle::Bar => {
+            let bar = indicatif::ProgressBar::new(progress.total());
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("valid progress template")
+                .progress_chars("=> "),
+            );
+            while !progress.wait_finished(Duration::from_millis(200)) {
+                bar.set_length(progress.total());
+                bar.set_position(progress.processed());
+            }
+            bar.set_position(progress.processed());
+            bar.finish_and_clear();
+        }
+        ProgressStyle::Log => {
+            while !progress.wait_finished(LOG_INTERVAL) {
+                log::info!("{}", progress.log_line());
+            }
+        }
+        ProgressStyle::None | ProgressStyle::Auto => while !progress.wait_finished(Duration::from_secs(3600)) {},
+    }
+}
