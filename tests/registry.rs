@@ -146,6 +146,21 @@ fn tls_registry_with_htpasswd_auth() {
     for tag in TAGS {
         registry.push(&images.layout, tag, "containerdisks/test");
     }
+    // The same images as Docker schema 2 manifests and manifest lists.
+    for (tag, media_type) in [
+        ("gz", "application/vnd.docker.distribution.manifest.v2+json"),
+        ("multi", "application/vnd.docker.distribution.manifest.list.v2+json"),
+    ] {
+        registry.push_docker(&images.layout, tag, "docker/test");
+        let head = run(Command::new("curl")
+            .args(["-sfI", "-u", "tester:s3cret", "-H"])
+            .arg(format!("Accept: {media_type}"))
+            .arg("--cacert")
+            .arg(registry.certs.as_ref().unwrap().ca_dir.join("ca.crt"))
+            .arg(format!("https://{}/v2/docker/test/manifests/{tag}", registry.host())));
+        let head = String::from_utf8_lossy(&head.stdout).to_lowercase();
+        assert!(head.contains(&format!("content-type: {media_type}")), "{tag} was not pushed as {media_type}: {head}");
+    }
     let out = scratch_dir("registry-tls-out");
     let args = registry.client_args();
     let image = |tag: &str| registry.image("containerdisks/test", tag);
@@ -168,6 +183,9 @@ fn tls_registry_with_htpasswd_auth() {
     let mut amd = args.clone();
     amd.extend(["--arch".to_string(), "amd64".to_string()]);
     import_ok(&amd, &image("multi"), &d.qcow2_ref, out.path());
+    import_ok(&args, &registry.image("docker/test", "gz"), &d.qcow2_ref, out.path());
+    import_ok(&arm, &registry.image("docker/test", "multi"), &d.other_ref, out.path());
+    import_ok(&amd, &registry.image("docker/test", "multi"), &d.qcow2_ref, out.path());
 
     // Failures: one line naming the image and the step, exit 1.
     let r = &d.qcow2_ref;

@@ -21,6 +21,7 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("gzip", "gzip"),
     ("zstd", "zstd"),
     ("xz", "xz-utils"),
+    ("curl", "curl"),
 ];
 
 fn on_path(name: &str) -> bool {
@@ -192,8 +193,17 @@ impl Registry {
 
     /// Pushes `tag` of `layout` to `repo:tag` with skopeo.
     pub fn push(&self, layout: &Layout, tag: &str, repo: &str) {
+        self.push_with(layout, tag, repo, &["--preserve-digests"]);
+    }
+
+    /// Pushes `tag` of `layout` converted to Docker schema 2 (manifest, and manifest list for an index).
+    pub fn push_docker(&self, layout: &Layout, tag: &str, repo: &str) {
+        self.push_with(layout, tag, repo, &["--format", "v2s2"]);
+    }
+
+    fn push_with(&self, layout: &Layout, tag: &str, repo: &str, extra: &[&str]) {
         let mut cmd = Command::new("skopeo");
-        cmd.args(["--insecure-policy", "copy", "--quiet", "--all", "--preserve-digests"]);
+        cmd.args(["--insecure-policy", "copy", "--quiet", "--all"]).args(extra);
         match &self.certs {
             Some(certs) => {
                 cmd.arg("--dest-cert-dir").arg(&certs.ca_dir);
