@@ -1093,3 +1093,31 @@ fn streamed_imports_report_progress_mid_import() {
         assert_eq!(sha256_prefix(&disk, size), *want, "{name}");
     }
 }
+
+#[test]
+fn registry_without_tls_is_reached_with_insecure_tls() {
+    if !require_tools("registry_without_tls_is_reached_with_insecure_tls") {
+        return;
+    }
+    let bench = Workbench::new("cdi-registry-plain");
+    let (image, digest, virtual_size) = qcow2_image(&bench, 8 * MIB);
+    let dir = scratch_dir("cdi-registry-plain-layout");
+    let mut layout = Layout::new(dir.path());
+    let layer = layout.layer(&[("disk/disk.qcow2", &image)], Compress::Zstd);
+    layout.image(Some("v1"), "amd64", &["KUBEVIRT_IO_OS=linux"], &[], &[layer]);
+    let registry = Registry::start(RegistryOptions::default());
+    registry.push(&layout, "v1", "plain/disk");
+    let mut pod = Pod::new("cdi-registry-plain-pod");
+    pod.set("IMPORTER_SOURCE", "registry").set("IMPORTER_ENDPOINT", &registry.image("plain/disk", "v1"));
+    let ended = pod.run();
+    assert_eq!(ended.code, 1, "plain HTTP without INSECURE_TLS: {}", ended.stderr);
+    assert!(ended.termination.contains("connecting to the registry"), "{}", ended.termination);
+    pod.set("INSECURE_TLS", "true");
+    let ended = pod.run();
+    ended_ok(&ended);
+    assert_eq!(
+        ended.termination,
+        r#"{"scratchSpaceRequired":false,"preallocationApplied":false,"labels":{"kubevirt.io/os":"linux"},"message":"Import Complete"}"#
+    );
+    assert_eq!(sha256_prefix(&pod.data().join("disk.img"), virtual_size), digest);
+}
