@@ -265,3 +265,72 @@ fn pax_records(mut data: &[u8]) -> Vec<(String, String)> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A source over bytes in memory.
+    struct Bytes(Vec<u8>);
+    impl ReadAt for Bytes {
+        fn name(&self) -> &str {
+            "mem"
+        }
+        fn len(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
+            let start = (offset as usize).min(self.0.len());
+            let n = buf.len().min(self.0.len() - start);
+            buf[..n].copy_from_slice(&self.0[start..start + n]);
+            Ok(n)
+        }
+    }
+
+    /// One ustar member: header, data, padding.
+    fn member(name: &str, typeflag: u8, data: &[u8]) -> Vec<u8> {
+        let mut header = [0u8; 512];
+        header[..name.len()].copy_from_slice(name.as_bytes());
+        header[100..107].copy_from_slice(b"0000644");
+        header[124..135].copy_from_slice(format!("{:011o}", data.len()).as_bytes());
+        header[156] = typeflag;
+        header[257..263].copy_from_slice(b"ustar\0");
+        header[148..156].copy_from_slice(b"        ");
+        let sum: u32 = header.iter().map(|&b| u32::from(b)).sum();
+        header[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        let mut out = header.to_vec();
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+        out
+    }
+
+    #[test]
+    fn members_are_indexed_without_reading_their_data() {
+        let long = format!("blobs/sha256/{}", "a".repeat(64));
+        let record = format!(" path={long}\n");
+        let pax = format!("{}{record}", record.len() + 2);
+        let mut tar = member("./oci-layout", b'0', b"{}");
+        tar.extend(member("blobs/", b'5', b""));
+        tar.extend(member("PaxHeaders/x", b'x', pax.as_bytes()));
+        tar.extend(member("short-name", b'0', b"blob bytes"));
+        tar.extend(member("index.json", 0, b"[]"));
+        tar.extend([0u8; 1024]);
+        let members = index_members(&Bytes(tar.clone())).unwrap();
+        assert_eq!(members.keys().map(String::as_str).collect::<Vec<_>>(), [long.as_str(), "index.json", "oci-layout"]);
+        let range = members[&long].clone();
+        assert_eq!(&tar[range.start as usize..range.end as usize], b"blob bytes");
+
+        // A checksum that does not add up, and a member running past the end, are refused.
+        let mut bad = tar.clone();
+        bad[0] ^= 1;
+        assert!(index_members(&Bytes(bad)).unwrap_err().to_string().contains("checksum"));
+        let cut = tar[..512 + 100].to_vec();
+        let mut huge = member("index.json", b'0', b"");
+        huge[124..135].copy_from_slice(b"77777777777");
+        let sum: u32 =
+            huge[..512].iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u32::from(b) }).sum();
+        huge[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        assert!(index_members(&Bytes(huge)).unwrap_err().to_string().contains("past the end"));
+        assert!(index_members(&Bytes(cut)).is_ok_and(|m| m.is_empty() || m.contains_key("oci-layout")));
+    }
+}
