@@ -120,6 +120,11 @@ struct ImportArgs {
     #[arg(long, value_name = "USER[:PASS]")]
     user: Option<String>,
 
+    /// Platform to take from a multi-architecture containerDisk (docker:// or oci-archive:), ARCH or ARCH/VARIANT
+    /// (amd64, arm64, arm/v7). Default: this machine's; a single-platform image must then match it.
+    #[arg(long, value_name = "ARCH")]
+    arch: Option<String>,
+
     /// Extra request header for the source, 'Name: value' (repeatable).
     #[arg(long, value_name = "NAME: VALUE", value_parser = parse_header)]
     header: Vec<(String, String)>,
@@ -258,6 +263,12 @@ fn import_and_report(args: &ImportArgs) -> Result<()> {
         scratch: args.scratch.clone(),
         ..Plan::new(Location::parse(source), dest)
     };
+    let mut plan = plan;
+    match (&mut plan.source, &args.arch) {
+        (Location::Registry(image), arch) => image.arch = arch.clone(),
+        (_, Some(_)) => return Err(Error::usage("--arch applies to docker:// and oci-archive: sources only")),
+        _ => {}
+    }
     let progress = Progress::default();
     let stop = install_stop_handlers();
     let outcome = std::thread::scope(|scope| {

@@ -384,14 +384,14 @@ fn bad_preallocation_fails_with_one_line() {
 
 #[test]
 fn unsupported_sources_fail_with_one_line() {
-    for source in ["s3", "registry", "vddk"] {
+    for source in ["s3", "gcs", "vddk"] {
         let mut pod = Pod::new("cdi-source");
         pod.set("IMPORTER_SOURCE", source).set("IMPORTER_ENDPOINT", "s3://bucket/disk.img");
         let ended = pod.run();
         assert_eq!(ended.code, 1);
         assert_eq!(
             ended.termination,
-            format!("Unknown data source: {source} (unsupported source: boundimport cdi imports from http and none)")
+            format!("Unknown data source: {source} (unsupported source: boundimport cdi imports from http, registry and none)")
         );
     }
 }
@@ -705,10 +705,10 @@ fn unsupported_sources_go_to_a_fallback_importer_when_one_is_named() {
     let record = pod.dir.path().join("fallback-ran");
     fs::write(&script, format!("#!/bin/sh\necho \"$IMPORTER_SOURCE $*\" > {}\nexit 7\n", record.display())).unwrap();
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-    pod.set("IMPORTER_SOURCE", "registry").set("BOUNDIMPORT_CDI_FALLBACK", script.to_str().unwrap());
+    pod.set("IMPORTER_SOURCE", "s3").set("BOUNDIMPORT_CDI_FALLBACK", script.to_str().unwrap());
     let ended = pod.run();
     assert_eq!(ended.code, 7, "the fallback's own exit code: {}", ended.stderr);
-    assert_eq!(fs::read_to_string(&record).unwrap(), "registry -alsologtostderr -v=3\n");
+    assert_eq!(fs::read_to_string(&record).unwrap(), "s3 -alsologtostderr -v=3\n");
     assert!(ended.termination.is_empty(), "the fallback owns the termination log");
 
     // Sources boundimport imports stay with boundimport.
@@ -952,6 +952,115 @@ fn in_a_pod_cgroup_the_gauges_show_the_bound_holding() {
     }
 }
 
+// ---- IMPORTER_SOURCE=registry: containerDisks from a real docker-registry (tests/common/registry.rs).
+
+use common::registry::{require_tools, Compress, Layout, Registry, RegistryOptions};
+
+/// A TLS + htpasswd registry holding `containerdisks/test:v1` (a qcow2 of `size` in a gzip layer above a base
+/// layer, with instancetype and preference environment), `:bootc`, and the layout directory; plus the disk's
+/// reference digest and virtual size.
+fn registry_with_containerdisk(bench: &Workbench, size: u64) -> (Registry, tempfile::TempDir, String, u64) {
+    let (image, digest, virtual_size) = qcow2_image(bench, size);
+    let dir = scratch_dir("cdi-registry-layout");
+    let mut layout = Layout::new(dir.path());
+    let hostname = bench.path("hostname");
+    fs::write(&hostname, "containerdisk\n").unwrap();
+    let base = layout.layer(&[("etc/hostname", &hostname)], Compress::None);
+    let disk = layout.layer(&[("disk/disk.qcow2", &image)], Compress::Gzip);
+    let env = [
+        "PATH=/usr/bin",
+        "INSTANCETYPE_KUBEVIRT_IO_DEFAULT_INSTANCETYPE=u1.medium",
+        "PREFERENCE_KUBEVIRT_IO_DEFAULT_PREFERENCE=fedora",
+    ];
+    layout.image(Some("v1"), "amd64", &env, &[], &[base, disk.clone()]);
+    layout.image(Some("bootc"), "amd64", &[], &[("ostree.bootable", "1")], &[disk]);
+    let registry = Registry::start(RegistryOptions { tls: true, user: Some(("cdi".into(), "pull-secret".into())) });
+    registry.push(&layout, "v1", "containerdisks/test");
+    registry.push(&layout, "bootc", "containerdisks/test");
+    (registry, dir, digest, virtual_size)
+}
+
+/// A pod importing `tag` from `registry` with its CA and credentials.
+fn registry_pod(label: &str, registry: &Registry, tag: &str) -> Pod {
+    let mut pod = Pod::new(label);
+    let (user, pass) = registry.user.clone().unwrap();
+    pod.set("IMPORTER_SOURCE", "registry")
+        .set("IMPORTER_ENDPOINT", &registry.image("containerdisks/test", tag))
+        .set("IMPORTER_ACCESS_KEY_ID", &user)
+        .set("IMPORTER_SECRET_KEY", &pass)
+        .set("IMPORTER_CERT_DIR", registry.certs.as_ref().unwrap().ca_dir.to_str().unwrap())
+        .set("IMPORTER_IMAGE_SIZE", "64Mi");
+    pod
+}
+
+const REGISTRY_COMPLETE: &str = r#"{"scratchSpaceRequired":false,"preallocationApplied":false,"labels":{"instancetype.kubevirt.io/default-instancetype":"u1.medium","preference.kubevirt.io/default-preference":"fedora"},"message":"Import Complete"}"#;
+
+#[test]
+fn registry_containerdisk_into_a_file_volume_with_labels() {
+    if !require_tools("registry_containerdisk_into_a_file_volume_with_labels") {
+        return;
+    }
+    let bench = Workbench::new("cdi-registry-file");
+    let (registry, _layout, digest, virtual_size) = registry_with_containerdisk(&bench, 40 * MIB);
+    let mut pod = registry_pod("cdi-registry-file-pod", &registry, "v1");
+    let scratch = pod.dir.path().join("scratch");
+    fs::create_dir(&scratch).unwrap();
+    pod.extra_args.extend(["--scratch-dir".to_string(), scratch.display().to_string()]);
+    let (ended, values, _) = pod.run_scraping();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, REGISTRY_COMPLETE);
+    assert_progress_series(&values, false);
+    let image = pod.data().join("disk.img");
+    assert_eq!(sha256_prefix(&image, virtual_size), digest);
+    assert_eq!(fs::metadata(&image).unwrap().len(), 64 * MIB, "resized to the requested size like CDI");
+    assert_eq!(fs::read_dir(&scratch).unwrap().count(), 0, "no scratch space used");
+
+    // The platform CDI was asked for, and a bootc image: one plain line, exit 1, no image left.
+    let mut arm = registry_pod("cdi-registry-arch", &registry, "v1");
+    arm.set("IMPORTER_REGISTRY_IMAGE_ARCHITECTURE", "arm64");
+    let ended = arm.run();
+    assert_eq!(ended.code, 1, "{}", ended.stderr);
+    assert!(
+        ended.termination.starts_with("Unable to process data: Failed to read registry image: docker://")
+            && ended
+                .termination
+                .contains(r#"manifest image architecture: "amd64" doesn't match requested architecture: "arm64""#),
+        "{}",
+        ended.termination
+    );
+    let ended = registry_pod("cdi-registry-bootc", &registry, "bootc").run();
+    assert_eq!(ended.code, 1);
+    assert!(ended.termination.contains("bootc image detected"), "{}", ended.termination);
+    let mut wrong = registry_pod("cdi-registry-401", &registry, "v1");
+    wrong.set("IMPORTER_SECRET_KEY", "wrong");
+    let ended = wrong.run();
+    assert_eq!(ended.code, 1);
+    assert!(ended.termination.contains("401") && !ended.termination.contains("wrong"), "{}", ended.termination);
+    assert!(!wrong.data().join("disk.img").exists());
+}
+
+#[test]
+fn registry_containerdisk_onto_a_block_volume_reports_progress_mid_import() {
+    if !require_tools("registry_containerdisk_onto_a_block_volume_reports_progress_mid_import")
+        || !require_privileged("registry_containerdisk_onto_a_block_volume_reports_progress_mid_import")
+    {
+        return;
+    }
+    let bench = Workbench::new("cdi-registry-block");
+    let (registry, _layout, digest, virtual_size) = registry_with_containerdisk(&bench, 48 * MIB);
+    let (device, _backing) = garbage_loop_device(bench.dir.path(), 64 * MIB);
+    let _throttle = boundimport::lab::fixtures::WriteThrottle::set(device.path(), 12 * MIB, None).expect("throttle");
+    let mut pod = registry_pod("cdi-registry-block-pod", &registry, "v1");
+    pod.block = Some(device.path().to_path_buf());
+    pod.set("FILESYSTEM_OVERHEAD", "0");
+    let (ended, values, _) = pod.run_scraping();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, REGISTRY_COMPLETE);
+    assert_progress_series(&values, true);
+    assert_eq!(sha256_prefix(device.path(), virtual_size), digest);
+    assert_eq!(fs::read_dir(pod.data()).unwrap().count(), 0, "nothing written to the data directory");
+}
+
 /// `boundimport_written_bytes` in a scrape, if present.
 fn written_bytes(text: &str) -> Option<u64> {
     text.lines().find_map(|line| line.strip_prefix("boundimport_written_bytes ")?.trim().parse().ok())
@@ -983,4 +1092,32 @@ fn streamed_imports_report_progress_mid_import() {
         let disk = pod.data().join("disk.img");
         assert_eq!(sha256_prefix(&disk, size), *want, "{name}");
     }
+}
+
+#[test]
+fn registry_without_tls_is_reached_with_insecure_tls() {
+    if !require_tools("registry_without_tls_is_reached_with_insecure_tls") {
+        return;
+    }
+    let bench = Workbench::new("cdi-registry-plain");
+    let (image, digest, virtual_size) = qcow2_image(&bench, 8 * MIB);
+    let dir = scratch_dir("cdi-registry-plain-layout");
+    let mut layout = Layout::new(dir.path());
+    let layer = layout.layer(&[("disk/disk.qcow2", &image)], Compress::Zstd);
+    layout.image(Some("v1"), "amd64", &["KUBEVIRT_IO_OS=linux"], &[], &[layer]);
+    let registry = Registry::start(RegistryOptions::default());
+    registry.push(&layout, "v1", "plain/disk");
+    let mut pod = Pod::new("cdi-registry-plain-pod");
+    pod.set("IMPORTER_SOURCE", "registry").set("IMPORTER_ENDPOINT", &registry.image("plain/disk", "v1"));
+    let ended = pod.run();
+    assert_eq!(ended.code, 1, "plain HTTP without INSECURE_TLS: {}", ended.stderr);
+    assert!(ended.termination.contains("connecting to the registry"), "{}", ended.termination);
+    pod.set("INSECURE_TLS", "true");
+    let ended = pod.run();
+    ended_ok(&ended);
+    assert_eq!(
+        ended.termination,
+        r#"{"scratchSpaceRequired":false,"preallocationApplied":false,"labels":{"kubevirt.io/os":"linux"},"message":"Import Complete"}"#
+    );
+    assert_eq!(sha256_prefix(&pod.data().join("disk.img"), virtual_size), digest);
 }

@@ -47,6 +47,8 @@ fn every_fuzz_seed_and_regression_input_runs_clean() {
     assert!(replay("qcow2_header", harness::exercise_qcow2_header) > 0);
     assert!(replay("decompress", harness::exercise_decompress) > 0);
     assert!(replay("stream_decompress", harness::exercise_stream_decompress) > 0);
+    assert!(replay("registry_manifest", harness::exercise_registry_manifest) > 0);
+    assert!(replay("registry_layer", harness::exercise_registry_layer) > 0);
 }
 
 #[test]

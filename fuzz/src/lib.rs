@@ -251,3 +251,73 @@ pub fn exercise_stream_decompress(data: &[u8]) {
         }
     }
 }
+
+/// Registry manifests, indexes and image configurations: parsing under every declared media type, the platform
+/// choice over whatever index comes out, CDI's label mapping of whatever environment comes out (checking its
+/// caps), and the `WWW-Authenticate` challenge parser on the same bytes as text.
+pub fn exercise_registry_manifest(data: &[u8]) {
+    use boundimport::source::registry::{client, manifest};
+    for declared in [None, Some(manifest::OCI_MANIFEST), Some(manifest::OCI_INDEX), Some("application/json")] {
+        if let Ok(manifest::Parsed::Index(list)) = manifest::parse(data, declared) {
+            assert!(list.len() <= manifest::MAX_LAYERS);
+            for arch in [None, Some("amd64"), Some("arm64"), Some("arm/v7")] {
+                let wanted = manifest::Wanted::parse(arch).expect("valid architecture");
+                if let Ok(chosen) = manifest::choose(&list, &wanted) {
+                    assert_eq!(chosen.platform.as_ref().map(|p| p.os.as_str()), Some("linux"));
+                }
+            }
+        }
+    }
+    if let Ok(config) = manifest::parse_config(data) {
+        let labels = manifest::envs_to_labels(&config.env);
+        assert!(labels.len() <= manifest::MAX_LABELS);
+        assert!(labels.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() <= manifest::MAX_LABEL_BYTES);
+        let _ = manifest::is_bootc(&config.labels);
+    }
+    let _ = client::parse_challenge(&String::from_utf8_lossy(data));
+}
+
+/// Most disk bytes read from one fuzz input (a small zstd frame may claim gigabytes).
+const MAX_LAYER_OUTPUT: u64 = 64 << 20;
+
+/// The image walk on arbitrary bytes as an image's only layer (its digest the true one, so the walk gets past
+/// verification): compression detection, the tar walk, the disk entry's hold-back and the layer's finish. The
+/// disk, if one is found, never yields more bytes than its entry says.
+pub fn exercise_registry_layer(data: &[u8]) {
+    use boundimport::source::registry::layers::DiskReader;
+    use boundimport::source::registry::manifest::Descriptor;
+    use boundimport::source::registry::{sha256_digest, BlobStore, Fetched};
+    use std::io::Read;
+
+    struct Layer(Vec<u8>);
+    impl BlobStore for Layer {
+        fn top(&self) -> Result<Fetched> {
+            Err(boundimport::error::Error::bad_image("no manifest"))
+        }
+        fn manifest(&self, _: &str, _: &str) -> Result<Fetched> {
+            Err(boundimport::error::Error::bad_image("no manifest"))
+        }
+        fn blob(&self, _: &str, _: u64) -> Result<Box<dyn Read + Send>> {
+            Ok(Box::new(std::io::Cursor::new(self.0.clone())))
+        }
+    }
+    let descriptor = Descriptor {
+        media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+        digest: sha256_digest(data),
+        size: data.len() as i64,
+        platform: None,
+        annotations: Default::default(),
+    };
+    let Ok(disk) = DiskReader::open("fuzz", Arc::new(Layer(data.to_vec())), vec![descriptor]) else { return };
+    let len = disk.len();
+    let mut reader = disk.take(MAX_LAYER_OUTPUT);
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total = 0u64;
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => total += n as u64,
+        }
+    }
+    assert!(total <= len, "the disk yielded {total} bytes, its entry says {len}");
+}

@@ -6,6 +6,7 @@
 use crate::checksum::Checksum;
 use crate::error::{Error, Result};
 use crate::size::parse_quantity;
+use crate::source::registry::ImageRef;
 use crate::source::Location;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -19,6 +20,9 @@ pub enum Source {
     /// `IMPORTER_SOURCE=http`: the image at `IMPORTER_ENDPOINT` (an http(s) URL; a local path or `file://` URL is
     /// accepted too).
     Http(Location),
+    /// `IMPORTER_SOURCE=registry`: the containerDisk `docker://…` or `oci-archive:…` at `IMPORTER_ENDPOINT`, with
+    /// the platform from `IMPORTER_REGISTRY_IMAGE_ARCHITECTURE`.
+    Registry(ImageRef),
     /// `IMPORTER_SOURCE=none`: a blank disk.
     Blank,
 }
@@ -90,7 +94,7 @@ pub fn parse_header(text: &str) -> Option<(String, String)> {
 
 /// The unsupported-source message: CDI's wording, and what boundimport does support.
 pub fn unsupported_source(source: &str) -> String {
-    format!("Unknown data source: {source} (unsupported source: boundimport cdi imports from http and none)")
+    format!("Unknown data source: {source} (unsupported source: boundimport cdi imports from http, registry and none)")
 }
 
 impl CdiEnv {
@@ -133,6 +137,24 @@ impl CdiEnv {
                     None => Location::parse(endpoint),
                 };
                 Source::Http(location)
+            }
+            "registry" => {
+                let endpoint = get("IMPORTER_ENDPOINT");
+                if !ImageRef::is_image(endpoint) {
+                    return Err(Error::usage(format!(
+                        "Could not parse image: Invalid image name \"{endpoint}\", expected docker://… or oci-archive:…"
+                    )));
+                }
+                // CDI's variable; the short name is accepted too.
+                let arch =
+                    non_empty("IMPORTER_REGISTRY_IMAGE_ARCHITECTURE").or(non_empty("REGISTRY_IMAGE_ARCHITECTURE"));
+                let image = ImageRef { spec: endpoint.to_string(), arch };
+                image.parse().map_err(|e| Error::usage(format!("Could not parse image: {e}")))?;
+                image.platform().map_err(|e| Error::usage(format!("Could not parse image: {e}")))?;
+                if content_type == ContentType::Archive {
+                    return Err(Error::usage("Unsupported content type archive when importing from registry"));
+                }
+                Source::Registry(image)
             }
             "none" => Source::Blank,
             other => return Err(Error::unsupported(unsupported_source(other))),
@@ -290,7 +312,7 @@ mod tests {
 
     #[test]
     fn sources_other_than_http_and_none_are_refused() {
-        for other in ["s3", "registry", "gcs", "imageio", "vddk", "blank"] {
+        for other in ["s3", "gcs", "imageio", "vddk", "blank"] {
             let err = env(&[("IMPORTER_SOURCE", other)]).unwrap_err().to_string();
             assert!(err.contains("unsupported source"), "{err}");
             assert!(err.starts_with(&format!("Unknown data source: {other}")), "{err}");
@@ -299,6 +321,37 @@ mod tests {
         assert!(env(&[("IMPORTER_ENDPOINT", "")]).is_err());
         let local = env(&[("IMPORTER_ENDPOINT", "file:///images/a.qcow2")]).unwrap();
         assert_eq!(local.source, Source::Http(Location::Path("/images/a.qcow2".into())));
+    }
+
+    #[test]
+    fn registry_sources() {
+        let e = env(&[
+            ("IMPORTER_SOURCE", "registry"),
+            ("IMPORTER_ENDPOINT", "docker://quay.io/containerdisks/fedora:41"),
+            ("IMPORTER_REGISTRY_IMAGE_ARCHITECTURE", "arm64"),
+        ])
+        .unwrap();
+        let Source::Registry(image) = e.source else { panic!("{:?}", e.source) };
+        assert_eq!(
+            (image.spec.as_str(), image.arch.as_deref()),
+            ("docker://quay.io/containerdisks/fedora:41", Some("arm64"))
+        );
+        let short = env(&[
+            ("IMPORTER_SOURCE", "registry"),
+            ("IMPORTER_ENDPOINT", "oci-archive:/a.tar"),
+            ("REGISTRY_IMAGE_ARCHITECTURE", "amd64"),
+        ]);
+        assert!(matches!(short.unwrap().source, Source::Registry(ImageRef { arch: Some(_), .. })));
+        for bad in ["https://h/x.img", "docker://Bad/Name", ""] {
+            let err = env(&[("IMPORTER_SOURCE", "registry"), ("IMPORTER_ENDPOINT", bad)]).unwrap_err().to_string();
+            assert!(err.starts_with("Could not parse image"), "{err}");
+        }
+        let err = env(&[
+            ("IMPORTER_SOURCE", "registry"),
+            ("IMPORTER_ENDPOINT", "docker://h/r"),
+            ("IMPORTER_CONTENTTYPE", "archive"),
+        ]);
+        assert!(err.unwrap_err().to_string().contains("Unsupported content type archive"));
     }
 
     #[test]

@@ -13,7 +13,8 @@ mod connect;
 pub mod dest;
 pub mod env;
 pub mod metrics;
-pub mod tar;
+mod registry;
+pub(crate) use crate::source::tar;
 pub mod termination;
 
 use crate::cgroup::governor::Targets;
@@ -166,6 +167,7 @@ impl Context<'_> {
         log::info!("destination: {volume:?}");
         let finish = match &env.source {
             Source::Blank => self.blank(&env, &volume),
+            Source::Registry(image) => self.import_registry(&env, &volume, image),
             Source::Http(location) => match self.wait_for_ready_file(&env, location) {
                 Err(message) => Finish::Failure(message),
                 Ok(location) => {

@@ -8,7 +8,9 @@ pub mod files;
 mod hashing;
 pub(crate) mod http;
 pub(crate) mod open;
+pub mod registry;
 pub(crate) mod sequential;
+pub(crate) mod tar;
 
 pub use file::FileSource;
 pub use hashing::HashingSource;
@@ -27,6 +29,8 @@ pub enum Location {
     Path(PathBuf),
     /// An `http://` or `https://` URL.
     Url(String),
+    /// A containerDisk: `docker://…` or `oci-archive:…`.
+    Registry(registry::ImageRef),
 }
 
 impl Location {
@@ -35,6 +39,8 @@ impl Location {
         let lower = text.to_ascii_lowercase();
         if lower.starts_with("http://") || lower.starts_with("https://") {
             Location::Url(text.to_string())
+        } else if registry::ImageRef::is_image(text) {
+            Location::Registry(registry::ImageRef::new(text))
         } else {
             Location::Path(PathBuf::from(text))
         }
@@ -46,6 +52,7 @@ impl fmt::Display for Location {
         match self {
             Location::Path(path) => write!(f, "{}", path.display()),
             Location::Url(url) => f.write_str(url),
+            Location::Registry(image) => write!(f, "{image}"),
         }
     }
 }

@@ -40,6 +40,13 @@ pub struct Opened {
 pub fn open(location: &Location, options: &HttpOptions) -> Result<Opened> {
     let (source, local_path, client): (Arc<dyn ReadAt>, _, _) = match location {
         Location::Path(path) => (Arc::new(FileSource::open(path)?), Some(path.clone()), None),
+        Location::Registry(image) => {
+            let disk = super::registry::open(image, options)?;
+            return Ok(Opened {
+                input: Input::Stream { reader: disk.reader, len: Some(disk.len) },
+                client: disk.client,
+            });
+        }
         Location::Url(url) => match http::open(url, options)? {
             (client, Remote::Random(source)) => (source, None, Some(client)),
             (client, Remote::Stream(stream)) => {

@@ -136,7 +136,7 @@ impl Client {
     pub fn get(&self, range: Option<(u64, Option<u64>)>, keep_alive: bool) -> Result<Response> {
         let mut url = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for _ in 0..=MAX_REDIRECTS {
-            let response = self.send(&url, range, keep_alive)?;
+            let response = self.send(&url, range, keep_alive, &[])?;
             match response.status {
                 200..=299 | 416 => {
                     *self.current.lock().unwrap_or_else(|p| p.into_inner()) = url;
@@ -168,8 +168,31 @@ impl Client {
         Err(self.error(ErrorKind::Io, format!("more than {MAX_REDIRECTS} redirects")))
     }
 
+    /// Sends one `GET` to `url` (any origin: a registry's blob redirect, its token service) with `headers` added
+    /// (an `Accept` given here replaces the default), and returns the response head whatever its status, without
+    /// following redirects: the caller decides what to do with 3xx and 401 answers. The client's own basic auth is
+    /// sent only to its own origin, as for [`get`](Self::get).
+    pub fn request(
+        &self,
+        url: &Url,
+        range: Option<(u64, Option<u64>)>,
+        keep_alive: bool,
+        headers: &[(&str, &str)],
+    ) -> Result<Response> {
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(self.error(ErrorKind::Io, format!("unsupported URL {url}")));
+        }
+        self.send(url, range, keep_alive, headers)
+    }
+
     /// Sends one request to `url` and reads the response head.
-    fn send(&self, url: &Url, range: Option<(u64, Option<u64>)>, keep_alive: bool) -> Result<Response> {
+    fn send(
+        &self,
+        url: &Url,
+        range: Option<(u64, Option<u64>)>,
+        keep_alive: bool,
+        extra: &[(&str, &str)],
+    ) -> Result<Response> {
         let io_err = |what: &str, e: io::Error| self.io_error(what, e);
         let origin = origin(url);
         let proxy = proxy_for(url);
@@ -185,14 +208,14 @@ impl Client {
             Some(conn) => conn,
             None => self.connect(url, proxy.as_ref())?,
         };
-        let head = self.request_head(url, range, keep_alive, proxy.as_ref());
+        let head = self.request_head(url, range, keep_alive, proxy.as_ref(), extra);
         self.requests.fetch_add(1, Ordering::Relaxed);
         let sent = conn.io.get_mut().write_all(head.as_bytes()).and_then(|()| conn.io.get_mut().flush());
         let response = sent.and_then(|()| read_head(&mut conn.io));
         match response {
             Ok((status, headers)) => Ok(Response::new(status, headers, conn, keep_alive)),
             // A reused connection the server had closed meanwhile: once more on a new one.
-            Err(_) if !fresh => self.send(url, range, keep_alive),
+            Err(_) if !fresh => self.send(url, range, keep_alive, extra),
             Err(e) => Err(io_err("reading the response", e)),
         }
     }
@@ -203,6 +226,7 @@ impl Client {
         range: Option<(u64, Option<u64>)>,
         keep_alive: bool,
         proxy: Option<&Url>,
+        extra: &[(&str, &str)],
     ) -> String {
         let target = match proxy {
             Some(_) if url.scheme() == "http" => url.as_str().to_string(),
@@ -216,10 +240,16 @@ impl Client {
             }
         };
         let mut head = format!(
-            "GET {target} HTTP/1.1\r\nHost: {}\r\nUser-Agent: boundimport/{}\r\nAccept: */*\r\nAccept-Encoding: identity\r\n",
+            "GET {target} HTTP/1.1\r\nHost: {}\r\nUser-Agent: boundimport/{}\r\nAccept-Encoding: identity\r\n",
             host_header(url),
             env!("CARGO_PKG_VERSION")
         );
+        if !extra.iter().any(|(name, _)| name.eq_ignore_ascii_case("accept")) {
+            head.push_str("Accept: */*\r\n");
+        }
+        for (name, value) in extra {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
         match range {
             Some((start, Some(end))) => head.push_str(&format!("Range: bytes={start}-{end}\r\n")),
             Some((start, None)) => head.push_str(&format!("Range: bytes={start}-\r\n")),
@@ -409,6 +439,11 @@ impl Response {
             t => Some(t.parse().ok()?),
         };
         Some((start.trim().parse().ok()?, end.trim().parse().ok()?, total))
+    }
+
+    /// Body bytes read so far.
+    pub fn delivered(&self) -> u64 {
+        self.body.delivered
     }
 
     /// After the body was read to its end: checks that the server sent nothing past it, waiting up to `linger` for a

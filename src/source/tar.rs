@@ -64,6 +64,13 @@ pub struct Entry {
     layout: Layout,
 }
 
+impl Entry {
+    /// Whether the entry is a sparse file (its holes are not stored).
+    pub fn is_sparse(&self) -> bool {
+        self.layout != Layout::Plain
+    }
+}
+
 /// Reads entries from a tar stream.
 pub struct TarReader<R> {
     inner: R,
@@ -84,6 +91,11 @@ impl<R: Read> TarReader<R> {
     /// Bytes consumed from the stream so far.
     pub fn position(&self) -> u64 {
         self.position
+    }
+
+    /// The underlying reader, positioned after what was consumed.
+    pub fn into_inner(self) -> R {
+        self.inner
     }
 
     /// The next entry, or `None` at the end of the archive. Unread data of the previous entry is skipped.
@@ -168,6 +180,42 @@ impl<R: Read> TarReader<R> {
         self.skip(rest)?;
         self.pending = 0;
         Ok(())
+    }
+
+    /// Reads the next bytes of the current entry's data into `buf` (pull-style, for a consumer that is itself a
+    /// reader); returns 0 at the end of the data, after skipping its padding. Sparse entries are refused: their
+    /// holes have no bytes in the stream to hand out in order.
+    pub fn read_plain(&mut self, entry: &Entry, buf: &mut [u8]) -> Result<usize> {
+        if entry.layout != Layout::Plain {
+            return Err(Error::unsupported("a sparse tar entry read as a stream"));
+        }
+        if self.done {
+            return Ok(0);
+        }
+        let pad = padding(entry.stored);
+        let left = self.pending.saturating_sub(pad);
+        if left == 0 {
+            self.skip(self.pending)?;
+            self.pending = 0;
+            self.done = true;
+            return Ok(0);
+        }
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let want = left.min(buf.len() as u64) as usize;
+        loop {
+            match self.inner.read(&mut buf[..want]) {
+                Ok(0) => return Err(Error::bad_image("tar stream ends inside an entry").at_offset(self.position)),
+                Ok(n) => {
+                    self.position += n as u64;
+                    self.pending -= n as u64;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(archive_error(e, self.position)),
+            }
+        }
     }
 
     fn entry_from_header(&mut self, header: &[u8; BLOCK], stored: u64, header_at: u64) -> Result<Entry> {
@@ -366,7 +414,7 @@ impl<R: Read> TarReader<R> {
                     self.position += n as u64;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::io("reading the archive", e).at_offset(self.position)),
+                Err(e) => return Err(archive_error(e, self.position)),
             }
         }
         Ok(true)
@@ -378,7 +426,7 @@ impl<R: Read> TarReader<R> {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 Error::bad_image("tar stream ends inside an entry").at_offset(at)
             } else {
-                Error::io("reading the archive", e).at_offset(at)
+                archive_error(e, at)
             }
         })?;
         self.position += buf.len() as u64;
@@ -394,6 +442,15 @@ impl<R: Read> TarReader<R> {
         }
         Ok(())
     }
+}
+
+/// A failed read of the archive at `at`; an error of ours carried through the stream (a failed digest, a dropped
+/// transfer) stays itself.
+fn archive_error(e: std::io::Error, at: u64) -> Error {
+    if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+        return *e.into_inner().expect("checked").downcast::<Error>().expect("checked");
+    }
+    Error::io("reading the archive", e).at_offset(at)
 }
 
 /// Bytes of padding after `len` bytes of data.
