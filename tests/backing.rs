@@ -77,3 +77,40 @@ fn allow_backing_outside_needs_allow_backing() {
     let output = run_any(boundimport().args(["--allow-backing-outside", "a.qcow2", "b.raw"]));
     assert_eq!(output.status.code(), Some(2), "{}", String::from_utf8_lossy(&output.stderr));
 }
+
+#[test]
+fn bare_relative_names_resolve_beside_the_image() {
+    // Run from inside the image's directory with a bare SOURCE name: the image's directory is ".", so backing
+    // files and vmdk extent files named in it are found (not "cannot resolve :").
+    let bench = Workbench::new("bare-names");
+    bench.raw_mix("base.raw", 4 * MIB, 4);
+    common::run(
+        std::process::Command::new(common::qemu_img())
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", "base.raw", "overlay.qcow2"])
+            .current_dir(bench.dir.path()),
+    );
+    bench.write("overlay.qcow2", common::Fill::Random(12), MIB, 64 * 1024);
+    let raw = bench.raw_mix("content.raw", 8 * MIB, 6);
+    for subformat in ["twoGbMaxExtentSparse", "monolithicFlat", "twoGbMaxExtentFlat"] {
+        let name = format!("{subformat}.vmdk");
+        common::run(
+            std::process::Command::new(common::qemu_img())
+                .args(["convert", "-q", "-f", "raw", "-O", "vmdk", "-o", &format!("subformat={subformat}")])
+                .arg(&raw)
+                .arg(&name)
+                .current_dir(bench.dir.path()),
+        );
+    }
+    let cases = [
+        ("overlay.qcow2", vec!["--allow-backing"]),
+        ("twoGbMaxExtentSparse.vmdk", vec![]),
+        ("monolithicFlat.vmdk", vec![]),
+        ("twoGbMaxExtentFlat.vmdk", vec![]),
+    ];
+    for (name, flags) in cases {
+        let dest = format!("{name}.out");
+        let output =
+            run_any(boundimport().arg("--quiet").args(&flags).arg(name).arg(&dest).current_dir(bench.dir.path()));
+        assert_imported(&output, &bench.path(name), &bench.path(&dest), bench.dir.path());
+    }
+}

@@ -183,7 +183,6 @@ pub fn create_blank_file(path: &Path, size: u64, preallocate: bool) -> Result<()
     finish_file(path, None, preallocate)
 }
 
-
 /// Makes everything under `dir` durable: one `syncfs` of its filesystem (the extracted files of an archive).
 pub fn sync_filesystem(dir: &Path) -> Result<()> {
     use std::os::fd::AsRawFd;

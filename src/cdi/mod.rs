@@ -164,7 +164,10 @@ impl Context<'_> {
             Ok(volume) => volume,
             Err(e) => return Finish::Failure(e.to_string()),
         };
-        log::info!("destination: {volume:?}");
+        match &volume {
+            Volume::Block(device) => log::info!("destination: block volume {}", device.display()),
+            Volume::Filesystem(dir) => log::info!("destination: filesystem volume {}", dir.display()),
+        }
         let finish = match &env.source {
             Source::Blank => self.blank(&env, &volume),
             Source::Registry(image) => self.import_registry(&env, &volume, image),
@@ -212,11 +215,8 @@ impl Context<'_> {
             log::warn!("available space less than requested size, preallocating {size} bytes");
         }
         log::info!("{}: preallocating {size} bytes of blank block volume", device.display());
-        let plan = Plan {
-            preallocate: true,
-            output_digest: false,
-            ..Plan::new(Location::Path(device.to_path_buf()), device)
-        };
+        let plan =
+            Plan { preallocate: true, output_digest: false, ..Plan::new(Location::Path(device.to_path_buf()), device) };
         import::run_blank(self.engine, &plan, size, self.progress, self.stop).map(drop)
     }
 
