@@ -41,6 +41,16 @@ pub struct Extracted {
     pub bytes_written: u64,
 }
 
+impl std::fmt::Display for Extracted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "extracted {} files, {} directories, {} links ({} members skipped), {} bytes written",
+            self.files, self.directories, self.links, self.skipped, self.bytes_written
+        )
+    }
+}
+
 /// Extracts the tar stream `reader` into `dir`. `on_progress` is called with the bytes consumed from the stream
 /// after each member and each data chunk.
 pub fn extract(reader: impl Read, dir: &Path, pacing: &Pacing, mut on_progress: impl FnMut(u64)) -> Result<Extracted> {

@@ -73,14 +73,7 @@ impl Context<'_> {
                 return Finish::ChecksumMismatch(format!("Unable to process data: {e}"));
             }
         }
-        log::info!(
-            "extracted {} files, {} directories, {} links ({} members skipped), {} bytes written",
-            extracted.files,
-            extracted.directories,
-            extracted.links,
-            extracted.skipped,
-            extracted.bytes_written
-        );
+        log::info!("{extracted}");
         self.progress.note_written(extracted.bytes_written);
         match dest::sync_filesystem(dir) {
             // CDI never preallocates an extracted archive.

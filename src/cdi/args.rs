@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 /// klog flags the controller (or a pod spec) may pass as `-name` or `-name=value`.
 const KLOG_FLAGS: &[&str] = &["v", "alsologtostderr", "logtostderr", "stderrthreshold", "vmodule"];
 
-/// Options of `boundimport cdi`. Everything else comes from the environment CDI's controller sets.
+/// The klog flags CDI's pods are started with (`-alsologtostderr -v=N`), for the importer and the upload server.
 #[derive(Debug, Clone, clap::Args)]
-pub struct CdiArgs {
+pub struct KlogFlags {
     /// klog verbosity, as the controller passes it (`-v=N`): 0-1 info, 2-3 debug, 4 and more trace.
     #[arg(long = "v", value_name = "N", default_value_t = 0)]
     pub verbosity: u8,
@@ -29,6 +29,26 @@ pub struct CdiArgs {
     /// Accepted for klog compatibility and ignored.
     #[arg(long, value_name = "PATTERN", hide = true)]
     pub vmodule: Option<String>,
+}
+
+impl KlogFlags {
+    /// Installs the stderr logger at the level `-v` asks for: 0-1 info, 2-3 debug, 4 and more trace.
+    pub fn init_logging(&self) {
+        let verbosity = match self.verbosity {
+            0..=1 => 0,
+            2..=3 => 1,
+            _ => 2,
+        };
+        crate::process::logging::init(verbosity, false);
+    }
+}
+
+/// Options of `boundimport cdi`. Everything else comes from the environment CDI's controller sets.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CdiArgs {
+    /// The klog flags CDI's controller passes.
+    #[command(flatten)]
+    pub klog: KlogFlags,
 
     /// Data directory of a filesystem volume (the image goes to DATA_DIR/disk.img).
     #[arg(long, value_name = "DIR", default_value = "/data")]

@@ -33,7 +33,7 @@ use std::time::Duration;
 use termination::TerminationMessage;
 
 use args::{exec_fallback, handles_source};
-pub use args::{normalize_args, report_usage_error, CdiArgs};
+pub use args::{normalize_args, report_usage_error, CdiArgs, KlogFlags};
 
 /// How long to wait for `IMPORTER_READY_FILE` (CDI: 60 s).
 const READY_FILE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -51,12 +51,7 @@ enum Finish {
 
 /// Runs the importer; returns the process exit code.
 pub fn main(args: CdiArgs) -> i32 {
-    let verbosity = match args.verbosity {
-        0..=1 => 0,
-        2..=3 => 1,
-        _ => 2,
-    };
-    crate::process::logging::init(verbosity, false);
+    args.klog.init_logging();
     if let Some(fallback) = &args.fallback {
         let source = std::env::var("IMPORTER_SOURCE").unwrap_or_default();
         if !handles_source(&source) {

@@ -16,6 +16,7 @@ pub mod tls;
 
 use crate::cdi::dest::{self, Volume};
 use crate::cdi::termination::{self, TerminationMessage};
+use crate::cdi::KlogFlags;
 use crate::cgroup::MemCgroup;
 use env::UploadEnv;
 use process::Job;
@@ -27,25 +28,9 @@ use std::time::Duration;
 /// Options of `boundimport upload-server`. Everything else comes from the environment CDI's controller sets.
 #[derive(Debug, Clone, clap::Args)]
 pub struct UploadArgs {
-    /// klog verbosity, as the controller passes it (`-v=N`): 0-1 info, 2-3 debug, 4 and more trace.
-    #[arg(long = "v", value_name = "N", default_value_t = 0)]
-    pub verbosity: u8,
-
-    /// Accepted for klog compatibility: logs always go to stderr.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    pub alsologtostderr: Option<String>,
-
-    /// Accepted for klog compatibility: logs always go to stderr.
-    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", hide = true)]
-    pub logtostderr: Option<String>,
-
-    /// Accepted for klog compatibility and ignored.
-    #[arg(long, value_name = "LEVEL", hide = true)]
-    pub stderrthreshold: Option<String>,
-
-    /// Accepted for klog compatibility and ignored.
-    #[arg(long, value_name = "PATTERN", hide = true)]
-    pub vmodule: Option<String>,
+    /// The klog flags CDI's controller passes.
+    #[command(flatten)]
+    pub klog: KlogFlags,
 
     /// Data directory of a filesystem volume: `DESTINATION=/data/disk.img` (the default) means
     /// DATA_DIR/disk.img, and archives and filesystem clones are extracted here.
@@ -76,12 +61,7 @@ pub struct UploadArgs {
 
 /// Runs the upload server; returns the process exit code.
 pub fn main(args: UploadArgs) -> i32 {
-    let verbosity = match args.verbosity {
-        0..=1 => 0,
-        2..=3 => 1,
-        _ => 2,
-    };
-    crate::process::logging::init(verbosity, false);
+    args.klog.init_logging();
     match run(&args) {
         Ok(Ended::Done(done)) => {
             log::info!("UploadServer successfully exited");

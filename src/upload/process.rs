@@ -228,14 +228,7 @@ impl Job {
         .map_err(|e| Error::new(e.kind(), format!("unable to untar files from endpoint: {e}")))?;
         // The rest of the stream (the archive's end blocks; a decompressor checks its trailer).
         io::copy(&mut reader, &mut io::sink()).map_err(|e| Error::io("reading the archive's end", e))?;
-        log::info!(
-            "extracted {} files, {} directories, {} links ({} members skipped), {} bytes written",
-            extracted.files,
-            extracted.directories,
-            extracted.links,
-            extracted.skipped,
-            extracted.bytes_written
-        );
+        log::info!("{extracted}");
         progress.note_written(extracted.bytes_written);
         dest::sync_filesystem(dir)?;
         // CDI never preallocates an extracted archive.
