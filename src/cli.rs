@@ -227,16 +227,20 @@ pub fn main() -> i32 {
 
 fn run_import(args: ImportArgs) -> i32 {
     crate::process::logging::init(args.verbose, args.quiet);
-    match import_and_report(&args) {
+    let progress = Progress::default();
+    match import_and_report(&args, &progress) {
         Ok(()) => 0,
         Err(err) => {
-            log::error!("{err}");
+            match crate::process::stopped_line(&err, progress.written(), progress.resumable()) {
+                Some(line) => log::warn!("{line}"),
+                None => log::error!("{err}"),
+            }
             exit_code(&err)
         }
     }
 }
 
-fn import_and_report(args: &ImportArgs) -> Result<()> {
+fn import_and_report(args: &ImportArgs, progress: &Progress) -> Result<()> {
     let (Some(source), Some(dest)) = (&args.source, &args.dest) else {
         return Err(Error::usage("SOURCE and DEST are required"));
     };
@@ -269,11 +273,10 @@ fn import_and_report(args: &ImportArgs) -> Result<()> {
         (_, Some(_)) => return Err(Error::usage("--arch applies to docker:// and oci-archive: sources only")),
         _ => {}
     }
-    let progress = Progress::default();
     let stop = install_stop_handlers();
     let outcome = std::thread::scope(|scope| {
-        scope.spawn(|| render::report(&progress, args.progress));
-        let outcome = import::run(&plan, &progress, stop);
+        scope.spawn(|| render::report(progress, args.progress));
+        let outcome = import::run(&plan, progress, stop);
         progress.finish();
         outcome
     })?;

@@ -2,8 +2,8 @@
 //! `process::render`, CDI's metric in `cdi::metrics`); they all read the same counters.
 
 use crate::size::human;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Shared import progress.
@@ -16,6 +16,14 @@ pub struct Progress {
     /// whose image size is known only at its end (a compressed raw image).
     stored_total: AtomicU64,
     stored_read: AtomicU64,
+    /// Guest bytes already done when this run began (a resumed import), and the percent they were: rate and ETA
+    /// count from there.
+    resumed_bytes: AtomicU64,
+    /// The memory cgroup's latest charge and the budget, for progress lines (0: not known).
+    charge: Arc<AtomicU64>,
+    budget: AtomicU64,
+    /// Whether the import records resume checkpoints (a stop can be continued with `--resume`).
+    resumable: AtomicBool,
     started: Instant,
     finished: Mutex<bool>,
     wake: Condvar,
@@ -30,6 +38,10 @@ impl Default for Progress {
             written: AtomicU64::new(0),
             stored_total: AtomicU64::new(0),
             stored_read: AtomicU64::new(0),
+            resumed_bytes: AtomicU64::new(0),
+            charge: Arc::new(AtomicU64::new(0)),
+            budget: AtomicU64::new(0),
+            resumable: AtomicBool::new(false),
             started: Instant::now(),
             finished: Mutex::new(false),
             wake: Condvar::new(),
@@ -84,6 +96,64 @@ impl Progress {
         self.stored_read.fetch_max(read, Ordering::Relaxed);
     }
 
+    /// Records that guest `[0, offset)` was written by an earlier run: counted as done, not as this run's rate.
+    pub fn resume_from(&self, offset: u64) {
+        self.advance(offset, offset);
+        self.resumed_bytes.store(offset, Ordering::Relaxed);
+    }
+
+    /// A function that records the cgroup's charge, for a sampler thread that outlives any borrow.
+    pub fn charge_feed(&self) -> impl Fn(u64) + Send + 'static {
+        let charge = self.charge.clone();
+        move |now| charge.store(now, Ordering::Relaxed)
+    }
+
+    /// Records the memory budget the import keeps within.
+    pub fn set_budget(&self, budget: u64) {
+        self.budget.store(budget, Ordering::Relaxed);
+    }
+
+    /// The cgroup's latest charge and the budget, when a cgroup is being read.
+    pub fn charge(&self) -> Option<(u64, u64)> {
+        match self.charge.load(Ordering::Relaxed) {
+            0 => None,
+            charge => Some((charge, self.budget.load(Ordering::Relaxed))),
+        }
+    }
+
+    /// Bytes per second done by this run (a resumed import's earlier part excluded).
+    pub fn rate(&self) -> f64 {
+        let done = self.processed().saturating_sub(self.resumed_bytes.load(Ordering::Relaxed));
+        done as f64 / self.elapsed().as_secs_f64().max(0.001)
+    }
+
+    /// Time left at this run's pace, once there is a pace to go by.
+    pub fn eta(&self) -> Option<Duration> {
+        let total = self.total();
+        let resumed = self.resumed_bytes.load(Ordering::Relaxed);
+        let percent = self.percent();
+        let elapsed = self.elapsed().as_secs_f64();
+        // Progress this run has made, as a fraction of the whole: guest bytes, or stored bytes when the image
+        // size is not known yet.
+        let (done, left) = if total > 0 {
+            let done = self.processed().saturating_sub(resumed) as f64 / total as f64;
+            (done, 1.0 - self.processed() as f64 / total as f64)
+        } else {
+            (percent / 100.0, 1.0 - percent / 100.0)
+        };
+        (done > 0.0 && elapsed >= 1.0).then(|| Duration::from_secs_f64((elapsed * left.max(0.0) / done).min(1e9)))
+    }
+
+    /// Records that the import keeps resume checkpoints.
+    pub fn set_resumable(&self) {
+        self.resumable.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether an interrupted import can be continued with `--resume`.
+    pub fn resumable(&self) -> bool {
+        self.resumable.load(Ordering::Relaxed)
+    }
+
     /// Percent done, 0–100: guest bytes against the image size, or, before the image size is known, source
     /// bytes consumed against the source's length.
     pub fn percent(&self) -> f64 {
@@ -114,15 +184,25 @@ impl Progress {
         *finished
     }
 
-    /// One log line: percent, bytes, rate.
+    /// One log line: percent, bytes, and [`Progress::status`].
     pub fn log_line(&self) -> String {
-        let secs = self.elapsed().as_secs_f64().max(0.001);
-        format!(
-            "{:5.1}% {} of {}, {}/s",
-            self.percent(),
-            human(self.processed()),
-            human(self.total()),
-            human((self.processed() as f64 / secs) as u64)
-        )
+        format!("{:5.1}% {} of {}, {}", self.percent(), human(self.processed()), human(self.total()), self.status())
+    }
+
+    /// Rate, time left, and the cgroup's charge against the budget: `310 MiB/s, eta 0:12, charge 21.0 MiB / 572
+    /// MiB`.
+    pub fn status(&self) -> String {
+        let mut line = format!("{}/s", human(self.rate() as u64));
+        if let Some(eta) = self.eta() {
+            let secs = eta.as_secs();
+            line += &match secs {
+                0..=3599 => format!(", eta {}:{:02}", secs / 60, secs % 60),
+                _ => format!(", eta {}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60),
+            };
+        }
+        if let Some((charge, budget)) = self.charge() {
+            line += &format!(", charge {} / {}", human(charge), human(budget));
+        }
+        line
     }
 }

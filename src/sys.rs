@@ -262,6 +262,18 @@ pub fn cachestat(file: &File) -> io::Result<Option<FileCache>> {
     Ok(Some(FileCache { cached: raw.nr_cache * page, dirty: raw.nr_dirty * page, writeback: raw.nr_writeback * page }))
 }
 
+/// The highest resident set this process has reached (anonymous memory and mapped file pages), in bytes.
+pub fn peak_rss() -> u64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_SELF is a valid selector.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0;
+    }
+    // Linux reports kilobytes.
+    usage.ru_maxrss.max(0) as u64 * 1024
+}
+
 /// The system page size.
 pub fn page_size() -> u64 {
     // SAFETY: sysconf has no memory effects.

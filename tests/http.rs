@@ -24,7 +24,7 @@ struct Images {
 fn images() -> &'static Images {
     static IMAGES: OnceLock<Images> = OnceLock::new();
     IMAGES.get_or_init(|| {
-        let bench = Workbench::new("http-images");
+        let bench = Workbench::for_process("http-images");
         let size = 24 * MIB + 4096;
         let qcow2 = bench.qcow2_mix("disk.qcow2", size, "", &[]);
         let raw = bench.path("disk.raw");

@@ -51,9 +51,9 @@ fn wait_for_progress(run: &mut Running, device: &Path, before: u64, bytes: u64) 
     }
 }
 
-/// The offset in a line "... at offset N (0x...)".
+/// The offset in a line "... below offset N (0x...) ...".
 fn reported_offset(line: &str) -> u64 {
-    line.split("at offset ")
+    line.split("below offset ")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
@@ -103,10 +103,14 @@ fn sigterm_and_sigint_stop_writing_within_a_second() {
         assert_eq!(sectors_written(device.path()), last, "{signal}: writes after the exit");
 
         assert_eq!(finished.status.code(), Some(128 + signal as i32), "{signal}: {}", finished.stderr);
-        let errors: Vec<&str> = finished.stderr.lines().filter(|l| l.contains("error:")).collect();
-        assert_eq!(errors.len(), 1, "{signal}: {}", finished.stderr);
-        assert_eq!(finished.stderr.lines().last(), Some(errors[0]), "{signal}: {}", finished.stderr);
-        let offset = reported_offset(errors[0]);
+        // A stop the user asked for is reported, not called an error; without --resume no rerun hint.
+        assert!(!finished.stderr.contains("error:"), "{signal}: {}", finished.stderr);
+        let stopped: Vec<&str> =
+            finished.stderr.lines().filter(|l| l.contains(&format!("stopped by {signal} after writing "))).collect();
+        assert_eq!(stopped.len(), 1, "{signal}: {}", finished.stderr);
+        assert_eq!(finished.stderr.lines().last(), Some(stopped[0]), "{signal}: {}", finished.stderr);
+        assert!(!stopped[0].contains("--resume"), "{signal}: {}", stopped[0]);
+        let offset = reported_offset(stopped[0]);
         assert!(offset > 0 && offset < SIZE, "{signal}: stopped at {offset}");
         assert!(stopped_writing <= Duration::from_secs(1), "{signal}: writes went on for {stopped_writing:?}");
         assert!(exited <= Duration::from_millis(1500), "{signal}: exited after {exited:?}");
@@ -118,9 +122,26 @@ fn sigterm_and_sigint_stop_writing_within_a_second() {
         );
         eprintln!(
             "{signal}: writes stopped {stopped_writing:?} and the process exited {exited:?} after the signal; {}",
-            errors[0]
+            stopped[0]
         );
     }
+
+    // With --resume the stop line says how to continue, and doing so finishes the image from where it stopped.
+    let before = sectors_written(device.path());
+    let mut run = Running::start(boundimport().args(["--resume", "--progress", "log"]).arg(&source).arg(device.path()));
+    wait_for_progress(&mut run, device.path(), before, 24 * MIB);
+    run.signal(Signal::SIGINT);
+    let stopped = run.finish_within(LIMIT);
+    assert_eq!(stopped.status.code(), Some(130), "{}", stopped.stderr);
+    let line = stopped.stderr.lines().last().unwrap_or_default().to_string();
+    assert!(line.contains("stopped by SIGINT") && line.ends_with("run again with `--resume` to continue"), "{line}");
+    let offset = reported_offset(&line);
+    let resumed = Running::start(boundimport().args(["--resume", "--progress", "log"]).arg(&source).arg(device.path()))
+        .finish_within(LIMIT);
+    assert!(resumed.status.success(), "{}", resumed.stderr);
+    assert!(resumed.stderr.contains(&format!("resuming at offset {offset}")), "{}", resumed.stderr);
+    assert_eq!(sha256_prefix(device.path(), SIZE), sha256_prefix(&source, SIZE), "resumed image");
+    eprintln!("SIGINT with --resume: {line}");
 
     // A second signal does not wait for the flush.
     let before = sectors_written(device.path());

@@ -5,6 +5,7 @@
 //! itself.)
 
 pub mod governor;
+pub mod sampler;
 
 use crate::error::{Error, IoContext, Result};
 use std::fs;

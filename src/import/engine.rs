@@ -1,7 +1,8 @@
 //! The one type that owns an import from the opened destination to its outcome, whichever driver feeds it.
 
 use super::resume::Checkpoints;
-use super::{Context, Outcome, Plan};
+use super::{Context, MemoryReport, Outcome, Plan};
+use crate::cgroup::sampler::ChargeSampler;
 use crate::checksum::{hex, Algorithm, Hasher};
 use crate::error::{ErrorKind, Result};
 use crate::progress::Progress;
@@ -55,6 +56,8 @@ pub(super) struct Engine<'a> {
     start: u64,
     /// Whether the destination file is ours (it did not exist before this import).
     created: bool,
+    /// The cgroup's charge, read through the import.
+    charge: Option<ChargeSampler>,
 }
 
 /// How an import may resume: the source to recognise again, and the image size.
@@ -107,9 +110,16 @@ impl<'a> Engine<'a> {
         };
         let dest = Destination::open_probed(&probe, size, &options, governor)?;
         log::info!("{}: writing {} ({})", plan.destination.display(), dest.io_name(), dest.io_reason);
-        progress.advance(start, start);
+        progress.resume_from(start);
+        if checkpoints.is_some() {
+            progress.set_resumable();
+        }
         let created = probe.kind == DestKind::RegularFile && !probe.exists;
-        Ok(Engine { plan, ctx, progress, dest, checkpoints, start, created })
+        let charge = ctx.cgroup.clone().map(|cgroup| {
+            progress.set_budget(ctx.budget.bytes);
+            ChargeSampler::start(cgroup, progress.charge_feed())
+        });
+        Ok(Engine { plan, ctx, progress, dest, checkpoints, start, created, charge })
     }
 
     /// The destination.
@@ -175,7 +185,7 @@ impl<'a> Engine<'a> {
     /// discards what was written (it came from the wrong bytes) and fails; then the checkpoints go and the
     /// outcome is reported.
     pub fn finish(
-        self,
+        mut self,
         produced: Result<Produced>,
         verify: impl FnOnce() -> Result<Option<String>>,
     ) -> Result<Outcome> {
@@ -191,6 +201,10 @@ impl<'a> Engine<'a> {
             }
         };
         let governor = self.dest.finish()?;
+        let memory = MemoryReport {
+            cgroup_peak_charge: self.charge.take().and_then(ChargeSampler::stop).map(|c| c.peak),
+            process_peak_rss: crate::sys::peak_rss(),
+        };
         let source_checksum = match verify() {
             Ok(verified) => verified,
             Err(mismatch) => {
@@ -222,10 +236,12 @@ impl<'a> Engine<'a> {
             budget: self.ctx.budget,
             sizing: self.ctx.sizing,
             governor,
+            memory,
             resumed_at: self.start,
             compression: produced.compression,
             spooled_bytes: produced.spooled_bytes,
             http_requests: None,
+            downloaded_bytes: None,
         })
     }
 

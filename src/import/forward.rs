@@ -126,7 +126,13 @@ pub(super) fn import(
     let chunk = sizing.chunk as usize;
     let mut spooled = 0;
     let produced = with_writer(dest, progress, digest, sizing.stream_buffers(), chunk, |writer| match kind {
-        Kind::Raw => raw(&mut stream, &name, writer, dest, stop, || progress.note_stored(tap.bytes())),
+        Kind::Raw => {
+            let disk = raw(&mut stream, &name, writer, dest, stop, || progress.note_stored(tap.bytes()))?;
+            if !plan.verbatim {
+                super::note_headerless(&name, disk.len, disk.size);
+            }
+            Ok(disk.size)
+        }
         Kind::Qcow2 => {
             let mut spool = Spool::new(&name, plan.scratch.as_deref());
             let stats = qcow2::stream::walk(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?;
@@ -176,7 +182,13 @@ impl Kind {
     }
 }
 
-/// A raw image: the stream is the disk; the destination grows as it arrives. Returns the image size.
+/// What a raw stream made: its length, and the disk (whole sectors).
+struct RawDisk {
+    len: u64,
+    size: u64,
+}
+
+/// A raw image: the stream is the disk; the destination grows as it arrives.
 fn raw(
     reader: &mut dyn Read,
     name: &str,
@@ -184,9 +196,9 @@ fn raw(
     dest: &crate::sink::Destination,
     stop: &AtomicBool,
     mut consumed: impl FnMut(),
-) -> Result<u64> {
+) -> Result<RawDisk> {
     let chunk = writer.chunk();
-    let mut guest = 0u64;
+    let (mut guest, mut len) = (0u64, 0u64);
     loop {
         if stop.load(Ordering::Relaxed) {
             return Err(Error::interrupted(dest.path(), guest));
@@ -198,12 +210,16 @@ fn raw(
             break;
         }
         consumed();
-        dest.grow(guest + n as u64)?;
-        writer.submit(Item::Data { guest, buf, len: n })?;
-        guest += n as u64;
+        // A disk is whole sectors: qemu-img pads a raw image's last partial sector with zeros, and so do we.
+        let padded = n.next_multiple_of(512).min(chunk);
+        buf[n..padded].fill(0);
+        dest.grow(guest + padded as u64)?;
+        writer.submit(Item::Data { guest, buf, len: padded })?;
+        len += n as u64;
+        guest += padded as u64;
         if n < chunk {
             break;
         }
     }
-    Ok(guest)
+    Ok(RawDisk { len, size: guest })
 }

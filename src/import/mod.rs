@@ -142,14 +142,29 @@ pub struct Outcome {
     pub sizing: Sizing,
     /// What the write-behind governor saw (write-behind path only).
     pub governor: Option<GovernorSummary>,
+    /// What the import and its cgroup used, in every I/O mode.
+    pub memory: MemoryReport,
     /// Guest offset this run started from (non-zero when it resumed an interrupted import).
     pub resumed_at: u64,
     /// Compression layers unwrapped, outermost first.
     pub compression: Vec<Compression>,
     /// Bytes of a stream kept in a spool (memory or `--scratch` file) because they could not be placed yet.
     pub spooled_bytes: u64,
-    /// HTTP requests sent, for a URL source.
+    /// HTTP requests sent, for a URL or registry source.
     pub http_requests: Option<u64>,
+    /// Body bytes downloaded (as sent: a compressed layer counts compressed), for a URL or registry source.
+    pub downloaded_bytes: Option<u64>,
+}
+
+/// Memory as measured during an import: the bound is shown, not assumed.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct MemoryReport {
+    /// The memory cgroup's highest charge during the import (sampled every 100 ms; co-tenants' pages included),
+    /// `None` outside a cgroup.
+    pub cgroup_peak_charge: Option<u64>,
+    /// The import's own share: the process's peak resident set (buffers, decoders, mapped binary). Page cache
+    /// the import dirtied in write-behind mode is in the charge and in `governor`.
+    pub process_peak_rss: u64,
 }
 
 /// What every import shares, resolved once per process: the memory cgroup, the budget and the sizing derived
@@ -181,6 +196,17 @@ impl Context {
         let sizing = sizing_override.apply(budget.sizing());
         Ok(Context { cgroup, budget, sizing })
     }
+}
+
+/// Says that `name` is imported as raw because nothing in it looked like an image header: a text file or an empty
+/// one given by mistake shows up in the log, as the image it is not. `len` is its length; `disk` the disk it makes
+/// (whole sectors, as qemu-img makes it).
+fn note_headerless(name: &str, len: u64, disk: u64) {
+    let padded = match disk != len {
+        true => format!(", padded to a {disk}-byte disk"),
+        false => String::new(),
+    };
+    log::info!("{name}: no image header found: importing as raw, {len} bytes ({}){padded}", human(len));
 }
 
 /// Runs `plan`, advancing `progress`; raising `stop` ends the import early with an interrupted error.
@@ -270,9 +296,10 @@ fn run_opened(ctx: &Context, plan: &Plan, opened: Opened, progress: &Progress, s
         Input::Stream { reader, len } => forward::import(ctx, plan, reader, len, progress, stop),
     };
     if let Some(client) = &client {
-        log::info!("{}: {} HTTP requests", client.name(), client.requests());
+        log::info!("{}: {} HTTP requests, {} downloaded", client.name(), client.requests(), human(client.received()));
     }
     let mut outcome = result?;
-    outcome.http_requests = client.map(|c| c.requests());
+    outcome.http_requests = client.as_ref().map(|c| c.requests());
+    outcome.downloaded_bytes = client.map(|c| c.received());
     Ok(outcome)
 }

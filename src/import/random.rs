@@ -45,7 +45,14 @@ pub(super) fn import(
     let mut image = format::open(source, &policy)?;
     let virtual_size = image.virtual_size();
     let format_name = image.format_name();
-    log::info!("{}: {format_name} image, virtual size {virtual_size} bytes ({})", plan.source, human(virtual_size));
+    match format_name {
+        "raw" => super::note_headerless(&plan.source.to_string(), file.len(), virtual_size),
+        _ => log::info!(
+            "{}: {format_name} image, virtual size {virtual_size} bytes ({})",
+            plan.source,
+            human(virtual_size)
+        ),
+    }
     // The whole mapping is read once before the destination is touched: a table pointing outside the file, or
     // any other error in it, fails here. Through an image of its own when the source is tapped: the tap wants
     // its reads in order.

@@ -37,6 +37,26 @@ pub fn install_stop_handlers() -> &'static AtomicBool {
     &STOP
 }
 
+/// The line that reports an import stopped by SIGINT or SIGTERM, or `None` for any other failure: a stop the
+/// user asked for is not an error. `written` is the bytes written as data; `resumable` whether resume state was
+/// kept for this destination.
+pub fn stopped_line(err: &Error, written: u64, resumable: bool) -> Option<String> {
+    let signal = STOP_SIGNAL.load(Ordering::SeqCst);
+    if err.kind() != ErrorKind::Interrupted || signal <= 0 {
+        return None;
+    }
+    let name =
+        nix::sys::signal::Signal::try_from(signal).map_or_else(|_| format!("signal {signal}"), |s| s.to_string());
+    let mut line = format!("stopped by {name} after writing {}", crate::size::human(written));
+    if let (Some(offset), Some(path)) = (err.offset(), err.path()) {
+        line += &format!("; everything below offset {offset} ({offset:#x}) of {} is written", path.display());
+    }
+    if resumable {
+        line += "; run again with `--resume` to continue";
+    }
+    Some(line)
+}
+
 /// The exit code for `err`: 128 + the signal number for an import stopped by a signal, as shells report them.
 pub fn exit_code(err: &Error) -> i32 {
     match (err.kind(), STOP_SIGNAL.load(Ordering::SeqCst)) {

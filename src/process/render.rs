@@ -23,23 +23,32 @@ pub enum ProgressStyle {
 /// Shows `progress` in `style` until [`Progress::finish`] is called. Run it on its own thread.
 pub fn report(progress: &Progress, style: ProgressStyle) {
     let style = match style {
-        ProgressStyle::Auto if std::io::stderr().is_terminal() => ProgressStyle::Bar,
-        ProgressStyle::Auto => ProgressStyle::Log,
+        // Off a terminal a bar draws nothing: its content goes out as log lines instead.
+        ProgressStyle::Auto | ProgressStyle::Bar if std::io::stderr().is_terminal() => ProgressStyle::Bar,
+        ProgressStyle::Auto | ProgressStyle::Bar => ProgressStyle::Log,
         other => other,
     };
     match style {
         ProgressStyle::Bar => {
+            // No bar until there is something to measure (an empty bar would stay on screen for a resumed or
+            // failed import).
+            while progress.total() == 0 && progress.percent() == 0.0 {
+                if progress.wait_finished(Duration::from_millis(100)) {
+                    return;
+                }
+            }
             let bar = indicatif::ProgressBar::new(progress.total());
             bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{elapsed_precise} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                )
-                .expect("valid progress template")
-                .progress_chars("=> "),
+                // Rate, ETA and charge are the counters' own (as in log lines): a resumed import's rate counts
+                // from where it resumed, which indicatif's estimate cannot know.
+                indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {bytes}/{total_bytes} {msg}")
+                    .expect("valid progress template")
+                    .progress_chars("=> "),
             );
             while !progress.wait_finished(Duration::from_millis(200)) {
                 bar.set_length(progress.total());
                 bar.set_position(progress.processed());
+                bar.set_message(progress.status());
             }
             bar.set_position(progress.processed());
             bar.finish_and_clear();

@@ -51,7 +51,7 @@ pub fn open(location: &Location, options: &HttpOptions) -> Result<Opened> {
             (client, Remote::Random(source)) => (source, None, Some(client)),
             (client, Remote::Stream(stream)) => {
                 let len = stream.total();
-                return Ok(Opened { input: Input::Stream { reader: Box::new(stream), len }, client: Some(client) });
+                return Ok(Opened { input: Input::Stream { reader: stream, len }, client: Some(client) });
             }
         },
     };

@@ -104,6 +104,36 @@ pub fn run_any(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("cannot run {}: {e}", describe(cmd)))
 }
 
+/// A scratch directory for the whole test process (behind a `static`, which Rust never drops): copies that earlier,
+/// killed runs left are removed first, and this one is removed when the process exits.
+pub fn process_scratch_dir(label: &str) -> tempfile::TempDir {
+    static AT_EXIT: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    extern "C" fn remove_all() {
+        if let Ok(paths) = AT_EXIT.lock() {
+            for path in paths.iter() {
+                let _ = std::fs::remove_dir_all(path);
+            }
+        }
+    }
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let prefix = format!("{label}-");
+    if let Ok(entries) = std::fs::read_dir(&base) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let dir = scratch_dir(label);
+    let mut paths = AT_EXIT.lock().unwrap();
+    if paths.is_empty() {
+        // SAFETY: registers a plain function with no captured state; the test harness exits through libc's exit.
+        unsafe { libc::atexit(remove_all) };
+    }
+    paths.push(dir.path().to_path_buf());
+    dir
+}
+
 /// A fresh scratch directory under Cargo's per-target temporary directory, removed when dropped.
 pub fn scratch_dir(label: &str) -> tempfile::TempDir {
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
@@ -246,6 +276,11 @@ impl Workbench {
     /// A workbench in a fresh scratch directory named after `label`.
     pub fn new(label: &str) -> Self {
         Workbench { dir: scratch_dir(label) }
+    }
+
+    /// A workbench that lives as long as the test process (for images built once behind a `static`).
+    pub fn for_process(label: &str) -> Self {
+        Workbench { dir: process_scratch_dir(label) }
     }
 
     /// Path of `name` in the scratch directory.

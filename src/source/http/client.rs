@@ -55,6 +55,8 @@ pub struct Client {
     idle: Mutex<Option<Conn>>,
     /// Requests sent, redirects included.
     requests: AtomicU64,
+    /// Body bytes received, over every response.
+    received: Arc<AtomicU64>,
 }
 
 /// A response whose body is read through [`Read`].
@@ -87,6 +89,8 @@ struct Body {
     declared: Option<u64>,
     /// Bytes of body delivered.
     delivered: u64,
+    /// The client's count of body bytes received.
+    received: Arc<AtomicU64>,
 }
 
 impl Client {
@@ -113,6 +117,7 @@ impl Client {
             tls: OnceLock::new(),
             idle: Mutex::new(None),
             requests: AtomicU64::new(0),
+            received: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -124,6 +129,11 @@ impl Client {
     /// Requests sent so far.
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Body bytes received so far (as sent: compressed layers count as stored).
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
     }
 
     /// An error about this URL.
@@ -213,7 +223,7 @@ impl Client {
         let sent = conn.io.get_mut().write_all(head.as_bytes()).and_then(|()| conn.io.get_mut().flush());
         let response = sent.and_then(|()| read_head(&mut conn.io));
         match response {
-            Ok((status, headers)) => Ok(Response::new(status, headers, conn, keep_alive)),
+            Ok((status, headers)) => Ok(Response::new(status, headers, conn, keep_alive, self.received.clone())),
             // A reused connection the server had closed meanwhile: once more on a new one.
             Err(_) if !fresh => self.send(url, range, keep_alive, extra),
             Err(e) => Err(io_err("reading the response", e)),
@@ -391,7 +401,13 @@ pub(crate) fn is_timeout(e: &io::Error) -> bool {
 }
 
 impl Response {
-    fn new(status: u16, headers: Vec<(String, String)>, conn: Conn, asked_keep_alive: bool) -> Self {
+    fn new(
+        status: u16,
+        headers: Vec<(String, String)>,
+        conn: Conn,
+        asked_keep_alive: bool,
+        received: Arc<AtomicU64>,
+    ) -> Self {
         let find = |name: &str| headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
         let chunked = find("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
         let declared = find("content-length").and_then(|v| v.trim().parse::<u64>().ok());
@@ -413,6 +429,7 @@ impl Response {
                 keep_alive: asked_keep_alive && !close && framing != Framing::Close,
                 declared: if chunked { None } else { declared },
                 delivered: 0,
+                received,
             },
             headers,
         }
@@ -480,7 +497,9 @@ impl Response {
 
 impl Read for Response {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.body.read(buf)
+        let n = self.body.read(buf)?;
+        self.body.received.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
     }
 }
 

@@ -26,7 +26,7 @@ pub enum Remote {
     /// The server honours Range requests.
     Random(Arc<HttpSource>),
     /// It does not: the body is read once, front to back.
-    Stream(HttpStream),
+    Stream(Box<HttpStream>),
 }
 
 /// Probes `url` and opens it as random access or as a stream.
@@ -52,7 +52,7 @@ pub fn open(url: &str, options: &HttpOptions) -> Result<(Arc<Client>, Remote)> {
             drop(probe);
             log::debug!("{}: Range answer without a usable Content-Range; reading as a stream", client.name());
             let stream = HttpStream::open(client.clone(), false, None)?;
-            Ok((client, Remote::Stream(stream)))
+            Ok((client, Remote::Stream(Box::new(stream))))
         }
         (416, _) => Err(client.error(ErrorKind::BadImage, "the file is empty (HTTP 416 for its first byte)")),
         (_, _) => {
@@ -63,7 +63,7 @@ pub fn open(url: &str, options: &HttpOptions) -> Result<(Arc<Client>, Remote)> {
                 probe.content_length().map_or("unknown".into(), |l| l.to_string())
             );
             let stream = HttpStream::from_response(client.clone(), probe, false);
-            Ok((client, Remote::Stream(stream)))
+            Ok((client, Remote::Stream(Box::new(stream))))
         }
     }
 }
