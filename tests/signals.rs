@@ -127,8 +127,15 @@ fn sigterm_and_sigint_stop_writing_within_a_second() {
     }
 
     // With --resume the stop line says how to continue, and doing so finishes the image from where it stopped.
+    let state = bench.path("state");
+    std::fs::create_dir(&state).unwrap();
+    let resume = || {
+        let mut cmd = boundimport();
+        cmd.args(["--resume", "--progress", "log", "--state-dir"]).arg(&state).arg(&source).arg(device.path());
+        cmd
+    };
     let before = sectors_written(device.path());
-    let mut run = Running::start(boundimport().args(["--resume", "--progress", "log"]).arg(&source).arg(device.path()));
+    let mut run = Running::start(&mut resume());
     wait_for_progress(&mut run, device.path(), before, 24 * MIB);
     run.signal(Signal::SIGINT);
     let stopped = run.finish_within(LIMIT);
@@ -136,8 +143,7 @@ fn sigterm_and_sigint_stop_writing_within_a_second() {
     let line = stopped.stderr.lines().last().unwrap_or_default().to_string();
     assert!(line.contains("stopped by SIGINT") && line.ends_with("run again with `--resume` to continue"), "{line}");
     let offset = reported_offset(&line);
-    let resumed = Running::start(boundimport().args(["--resume", "--progress", "log"]).arg(&source).arg(device.path()))
-        .finish_within(LIMIT);
+    let resumed = Running::start(&mut resume()).finish_within(LIMIT);
     assert!(resumed.status.success(), "{}", resumed.stderr);
     assert!(resumed.stderr.contains(&format!("resuming at offset {offset}")), "{}", resumed.stderr);
     assert_eq!(sha256_prefix(device.path(), SIZE), sha256_prefix(&source, SIZE), "resumed image");
