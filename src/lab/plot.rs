@@ -52,12 +52,9 @@ pub fn render(path: &Path, limit: u64, write_bps: Option<u64>, runs: &[PlotRun<'
         .map_err(plot_error)?;
     let areas = root.split_evenly((panels, 1));
 
-    let x_max = runs.iter().flat_map(|r| r.samples.last().map(|s| s.t)).fold(1.0, f64::max) * 1.02;
-    // Head room above the limit line for the legend.
-    let y_max = limit as f64 / MIB * 1.45;
-
+    let x_max = nice_ceiling(runs.iter().flat_map(|r| r.samples.last().map(|s| s.t)).fold(1.0, f64::max) * 1.02);
     for (area, run) in areas.iter().zip(runs) {
-        memory_panel(area, run, limit, x_max, y_max)?;
+        memory_panel(area, run, limit, x_max, panel_scale(run, limit))?;
     }
     if let Some(area) = areas.last() {
         stall_panel(area, runs, x_max)?;
@@ -104,15 +101,16 @@ fn memory_panel<DB: DrawingBackend>(
             .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], style));
     }
+    let label = if mib(limit) <= y_max {
+        chart
+            .draw_series(DashedLineSeries::new([(0.0, mib(limit)), (x_max, mib(limit))], 10, 6, LIMIT.stroke_width(2)))
+            .map_err(plot_error)?;
+        (format!("limit {:.0} MiB", mib(limit)), mib(limit) + y_max * 0.04)
+    } else {
+        (format!("limit {:.0} MiB: far above this panel's scale", mib(limit)), y_max * 0.93)
+    };
     chart
-        .draw_series(DashedLineSeries::new([(0.0, mib(limit)), (x_max, mib(limit))], 10, 6, LIMIT.stroke_width(2)))
-        .map_err(plot_error)?;
-    chart
-        .draw_series(std::iter::once(Text::new(
-            format!("limit {:.0} MiB", mib(limit)),
-            (x_max * 0.01, mib(limit) * 1.12),
-            (FONT, 14).into_font().color(&LIMIT),
-        )))
+        .draw_series(std::iter::once(Text::new(label.0, (x_max * 0.01, label.1), (FONT, 14).into_font().color(&LIMIT))))
         .map_err(plot_error)?;
     chart
         .configure_series_labels()
@@ -180,6 +178,24 @@ fn stall_panel<DB: DrawingBackend>(
     Ok(())
 }
 
+/// The top of a memory panel's axis, in MiB: a round number above the limit when the run came near it (so runs
+/// that did compare on one scale), or, for a run that stayed far below, a round number above its own highest line
+/// (a 20 MiB line on an 800 MiB axis is flat at the bottom and says nothing). Head room is left for the legend.
+fn panel_scale(run: &PlotRun<'_>, limit: u64) -> f64 {
+    let highest = run.samples.iter().map(|s| s.pod.usage.max(s.importer.usage)).max().unwrap_or(0);
+    if highest as f64 > limit as f64 * 0.4 {
+        nice_ceiling(mib(limit) * 1.45)
+    } else {
+        nice_ceiling((mib(highest) * 1.6).max(1.0))
+    }
+}
+
+/// The smallest of 1, 2, 2.5, 5 × a power of ten that is at least `value`: axis ends whose labels come out round.
+fn nice_ceiling(value: f64) -> f64 {
+    let power = 10f64.powf(value.max(f64::MIN_POSITIVE).log10().floor());
+    [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * power).find(|&v| v >= value).unwrap_or(10.0 * power)
+}
+
 /// A line of a memory panel: legend label, colour, stroke width, and the value it plots in MiB.
 type MemoryLine = (&'static str, RGBColor, u32, fn(&Sample) -> f64);
 
@@ -222,5 +238,16 @@ mod tests {
         assert!(svg.contains("<svg"));
         assert!(svg.contains("qemu-img: PINNED") && svg.contains("boundimport: BOUNDED"));
         assert!(svg.contains("limit"));
+        // The bounded run has a scale of its own, and says where the limit is.
+        assert!(svg.contains("far above this panel"), "one panel should be scaled to its run");
+    }
+
+    #[test]
+    fn axis_ends_are_round() {
+        for (value, want) in
+            [(0.7, 1.0), (1.0, 1.0), (1.3, 2.0), (21.0, 25.0), (32.0, 50.0), (829.7, 1000.0), (7.5, 10.0)]
+        {
+            assert_eq!(nice_ceiling(value), want, "{value}");
+        }
     }
 }

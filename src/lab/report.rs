@@ -253,8 +253,32 @@ impl Report {
                 format!("{}/{}/{}", ms(run.stall_p50_ms), ms(run.stall_p99_ms), ms(run.stall_max_ms)),
             );
         }
+        // What a verdict means elsewhere, once, under the table: the terminal is where it is read.
+        let mut notes: Vec<&str> = self.runs.iter().filter_map(|run| run.note.as_deref()).collect();
+        notes.dedup();
+        for note in notes {
+            let _ = writeln!(out, "\n{}", wrap(note, 110));
+        }
         out
     }
+}
+
+/// `text` broken into lines of at most `width` characters, at spaces.
+fn wrap(text: &str, width: usize) -> String {
+    let mut out = String::new();
+    let mut line = 0;
+    for word in text.split_whitespace() {
+        if line > 0 && line + 1 + word.len() > width {
+            out.push('\n');
+            line = 0;
+        } else if line > 0 {
+            out.push(' ');
+            line += 1;
+        }
+        out.push_str(word);
+        line += word.len();
+    }
+    out
 }
 
 /// Header of `timeline.csv`.
@@ -361,6 +385,14 @@ mod tests {
         assert_eq!(run.kubectl_top_peak_bytes, 450);
         assert_eq!(run.throughput_bytes_per_sec, Some(1_000_000.0));
         assert!(run.note.as_deref().unwrap().contains("MGLRU"));
+        // The terminal shows the explanation under the table, in lines that fit it.
+        let report = Report {
+            host: Host { kernel: "6.18".into(), cgroup_version: 1, limit_bytes: LIMIT, write_bps: None },
+            runs: vec![run],
+        };
+        let table = report.table();
+        assert!(table.contains("PINNED") && table.contains("PINNED here means OOMKILLED there."), "{table}");
+        assert!(table.lines().all(|line| line.len() <= 160), "{table}");
     }
 
     #[test]
