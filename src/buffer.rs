@@ -18,8 +18,9 @@ const HUGE_PAGE: usize = 2 << 20;
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     capacity: usize,
-    /// Mapped by [`map_huge`] rather than taken from the allocator.
-    huge: bool,
+    /// An anonymous mapping of its own ([`map_huge`], [`AlignedBuf::base_pages`]; unmapped on drop) rather than
+    /// taken from the allocator.
+    mapped: bool,
 }
 
 // SAFETY: AlignedBuf owns its allocation exclusively, like a Vec<u8>.
@@ -33,14 +34,29 @@ impl AlignedBuf {
         let capacity = capacity.max(1).next_multiple_of(BUFFER_ALIGN);
         if capacity >= HUGE_PAGE {
             if let Some(ptr) = map_huge(capacity) {
-                return AlignedBuf { ptr, capacity, huge: true };
+                return AlignedBuf { ptr, capacity, mapped: true };
             }
         }
+        Self::allocated(capacity)
+    }
+
+    /// Like [`AlignedBuf::new`], but in base pages that are charged only once touched: for a buffer usually filled
+    /// in part (a worker's compressed-input scratch). An anonymous mapping, since the allocator zeroes an
+    /// over-aligned allocation by writing it, which would charge every page.
+    pub fn base_pages(capacity: usize) -> Self {
+        let capacity = capacity.max(1).next_multiple_of(BUFFER_ALIGN);
+        if let Ok(ptr) = crate::sys::map_anonymous(capacity) {
+            return AlignedBuf { ptr, capacity, mapped: true };
+        }
+        Self::allocated(capacity)
+    }
+
+    fn allocated(capacity: usize) -> Self {
         let layout = Layout::from_size_align(capacity, BUFFER_ALIGN).expect("buffer size overflows a Layout");
         // SAFETY: layout has a non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, capacity, huge: false }
+        AlignedBuf { ptr, capacity, mapped: false }
     }
 
     /// Size of the buffer in bytes.
@@ -66,8 +82,8 @@ impl DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        if self.huge {
-            // SAFETY: mapped by map_huge with exactly this length.
+        if self.mapped {
+            // SAFETY: mapped by map_huge or map_anonymous with exactly this length.
             unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.capacity) };
             return;
         }
@@ -80,9 +96,8 @@ impl Drop for AlignedBuf {
 /// An anonymous mapping of `len` bytes (a multiple of the page size) starting on a huge-page boundary and
 /// advised to use huge pages. A 4 MiB buffer in 4 KiB pages is up to 1024 scattered segments, and a virtio disk
 /// takes at most max_segments (254 here) per request; in two huge pages it is one 4 MiB request. Only whole huge
-/// pages inside the mapping become huge. A buffer used whole costs the same; one filled only in part (a worker's
-/// compressed-input scratch) is charged whole huge pages where base pages would have been charged one by one:
-/// 36-37 MiB against 33 MiB peak for a zstd qcow2.
+/// pages inside the mapping become huge. A buffer used whole costs the same; one filled only in part would be
+/// charged whole huge pages where base pages are charged one by one ([`AlignedBuf::base_pages`]).
 fn map_huge(len: usize) -> Option<NonNull<u8>> {
     let span = len.checked_add(HUGE_PAGE)?;
     let raw: *mut libc::c_void = crate::sys::map_anonymous(span).ok()?.as_ptr().cast();
@@ -146,14 +161,29 @@ mod tests {
     #[test]
     fn whole_huge_page_buffers_start_on_a_huge_page_and_are_zeroed() {
         let mut buf = AlignedBuf::new(4 << 20);
-        assert!(buf.huge);
+        assert!(buf.mapped);
         assert_eq!(buf.as_ptr() as usize % HUGE_PAGE, 0);
         assert!(buf.iter().all(|&b| b == 0));
         let last = buf.capacity() - 1;
         buf[0] = 1;
         buf[last] = 2;
         assert_eq!((buf[0], buf[last]), (1, 2));
-        assert!(!AlignedBuf::new(1 << 20).huge);
+        assert!(!AlignedBuf::new(1 << 20).mapped);
+    }
+
+    #[test]
+    fn base_page_buffers_cost_only_the_pages_touched() {
+        let mut buf = AlignedBuf::base_pages(4 << 20);
+        assert!(buf.mapped && buf.as_ptr() as usize % BUFFER_ALIGN == 0);
+        buf[0] = 1;
+        buf[3 * BUFFER_ALIGN] = 1;
+        let pages = buf.capacity() / BUFFER_ALIGN;
+        let mut resident = vec![0u8; pages];
+        // SAFETY: the range is this buffer's own mapping; `resident` has one byte per page.
+        let rc = unsafe { libc::mincore(buf.as_mut_ptr().cast(), buf.capacity(), resident.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        assert_eq!(resident.iter().filter(|&&r| r & 1 == 1).count(), 2, "only the two touched pages are resident");
+        assert!(buf.iter().all(|&b| b <= 1));
     }
 
     #[test]

@@ -153,7 +153,7 @@ fn fill_compressed_run(
             .at_path(source.name()));
     }
     if scratch.input.as_ref().is_none_or(|b| b.capacity() < read_len) {
-        scratch.input = Some(AlignedBuf::new(read_len.max(scratch.span)));
+        scratch.input = Some(AlignedBuf::base_pages(read_len.max(scratch.span)));
     }
     let input = scratch.input.as_mut().expect("input buffer just sized");
     let got = source.read_at(read_start, &mut input[..read_len])?;
