@@ -32,14 +32,15 @@ pub struct KlogFlags {
 }
 
 impl KlogFlags {
-    /// Installs the stderr logger at the level `-v` asks for: 0-1 info, 2-3 debug, 4 and more trace.
+    /// Installs the stderr logger with klog's line header, at the level `-v` asks for: 0-1 info, 2-3 debug, 4
+    /// and more trace.
     pub fn init_logging(&self) {
         let verbosity = match self.verbosity {
             0..=1 => 0,
             2..=3 => 1,
             _ => 2,
         };
-        crate::process::logging::init(verbosity, false);
+        crate::process::logging::init_klog(verbosity);
     }
 }
 

@@ -4,7 +4,6 @@
 //! mismatch), and a plain line for every other failure. Both are one line; kubelet keeps at most 4096 bytes.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::path::Path;
 
 /// What kubelet keeps of a termination message, in bytes.
@@ -14,17 +13,23 @@ pub const MAX_LEN: usize = 4096;
 pub const COMPLETE: &str = "Import Complete";
 
 /// CDI's `TerminationMessage`: every field optional and left out when unset, serialised in CDI's field order.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct TerminationMessage {
     /// The import needs a scratch volume (never, for boundimport; reported `false` like CDI).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub scratch_space_required: Option<bool>,
     /// The destination was preallocated.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub preallocation_applied: Option<bool>,
     /// A multi-stage import passed its deadline.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub deadline_passed: Option<bool>,
-    /// Labels for the controller to copy onto the volume.
+    /// Labels for the controller to copy onto the volume (sorted by key, as Go marshals a map).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
     /// Human-readable outcome.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
 
@@ -74,78 +79,90 @@ impl TerminationMessage {
         TerminationMessage { message: Some(message.into()), ..Default::default() }
     }
 
-    /// The JSON exactly as Go's `encoding/json` renders CDI's struct: field order, no spaces, Go's string
-    /// escaping (`<`, `>`, `&` as `\u003c` and so on). If it would exceed [`MAX_LEN`] bytes the message is
-    /// shortened until it fits (CDI would fail instead).
+    /// The JSON as Go's `encoding/json` renders CDI's struct: field order, no spaces, Go's string escaping (`<`,
+    /// `>`, `&` as `\u003c` and so on), with the message in CDI's wording ([`controller_wording`]). CDI refuses a
+    /// message longer than [`MAX_LEN`] bytes and kubelet would cut it mid-JSON, so instead the message is
+    /// shortened until the whole stays valid JSON within the limit.
     pub fn to_json(&self) -> String {
-        let mut message = self.message.clone();
-        loop {
-            let json = self.render(message.as_deref());
-            match message.as_mut() {
-                Some(text) if json.len() > MAX_LEN && !text.is_empty() => {
-                    let excess = json.len() - MAX_LEN;
-                    let keep = floor_char_boundary(text, text.len().saturating_sub(excess.max(1)));
-                    text.truncate(keep);
-                }
-                _ => return json,
+        let mut shown = self.clone();
+        shown.message = self.message.as_deref().map(controller_wording);
+        let json = shown.render();
+        let Some(text) = shown.message.take().filter(|_| json.len() > MAX_LEN) else {
+            return json;
+        };
+        // The JSON grows with every character kept: the longest prefix that fits, found by bisection over the
+        // character boundaries (escapes make a character cost 1 to 6 bytes).
+        let boundaries: Vec<usize> = text.char_indices().map(|(at, _)| at).chain([text.len()]).collect();
+        let fits = |keep: usize| {
+            let candidate = TerminationMessage { message: Some(text[..keep].to_string()), ..shown.clone() };
+            let json = candidate.render();
+            (json.len() <= MAX_LEN).then_some(json)
+        };
+        let (mut low, mut high) = (0, boundaries.len() - 1);
+        while low < high {
+            let mid = (low + high).div_ceil(2);
+            if fits(boundaries[mid]).is_some() {
+                low = mid;
+            } else {
+                high = mid - 1;
             }
         }
+        fits(boundaries[low]).unwrap_or_else(|| TerminationMessage { message: None, ..shown }.render())
     }
 
-    fn render(&self, message: Option<&str>) -> String {
-        let mut fields: Vec<String> = Vec::new();
-        let flags = [
-            ("scratchSpaceRequired", self.scratch_space_required),
-            ("preallocationApplied", self.preallocation_applied),
-            ("deadlinePassed", self.deadline_passed),
-        ];
-        for (name, value) in flags {
-            if let Some(value) = value {
-                fields.push(format!("\"{name}\":{value}"));
-            }
-        }
-        if !self.labels.is_empty() {
-            let labels: Vec<String> =
-                self.labels.iter().map(|(k, v)| format!("{}:{}", go_json_string(k), go_json_string(v))).collect();
-            fields.push(format!("\"labels\":{{{}}}", labels.join(",")));
-        }
-        if let Some(message) = message {
-            fields.push(format!("\"message\":{}", go_json_string(message)));
-        }
-        format!("{{{}}}", fields.join(","))
+    fn render(&self) -> String {
+        let mut out = Vec::with_capacity(128);
+        let mut serializer = serde_json::Serializer::with_formatter(&mut out, GoEscapes);
+        // A struct of strings, booleans and a string map cannot fail to serialise into memory.
+        serde::Serialize::serialize(self, &mut serializer).expect("serialising a termination message");
+        String::from_utf8(out).expect("serde_json writes UTF-8")
     }
 }
 
-/// A JSON string literal escaped the way Go's `encoding/json` escapes it (HTML-safe by default).
-pub fn go_json_string(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            '<' | '>' | '&' | '\u{2028}' | '\u{2029}' => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
+/// serde_json's compact output with the extra escapes of Go's `encoding/json` (HTML-safe by default): `<`, `>`,
+/// `&`, U+2028 and U+2029 as `\u` sequences, so the bytes are the ones CDI's importer writes.
+struct GoEscapes;
+
+impl serde_json::ser::Formatter for GoEscapes {
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        let mut rest = fragment;
+        while let Some(at) = rest.find(['<', '>', '&', '\u{2028}', '\u{2029}']) {
+            writer.write_all(&rest.as_bytes()[..at])?;
+            let c = rest[at..].chars().next().unwrap_or_default();
+            write!(writer, "\\u{:04x}", c as u32)?;
+            rest = &rest[at + c.len_utf8()..];
         }
+        writer.write_all(rest.as_bytes())
     }
-    out.push('"');
-    out
 }
 
-/// `message` as CDI's `WriteTerminationMessage` leaves it: line breaks become spaces (so it is one line), and it
-/// is cut to [`MAX_LEN`] bytes at a character boundary (kubelet would cut it there anyway).
+/// The errors CDI's controller recognises by their text (pkg/controller/util.go `simplifyKnownMessage`, which shows
+/// them as "DataVolume too small to contain image"), with the words Go's syscall package gives them. The third
+/// phrase it matches, "is larger than the reported available", is already in boundimport's own too-small error.
+const CONTROLLER_ERRNO_WORDS: &[(i32, &str)] =
+    &[(libc::ENOSPC, "no space left on device"), (libc::EDQUOT, "disk quota exceeded")];
+
+/// `message` with this system's rendering of those errors (`No space left on device (os error 28)`; musl calls
+/// EDQUOT `Quota exceeded`) replaced by Go's words, so the controller matches them as it matches CDI's importer.
+pub fn controller_wording(message: &str) -> String {
+    let mut text = message.to_string();
+    for &(errno, go_words) in CONTROLLER_ERRNO_WORDS {
+        let ours = std::io::Error::from_raw_os_error(errno).to_string();
+        if text.contains(&ours) {
+            text = text.replace(&ours, go_words);
+        }
+    }
+    text
+}
+
+/// `message` as CDI's `WriteTerminationMessage` leaves it, in CDI's wording ([`controller_wording`]): line
+/// breaks become spaces (so it is one line), and it is cut to [`MAX_LEN`] bytes at a character boundary (kubelet would cut it there anyway).
 pub fn one_line(message: &str) -> String {
-    let mut line = message.replace(['\n', '\r'], " ");
+    let mut line = controller_wording(message).replace(['\n', '\r'], " ");
     line.truncate(floor_char_boundary(&line, MAX_LEN));
     line
 }
@@ -208,7 +225,23 @@ mod tests {
 
     #[test]
     fn strings_escape_like_go() {
-        assert_eq!(go_json_string("a\"b\\c\n\t<x>&\u{1}\u{2028}é"), r#""a\"b\\c\n\t\u003cx\u003e\u0026\u0001\u2028é""#);
+        let msg = TerminationMessage::message_only("a\"b\\c\n\t<x>&\u{1}\u{2028}é");
+        assert_eq!(msg.to_json(), r#"{"message":"a\"b\\c\n\t\u003cx\u003e\u0026\u0001\u2028é"}"#);
+    }
+
+    #[test]
+    fn out_of_space_errors_carry_the_words_the_controller_matches() {
+        for (errno, words) in [(libc::ENOSPC, "no space left on device"), (libc::EDQUOT, "disk quota exceeded")] {
+            let err =
+                crate::error::Error::io("writing", std::io::Error::from_raw_os_error(errno)).at_path("/data/disk.img");
+            let line = one_line(&format!("Unable to process data: {err}"));
+            assert_eq!(line, format!("Unable to process data: /data/disk.img: writing: {words}"));
+            let json: serde_json::Value =
+                serde_json::from_str(&TerminationMessage::message_only(line).to_json()).unwrap();
+            assert!(json["message"].as_str().unwrap().contains(words), "{json}");
+        }
+        let other = std::io::Error::from_raw_os_error(libc::EIO).to_string();
+        assert_eq!(controller_wording(&other), other);
     }
 
     #[test]
@@ -217,6 +250,15 @@ mod tests {
         let json = msg.to_json();
         assert!(json.len() <= MAX_LEN, "{}", json.len());
         assert!(json.ends_with("é\"}"));
+        let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert!(parsed["message"].as_str().unwrap().chars().all(|c| c == 'é'));
+        // Escapes make the JSON longer than the message: the cut still lands within the limit, valid.
+        let mut labelled = TerminationMessage::message_only("<&>".repeat(2000));
+        labelled.labels.insert("instancetype.kubevirt.io/default-instancetype".into(), "u1.small".into());
+        let json = labelled.to_json();
+        assert!(json.len() <= MAX_LEN && json.len() > MAX_LEN - 6, "{}", json.len());
+        let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(parsed["labels"]["instancetype.kubevirt.io/default-instancetype"], "u1.small");
         let plain = one_line(&format!("first\nsecond\r{}", "x".repeat(5000)));
         assert!(plain.starts_with("first second "));
         assert_eq!(plain.len(), MAX_LEN);

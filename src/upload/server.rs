@@ -432,13 +432,14 @@ fn failure_status(e: &Error) -> u16 {
     }
 }
 
-/// CDI's answer text for a failed upload.
+/// CDI's answer text for a failed upload (out-of-space errors in Go's words, as CDI's upload server answers).
 fn failure_message(e: &Error) -> String {
-    if e.kind() == ErrorKind::TooSmall {
+    let text = if e.kind() == ErrorKind::TooSmall {
         format!("Saving stream failed: effective image size is larger than the reported available storage: {e}")
     } else {
         format!("Saving stream failed: {e}")
-    }
+    };
+    crate::cdi::termination::controller_wording(&text)
 }
 
 /// Answers `status` without reading the body, then drains some of it so the answer arrives.
@@ -518,5 +519,7 @@ mod tests {
             (failure_status(&other), failure_message(&other).as_str()),
             (500, "Saving stream failed: truncated")
         );
+        let full = Error::io("writing destination", std::io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(failure_message(&full), "Saving stream failed: writing destination: no space left on device");
     }
 }

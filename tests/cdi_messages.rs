@@ -1,0 +1,186 @@
+//! What the cluster reads from boundimport's pods besides the image: klog lines on stderr (log tooling parses
+//! CDI's that way), and termination messages in the words CDI's controller pattern-matches.
+
+mod common;
+
+use common::http::{ServerOptions, TestServer};
+use common::privileged::require_privileged;
+use common::{boundimport, scratch_dir, write_raw, Fill, MIB};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// klog's header: `Lmmdd hh:mm:ss.uuuuuu PID file:line] ` with the pid right-aligned in 7 columns.
+const KLOG_LINE: &str = r"^(?P<level>[IWEF])(?P<month>\d{2})(?P<day>\d{2}) (?P<h>\d{2}):(?P<m>\d{2}):(?P<s>\d{2})\.\d{6} (?P<pid>[ \d]{7}) (?P<file>[\w.-]+\.rs):(?P<line>[1-9]\d*)\] (?P<message>.*)$";
+
+/// The UTC month and day, as `date` gives them.
+fn utc_month_day() -> String {
+    let output = Command::new("date").args(["-u", "+%m%d"]).output().expect("running date");
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// Asserts every line of `stderr` is a klog line from process `pid`, dated today (UTC); returns their levels.
+fn assert_klog_lines(stderr: &str, pid: u32, days: &[String]) -> String {
+    let re = regex::Regex::new(KLOG_LINE).unwrap();
+    let mut levels = String::new();
+    for line in stderr.lines() {
+        let caps = re.captures(line).unwrap_or_else(|| panic!("not a klog line: {line:?}\nstderr:\n{stderr}"));
+        assert_eq!(caps["pid"].trim_start().parse::<u32>().unwrap(), pid, "{line}");
+        assert!(days.iter().any(|d| *d == format!("{}{}", &caps["month"], &caps["day"])), "{line} vs {days:?}");
+        assert!(caps["h"].parse::<u32>().unwrap() < 24 && caps["m"].parse::<u32>().unwrap() < 60, "{line}");
+        assert!(!caps["message"].is_empty(), "{line}");
+        levels.push_str(&caps["level"]);
+    }
+    levels
+}
+
+fn cdi_command(dir: &Path, data: &Path) -> Command {
+    let mut cmd = boundimport();
+    cmd.args(["cdi", "-alsologtostderr", "-v=1"])
+        .arg("--data-dir")
+        .arg(data)
+        .arg("--block-path")
+        .arg(dir.join("no-block-volume"))
+        .arg("--termination-log")
+        .arg(dir.join("termination-log"))
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .args(["--proxy-cert-dir", "/nonexistent-proxycerts", "--extra-headers-dir", "/nonexistent-headers"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs([
+            ("IMPORTER_CONTENTTYPE", "kubevirt"),
+            ("OWNER_UID", "0b7c2e4a-9f31-4d68-a5e2-6c1d8b3f7a90"),
+            ("FILESYSTEM_OVERHEAD", "0"),
+            ("PREALLOCATION", "false"),
+        ]);
+    cmd
+}
+
+#[test]
+fn cdi_and_upload_server_write_klog_lines() {
+    let dir = scratch_dir("klog-lines");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let before = utc_month_day();
+
+    let mut cdi = cdi_command(dir.path(), &data);
+    cdi.envs([("IMPORTER_SOURCE", "none"), ("IMPORTER_IMAGE_SIZE", "1Mi")]).stderr(Stdio::piped());
+    let child = cdi.spawn().expect("running boundimport cdi");
+    let pid = child.id();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{stderr}");
+    let days = [before.clone(), utc_month_day()];
+    let levels = assert_klog_lines(&stderr, pid, &days);
+    assert!(levels.len() >= 3 && levels.chars().all(|l| l == 'I'), "{levels}\n{stderr}");
+    assert!(stderr.contains("] serving progress metrics on https://127.0.0.1:"), "{stderr}");
+
+    // The upload server without its TLS environment fails at start: an error line, klog too.
+    let mut upload = boundimport();
+    upload
+        .args(["upload-server", "-alsologtostderr", "-v=1"])
+        .arg("--termination-log")
+        .arg(dir.path().join("upload-termination-log"))
+        .arg("--data-dir")
+        .arg(&data)
+        .env_clear()
+        .stderr(Stdio::piped());
+    let child = upload.spawn().expect("running boundimport upload-server");
+    let pid = child.id();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let levels = assert_klog_lines(&stderr, pid, &[before, utc_month_day()]);
+    assert!(levels.contains('E'), "{levels}\n{stderr}");
+}
+
+#[test]
+fn a_volume_filled_mid_import_says_no_space_left_on_device() {
+    if !require_privileged("a_volume_filled_mid_import_says_no_space_left_on_device") {
+        return;
+    }
+    use boundimport::lab::fixtures::{LoopDevice, MountedExt4};
+    use std::os::unix::process::CommandExt;
+    const POD_UID: u32 = 107;
+    let dir = scratch_dir("enospc");
+    let before = utc_month_day();
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // The image fits the volume when the importer measures it; a co-tenant then fills the volume.
+    let serve = dir.path().join("serve");
+    std::fs::create_dir(&serve).unwrap();
+    write_raw(&serve.join("disk.raw"), 24 * MIB, &[(0, 24 * MIB, Fill::Random(0x5ace))]);
+    let server = TestServer::start(&serve, ServerOptions { ranges: true, rate: Some(4_000_000), ..Default::default() });
+    let backing = dir.path().join("volume.img");
+    std::fs::File::create(&backing).unwrap().set_len(64 * MIB).unwrap();
+    let device = LoopDevice::attach(&backing, false).expect("attaching a loop device");
+    let volume = MountedExt4::create(device.path()).expect("making the volume's filesystem");
+    let termination = dir.path().join("termination-log");
+    std::fs::File::create(&termination).unwrap();
+    for path in [volume.path(), termination.as_path()] {
+        std::os::unix::fs::chown(path, Some(POD_UID), Some(POD_UID)).unwrap();
+    }
+
+    let mut cmd = cdi_command(dir.path(), volume.path());
+    cmd.envs([("IMPORTER_SOURCE", "http"), ("IMPORTER_ENDPOINT", &server.url("disk.raw"))])
+        .uid(POD_UID)
+        .gid(POD_UID)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("running boundimport cdi");
+    let pid = child.id();
+    let (lines, seen) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = lines.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let measured = Duration::from_secs(60);
+    loop {
+        let line = seen.recv_timeout(measured).expect("no 'space available' line from the importer");
+        if line.contains("space available for the image") {
+            break;
+        }
+    }
+    // The co-tenant (root, so the reserved blocks go too) takes every block left.
+    let mut filler = std::fs::File::create(volume.path().join("co-tenant")).unwrap();
+    let block = vec![0x5au8; MIB as usize];
+    let full = loop {
+        if let Err(e) = filler.write_all(&block).and_then(|()| filler.sync_data()) {
+            break e;
+        }
+    };
+    assert_eq!(full.raw_os_error(), Some(libc::ENOSPC), "{full}");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the import did not end within 120 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = reader.join().unwrap();
+    let message = std::fs::read_to_string(&termination).unwrap();
+    eprintln!("termination message: {message}");
+    assert_eq!(status.code(), Some(1), "{message}\n{stderr}");
+    // simplifyKnownMessage (pkg/controller/util.go) shows this as "DataVolume too small to contain image".
+    assert!(message.starts_with("Unable to process data: "), "{message}");
+    assert!(message.contains("no space left on device"), "{message}");
+    assert!(!message.contains("os error"), "{message}");
+    assert!(!message.contains('\n') && message.len() <= 4096, "{message}");
+    let levels = assert_klog_lines(&stderr, pid, &[before, utc_month_day()]);
+    assert!(levels.ends_with('E'), "{levels}\n{stderr}");
+    drop(filler);
+    drop(volume);
+    drop(device);
+}
