@@ -77,6 +77,20 @@ impl Pod {
         self.dir.path().join("data")
     }
 
+    /// Where the pod's scratch volume is mounted, when it has one ([`with_scratch`](Self::with_scratch)).
+    fn scratch(&self) -> PathBuf {
+        self.dir.path().join("scratch")
+    }
+
+    /// Mounts a scratch volume, as the controller does after an importer asked for one.
+    fn with_scratch(&mut self) -> &mut Self {
+        fs::create_dir(self.scratch()).unwrap();
+        if let Some(uid) = self.uid {
+            std::os::unix::fs::chown(self.scratch(), Some(uid), Some(uid)).unwrap();
+        }
+        self
+    }
+
     fn termination_log(&self) -> PathBuf {
         self.dir.path().join("run/termination-log")
     }
@@ -100,6 +114,8 @@ impl Pod {
             .arg(self.block.clone().unwrap_or_else(|| self.dir.path().join("no-block-volume")))
             .arg("--termination-log")
             .arg(self.termination_log())
+            .arg("--scratch-dir")
+            .arg(self.scratch())
             .args(["--metrics-addr", "127.0.0.1:0"])
             .args(["--proxy-cert-dir", "/nonexistent-proxycerts", "--extra-headers-dir", "/nonexistent-headers"])
             .args(&self.extra_args)
@@ -820,6 +836,34 @@ fn http_without_ranges_streams_a_compressed_image_and_checks_its_checksum() {
     assert!(ended.termination.contains("checksum mismatch"), "{}", ended.termination);
     assert!(ended.termination.contains(&gz_digest), "{}", ended.termination);
     assert!(!bad.data().join("disk.img").exists(), "unverified data removed");
+}
+
+/// What CDI writes when its import needs a scratch volume it does not have.
+const SCRATCH_REQUIRED: &str =
+    r#"{"scratchSpaceRequired":true,"preallocationApplied":false,"message":"Import Complete"}"#;
+
+#[test]
+fn a_vhdx_streamed_without_ranges_asks_for_scratch_space_and_then_uses_it() {
+    let bench = Workbench::new("cdi-scratch");
+    let (qcow2, digest, virtual_size) = qcow2_image(&bench, 24 * MIB);
+    let vhdx = bench.path("disk.vhdx");
+    run(Command::new(common::qemu_img()).args(["convert", "-O", "vhdx"]).arg(&qcow2).arg(&vhdx));
+    let server = TestServer::start(bench.dir.path(), ServerOptions { ranges: false, ..Default::default() });
+
+    // No scratch volume: the format says at detection that the stream needs one; nothing is written.
+    let mut pod = Pod::new("cdi-scratch-pod");
+    pod.set("IMPORTER_ENDPOINT", &server.url("disk.vhdx"));
+    let ended = pod.run();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, SCRATCH_REQUIRED, "{}", ended.stderr);
+    assert_eq!(fs::read_dir(pod.data()).unwrap().count(), 0, "nothing left on the volume");
+
+    // The controller's second pod has /scratch: the stream is spooled there and imported.
+    pod.with_scratch();
+    let ended = pod.run();
+    ended_complete(&ended);
+    assert_eq!(sha256_prefix(&pod.data().join("disk.img"), virtual_size), digest);
+    assert_eq!(fs::read_dir(pod.scratch()).unwrap().count(), 0, "spool file removed");
 }
 
 #[test]

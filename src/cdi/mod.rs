@@ -45,6 +45,10 @@ enum Finish {
     Success(TerminationMessage),
     /// The source failed its checksum: data removed, reported as JSON, exit 0 (CDI's fatal, no-retry case).
     ChecksumMismatch(String),
+    /// The import needs a spool beyond its memory share and the pod has no scratch volume (CDI's
+    /// `ErrRequiresScratchSpace`): nothing left on the volume, `"scratchSpaceRequired":true` reported with exit 0,
+    /// and the controller starts the import again with a scratch volume at `/scratch`.
+    ScratchRequired(TerminationMessage),
     /// Any other failure: a plain line, exit 1 (kubelet restarts the pod).
     Failure(String),
 }
@@ -120,6 +124,10 @@ fn report(args: &CdiArgs, finish: Finish) -> i32 {
             log::error!("{text}");
             (termination::write_json(path, &TerminationMessage::message_only(text)), 0)
         }
+        Finish::ScratchRequired(message) => {
+            log::info!("{}", message.to_json());
+            (termination::write_json(path, &message), 0)
+        }
         Finish::Failure(text) => {
             log::error!("{text}");
             (termination::write_plain(path, &text), 1)
@@ -173,7 +181,8 @@ impl Context<'_> {
                         ContentType::Kubevirt => self.import_image(&env, &volume, location),
                         ContentType::Archive => self.import_archive(&env, &volume, location),
                     };
-                    if matches!(finish, Finish::Success(_)) {
+                    // CDI signals a node-pull sidecar in both cases: the pod is done either way.
+                    if matches!(finish, Finish::Success(_) | Finish::ScratchRequired(_)) {
                         touch_done_file(&env);
                     }
                     finish
@@ -285,6 +294,10 @@ impl Context<'_> {
                 }
                 return Finish::ChecksumMismatch(format!("Unable to process data: {e}"));
             }
+            Err(e) if e.kind() == ErrorKind::NeedsScratch => {
+                log::info!("{e}");
+                return self.scratch_required(volume);
+            }
             Err(e) => return Finish::Failure(format!("Unable to process data: {e}")),
         };
         log::info!(
@@ -296,6 +309,22 @@ impl Context<'_> {
         );
         // The engine synced the destination and sized the file.
         Finish::Success(TerminationMessage::import_complete(env.preallocation))
+    }
+}
+
+impl Context<'_> {
+    /// Ends an import that found it needs a scratch volume: whatever it wrote is removed (a device's ends are
+    /// zeroed, so a partial image never looks like a disk) and the controller is asked for scratch space.
+    fn scratch_required(&self, volume: &Volume) -> Finish {
+        log::info!("{} does not exist: asking the controller for scratch space", self.args.scratch_dir.display());
+        let cleared = match volume {
+            Volume::Filesystem(_) => dest::remove_stale(&volume.image_path()),
+            Volume::Block(device) => dest::scrub_device(device),
+        };
+        if let Err(e) = cleared {
+            return Finish::Failure(format!("Unable to process data: {e}"));
+        }
+        Finish::ScratchRequired(TerminationMessage::scratch_space_required())
     }
 }
 

@@ -31,6 +31,10 @@ impl Context<'_> {
                 message.labels = inspected.labels;
                 Finish::Success(message)
             }
+            Finish::ScratchRequired(mut message) => {
+                message.labels = inspected.labels;
+                Finish::ScratchRequired(message)
+            }
             // A layer that fails its digest is a failed pull (CDI retries it), not IMPORTER_CHECKSUM's final
             // verdict; the image file is already removed.
             Finish::ChecksumMismatch(text) => Finish::Failure(text),

@@ -87,7 +87,7 @@ pub(super) fn import(
             _ => "this",
         };
         let Some(dir) = &plan.scratch else {
-            return Err(Error::unsupported(format!(
+            return Err(Error::needs_scratch(format!(
                 "{what} image read as a stream (compressed, or from a server without Range support) needs random access: pass --scratch DIR to spool it there first"
             ))
             .at_path(&name));
