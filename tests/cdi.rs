@@ -12,7 +12,7 @@ mod common;
 use common::privileged::require_privileged;
 use common::{boundimport, qemu_reference, run, scratch_dir, sha256_prefix, write_raw, Fill, Workbench, MIB};
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read, Seek, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -866,6 +866,129 @@ fn a_vhdx_streamed_without_ranges_asks_for_scratch_space_and_then_uses_it() {
     assert_eq!(fs::read_dir(pod.scratch()).unwrap().count(), 0, "spool file removed");
 }
 
+/// The watermark a running pod's last checkpoint recorded: in the state file beside `disk.img`, or in the last
+/// 4 KiB of its block volume.
+fn recorded_watermark(pod: &Pod) -> Option<u64> {
+    let text = match &pod.block {
+        None => fs::read_to_string(pod.data().join(".disk.img.boundimport-resume")).ok()?,
+        Some(device) => {
+            let mut file = fs::File::open(device).ok()?;
+            let len = file.seek(std::io::SeekFrom::End(0)).ok()?;
+            let mut tail = vec![0u8; 4096];
+            file.seek(std::io::SeekFrom::Start(len - 4096)).ok()?;
+            file.read_exact(&mut tail).ok()?;
+            let record = tail.strip_prefix(b"boundimport-resume\n")?;
+            let end = record.iter().position(|&b| b == 0)?;
+            String::from_utf8(record[..end].to_vec()).ok()?
+        }
+    };
+    serde_json::from_str::<serde_json::Value>(&text).ok()?["watermark"].as_u64()
+}
+
+/// Starts the pod and SIGKILLs it (a node drain, a preemption: no chance to clean up) once a checkpoint records
+/// at least `at_least` bytes. Returns the recorded watermark.
+fn kill_after_checkpoint(pod: &Pod, at_least: u64) -> u64 {
+    let mut child = pod.command().stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let watermark = loop {
+        assert!(child.try_wait().unwrap().is_none(), "the pod ended before a checkpoint of {at_least} bytes");
+        assert!(Instant::now() < deadline, "no checkpoint of {at_least} bytes within 120 s");
+        match recorded_watermark(pod) {
+            Some(watermark) if watermark >= at_least => break watermark,
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    watermark
+}
+
+/// The offset a pod's log says it resumed from.
+fn resumed_offset(stderr: &str) -> Option<u64> {
+    stderr.split("resuming at offset ").nth(1)?.split_whitespace().next()?.parse().ok()
+}
+
+/// Serves a qcow2 of `size` virtual bytes slowly (about 10 s for the whole file), with ETags.
+fn slow_etag_server(bench: &Workbench, size: u64) -> (TestServer, String, u64, u64) {
+    let (image, digest, virtual_size) = qcow2_image(bench, size);
+    let len = fs::metadata(&image).unwrap().len();
+    let options = ServerOptions { ranges: true, etag: true, rate: Some(len / 10), ..Default::default() };
+    (TestServer::start(bench.dir.path(), options), digest, virtual_size, len)
+}
+
+/// A killed pod's successor continues from the recorded watermark, reports progress from there, fetches well
+/// under the whole image again, and ends byte-identical to qemu-img's conversion with no state left behind.
+fn assert_resumes(pod: &mut Pod, server: &TestServer, digest: &str, virtual_size: u64, len: u64) {
+    let watermark = kill_after_checkpoint(pod, virtual_size / 3);
+    let served_before = server.bytes_served();
+    let (ended, values, _) = pod.run_scraping();
+    ended_complete(&ended);
+    let served = server.bytes_served() - served_before;
+    let resumed = resumed_offset(&ended.stderr).unwrap_or_else(|| panic!("did not resume:\n{}", ended.stderr));
+    eprintln!("killed at watermark {watermark}, resumed at {resumed} of {virtual_size}; fetched {served} of {len} bytes again");
+    assert!(resumed >= watermark, "resumed at {resumed}, below the recorded {watermark}");
+    assert!(served < len * 3 / 4, "the second pod fetched {served} of {len} bytes");
+    let first = values.iter().copied().find(|&v| v > 0.0).expect("progress was scraped");
+    let resumed_percent = resumed as f64 * 100.0 / virtual_size as f64;
+    assert!(first >= resumed_percent - 0.01, "progress restarted at {first}%, resumed at {resumed_percent:.2}%");
+    assert_progress_series(&values, false);
+    let image = pod.block.clone().unwrap_or_else(|| pod.data().join("disk.img"));
+    assert_eq!(sha256_prefix(&image, virtual_size), digest);
+    assert_eq!(recorded_watermark(pod), None, "resume state cleared");
+}
+
+#[test]
+fn a_pod_killed_mid_import_resumes_in_the_next_pod() {
+    let bench = Workbench::new("cdi-resume");
+    let (server, digest, virtual_size, len) = slow_etag_server(&bench, 64 * MIB);
+    let mut pod = Pod::new("cdi-resume-pod");
+    pod.set("IMPORTER_ENDPOINT", &server.url("disk.qcow2"));
+    assert_resumes(&mut pod, &server, &digest, virtual_size, len);
+    assert_eq!(fs::read_dir(pod.data()).unwrap().count(), 1, "only disk.img is left");
+}
+
+#[test]
+fn a_pod_killed_mid_import_onto_a_block_volume_resumes_in_the_next_pod() {
+    if !require_privileged("a_pod_killed_mid_import_onto_a_block_volume_resumes_in_the_next_pod") {
+        return;
+    }
+    let bench = Workbench::new("cdi-resume-block");
+    let (server, digest, virtual_size, len) = slow_etag_server(&bench, 64 * MIB);
+    let (device, _backing) = garbage_loop_device(bench.dir.path(), virtual_size + MIB);
+    let mut pod = Pod::new("cdi-resume-block-pod");
+    pod.block = Some(device.path().to_path_buf());
+    pod.set("IMPORTER_ENDPOINT", &server.url("disk.qcow2"));
+    assert_resumes(&mut pod, &server, &digest, virtual_size, len);
+    let mut tail = vec![0u8; 4096];
+    let mut file = fs::File::open(device.path()).unwrap();
+    file.seek(std::io::SeekFrom::Start(virtual_size + MIB - 4096)).unwrap();
+    file.read_exact(&mut tail).unwrap();
+    assert!(tail.iter().all(|&b| b == 0), "the state block is zeroed after success");
+}
+
+#[test]
+fn a_changed_source_starts_over_in_the_next_pod() {
+    let bench = Workbench::new("cdi-resume-changed");
+    let (server, _, virtual_size, _) = slow_etag_server(&bench, 64 * MIB);
+    let mut pod = Pod::new("cdi-resume-changed-pod");
+    pod.set("IMPORTER_ENDPOINT", &server.url("disk.qcow2"));
+    kill_after_checkpoint(&pod, virtual_size / 4);
+
+    // The same URL now serves another image (another size, so another ETag).
+    let other = Workbench::new("cdi-resume-other");
+    let (replacement, digest, virtual_size) = qcow2_image(&other, 40 * MIB);
+    fs::copy(&replacement, bench.path("disk.qcow2")).unwrap();
+    let len = fs::metadata(&replacement).unwrap().len();
+    let served_before = server.bytes_served();
+    let ended = pod.run();
+    ended_complete(&ended);
+    assert!(ended.stderr.contains("ignoring resume state"), "{}", ended.stderr);
+    assert_eq!(resumed_offset(&ended.stderr), None);
+    assert!(server.bytes_served() - served_before >= len, "the whole new image was fetched");
+    assert_eq!(sha256_prefix(&pod.data().join("disk.img"), virtual_size), digest);
+    assert_eq!(recorded_watermark(&pod), None, "resume state cleared");
+}
+
 #[test]
 fn http_image_too_large_for_the_volume_is_refused_before_writing() {
     let bench = Workbench::new("cdi-http-small");
@@ -1047,9 +1170,8 @@ fn registry_containerdisk_into_a_file_volume_with_labels() {
     let bench = Workbench::new("cdi-registry-file");
     let (registry, _layout, digest, virtual_size) = registry_with_containerdisk(&bench, 40 * MIB);
     let mut pod = registry_pod("cdi-registry-file-pod", &registry, "v1");
-    let scratch = pod.dir.path().join("scratch");
-    fs::create_dir(&scratch).unwrap();
-    pod.extra_args.extend(["--scratch-dir".to_string(), scratch.display().to_string()]);
+    pod.with_scratch();
+    let scratch = pod.scratch();
     let (ended, values, _) = pod.run_scraping();
     ended_ok(&ended);
     assert_eq!(ended.termination, REGISTRY_COMPLETE);

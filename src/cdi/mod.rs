@@ -20,7 +20,7 @@ pub mod termination;
 use crate::cgroup::governor::Targets;
 use crate::cgroup::MemCgroup;
 use crate::error::{Error, ErrorKind, Result};
-use crate::import::{self, Plan};
+use crate::import::{self, Plan, ResumeOptions};
 use crate::progress::Progress;
 use crate::source::Location;
 use dest::Volume;
@@ -255,12 +255,14 @@ impl Context<'_> {
     /// `IMPORTER_CONTENTTYPE=kubevirt`: the image converted to raw onto the volume.
     fn import_image(&self, env: &CdiEnv, volume: &Volume, location: Location) -> Finish {
         let image = volume.image_path();
-        if let Volume::Filesystem(_) = volume {
-            if let Err(e) = dest::remove_stale(&image) {
-                return Finish::Failure(format!("Unable to process data: {e}"));
-            }
-        }
-        let available = match dest::available_space(volume, env.image_size) {
+        let kept = match volume {
+            Volume::Filesystem(_) => match dest::keep_resumable_or_remove_stale(&image) {
+                Ok(kept) => kept,
+                Err(e) => return Finish::Failure(format!("Unable to process data: {e}")),
+            },
+            Volume::Block(_) => 0,
+        };
+        let available = match dest::available_space(volume, env.image_size, kept) {
             Ok(available) => available,
             Err(e) => return Finish::Failure(format!("Unable to process data: {e}")),
         };
@@ -277,6 +279,9 @@ impl Context<'_> {
             file_mode: dest::FILE_MODE,
             max_virtual_size: Some(available),
             preallocate: env.preallocation,
+            // A pod killed part-way and started again continues where its predecessor's last checkpoint was, when
+            // the source proves to be the same; the state lives beside disk.img, or in a block volume's last 4 KiB.
+            resume: Some(ResumeOptions { state_dir: None, device_tail: true }),
             grow_file_to: match volume {
                 Volume::Filesystem(_) => dest::file_size_target(env.image_size, available, env.filesystem_overhead),
                 Volume::Block(_) => None,

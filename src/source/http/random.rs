@@ -21,6 +21,8 @@ pub const SKIP_LIMIT: u64 = 4 << 20;
 pub struct HttpSource {
     client: Arc<Client>,
     len: u64,
+    /// The file's ETag or Last-Modified at the probe; every later answer must carry the same.
+    identity: Option<String>,
     state: Mutex<State>,
 }
 
@@ -35,11 +37,13 @@ struct State {
 }
 
 impl HttpSource {
-    /// A source of `len` bytes (the total from the probe's Content-Range).
-    pub fn new(client: Arc<Client>, len: u64) -> Self {
+    /// A source of `len` bytes (the total from the probe's Content-Range) whose version the probe saw as
+    /// `identity`.
+    pub fn new(client: Arc<Client>, len: u64, identity: Option<String>) -> Self {
         HttpSource {
             client,
             len,
+            identity,
             state: Mutex::new(State { open: None, cache: HashMap::new(), order: VecDeque::new(), failures: 0 }),
         }
     }
@@ -50,6 +54,14 @@ impl HttpSource {
         let range = response.content_range();
         let expected_len = self.len - pos;
         match (response.status, range) {
+            (206, Some(_)) if self.identity.is_some() && super::validator(&response) != self.identity => Err(self
+                .client
+                .error(ErrorKind::Io, format!(
+                    "the file changed during the import ({} at first, now {})",
+                    self.identity.as_deref().unwrap_or_default(),
+                    super::validator(&response).unwrap_or_else(|| "none".into())
+                ))
+                .at_offset(pos)),
             (206, Some((start, end, total))) if start == pos && end + 1 == self.len && total.is_none_or(|t| t == self.len) => {
                 if response.content_length().is_some_and(|l| l != expected_len) {
                     return Err(self
@@ -180,6 +192,10 @@ impl ReadAt for HttpSource {
 
     fn len(&self) -> u64 {
         self.len
+    }
+
+    fn identity(&self) -> Option<String> {
+        self.identity.clone()
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
