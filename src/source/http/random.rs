@@ -54,12 +54,13 @@ impl HttpSource {
         let range = response.content_range();
         let expected_len = self.len - pos;
         match (response.status, range) {
-            (206, Some(_)) if self.identity.is_some() && super::validator(&response) != self.identity => Err(self
+            // An answer without a validator says nothing; one with another says the file was replaced.
+            (206, Some(_)) if changed(self.identity.as_deref(), super::validator(&response).as_deref()) => Err(self
                 .client
                 .error(ErrorKind::Io, format!(
                     "the file changed during the import ({} at first, now {})",
                     self.identity.as_deref().unwrap_or_default(),
-                    super::validator(&response).unwrap_or_else(|| "none".into())
+                    super::validator(&response).unwrap_or_default()
                 ))
                 .at_offset(pos)),
             (206, Some((start, end, total))) if start == pos && end + 1 == self.len && total.is_none_or(|t| t == self.len) => {
@@ -178,6 +179,11 @@ impl HttpSource {
         state.order.push_back(index);
         state.cache.insert(index, block);
     }
+}
+
+/// Whether a later answer's validator shows the file is no longer the one first seen.
+fn changed(first: Option<&str>, now: Option<&str>) -> bool {
+    matches!((first, now), (Some(first), Some(now)) if first != now)
 }
 
 /// Pause before retry `n` (1-based): 100 ms doubling, at most 5 s.
