@@ -990,6 +990,55 @@ fn a_changed_source_starts_over_in_the_next_pod() {
 }
 
 #[test]
+fn node_pull_imports_take_their_labels_from_the_sidecars_info() {
+    let bench = Workbench::new("cdi-node-pull");
+    let (_, digest, virtual_size) = qcow2_image(&bench, 24 * MIB);
+    // What CDI's containerimage-server answers at /info: the image's environment.
+    let env = [
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin",
+        "INSTANCETYPE_KUBEVIRT_IO_DEFAULT_INSTANCETYPE=u1.small",
+        "PREFERENCE_KUBEVIRT_IO_DEFAULT_PREFERENCE=fedora",
+    ];
+    fs::write(bench.path("info"), serde_json::json!({ "env": env }).to_string()).unwrap();
+    let server = TestServer::start(bench.dir.path(), ServerOptions { ranges: true, ..Default::default() });
+
+    // The controller's node-pull pod: the endpoint names disk.img, the sidecar's ready file the real name.
+    let mut pod = Pod::new("cdi-node-pull-pod");
+    let ready = pod.dir.path().join("run/ready");
+    let done = pod.dir.path().join("run/done");
+    fs::write(&ready, "disk.qcow2").unwrap();
+    pod.set("IMPORTER_ENDPOINT", &server.url("disk.img"))
+        .set("IMPORTER_PULL_METHOD", "node")
+        .set("IMPORTER_READY_FILE", ready.to_str().unwrap())
+        .set("IMPORTER_DONE_FILE", done.to_str().unwrap());
+    let ended = pod.run();
+    ended_ok(&ended);
+    assert_eq!(
+        ended.termination,
+        r#"{"scratchSpaceRequired":false,"preallocationApplied":false,"labels":{"instancetype.kubevirt.io/default-instancetype":"u1.small","preference.kubevirt.io/default-preference":"fedora"},"message":"Import Complete"}"#
+    );
+    assert!(done.exists(), "the sidecar is told the import is done");
+    assert_eq!(sha256_prefix(&pod.data().join("disk.img"), virtual_size), digest);
+    let info = server.requests().into_iter().filter(|r| r.path == "/info").collect::<Vec<_>>();
+    assert_eq!(info.len(), 1, "one /info request");
+    assert!(!info[0].headers.iter().any(|h| h.to_ascii_lowercase().starts_with("authorization")));
+
+    // Without a usable /info the import still succeeds, without labels (CDI logs the error).
+    fs::remove_file(bench.path("info")).unwrap();
+    fs::remove_file(&done).unwrap();
+    let ended = pod.run();
+    ended_complete(&ended);
+    assert!(ended.stderr.contains("containerimage-server info"), "{}", ended.stderr);
+
+    // Not a node pull: no /info request at all.
+    let before = server.requests().len();
+    let mut plain = Pod::new("cdi-not-node-pull");
+    plain.set("IMPORTER_ENDPOINT", &server.url("disk.qcow2"));
+    ended_complete(&plain.run());
+    assert!(server.requests()[before..].iter().all(|r| r.path != "/info"));
+}
+
+#[test]
 fn http_image_too_large_for_the_volume_is_refused_before_writing() {
     let bench = Workbench::new("cdi-http-small");
     let (_, virtual_size) = served_qcow2(&bench, 24 * MIB);

@@ -53,6 +53,17 @@ enum Finish {
     Failure(String),
 }
 
+impl Finish {
+    /// A finish whose termination message (success, or asking for scratch) carries `labels`.
+    fn with_labels(self, labels: std::collections::BTreeMap<String, String>) -> Finish {
+        match self {
+            Finish::Success(message) => Finish::Success(TerminationMessage { labels, ..message }),
+            Finish::ScratchRequired(message) => Finish::ScratchRequired(TerminationMessage { labels, ..message }),
+            other => other,
+        }
+    }
+}
+
 /// Runs the importer; returns the process exit code.
 pub fn main(args: CdiArgs) -> i32 {
     args.klog.init_logging();
@@ -178,8 +189,14 @@ impl Context<'_> {
                 Err(message) => Finish::Failure(message),
                 Ok(location) => {
                     let finish = match env.content_type {
-                        ContentType::Kubevirt => self.import_image(&env, &volume, location),
-                        ContentType::Archive => self.import_archive(&env, &volume, location),
+                        ContentType::Kubevirt => self.import_image(&env, &volume, location.clone()),
+                        ContentType::Archive => self.import_archive(&env, &volume, location.clone()),
+                    };
+                    let finish = match (&finish, env.node_pull) {
+                        (Finish::Success(_) | Finish::ScratchRequired(_), true) => {
+                            finish.with_labels(registry::node_pull_labels(&location))
+                        }
+                        _ => finish,
                     };
                     // CDI signals a node-pull sidecar in both cases: the pod is done either way.
                     if matches!(finish, Finish::Success(_) | Finish::ScratchRequired(_)) {
