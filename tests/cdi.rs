@@ -1039,6 +1039,65 @@ fn node_pull_imports_take_their_labels_from_the_sidecars_info() {
 }
 
 #[test]
+fn https_through_an_https_proxy_from_the_environment() {
+    let bench = Workbench::new("cdi-https-proxy");
+    let (digest, virtual_size) = served_qcow2(&bench, 24 * MIB);
+    // A host only the proxy knows: no resolver here has heard of it, so a direct connection cannot succeed.
+    let host = "images.proxied.test";
+    let options = ServerOptions { ranges: true, tls: true, tls_names: vec![host.into()], ..Default::default() };
+    let server = TestServer::start(bench.dir.path(), options);
+    let proxy = common::proxy::TlsProxy::start(bench.dir.path(), server.port());
+
+    let mut pod = Pod::new("cdi-https-proxy-pod");
+    let certs = cert_dir(&pod, &server);
+    let endpoint = format!("https://{host}:{}/disk.qcow2", server.port());
+    pod.set("IMPORTER_ENDPOINT", &endpoint)
+        .set("IMPORTER_CERT_DIR", certs.to_str().unwrap())
+        .set("IMPORTER_PROXY_CERT_DIR", proxy.ca_dir.to_str().unwrap())
+        .set("HTTPS_PROXY", &proxy.url(Some("puser:p%40ss")))
+        .set("https_proxy", "http://127.0.0.1:9/ignored-the-upper-case-one-wins")
+        .set("NO_PROXY", "10.0.0.0/8,.example.com,images.proxied.test:1");
+    let ended = pod.run();
+    ended_complete(&ended);
+    assert_eq!(sha256_prefix(&pod.data().join("disk.img"), virtual_size), digest);
+    let connects = proxy.connects();
+    assert!(!connects.is_empty(), "nothing went through the proxy");
+    let authority = format!("CONNECT {host}:{} HTTP/1.1", server.port());
+    let auth = "Proxy-Authorization: Basic cHVzZXI6cEBzcw=="; // puser:p@ss
+    for head in &connects {
+        assert_eq!(head[0], authority, "{head:?}");
+        assert!(head.iter().any(|l| l == auth), "{head:?}");
+    }
+
+    // The proxy's certificate must verify: without its CA the import fails, naming the proxy.
+    let mut untrusted = Pod::new("cdi-https-proxy-untrusted");
+    let certs = cert_dir(&untrusted, &server);
+    untrusted
+        .set("IMPORTER_ENDPOINT", &endpoint)
+        .set("IMPORTER_CERT_DIR", certs.to_str().unwrap())
+        .set("HTTPS_PROXY", &proxy.url(None));
+    let ended = untrusted.run();
+    assert_eq!(ended.code, 1, "{}", ended.stderr);
+    assert!(ended.termination.contains("starting TLS with the proxy"), "{}", ended.termination);
+    assert!(!untrusted.data().join("disk.img").exists());
+
+    // A NO_PROXY entry for the host (its port given) sends it direct, where it does not resolve.
+    let mut direct = Pod::new("cdi-https-no-proxy");
+    let certs = cert_dir(&direct, &server);
+    direct
+        .set("IMPORTER_ENDPOINT", &endpoint)
+        .set("IMPORTER_CERT_DIR", certs.to_str().unwrap())
+        .set("IMPORTER_PROXY_CERT_DIR", proxy.ca_dir.to_str().unwrap())
+        .set("HTTPS_PROXY", &proxy.url(None))
+        .set("NO_PROXY", &format!(".test:{}", server.port()));
+    let before = proxy.connects().len();
+    let ended = direct.run();
+    assert_eq!(ended.code, 1, "{}", ended.stderr);
+    assert!(ended.termination.contains("resolving images.proxied.test"), "{}", ended.termination);
+    assert_eq!(proxy.connects().len(), before, "no_proxy bypassed the proxy");
+}
+
+#[test]
 fn http_image_too_large_for_the_volume_is_refused_before_writing() {
     let bench = Workbench::new("cdi-http-small");
     let (_, virtual_size) = served_qcow2(&bench, 24 * MIB);

@@ -29,6 +29,8 @@ pub struct ServerOptions {
     /// Added to the true length in the Content-Length of whole-file answers (negative: the body is longer than
     /// declared; positive: the body stops short and the connection closes).
     pub length_lie: i64,
+    /// Names (besides 127.0.0.1 and localhost) the TLS certificate is for: a host reached only through a proxy.
+    pub tls_names: Vec<String>,
     /// Send an ETag (from the file's length and modification time) with every file answer, as web servers do.
     pub etag: bool,
 }
@@ -79,7 +81,9 @@ impl TestServer {
         let log = Arc::new(Mutex::new(Vec::new()));
         let served = Arc::new(AtomicU64::new(0));
         let (tls, cert_pem) = if options.tls {
-            let key = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+            let mut names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+            names.extend(options.tls_names.iter().cloned());
+            let key = rcgen::generate_simple_self_signed(names).unwrap();
             let cert_der = key.cert.der().clone();
             let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.signing_key.serialize_der()).unwrap();
             let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -113,6 +117,11 @@ impl TestServer {
             }
         });
         TestServer { port, tls: cert_pem.is_some(), stop, log, served, cert_pem }
+    }
+
+    /// The port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The URL of file `name`.
