@@ -866,6 +866,40 @@ fn a_vhdx_streamed_without_ranges_asks_for_scratch_space_and_then_uses_it() {
     assert_eq!(fs::read_dir(pod.scratch()).unwrap().count(), 0, "spool file removed");
 }
 
+#[test]
+fn a_qcow2_stream_spooling_past_memory_onto_a_block_volume_asks_for_scratch_and_then_uses_it() {
+    if !require_privileged("a_qcow2_stream_spooling_past_memory_onto_a_block_volume_asks_for_scratch_and_then_uses_it")
+    {
+        return;
+    }
+    let bench = Workbench::new("cdi-scratch-block");
+    let (qcow2, digest, virtual_size) = qcow2_image(&bench, 24 * MIB);
+    bench.qcow2_with_l2_after_data(&qcow2, "reordered.qcow2");
+    let server = TestServer::start(bench.dir.path(), ServerOptions { ranges: false, ..Default::default() });
+    let (device, _backing) = garbage_loop_device(bench.dir.path(), 32 * MIB);
+    let mut pod = Pod::new("cdi-scratch-block-pod");
+    pod.block = Some(device.path().to_path_buf());
+    pod.set("IMPORTER_ENDPOINT", &server.url("reordered.qcow2"));
+
+    // Known only part-way: the data ahead of its table outgrows the memory spool after writing has begun.
+    let ended = pod.run();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, SCRATCH_REQUIRED, "{}", ended.stderr);
+    let mut ends = vec![0u8; MIB as usize];
+    let mut file = fs::File::open(device.path()).unwrap();
+    for at in [0, 31 * MIB] {
+        file.seek(std::io::SeekFrom::Start(at)).unwrap();
+        file.read_exact(&mut ends).unwrap();
+        assert!(ends.iter().all(|&b| b == 0), "the partial image does not look like a disk (MiB at {at})");
+    }
+
+    pod.with_scratch();
+    let ended = pod.run();
+    ended_complete(&ended);
+    assert_eq!(sha256_prefix(device.path(), virtual_size), digest);
+    assert_eq!(fs::read_dir(pod.scratch()).unwrap().count(), 0, "spool file removed");
+}
+
 /// The watermark a running pod's last checkpoint recorded: in the state file beside `disk.img`, or in the last
 /// 4 KiB of its block volume.
 fn recorded_watermark(pod: &Pod) -> Option<u64> {

@@ -5,7 +5,7 @@
 mod common;
 
 use common::http::{ServerOptions, TestServer};
-use common::{boundimport, qemu_reference, read_be64, run, sha256_prefix, write_be64, Workbench, MIB};
+use common::{boundimport, qemu_reference, run, sha256_prefix, Workbench, MIB};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -41,28 +41,9 @@ fn images() -> &'static Images {
     })
 }
 
-/// A copy of `qcow2` whose first L2 table is moved to the end of the file, after the data it maps: a forward reader
-/// sees that data before knowing where it belongs, so it must spool it.
+/// The reordered qcow2 (its first L2 table after the data it maps), xz-compressed too, and its reference.
 fn reorder_l2(bench: &Workbench, qcow2: &Path) -> (String, u64) {
-    let path = bench.path("reordered.qcow2");
-    std::fs::copy(qcow2, &path).unwrap();
-    let cluster = 1u64 << (read_be64(&path, 16) & 0xffff_ffff);
-    let l1 = read_be64(&path, 40);
-    let entry = read_be64(&path, l1);
-    let old = entry & 0x00ff_ffff_ffff_fe00;
-    let len = std::fs::metadata(&path).unwrap().len();
-    let new = len.div_ceil(cluster) * cluster;
-    let table = {
-        use std::os::unix::fs::FileExt;
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
-        let mut table = vec![0u8; cluster as usize];
-        file.read_exact_at(&mut table, old).unwrap();
-        file.write_all_at(&table, new).unwrap();
-        file.write_all_at(&vec![0u8; cluster as usize], old).unwrap();
-        table
-    };
-    assert!(table.iter().any(|&b| b != 0));
-    write_be64(&path, l1, (entry & !0x00ff_ffff_ffff_fe00) | new);
+    let path = bench.qcow2_with_l2_after_data(qcow2, "reordered.qcow2");
     run(Command::new("xz").args(["-k", "-T0"]).arg(&path));
     qemu_reference(&path, bench.dir.path())
 }
