@@ -127,6 +127,40 @@ fn a_dropped_connection_resumes() {
 }
 
 #[test]
+fn a_file_replaced_mid_import_fails_instead_of_mixing_versions() {
+    let bench = Workbench::new("http-replaced");
+    let len = 16 * MIB;
+    let source = bench.raw_mix("disk.raw", len, 1);
+    // Slow (about 4 s for the file) and dropped once at the half, so the import reopens after the file changed.
+    let options = ServerOptions {
+        ranges: true,
+        etag: true,
+        rate: Some(len / 4),
+        drop_at: Some((len / 2, 1)),
+        ..Default::default()
+    };
+    let server = TestServer::start(bench.dir.path(), options);
+    let out = common::scratch_dir("http-replaced-out");
+    let dest = out.path().join("out.raw");
+    let mut command = boundimport();
+    command.args(["--progress", "none"]).arg(server.url("disk.raw")).arg(&dest);
+    let child = command.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.bytes_served() < len / 4 {
+        assert!(Instant::now() < deadline, "the import never got a quarter in");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Rewritten in place, another version of the same size: only its ETag tells.
+    let other = bench.raw_mix("other.raw", len, 2);
+    std::fs::write(&source, std::fs::read(other).unwrap()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let text = stderr(&output);
+    assert!(!output.status.success(), "{text}");
+    assert!(text.contains("the file changed during the import"), "{text}");
+    assert!(!dest.exists(), "no partial image left");
+}
+
+#[test]
 fn retries_run_out() {
     let images = images();
     let options = ServerOptions { ranges: true, drop_at: Some((MIB, 100)), ..Default::default() };
