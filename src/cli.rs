@@ -254,7 +254,7 @@ fn import_and_report(args: &ImportArgs, progress: &Progress) -> Result<()> {
         output_digest: args.digest,
         governor_observer: args.governor_log.clone().map(crate::process::timeline::csv),
         sizing_override: SizingOverride { workers: args.workers, chunk: args.chunk_size },
-        resume: args.resume.then(|| ResumeOptions { state_dir: args.state_dir.clone() }),
+        resume: args.resume.then(|| ResumeOptions { state_dir: args.state_dir.clone(), device_tail: false }),
         http: HttpOptions {
             ca_dirs: args.ca_dir.clone(),
             insecure: args.insecure,

@@ -24,6 +24,9 @@ pub enum ErrorKind {
     Io,
     /// The import was stopped by a signal.
     Interrupted,
+    /// A stream must be spooled beyond the memory share and there is no scratch directory for the spool (CDI's
+    /// `ErrRequiresScratchSpace`: the controller answers it with a scratch volume).
+    NeedsScratch,
 }
 
 /// An error with enough context to be acted upon from one line.
@@ -53,6 +56,11 @@ impl Error {
     /// A refused-feature error.
     pub fn unsupported(what: impl Into<String>) -> Self {
         Self::new(ErrorKind::Unsupported, what)
+    }
+
+    /// A stream that needs a spool file, with no scratch directory to put it in.
+    pub fn needs_scratch(what: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NeedsScratch, what)
     }
 
     /// A usage error (bad flag value, bad environment).

@@ -12,7 +12,7 @@ mod common;
 use common::privileged::require_privileged;
 use common::{boundimport, qemu_reference, run, scratch_dir, sha256_prefix, write_raw, Fill, Workbench, MIB};
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read, Seek, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -77,6 +77,20 @@ impl Pod {
         self.dir.path().join("data")
     }
 
+    /// Where the pod's scratch volume is mounted, when it has one ([`with_scratch`](Self::with_scratch)).
+    fn scratch(&self) -> PathBuf {
+        self.dir.path().join("scratch")
+    }
+
+    /// Mounts a scratch volume, as the controller does after an importer asked for one.
+    fn with_scratch(&mut self) -> &mut Self {
+        fs::create_dir(self.scratch()).unwrap();
+        if let Some(uid) = self.uid {
+            std::os::unix::fs::chown(self.scratch(), Some(uid), Some(uid)).unwrap();
+        }
+        self
+    }
+
     fn termination_log(&self) -> PathBuf {
         self.dir.path().join("run/termination-log")
     }
@@ -100,6 +114,8 @@ impl Pod {
             .arg(self.block.clone().unwrap_or_else(|| self.dir.path().join("no-block-volume")))
             .arg("--termination-log")
             .arg(self.termination_log())
+            .arg("--scratch-dir")
+            .arg(self.scratch())
             .args(["--metrics-addr", "127.0.0.1:0"])
             .args(["--proxy-cert-dir", "/nonexistent-proxycerts", "--extra-headers-dir", "/nonexistent-headers"])
             .args(&self.extra_args)
@@ -822,6 +838,299 @@ fn http_without_ranges_streams_a_compressed_image_and_checks_its_checksum() {
     assert!(!bad.data().join("disk.img").exists(), "unverified data removed");
 }
 
+/// What CDI writes when its import needs a scratch volume it does not have.
+const SCRATCH_REQUIRED: &str =
+    r#"{"scratchSpaceRequired":true,"preallocationApplied":false,"message":"Import Complete"}"#;
+
+#[test]
+fn a_vhdx_streamed_without_ranges_asks_for_scratch_space_and_then_uses_it() {
+    let bench = Workbench::new("cdi-scratch");
+    let (qcow2, digest, virtual_size) = qcow2_image(&bench, 24 * MIB);
+    let vhdx = bench.path("disk.vhdx");
+    run(Command::new(common::qemu_img()).args(["convert", "-O", "vhdx"]).arg(&qcow2).arg(&vhdx));
+    let server = TestServer::start(bench.dir.path(), ServerOptions { ranges: false, ..Default::default() });
+
+    // No scratch volume: the format says at detection that the stream needs one; nothing is written.
+    let mut pod = Pod::new("cdi-scratch-pod");
+    pod.set("IMPORTER_ENDPOINT", &server.url("disk.vhdx"));
+    let ended = pod.run();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, SCRATCH_REQUIRED, "{}", ended.stderr);
+    assert_eq!(fs::read_dir(pod.data()).unwrap().count(), 0, "nothing left on the volume");
+
+    // The controller's second pod has /scratch: the stream is spooled there and imported.
+    pod.with_scratch();
+    let ended = pod.run();
+    ended_complete(&ended);
+    assert_eq!(sha256_prefix(&pod.data().join("disk.img"), virtual_size), digest);
+    assert_eq!(fs::read_dir(pod.scratch()).unwrap().count(), 0, "spool file removed");
+}
+
+#[test]
+fn a_qcow2_stream_spooling_past_memory_onto_a_block_volume_asks_for_scratch_and_then_uses_it() {
+    if !require_privileged("a_qcow2_stream_spooling_past_memory_onto_a_block_volume_asks_for_scratch_and_then_uses_it")
+    {
+        return;
+    }
+    let bench = Workbench::new("cdi-scratch-block");
+    let (qcow2, digest, virtual_size) = qcow2_image(&bench, 24 * MIB);
+    bench.qcow2_with_l2_after_data(&qcow2, "reordered.qcow2");
+    let server = TestServer::start(bench.dir.path(), ServerOptions { ranges: false, ..Default::default() });
+    let (device, _backing) = garbage_loop_device(bench.dir.path(), 32 * MIB);
+    let mut pod = Pod::new("cdi-scratch-block-pod");
+    pod.block = Some(device.path().to_path_buf());
+    pod.set("IMPORTER_ENDPOINT", &server.url("reordered.qcow2"));
+
+    // Known only part-way: the data ahead of its table outgrows the memory spool after writing has begun.
+    let ended = pod.run();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, SCRATCH_REQUIRED, "{}", ended.stderr);
+    let mut ends = vec![0u8; MIB as usize];
+    let mut file = fs::File::open(device.path()).unwrap();
+    for at in [0, 31 * MIB] {
+        file.seek(std::io::SeekFrom::Start(at)).unwrap();
+        file.read_exact(&mut ends).unwrap();
+        assert!(ends.iter().all(|&b| b == 0), "the partial image does not look like a disk (MiB at {at})");
+    }
+
+    pod.with_scratch();
+    let ended = pod.run();
+    ended_complete(&ended);
+    assert_eq!(sha256_prefix(device.path(), virtual_size), digest);
+    assert_eq!(fs::read_dir(pod.scratch()).unwrap().count(), 0, "spool file removed");
+}
+
+/// The watermark a running pod's last checkpoint recorded: in the state file beside `disk.img`, or in the last
+/// 4 KiB of its block volume.
+fn recorded_watermark(pod: &Pod) -> Option<u64> {
+    let text = match &pod.block {
+        None => fs::read_to_string(pod.data().join(".disk.img.boundimport-resume")).ok()?,
+        Some(device) => {
+            let mut file = fs::File::open(device).ok()?;
+            let len = file.seek(std::io::SeekFrom::End(0)).ok()?;
+            let mut tail = vec![0u8; 4096];
+            file.seek(std::io::SeekFrom::Start(len - 4096)).ok()?;
+            file.read_exact(&mut tail).ok()?;
+            let record = tail.strip_prefix(b"boundimport-resume\n")?;
+            let end = record.iter().position(|&b| b == 0)?;
+            String::from_utf8(record[..end].to_vec()).ok()?
+        }
+    };
+    serde_json::from_str::<serde_json::Value>(&text).ok()?["watermark"].as_u64()
+}
+
+/// Starts the pod and SIGKILLs it (a node drain, a preemption: no chance to clean up) once a checkpoint records
+/// at least `at_least` bytes. Returns the recorded watermark.
+fn kill_after_checkpoint(pod: &Pod, at_least: u64) -> u64 {
+    let mut child = pod.command().stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let watermark = loop {
+        assert!(child.try_wait().unwrap().is_none(), "the pod ended before a checkpoint of {at_least} bytes");
+        assert!(Instant::now() < deadline, "no checkpoint of {at_least} bytes within 120 s");
+        match recorded_watermark(pod) {
+            Some(watermark) if watermark >= at_least => break watermark,
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    watermark
+}
+
+/// The offset a pod's log says it resumed from.
+fn resumed_offset(stderr: &str) -> Option<u64> {
+    stderr.split("resuming at offset ").nth(1)?.split_whitespace().next()?.parse().ok()
+}
+
+/// Serves a qcow2 of `size` virtual bytes slowly (about 10 s for the whole file), with ETags.
+fn slow_etag_server(bench: &Workbench, size: u64) -> (TestServer, String, u64, u64) {
+    let (image, digest, virtual_size) = qcow2_image(bench, size);
+    let len = fs::metadata(&image).unwrap().len();
+    let options = ServerOptions { ranges: true, etag: true, rate: Some(len / 10), ..Default::default() };
+    (TestServer::start(bench.dir.path(), options), digest, virtual_size, len)
+}
+
+/// A killed pod's successor continues from the recorded watermark, reports progress from there, fetches well
+/// under the whole image again, and ends byte-identical to qemu-img's conversion with no state left behind.
+fn assert_resumes(pod: &mut Pod, server: &TestServer, digest: &str, virtual_size: u64, len: u64) {
+    let watermark = kill_after_checkpoint(pod, virtual_size / 3);
+    let served_before = server.bytes_served();
+    let (ended, values, _) = pod.run_scraping();
+    ended_complete(&ended);
+    let served = server.bytes_served() - served_before;
+    let resumed = resumed_offset(&ended.stderr).unwrap_or_else(|| panic!("did not resume:\n{}", ended.stderr));
+    eprintln!("killed at watermark {watermark}, resumed at {resumed} of {virtual_size}; fetched {served} of {len} bytes again");
+    assert!(resumed >= watermark, "resumed at {resumed}, below the recorded {watermark}");
+    assert!(served < len * 3 / 4, "the second pod fetched {served} of {len} bytes");
+    let first = values.iter().copied().find(|&v| v > 0.0).expect("progress was scraped");
+    let resumed_percent = resumed as f64 * 100.0 / virtual_size as f64;
+    assert!(first >= resumed_percent - 0.01, "progress restarted at {first}%, resumed at {resumed_percent:.2}%");
+    assert_progress_series(&values, false);
+    let image = pod.block.clone().unwrap_or_else(|| pod.data().join("disk.img"));
+    assert_eq!(sha256_prefix(&image, virtual_size), digest);
+    assert_eq!(recorded_watermark(pod), None, "resume state cleared");
+}
+
+#[test]
+fn a_pod_killed_mid_import_resumes_in_the_next_pod() {
+    let bench = Workbench::new("cdi-resume");
+    let (server, digest, virtual_size, len) = slow_etag_server(&bench, 64 * MIB);
+    let mut pod = Pod::new("cdi-resume-pod");
+    pod.set("IMPORTER_ENDPOINT", &server.url("disk.qcow2"));
+    assert_resumes(&mut pod, &server, &digest, virtual_size, len);
+    assert_eq!(fs::read_dir(pod.data()).unwrap().count(), 1, "only disk.img is left");
+}
+
+#[test]
+fn a_pod_killed_mid_import_onto_a_block_volume_resumes_in_the_next_pod() {
+    if !require_privileged("a_pod_killed_mid_import_onto_a_block_volume_resumes_in_the_next_pod") {
+        return;
+    }
+    let bench = Workbench::new("cdi-resume-block");
+    let (server, digest, virtual_size, len) = slow_etag_server(&bench, 64 * MIB);
+    let (device, _backing) = garbage_loop_device(bench.dir.path(), virtual_size + MIB);
+    let mut pod = Pod::new("cdi-resume-block-pod");
+    pod.block = Some(device.path().to_path_buf());
+    pod.set("IMPORTER_ENDPOINT", &server.url("disk.qcow2"));
+    assert_resumes(&mut pod, &server, &digest, virtual_size, len);
+    let mut tail = vec![0u8; 4096];
+    let mut file = fs::File::open(device.path()).unwrap();
+    file.seek(std::io::SeekFrom::Start(virtual_size + MIB - 4096)).unwrap();
+    file.read_exact(&mut tail).unwrap();
+    assert!(tail.iter().all(|&b| b == 0), "the state block is zeroed after success");
+}
+
+#[test]
+fn a_changed_source_starts_over_in_the_next_pod() {
+    let bench = Workbench::new("cdi-resume-changed");
+    let (server, _, virtual_size, _) = slow_etag_server(&bench, 64 * MIB);
+    let mut pod = Pod::new("cdi-resume-changed-pod");
+    pod.set("IMPORTER_ENDPOINT", &server.url("disk.qcow2"));
+    kill_after_checkpoint(&pod, virtual_size / 4);
+
+    // The same URL now serves another image (another size, so another ETag).
+    let other = Workbench::new("cdi-resume-other");
+    let (replacement, digest, virtual_size) = qcow2_image(&other, 40 * MIB);
+    fs::copy(&replacement, bench.path("disk.qcow2")).unwrap();
+    let len = fs::metadata(&replacement).unwrap().len();
+    let served_before = server.bytes_served();
+    let ended = pod.run();
+    ended_complete(&ended);
+    assert!(ended.stderr.contains("ignoring resume state"), "{}", ended.stderr);
+    assert_eq!(resumed_offset(&ended.stderr), None);
+    assert!(server.bytes_served() - served_before >= len, "the whole new image was fetched");
+    assert_eq!(sha256_prefix(&pod.data().join("disk.img"), virtual_size), digest);
+    assert_eq!(recorded_watermark(&pod), None, "resume state cleared");
+}
+
+#[test]
+fn node_pull_imports_take_their_labels_from_the_sidecars_info() {
+    let bench = Workbench::new("cdi-node-pull");
+    let (_, digest, virtual_size) = qcow2_image(&bench, 24 * MIB);
+    // What CDI's containerimage-server answers at /info: the image's environment.
+    let env = [
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin",
+        "INSTANCETYPE_KUBEVIRT_IO_DEFAULT_INSTANCETYPE=u1.small",
+        "PREFERENCE_KUBEVIRT_IO_DEFAULT_PREFERENCE=fedora",
+    ];
+    fs::write(bench.path("info"), serde_json::json!({ "env": env }).to_string()).unwrap();
+    let server = TestServer::start(bench.dir.path(), ServerOptions { ranges: true, ..Default::default() });
+
+    // The controller's node-pull pod: the endpoint names disk.img, the sidecar's ready file the real name.
+    let mut pod = Pod::new("cdi-node-pull-pod");
+    let ready = pod.dir.path().join("run/ready");
+    let done = pod.dir.path().join("run/done");
+    fs::write(&ready, "disk.qcow2").unwrap();
+    pod.set("IMPORTER_ENDPOINT", &server.url("disk.img"))
+        .set("IMPORTER_PULL_METHOD", "node")
+        .set("IMPORTER_READY_FILE", ready.to_str().unwrap())
+        .set("IMPORTER_DONE_FILE", done.to_str().unwrap());
+    let ended = pod.run();
+    ended_ok(&ended);
+    assert_eq!(
+        ended.termination,
+        r#"{"scratchSpaceRequired":false,"preallocationApplied":false,"labels":{"instancetype.kubevirt.io/default-instancetype":"u1.small","preference.kubevirt.io/default-preference":"fedora"},"message":"Import Complete"}"#
+    );
+    assert!(done.exists(), "the sidecar is told the import is done");
+    assert_eq!(sha256_prefix(&pod.data().join("disk.img"), virtual_size), digest);
+    let info = server.requests().into_iter().filter(|r| r.path == "/info").collect::<Vec<_>>();
+    assert_eq!(info.len(), 1, "one /info request");
+    assert!(!info[0].headers.iter().any(|h| h.to_ascii_lowercase().starts_with("authorization")));
+
+    // Without a usable /info the import still succeeds, without labels (CDI logs the error).
+    fs::remove_file(bench.path("info")).unwrap();
+    fs::remove_file(&done).unwrap();
+    let ended = pod.run();
+    ended_complete(&ended);
+    assert!(ended.stderr.contains("containerimage-server info"), "{}", ended.stderr);
+
+    // Not a node pull: no /info request at all.
+    let before = server.requests().len();
+    let mut plain = Pod::new("cdi-not-node-pull");
+    plain.set("IMPORTER_ENDPOINT", &server.url("disk.qcow2"));
+    ended_complete(&plain.run());
+    assert!(server.requests()[before..].iter().all(|r| r.path != "/info"));
+}
+
+#[test]
+fn https_through_an_https_proxy_from_the_environment() {
+    let bench = Workbench::new("cdi-https-proxy");
+    let (digest, virtual_size) = served_qcow2(&bench, 24 * MIB);
+    // A host only the proxy knows: no resolver here has heard of it, so a direct connection cannot succeed.
+    let host = "images.proxied.test";
+    let options = ServerOptions { ranges: true, tls: true, tls_names: vec![host.into()], ..Default::default() };
+    let server = TestServer::start(bench.dir.path(), options);
+    let proxy = common::proxy::TlsProxy::start(bench.dir.path(), server.port());
+
+    let mut pod = Pod::new("cdi-https-proxy-pod");
+    let certs = cert_dir(&pod, &server);
+    let endpoint = format!("https://{host}:{}/disk.qcow2", server.port());
+    pod.set("IMPORTER_ENDPOINT", &endpoint)
+        .set("IMPORTER_CERT_DIR", certs.to_str().unwrap())
+        .set("IMPORTER_PROXY_CERT_DIR", proxy.ca_dir.to_str().unwrap())
+        .set("HTTPS_PROXY", &proxy.url(Some("puser:p%40ss")))
+        .set("https_proxy", "http://127.0.0.1:9/ignored-the-upper-case-one-wins")
+        .set("NO_PROXY", "10.0.0.0/8,.example.com,images.proxied.test:1");
+    let ended = pod.run();
+    ended_complete(&ended);
+    assert_eq!(sha256_prefix(&pod.data().join("disk.img"), virtual_size), digest);
+    let connects = proxy.connects();
+    assert!(!connects.is_empty(), "nothing went through the proxy");
+    let authority = format!("CONNECT {host}:{} HTTP/1.1", server.port());
+    let auth = "Proxy-Authorization: Basic cHVzZXI6cEBzcw=="; // puser:p@ss
+    for head in &connects {
+        assert_eq!(head[0], authority, "{head:?}");
+        assert!(head.iter().any(|l| l == auth), "{head:?}");
+    }
+
+    // The proxy's certificate must verify: without its CA the import fails, naming the proxy.
+    let mut untrusted = Pod::new("cdi-https-proxy-untrusted");
+    let certs = cert_dir(&untrusted, &server);
+    untrusted
+        .set("IMPORTER_ENDPOINT", &endpoint)
+        .set("IMPORTER_CERT_DIR", certs.to_str().unwrap())
+        .set("HTTPS_PROXY", &proxy.url(None));
+    let ended = untrusted.run();
+    assert_eq!(ended.code, 1, "{}", ended.stderr);
+    assert!(ended.termination.contains("starting TLS with the proxy"), "{}", ended.termination);
+    assert!(!untrusted.data().join("disk.img").exists());
+
+    // A NO_PROXY entry for the host (its port given) sends it direct, where it does not resolve.
+    let mut direct = Pod::new("cdi-https-no-proxy");
+    let certs = cert_dir(&direct, &server);
+    direct
+        .set("IMPORTER_ENDPOINT", &endpoint)
+        .set("IMPORTER_CERT_DIR", certs.to_str().unwrap())
+        .set("IMPORTER_PROXY_CERT_DIR", proxy.ca_dir.to_str().unwrap())
+        .set("HTTPS_PROXY", &proxy.url(None))
+        .set("NO_PROXY", &format!(".test:{}", server.port()));
+    let before = proxy.connects().len();
+    let ended = direct.run();
+    assert_eq!(ended.code, 1, "{}", ended.stderr);
+    assert!(ended.termination.contains("resolving images.proxied.test"), "{}", ended.termination);
+    assert_eq!(proxy.connects().len(), before, "no_proxy bypassed the proxy");
+}
+
 #[test]
 fn http_image_too_large_for_the_volume_is_refused_before_writing() {
     let bench = Workbench::new("cdi-http-small");
@@ -1003,9 +1312,8 @@ fn registry_containerdisk_into_a_file_volume_with_labels() {
     let bench = Workbench::new("cdi-registry-file");
     let (registry, _layout, digest, virtual_size) = registry_with_containerdisk(&bench, 40 * MIB);
     let mut pod = registry_pod("cdi-registry-file-pod", &registry, "v1");
-    let scratch = pod.dir.path().join("scratch");
-    fs::create_dir(&scratch).unwrap();
-    pod.extra_args.extend(["--scratch-dir".to_string(), scratch.display().to_string()]);
+    pod.with_scratch();
+    let scratch = pod.scratch();
     let (ended, values, _) = pod.run_scraping();
     ended_ok(&ended);
     assert_eq!(ended.termination, REGISTRY_COMPLETE);

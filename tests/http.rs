@@ -5,7 +5,7 @@
 mod common;
 
 use common::http::{ServerOptions, TestServer};
-use common::{boundimport, qemu_reference, read_be64, run, sha256_prefix, write_be64, Workbench, MIB};
+use common::{boundimport, qemu_reference, run, sha256_prefix, Workbench, MIB};
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -41,28 +41,9 @@ fn images() -> &'static Images {
     })
 }
 
-/// A copy of `qcow2` whose first L2 table is moved to the end of the file, after the data it maps: a forward reader
-/// sees that data before knowing where it belongs, so it must spool it.
+/// The reordered qcow2 (its first L2 table after the data it maps), xz-compressed too, and its reference.
 fn reorder_l2(bench: &Workbench, qcow2: &Path) -> (String, u64) {
-    let path = bench.path("reordered.qcow2");
-    std::fs::copy(qcow2, &path).unwrap();
-    let cluster = 1u64 << (read_be64(&path, 16) & 0xffff_ffff);
-    let l1 = read_be64(&path, 40);
-    let entry = read_be64(&path, l1);
-    let old = entry & 0x00ff_ffff_ffff_fe00;
-    let len = std::fs::metadata(&path).unwrap().len();
-    let new = len.div_ceil(cluster) * cluster;
-    let table = {
-        use std::os::unix::fs::FileExt;
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
-        let mut table = vec![0u8; cluster as usize];
-        file.read_exact_at(&mut table, old).unwrap();
-        file.write_all_at(&table, new).unwrap();
-        file.write_all_at(&vec![0u8; cluster as usize], old).unwrap();
-        table
-    };
-    assert!(table.iter().any(|&b| b != 0));
-    write_be64(&path, l1, (entry & !0x00ff_ffff_ffff_fe00) | new);
+    let path = bench.qcow2_with_l2_after_data(qcow2, "reordered.qcow2");
     run(Command::new("xz").args(["-k", "-T0"]).arg(&path));
     qemu_reference(&path, bench.dir.path())
 }
@@ -143,6 +124,40 @@ fn a_dropped_connection_resumes() {
             }
         }
     }
+}
+
+#[test]
+fn a_file_replaced_mid_import_fails_instead_of_mixing_versions() {
+    let bench = Workbench::new("http-replaced");
+    let len = 16 * MIB;
+    let source = bench.raw_mix("disk.raw", len, 1);
+    // Slow (about 4 s for the file) and dropped once at the half, so the import reopens after the file changed.
+    let options = ServerOptions {
+        ranges: true,
+        etag: true,
+        rate: Some(len / 4),
+        drop_at: Some((len / 2, 1)),
+        ..Default::default()
+    };
+    let server = TestServer::start(bench.dir.path(), options);
+    let out = common::scratch_dir("http-replaced-out");
+    let dest = out.path().join("out.raw");
+    let mut command = boundimport();
+    command.args(["--progress", "none"]).arg(server.url("disk.raw")).arg(&dest);
+    let child = command.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.bytes_served() < len / 4 {
+        assert!(Instant::now() < deadline, "the import never got a quarter in");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Rewritten in place, another version of the same size: only its ETag tells.
+    let other = bench.raw_mix("other.raw", len, 2);
+    std::fs::write(&source, std::fs::read(other).unwrap()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let text = stderr(&output);
+    assert!(!output.status.success(), "{text}");
+    assert!(text.contains("the file changed during the import"), "{text}");
+    assert!(!dest.exists(), "no partial image left");
 }
 
 #[test]

@@ -74,12 +74,31 @@ pub fn device_size(path: &Path) -> Result<u64> {
 
 /// The space an image may occupy, CDI's `calculateTargetSize`: the device size for a block volume; for a
 /// filesystem the free space, capped by the requested size.
-pub fn available_space(volume: &Volume, requested: Option<u64>) -> Result<u64> {
+/// `kept` bytes of a filesystem are an earlier attempt's image this import may overwrite, and count as free.
+pub fn available_space(volume: &Volume, requested: Option<u64>, kept: u64) -> Result<u64> {
     match volume {
         Volume::Block(device) => device_size(device),
         Volume::Filesystem(dir) => {
-            let free = filesystem_available(dir)?;
+            let free = filesystem_available(dir)?.saturating_add(kept);
             Ok(requested.map_or(free, |r| r.min(free)))
+        }
+    }
+}
+
+/// Readies `/data/disk.img` for an import: an earlier attempt's image with resume state beside it is kept (the
+/// engine continues it if the state matches this source, and starts over otherwise); any other stale image is
+/// removed. Returns the bytes a kept image occupies, which count as available space: they are the image's own.
+pub fn keep_resumable_or_remove_stale(image: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let state = crate::import::resume::state_path(image, crate::sink::DestKind::RegularFile, None)?;
+    match (std::fs::symlink_metadata(image), state.is_file()) {
+        (Ok(meta), true) if meta.is_file() => {
+            log::info!("{}: kept for resuming; resume state in {}", image.display(), state.display());
+            Ok(meta.blocks().saturating_mul(512))
+        }
+        _ => {
+            remove_stale(&state)?;
+            remove_stale(image).map(|()| 0)
         }
     }
 }

@@ -69,6 +69,9 @@ pub struct CdiEnv {
     pub ready_file: Option<PathBuf>,
     /// File created after a successful import (`IMPORTER_DONE_FILE`).
     pub done_file: Option<PathBuf>,
+    /// A registry image pulled by the node and served to the pod over HTTP (`IMPORTER_PULL_METHOD=node`): its
+    /// labels come from the serving sidecar's `/info`.
+    pub node_pull: bool,
     /// Lenient parses worth a log line.
     pub warnings: Vec<String>,
 }
@@ -242,6 +245,7 @@ impl CdiEnv {
             extra_headers,
             ready_file: non_empty("IMPORTER_READY_FILE").map(PathBuf::from),
             done_file: non_empty("IMPORTER_DONE_FILE").map(PathBuf::from),
+            node_pull: get("IMPORTER_PULL_METHOD") == "node",
             warnings,
         })
     }

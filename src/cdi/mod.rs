@@ -20,7 +20,7 @@ pub mod termination;
 use crate::cgroup::governor::Targets;
 use crate::cgroup::MemCgroup;
 use crate::error::{Error, ErrorKind, Result};
-use crate::import::{self, Plan};
+use crate::import::{self, Plan, ResumeOptions};
 use crate::progress::Progress;
 use crate::source::Location;
 use dest::Volume;
@@ -45,8 +45,23 @@ enum Finish {
     Success(TerminationMessage),
     /// The source failed its checksum: data removed, reported as JSON, exit 0 (CDI's fatal, no-retry case).
     ChecksumMismatch(String),
+    /// The import needs a spool beyond its memory share and the pod has no scratch volume (CDI's
+    /// `ErrRequiresScratchSpace`): nothing left on the volume, `"scratchSpaceRequired":true` reported with exit 0,
+    /// and the controller starts the import again with a scratch volume at `/scratch`.
+    ScratchRequired(TerminationMessage),
     /// Any other failure: a plain line, exit 1 (kubelet restarts the pod).
     Failure(String),
+}
+
+impl Finish {
+    /// A finish whose termination message (success, or asking for scratch) carries `labels`.
+    fn with_labels(self, labels: std::collections::BTreeMap<String, String>) -> Finish {
+        match self {
+            Finish::Success(message) => Finish::Success(TerminationMessage { labels, ..message }),
+            Finish::ScratchRequired(message) => Finish::ScratchRequired(TerminationMessage { labels, ..message }),
+            other => other,
+        }
+    }
 }
 
 /// Runs the importer; returns the process exit code.
@@ -120,6 +135,10 @@ fn report(args: &CdiArgs, finish: Finish) -> i32 {
             log::error!("{text}");
             (termination::write_json(path, &TerminationMessage::message_only(text)), 0)
         }
+        Finish::ScratchRequired(message) => {
+            log::info!("{}", message.to_json());
+            (termination::write_json(path, &message), 0)
+        }
         Finish::Failure(text) => {
             log::error!("{text}");
             (termination::write_plain(path, &text), 1)
@@ -170,10 +189,17 @@ impl Context<'_> {
                 Err(message) => Finish::Failure(message),
                 Ok(location) => {
                     let finish = match env.content_type {
-                        ContentType::Kubevirt => self.import_image(&env, &volume, location),
-                        ContentType::Archive => self.import_archive(&env, &volume, location),
+                        ContentType::Kubevirt => self.import_image(&env, &volume, location.clone()),
+                        ContentType::Archive => self.import_archive(&env, &volume, location.clone()),
                     };
-                    if matches!(finish, Finish::Success(_)) {
+                    let finish = match (&finish, env.node_pull) {
+                        (Finish::Success(_) | Finish::ScratchRequired(_), true) => {
+                            finish.with_labels(registry::node_pull_labels(&location))
+                        }
+                        _ => finish,
+                    };
+                    // CDI signals a node-pull sidecar in both cases: the pod is done either way.
+                    if matches!(finish, Finish::Success(_) | Finish::ScratchRequired(_)) {
                         touch_done_file(&env);
                     }
                     finish
@@ -246,12 +272,14 @@ impl Context<'_> {
     /// `IMPORTER_CONTENTTYPE=kubevirt`: the image converted to raw onto the volume.
     fn import_image(&self, env: &CdiEnv, volume: &Volume, location: Location) -> Finish {
         let image = volume.image_path();
-        if let Volume::Filesystem(_) = volume {
-            if let Err(e) = dest::remove_stale(&image) {
-                return Finish::Failure(format!("Unable to process data: {e}"));
-            }
-        }
-        let available = match dest::available_space(volume, env.image_size) {
+        let kept = match volume {
+            Volume::Filesystem(_) => match dest::keep_resumable_or_remove_stale(&image) {
+                Ok(kept) => kept,
+                Err(e) => return Finish::Failure(format!("Unable to process data: {e}")),
+            },
+            Volume::Block(_) => 0,
+        };
+        let available = match dest::available_space(volume, env.image_size, kept) {
             Ok(available) => available,
             Err(e) => return Finish::Failure(format!("Unable to process data: {e}")),
         };
@@ -268,6 +296,9 @@ impl Context<'_> {
             file_mode: dest::FILE_MODE,
             max_virtual_size: Some(available),
             preallocate: env.preallocation,
+            // A pod killed part-way and started again continues where its predecessor's last checkpoint was, when
+            // the source proves to be the same; the state lives beside disk.img, or in a block volume's last 4 KiB.
+            resume: Some(ResumeOptions { state_dir: None, device_tail: true }),
             grow_file_to: match volume {
                 Volume::Filesystem(_) => dest::file_size_target(env.image_size, available, env.filesystem_overhead),
                 Volume::Block(_) => None,
@@ -285,6 +316,10 @@ impl Context<'_> {
                 }
                 return Finish::ChecksumMismatch(format!("Unable to process data: {e}"));
             }
+            Err(e) if e.kind() == ErrorKind::NeedsScratch => {
+                log::info!("{e}");
+                return self.scratch_required(volume);
+            }
             Err(e) => return Finish::Failure(format!("Unable to process data: {e}")),
         };
         log::info!(
@@ -296,6 +331,22 @@ impl Context<'_> {
         );
         // The engine synced the destination and sized the file.
         Finish::Success(TerminationMessage::import_complete(env.preallocation))
+    }
+}
+
+impl Context<'_> {
+    /// Ends an import that found it needs a scratch volume: whatever it wrote is removed (a device's ends are
+    /// zeroed, so a partial image never looks like a disk) and the controller is asked for scratch space.
+    fn scratch_required(&self, volume: &Volume) -> Finish {
+        log::info!("{} does not exist: asking the controller for scratch space", self.args.scratch_dir.display());
+        let cleared = match volume {
+            Volume::Filesystem(_) => dest::remove_stale(&volume.image_path()),
+            Volume::Block(device) => dest::scrub_device(device),
+        };
+        if let Err(e) = cleared {
+            return Finish::Failure(format!("Unable to process data: {e}"));
+        }
+        Finish::ScratchRequired(TerminationMessage::scratch_space_required())
     }
 }
 

@@ -16,7 +16,7 @@ pub const COMPLETE: &str = "Import Complete";
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TerminationMessage {
-    /// The import needs a scratch volume (never, for boundimport; reported `false` like CDI).
+    /// The import needs a scratch volume (a stream that must be spooled, with no `/scratch` mounted).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scratch_space_required: Option<bool>,
     /// The destination was preallocated.
@@ -43,6 +43,12 @@ impl TerminationMessage {
             message: Some(COMPLETE.to_string()),
             ..Default::default()
         }
+    }
+
+    /// What CDI writes when the import needs a scratch volume (`ErrRequiresScratchSpace`): the success message with
+    /// `"scratchSpaceRequired":true`, nothing preallocated.
+    pub fn scratch_space_required() -> Self {
+        TerminationMessage { scratch_space_required: Some(true), ..Self::import_complete(false) }
     }
 
     /// What CDI writes after creating a blank disk: no `scratchSpaceRequired` field.
@@ -206,6 +212,10 @@ mod tests {
         assert_eq!(
             TerminationMessage::import_complete(true).to_json(),
             r#"{"scratchSpaceRequired":false,"preallocationApplied":true,"message":"Import Complete"}"#
+        );
+        assert_eq!(
+            TerminationMessage::scratch_space_required().to_json(),
+            r#"{"scratchSpaceRequired":true,"preallocationApplied":false,"message":"Import Complete"}"#
         );
         assert_eq!(
             TerminationMessage::blank_complete(true).to_json(),

@@ -1,6 +1,6 @@
 //! The one type that owns an import from the opened destination to its outcome, whichever driver feeds it.
 
-use super::resume::Checkpoints;
+use super::resume::{Checkpoints, Store};
 use super::{Context, MemoryReport, Outcome, Plan};
 use crate::cgroup::sampler::ChargeSampler;
 use crate::checksum::{hex, Algorithm, Hasher};
@@ -78,14 +78,26 @@ impl<'a> Engine<'a> {
     ) -> Result<Self> {
         let probe = Probe::of(&plan.destination)?;
         let checkpoints = match (&plan.resume, resumable) {
-            (Some(options), Some(resumable)) => Some(Checkpoints::new(
-                &plan.source.to_string(),
-                resumable.source,
-                &plan.destination,
-                probe.kind,
-                size,
-                options.state_dir.as_deref(),
-            )?),
+            (Some(options), Some(resumable)) => {
+                let store = Store::choose(
+                    &plan.destination,
+                    probe.kind,
+                    probe.len,
+                    size,
+                    options.state_dir.as_deref(),
+                    options.device_tail,
+                )?;
+                match store {
+                    Some(store) => Some(Checkpoints::new(
+                        &plan.source.to_string(),
+                        resumable.source,
+                        &plan.destination,
+                        size,
+                        store,
+                    )?),
+                    None => None,
+                }
+            }
             _ => None,
         };
         let start = match &checkpoints {

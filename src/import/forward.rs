@@ -41,7 +41,7 @@ pub(super) fn import(
 ) -> Result<Outcome> {
     let name = plan.source.to_string();
     if plan.resume.is_some() {
-        log::warn!("{name}: --resume is not available for a source read as a stream; importing from the start");
+        log::info!("{name}: resuming is not available for a source read as a stream; importing from the start");
     }
     let tap = StreamTap::new(plan.checksum.as_ref().map(|c| c.algorithm));
     let tapped = Box::new(HashingReader::new(reader, tap.clone()));
@@ -87,7 +87,7 @@ pub(super) fn import(
             _ => "this",
         };
         let Some(dir) = &plan.scratch else {
-            return Err(Error::unsupported(format!(
+            return Err(Error::needs_scratch(format!(
                 "{what} image read as a stream (compressed, or from a server without Range support) needs random access: pass --scratch DIR to spool it there first"
             ))
             .at_path(&name));

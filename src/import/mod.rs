@@ -102,8 +102,11 @@ impl Plan {
 /// How to resume.
 #[derive(Debug, Clone, Default)]
 pub struct ResumeOptions {
-    /// Directory for the state file (needed for block devices; files keep theirs beside them).
+    /// Directory for the state file (files keep theirs beside them).
     pub state_dir: Option<PathBuf>,
+    /// Without a state directory, keep a block device's state in its last 4 KiB, when the image leaves them free:
+    /// a CDI block volume is all that survives the pod.
+    pub device_tail: bool,
 }
 
 /// What an import did.

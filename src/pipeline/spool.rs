@@ -83,7 +83,7 @@ impl Spool {
         if self.file.is_none() {
             let Some(dir) = &self.dir else {
                 return Err(Error::new(
-                    ErrorKind::Unsupported,
+                    ErrorKind::NeedsScratch,
                     format!(
                         "this stream must be partly spooled, and more than {} of it does not fit in memory: pass --scratch DIR for a spool file",
                         human(MEMORY_CAP as u64)

@@ -147,7 +147,7 @@ impl Job {
         if let Volume::Filesystem(_) = self.volume {
             dest::remove_stale(&self.image)?;
         }
-        let available = dest::available_space(&self.volume, self.image_size)?;
+        let available = dest::available_space(&self.volume, self.image_size, 0)?;
         log::info!("space available for the image: {available} bytes");
         let grow_file_to = match self.volume {
             Volume::Filesystem(_) => dest::file_size_target(self.image_size, available, self.filesystem_overhead),

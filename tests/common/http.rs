@@ -7,7 +7,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +29,10 @@ pub struct ServerOptions {
     /// Added to the true length in the Content-Length of whole-file answers (negative: the body is longer than
     /// declared; positive: the body stops short and the connection closes).
     pub length_lie: i64,
+    /// Names (besides 127.0.0.1 and localhost) the TLS certificate is for: a host reached only through a proxy.
+    pub tls_names: Vec<String>,
+    /// Send an ETag (from the file's length and modification time) with every file answer, as web servers do.
+    pub etag: bool,
 }
 
 /// One request the server answered.
@@ -50,6 +54,7 @@ pub struct TestServer {
     tls: bool,
     stop: Arc<AtomicBool>,
     log: Arc<Mutex<Vec<Logged>>>,
+    served: Arc<AtomicU64>,
     /// PEM of the self-signed certificate (TLS only), to put in a `--ca-dir`.
     pub cert_pem: Option<String>,
 }
@@ -60,6 +65,7 @@ struct Shared {
     drops_left: AtomicU32,
     stop: Arc<AtomicBool>,
     log: Arc<Mutex<Vec<Logged>>>,
+    served: Arc<AtomicU64>,
     tls: Option<Arc<rustls::ServerConfig>>,
 }
 
@@ -73,8 +79,11 @@ impl TestServer {
         let port = listener.local_addr().unwrap().port();
         let stop = Arc::new(AtomicBool::new(false));
         let log = Arc::new(Mutex::new(Vec::new()));
+        let served = Arc::new(AtomicU64::new(0));
         let (tls, cert_pem) = if options.tls {
-            let key = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+            let mut names = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+            names.extend(options.tls_names.iter().cloned());
+            let key = rcgen::generate_simple_self_signed(names).unwrap();
             let cert_der = key.cert.der().clone();
             let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.signing_key.serialize_der()).unwrap();
             let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -94,6 +103,7 @@ impl TestServer {
             options,
             stop: stop.clone(),
             log: log.clone(),
+            served: served.clone(),
             tls,
         });
         std::thread::spawn(move || {
@@ -106,12 +116,22 @@ impl TestServer {
                 std::thread::spawn(move || serve_connection(&shared, tcp));
             }
         });
-        TestServer { port, tls: cert_pem.is_some(), stop, log, cert_pem }
+        TestServer { port, tls: cert_pem.is_some(), stop, log, served, cert_pem }
+    }
+
+    /// The port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The URL of file `name`.
     pub fn url(&self, name: &str) -> String {
         format!("{}://127.0.0.1:{}/{name}", if self.tls { "https" } else { "http" }, self.port)
+    }
+
+    /// Body bytes sent so far, over every request.
+    pub fn bytes_served(&self) -> u64 {
+        self.served.load(Ordering::SeqCst)
     }
 
     /// The requests answered so far.
@@ -206,7 +226,15 @@ fn respond(
         let _ = write!(out, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n{conn_header}\r\n");
         return true;
     };
-    let len = data.metadata().unwrap().len();
+    let meta = data.metadata().unwrap();
+    let len = meta.len();
+    let etag = match shared.options.etag {
+        true => {
+            use std::os::unix::fs::MetadataExt;
+            format!("ETag: \"{len:x}-{:x}{:09x}\"\r\n", meta.mtime(), meta.mtime_nsec())
+        }
+        false => String::new(),
+    };
     let parsed = range.as_deref().filter(|_| shared.options.ranges).and_then(|r| {
         let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
         let a: u64 = a.trim().parse().ok()?;
@@ -223,7 +251,7 @@ fn respond(
         Some((a, b)) => {
             log(206);
             let head = format!(
-                "HTTP/1.1 206 Partial Content\r\nAccept-Ranges: bytes\r\nContent-Range: bytes {a}-{b}/{len}\r\nContent-Length: {}\r\n{conn_header}\r\n",
+                "HTTP/1.1 206 Partial Content\r\nAccept-Ranges: bytes\r\nContent-Range: bytes {a}-{b}/{len}\r\nContent-Length: {}\r\n{etag}{conn_header}\r\n",
                 b + 1 - a
             );
             (a, b + 1, head)
@@ -233,7 +261,7 @@ fn respond(
             let declared = (len as i64 + shared.options.length_lie).max(0);
             // A lying server sends its own length and closes: the client has to notice.
             let conn = if shared.options.length_lie != 0 { "Connection: close\r\n" } else { conn_header };
-            (0, len, format!("HTTP/1.1 200 OK\r\nContent-Length: {declared}\r\n{conn}\r\n"))
+            (0, len, format!("HTTP/1.1 200 OK\r\nContent-Length: {declared}\r\n{etag}{conn}\r\n"))
         }
     };
     if out.write_all(head.as_bytes()).is_err() {
@@ -266,6 +294,7 @@ fn respond(
             if out.write_all(&buf[..n]).is_err() {
                 return false;
             }
+            shared.served.fetch_add(n as u64, Ordering::SeqCst);
             at += n as u64;
             if let Some(rate) = shared.options.rate {
                 std::thread::sleep(Duration::from_secs_f64(n as f64 / rate.max(1) as f64));

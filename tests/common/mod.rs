@@ -5,6 +5,7 @@
 pub mod http;
 pub mod images;
 pub mod privileged;
+pub mod proxy;
 pub mod registry;
 
 use std::fs::{File, OpenOptions};
@@ -286,6 +287,27 @@ impl Workbench {
     /// Path of `name` in the scratch directory.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// A copy of `qcow2` named `name` whose first L2 table is moved to the end of the file, after the data it
+    /// maps: a forward reader sees that data before knowing where it belongs, so it must spool it.
+    pub fn qcow2_with_l2_after_data(&self, qcow2: &Path, name: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::copy(qcow2, &path).unwrap();
+        let cluster = 1u64 << (read_be64(&path, 16) & 0xffff_ffff);
+        let l1 = read_be64(&path, 40);
+        let entry = read_be64(&path, l1);
+        let old = entry & 0x00ff_ffff_ffff_fe00;
+        let len = std::fs::metadata(&path).unwrap().len();
+        let new = len.div_ceil(cluster) * cluster;
+        let file = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let mut table = vec![0u8; cluster as usize];
+        file.read_exact_at(&mut table, old).unwrap();
+        file.write_all_at(&table, new).unwrap();
+        file.write_all_at(&vec![0u8; cluster as usize], old).unwrap();
+        assert!(table.iter().any(|&b| b != 0));
+        write_be64(&path, l1, (entry & !0x00ff_ffff_ffff_fe00) | new);
+        path
     }
 
     /// `qemu-img ARGS`, run in the scratch directory (so relative backing names resolve there).

@@ -10,7 +10,7 @@ use super::tls;
 use crate::error::{Error, ErrorKind, Result};
 use crate::source::HttpOptions;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -205,7 +205,7 @@ impl Client {
     ) -> Result<Response> {
         let io_err = |what: &str, e: io::Error| self.io_error(what, e);
         let origin = origin(url);
-        let proxy = proxy_for(url);
+        let proxy = ProxyEnv::from_process().proxy_for(url);
         let reused = {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             match idle.take() {
@@ -297,18 +297,26 @@ impl Client {
         let tcp = self.dial(&dial_host, dial_port)?;
         let socket = tcp.try_clone().map_err(|e| self.io_error("cloning the socket", e))?;
         let mut transport: Box<dyn Transport> = Box::new(tcp);
+        if let Some(proxy) = proxy.filter(|p| p.scheme() == "https") {
+            // TLS to the proxy itself, verified like the origin (CDI mounts the proxy's CA in /proxycerts).
+            transport = tls::wrap(self.tls_config()?, &dial_host, transport)
+                .map_err(|e| self.io_error(&format!("starting TLS with the proxy {}", origin(proxy)), e))?;
+        }
         if url.scheme() == "https" {
             if let Some(proxy) = proxy {
                 transport = self.tunnel(transport, host, port, proxy)?;
             }
-            let config = self
-                .tls
-                .get_or_init(|| tls::client_config(&self.options).map(Arc::new))
-                .clone()
-                .map_err(|why| self.error(ErrorKind::Usage, why))?;
-            transport = tls::wrap(config, host, transport).map_err(|e| self.io_error("starting TLS", e))?;
+            transport = tls::wrap(self.tls_config()?, host, transport).map_err(|e| self.io_error("starting TLS", e))?;
         }
         Ok(Conn { origin: origin(url), io: BufReader::with_capacity(READ_BUFFER, transport), socket })
+    }
+
+    /// The TLS settings, built on first use.
+    fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>> {
+        self.tls
+            .get_or_init(|| tls::client_config(&self.options).map(Arc::new))
+            .clone()
+            .map_err(|why| self.error(ErrorKind::Usage, why))
     }
 
     fn dial(&self, host: &str, port: u16) -> Result<TcpStream> {
@@ -718,51 +726,142 @@ pub(crate) fn base64(bytes: &[u8]) -> String {
     out
 }
 
-/// The proxy for `url` from `http_proxy`/`https_proxy` (lower case first, as CDI passes them, then upper case),
-/// unless `no_proxy`/`NO_PROXY` names its host.
-fn proxy_for(url: &Url) -> Option<Url> {
-    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-    let value = match url.scheme() {
-        "https" => var("https_proxy").or_else(|| var("HTTPS_PROXY")),
-        _ => var("http_proxy").or_else(|| var("HTTP_PROXY")),
-    }?;
-    let host = url.host_str().unwrap_or_default();
-    let no_proxy = var("no_proxy").or_else(|| var("NO_PROXY")).unwrap_or_default();
-    if bypasses_proxy(host, &no_proxy) {
-        return None;
-    }
-    let value = value.trim();
-    let with_scheme = if value.contains("://") { value.to_string() } else { format!("http://{value}") };
-    match Url::parse(&with_scheme) {
-        Ok(proxy) if proxy.scheme() == "http" => Some(proxy),
-        Ok(proxy) => {
-            log::warn!("ignoring proxy {}: only http:// proxies are supported", origin(&proxy));
-            None
+/// The proxy settings of the environment, read as Go's `httpproxy.FromEnvironment` reads them (CDI's importer is
+/// a Go program; the cluster's proxy reaches its pods through these variables): `HTTP_PROXY`, `HTTPS_PROXY` and
+/// `NO_PROXY`, each upper case first, then lower case.
+#[derive(Debug, Default)]
+struct ProxyEnv {
+    http: Option<String>,
+    https: Option<String>,
+    no_proxy: String,
+}
+
+impl ProxyEnv {
+    fn from_process() -> Self {
+        let var = |names: [&str; 2]| names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()));
+        ProxyEnv {
+            http: var(["HTTP_PROXY", "http_proxy"]),
+            https: var(["HTTPS_PROXY", "https_proxy"]),
+            no_proxy: var(["NO_PROXY", "no_proxy"]).unwrap_or_default(),
         }
-        Err(e) => {
-            log::warn!("ignoring unparsable proxy setting: {e}");
-            None
+    }
+
+    /// The proxy for `url`: the scheme's setting (a URL, or `host[:port]` meaning `http://`), unless
+    /// [`uses_proxy`] says the host goes direct.
+    fn proxy_for(&self, url: &Url) -> Option<Url> {
+        let setting = match url.scheme() {
+            "https" => self.https.as_deref(),
+            _ => self.http.as_deref(),
+        }?;
+        let port = url.port_or_known_default().unwrap_or(0);
+        if !uses_proxy(url.host_str().unwrap_or_default(), port, &self.no_proxy) {
+            return None;
+        }
+        let setting = setting.trim();
+        let parsed = Url::parse(setting).ok().filter(|u| matches!(u.scheme(), "http" | "https" | "socks5"));
+        match parsed.or_else(|| Url::parse(&format!("http://{setting}")).ok()) {
+            Some(proxy) if matches!(proxy.scheme(), "http" | "https") && proxy.host_str().is_some() => Some(proxy),
+            Some(proxy) => {
+                log::warn!("ignoring proxy {}: only http:// and https:// proxies are supported", origin(&proxy));
+                None
+            }
+            None => {
+                log::warn!("ignoring unparsable proxy setting {setting:?}");
+                None
+            }
         }
     }
 }
 
-/// Whether `host` matches a `no_proxy` list: `*`, exact names or addresses, and domain suffixes (`.example.com` or
-/// `example.com` both match `a.example.com`); a `:port` on an entry is ignored.
-pub(crate) fn bypasses_proxy(host: &str, no_proxy: &str) -> bool {
+/// Whether a request to `host:port` goes through the proxy, by Go's rules for `NO_PROXY`: never for `localhost`
+/// or a loopback address; not when an entry matches: `*`; an address prefix in CIDR notation (`10.0.0.0/8`,
+/// `fd00::/8`); an address (`1.2.3.4`, `::1`), optionally with a port (`1.2.3.4:80`, `[::1]:443`); a domain
+/// (`example.com` matches it and its subdomains, `.example.com` and `*.example.com` only subdomains), optionally
+/// with a port. A port in an entry must equal the request's (the scheme's default when the URL has none).
+pub(crate) fn uses_proxy(host: &str, port: u16, no_proxy: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
-    no_proxy.split(',').map(str::trim).filter(|e| !e.is_empty()).any(|entry| {
-        if entry == "*" {
-            return true;
+    let ip = host.parse::<IpAddr>().ok();
+    if host == "localhost" || ip.is_some_and(|ip| ip.is_loopback()) {
+        return false;
+    }
+    let port = port.to_string();
+    for entry in no_proxy.split(',') {
+        let entry = entry.trim().to_ascii_lowercase();
+        if entry.is_empty() {
+            continue;
         }
-        let entry = entry.to_ascii_lowercase();
-        let entry = match entry.rsplit_once(':') {
-            Some((name, port)) if !name.contains(':') && port.chars().all(|c| c.is_ascii_digit()) => name.to_string(),
-            _ => entry,
+        if entry == "*" {
+            return false;
+        }
+        if let Some(cidr) = Cidr::parse(&entry) {
+            if ip.is_some_and(|ip| cidr.contains(ip)) {
+                return false;
+            }
+            continue;
+        }
+        let (entry_host, entry_port) = split_host_port(&entry);
+        if entry_host.is_empty() {
+            continue;
+        }
+        let port_matches = entry_port.is_none_or(|p| p == port);
+        if let Ok(entry_ip) = entry_host.parse::<IpAddr>() {
+            if ip == Some(entry_ip) && port_matches {
+                return false;
+            }
+            continue;
+        }
+        let entry_host = entry_host.strip_prefix('*').filter(|rest| rest.starts_with('.')).unwrap_or(entry_host);
+        let (suffix, or_itself) = match entry_host.strip_prefix('.') {
+            Some(_) => (entry_host.to_string(), false),
+            None => (format!(".{entry_host}"), true),
         };
-        let entry = entry.trim_start_matches('[').trim_end_matches(']');
-        let domain = entry.trim_start_matches('.');
-        host == domain || host.ends_with(&format!(".{domain}"))
-    })
+        if (host.ends_with(&suffix) || (or_itself && host == suffix[1..])) && port_matches {
+            return false;
+        }
+    }
+    true
+}
+
+/// `host:port` or `[v6]:port` split as Go's `net.SplitHostPort` splits them; anything else is a host alone.
+fn split_host_port(entry: &str) -> (&str, Option<&str>) {
+    if let Some(rest) = entry.strip_prefix('[') {
+        return match rest.split_once("]:") {
+            Some((host, port)) => (host, Some(port)),
+            None => (entry, None),
+        };
+    }
+    match entry.split_once(':') {
+        Some((host, port)) if !port.contains(':') => (host, Some(port)),
+        _ => (entry, None),
+    }
+}
+
+/// An address prefix: `ADDRESS/BITS`.
+struct Cidr {
+    network: IpAddr,
+    bits: u32,
+}
+
+impl Cidr {
+    fn parse(text: &str) -> Option<Cidr> {
+        let (address, bits) = text.split_once('/')?;
+        let network: IpAddr = address.parse().ok()?;
+        let bits: u32 = bits.parse().ok()?;
+        let width = if network.is_ipv4() { 32 } else { 128 };
+        (bits <= width).then_some(Cidr { network, bits })
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        let prefix = |value: u128, width: u32| match self.bits {
+            0 => 0,
+            bits => value >> (width - bits),
+        };
+        match (self.network, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => prefix(u32::from(net).into(), 32) == prefix(u32::from(ip).into(), 32),
+            (IpAddr::V6(net), IpAddr::V6(ip)) => prefix(u128::from(net), 128) == prefix(u128::from(ip), 128),
+            _ => false,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -778,14 +877,58 @@ mod tests {
     }
 
     #[test]
-    fn no_proxy_lists() {
-        assert!(bypasses_proxy("a.example.com", "foo, .example.com"));
-        assert!(bypasses_proxy("example.com", "example.com:8080"));
-        assert!(bypasses_proxy("a.example.com", "example.com"));
-        assert!(!bypasses_proxy("badexample.com", "example.com"));
-        assert!(bypasses_proxy("127.0.0.1", "localhost,127.0.0.1"));
-        assert!(bypasses_proxy("anything", "*"));
-        assert!(!bypasses_proxy("host", ""));
+    fn no_proxy_matches_like_go() {
+        let direct = |host: &str, port: u16, no_proxy: &str| !uses_proxy(host, port, no_proxy);
+        // Loopback never goes through a proxy.
+        for host in ["localhost", "127.0.0.1", "127.9.9.9", "[::1]"] {
+            assert!(direct(host, 80, ""), "{host}");
+        }
+        assert!(!direct("example.com", 443, ""));
+        assert!(direct("anything", 443, "*"));
+        // Domains: the name and its subdomains; a leading dot or *. only subdomains.
+        assert!(direct("example.com", 443, "foo, example.com"));
+        assert!(direct("a.example.com", 443, "example.com"));
+        assert!(!direct("badexample.com", 443, "example.com"));
+        assert!(direct("a.example.com", 443, ".example.com"));
+        assert!(!direct("example.com", 443, ".example.com"));
+        assert!(direct("a.b.example.com", 443, "*.example.com"));
+        assert!(!direct("example.com", 443, "*.example.com"));
+        assert!(direct("Example.COM", 443, " EXAMPLE.com "));
+        // Ports: an entry's port must be the request's.
+        assert!(direct("example.com", 8080, "example.com:8080"));
+        assert!(!direct("example.com", 443, "example.com:8080"));
+        assert!(direct("10.1.2.3", 80, "10.1.2.3:80"));
+        assert!(!direct("10.1.2.3", 443, "10.1.2.3:80"));
+        assert!(direct("[2001:db8::1]", 443, "[2001:db8::1]:443"));
+        assert!(direct("[2001:db8::1]", 443, "2001:db8::1"));
+        // CIDRs, IPv4 and IPv6, only for addresses.
+        assert!(direct("10.200.3.4", 443, "192.168.0.0/16,10.0.0.0/8"));
+        assert!(!direct("11.0.0.1", 443, "10.0.0.0/8"));
+        assert!(direct("192.168.7.1", 443, "192.168.7.1/32"));
+        assert!(!direct("192.168.7.2", 443, "192.168.7.1/32"));
+        assert!(direct("8.8.8.8", 443, "0.0.0.0/0"));
+        assert!(direct("[fd00::1234]", 443, "fd00::/8"));
+        assert!(!direct("[fe80::1]", 443, "fd00::/8"));
+        assert!(!direct("10.0.0.1", 443, "10.0.0.0/33,bogus/8"));
+        assert!(!direct("host", 443, ", ,:80"));
+    }
+
+    #[test]
+    fn proxy_settings_are_read_like_go() {
+        let url = |text: &str| Url::parse(text).unwrap();
+        let env = ProxyEnv {
+            http: Some("proxy.corp:3128".into()),
+            https: Some("https://user:pw@secure.corp:8443".into()),
+            no_proxy: ".internal".into(),
+        };
+        let proxy = |target: &str| env.proxy_for(&url(target)).map(|p| p.to_string());
+        assert_eq!(proxy("http://example.com/x").as_deref(), Some("http://proxy.corp:3128/"));
+        assert_eq!(proxy("https://example.com/x").as_deref(), Some("https://user:pw@secure.corp:8443/"));
+        assert_eq!(proxy("https://a.internal/x"), None);
+        assert_eq!(proxy("https://127.0.0.1/x"), None);
+        let socks = ProxyEnv { https: Some("socks5://s:1080".into()), ..Default::default() };
+        assert_eq!(socks.proxy_for(&url("https://example.com/")), None, "socks5 is not supported");
+        assert_eq!(ProxyEnv::default().proxy_for(&url("https://example.com/")), None);
     }
 
     #[test]

@@ -44,9 +44,14 @@ pub fn open(url: &str, options: &HttpOptions) -> Result<(Arc<Client>, Remote)> {
                     Err(e) => return Err(client.io_error("reading the probe", e)),
                 }
             }
+            let identity = validator(&probe);
             probe.finish(&client, Duration::ZERO)?;
-            log::debug!("{}: server honours Range requests; {total} bytes", client.name());
-            Ok((client.clone(), Remote::Random(Arc::new(HttpSource::new(client, total)))))
+            log::debug!(
+                "{}: server honours Range requests; {total} bytes, {}",
+                client.name(),
+                identity.as_deref().unwrap_or("no ETag or Last-Modified")
+            );
+            Ok((client.clone(), Remote::Random(Arc::new(HttpSource::new(client, total, identity)))))
         }
         (206, _) => {
             drop(probe);
@@ -65,5 +70,16 @@ pub fn open(url: &str, options: &HttpOptions) -> Result<(Arc<Client>, Remote)> {
             let stream = HttpStream::from_response(client.clone(), probe, false);
             Ok((client, Remote::Stream(Box::new(stream))))
         }
+    }
+}
+
+/// What identifies this version of the file: its ETag, else its Last-Modified date (both are what HTTP offers
+/// for telling a changed file apart, RFC 9110 §8.8).
+pub(crate) fn validator(response: &Response) -> Option<String> {
+    let value = |name: &str| response.header(name).map(str::trim).filter(|v| !v.is_empty());
+    match (value("etag"), value("last-modified")) {
+        (Some(etag), _) => Some(format!("etag {etag}")),
+        (None, Some(date)) => Some(format!("last-modified {date}")),
+        (None, None) => None,
     }
 }

@@ -21,6 +21,8 @@ pub const SKIP_LIMIT: u64 = 4 << 20;
 pub struct HttpSource {
     client: Arc<Client>,
     len: u64,
+    /// The file's ETag or Last-Modified at the probe; every later answer must carry the same.
+    identity: Option<String>,
     state: Mutex<State>,
 }
 
@@ -35,11 +37,13 @@ struct State {
 }
 
 impl HttpSource {
-    /// A source of `len` bytes (the total from the probe's Content-Range).
-    pub fn new(client: Arc<Client>, len: u64) -> Self {
+    /// A source of `len` bytes (the total from the probe's Content-Range) whose version the probe saw as
+    /// `identity`.
+    pub fn new(client: Arc<Client>, len: u64, identity: Option<String>) -> Self {
         HttpSource {
             client,
             len,
+            identity,
             state: Mutex::new(State { open: None, cache: HashMap::new(), order: VecDeque::new(), failures: 0 }),
         }
     }
@@ -50,6 +54,15 @@ impl HttpSource {
         let range = response.content_range();
         let expected_len = self.len - pos;
         match (response.status, range) {
+            // An answer without a validator says nothing; one with another says the file was replaced.
+            (206, Some(_)) if changed(self.identity.as_deref(), super::validator(&response).as_deref()) => Err(self
+                .client
+                .error(ErrorKind::Io, format!(
+                    "the file changed during the import ({} at first, now {})",
+                    self.identity.as_deref().unwrap_or_default(),
+                    super::validator(&response).unwrap_or_default()
+                ))
+                .at_offset(pos)),
             (206, Some((start, end, total))) if start == pos && end + 1 == self.len && total.is_none_or(|t| t == self.len) => {
                 if response.content_length().is_some_and(|l| l != expected_len) {
                     return Err(self
@@ -168,6 +181,11 @@ impl HttpSource {
     }
 }
 
+/// Whether a later answer's validator shows the file is no longer the one first seen.
+fn changed(first: Option<&str>, now: Option<&str>) -> bool {
+    matches!((first, now), (Some(first), Some(now)) if first != now)
+}
+
 /// Pause before retry `n` (1-based): 100 ms doubling, at most 5 s.
 pub(crate) fn backoff(n: u32) -> Duration {
     Duration::from_millis(100u64 << n.saturating_sub(1).min(6)).min(Duration::from_secs(5))
@@ -180,6 +198,10 @@ impl ReadAt for HttpSource {
 
     fn len(&self) -> u64 {
         self.len
+    }
+
+    fn identity(&self) -> Option<String> {
+        self.identity.clone()
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize> {
