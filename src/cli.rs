@@ -203,6 +203,7 @@ fn parse_limit(text: &str) -> std::result::Result<u64, String> {
 
 /// Entry point of the binary: returns the process exit code.
 pub fn main() -> i32 {
+    crate::sys::shed_executable_cache();
     let (args, cdi) = crate::cdi::normalize_args(std::env::args_os());
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,

@@ -262,6 +262,47 @@ pub fn cachestat(file: &File) -> io::Result<Option<FileCache>> {
     Ok(Some(FileCache { cached: raw.nr_cache * page, dirty: raw.nr_dirty * page, writeback: raw.nr_writeback * page }))
 }
 
+/// Gives back the page cache that loading this program's own executable filled, and reads the rest of it a page
+/// at a time as it runs. Those pages are charged to our memory cgroup: a fault in a mapped file reads a whole
+/// read-ahead window around it (8 MiB on some virtio disks), so a 10 MiB binary is in memory, all of it charged,
+/// before `main` starts, though an import runs a small part of it. The executable's clean mappings (code, read-only
+/// data) are unmapped and refault from the file on the next access, now one page per fault; the relocated ones
+/// (holding anonymous copies) are left alone. Best effort: nothing fails if it cannot be done.
+pub fn shed_executable_cache() {
+    let Ok(exe) = std::fs::read_link("/proc/self/exe") else { return };
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else { return };
+    let mut clean_ranges = Vec::new();
+    let mut current: Option<(usize, usize, bool)> = None;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if let Some((start, end)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            // A mapping's header: "start-end perms offset dev inode path".
+            clean_ranges.extend(current.take().filter(|&(_, _, clean)| clean).map(|(s, e, _)| (s, e)));
+            let perms = fields.next().unwrap_or("");
+            let ours = fields.nth(3).is_some_and(|path| std::path::Path::new(path) == exe);
+            if let (true, Ok(start), Ok(end)) = (ours, usize::from_str_radix(start, 16), usize::from_str_radix(end, 16))
+            {
+                // SAFETY: advice on our own mapping of our executable; MADV_RANDOM changes no contents.
+                unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_RANDOM) };
+                current = Some((start, end, !perms.contains('w')));
+            }
+        } else if let (Some(current), "Anonymous:") = (current.as_mut(), first) {
+            // Pages copied on write (relocations) exist only in this mapping: it must stay.
+            current.2 &= fields.next() == Some("0");
+        }
+    }
+    clean_ranges.extend(current.filter(|&(_, _, clean)| clean).map(|(s, e, _)| (s, e)));
+    for (start, end) in clean_ranges {
+        // SAFETY: a private, read-only mapping of our executable with no anonymous pages: dropping its page table
+        // entries loses nothing, and every later access refaults the same bytes from the file.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+    }
+    if let Ok(file) = File::open(&exe) {
+        let _ = fadvise(&file, 0, 0, libc::POSIX_FADV_DONTNEED);
+    }
+}
+
 /// The highest resident set this process has reached (anonymous memory and mapped file pages), in bytes.
 pub fn peak_rss() -> u64 {
     // SAFETY: getrusage only writes the struct it is given.
