@@ -288,6 +288,24 @@ fn vhd_sector_bitmap_is_ignored_like_qemu() {
     assert_ne!(first, vec![0u8; 512]);
 }
 
+/// qemu refuses a footer whose checksum does not match ("Incorrect header checksum"); so does boundimport,
+/// naming both sums and the footer's offset.
+#[test]
+fn vhd_bad_footer_checksum_is_refused_like_qemu() {
+    let dir = scratch_dir("vhd-checksum");
+    let image = make(dir.path(), SIZE, "vpc", "subformat=dynamic", "disk.vhd");
+    let footer = read_at(&image, 0, 512);
+    let stored = u32::from_be_bytes(footer[64..68].try_into().unwrap());
+    patch(&image, 64, &(stored ^ 0x10).to_be_bytes());
+    let qemu = qemu_refuses(&image, "vpc");
+    assert!(qemu.contains("checksum"), "qemu-img said: {qemu}");
+    let err = open_error(&image);
+    assert_eq!(err.kind(), ErrorKind::BadImage, "{err}");
+    let text = err.to_string();
+    assert!(text.contains(&format!("{:#010x}", stored ^ 0x10)) && text.contains(&format!("{stored:#010x}")), "{text}");
+    assert_eq!(err.offset(), Some(64), "{text}");
+}
+
 #[test]
 fn vhd_differencing_is_refused_naming_the_parent() {
     let dir = scratch_dir("vhd-diff");

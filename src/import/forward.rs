@@ -1,6 +1,7 @@
 //! Forward-only imports: a source that can only be read front to back (a compressed image, a server without Range
 //! support) is unwrapped layer by layer, its format detected from its first bytes, and then:
-//! - raw: copied chunk by chunk ([`raw`]); the image is as long as the stream;
+//! - raw: copied chunk by chunk ([`raw`]); the image is as long as the stream, unless its last 512 bytes are a
+//!   fixed VHD footer (a `fixed.vhd.gz`): then it is that vpc image, read the way the random-access reader does;
 //! - qcow2: walked cluster by cluster ([`qcow2::stream`]), spooling only data seen before the table that maps it;
 //! - streamOptimized vmdk: walked marker by marker ([`vmdk::stream`]);
 //! - anything else (vhd, vhdx, vdi, sparse vmdk): spooled whole to `--scratch` and imported from there by the
@@ -14,10 +15,11 @@ use super::engine::{Engine, Produced};
 use super::random::{self, Random};
 use super::{Context, Outcome, Plan};
 use crate::budget::xz_memlimit;
+use crate::buffer::AlignedBuf;
 use crate::checksum::Algorithm;
 use crate::error::{Error, Result};
 use crate::format::detect::{detect_bytes, Detected};
-use crate::format::{qcow2, vmdk};
+use crate::format::{qcow2, vhd, vmdk};
 use crate::pipeline::assemble::Placer;
 use crate::pipeline::spool::{self, Spool};
 use crate::pipeline::writer::{with_writer, Item, Writer};
@@ -106,8 +108,14 @@ pub(super) fn import(
     };
 
     let raw_unknown_size = kind == Kind::Raw && !(layers.is_empty() && len.is_some());
+    // The last 512 bytes of a raw stream may be a fixed VHD's footer (a fixed.vhd.gz): they are held back until
+    // the end says which, and a destination of known size is opened without them.
+    let hold_footer = kind == Kind::Raw && !plan.verbatim;
     let size_hint = match kind {
-        Kind::Raw if !raw_unknown_size => len.unwrap_or(0),
+        Kind::Raw if !raw_unknown_size => match len {
+            Some(l) if hold_footer && l >= MIN_FIXED_VHD => l - FOOTER,
+            other => other.unwrap_or(0),
+        },
         Kind::Raw => 0,
         // The walkers check the headers fully; the destination only needs the size.
         Kind::Qcow2 => u64::from_be_bytes(head[24..32].try_into().expect("a qcow2 header")) & !511,
@@ -126,16 +134,20 @@ pub(super) fn import(
     let chunk = sizing.chunk as usize;
     let mut spooled = 0;
     let produced = with_writer(dest, progress, digest, sizing.stream_buffers(), chunk, |writer| match kind {
-        Kind::Raw => raw(&mut stream, &name, writer, dest, stop, || progress.note_stored(tap.bytes())),
+        Kind::Raw => {
+            let consumed = || progress.note_stored(tap.bytes());
+            raw(&mut stream, &name, writer, dest, stop, consumed, hold_footer)
+        }
         Kind::Qcow2 => {
             let mut spool = Spool::new(&name, plan.scratch.as_deref());
             let stats = qcow2::stream::walk(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?;
             spooled = stats.spooled;
-            Ok(stats.virtual_size)
+            Ok((stats.virtual_size, kind.format_name()))
         }
-        Kind::Vmdk => vmdk::stream::walk(&mut stream, &name, &mut Placer::new(writer), stop),
+        Kind::Vmdk => vmdk::stream::walk(&mut stream, &name, &mut Placer::new(writer), stop)
+            .map(|size| (size, kind.format_name())),
     });
-    let produced = produced.and_then(|(virtual_size, written)| {
+    let produced = produced.and_then(|((virtual_size, format), written)| {
         // Read to the end of the stream: the checksum covers every byte, and a decompressor checks its trailer.
         let mut rest = vec![0u8; 64 << 10];
         loop {
@@ -152,7 +164,7 @@ pub(super) fn import(
             output_digest: written.digest,
             compression: layers,
             spooled_bytes: spooled,
-            ..Produced::new(kind.format_name(), virtual_size)
+            ..Produced::new(format, virtual_size)
         })
     });
     engine.finish(produced, verify)
@@ -176,7 +188,15 @@ impl Kind {
     }
 }
 
-/// A raw image: the stream is the disk; the destination grows as it arrives. Returns the image size.
+/// Size of a VHD footer.
+const FOOTER: u64 = 512;
+/// Shortest stream whose tail is looked at for a fixed VHD footer (as the random-access detection does).
+const MIN_FIXED_VHD: u64 = 2 * FOOTER;
+
+/// A raw image: the stream is the disk; the destination grows as it arrives. With `hold_footer`, the last full
+/// chunk waits for the next read, so the stream's last 512 bytes are still unwritten when it ends: a fixed VHD
+/// footer there ([`vhd::is_fixed_footer`]) makes the image a vpc one, its data everything before the footer.
+/// Returns the image size and format.
 fn raw(
     reader: &mut dyn Read,
     name: &str,
@@ -184,26 +204,82 @@ fn raw(
     dest: &crate::sink::Destination,
     stop: &AtomicBool,
     mut consumed: impl FnMut(),
-) -> Result<u64> {
+    hold_footer: bool,
+) -> Result<(u64, &'static str)> {
     let chunk = writer.chunk();
+    // Guest offset of the next byte to submit.
     let mut guest = 0u64;
-    loop {
+    let submit = |writer: &mut Writer, buf: AlignedBuf, len: usize, guest: &mut u64| -> Result<()> {
+        if len == 0 {
+            writer.give_back(buf);
+            return Ok(());
+        }
+        dest.grow(*guest + len as u64)?;
+        writer.submit(Item::Data { guest: *guest, buf, len })?;
+        *guest += len as u64;
+        Ok(())
+    };
+    // The last full chunk read, not yet submitted (only while holding the footer back).
+    let mut pending: Option<AlignedBuf> = None;
+    let (last, n) = loop {
         if stop.load(Ordering::Relaxed) {
             return Err(Error::interrupted(dest.path(), guest));
         }
-        let mut buf = writer.buffer()?.expect("the raw copy holds no buffer");
+        let mut buf = writer.buffer()?.expect("the raw copy holds at most one buffer of a pool of two or more");
         let n = read_full(reader, &mut buf[..chunk]).map_err(|e| stream_error(e, name, guest))?;
-        if n == 0 {
-            writer.give_back(buf);
-            break;
+        if n > 0 {
+            consumed();
         }
-        consumed();
-        dest.grow(guest + n as u64)?;
-        writer.submit(Item::Data { guest, buf, len: n })?;
-        guest += n as u64;
         if n < chunk {
-            break;
+            break (buf, n);
         }
+        if !hold_footer {
+            submit(writer, buf, n, &mut guest)?;
+        } else if let Some(previous) = pending.replace(buf) {
+            submit(writer, previous, chunk, &mut guest)?;
+        }
+    };
+    // The stream ended: `last[..n]` is its end, after `pending` (a full chunk) if that is held.
+    let held = pending.as_ref().map_or(0, |_| chunk);
+    let total = guest + (held + n) as u64;
+    let footer = (hold_footer && total >= MIN_FIXED_VHD).then(|| {
+        let mut footer = [0u8; FOOTER as usize];
+        let from_last = n.min(FOOTER as usize);
+        let from_pending = FOOTER as usize - from_last;
+        if let Some(previous) = &pending {
+            footer[..from_pending].copy_from_slice(&previous[chunk - from_pending..chunk]);
+        }
+        footer[from_pending..].copy_from_slice(&last[n - from_last..n]);
+        footer
+    });
+    let data_len = total.saturating_sub(FOOTER);
+    let Some(footer) = footer.filter(|f| vhd::is_fixed_footer(f, data_len)) else {
+        if let Some(previous) = pending {
+            submit(writer, previous, chunk, &mut guest)?;
+        }
+        submit(writer, last, n, &mut guest)?;
+        return Ok((guest, "raw"));
+    };
+    let footer = vhd::parse_footer(&footer).map_err(|e| e.within(data_len).at_path(name))?;
+    let size = footer.virtual_size();
+    if size < data_len {
+        return Err(crate::bad_image!(
+            "fixed vhd read as a stream: its geometry gives {size} bytes, less than its {data_len} bytes of data; import it from a random-access source (a local file, or a server that supports \
+             Range requests)"
+        )
+        .at_offset(data_len)
+        .at_path(name));
     }
-    Ok(guest)
+    log::info!("{name}: the stream ends with a fixed vhd footer: read as vpc, {size} bytes");
+    let cut = FOOTER as usize - n.min(FOOTER as usize);
+    if let Some(previous) = pending {
+        submit(writer, previous, chunk - cut, &mut guest)?;
+    }
+    submit(writer, last, n - (FOOTER as usize - cut), &mut guest)?;
+    if size > data_len {
+        // Guest space past the data reads as zeros, as in the random-access reader.
+        dest.grow(size)?;
+        writer.submit_zero(data_len, size - data_len)?;
+    }
+    Ok((size, "vpc"))
 }
