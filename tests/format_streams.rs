@@ -139,3 +139,93 @@ fn fixed_vhd_footers_that_do_not_fit_the_stream() {
     let text = import_fails(&[], d.join("disk.vhd.gz").to_str().unwrap(), "short geometry, gzip");
     assert!(text.contains("disk.vhd.gz") && text.contains("geometry") && text.contains("random-access"), "{text}");
 }
+
+// ---- bzip2 and zip ----
+
+/// Whether the first local header of `zip` has general purpose flag bit 3 (sizes in a data descriptor) and
+/// whether it carries a zip64 extra field.
+fn zip_layout(zip: &Path) -> (bool, bool) {
+    let bytes = std::fs::read(zip).unwrap();
+    assert_eq!(&bytes[..4], b"PK\x03\x04");
+    let flags = u16::from_le_bytes([bytes[6], bytes[7]]);
+    let name_len = u16::from_le_bytes([bytes[26], bytes[27]]) as usize;
+    let extra_len = u16::from_le_bytes([bytes[28], bytes[29]]) as usize;
+    let mut extra = &bytes[30 + name_len..30 + name_len + extra_len];
+    let mut zip64 = false;
+    while extra.len() >= 4 {
+        let len = u16::from_le_bytes([extra[2], extra[3]]) as usize;
+        zip64 |= extra[..2] == [1, 0];
+        extra = &extra[(4 + len).min(extra.len())..];
+    }
+    (flags & 8 != 0, zip64)
+}
+
+/// Images wrapped by the bzip2 and zip tools read like the image itself: bzip2 (one stream and two
+/// concatenated), zip deflated, stored, streamed from a pipe (data descriptor), forced zip64, and with a directory
+/// entry in front; locally and from a server without Range. `--json` names each wrapper.
+#[test]
+fn bzip2_and_zip_wrappers_match_qemu() {
+    let dir = scratch_dir("stream-bz2-zip");
+    let d = dir.path();
+    let size = 9 * MIB + 3 * 65536 + 3 * 512;
+    let qcow2 = qemu_image(d, size, "qcow2", "", "disk.qcow2");
+    let want = reference(&qcow2, "qcow2");
+    let raw = d.join("disk.raw");
+    run(Command::new(qemu_img()).args(["convert", "-O", "raw"]).arg(&qcow2).arg(&raw));
+    sh(
+        d,
+        "bzip2 -k disk.qcow2 && bzip2 -k -1 disk.raw \
+         && head -c 5000000 disk.raw | bzip2 > two.raw.bz2 && tail -c +5000001 disk.raw | bzip2 >> two.raw.bz2 \
+         && zip -q deflate.zip disk.qcow2 && zip -q -0 stored.zip disk.qcow2 && zip -q -fz zip64.zip disk.qcow2 \
+         && cat disk.qcow2 | zip -q - - | cat > piped.zip \
+         && mkdir -p images && cp disk.raw images/ && zip -q -r withdir.zip images \
+         && zip -q inner.qcow2.bz2.zip disk.qcow2.bz2",
+    );
+    assert_eq!(zip_layout(&d.join("deflate.zip")), (false, false));
+    assert!(zip_layout(&d.join("piped.zip")).0, "a piped zip should use a data descriptor");
+    assert!(zip_layout(&d.join("zip64.zip")).1, "zip -fz should write a zip64 extra field");
+    let server = TestServer::start(d, ServerOptions { ranges: false, ..Default::default() });
+    let cases: &[(&str, &[&str], &str)] = &[
+        ("disk.qcow2.bz2", &["bzip2"], "qcow2"),
+        ("disk.raw.bz2", &["bzip2"], "raw"),
+        ("two.raw.bz2", &["bzip2"], "raw"),
+        ("deflate.zip", &["zip"], "qcow2"),
+        ("stored.zip", &["zip"], "qcow2"),
+        ("zip64.zip", &["zip"], "qcow2"),
+        ("piped.zip", &["zip"], "qcow2"),
+        ("withdir.zip", &["zip"], "raw"),
+        ("inner.qcow2.bz2.zip", &["zip", "bzip2"], "qcow2"),
+    ];
+    for &(name, wrappers, format) in cases {
+        let local = d.join(name);
+        for (source, label) in [(local.to_str().unwrap().to_string(), "local"), (server.url(name), "HTTP")] {
+            let summary = import_ok(&[], &source, &want, &format!("{name} {label}"));
+            assert_eq!(summary["compression"], serde_json::json!(wrappers), "{name} {label}: {summary}");
+            assert_eq!(summary["format"], format, "{name} {label}: {summary}");
+        }
+    }
+}
+
+/// A zip of several files is refused naming two of them, after the first entry's data was read: the partial
+/// image is removed. So are a stored entry whose size only follows its data, and an entry whose CRC-32 is wrong.
+#[test]
+fn zips_that_are_not_one_readable_image_are_refused() {
+    let dir = scratch_dir("stream-zip-refused");
+    let d = dir.path();
+    write_raw(&d.join("a.raw"), 3 * MIB, &[(0, 3 * MIB, Fill::Random(7))]);
+    write_raw(&d.join("b.raw"), MIB, &[(0, MIB, Fill::Random(8))]);
+    sh(d, "zip -q two.zip a.raw b.raw && cat a.raw | zip -q -0 - - | cat > piped-stored.zip && cp two.zip crc.zip");
+    let text = import_fails(&[], d.join("two.zip").to_str().unwrap(), "two entries");
+    assert!(text.contains("two.zip") && text.contains("\"a.raw\"") && text.contains("\"b.raw\""), "{text}");
+    let server = TestServer::start(d, ServerOptions { ranges: false, ..Default::default() });
+    let text = import_fails(&[], &server.url("two.zip"), "two entries over HTTP");
+    assert!(text.contains("several files"), "{text}");
+    assert!(zip_layout(&d.join("piped-stored.zip")).0, "a piped zip should use a data descriptor");
+    let text = import_fails(&[], d.join("piped-stored.zip").to_str().unwrap(), "stored with a descriptor");
+    assert!(text.contains("stored without its size"), "{text}");
+    // Flip the CRC-32 of the first entry's local header.
+    let bytes = std::fs::read(d.join("crc.zip")).unwrap();
+    patch(&d.join("crc.zip"), 14, &[bytes[14] ^ 0xff]);
+    let text = import_fails(&[], d.join("crc.zip").to_str().unwrap(), "bad CRC");
+    assert!(text.contains("CRC-32") && text.contains("a.raw"), "{text}");
+}
