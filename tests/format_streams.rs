@@ -229,3 +229,69 @@ fn zips_that_are_not_one_readable_image_are_refused() {
     let text = import_fails(&[], d.join("crc.zip").to_str().unwrap(), "bad CRC");
     assert!(text.contains("CRC-32") && text.contains("a.raw"), "{text}");
 }
+
+// ---- table-first formats walked forward ----
+
+fn be32_at(path: &Path, at: u64) -> u32 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 4];
+    std::fs::File::open(path).unwrap().read_exact_at(&mut b, at).unwrap();
+    u32::from_be_bytes(b)
+}
+
+/// File offset of a dynamic vhd's BAT (footer copy → dynamic header → BAT).
+fn vhd_bat(image: &Path) -> u64 {
+    let dynamic = common::read_be64(image, 16);
+    common::read_be64(image, dynamic + 16)
+}
+
+/// A dynamic vhd read as a gzip stream, and plain from a server without Range, is walked BAT first: identical to
+/// qemu, nothing spooled. Also with two BAT entries swapped, so the stream holds a later guest block first.
+#[test]
+fn dynamic_vhd_streams_without_spooling() {
+    let dir = scratch_dir("stream-vhd-dynamic");
+    let d = dir.path();
+    let size = 9 * MIB + 3 * 65536 + 3 * 512;
+    let image = qemu_image(d, size, "vpc", "subformat=dynamic", "disk.vhd");
+    let swapped = d.join("swapped.vhd");
+    std::fs::copy(&image, &swapped).unwrap();
+    let bat = vhd_bat(&swapped);
+    let (first, last) = (be32_at(&swapped, bat), be32_at(&swapped, bat + 16));
+    assert!(first != u32::MAX && last != u32::MAX, "blocks 0 and 4 should be allocated");
+    patch(&swapped, bat, &last.to_be_bytes());
+    patch(&swapped, bat + 16, &first.to_be_bytes());
+    sh(d, "gzip -k disk.vhd && xz -k -T0 swapped.vhd");
+    let server = TestServer::start(d, ServerOptions { ranges: false, ..Default::default() });
+    for (source, want, label) in [
+        (d.join("disk.vhd.gz").to_str().unwrap().to_string(), reference(&image, "vpc"), "disk.vhd.gz"),
+        (server.url("disk.vhd"), reference(&image, "vpc"), "disk.vhd without Range"),
+        (server.url("disk.vhd.gz"), reference(&image, "vpc"), "disk.vhd.gz over HTTP"),
+        (d.join("swapped.vhd.xz").to_str().unwrap().to_string(), reference(&swapped, "vpc"), "swapped.vhd.xz"),
+    ] {
+        let summary = import_ok(&[], &source, &want, label);
+        assert_eq!(summary["format"], "vpc", "{label}: {summary}");
+        assert_eq!(summary["spooled_bytes"], 0, "{label}: {summary}");
+    }
+    assert!(server.requests().iter().all(|r| r.status == 200), "{:?}", server.requests());
+}
+
+/// A BAT entry pointing past the end of the stream, or a BAT the stream never reaches, fails naming the image,
+/// with nothing left behind.
+#[test]
+fn broken_dynamic_vhd_streams_fail_cleanly() {
+    let dir = scratch_dir("stream-vhd-broken");
+    let d = dir.path();
+    let image = qemu_image(d, 9 * MIB, "vpc", "subformat=dynamic", "disk.vhd");
+    let bat = vhd_bat(&image);
+    let past = d.join("past.vhd");
+    std::fs::copy(&image, &past).unwrap();
+    patch(&past, bat, &0x0100_0000u32.to_be_bytes());
+    let cut = d.join("cut.vhd");
+    std::fs::copy(&image, &cut).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&cut).unwrap().set_len(bat + 4).unwrap();
+    sh(d, "gzip -k past.vhd && gzip -k cut.vhd");
+    let text = import_fails(&[], d.join("past.vhd.gz").to_str().unwrap(), "block past the end");
+    assert!(text.contains("past.vhd.gz") && text.contains("past the end of the stream"), "{text}");
+    let text = import_fails(&[], d.join("cut.vhd.gz").to_str().unwrap(), "stream ends in the BAT");
+    assert!(text.contains("cut.vhd.gz") && text.contains("BAT"), "{text}");
+}

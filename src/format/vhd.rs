@@ -284,6 +284,57 @@ impl Image for VhdImage {
     }
 }
 
+/// Walks the dynamic vhd in `reader` (from its first byte) forward only: the footer copy, the dynamic header and
+/// the BAT as the stream reaches them, then each allocated block's data (after its sector bitmap, which qemu does
+/// not consult either) placed by its BAT entry; bytes passed before the BAT wait in `stash`. Returns the virtual
+/// size and the bytes stashed.
+pub fn walk_stream(
+    reader: &mut dyn std::io::Read,
+    name: &str,
+    stash: &mut dyn super::stream::Stash,
+    place: &mut dyn super::stream::Placement,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(u64, u64)> {
+    use super::table_stream::{place_runs, Runs, TableCursor};
+    let mut cursor = TableCursor::new(reader, name, stash, stop);
+    let buf: [u8; 512] = cursor.meta(0, 512, "the vhd footer copy")?.try_into().expect("512 bytes");
+    let footer = parse_footer(&buf).map_err(|e| e.at_path(name))?;
+    if footer.disk_type == TYPE_FIXED {
+        return Err(
+            Error::unsupported("vhd stream starts with a fixed disk's footer, which belongs at its end").at_path(name)
+        );
+    }
+    let size = footer.virtual_size();
+    let buf: [u8; 1024] =
+        cursor.meta(footer.data_offset, 1024, "the vhd dynamic header")?.try_into().expect("1024 bytes");
+    // The stream's length is unknown: a BAT or block past its end is found when the stream ends there.
+    let header = parse_dynamic_header(&buf, size, u64::MAX).map_err(|e| e.within(footer.data_offset).at_path(name))?;
+    if footer.disk_type == TYPE_DIFFERENCING {
+        return Err(Error::unsupported(format!(
+            "vhd differencing disk with parent {:?} is not supported (convert it with its parent first)",
+            header.parent_name
+        ))
+        .at_path(name));
+    }
+    let block = header.block_size as u64;
+    let blocks = size.div_ceil(block);
+    let bat = cursor.meta(header.table_offset, blocks * 4, "the vhd BAT")?;
+    let mut runs = Runs::default();
+    for (index, entry) in bat.chunks_exact(4).enumerate() {
+        let entry = be32(entry, 0);
+        if entry == UNALLOCATED {
+            continue;
+        }
+        let guest = index as u64 * block;
+        let host = entry as u64 * 512 + header.bitmap_size();
+        runs.push(name, host, guest, block.min(size - guest))?;
+    }
+    drop(bat);
+    place.begin(size)?;
+    let stashed = place_runs(cursor, runs, size, place)?;
+    Ok((size, stashed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

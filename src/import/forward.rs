@@ -4,7 +4,8 @@
 //!   fixed VHD footer (a `fixed.vhd.gz`): then it is that vpc image, read the way the random-access reader does;
 //! - qcow2: walked cluster by cluster ([`qcow2::stream`]), spooling only data seen before the table that maps it;
 //! - streamOptimized vmdk: walked marker by marker ([`vmdk::stream`]);
-//! - anything else (vhd, vhdx, vdi, sparse vmdk): spooled whole to `--scratch` and imported from there by the
+//! - dynamic vhd: footer copy, dynamic header and BAT, then blocks placed by BAT entry ([`vhd::walk_stream`]);
+//! - anything else (vhdx, vdi, sparse vmdk): spooled whole to `--scratch` and imported from there by the
 //!   random-access driver.
 //!
 //! The walkers place guest bytes into the pipeline's chunk assembler, whose writer thread writes through the same
@@ -74,6 +75,7 @@ pub(super) fn import(
         Detected::Raw => Some(Kind::Raw),
         Detected::Qcow2 => Some(Kind::Qcow2),
         Detected::Vmdk if vmdk::stream::is_stream_optimized(&head) => Some(Kind::Vmdk),
+        Detected::Vhd => Some(Kind::Vhd),
         _ => None,
     };
     let Some(kind) = streamed else {
@@ -83,7 +85,7 @@ pub(super) fn import(
                 return Err(Error::unsupported(format!("unsupported image format: {what}")).at_path(&name))
             }
             Detected::Vmdk => "a sparse vmdk",
-            Detected::Vhd => "a vhd",
+            Detected::Vhd => unreachable!("vhd streams are walked"),
             Detected::Vhdx => "a vhdx",
             Detected::Vdi => "a vdi",
             _ => "this",
@@ -120,6 +122,13 @@ pub(super) fn import(
         // The walkers check the headers fully; the destination only needs the size.
         Kind::Qcow2 => u64::from_be_bytes(head[24..32].try_into().expect("a qcow2 header")) & !511,
         Kind::Vmdk => u64::from_le_bytes(head[12..20].try_into().expect("a vmdk header")).saturating_mul(512),
+        Kind::Vhd => {
+            let footer = head.get(..512).and_then(|h| <&[u8; 512]>::try_from(h).ok());
+            match footer.map(vhd::parse_footer) {
+                Some(footer) => footer.map_err(|e| e.at_path(&name))?.virtual_size(),
+                None => return Err(crate::bad_image!("vhd stream ends inside its footer copy").at_path(&name)),
+            }
+        }
     };
     // Progress: against the virtual size the header gives (qcow2, vmdk) or the raw stream's length; a compressed
     // raw stream's size is known only at its end, so its progress is the share of the source consumed.
@@ -146,6 +155,12 @@ pub(super) fn import(
         }
         Kind::Vmdk => vmdk::stream::walk(&mut stream, &name, &mut Placer::new(writer), stop)
             .map(|size| (size, kind.format_name())),
+        Kind::Vhd => {
+            let mut spool = Spool::new(&name, plan.scratch.as_deref());
+            let (size, stashed) = vhd::walk_stream(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?;
+            spooled = stashed;
+            Ok((size, kind.format_name()))
+        }
     });
     let produced = produced.and_then(|((virtual_size, format), written)| {
         // Read to the end of the stream: the checksum covers every byte, and a decompressor checks its trailer.
@@ -157,8 +172,8 @@ pub(super) fn import(
                 Err(e) => return Err(stream_error(e, &name, tap.bytes())),
             }
         }
-        if kind == Kind::Qcow2 {
-            log::info!("{name}: spooled {} ({spooled} bytes) of the qcow2 stream", human(spooled));
+        if matches!(kind, Kind::Qcow2 | Kind::Vhd) {
+            log::info!("{name}: spooled {} ({spooled} bytes) of the {} stream", human(spooled), kind.format_name());
         }
         Ok(Produced {
             output_digest: written.digest,
@@ -176,6 +191,8 @@ enum Kind {
     Raw,
     Qcow2,
     Vmdk,
+    /// A dynamic vhd.
+    Vhd,
 }
 
 impl Kind {
@@ -184,6 +201,7 @@ impl Kind {
             Kind::Raw => "raw",
             Kind::Qcow2 => "qcow2",
             Kind::Vmdk => "vmdk",
+            Kind::Vhd => "vpc",
         }
     }
 }
