@@ -295,3 +295,42 @@ fn broken_dynamic_vhd_streams_fail_cleanly() {
     let text = import_fails(&[], d.join("cut.vhd.gz").to_str().unwrap(), "stream ends in the BAT");
     assert!(text.contains("cut.vhd.gz") && text.contains("BAT"), "{text}");
 }
+
+/// A qemu vdi moved to VirtualBox's layout: block map at 1 MiB, data area at 2 MiB (the padding between is
+/// neither data nor spooled).
+fn virtualbox_layout(qemu_vdi: &Path, out: &Path) {
+    let bytes = std::fs::read(qemu_vdi).unwrap();
+    let le32 = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let (map, data, blocks) = (le32(0x154), le32(0x158), le32(0x180));
+    let mut moved = bytes[..512].to_vec();
+    moved[0x154..0x158].copy_from_slice(&(MIB as u32).to_le_bytes());
+    moved[0x158..0x15c].copy_from_slice(&(2 * MIB as u32).to_le_bytes());
+    moved.resize(MIB as usize, 0);
+    moved.extend_from_slice(&bytes[map..map + 4 * blocks]);
+    moved.resize(2 * MIB as usize, 0);
+    moved.extend_from_slice(&bytes[data..]);
+    std::fs::write(out, moved).unwrap();
+}
+
+/// A vdi (dynamic, static, and in VirtualBox's layout) read as a gzip stream, and plain from a server without
+/// Range, is walked block map first: identical to qemu, nothing spooled.
+#[test]
+fn vdi_streams_without_spooling() {
+    let dir = scratch_dir("stream-vdi");
+    let d = dir.path();
+    let size = 9 * MIB + 3 * 65536 + 3 * 512;
+    qemu_image(d, size, "vdi", "static=off", "dynamic.vdi");
+    qemu_image(d, size, "vdi", "static=on", "static.vdi");
+    virtualbox_layout(&d.join("dynamic.vdi"), &d.join("vbox.vdi"));
+    sh(d, "gzip -k dynamic.vdi static.vdi vbox.vdi");
+    let server = TestServer::start(d, ServerOptions { ranges: false, ..Default::default() });
+    for name in ["dynamic.vdi", "static.vdi", "vbox.vdi"] {
+        let want = reference(&d.join(name), "vdi");
+        let gz = d.join(format!("{name}.gz"));
+        for (source, label) in [(gz.to_str().unwrap().to_string(), "gzip"), (server.url(name), "without Range")] {
+            let summary = import_ok(&[], &source, &want, &format!("{name} {label}"));
+            assert_eq!(summary["format"], "vdi", "{name} {label}: {summary}");
+            assert_eq!(summary["spooled_bytes"], 0, "{name} {label}: {summary}");
+        }
+    }
+}

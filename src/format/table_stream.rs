@@ -67,13 +67,21 @@ pub struct TableCursor<'a> {
     pos: u64,
     /// Whether bytes passed over are still kept (until every table is read).
     keeping: bool,
+    /// Stream offset below which the format stores no data: passed bytes there are never kept.
+    data_floor: u64,
     stop: &'a AtomicBool,
 }
 
 impl<'a> TableCursor<'a> {
     /// A cursor at the start of `reader` (named `name` in errors).
     pub fn new(reader: &'a mut dyn Read, name: &'a str, stash: &'a mut dyn Stash, stop: &'a AtomicBool) -> Self {
-        TableCursor { reader, name, stash, pos: 0, keeping: true, stop }
+        TableCursor { reader, name, stash, pos: 0, keeping: true, data_floor: 0, stop }
+    }
+
+    /// Says that the format stores no data below stream offset `offset` (vdi's data area): padding passed before
+    /// it is not kept.
+    pub fn data_starts_at(&mut self, offset: u64) {
+        self.data_floor = offset;
     }
 
     fn bad(&self, what: String, at: u64) -> Error {
@@ -104,8 +112,9 @@ impl<'a> TableCursor<'a> {
             if self.read(&mut window[..n])? < n {
                 return Err(self.bad(format!("{what} at stream offset {to} lies past the end of the stream"), at));
             }
-            if self.keeping {
-                self.stash.put(at, &window[..n])?;
+            if self.keeping && at + n as u64 > self.data_floor {
+                let skip = self.data_floor.saturating_sub(at) as usize;
+                self.stash.put(at + skip as u64, &window[skip..n])?;
             }
         }
         Ok(())

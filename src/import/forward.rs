@@ -5,7 +5,8 @@
 //! - qcow2: walked cluster by cluster ([`qcow2::stream`]), spooling only data seen before the table that maps it;
 //! - streamOptimized vmdk: walked marker by marker ([`vmdk::stream`]);
 //! - dynamic vhd: footer copy, dynamic header and BAT, then blocks placed by BAT entry ([`vhd::walk_stream`]);
-//! - anything else (vhdx, vdi, sparse vmdk): spooled whole to `--scratch` and imported from there by the
+//! - vdi: header, then block map, then blocks placed by map entry ([`vdi::walk_stream`]);
+//! - anything else (vhdx, sparse vmdk): spooled whole to `--scratch` and imported from there by the
 //!   random-access driver.
 //!
 //! The walkers place guest bytes into the pipeline's chunk assembler, whose writer thread writes through the same
@@ -20,7 +21,7 @@ use crate::buffer::AlignedBuf;
 use crate::checksum::Algorithm;
 use crate::error::{Error, Result};
 use crate::format::detect::{detect_bytes, Detected};
-use crate::format::{qcow2, vhd, vmdk};
+use crate::format::{qcow2, vdi, vhd, vmdk};
 use crate::pipeline::assemble::Placer;
 use crate::pipeline::spool::{self, Spool};
 use crate::pipeline::writer::{with_writer, Item, Writer};
@@ -76,6 +77,7 @@ pub(super) fn import(
         Detected::Qcow2 => Some(Kind::Qcow2),
         Detected::Vmdk if vmdk::stream::is_stream_optimized(&head) => Some(Kind::Vmdk),
         Detected::Vhd => Some(Kind::Vhd),
+        Detected::Vdi => Some(Kind::Vdi),
         _ => None,
     };
     let Some(kind) = streamed else {
@@ -87,7 +89,7 @@ pub(super) fn import(
             Detected::Vmdk => "a sparse vmdk",
             Detected::Vhd => unreachable!("vhd streams are walked"),
             Detected::Vhdx => "a vhdx",
-            Detected::Vdi => "a vdi",
+            Detected::Vdi => unreachable!("vdi streams are walked"),
             _ => "this",
         };
         let Some(dir) = &plan.scratch else {
@@ -129,6 +131,13 @@ pub(super) fn import(
                 None => return Err(crate::bad_image!("vhd stream ends inside its footer copy").at_path(&name)),
             }
         }
+        Kind::Vdi => {
+            let header = head.get(..512).and_then(|h| <&[u8; 512]>::try_from(h).ok());
+            match header.map(|h| vdi::parse_header(h, u64::MAX)) {
+                Some(header) => header.map_err(|e| e.at_path(&name))?.disk_size,
+                None => return Err(crate::bad_image!("vdi stream ends inside its header").at_path(&name)),
+            }
+        }
     };
     // Progress: against the virtual size the header gives (qcow2, vmdk) or the raw stream's length; a compressed
     // raw stream's size is known only at its end, so its progress is the share of the source consumed.
@@ -161,6 +170,12 @@ pub(super) fn import(
             spooled = stashed;
             Ok((size, kind.format_name()))
         }
+        Kind::Vdi => {
+            let mut spool = Spool::new(&name, plan.scratch.as_deref());
+            let (size, stashed) = vdi::walk_stream(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?;
+            spooled = stashed;
+            Ok((size, kind.format_name()))
+        }
     });
     let produced = produced.and_then(|((virtual_size, format), written)| {
         // Read to the end of the stream: the checksum covers every byte, and a decompressor checks its trailer.
@@ -172,7 +187,7 @@ pub(super) fn import(
                 Err(e) => return Err(stream_error(e, &name, tap.bytes())),
             }
         }
-        if matches!(kind, Kind::Qcow2 | Kind::Vhd) {
+        if matches!(kind, Kind::Qcow2 | Kind::Vhd | Kind::Vdi) {
             log::info!("{name}: spooled {} ({spooled} bytes) of the {} stream", human(spooled), kind.format_name());
         }
         Ok(Produced {
@@ -193,6 +208,8 @@ enum Kind {
     Vmdk,
     /// A dynamic vhd.
     Vhd,
+    /// A vdi, static or dynamic.
+    Vdi,
 }
 
 impl Kind {
@@ -202,6 +219,7 @@ impl Kind {
             Kind::Qcow2 => "qcow2",
             Kind::Vmdk => "vmdk",
             Kind::Vhd => "vpc",
+            Kind::Vdi => "vdi",
         }
     }
 }
