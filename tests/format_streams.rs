@@ -334,3 +334,30 @@ fn vdi_streams_without_spooling() {
         }
     }
 }
+
+/// A monolithicSparse vmdk (plain, with zero grains written by qemu-io, and of a size that is no multiple of the
+/// grain) read as a gzip stream, and plain from a server without Range, is walked grain directory first: identical
+/// to qemu, nothing spooled.
+#[test]
+fn sparse_vmdk_streams_without_spooling() {
+    let dir = scratch_dir("stream-vmdk-sparse");
+    let d = dir.path();
+    let size = 9 * MIB + 3 * 65536 + 3 * 512;
+    qemu_image(d, size, "vmdk", "subformat=monolithicSparse", "plain.vmdk");
+    let zeroed = qemu_image(d, size, "vmdk", "subformat=monolithicSparse,zeroed_grain=on", "zeroed.vmdk");
+    run(Command::new(common::qemu_io())
+        .args(["-f", "vmdk", "-c", "write -z 0 512k", "-c", "write -z 8M 128k"])
+        .arg(&zeroed));
+    qemu_image(d, 7 * MIB + 4096 + 512, "vmdk", "subformat=monolithicSparse", "odd.vmdk");
+    sh(d, "gzip -k plain.vmdk zeroed.vmdk odd.vmdk");
+    let server = TestServer::start(d, ServerOptions { ranges: false, ..Default::default() });
+    for name in ["plain.vmdk", "zeroed.vmdk", "odd.vmdk"] {
+        let want = reference(&d.join(name), "vmdk");
+        let gz = d.join(format!("{name}.gz"));
+        for (source, label) in [(gz.to_str().unwrap().to_string(), "gzip"), (server.url(name), "without Range")] {
+            let summary = import_ok(&[], &source, &want, &format!("{name} {label}"));
+            assert_eq!(summary["format"], "vmdk", "{name} {label}: {summary}");
+            assert_eq!(summary["spooled_bytes"], 0, "{name} {label}: {summary}");
+        }
+    }
+}

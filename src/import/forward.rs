@@ -6,7 +6,9 @@
 //! - streamOptimized vmdk: walked marker by marker ([`vmdk::stream`]);
 //! - dynamic vhd: footer copy, dynamic header and BAT, then blocks placed by BAT entry ([`vhd::walk_stream`]);
 //! - vdi: header, then block map, then blocks placed by map entry ([`vdi::walk_stream`]);
-//! - anything else (vhdx, sparse vmdk): spooled whole to `--scratch` and imported from there by the
+//! - monolithicSparse vmdk: header, grain directory and tables, then grains placed by table entry
+//!   ([`vmdk::sparse_stream`]);
+//! - anything else (vhdx, a vmdk descriptor): spooled whole to `--scratch` and imported from there by the
 //!   random-access driver.
 //!
 //! The walkers place guest bytes into the pipeline's chunk assembler, whose writer thread writes through the same
@@ -76,6 +78,7 @@ pub(super) fn import(
         Detected::Raw => Some(Kind::Raw),
         Detected::Qcow2 => Some(Kind::Qcow2),
         Detected::Vmdk if vmdk::stream::is_stream_optimized(&head) => Some(Kind::Vmdk),
+        Detected::Vmdk if vmdk::sparse_stream::is_sparse(&head) => Some(Kind::SparseVmdk),
         Detected::Vhd => Some(Kind::Vhd),
         Detected::Vdi => Some(Kind::Vdi),
         _ => None,
@@ -86,7 +89,7 @@ pub(super) fn import(
             Detected::Unsupported(what) => {
                 return Err(Error::unsupported(format!("unsupported image format: {what}")).at_path(&name))
             }
-            Detected::Vmdk => "a sparse vmdk",
+            Detected::Vmdk => "a vmdk descriptor (its extents are separate files)",
             Detected::Vhd => unreachable!("vhd streams are walked"),
             Detected::Vhdx => "a vhdx",
             Detected::Vdi => unreachable!("vdi streams are walked"),
@@ -124,6 +127,7 @@ pub(super) fn import(
         // The walkers check the headers fully; the destination only needs the size.
         Kind::Qcow2 => u64::from_be_bytes(head[24..32].try_into().expect("a qcow2 header")) & !511,
         Kind::Vmdk => u64::from_le_bytes(head[12..20].try_into().expect("a vmdk header")).saturating_mul(512),
+        Kind::SparseVmdk => u64::from_le_bytes(head[12..20].try_into().expect("a vmdk header")).saturating_mul(512),
         Kind::Vhd => {
             let footer = head.get(..512).and_then(|h| <&[u8; 512]>::try_from(h).ok());
             match footer.map(vhd::parse_footer) {
@@ -170,6 +174,13 @@ pub(super) fn import(
             spooled = stashed;
             Ok((size, kind.format_name()))
         }
+        Kind::SparseVmdk => {
+            let mut spool = Spool::new(&name, plan.scratch.as_deref());
+            let mut placer = Placer::new(writer);
+            let (size, stashed) = vmdk::sparse_stream::walk(&mut stream, &name, &mut spool, &mut placer, stop)?;
+            spooled = stashed;
+            Ok((size, kind.format_name()))
+        }
         Kind::Vdi => {
             let mut spool = Spool::new(&name, plan.scratch.as_deref());
             let (size, stashed) = vdi::walk_stream(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?;
@@ -187,7 +198,7 @@ pub(super) fn import(
                 Err(e) => return Err(stream_error(e, &name, tap.bytes())),
             }
         }
-        if matches!(kind, Kind::Qcow2 | Kind::Vhd | Kind::Vdi) {
+        if matches!(kind, Kind::Qcow2 | Kind::Vhd | Kind::Vdi | Kind::SparseVmdk) {
             log::info!("{name}: spooled {} ({spooled} bytes) of the {} stream", human(spooled), kind.format_name());
         }
         Ok(Produced {
@@ -206,6 +217,8 @@ enum Kind {
     Raw,
     Qcow2,
     Vmdk,
+    /// A monolithicSparse vmdk.
+    SparseVmdk,
     /// A dynamic vhd.
     Vhd,
     /// A vdi, static or dynamic.
@@ -217,7 +230,7 @@ impl Kind {
         match self {
             Kind::Raw => "raw",
             Kind::Qcow2 => "qcow2",
-            Kind::Vmdk => "vmdk",
+            Kind::Vmdk | Kind::SparseVmdk => "vmdk",
             Kind::Vhd => "vpc",
             Kind::Vdi => "vdi",
         }
