@@ -361,3 +361,31 @@ fn sparse_vmdk_streams_without_spooling() {
         }
     }
 }
+
+/// A vhdx (dynamic, fixed, 1 MiB blocks) read as a gzip stream, and plain from a server without Range, is walked
+/// region table, metadata and BAT first: identical to qemu, nothing spooled. One whose log needs replaying is
+/// refused in a stream too, as qemu refuses it.
+#[test]
+fn vhdx_streams_without_spooling_and_a_dirty_log_is_refused() {
+    let dir = scratch_dir("stream-vhdx");
+    let d = dir.path();
+    let size = 9 * MIB + 3 * 65536 + 3 * 512;
+    qemu_image(d, size, "vhdx", "subformat=dynamic", "dynamic.vhdx");
+    qemu_image(d, size, "vhdx", "subformat=fixed", "fixed.vhdx");
+    qemu_image(d, size, "vhdx", "subformat=dynamic,block_size=1M", "small.vhdx");
+    let dirty = qemu_image(d, size, "vhdx", "subformat=dynamic", "dirty.vhdx");
+    common::images::dirty_the_log(&dirty);
+    sh(d, "gzip -k dynamic.vhdx fixed.vhdx small.vhdx dirty.vhdx");
+    let server = TestServer::start(d, ServerOptions { ranges: false, ..Default::default() });
+    for name in ["dynamic.vhdx", "fixed.vhdx", "small.vhdx"] {
+        let want = reference(&d.join(name), "vhdx");
+        let gz = d.join(format!("{name}.gz"));
+        for (source, label) in [(gz.to_str().unwrap().to_string(), "gzip"), (server.url(name), "without Range")] {
+            let summary = import_ok(&[], &source, &want, &format!("{name} {label}"));
+            assert_eq!(summary["format"], "vhdx", "{name} {label}: {summary}");
+            assert_eq!(summary["spooled_bytes"], 0, "{name} {label}: {summary}");
+        }
+    }
+    let text = import_fails(&[], d.join("dirty.vhdx.gz").to_str().unwrap(), "dirty log");
+    assert!(text.contains("dirty.vhdx.gz") && text.contains("log") && text.contains("replay"), "{text}");
+}

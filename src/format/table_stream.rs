@@ -67,21 +67,45 @@ pub struct TableCursor<'a> {
     pos: u64,
     /// Whether bytes passed over are still kept (until every table is read).
     keeping: bool,
-    /// Stream offset below which the format stores no data: passed bytes there are never kept.
-    data_floor: u64,
+    /// Stream ranges `[start, end)` where the format stores no data: passed bytes there are never kept.
+    ignored: Vec<(u64, u64)>,
     stop: &'a AtomicBool,
 }
 
 impl<'a> TableCursor<'a> {
     /// A cursor at the start of `reader` (named `name` in errors).
     pub fn new(reader: &'a mut dyn Read, name: &'a str, stash: &'a mut dyn Stash, stop: &'a AtomicBool) -> Self {
-        TableCursor { reader, name, stash, pos: 0, keeping: true, data_floor: 0, stop }
+        TableCursor { reader, name, stash, pos: 0, keeping: true, ignored: Vec::new(), stop }
     }
 
     /// Says that the format stores no data below stream offset `offset` (vdi's data area): padding passed before
     /// it is not kept.
     pub fn data_starts_at(&mut self, offset: u64) {
-        self.data_floor = offset;
+        self.ignore(0, offset);
+    }
+
+    /// Says that stream bytes `[at, at + len)` hold no data (a region of metadata not read): they are not kept.
+    pub fn ignore(&mut self, at: u64, len: u64) {
+        self.ignored.push((at, at.saturating_add(len)));
+    }
+
+    /// Keeps passed bytes `bytes` (stream offset `at`) that no ignored range covers.
+    fn keep(&mut self, at: u64, bytes: &[u8]) -> Result<()> {
+        let end = at + bytes.len() as u64;
+        let mut ranges: Vec<(u64, u64)> =
+            self.ignored.iter().filter(|&&(s, e)| s < end && e > at).map(|&(s, e)| (s.max(at), e.min(end))).collect();
+        ranges.sort_unstable();
+        let mut from = at;
+        for (s, e) in ranges {
+            if s > from {
+                self.stash.put(from, &bytes[(from - at) as usize..(s - at) as usize])?;
+            }
+            from = from.max(e);
+        }
+        if from < end {
+            self.stash.put(from, &bytes[(from - at) as usize..])?;
+        }
+        Ok(())
     }
 
     fn bad(&self, what: String, at: u64) -> Error {
@@ -112,9 +136,8 @@ impl<'a> TableCursor<'a> {
             if self.read(&mut window[..n])? < n {
                 return Err(self.bad(format!("{what} at stream offset {to} lies past the end of the stream"), at));
             }
-            if self.keeping && at + n as u64 > self.data_floor {
-                let skip = self.data_floor.saturating_sub(at) as usize;
-                self.stash.put(at + skip as u64, &window[skip..n])?;
+            if self.keeping {
+                self.keep(at, &window[..n])?;
             }
         }
         Ok(())

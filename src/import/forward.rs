@@ -8,7 +8,9 @@
 //! - vdi: header, then block map, then blocks placed by map entry ([`vdi::walk_stream`]);
 //! - monolithicSparse vmdk: header, grain directory and tables, then grains placed by table entry
 //!   ([`vmdk::sparse_stream`]);
-//! - anything else (vhdx, a vmdk descriptor): spooled whole to `--scratch` and imported from there by the
+//! - vhdx: header section, then log (must be empty), metadata and BAT, then payload blocks placed by BAT entry
+//!   ([`vhdx::stream`]);
+//! - anything else (a vmdk descriptor, whose extents are other files): spooled whole to `--scratch` and imported from there by the
 //!   random-access driver.
 //!
 //! The walkers place guest bytes into the pipeline's chunk assembler, whose writer thread writes through the same
@@ -23,7 +25,8 @@ use crate::buffer::AlignedBuf;
 use crate::checksum::Algorithm;
 use crate::error::{Error, Result};
 use crate::format::detect::{detect_bytes, Detected};
-use crate::format::{qcow2, vdi, vhd, vmdk};
+use crate::format::stream::Placement;
+use crate::format::{qcow2, vdi, vhd, vhdx, vmdk};
 use crate::pipeline::assemble::Placer;
 use crate::pipeline::spool::{self, Spool};
 use crate::pipeline::writer::{with_writer, Item, Writer};
@@ -81,6 +84,7 @@ pub(super) fn import(
         Detected::Vmdk if vmdk::sparse_stream::is_sparse(&head) => Some(Kind::SparseVmdk),
         Detected::Vhd => Some(Kind::Vhd),
         Detected::Vdi => Some(Kind::Vdi),
+        Detected::Vhdx => Some(Kind::Vhdx),
         _ => None,
     };
     let Some(kind) = streamed else {
@@ -91,7 +95,7 @@ pub(super) fn import(
             }
             Detected::Vmdk => "a vmdk descriptor (its extents are separate files)",
             Detected::Vhd => unreachable!("vhd streams are walked"),
-            Detected::Vhdx => "a vhdx",
+            Detected::Vhdx => unreachable!("vhdx streams are walked"),
             Detected::Vdi => unreachable!("vdi streams are walked"),
             _ => "this",
         };
@@ -142,6 +146,8 @@ pub(super) fn import(
                 None => return Err(crate::bad_image!("vdi stream ends inside its header").at_path(&name)),
             }
         }
+        // The virtual size is in the metadata region, which only the walk reaches: the destination grows to it.
+        Kind::Vhdx => 0,
     };
     // Progress: against the virtual size the header gives (qcow2, vmdk) or the raw stream's length; a compressed
     // raw stream's size is known only at its end, so its progress is the share of the source consumed.
@@ -181,6 +187,13 @@ pub(super) fn import(
             spooled = stashed;
             Ok((size, kind.format_name()))
         }
+        Kind::Vhdx => {
+            let mut spool = Spool::new(&name, plan.scratch.as_deref());
+            let mut placer = Growing { inner: Placer::new(writer), dest, progress };
+            let (size, stashed) = vhdx::stream::walk(&mut stream, &name, &mut spool, &mut placer, stop)?;
+            spooled = stashed;
+            Ok((size, kind.format_name()))
+        }
         Kind::Vdi => {
             let mut spool = Spool::new(&name, plan.scratch.as_deref());
             let (size, stashed) = vdi::walk_stream(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?;
@@ -198,7 +211,7 @@ pub(super) fn import(
                 Err(e) => return Err(stream_error(e, &name, tap.bytes())),
             }
         }
-        if matches!(kind, Kind::Qcow2 | Kind::Vhd | Kind::Vdi | Kind::SparseVmdk) {
+        if matches!(kind, Kind::Qcow2 | Kind::Vhd | Kind::Vdi | Kind::SparseVmdk | Kind::Vhdx) {
             log::info!("{name}: spooled {} ({spooled} bytes) of the {} stream", human(spooled), kind.format_name());
         }
         Ok(Produced {
@@ -223,6 +236,8 @@ enum Kind {
     Vhd,
     /// A vdi, static or dynamic.
     Vdi,
+    /// A vhdx, fixed or dynamic.
+    Vhdx,
 }
 
 impl Kind {
@@ -233,6 +248,7 @@ impl Kind {
             Kind::Vmdk | Kind::SparseVmdk => "vmdk",
             Kind::Vhd => "vpc",
             Kind::Vdi => "vdi",
+            Kind::Vhdx => "vhdx",
         }
     }
 }
@@ -331,4 +347,40 @@ fn raw(
         writer.submit_zero(data_len, size - data_len)?;
     }
     Ok((size, "vpc"))
+}
+
+/// A [`Placer`] for a walker that learns the virtual size only after reading ahead (vhdx keeps it in its
+/// metadata region): the destination, opened empty, grows to it when the walker announces it.
+struct Growing<'a, 'w> {
+    inner: Placer<'w>,
+    dest: &'a crate::sink::Destination,
+    progress: &'a Progress,
+}
+
+impl Placement for Growing<'_, '_> {
+    fn chunk(&self) -> u64 {
+        self.inner.chunk()
+    }
+
+    fn begin(&mut self, virtual_size: u64) -> Result<()> {
+        self.dest.grow(virtual_size)?;
+        self.progress.set_total(virtual_size);
+        self.inner.begin(virtual_size)
+    }
+
+    fn data(&mut self, guest: u64, bytes: &[u8]) -> Result<bool> {
+        self.inner.data(guest, bytes)
+    }
+
+    fn zero(&mut self, guest: u64, len: u64) -> Result<()> {
+        self.inner.zero(guest, len)
+    }
+
+    fn has_buffer(&self, guest: u64) -> bool {
+        self.inner.has_buffer(guest)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.inner.finish()
+    }
 }
