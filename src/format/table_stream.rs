@@ -11,8 +11,9 @@ use crate::source::sequential::{read_full, stream_error};
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Largest table read into memory from a stream (16 MiB: 4 M entries of 4 bytes, e.g. 8 TiB of 2 MiB vhd blocks).
-pub const MAX_TABLE_BYTES: u64 = 16 << 20;
+/// Largest table read into memory from a stream (8 MiB: 2 M entries of 4 bytes, every vhd's BAT with 2 MiB blocks,
+/// a 2 TiB vdi's block map).
+pub const MAX_TABLE_BYTES: u64 = 8 << 20;
 
 /// Most runs kept (24 bytes each); contiguous blocks merge into one run.
 pub const MAX_RUNS: usize = 1 << 20;
@@ -264,4 +265,137 @@ pub fn place_runs(mut cursor: TableCursor, runs: Runs, size: u64, place: &mut dy
         cursor.check_stop()?;
     }
     Ok(cursor.stash.kept())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// Stream bytes kept in memory, by offset.
+    #[derive(Default)]
+    struct Kept(BTreeMap<u64, Vec<u8>>, u64);
+
+    impl Stash for Kept {
+        fn put(&mut self, at: u64, bytes: &[u8]) -> Result<()> {
+            self.1 += bytes.len() as u64;
+            for (i, &b) in bytes.iter().enumerate() {
+                self.0.insert(at + i as u64, vec![b]);
+            }
+            Ok(())
+        }
+
+        fn get(&self, at: u64, out: &mut [u8]) -> Result<bool> {
+            for (i, slot) in out.iter_mut().enumerate() {
+                match self.0.get(&(at + i as u64)) {
+                    Some(b) => *slot = b[0],
+                    None => return Ok(false),
+                }
+            }
+            Ok(true)
+        }
+
+        fn kept(&self) -> u64 {
+            self.1
+        }
+    }
+
+    /// A disk in memory that refuses the first `refusals` placements (as a full chunk pool would).
+    struct Disk {
+        bytes: Vec<u8>,
+        resolved: Vec<bool>,
+        refusals: usize,
+    }
+
+    impl Placement for Disk {
+        fn chunk(&self) -> u64 {
+            4096
+        }
+        fn begin(&mut self, size: u64) -> Result<()> {
+            self.bytes = vec![0xee; size as usize];
+            self.resolved = vec![false; size as usize];
+            Ok(())
+        }
+        fn data(&mut self, guest: u64, bytes: &[u8]) -> Result<bool> {
+            if self.refusals > 0 {
+                self.refusals -= 1;
+                return Ok(false);
+            }
+            let at = guest as usize;
+            self.bytes[at..at + bytes.len()].copy_from_slice(bytes);
+            self.resolved[at..at + bytes.len()].fill(true);
+            Ok(true)
+        }
+        fn zero(&mut self, guest: u64, len: u64) -> Result<()> {
+            let (at, end) = (guest as usize, (guest + len) as usize);
+            self.bytes[at..end].fill(0);
+            self.resolved[at..end].fill(true);
+            Ok(())
+        }
+        fn has_buffer(&self, _: u64) -> bool {
+            false
+        }
+        fn finish(&mut self) -> Result<()> {
+            assert!(self.resolved.iter().all(|&r| r), "unresolved guest bytes");
+            Ok(())
+        }
+    }
+
+    /// A stream whose one data block (guest 8192..12288, at 512) comes before the table naming it (at 4608), and
+    /// whose second block (guest 0..4096, at 8192) comes after; each placed by the table, the first from the stash.
+    #[test]
+    fn data_before_its_table_is_stashed_and_placed_from_there() {
+        let mut stream = vec![0u8; 12288];
+        stream[512..4608].fill(0xa1);
+        stream[4608..4616].copy_from_slice(&[0, 0, 0, 1, 0, 0, 0, 16]);
+        stream[8192..12288].fill(0xb2);
+        for refusals in [0, 2] {
+            let stop = AtomicBool::new(false);
+            let mut kept = Kept::default();
+            let mut reader = &stream[..];
+            let mut cursor = TableCursor::new(&mut reader, "test", &mut kept, &stop);
+            cursor.ignore(0, 512);
+            let table = cursor.meta(4608, 8, "the table").unwrap();
+            let mut runs = Runs::default();
+            for (i, sector) in table.chunks_exact(4).enumerate() {
+                let sector = u32::from_be_bytes(sector.try_into().unwrap()) as u64;
+                runs.push("test", sector * 512, [8192, 0][i], 4096).unwrap();
+            }
+            let mut disk = Disk { bytes: Vec::new(), resolved: Vec::new(), refusals };
+            disk.begin(16384).unwrap();
+            let stashed = place_runs(cursor, runs, 16384, &mut disk).unwrap();
+            assert!(disk.bytes[8192..12288].iter().all(|&b| b == 0xa1), "refusals {refusals}");
+            assert!(disk.bytes[..4096].iter().all(|&b| b == 0xb2), "refusals {refusals}");
+            assert!(disk.bytes[4096..8192].iter().chain(&disk.bytes[12288..]).all(|&b| b == 0));
+            // The block before the table is kept; a refused block after it is kept too.
+            assert_eq!(stashed, 4096 + if refusals > 1 { 4096 } else { 0 }, "refusals {refusals}");
+        }
+    }
+
+    #[test]
+    fn a_table_naming_bytes_passed_and_not_kept_is_an_error() {
+        let stream = vec![0u8; 8192];
+        let stop = AtomicBool::new(false);
+        let mut kept = Kept::default();
+        let mut reader = &stream[..];
+        let mut cursor = TableCursor::new(&mut reader, "test", &mut kept, &stop);
+        cursor.data_starts_at(4096);
+        cursor.meta(4096, 8, "the table").unwrap();
+        let mut runs = Runs::default();
+        runs.push("test", 512, 0, 512).unwrap();
+        let mut disk = Disk { bytes: Vec::new(), resolved: Vec::new(), refusals: 0 };
+        disk.begin(4096).unwrap();
+        let err = place_runs(cursor, runs, 4096, &mut disk).unwrap_err();
+        assert!(err.to_string().contains("not kept"), "{err}");
+    }
+
+    #[test]
+    fn tables_larger_than_the_cap_are_refused_before_allocating() {
+        let stop = AtomicBool::new(false);
+        let mut kept = Kept::default();
+        let mut reader: &[u8] = &[];
+        let mut cursor = TableCursor::new(&mut reader, "test", &mut kept, &stop);
+        let err = cursor.meta(0, MAX_TABLE_BYTES + 1, "the BAT").unwrap_err();
+        assert_eq!(err.kind(), crate::error::ErrorKind::Unsupported, "{err}");
+    }
 }

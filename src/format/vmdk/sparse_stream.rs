@@ -53,18 +53,19 @@ pub fn walk(
     let (grain, span) = (h.grain_size(), h.gt_span());
     let gd_at = h.gd_offset.saturating_mul(512);
     let gd = cursor.meta(gd_at, h.gd_entries() * 4, "the vmdk grain directory")?;
-    // Grain tables in stream order, each with the guest offset it starts at.
-    let mut tables: Vec<(u64, u64)> = gd
+    // Grain tables in stream order: (sector, grain directory index), 8 bytes each.
+    let mut tables: Vec<(u32, u32)> = gd
         .chunks_exact(4)
         .enumerate()
-        .map(|(i, e)| (u64::from(u32::from_le_bytes(e.try_into().expect("4 bytes"))) * 512, i as u64 * span))
-        .filter(|&(at, _)| at != 0)
+        .map(|(i, e)| (u32::from_le_bytes(e.try_into().expect("4 bytes")), i as u32))
+        .filter(|&(sector, _)| sector != 0)
         .collect();
     drop(gd);
     tables.sort_unstable();
     let mut runs = Runs::default();
-    for (table_at, base) in tables {
-        let gt = cursor.meta(table_at, u64::from(h.gtes_per_gt) * 4, "a vmdk grain table")?;
+    for (sector, index) in tables {
+        let base = u64::from(index) * span;
+        let gt = cursor.meta(u64::from(sector) * 512, u64::from(h.gtes_per_gt) * 4, "a vmdk grain table")?;
         for (i, entry) in gt.chunks_exact(4).enumerate() {
             let entry = u32::from_le_bytes(entry.try_into().expect("4 bytes"));
             let guest = base + i as u64 * grain;
