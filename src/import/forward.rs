@@ -93,7 +93,9 @@ pub(super) fn import(
             Detected::Unsupported(what) => {
                 return Err(Error::unsupported(format!("unsupported image format: {what}")).at_path(&name))
             }
-            Detected::Vmdk => "a vmdk descriptor (its extents are separate files)",
+            Detected::Vmdk => {
+                "a vmdk text descriptor (its extents are other files), or one with unmarked compressed grains,"
+            }
             Detected::Vhd => unreachable!("vhd streams are walked"),
             Detected::Vhdx => unreachable!("vhdx streams are walked"),
             Detected::Vdi => unreachable!("vdi streams are walked"),
