@@ -148,6 +148,12 @@ pub fn xz_memlimit(budget: u64) -> u64 {
     (budget / 4).clamp(16 << 20, 72 << 20)
 }
 
+/// Memory a bzip2 decoder takes, whatever the input: fixed by the format, whose largest block (`bzip2 -9`) is
+/// 900 000 symbols held as 4-byte entries, plus about 64 KiB of tables; libbzip2 documents 3 700 kB for
+/// decompression. Small beside the smallest budget (32 MiB) and xz's limit (16 to 72 MiB): it needs no limit of its
+/// own. One per bzip2 layer, and at most four layers are unwrapped (`MAX_LAYERS` in source/decompress.rs).
+pub const BZIP2_DECODER_MEMORY: u64 = 3_700_000;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +187,14 @@ mod tests {
             assert!(err.to_string().contains("32.00 MiB an import needs"), "{err}");
         }
         assert!(Budget::resolve(Some(MIN_BUDGET), None).is_ok());
+    }
+
+    #[test]
+    fn a_bzip2_decoder_fits_the_smallest_budget_beside_the_plan() {
+        let tiny = sizing(MIN_BUDGET);
+        let planned = tiny.workers as u64 * tiny.chunk + tiny.dirty_target;
+        // The program's own pages: about 11 MiB (see MIN_BUDGET).
+        assert!(planned + BZIP2_DECODER_MEMORY + 11 * MIB < MIN_BUDGET, "{planned}");
     }
 
     #[test]

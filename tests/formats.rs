@@ -8,7 +8,6 @@ use boundimport::error::ErrorKind;
 use common::images::*;
 use common::{patch, qemu_img, qemu_io, run, scratch_dir, write_raw, Fill, SplitMix64};
 use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -29,14 +28,6 @@ fn differential(format: &str, options: &str, name: &str, detected: &str) {
     let dir = scratch_dir(&format!("{format}-{}", options.replace([',', '='], "_")));
     let image = make(dir.path(), SIZE, format, options, name);
     assert_same_as_qemu(&image, format, detected);
-}
-
-fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; len];
-    std::fs::File::open(path)
-        .and_then(|f| f.read_exact_at(&mut buf, offset))
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-    buf
 }
 
 fn open_error(path: &Path) -> boundimport::error::Error {
@@ -288,6 +279,24 @@ fn vhd_sector_bitmap_is_ignored_like_qemu() {
     assert_ne!(first, vec![0u8; 512]);
 }
 
+/// qemu refuses a footer whose checksum does not match ("Incorrect header checksum"); so does boundimport,
+/// naming both sums and the footer's offset.
+#[test]
+fn vhd_bad_footer_checksum_is_refused_like_qemu() {
+    let dir = scratch_dir("vhd-checksum");
+    let image = make(dir.path(), SIZE, "vpc", "subformat=dynamic", "disk.vhd");
+    let footer = read_at(&image, 0, 512);
+    let stored = u32::from_be_bytes(footer[64..68].try_into().unwrap());
+    patch(&image, 64, &(stored ^ 0x10).to_be_bytes());
+    let qemu = qemu_refuses(&image, "vpc");
+    assert!(qemu.contains("checksum"), "qemu-img said: {qemu}");
+    let err = open_error(&image);
+    assert_eq!(err.kind(), ErrorKind::BadImage, "{err}");
+    let text = err.to_string();
+    assert!(text.contains(&format!("{:#010x}", stored ^ 0x10)) && text.contains(&format!("{stored:#010x}")), "{text}");
+    assert_eq!(err.offset(), Some(64), "{text}");
+}
+
 #[test]
 fn vhd_differencing_is_refused_naming_the_parent() {
     let dir = scratch_dir("vhd-diff");
@@ -364,57 +373,6 @@ fn vhdx_block_states() {
             assert_same_as_qemu(&image, "vhdx", "vhdx");
         }
     }
-}
-
-/// CRC32C as VHDX uses it.
-fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
-        }
-    }
-    !crc
-}
-
-/// Makes the current header of a vhdx name a log GUID and writes a valid-looking log entry for it: an image
-/// that was not closed cleanly.
-fn dirty_the_log(image: &Path) {
-    let guid = [0x5a; 16];
-    let mut current = (0u64, 0u64);
-    for at in [64u64 << 10, 128 << 10] {
-        let h = read_at(image, at, 4096);
-        let seq = u64::from_le_bytes(h[8..16].try_into().unwrap());
-        if seq >= current.1 {
-            current = (at, seq);
-        }
-    }
-    let mut h = read_at(image, current.0, 4096);
-    h[48..64].copy_from_slice(&guid);
-    h[4..8].fill(0);
-    let sum = crc32c(&h);
-    h[4..8].copy_from_slice(&sum.to_le_bytes());
-    patch(image, current.0, &h);
-    let log_offset = u64::from_le_bytes(h[72..80].try_into().unwrap());
-    let file_len = std::fs::metadata(image).unwrap().len();
-    // One entry: header + one zero descriptor (zero 4 KiB at offset 0 of the... header section is rejected by
-    // qemu, so aim it at the end of the file).
-    let mut entry = vec![0u8; 4096];
-    entry[..4].copy_from_slice(b"loge");
-    entry[8..12].copy_from_slice(&4096u32.to_le_bytes());
-    entry[16..24].copy_from_slice(&1u64.to_le_bytes());
-    entry[24..28].copy_from_slice(&1u32.to_le_bytes());
-    entry[32..48].copy_from_slice(&guid);
-    entry[48..56].copy_from_slice(&file_len.to_le_bytes());
-    entry[56..64].copy_from_slice(&file_len.to_le_bytes());
-    entry[64..68].copy_from_slice(b"zero");
-    entry[72..80].copy_from_slice(&4096u64.to_le_bytes());
-    entry[80..88].copy_from_slice(&(file_len - 4096).to_le_bytes());
-    entry[88..96].copy_from_slice(&1u64.to_le_bytes());
-    let sum = crc32c(&entry);
-    entry[4..8].copy_from_slice(&sum.to_le_bytes());
-    patch(image, log_offset, &entry);
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! Decompression stacking: gzip/xz/zstd layers unwrapped as a forward-only import does (see
+//! Decompression stacking: gzip/xz/zstd/bzip2/zip layers unwrapped as a forward-only import does (see
 //! `boundimport_fuzz::exercise_stream_decompress`).
 #![no_main]
 

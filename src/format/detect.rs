@@ -47,19 +47,20 @@ pub fn detect(source: &dyn ReadAt) -> Result<Detected> {
     }
     let mut tail = [0u8; 512];
     let got = source.read_at(source.len() - 512, &mut tail)?;
-    Ok(detect_tail(&tail[..got]).unwrap_or(Detected::Raw))
+    Ok(detect_tail(&tail[..got], source.len()).unwrap_or(Detected::Raw))
 }
 
-/// Detection from the last 512 bytes of a source whose start names no format: a fixed vhd keeps its only
-/// footer there, a dmg its "koly" trailer. A fixed vhd footer must also carry a valid checksum and the fixed
-/// disk type, so that a raw disk whose last sector merely starts with "conectix" stays raw.
-pub fn detect_tail(tail: &[u8]) -> Option<Detected> {
+/// Detection from the last 512 bytes of a source of `len` bytes whose start names no format: a fixed vhd keeps
+/// its only footer there, a dmg its "koly" trailer. A fixed vhd footer must also carry a valid checksum, the fixed
+/// disk type and the length of the data before it ([`super::vhd::is_fixed_footer`]), so that a raw disk whose
+/// last sector merely starts with "conectix" stays raw.
+pub fn detect_tail(tail: &[u8], len: u64) -> Option<Detected> {
     if tail.len() < 512 {
         return None;
     }
     if tail.starts_with(b"conectix") {
         let footer: &[u8; 512] = tail[..512].try_into().ok()?;
-        return super::vhd::is_fixed_footer(footer).then_some(Detected::Vhd);
+        return super::vhd::is_fixed_footer(footer, len.checked_sub(512)?).then_some(Detected::Vhd);
     }
     if tail.starts_with(b"koly") {
         return Some(Detected::Unsupported("Apple disk image (dmg, trailer magic \"koly\")".into()));
@@ -160,17 +161,19 @@ mod tests {
     fn tail_magic() {
         let mut koly = vec![0u8; 512];
         koly[..4].copy_from_slice(b"koly");
-        let Some(Detected::Unsupported(what)) = detect_tail(&koly) else { panic!("koly trailer not recognised") };
+        let Some(Detected::Unsupported(what)) = detect_tail(&koly, 4096) else { panic!("koly trailer not recognised") };
         assert!(what.contains("dmg") && what.contains("koly"), "{what}");
         // A "conectix" sector that is not a valid fixed-disk footer leaves the source raw.
         let mut footer = vec![0u8; 512];
         footer[..8].copy_from_slice(b"conectix");
-        assert_eq!(detect_tail(&footer), None);
+        assert_eq!(detect_tail(&footer, 4096), None);
         footer[60..64].copy_from_slice(&2u32.to_be_bytes());
+        footer[48..56].copy_from_slice(&3584u64.to_be_bytes());
         let sum = super::super::vhd::checksum(&footer, 64);
         footer[64..68].copy_from_slice(&sum.to_be_bytes());
-        assert_eq!(detect_tail(&footer), Some(Detected::Vhd));
-        assert_eq!(detect_tail(&footer[..100]), None);
-        assert_eq!(detect_tail(&[0u8; 512]), None);
+        assert_eq!(detect_tail(&footer, 4096), Some(Detected::Vhd));
+        assert_eq!(detect_tail(&footer, 8192), None, "current size and length disagree");
+        assert_eq!(detect_tail(&footer[..100], 4096), None);
+        assert_eq!(detect_tail(&[0u8; 512], 4096), None);
     }
 }

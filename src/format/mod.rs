@@ -10,6 +10,7 @@ pub mod detect;
 pub mod qcow2;
 pub mod raw;
 pub(crate) mod stream;
+pub(crate) mod table_stream;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;

@@ -189,6 +189,41 @@ impl Image for VdiImage {
     }
 }
 
+/// Walks the vdi in `reader` (from its first byte) forward only: the header, then the block map when the stream
+/// reaches it, then each allocated block placed by its map entry; bytes passed between the map and the data area
+/// are padding and never kept, data passed before the map waits in `stash`. Returns the virtual size and the
+/// bytes stashed.
+pub fn walk_stream(
+    reader: &mut dyn std::io::Read,
+    name: &str,
+    stash: &mut dyn super::stream::Stash,
+    place: &mut dyn super::stream::Placement,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(u64, u64)> {
+    use super::table_stream::{place_runs, Runs, TableCursor};
+    let mut cursor = TableCursor::new(reader, name, stash, stop);
+    let buf: [u8; 512] = cursor.meta(0, 512, "the vdi header")?.try_into().expect("512 bytes");
+    // The stream's length is unknown: a map or block past its end is found when the stream ends there.
+    let header = parse_header(&buf, u64::MAX).map_err(|e| e.at_path(name))?;
+    let size = header.disk_size;
+    let block = BLOCK_SIZE as u64;
+    cursor.data_starts_at(header.offset_data);
+    let map = cursor.meta(header.offset_bmap, size.div_ceil(block) * 4, "the vdi block map")?;
+    let mut runs = Runs::default();
+    for (index, entry) in map.chunks_exact(4).enumerate() {
+        let entry = le32(entry, 0);
+        if entry >= DISCARDED {
+            continue;
+        }
+        let guest = index as u64 * block;
+        runs.push(name, header.offset_data + entry as u64 * block, guest, block.min(size - guest))?;
+    }
+    drop(map);
+    place.begin(size)?;
+    let stashed = place_runs(cursor, runs, size, place)?;
+    Ok((size, stashed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,8 @@
 //! Rules follow qemu's block/vpc.c (`vpc_open`), qemu-img being the reference for what an image holds:
 //! - the virtual size comes from the CHS geometry unless the creator application is one known to use the
 //!   footer's current size ("win ", "qem2", "d2v ", "CTXS", "tap\0") or the geometry is the maximum one;
-//! - a footer checksum mismatch is only a warning;
+//! - a footer whose checksum does not match is refused (qemu has refused it since 2018: "Incorrect header
+//!   checksum");
 //! - sector bitmaps are not consulted for dynamic disks: qemu reads an allocated block's data as stored.
 
 use super::block_table::BlockTable;
@@ -53,9 +54,15 @@ pub fn checksum(buf: &[u8], field: usize) -> u32 {
     !sum
 }
 
-/// Whether `buf` is a footer of a fixed disk with a valid checksum (what detection at the end of a file needs).
-pub fn is_fixed_footer(buf: &[u8; 512]) -> bool {
-    buf.starts_with(FOOTER_COOKIE) && be32(buf, 60) == TYPE_FIXED && checksum(buf, 64) == be32(buf, 64)
+/// Whether `buf`, the last 512 bytes of a file or stream, is the footer of a fixed disk holding the `data_len`
+/// bytes before it: valid checksum, fixed disk type, and a current size equal to that length. Both the
+/// random-access detection and a stream's held-back tail ask this, so a fixed VHD reads the same either way, and a
+/// raw disk whose last sector merely starts with "conectix" stays raw.
+pub fn is_fixed_footer(buf: &[u8; 512], data_len: u64) -> bool {
+    buf.starts_with(FOOTER_COOKIE)
+        && be32(buf, 60) == TYPE_FIXED
+        && checksum(buf, 64) == be32(buf, 64)
+        && be64(buf, 48) == data_len
 }
 
 /// A parsed footer.
@@ -71,8 +78,6 @@ pub struct Footer {
     pub geometry: (u16, u8, u8),
     /// Disk type (2, 3 or 4).
     pub disk_type: u32,
-    /// Whether the stored checksum matches.
-    pub checksum_ok: bool,
 }
 
 impl Footer {
@@ -91,10 +96,17 @@ impl Footer {
     }
 }
 
-/// Parses a footer (a 512-byte sector starting with "conectix").
+/// Parses a footer (a 512-byte sector starting with "conectix" and a matching checksum).
 pub fn parse_footer(buf: &[u8; 512]) -> Result<Footer> {
     if !buf.starts_with(FOOTER_COOKIE) {
         return Err(crate::bad_image!("vhd footer has no \"conectix\" cookie"));
+    }
+    let (stored, computed) = (be32(buf, 64), checksum(buf, 64));
+    if stored != computed {
+        return Err(crate::bad_image!(
+            "vhd footer checksum is {stored:#010x} but its bytes sum to {computed:#010x} (qemu refuses it too)"
+        )
+        .at_offset(64));
     }
     let footer = Footer {
         data_offset: be64(buf, 16),
@@ -102,7 +114,6 @@ pub fn parse_footer(buf: &[u8; 512]) -> Result<Footer> {
         current_size: be64(buf, 48),
         geometry: (u16::from_be_bytes([buf[56], buf[57]]), buf[58], buf[59]),
         disk_type: be32(buf, 60),
-        checksum_ok: checksum(buf, 64) == be32(buf, 64),
     };
     match footer.disk_type {
         TYPE_FIXED | TYPE_DYNAMIC | TYPE_DIFFERENCING => {}
@@ -200,15 +211,12 @@ impl VhdImage {
             footer_at = len - 512;
             read_exact_at(source.as_ref(), footer_at, &mut buf, "vhd footer")?;
         }
-        let footer = parse_footer(&buf).map_err(|e| ctx(e.at_offset(footer_at)))?;
+        let footer = parse_footer(&buf).map_err(|e| ctx(e.within(footer_at)))?;
         if footer_at != 0 && footer.disk_type != TYPE_FIXED {
             return Err(ctx(crate::bad_image!(
                 "vhd footer at the end of the file is not a fixed disk's and there is none at offset 0"
             )
             .at_offset(footer_at)));
-        }
-        if !footer.checksum_ok {
-            log::warn!("{}: the vhd footer checksum is incorrect (read anyway, like qemu)", source.name());
         }
         let virtual_size = footer.virtual_size();
         let dynamic = if footer.disk_type == TYPE_FIXED {
@@ -276,6 +284,57 @@ impl Image for VhdImage {
     }
 }
 
+/// Walks the dynamic vhd in `reader` (from its first byte) forward only: the footer copy, the dynamic header and
+/// the BAT as the stream reaches them, then each allocated block's data (after its sector bitmap, which qemu does
+/// not consult either) placed by its BAT entry; bytes passed before the BAT wait in `stash`. Returns the virtual
+/// size and the bytes stashed.
+pub fn walk_stream(
+    reader: &mut dyn std::io::Read,
+    name: &str,
+    stash: &mut dyn super::stream::Stash,
+    place: &mut dyn super::stream::Placement,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(u64, u64)> {
+    use super::table_stream::{place_runs, Runs, TableCursor};
+    let mut cursor = TableCursor::new(reader, name, stash, stop);
+    let buf: [u8; 512] = cursor.meta(0, 512, "the vhd footer copy")?.try_into().expect("512 bytes");
+    let footer = parse_footer(&buf).map_err(|e| e.at_path(name))?;
+    if footer.disk_type == TYPE_FIXED {
+        return Err(
+            Error::unsupported("vhd stream starts with a fixed disk's footer, which belongs at its end").at_path(name)
+        );
+    }
+    let size = footer.virtual_size();
+    let buf: [u8; 1024] =
+        cursor.meta(footer.data_offset, 1024, "the vhd dynamic header")?.try_into().expect("1024 bytes");
+    // The stream's length is unknown: a BAT or block past its end is found when the stream ends there.
+    let header = parse_dynamic_header(&buf, size, u64::MAX).map_err(|e| e.within(footer.data_offset).at_path(name))?;
+    if footer.disk_type == TYPE_DIFFERENCING {
+        return Err(Error::unsupported(format!(
+            "vhd differencing disk with parent {:?} is not supported (convert it with its parent first)",
+            header.parent_name
+        ))
+        .at_path(name));
+    }
+    let block = header.block_size as u64;
+    let blocks = size.div_ceil(block);
+    let bat = cursor.meta(header.table_offset, blocks * 4, "the vhd BAT")?;
+    let mut runs = Runs::default();
+    for (index, entry) in bat.chunks_exact(4).enumerate() {
+        let entry = be32(entry, 0);
+        if entry == UNALLOCATED {
+            continue;
+        }
+        let guest = index as u64 * block;
+        let host = entry as u64 * 512 + header.bitmap_size();
+        runs.push(name, host, guest, block.min(size - guest))?;
+    }
+    drop(bat);
+    place.begin(size)?;
+    let stashed = place_runs(cursor, runs, size, place)?;
+    Ok((size, stashed))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,7 +378,6 @@ mod tests {
     #[test]
     fn qemu_footers_use_chs_and_qem2_footers_current_size() {
         let f = parse_footer(&valid_footer()).unwrap();
-        assert!(f.checksum_ok);
         assert_eq!(f.virtual_size(), 130 * 16 * 63 * 512);
         let mut b = valid_footer();
         b[28..32].copy_from_slice(b"qem2");
@@ -333,10 +391,16 @@ mod tests {
     }
 
     #[test]
-    fn bad_checksum_is_only_noted() {
+    fn bad_checksum_is_refused_naming_both_sums() {
         let mut b = valid_footer();
+        let stored = be32(&b, 64) ^ 0x0100_0000;
         b[64] ^= 1;
-        assert!(!parse_footer(&b).unwrap().checksum_ok);
+        let err = parse_footer(&b).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::BadImage);
+        let text = err.to_string();
+        assert!(text.contains(&format!("{stored:#010x}")), "{text}");
+        assert!(text.contains(&format!("{:#010x}", checksum(&b, 64))), "{text}");
+        assert_eq!(err.offset(), Some(64));
     }
 
     #[test]
@@ -346,22 +410,26 @@ mod tests {
         assert_eq!(parse_footer(&b).unwrap_err().kind(), ErrorKind::BadImage);
         let mut b = valid_footer();
         b[60..64].copy_from_slice(&5u32.to_be_bytes());
-        assert_eq!(parse_footer(&b).unwrap_err().kind(), ErrorKind::BadImage);
+        reseal(&mut b);
+        assert!(parse_footer(&b).unwrap_err().to_string().contains("disk type 5"));
         let mut b = valid_footer();
         b[28..32].copy_from_slice(b"win ");
         b[48..56].copy_from_slice(&(3u64 << 40).to_be_bytes());
+        reseal(&mut b);
         assert_eq!(parse_footer(&b).unwrap_err().kind(), ErrorKind::Unsupported);
     }
 
     #[test]
-    fn fixed_footer_detection_needs_type_and_checksum() {
+    fn fixed_footer_detection_needs_type_checksum_and_length() {
         let mut b = valid_footer();
         b[60..64].copy_from_slice(&TYPE_FIXED.to_be_bytes());
         reseal(&mut b);
-        assert!(is_fixed_footer(&b));
+        assert!(is_fixed_footer(&b, 4 << 20));
+        assert!(!is_fixed_footer(&b, (4 << 20) + 512), "data longer than the footer's current size");
+        assert!(!is_fixed_footer(&b, (4 << 20) - 512), "data shorter than the footer's current size");
         b[100] = 1;
-        assert!(!is_fixed_footer(&b));
-        assert!(!is_fixed_footer(&valid_footer()));
+        assert!(!is_fixed_footer(&b, 4 << 20));
+        assert!(!is_fixed_footer(&valid_footer(), 4 << 20));
     }
 
     const SIZE: u64 = 4 << 20;

@@ -1,9 +1,16 @@
 //! Forward-only imports: a source that can only be read front to back (a compressed image, a server without Range
 //! support) is unwrapped layer by layer, its format detected from its first bytes, and then:
-//! - raw: copied chunk by chunk ([`raw`]); the image is as long as the stream;
+//! - raw: copied chunk by chunk ([`raw`]); the image is as long as the stream, unless its last 512 bytes are a
+//!   fixed VHD footer (a `fixed.vhd.gz`): then it is that vpc image, read the way the random-access reader does;
 //! - qcow2: walked cluster by cluster ([`qcow2::stream`]), spooling only data seen before the table that maps it;
 //! - streamOptimized vmdk: walked marker by marker ([`vmdk::stream`]);
-//! - anything else (vhd, vhdx, vdi, sparse vmdk): spooled whole to `--scratch` and imported from there by the
+//! - dynamic vhd: footer copy, dynamic header and BAT, then blocks placed by BAT entry ([`vhd::walk_stream`]);
+//! - vdi: header, then block map, then blocks placed by map entry ([`vdi::walk_stream`]);
+//! - monolithicSparse vmdk: header, grain directory and tables, then grains placed by table entry
+//!   ([`vmdk::sparse_stream`]);
+//! - vhdx: header section, then log (must be empty), metadata and BAT, then payload blocks placed by BAT entry
+//!   ([`vhdx::stream`]);
+//! - anything else (a vmdk descriptor, whose extents are other files): spooled whole to `--scratch` and imported from there by the
 //!   random-access driver.
 //!
 //! The walkers place guest bytes into the pipeline's chunk assembler, whose writer thread writes through the same
@@ -14,10 +21,12 @@ use super::engine::{Engine, Produced};
 use super::random::{self, Random};
 use super::{Context, Outcome, Plan};
 use crate::budget::xz_memlimit;
+use crate::buffer::AlignedBuf;
 use crate::checksum::Algorithm;
 use crate::error::{Error, Result};
 use crate::format::detect::{detect_bytes, Detected};
-use crate::format::{qcow2, vmdk};
+use crate::format::stream::Placement;
+use crate::format::{qcow2, vdi, vhd, vhdx, vmdk};
 use crate::pipeline::assemble::Placer;
 use crate::pipeline::spool::{self, Spool};
 use crate::pipeline::writer::{with_writer, Item, Writer};
@@ -72,6 +81,10 @@ pub(super) fn import(
         Detected::Raw => Some(Kind::Raw),
         Detected::Qcow2 => Some(Kind::Qcow2),
         Detected::Vmdk if vmdk::stream::is_stream_optimized(&head) => Some(Kind::Vmdk),
+        Detected::Vmdk if vmdk::sparse_stream::is_sparse(&head) => Some(Kind::SparseVmdk),
+        Detected::Vhd => Some(Kind::Vhd),
+        Detected::Vdi => Some(Kind::Vdi),
+        Detected::Vhdx => Some(Kind::Vhdx),
         _ => None,
     };
     let Some(kind) = streamed else {
@@ -80,10 +93,12 @@ pub(super) fn import(
             Detected::Unsupported(what) => {
                 return Err(Error::unsupported(format!("unsupported image format: {what}")).at_path(&name))
             }
-            Detected::Vmdk => "a sparse vmdk",
-            Detected::Vhd => "a vhd",
-            Detected::Vhdx => "a vhdx",
-            Detected::Vdi => "a vdi",
+            Detected::Vmdk => {
+                "a vmdk text descriptor (its extents are other files), or one with unmarked compressed grains,"
+            }
+            Detected::Vhd => unreachable!("vhd streams are walked"),
+            Detected::Vhdx => unreachable!("vhdx streams are walked"),
+            Detected::Vdi => unreachable!("vdi streams are walked"),
             _ => "this",
         };
         let Some(dir) = &plan.scratch else {
@@ -106,12 +121,35 @@ pub(super) fn import(
     };
 
     let raw_unknown_size = kind == Kind::Raw && !(layers.is_empty() && len.is_some());
+    // The last 512 bytes of a raw stream may be a fixed VHD's footer (a fixed.vhd.gz): they are held back until
+    // the end says which, and a destination of known size is opened without them.
+    let hold_footer = kind == Kind::Raw && !plan.verbatim;
     let size_hint = match kind {
-        Kind::Raw if !raw_unknown_size => len.unwrap_or(0),
+        Kind::Raw if !raw_unknown_size => match len {
+            Some(l) if hold_footer && l >= MIN_FIXED_VHD => l - FOOTER,
+            other => other.unwrap_or(0),
+        },
         Kind::Raw => 0,
         // The walkers check the headers fully; the destination only needs the size.
         Kind::Qcow2 => u64::from_be_bytes(head[24..32].try_into().expect("a qcow2 header")) & !511,
         Kind::Vmdk => u64::from_le_bytes(head[12..20].try_into().expect("a vmdk header")).saturating_mul(512),
+        Kind::SparseVmdk => u64::from_le_bytes(head[12..20].try_into().expect("a vmdk header")).saturating_mul(512),
+        Kind::Vhd => {
+            let footer = head.get(..512).and_then(|h| <&[u8; 512]>::try_from(h).ok());
+            match footer.map(vhd::parse_footer) {
+                Some(footer) => footer.map_err(|e| e.at_path(&name))?.virtual_size(),
+                None => return Err(crate::bad_image!("vhd stream ends inside its footer copy").at_path(&name)),
+            }
+        }
+        Kind::Vdi => {
+            let header = head.get(..512).and_then(|h| <&[u8; 512]>::try_from(h).ok());
+            match header.map(|h| vdi::parse_header(h, u64::MAX)) {
+                Some(header) => header.map_err(|e| e.at_path(&name))?.disk_size,
+                None => return Err(crate::bad_image!("vdi stream ends inside its header").at_path(&name)),
+            }
+        }
+        // The virtual size is in the metadata region, which only the walk reaches: the destination grows to it.
+        Kind::Vhdx => 0,
     };
     // Progress: against the virtual size the header gives (qcow2, vmdk) or the raw stream's length; a compressed
     // raw stream's size is known only at its end, so its progress is the share of the source consumed.
@@ -127,21 +165,45 @@ pub(super) fn import(
     let mut spooled = 0;
     let produced = with_writer(dest, progress, digest, sizing.stream_buffers(), chunk, |writer| match kind {
         Kind::Raw => {
-            let disk = raw(&mut stream, &name, writer, dest, stop, || progress.note_stored(tap.bytes()))?;
-            if !plan.verbatim {
-                super::note_headerless(&name, disk.len, disk.size);
-            }
-            Ok(disk.size)
+            let consumed = || progress.note_stored(tap.bytes());
+            raw(&mut stream, &name, writer, dest, stop, consumed, hold_footer)
         }
         Kind::Qcow2 => {
             let mut spool = Spool::new(&name, plan.scratch.as_deref());
             let stats = qcow2::stream::walk(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?;
             spooled = stats.spooled;
-            Ok(stats.virtual_size)
+            Ok((stats.virtual_size, kind.format_name()))
         }
-        Kind::Vmdk => vmdk::stream::walk(&mut stream, &name, &mut Placer::new(writer), stop),
+        Kind::Vmdk => vmdk::stream::walk(&mut stream, &name, &mut Placer::new(writer), stop)
+            .map(|size| (size, kind.format_name())),
+        Kind::Vhd => {
+            let mut spool = Spool::new(&name, plan.scratch.as_deref());
+            let (size, stashed) = vhd::walk_stream(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?;
+            spooled = stashed;
+            Ok((size, kind.format_name()))
+        }
+        Kind::SparseVmdk => {
+            let mut spool = Spool::new(&name, plan.scratch.as_deref());
+            let mut placer = Placer::new(writer);
+            let (size, stashed) = vmdk::sparse_stream::walk(&mut stream, &name, &mut spool, &mut placer, stop)?;
+            spooled = stashed;
+            Ok((size, kind.format_name()))
+        }
+        Kind::Vhdx => {
+            let mut spool = Spool::new(&name, plan.scratch.as_deref());
+            let mut placer = Growing { inner: Placer::new(writer), dest, progress };
+            let (size, stashed) = vhdx::stream::walk(&mut stream, &name, &mut spool, &mut placer, stop)?;
+            spooled = stashed;
+            Ok((size, kind.format_name()))
+        }
+        Kind::Vdi => {
+            let mut spool = Spool::new(&name, plan.scratch.as_deref());
+            let (size, stashed) = vdi::walk_stream(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?;
+            spooled = stashed;
+            Ok((size, kind.format_name()))
+        }
     });
-    let produced = produced.and_then(|(virtual_size, written)| {
+    let produced = produced.and_then(|((virtual_size, format), written)| {
         // Read to the end of the stream: the checksum covers every byte, and a decompressor checks its trailer.
         let mut rest = vec![0u8; 64 << 10];
         loop {
@@ -151,14 +213,14 @@ pub(super) fn import(
                 Err(e) => return Err(stream_error(e, &name, tap.bytes())),
             }
         }
-        if kind == Kind::Qcow2 {
-            log::info!("{name}: spooled {} ({spooled} bytes) of the qcow2 stream", human(spooled));
+        if matches!(kind, Kind::Qcow2 | Kind::Vhd | Kind::Vdi | Kind::SparseVmdk | Kind::Vhdx) {
+            log::info!("{name}: spooled {} ({spooled} bytes) of the {} stream", human(spooled), kind.format_name());
         }
         Ok(Produced {
             output_digest: written.digest,
             compression: layers,
             spooled_bytes: spooled,
-            ..Produced::new(kind.format_name(), virtual_size)
+            ..Produced::new(format, virtual_size)
         })
     });
     engine.finish(produced, verify)
@@ -170,6 +232,14 @@ enum Kind {
     Raw,
     Qcow2,
     Vmdk,
+    /// A monolithicSparse vmdk.
+    SparseVmdk,
+    /// A dynamic vhd.
+    Vhd,
+    /// A vdi, static or dynamic.
+    Vdi,
+    /// A vhdx, fixed or dynamic.
+    Vhdx,
 }
 
 impl Kind {
@@ -177,18 +247,23 @@ impl Kind {
         match self {
             Kind::Raw => "raw",
             Kind::Qcow2 => "qcow2",
-            Kind::Vmdk => "vmdk",
+            Kind::Vmdk | Kind::SparseVmdk => "vmdk",
+            Kind::Vhd => "vpc",
+            Kind::Vdi => "vdi",
+            Kind::Vhdx => "vhdx",
         }
     }
 }
 
-/// What a raw stream made: its length, and the disk (whole sectors).
-struct RawDisk {
-    len: u64,
-    size: u64,
-}
+/// Size of a VHD footer.
+const FOOTER: u64 = 512;
+/// Shortest stream whose tail is looked at for a fixed VHD footer (as the random-access detection does).
+const MIN_FIXED_VHD: u64 = 2 * FOOTER;
 
-/// A raw image: the stream is the disk; the destination grows as it arrives.
+/// A raw image: the stream is the disk; the destination grows as it arrives. With `hold_footer`, the last full
+/// chunk waits for the next read, so the stream's last 512 bytes are still unwritten when it ends: a fixed VHD
+/// footer there ([`vhd::is_fixed_footer`]) makes the image a vpc one, its data everything before the footer.
+/// Returns the image size and format.
 fn raw(
     reader: &mut dyn Read,
     name: &str,
@@ -196,30 +271,125 @@ fn raw(
     dest: &crate::sink::Destination,
     stop: &AtomicBool,
     mut consumed: impl FnMut(),
-) -> Result<RawDisk> {
+    hold_footer: bool,
+) -> Result<(u64, &'static str)> {
     let chunk = writer.chunk();
-    let (mut guest, mut len) = (0u64, 0u64);
-    loop {
+    // Guest offset of the next byte to submit.
+    let mut guest = 0u64;
+    let submit = |writer: &mut Writer, buf: AlignedBuf, len: usize, guest: &mut u64| -> Result<()> {
+        if len == 0 {
+            writer.give_back(buf);
+            return Ok(());
+        }
+        dest.grow(*guest + len as u64)?;
+        writer.submit(Item::Data { guest: *guest, buf, len })?;
+        *guest += len as u64;
+        Ok(())
+    };
+    // The last full chunk read, not yet submitted (only while holding the footer back).
+    let mut pending: Option<AlignedBuf> = None;
+    let (last, n) = loop {
         if stop.load(Ordering::Relaxed) {
             return Err(Error::interrupted(dest.path(), guest));
         }
-        let mut buf = writer.buffer()?.expect("the raw copy holds no buffer");
+        let mut buf = writer.buffer()?.expect("the raw copy holds at most one buffer of a pool of two or more");
         let n = read_full(reader, &mut buf[..chunk]).map_err(|e| stream_error(e, name, guest))?;
-        if n == 0 {
-            writer.give_back(buf);
-            break;
+        if n > 0 {
+            consumed();
         }
-        consumed();
-        // A disk is whole sectors: qemu-img pads a raw image's last partial sector with zeros, and so do we.
-        let padded = n.next_multiple_of(512).min(chunk);
-        buf[n..padded].fill(0);
-        dest.grow(guest + padded as u64)?;
-        writer.submit(Item::Data { guest, buf, len: padded })?;
-        len += n as u64;
-        guest += padded as u64;
         if n < chunk {
-            break;
+            break (buf, n);
         }
+        if !hold_footer {
+            submit(writer, buf, n, &mut guest)?;
+        } else if let Some(previous) = pending.replace(buf) {
+            submit(writer, previous, chunk, &mut guest)?;
+        }
+    };
+    // The stream ended: `last[..n]` is its end, after `pending` (a full chunk) if that is held.
+    let held = pending.as_ref().map_or(0, |_| chunk);
+    let total = guest + (held + n) as u64;
+    let footer = (hold_footer && total >= MIN_FIXED_VHD).then(|| {
+        let mut footer = [0u8; FOOTER as usize];
+        let from_last = n.min(FOOTER as usize);
+        let from_pending = FOOTER as usize - from_last;
+        if let Some(previous) = &pending {
+            footer[..from_pending].copy_from_slice(&previous[chunk - from_pending..chunk]);
+        }
+        footer[from_pending..].copy_from_slice(&last[n - from_last..n]);
+        footer
+    });
+    let data_len = total.saturating_sub(FOOTER);
+    let Some(footer) = footer.filter(|f| vhd::is_fixed_footer(f, data_len)) else {
+        if let Some(previous) = pending {
+            submit(writer, previous, chunk, &mut guest)?;
+        }
+        // A disk is whole sectors: qemu-img pads a raw image's last partial sector with zeros, and so do we.
+        let mut last = last;
+        let padded = n.next_multiple_of(512).min(chunk);
+        last[n..padded].fill(0);
+        submit(writer, last, padded, &mut guest)?;
+        if hold_footer {
+            super::note_headerless(name, total, guest);
+        }
+        return Ok((guest, "raw"));
+    };
+    let footer = vhd::parse_footer(&footer).map_err(|e| e.within(data_len).at_path(name))?;
+    let size = footer.virtual_size();
+    if size < data_len {
+        return Err(crate::bad_image!(
+            "fixed vhd read as a stream: its geometry gives {size} bytes, less than its {data_len} bytes of data; import it from a random-access source (a local file, or a server that supports \
+             Range requests)"
+        )
+        .at_offset(data_len)
+        .at_path(name));
     }
-    Ok(RawDisk { len, size: guest })
+    log::info!("{name}: the stream ends with a fixed vhd footer: read as vpc, {size} bytes");
+    let cut = FOOTER as usize - n.min(FOOTER as usize);
+    if let Some(previous) = pending {
+        submit(writer, previous, chunk - cut, &mut guest)?;
+    }
+    submit(writer, last, n - (FOOTER as usize - cut), &mut guest)?;
+    if size > data_len {
+        // Guest space past the data reads as zeros, as in the random-access reader.
+        dest.grow(size)?;
+        writer.submit_zero(data_len, size - data_len)?;
+    }
+    Ok((size, "vpc"))
+}
+
+/// A [`Placer`] for a walker that learns the virtual size only after reading ahead (vhdx keeps it in its
+/// metadata region): the destination, opened empty, grows to it when the walker announces it.
+struct Growing<'a, 'w> {
+    inner: Placer<'w>,
+    dest: &'a crate::sink::Destination,
+    progress: &'a Progress,
+}
+
+impl Placement for Growing<'_, '_> {
+    fn chunk(&self) -> u64 {
+        self.inner.chunk()
+    }
+
+    fn begin(&mut self, virtual_size: u64) -> Result<()> {
+        self.dest.grow(virtual_size)?;
+        self.progress.set_total(virtual_size);
+        self.inner.begin(virtual_size)
+    }
+
+    fn data(&mut self, guest: u64, bytes: &[u8]) -> Result<bool> {
+        self.inner.data(guest, bytes)
+    }
+
+    fn zero(&mut self, guest: u64, len: u64) -> Result<()> {
+        self.inner.zero(guest, len)
+    }
+
+    fn has_buffer(&self, guest: u64) -> bool {
+        self.inner.has_buffer(guest)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.inner.finish()
+    }
 }

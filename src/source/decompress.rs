@@ -1,6 +1,8 @@
-//! Compressed wrappers around an image (gzip, xz, zstd), detected by their magic bytes and unwrapped as many times
-//! as the data says (an `image.qcow2.xz`, a `disk.raw.gz.xz`). Decompressor memory is capped: xz by a memory limit
-//! the stream's dictionary must fit, zstd by the largest window it may ask for.
+//! Compressed wrappers around an image (gzip, xz, zstd, bzip2, a zip of one file), detected by their magic bytes
+//! and unwrapped as many times as the data says (an `image.qcow2.xz`, a `disk.raw.gz.xz`, a `disk.img.zip`).
+//! Decompressor memory is capped: xz by a memory limit the stream's dictionary must fit, zstd by the largest window
+//! it may ask for; bzip2's is fixed by the format (`BZIP2_DECODER_MEMORY` in budget.rs), zip's deflate window
+//! is 32 KiB.
 
 use super::sequential::Peek;
 use crate::error::Error;
@@ -24,6 +26,10 @@ pub enum Compression {
     Xz,
     /// zstd (`28 b5 2f fd`), one or more frames.
     Zstd,
+    /// bzip2 (`BZh`, a block size digit, then a block or end-of-stream magic), one or more streams.
+    Bzip2,
+    /// A zip archive (`PK 03 04`) of one file, stored or deflated ([`super::zip`]).
+    Zip,
 }
 
 impl fmt::Display for Compression {
@@ -32,11 +38,27 @@ impl fmt::Display for Compression {
             Compression::Gzip => "gzip",
             Compression::Xz => "xz",
             Compression::Zstd => "zstd",
+            Compression::Bzip2 => "bzip2",
+            Compression::Zip => "zip",
         })
     }
 }
 
-/// The wrapper `head` (the first bytes of a stream) starts with, if any.
+/// Bytes [`sniff`] looks at.
+pub const SNIFF_LEN: usize = 10;
+
+/// Whether `head` starts a bzip2 stream: "BZh", the block size in hundreds of kB (1-9), then the magic of the
+/// first block (the digits of pi) or of the end of an empty stream (of sqrt(pi)); "BZh" alone is too common.
+fn is_bzip2(head: &[u8]) -> bool {
+    const BLOCK: [u8; 6] = [0x31, 0x41, 0x59, 0x26, 0x53, 0x59];
+    const END: [u8; 6] = [0x17, 0x72, 0x45, 0x38, 0x50, 0x90];
+    head.len() >= 10
+        && head.starts_with(b"BZh")
+        && (b'1'..=b'9').contains(&head[3])
+        && (head[4..10] == BLOCK || head[4..10] == END)
+}
+
+/// The wrapper `head` (the first [`SNIFF_LEN`] bytes of a stream) starts with, if any.
 pub fn sniff(head: &[u8]) -> Option<Compression> {
     if head.starts_with(&[0x1f, 0x8b]) {
         Some(Compression::Gzip)
@@ -44,6 +66,10 @@ pub fn sniff(head: &[u8]) -> Option<Compression> {
         Some(Compression::Xz)
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         Some(Compression::Zstd)
+    } else if is_bzip2(head) {
+        Some(Compression::Bzip2)
+    } else if head.starts_with(b"PK\x03\x04") {
+        Some(Compression::Zip)
     } else {
         None
     }
@@ -59,7 +85,7 @@ pub fn unwrap_layers(
     let mut peek = Peek::new(reader);
     let mut layers = Vec::new();
     loop {
-        let head = peek.peek(6).map_err(|e| super::sequential::stream_error(e, name, 0))?;
+        let head = peek.peek(SNIFF_LEN).map_err(|e| super::sequential::stream_error(e, name, 0))?;
         let Some(kind) = sniff(head) else {
             return Ok((peek, layers));
         };
@@ -67,14 +93,26 @@ pub fn unwrap_layers(
             return Err(Error::unsupported(format!("more than {MAX_LAYERS} nested compression layers")).at_path(name));
         }
         layers.push(kind);
-        let decoder = decoder(kind, Box::new(peek), xz_memlimit).map_err(|e| e.at_path(name))?;
+        let decoder = decoder(kind, Box::new(peek), name, xz_memlimit).map_err(|e| e.at_path(name))?;
         peek = Peek::new(Box::new(Labeled { inner: decoder, kind, name: name.to_string(), limit: xz_memlimit }));
     }
 }
 
-fn decoder(kind: Compression, input: Box<dyn Read + Send>, xz_memlimit: u64) -> Result<Box<dyn Read + Send>, Error> {
+fn decoder(
+    kind: Compression,
+    input: Box<dyn Read + Send>,
+    name: &str,
+    xz_memlimit: u64,
+) -> Result<Box<dyn Read + Send>, Error> {
+    if kind == Compression::Zip {
+        let (entry, entry_name) = super::zip::open(input, name)?;
+        log::info!("{name}: reading zip entry {entry_name:?}");
+        return Ok(Box::new(entry));
+    }
     let buffered = BufReader::with_capacity(DECODER_INPUT, input);
     Ok(match kind {
+        Compression::Zip => unreachable!("opened above"),
+        Compression::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(buffered)),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(buffered)),
         Compression::Xz => {
             let stream = liblzma::stream::Stream::new_stream_decoder(xz_memlimit, liblzma::stream::CONCATENATED)
@@ -157,6 +195,21 @@ mod tests {
         let mut streams = xz(&data[..5], 0);
         streams.extend(xz(&data[5..], 0));
         assert_eq!(unwrap_all(streams, 64 << 20).unwrap().0, data);
+    }
+
+    #[test]
+    fn bzip2_and_zip_are_sniffed_by_their_full_magic() {
+        let mut enc = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::fast());
+        enc.write_all(b"disk").unwrap();
+        let bz = enc.finish().unwrap();
+        assert_eq!(sniff(&bz[..SNIFF_LEN]), Some(Compression::Bzip2));
+        let (out, layers) = unwrap_all(bz, 64 << 20).unwrap();
+        assert_eq!((out.as_slice(), layers), (&b"disk"[..], vec![Compression::Bzip2]));
+        // "BZh" alone, or with a block size but no block magic, is not bzip2.
+        assert_eq!(sniff(b"BZh9 is not it"), None);
+        assert_eq!(sniff(b"BZh"), None);
+        assert_eq!(sniff(b"PK\x03\x04\x14\0\0\0\x08\0"), Some(Compression::Zip));
+        assert_eq!(sniff(b"PK\x05\x06\0\0\0\0\0\0"), None);
     }
 
     #[test]

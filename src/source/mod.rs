@@ -11,6 +11,7 @@ pub(crate) mod open;
 pub mod registry;
 pub(crate) mod sequential;
 pub(crate) mod tar;
+mod zip;
 
 pub use file::FileSource;
 pub use hashing::HashingSource;

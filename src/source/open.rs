@@ -1,7 +1,7 @@
 //! Opening a [`Location`]: random access where the bytes allow it (a local file, an HTTP server honouring Range),
 //! a forward-only stream otherwise (an HTTP server without Range, or any compressed wrapper).
 
-use super::decompress::sniff;
+use super::decompress::{sniff, SNIFF_LEN};
 use super::http::{self, Client, Remote};
 use super::sequential::ReadAtReader;
 use super::{FileSource, HttpOptions, Location, ReadAt};
@@ -55,7 +55,7 @@ pub fn open(location: &Location, options: &HttpOptions) -> Result<Opened> {
             }
         },
     };
-    let mut head = [0u8; 6];
+    let mut head = [0u8; SNIFF_LEN];
     let got = source.read_at(0, &mut head)?;
     if let Some(kind) = sniff(&head[..got]) {
         log::debug!("{}: {kind}-compressed; reading it as a stream", source.name());

@@ -3,7 +3,7 @@
 //! the parent module.
 #![allow(dead_code)]
 
-use super::{qemu_img, run, sha256_prefix, Fill, MemSource};
+use super::{patch, qemu_img, run, sha256_prefix, Fill, MemSource};
 use boundimport::format::{self, BackingPolicy, Image};
 use boundimport::pipeline::fill::read_guest;
 use boundimport::source::files::LocalFiles;
@@ -116,4 +116,65 @@ pub fn exercise(name: &str, bytes: Vec<u8>) -> Option<&'static str> {
         let _ = read_guest(image.as_mut(), at, &mut buf[..n]);
     }
     Some(image.format_name())
+}
+
+/// CRC32C as VHDX uses it.
+pub fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// Makes the current header of a vhdx name a log GUID and writes a valid-looking log entry for it: an image
+/// that was not closed cleanly.
+pub fn dirty_the_log(image: &Path) {
+    let guid = [0x5a; 16];
+    let mut current = (0u64, 0u64);
+    for at in [64u64 << 10, 128 << 10] {
+        let h = read_at(image, at, 4096);
+        let seq = u64::from_le_bytes(h[8..16].try_into().unwrap());
+        if seq >= current.1 {
+            current = (at, seq);
+        }
+    }
+    let mut h = read_at(image, current.0, 4096);
+    h[48..64].copy_from_slice(&guid);
+    h[4..8].fill(0);
+    let sum = crc32c(&h);
+    h[4..8].copy_from_slice(&sum.to_le_bytes());
+    patch(image, current.0, &h);
+    let log_offset = u64::from_le_bytes(h[72..80].try_into().unwrap());
+    let file_len = std::fs::metadata(image).unwrap().len();
+    // One entry: header + one zero descriptor (zero 4 KiB at offset 0 of the... header section is rejected by
+    // qemu, so aim it at the end of the file).
+    let mut entry = vec![0u8; 4096];
+    entry[..4].copy_from_slice(b"loge");
+    entry[8..12].copy_from_slice(&4096u32.to_le_bytes());
+    entry[16..24].copy_from_slice(&1u64.to_le_bytes());
+    entry[24..28].copy_from_slice(&1u32.to_le_bytes());
+    entry[32..48].copy_from_slice(&guid);
+    entry[48..56].copy_from_slice(&file_len.to_le_bytes());
+    entry[56..64].copy_from_slice(&file_len.to_le_bytes());
+    entry[64..68].copy_from_slice(b"zero");
+    entry[72..80].copy_from_slice(&4096u64.to_le_bytes());
+    entry[80..88].copy_from_slice(&(file_len - 4096).to_le_bytes());
+    entry[88..96].copy_from_slice(&1u64.to_le_bytes());
+    let sum = crc32c(&entry);
+    entry[4..8].copy_from_slice(&sum.to_le_bytes());
+    patch(image, log_offset, &entry);
+}
+
+/// `len` bytes of `path` at `offset`.
+pub fn read_at(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    std::fs::File::open(path)
+        .and_then(|f| f.read_exact_at(&mut buf, offset))
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    buf
 }

@@ -8,6 +8,7 @@
 
 pub mod header;
 pub mod log;
+pub mod stream;
 
 use super::{push_extent, Content, Extent, Image};
 use crate::error::{Error, Result};

@@ -15,6 +15,7 @@
 
 pub mod descriptor;
 pub mod header;
+pub mod sparse_stream;
 pub mod stream;
 
 use super::{push_extent, BackingPolicy, Codec, Compressed, Content, Extent, Image, SourceId};
