@@ -843,16 +843,15 @@ const SCRATCH_REQUIRED: &str =
     r#"{"scratchSpaceRequired":true,"preallocationApplied":false,"message":"Import Complete"}"#;
 
 #[test]
-fn a_vhdx_streamed_without_ranges_asks_for_scratch_space_and_then_uses_it() {
+fn a_qcow2_stream_spooling_past_memory_asks_for_scratch_space_and_then_uses_it() {
     let bench = Workbench::new("cdi-scratch");
     let (qcow2, digest, virtual_size) = qcow2_image(&bench, 24 * MIB);
-    let vhdx = bench.path("disk.vhdx");
-    run(Command::new(common::qemu_img()).args(["convert", "-O", "vhdx"]).arg(&qcow2).arg(&vhdx));
+    bench.qcow2_with_l2_after_data(&qcow2, "reordered.qcow2");
     let server = TestServer::start(bench.dir.path(), ServerOptions { ranges: false, ..Default::default() });
 
-    // No scratch volume: the format says at detection that the stream needs one; nothing is written.
+    // No scratch volume: the data ahead of its table outgrows the memory spool; nothing is left on the volume.
     let mut pod = Pod::new("cdi-scratch-pod");
-    pod.set("IMPORTER_ENDPOINT", &server.url("disk.vhdx"));
+    pod.set("IMPORTER_ENDPOINT", &server.url("reordered.qcow2"));
     let ended = pod.run();
     ended_ok(&ended);
     assert_eq!(ended.termination, SCRATCH_REQUIRED, "{}", ended.stderr);
@@ -864,6 +863,21 @@ fn a_vhdx_streamed_without_ranges_asks_for_scratch_space_and_then_uses_it() {
     ended_complete(&ended);
     assert_eq!(sha256_prefix(&pod.data().join("disk.img"), virtual_size), digest);
     assert_eq!(fs::read_dir(pod.scratch()).unwrap().count(), 0, "spool file removed");
+}
+
+#[test]
+fn a_vhdx_streamed_without_ranges_needs_no_scratch_space() {
+    let bench = Workbench::new("cdi-vhdx-stream");
+    let (qcow2, digest, virtual_size) = qcow2_image(&bench, 24 * MIB);
+    let vhdx = bench.path("disk.vhdx");
+    run(Command::new(common::qemu_img()).args(["convert", "-O", "vhdx"]).arg(&qcow2).arg(&vhdx));
+    let server = TestServer::start(bench.dir.path(), ServerOptions { ranges: false, ..Default::default() });
+    // Its tables come before its data: read forward, placed by its BAT, no scratch volume asked for.
+    let mut pod = Pod::new("cdi-vhdx-stream-pod");
+    pod.set("IMPORTER_ENDPOINT", &server.url("disk.vhdx"));
+    let ended = pod.run();
+    ended_complete(&ended);
+    assert_eq!(sha256_prefix(&pod.data().join("disk.img"), virtual_size), digest);
 }
 
 #[test]

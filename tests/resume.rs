@@ -126,9 +126,11 @@ fn a_sigterm_stopped_import_resumes_where_it_said_it_stopped() {
     let stopped = child.wait_with_output().unwrap();
     assert_eq!(stopped.status.code(), Some(143));
     let stderr = String::from_utf8_lossy(&stopped.stderr);
-    let line = stderr.lines().find(|l| l.contains("import stopped")).unwrap_or_else(|| panic!("{stderr}"));
+    // Stopped on request: reported (not as an error) with the offset, and how to continue.
+    let line = stderr.lines().find(|l| l.contains("stopped by SIGTERM")).unwrap_or_else(|| panic!("{stderr}"));
+    assert!(line.ends_with("run again with `--resume` to continue") && !stderr.contains("error:"), "{stderr}");
     let offset: u64 = line
-        .split("at offset ")
+        .split("below offset ")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
