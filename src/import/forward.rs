@@ -96,9 +96,6 @@ pub(super) fn import(
             Detected::Vmdk => {
                 "a vmdk text descriptor (its extents are other files), or one with unmarked compressed grains,"
             }
-            Detected::Vhd => unreachable!("vhd streams are walked"),
-            Detected::Vhdx => unreachable!("vhdx streams are walked"),
-            Detected::Vdi => unreachable!("vdi streams are walked"),
             _ => "this",
         };
         let Some(dir) = &plan.scratch else {

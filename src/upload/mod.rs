@@ -45,8 +45,8 @@ pub struct UploadArgs {
     #[arg(long, value_name = "PATH", default_value = "/dev/termination-log")]
     pub termination_log: PathBuf,
 
-    /// Scratch volume for image formats that need random access when streamed (sparse vmdk, vhd, vhdx, vdi);
-    /// used when it exists.
+    /// Scratch volume for streams that must be spooled (a qcow2 with more data before its tables than the memory
+    /// spool holds, a vmdk a forward walk cannot follow); used when it exists.
     #[arg(long, value_name = "DIR", default_value = "/scratch")]
     pub scratch_dir: PathBuf,
 
