@@ -16,8 +16,7 @@ pub struct Progress {
     /// whose image size is known only at its end (a compressed raw image).
     stored_total: AtomicU64,
     stored_read: AtomicU64,
-    /// Guest bytes already done when this run began (a resumed import), and the percent they were: rate and ETA
-    /// count from there.
+    /// Guest bytes already done when this run began (a resumed import): rate and ETA count from there.
     resumed_bytes: AtomicU64,
     /// The memory cgroup's latest charge and the budget, for progress lines (0: not known).
     charge: Arc<AtomicU64>,
@@ -130,16 +129,16 @@ impl Progress {
     /// Time left at this run's pace, once there is a pace to go by.
     pub fn eta(&self) -> Option<Duration> {
         let total = self.total();
-        let resumed = self.resumed_bytes.load(Ordering::Relaxed);
-        let percent = self.percent();
         let elapsed = self.elapsed().as_secs_f64();
-        // Progress this run has made, as a fraction of the whole: guest bytes, or stored bytes when the image
-        // size is not known yet.
+        // Progress this run has made, as a fraction of the whole, and what is left: guest bytes, or stored bytes
+        // when the image size is not known yet.
         let (done, left) = if total > 0 {
-            let done = self.processed().saturating_sub(resumed) as f64 / total as f64;
-            (done, 1.0 - self.processed() as f64 / total as f64)
+            let processed = self.processed();
+            let resumed = self.resumed_bytes.load(Ordering::Relaxed);
+            (processed.saturating_sub(resumed) as f64 / total as f64, 1.0 - processed as f64 / total as f64)
         } else {
-            (percent / 100.0, 1.0 - percent / 100.0)
+            let done = self.percent() / 100.0;
+            (done, 1.0 - done)
         };
         (done > 0.0 && elapsed >= 1.0).then(|| Duration::from_secs_f64((elapsed * left.max(0.0) / done).min(1e9)))
     }

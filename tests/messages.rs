@@ -11,6 +11,12 @@ use common::privileged::require_privileged;
 use common::{boundimport, run_any, Workbench, MIB};
 use std::process::Output;
 
+/// Runs `cmd` in `cgroup` to its end, its output collected.
+fn run_in(cgroup: &ChildCgroup, cmd: &mut std::process::Command) -> Output {
+    let piped = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    cgroup.spawn(piped).unwrap().wait_with_output().unwrap()
+}
+
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -59,11 +65,7 @@ fn progress_lines_show_rate_eta_and_the_charge_against_the_budget() {
     // `--progress bar` with stderr a pipe: the bar's content comes out as log lines.
     let mut cmd = boundimport();
     cmd.args(["--progress", "bar"]).arg(server.url("disk.qcow2")).arg(bench.path("out.raw"));
-    let output = cgroup
-        .spawn(cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()))
-        .unwrap()
-        .wait_with_output()
-        .unwrap();
+    let output = run_in(&cgroup, &mut cmd);
     let log = stderr(&output);
     assert!(output.status.success(), "{log}");
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("% ") && l.contains("/s")).collect();
@@ -89,11 +91,7 @@ fn the_summary_shows_peak_charge_and_own_share_in_every_io_mode() {
     for io in ["direct", "writebehind"] {
         let mut cmd = boundimport();
         cmd.args(["--json", "--io", io]).arg(&image).arg(bench.path("out.raw"));
-        let output = cgroup
-            .spawn(cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()))
-            .unwrap()
-            .wait_with_output()
-            .unwrap();
+        let output = run_in(&cgroup, &mut cmd);
         assert!(output.status.success(), "{io}: {}", stderr(&output));
         let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
         let memory = &summary["memory"];

@@ -127,10 +127,8 @@ impl<'a> Engine<'a> {
             progress.set_resumable();
         }
         let created = probe.kind == DestKind::RegularFile && !probe.exists;
-        let charge = ctx.cgroup.clone().map(|cgroup| {
-            progress.set_budget(ctx.budget.bytes);
-            ChargeSampler::start(cgroup, progress.charge_feed())
-        });
+        progress.set_budget(ctx.budget.bytes);
+        let charge = ctx.cgroup.clone().map(|cgroup| ChargeSampler::start(cgroup, progress.charge_feed()));
         Ok(Engine { plan, ctx, progress, dest, checkpoints, start, created, charge })
     }
 
