@@ -1284,12 +1284,20 @@ use common::registry::{require_tools, Compress, Layout, Registry, RegistryOption
 /// reference digest and virtual size.
 fn registry_with_containerdisk(bench: &Workbench, size: u64) -> (Registry, tempfile::TempDir, String, u64) {
     let (image, digest, virtual_size) = qcow2_image(bench, size);
+    let registry = Registry::start(RegistryOptions { tls: true, user: Some(("cdi".into(), "pull-secret".into())) });
+    let layout = push_containerdisk(bench, &registry, &image);
+    (registry, layout, digest, virtual_size)
+}
+
+/// Pushes `image` as the disk of `containerdisks/test:v1` (in a gzip layer above a base layer, with instancetype
+/// and preference environment) and of `:bootc`; returns the layout directory.
+fn push_containerdisk(bench: &Workbench, registry: &Registry, image: &Path) -> tempfile::TempDir {
     let dir = scratch_dir("cdi-registry-layout");
     let mut layout = Layout::new(dir.path());
     let hostname = bench.path("hostname");
     fs::write(&hostname, "containerdisk\n").unwrap();
     let base = layout.layer(&[("etc/hostname", &hostname)], Compress::None);
-    let disk = layout.layer(&[("disk/disk.qcow2", &image)], Compress::Gzip);
+    let disk = layout.layer(&[("disk/disk.qcow2", image)], Compress::Gzip);
     let env = [
         "PATH=/usr/bin",
         "INSTANCETYPE_KUBEVIRT_IO_DEFAULT_INSTANCETYPE=u1.medium",
@@ -1297,10 +1305,9 @@ fn registry_with_containerdisk(bench: &Workbench, size: u64) -> (Registry, tempf
     ];
     layout.image(Some("v1"), "amd64", &env, &[], &[base, disk.clone()]);
     layout.image(Some("bootc"), "amd64", &[], &[("ostree.bootable", "1")], &[disk]);
-    let registry = Registry::start(RegistryOptions { tls: true, user: Some(("cdi".into(), "pull-secret".into())) });
     registry.push(&layout, "v1", "containerdisks/test");
     registry.push(&layout, "bootc", "containerdisks/test");
-    (registry, dir, digest, virtual_size)
+    dir
 }
 
 /// A pod importing `tag` from `registry` with its CA and credentials.
@@ -1381,6 +1388,87 @@ fn registry_containerdisk_onto_a_block_volume_reports_progress_mid_import() {
     assert_progress_series(&values, true);
     assert_eq!(sha256_prefix(device.path(), virtual_size), digest);
     assert_eq!(fs::read_dir(pod.data()).unwrap().count(), 0, "nothing written to the data directory");
+}
+
+/// A qcow2 of `size` random bytes (every cluster is data: a replay that skipped nothing would show in the bytes
+/// written), its reference digest and virtual size.
+fn random_qcow2(bench: &Workbench, name: &str, size: u64, seed: u64) -> (PathBuf, String, u64) {
+    let raw = bench.path(&format!("{name}.raw"));
+    write_raw(&raw, size, &[(0, size, Fill::Random(seed))]);
+    bench.qemu_img(&["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), name]);
+    let image = bench.path(name);
+    let (digest, virtual_size) = qemu_reference(&image, bench.dir.path());
+    (image, digest, virtual_size)
+}
+
+/// The data bytes a pod's log says it wrote.
+fn bytes_written(stderr: &str) -> Option<u64> {
+    stderr.split("bytes: ").nth(1)?.split(" bytes written").next()?.parse().ok()
+}
+
+#[test]
+fn a_registry_import_killed_mid_way_resumes_in_the_next_pod_and_a_new_manifest_starts_over() {
+    let test = "a_registry_import_killed_mid_way_resumes_in_the_next_pod_and_a_new_manifest_starts_over";
+    if !require_tools(test) || !require_privileged(test) {
+        return;
+    }
+    let bench = Workbench::new("cdi-registry-resume");
+    let (image, digest, virtual_size) = random_qcow2(&bench, "disk.qcow2", 48 * MIB, 21);
+    let registry = Registry::start(RegistryOptions { tls: true, user: Some(("cdi".into(), "pull-secret".into())) });
+    let _layout = push_containerdisk(&bench, &registry, &image);
+    // A slow volume (about 4 s for the image), so the pod can be killed part-way.
+    let (device, _backing) = garbage_loop_device(bench.dir.path(), virtual_size + MIB);
+    let _throttle = boundimport::lab::fixtures::WriteThrottle::set(device.path(), 12 * MIB, None).expect("throttle");
+    let mut pod = registry_pod("cdi-registry-resume-pod", &registry, "v1");
+    pod.block = Some(device.path().to_path_buf());
+    pod.set("FILESYSTEM_OVERHEAD", "0");
+
+    // The layer is gzip: it cannot be entered part-way, so it is read again, and only what lies past the
+    // watermark is written.
+    let watermark = kill_after_checkpoint(&pod, virtual_size / 3);
+    let (ended, values, _) = pod.run_scraping();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, REGISTRY_COMPLETE, "{}", ended.stderr);
+    let resumed = resumed_offset(&ended.stderr).unwrap_or_else(|| panic!("did not resume:\n{}", ended.stderr));
+    let written = bytes_written(&ended.stderr).unwrap_or_else(|| panic!("no bytes written:\n{}", ended.stderr));
+    eprintln!("killed at watermark {watermark}, resumed at {resumed} of {virtual_size}; wrote {written} bytes");
+    assert!(resumed >= watermark, "resumed at {resumed}, below the recorded {watermark}");
+    assert!(ended.stderr.contains("reading it again from its start"), "{}", ended.stderr);
+    // At most one chunk straddling the resume point is written again.
+    assert!(written + resumed <= virtual_size + 8 * MIB, "wrote {written} bytes after resuming at {resumed}");
+    let first = values.iter().copied().find(|&v| v > 0.0).expect("progress was scraped");
+    let resumed_percent = resumed as f64 * 100.0 / virtual_size as f64;
+    assert!(first >= resumed_percent - 0.01, "progress restarted at {first}%, resumed at {resumed_percent:.2}%");
+    assert_progress_series(&values, false);
+    assert_eq!(sha256_prefix(device.path(), virtual_size), digest);
+    assert_eq!(recorded_watermark(&pod), None, "resume state cleared");
+
+    // Killed again; meanwhile the tag moves to another image: the manifest digest differs, so it starts over.
+    kill_after_checkpoint(&pod, virtual_size / 3);
+    let (other, other_digest, other_size) = random_qcow2(&bench, "other.qcow2", 40 * MIB, 22);
+    let other_layout = push_containerdisk(&bench, &registry, &other);
+    let ended = pod.run();
+    ended_ok(&ended);
+    assert_eq!(ended.termination, REGISTRY_COMPLETE, "{}", ended.stderr);
+    assert!(ended.stderr.contains("ignoring resume state"), "{}", ended.stderr);
+    assert_eq!(resumed_offset(&ended.stderr), None);
+    assert_eq!(sha256_prefix(device.path(), other_size), other_digest);
+    assert_eq!(recorded_watermark(&pod), None, "resume state cleared");
+
+    // Killed once more, then the layer is corrupted behind the registry's back (its gzip header's MTIME: it still
+    // inflates, but no longer matches its digest). The next pod resumes, fails the digest at the layer's end, and
+    // leaves no record that a later pod could resume over.
+    kill_after_checkpoint(&pod, other_size / 3);
+    let layer = Layout::open(other_layout.path()).layer_of("v1");
+    let data = registry.blob_data(&layer);
+    let mut bytes = fs::read(&data).unwrap();
+    bytes[4] ^= 0x01;
+    fs::write(&data, &bytes).unwrap();
+    let ended = pod.run();
+    assert_eq!(ended.code, 1, "{}", ended.stderr);
+    assert!(resumed_offset(&ended.stderr).is_some(), "{}", ended.stderr);
+    assert!(ended.termination.contains("digest mismatch"), "{}", ended.termination);
+    assert_eq!(recorded_watermark(&pod), None, "no record left over bytes that failed their digest");
 }
 
 /// `boundimport_written_bytes` in a scrape, if present.

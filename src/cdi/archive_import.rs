@@ -91,7 +91,7 @@ fn open_stream(location: &Location, http: &HttpOptions) -> Result<(Box<dyn Read 
             let len = source.len();
             (Box::new(ReadAtReader::new(source)), Some(len))
         }
-        Input::Stream { reader, len } => (reader, len),
+        Input::Stream { reader, len, .. } => (reader, len),
     })
 }
 

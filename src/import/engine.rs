@@ -1,6 +1,6 @@
 //! The one type that owns an import from the opened destination to its outcome, whichever driver feeds it.
 
-use super::resume::{Checkpoints, Store};
+use super::resume::{Checkpoints, SourceId, Store};
 use super::{Context, MemoryReport, Outcome, Plan};
 use crate::cgroup::sampler::ChargeSampler;
 use crate::checksum::{hex, Algorithm, Hasher};
@@ -60,10 +60,21 @@ pub(super) struct Engine<'a> {
     charge: Option<ChargeSampler>,
 }
 
-/// How an import may resume: the source to recognise again, and the image size.
-pub(super) struct Resumable<'s> {
-    /// The source's bytes (its size, identity and first MiB identify it).
-    pub source: &'s dyn ReadAt,
+/// What a resumed import must recognise as the same source.
+pub(super) enum Resumable<'s> {
+    /// A random-access source: its size, identity and first MiB (read only when resuming is asked for).
+    Random(&'s dyn ReadAt),
+    /// A stream, read again from its start when resumed: its length as stored and what names its contents.
+    Stream(SourceId),
+}
+
+impl Resumable<'_> {
+    fn id(self) -> Result<SourceId> {
+        match self {
+            Resumable::Random(source) => SourceId::read(source),
+            Resumable::Stream(id) => Ok(id),
+        }
+    }
 }
 
 impl<'a> Engine<'a> {
@@ -88,13 +99,10 @@ impl<'a> Engine<'a> {
                     options.device_tail,
                 )?;
                 match store {
-                    Some(store) => Some(Checkpoints::new(
-                        &plan.source.to_string(),
-                        resumable.source,
-                        &plan.destination,
-                        size,
-                        store,
-                    )?),
+                    Some(store) => {
+                        let id = resumable.id()?;
+                        Some(Checkpoints::new(&plan.source.to_string(), id, &plan.destination, size, store))
+                    }
                     None => None,
                 }
             }
@@ -202,10 +210,20 @@ impl<'a> Engine<'a> {
         let produced = match produced {
             Ok(produced) => produced,
             Err(err) => {
-                if err.kind() == ErrorKind::Interrupted {
-                    self.dest.finish()?;
-                } else if self.checkpoints.is_none() {
-                    self.abandon();
+                match err.kind() {
+                    ErrorKind::Interrupted => {
+                        self.dest.finish()?;
+                    }
+                    // A stream whose digest failed at its end (a registry layer): what was written came from
+                    // bytes now known to be wrong, so no later run may resume over it.
+                    ErrorKind::ChecksumMismatch => {
+                        if let Some(checkpoints) = &self.checkpoints {
+                            checkpoints.clear()?;
+                        }
+                        self.abandon();
+                    }
+                    _ if self.checkpoints.is_none() => self.abandon(),
+                    _ => {}
                 }
                 return Err(err);
             }

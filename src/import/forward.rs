@@ -17,19 +17,19 @@
 //! destination and zero-run splitting as the random-access workers, from a fixed pool of chunk buffers. The source
 //! checksum is a tap on the bytes as they arrive, before decompression.
 
-use super::engine::{Engine, Produced};
+use super::engine::{Engine, Produced, Resumable};
 use super::random::{self, Random};
+use super::resume::SourceId;
 use super::{Context, Outcome, Plan};
 use crate::budget::xz_memlimit;
 use crate::buffer::AlignedBuf;
-use crate::checksum::Algorithm;
 use crate::error::{Error, Result};
 use crate::format::detect::{detect_bytes, Detected};
 use crate::format::stream::Placement;
 use crate::format::{qcow2, vdi, vhd, vhdx, vmdk};
 use crate::pipeline::assemble::Placer;
 use crate::pipeline::spool::{self, Spool};
-use crate::pipeline::writer::{with_writer, Item, Writer};
+use crate::pipeline::writer::{with_writer, Item, Start, Writer};
 use crate::progress::Progress;
 use crate::size::human;
 use crate::source::decompress::{unwrap_layers, Compression};
@@ -39,19 +39,18 @@ use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// Imports the stream `reader` (`len` bytes as stored, if known) for `plan`.
+/// Imports the stream `reader` (`len` bytes as stored, if known; `identity` names its contents, if anything
+/// does) for `plan`.
 pub(super) fn import(
     ctx: &Context,
     plan: &Plan,
     reader: Box<dyn Read + Send>,
     len: Option<u64>,
+    identity: Option<String>,
     progress: &Progress,
     stop: &AtomicBool,
 ) -> Result<Outcome> {
     let name = plan.source.to_string();
-    if plan.resume.is_some() {
-        log::info!("{name}: resuming is not available for a source read as a stream; importing from the start");
-    }
     let tap = StreamTap::new(plan.checksum.as_ref().map(|c| c.algorithm));
     let tapped = Box::new(HashingReader::new(reader, tap.clone()));
     let (mut stream, layers) = match plan.verbatim {
@@ -154,53 +153,80 @@ pub(super) fn import(
         (Kind::Raw, true) => progress.set_stored_total(len.unwrap_or(0)),
         _ => progress.set_total(size_hint),
     }
-    let engine = Engine::open(plan, ctx, progress, size_hint, None)?;
+    // A stream resumes by being read again from its start (see `resume`): it needs a size known before the walk
+    // and something naming its contents.
+    let resumable = match (kind, raw_unknown_size, len) {
+        (Kind::Vhdx, ..) | (_, true, _) => {
+            if plan.resume.is_some() {
+                log::info!(
+                    "{name}: this stream's image size is known only at its end: an interrupted import starts over"
+                );
+            }
+            None
+        }
+        (_, _, None) => {
+            if plan.resume.is_some() {
+                log::info!("{name}: the stream's length is not known: an interrupted import starts over");
+            }
+            None
+        }
+        (_, false, Some(len)) => Some(Resumable::Stream(SourceId::stream(len, identity))),
+    };
+    let engine = Engine::open(plan, ctx, progress, size_hint, resumable)?;
     let dest = engine.dest();
+    if engine.start() > 0 {
+        log::info!(
+            "{name}: a stream cannot be entered part-way: reading it again from its start, writing from offset {}",
+            engine.start()
+        );
+    }
     let sizing = &ctx.sizing;
-    let digest = plan.output_digest.then_some(Algorithm::Sha256);
+    let start = Start { offset: engine.start(), digest: engine.digest_prefix()?.map(|(hasher, _)| hasher) };
     let chunk = sizing.chunk as usize;
     let mut spooled = 0;
-    let produced = with_writer(dest, progress, digest, sizing.stream_buffers(), chunk, |writer| match kind {
-        Kind::Raw => {
-            let consumed = || progress.note_stored(tap.bytes());
-            raw(&mut stream, &name, writer, dest, stop, consumed, hold_footer)
-        }
-        Kind::Qcow2 => {
-            let mut spool = Spool::new(&name, plan.scratch.as_deref());
-            let stats = qcow2::stream::walk(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?;
-            spooled = stats.spooled;
-            Ok((stats.virtual_size, kind.format_name()))
-        }
-        Kind::Vmdk => vmdk::stream::walk(&mut stream, &name, &mut Placer::new(writer), stop)
-            .map(|size| (size, kind.format_name())),
-        Kind::Vhd => {
-            let mut spool = Spool::new(&name, plan.scratch.as_deref());
-            let (size, stashed) = vhd::walk_stream(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?;
-            spooled = stashed;
-            Ok((size, kind.format_name()))
-        }
-        Kind::SparseVmdk => {
-            let mut spool = Spool::new(&name, plan.scratch.as_deref());
-            let mut placer = Placer::new(writer);
-            let (size, stashed) = vmdk::sparse_stream::walk(&mut stream, &name, &mut spool, &mut placer, stop)?;
-            spooled = stashed;
-            Ok((size, kind.format_name()))
-        }
-        Kind::Vhdx => {
-            let mut spool = Spool::new(&name, plan.scratch.as_deref());
-            let mut placer = Growing { inner: Placer::new(writer), dest, progress };
-            let (size, stashed) = vhdx::stream::walk(&mut stream, &name, &mut spool, &mut placer, stop)?;
-            spooled = stashed;
-            Ok((size, kind.format_name()))
-        }
-        Kind::Vdi => {
-            let mut spool = Spool::new(&name, plan.scratch.as_deref());
-            let (size, stashed) = vdi::walk_stream(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?;
-            spooled = stashed;
-            Ok((size, kind.format_name()))
-        }
-    });
-    let produced = produced.and_then(|((virtual_size, format), written)| {
+    let write = || {
+        with_writer(dest, progress, start, sizing.stream_buffers(), chunk, |writer| match kind {
+            Kind::Raw => {
+                let consumed = || progress.note_stored(tap.bytes());
+                raw(&mut stream, &name, writer, dest, stop, consumed, hold_footer)
+            }
+            Kind::Qcow2 => {
+                let mut spool = Spool::new(&name, plan.scratch.as_deref());
+                let stats = qcow2::stream::walk(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?;
+                spooled = stats.spooled;
+                Ok((stats.virtual_size, kind.format_name()))
+            }
+            Kind::Vmdk => vmdk::stream::walk(&mut stream, &name, &mut Placer::new(writer), stop)
+                .map(|size| (size, kind.format_name())),
+            Kind::Vhd => {
+                let mut spool = Spool::new(&name, plan.scratch.as_deref());
+                let (size, stashed) = vhd::walk_stream(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?;
+                spooled = stashed;
+                Ok((size, kind.format_name()))
+            }
+            Kind::SparseVmdk => {
+                let mut spool = Spool::new(&name, plan.scratch.as_deref());
+                let mut placer = Placer::new(writer);
+                let (size, stashed) = vmdk::sparse_stream::walk(&mut stream, &name, &mut spool, &mut placer, stop)?;
+                spooled = stashed;
+                Ok((size, kind.format_name()))
+            }
+            Kind::Vhdx => {
+                let mut spool = Spool::new(&name, plan.scratch.as_deref());
+                let mut placer = Growing { inner: Placer::new(writer), dest, progress };
+                let (size, stashed) = vhdx::stream::walk(&mut stream, &name, &mut spool, &mut placer, stop)?;
+                spooled = stashed;
+                Ok((size, kind.format_name()))
+            }
+            Kind::Vdi => {
+                let mut spool = Spool::new(&name, plan.scratch.as_deref());
+                let (size, stashed) = vdi::walk_stream(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?;
+                spooled = stashed;
+                Ok((size, kind.format_name()))
+            }
+        })
+    };
+    let produced = engine.produce(write).and_then(|((virtual_size, format), written)| {
         // Read to the end of the stream: the checksum covers every byte, and a decompressor checks its trailer.
         let mut rest = vec![0u8; 64 << 10];
         loop {

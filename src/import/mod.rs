@@ -250,7 +250,8 @@ pub fn run_stream_in(
     stop: &AtomicBool,
 ) -> Result<Outcome> {
     announce(ctx);
-    run_opened(ctx, plan, Opened { input: Input::Stream { reader, len }, client: None }, progress, stop)
+    let input = Input::Stream { reader, len, identity: None };
+    run_opened(ctx, plan, Opened { input, client: None }, progress, stop)
 }
 
 /// Writes a blank disk of `size` bytes to `plan.destination`: every byte reads as zero (zeroed, or allocated as
@@ -296,7 +297,7 @@ fn run_opened(ctx: &Context, plan: &Plan, opened: Opened, progress: &Progress, s
             let random = random::Random { source, local, checksum: plan.checksum.as_ref(), serial: client.is_some() };
             random::import(ctx, plan, random, progress, stop)
         }
-        Input::Stream { reader, len } => forward::import(ctx, plan, reader, len, progress, stop),
+        Input::Stream { reader, len, identity } => forward::import(ctx, plan, reader, len, identity, progress, stop),
     };
     if let Some(client) = &client {
         log::info!("{}: {} HTTP requests, {} downloaded", client.name(), client.requests(), human(client.received()));

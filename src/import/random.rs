@@ -62,7 +62,7 @@ pub(super) fn import(
     }
 
     progress.set_total(virtual_size);
-    let engine = Engine::open(plan, ctx, progress, virtual_size, Some(Resumable { source: file.as_ref() }))?;
+    let engine = Engine::open(plan, ctx, progress, virtual_size, Some(Resumable::Random(file.as_ref())))?;
     let sizing = ctx.sizing;
     let config = pipeline::Config {
         workers: sizing.workers,

@@ -4,10 +4,14 @@
 //!
 //! A checkpoint is written only after `fdatasync` of the destination, and only for the completed prefix of guest
 //! space (the pipeline's watermark), atomically (temporary file, fsync, rename, fsync of the directory). A resumed
-//! run first checks that the source is the same one (location, size, modification time or ETag, and a digest of
-//! its first MiB) and that the destination is the same and still the image's size; anything else starts over.
-//! Everything an interrupted run wrote beyond the watermark is data of the same image, so a resumed run can simply
-//! rewrite from the watermark on.
+//! run first checks that the source is the same one (location, size, modification time, ETag or registry
+//! manifest digest, and for a random-access source a digest of its first MiB) and that the destination is the
+//! same and still the image's size; anything else starts over. Everything an interrupted run wrote beyond the
+//! watermark is data of the same image, so a resumed run can simply rewrite from the watermark on.
+//!
+//! A random-access source is read from the watermark on. A stream (a registry layer, a compressed file, a server
+//! without Range) cannot be entered part-way: it is read again from its start and only what lies at or past the
+//! watermark is written, which saves the destination's time, the scarce resource under a memory limit.
 
 use crate::checksum::{hex, Algorithm, Hasher};
 use crate::error::{Error, IoContext, Result};
@@ -20,8 +24,8 @@ use std::path::{Path, PathBuf};
 /// Bytes at the start of the source whose digest identifies it.
 const HEADER_BYTES: usize = 1 << 20;
 
-/// Version of the state file layout.
-const STATE_VERSION: u32 = 1;
+/// Version of the state file layout (2: the header digest is absent for a stream).
+const STATE_VERSION: u32 = 2;
 
 /// What a checkpoint records.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -34,8 +38,8 @@ pub struct ResumeState {
     pub source_size: u64,
     /// The source's identity (modification time, ETag), if it has one.
     pub source_identity: Option<String>,
-    /// SHA-256 of the source's first MiB.
-    pub source_header_sha256: String,
+    /// SHA-256 of the source's first MiB (a random-access source only: a stream is not read before opening).
+    pub source_header_sha256: Option<String>,
     /// The destination path.
     pub destination: PathBuf,
     /// Virtual size of the image.
@@ -175,30 +179,47 @@ fn open_direct(device: &Path, write: bool) -> std::io::Result<File> {
     fs::OpenOptions::new().read(!write).write(write).custom_flags(libc::O_DIRECT).open(device)
 }
 
-impl Checkpoints {
-    /// Checkpoints for importing `source` (named `location`) into `destination`, recorded in `store`.
-    pub fn new(
-        location: &str,
-        source: &dyn ReadAt,
-        destination: &Path,
-        virtual_size: u64,
-        store: Store,
-    ) -> Result<Self> {
+/// What recognises a source again in a later run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceId {
+    /// Its length in bytes, as stored.
+    pub size: u64,
+    /// What changes when its contents are replaced (modification time, ETag, manifest digest), if it has one.
+    pub identity: Option<String>,
+    /// SHA-256 of its first MiB, for a source that can be read before the import.
+    pub header_sha256: Option<String>,
+}
+
+impl SourceId {
+    /// A random-access source: its size, identity and first MiB.
+    pub fn read(source: &dyn ReadAt) -> Result<SourceId> {
         let mut header = vec![0u8; HEADER_BYTES.min(source.len() as usize)];
         let got = source.read_at(0, &mut header)?;
         let mut hasher = Hasher::new(Algorithm::Sha256);
         hasher.update(&header[..got]);
+        Ok(SourceId { size: source.len(), identity: source.identity(), header_sha256: Some(hex(&hasher.finish())) })
+    }
+
+    /// A stream of `size` bytes whose contents `identity` names.
+    pub fn stream(size: u64, identity: Option<String>) -> SourceId {
+        SourceId { size, identity, header_sha256: None }
+    }
+}
+
+impl Checkpoints {
+    /// Checkpoints for importing the source `id` (named `location`) into `destination`, recorded in `store`.
+    pub fn new(location: &str, id: SourceId, destination: &Path, virtual_size: u64, store: Store) -> Self {
         let expected = ResumeState {
             version: STATE_VERSION,
             source: location.to_string(),
-            source_size: source.len(),
-            source_identity: source.identity(),
-            source_header_sha256: hex(&hasher.finish()),
+            source_size: id.size,
+            source_identity: id.identity,
+            source_header_sha256: id.header_sha256,
             destination: destination.to_path_buf(),
             virtual_size,
             watermark: 0,
         };
-        Ok(Checkpoints { store, expected })
+        Checkpoints { store, expected }
     }
 
     /// The offset to resume from: the recorded watermark if a record exists and matches this import, the source
@@ -286,7 +307,7 @@ mod tests {
     fn checkpoints(source: &Path, dest: &Path) -> Checkpoints {
         let file = FileSource::open(source).unwrap();
         let store = Store::choose(dest, DestKind::RegularFile, 0, 3 << 20, None, false).unwrap().unwrap();
-        Checkpoints::new("image.raw", &file, dest, 3 << 20, store).unwrap()
+        Checkpoints::new("image.raw", SourceId::read(&file).unwrap(), dest, 3 << 20, store)
     }
 
     fn state_file(cp: &Checkpoints) -> PathBuf {
@@ -319,11 +340,28 @@ mod tests {
         let (_dir, _source, dest) = setup();
         let source = Anonymous(vec![5u8; 3 << 20]);
         let store = || Store::File(dest.with_file_name(".disk.img.boundimport-resume"));
-        let cp = Checkpoints::new("anonymous", &source, &dest, 3 << 20, store()).unwrap();
+        let id = || SourceId::read(&source).unwrap();
+        let cp = Checkpoints::new("anonymous", id(), &dest, 3 << 20, store());
         cp.record(1 << 20).unwrap();
-        let again = Checkpoints::new("anonymous", &source, &dest, 3 << 20, store()).unwrap();
+        let again = Checkpoints::new("anonymous", id(), &dest, 3 << 20, store());
         assert_eq!(again.resume_point(Some(3 << 20)).unwrap(), 0);
         assert!(!state_file(&again).exists());
+    }
+
+    #[test]
+    fn a_stream_is_recognised_by_its_length_and_what_names_its_contents() {
+        let (_dir, _source, dest) = setup();
+        let store = || Store::File(dest.with_file_name(".disk.img.boundimport-resume"));
+        let manifest = |digest: &str| SourceId::stream(5 << 20, Some(format!("manifest sha256:{digest}")));
+        let at = |id: SourceId| Checkpoints::new("docker://r/disk:v1", id, &dest, 3 << 20, store());
+        at(manifest("aa")).record(2 << 20).unwrap();
+        assert_eq!(at(manifest("aa")).resume_point(Some(3 << 20)).unwrap(), 2 << 20);
+        // Another manifest under the same tag: start over, and the record is gone.
+        assert_eq!(at(manifest("bb")).resume_point(Some(3 << 20)).unwrap(), 0);
+        assert_eq!(at(manifest("aa")).resume_point(Some(3 << 20)).unwrap(), 0);
+        // The same length, nothing that names the contents: never resumed.
+        at(SourceId::stream(5 << 20, None)).record(2 << 20).unwrap();
+        assert_eq!(at(SourceId::stream(5 << 20, None)).resume_point(Some(3 << 20)).unwrap(), 0);
     }
 
     #[test]
@@ -345,7 +383,7 @@ mod tests {
         assert!(matches!(Store::choose(&device, kind, len, 1, Some(dir.path()), true).unwrap(), Some(Store::File(_))));
 
         let file = FileSource::open(&source).unwrap();
-        let make = || Checkpoints::new("image.raw", &file, &device, 3 << 20, store.clone()).unwrap();
+        let make = || Checkpoints::new("image.raw", SourceId::read(&file).unwrap(), &device, 3 << 20, store.clone());
         // Foreign bytes in the tail are no record.
         assert_eq!(make().resume_point(Some(3 << 20)).unwrap(), 0);
         make().record(2 << 20).unwrap();

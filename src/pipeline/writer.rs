@@ -4,7 +4,7 @@
 
 use super::schedule::MAX_ZERO_SPAN;
 use crate::buffer::AlignedBuf;
-use crate::checksum::{Algorithm, Hasher};
+use crate::checksum::Hasher;
 use crate::error::{Error, ErrorKind, Result};
 use crate::progress::Progress;
 use crate::sink::Destination;
@@ -42,6 +42,16 @@ pub struct Writer {
     capacity: usize,
     chunk: usize,
     in_flight: usize,
+}
+
+/// Where the writer begins. Guest bytes below `offset` are already on the destination (an import resumed from
+/// a stream read again from its start): items wholly below it are dropped unwritten, one straddling it is
+/// rewritten whole (the same bytes), and `digest` already covers `[0, offset)`.
+pub struct Start {
+    /// The resume point (0 for a new import).
+    pub offset: u64,
+    /// The output digest so far, when one is computed.
+    pub digest: Option<Hasher>,
 }
 
 /// What the writer thread did.
@@ -124,12 +134,12 @@ fn writer_stopped() -> Error {
     Error::new(ErrorKind::Io, "the writer stopped")
 }
 
-/// Runs `produce` with a [`Writer`] whose thread writes into `dest`; `buffers` chunk buffers of `chunk` bytes
-/// make the pool. The writer's own error wins over the producer's "writer stopped".
+/// Runs `produce` with a [`Writer`] whose thread writes into `dest` from `start` on; `buffers` chunk buffers of
+/// `chunk` bytes make the pool. The writer's own error wins over the producer's "writer stopped".
 pub fn with_writer<T>(
     dest: &Destination,
     progress: &Progress,
-    digest: Option<Algorithm>,
+    start: Start,
     buffers: usize,
     chunk: usize,
     produce: impl FnOnce(&mut Writer) -> Result<T>,
@@ -139,7 +149,7 @@ pub fn with_writer<T>(
     std::thread::scope(|scope| {
         let thread = std::thread::Builder::new()
             .name("stream-writer".into())
-            .spawn_scoped(scope, move || write_loop(items, give, dest, progress, digest))
+            .spawn_scoped(scope, move || write_loop(items, give, dest, progress, start))
             .expect("spawning the stream writer");
         let mut writer = Writer {
             queue: Some(queue),
@@ -197,31 +207,133 @@ fn write_loop(
     give: Sender<AlignedBuf>,
     dest: &Destination,
     progress: &Progress,
-    digest: Option<Algorithm>,
+    start: Start,
 ) -> Result<Written> {
-    let mut digest = InOrder { hasher: digest.map(Hasher::new), next: 0 };
-    let mut watermark = 0;
+    let from = start.offset;
+    let mut digest = InOrder { hasher: start.digest, next: from };
+    let mut watermark = from;
     for item in items {
+        let (guest, len) = match &item {
+            Item::Data { guest, len, .. } => (*guest, *len as u64),
+            Item::Zero { guest, len } => (*guest, *len),
+        };
+        let end = guest + len;
+        // What this item adds past the resume point.
+        let new = guest.max(from);
         match item {
+            Item::Data { buf, .. } if end <= from => {
+                let _ = give.send(buf);
+                continue;
+            }
+            Item::Zero { .. } if end <= from => continue,
             Item::Data { guest, buf, len } => {
                 dest.write_runs(guest, &buf[..len])?;
-                digest.feed(guest, len as u64, Some(&buf[..len]));
-                if guest == watermark {
-                    watermark += len as u64;
-                }
-                progress.advance(len as u64, watermark);
+                digest.feed(new, end - new, Some(&buf[(new - guest) as usize..len]));
                 progress.note_written(dest.stats.written.load(std::sync::atomic::Ordering::Relaxed));
                 let _ = give.send(buf);
             }
-            Item::Zero { guest, len } => {
-                dest.zero(guest, len)?;
-                digest.feed(guest, len, None);
-                if guest == watermark {
-                    watermark += len;
-                }
-                progress.advance(len, watermark);
+            Item::Zero { .. } => {
+                dest.zero(new, end - new)?;
+                digest.feed(new, end - new, None);
             }
         }
+        if guest <= watermark {
+            watermark = watermark.max(end);
+        }
+        progress.advance(end - new, watermark);
     }
     Ok(Written { digest: digest.hasher.map(|h| h.finish()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checksum::Algorithm;
+    use crate::sink::DestOptions;
+
+    const CHUNK: usize = 64 << 10;
+
+    /// Fails naming the first differing offset (the buffers are too long to print).
+    fn assert_same(got: &[u8], expected: &[u8]) {
+        assert_eq!(got.len(), expected.len(), "length");
+        if let Some(at) = got.iter().zip(expected).position(|(a, b)| a != b) {
+            panic!("byte {at} (chunk {}): {:#x}, expected {:#x}", at / CHUNK, got[at], expected[at]);
+        }
+    }
+
+    /// What an earlier run left: 0xee in the first two chunks (standing in for its bytes, so a rewrite shows), the
+    /// image's own bytes from there up to `from`, a hole after.
+    fn earlier(from: u64, pattern: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![0u8; pattern.len() * CHUNK];
+        for (i, chunk) in bytes[..from as usize].chunks_mut(CHUNK).enumerate() {
+            chunk.fill(if i < 2 { 0xee } else { pattern[i] });
+        }
+        bytes
+    }
+
+    /// Submits `pattern[i]`-filled chunks (0: a zero span) for chunk `i`, in order, to a writer starting at `from`
+    /// over [`earlier`]'s file; returns the file, the digest and the progress.
+    fn write_from(from: u64, pattern: &[u8], digest: Option<Hasher>) -> (Vec<u8>, Option<Vec<u8>>, Progress) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let size = (pattern.len() * CHUNK) as u64;
+        std::fs::write(&path, earlier(from, pattern)).unwrap();
+        let options = DestOptions { keep_contents: from > 0, ..DestOptions::default() };
+        let no_governor = || Err(Error::new(ErrorKind::Io, "no governor in this test"));
+        let dest = Destination::open(&path, size, &options, no_governor).unwrap();
+        let progress = Progress::default();
+        progress.resume_from(from);
+        let ((), written) = with_writer(&dest, &progress, Start { offset: from, digest }, 2, CHUNK, |writer| {
+            for (i, &byte) in pattern.iter().enumerate() {
+                let guest = (i * CHUNK) as u64;
+                if byte == 0 {
+                    writer.submit_zero(guest, CHUNK as u64)?;
+                    continue;
+                }
+                let mut buf = writer.buffer()?.unwrap();
+                buf[..CHUNK].fill(byte);
+                writer.submit(Item::Data { guest, buf, len: CHUNK })?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        dest.finish().unwrap();
+        (std::fs::read(&path).unwrap(), written.digest, progress)
+    }
+
+    #[test]
+    fn a_resumed_writer_leaves_what_lies_below_its_start_and_writes_the_rest() {
+        let pattern = [1u8, 0, 2, 3, 0, 4];
+        let from = 2 * CHUNK as u64 + 100;
+        // The digest so far, as the engine reads it back from the destination.
+        let mut prefix = Hasher::new(Algorithm::Sha256);
+        prefix.update(&earlier(from, &pattern)[..from as usize]);
+        let (bytes, digest, progress) = write_from(from, &pattern, Some(prefix));
+
+        // Below the start: untouched (an earlier run's bytes). The chunk straddling it: rewritten whole.
+        let mut expected = vec![0xeeu8; 2 * CHUNK];
+        for &byte in &pattern[2..] {
+            expected.extend(std::iter::repeat_n(byte, CHUNK));
+        }
+        assert_ne!(pattern[0], 0xee, "chunk 0 shows whether what lies below the start was written");
+        assert_same(&bytes, &expected);
+        // The digest: the prefix as given, then exactly the bytes from the start on (the straddler's tail).
+        let mut whole = Hasher::new(Algorithm::Sha256);
+        whole.update(&bytes);
+        assert_eq!(digest.unwrap(), whole.finish());
+        assert_eq!(progress.watermark(), bytes.len() as u64);
+        assert_eq!(progress.processed(), bytes.len() as u64, "progress counts the resumed prefix once");
+    }
+
+    #[test]
+    fn a_new_writer_writes_everything() {
+        let (bytes, digest, _) = write_from(0, &[5, 0, 6], Some(Hasher::new(Algorithm::Sha256)));
+        let mut expected = vec![5u8; CHUNK];
+        expected.extend(vec![0u8; CHUNK]);
+        expected.extend(vec![6u8; CHUNK]);
+        assert_same(&bytes, &expected);
+        let mut whole = Hasher::new(Algorithm::Sha256);
+        whole.update(&expected);
+        assert_eq!(digest.unwrap(), whole.finish());
+    }
 }

@@ -25,6 +25,9 @@ pub enum Input {
         reader: Box<dyn Read + Send>,
         /// Their number, when known.
         len: Option<u64>,
+        /// What names their contents (a file's modification time, an ETag, a registry manifest digest), for
+        /// recognising the same source when resuming.
+        identity: Option<String>,
     },
 }
 
@@ -43,15 +46,15 @@ pub fn open(location: &Location, options: &HttpOptions) -> Result<Opened> {
         Location::Registry(image) => {
             let disk = super::registry::open(image, options)?;
             return Ok(Opened {
-                input: Input::Stream { reader: disk.reader, len: Some(disk.len) },
+                input: Input::Stream { reader: disk.reader, len: Some(disk.len), identity: Some(disk.identity) },
                 client: disk.client,
             });
         }
         Location::Url(url) => match http::open(url, options)? {
             (client, Remote::Random(source)) => (source, None, Some(client)),
             (client, Remote::Stream(stream)) => {
-                let len = stream.total();
-                return Ok(Opened { input: Input::Stream { reader: stream, len }, client: Some(client) });
+                let (len, identity) = (stream.total(), stream.identity());
+                return Ok(Opened { input: Input::Stream { reader: stream, len, identity }, client: Some(client) });
             }
         },
     };
@@ -59,8 +62,9 @@ pub fn open(location: &Location, options: &HttpOptions) -> Result<Opened> {
     let got = source.read_at(0, &mut head)?;
     if let Some(kind) = sniff(&head[..got]) {
         log::debug!("{}: {kind}-compressed; reading it as a stream", source.name());
-        let len = Some(source.len());
-        return Ok(Opened { input: Input::Stream { reader: Box::new(ReadAtReader::new(source)), len }, client });
+        let (len, identity) = (Some(source.len()), source.identity());
+        let reader = Box::new(ReadAtReader::new(source));
+        return Ok(Opened { input: Input::Stream { reader, len, identity }, client });
     }
     Ok(Opened { input: Input::Random { source, local_path }, client })
 }

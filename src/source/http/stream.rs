@@ -19,6 +19,8 @@ pub struct HttpStream {
     pos: u64,
     /// Length of the whole body, when the server said.
     total: Option<u64>,
+    /// The ETag or Last-Modified of the first answer.
+    identity: Option<String>,
     /// Whether resumption may use Range requests.
     ranges: bool,
     /// Failed attempts since the last byte received.
@@ -31,6 +33,7 @@ impl HttpStream {
     pub fn from_response(client: Arc<Client>, response: Response, ranges: bool) -> Self {
         HttpStream {
             total: response.content_length(),
+            identity: super::validator(&response),
             client,
             response: Some(response),
             pos: 0,
@@ -54,6 +57,11 @@ impl HttpStream {
     /// Length of the body, if the server declared it.
     pub fn total(&self) -> Option<u64> {
         self.total
+    }
+
+    /// The body's ETag or Last-Modified, if the server sent one.
+    pub fn identity(&self) -> Option<String> {
+        self.identity.clone()
     }
 
     fn fail(&self, what: String) -> Error {

@@ -411,6 +411,8 @@ pub struct OpenedDisk {
     pub reader: Box<dyn Read + Send>,
     /// Their number.
     pub len: u64,
+    /// What names them: the digest of the manifest read, which names every layer by its digest.
+    pub identity: String,
     /// The registry's HTTP client (none for an archive).
     pub client: Option<Arc<crate::source::http::Client>>,
 }
@@ -426,9 +428,10 @@ pub fn open(image: &ImageRef, options: &HttpOptions) -> Result<OpenedDisk> {
         resolved.config.architecture,
         resolved.layers.len()
     );
+    let identity = format!("manifest {}", resolved.digest);
     let disk = layers::DiskReader::open(&image.spec, store, resolved.layers)?;
     let len = disk.len();
-    Ok(OpenedDisk { reader: Box::new(disk), len, client })
+    Ok(OpenedDisk { reader: Box::new(disk), len, identity, client })
 }
 
 #[cfg(test)]
