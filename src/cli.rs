@@ -205,12 +205,16 @@ fn parse_limit(text: &str) -> std::result::Result<u64, String> {
 pub fn main() -> i32 {
     crate::sys::shed_executable_cache();
     let (args, cdi) = crate::cdi::normalize_args(std::env::args_os());
-    let cli = match Cli::try_parse_from(args) {
+    let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
         Err(err) => {
             if cdi && err.use_stderr() {
-                crate::cdi::report_usage_error(&format!("invalid arguments: {}", err.kind()));
-                let _ = err.print();
+                crate::cdi::report_usage_error(&args, &format!("invalid arguments: {}", err.kind()));
+                // One klog line, as every other line of a pod's log; clap's usage text would be many lines.
+                crate::process::logging::init_klog(0);
+                let text = err.to_string();
+                let first = text.lines().next().unwrap_or_default();
+                log::error!("{}", first.strip_prefix("error: ").unwrap_or(first));
                 return 1;
             }
             err.exit()

@@ -96,6 +96,30 @@ fn cdi_and_upload_server_write_klog_lines() {
 }
 
 #[test]
+fn an_unknown_argument_is_one_klog_line_and_reaches_the_termination_log_given() {
+    let dir = scratch_dir("klog-usage");
+    for (mode, log) in [("cdi", "cdi-termination"), ("upload-server", "upload-termination")] {
+        let termination = dir.path().join(log);
+        let before = utc_month_day();
+        let child = boundimport()
+            .args([mode, "-v=1", "--termination-log"])
+            .arg(&termination)
+            .arg("--no-such-flag")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(output.status.code(), Some(1), "{stderr}");
+        assert_eq!(assert_klog_lines(&stderr, pid, &[before, utc_month_day()]), "E", "{mode}: {stderr}");
+        assert!(stderr.contains("--no-such-flag"), "{stderr}");
+        let message = std::fs::read_to_string(&termination).unwrap_or_else(|e| panic!("{mode}: {e}"));
+        assert!(message.starts_with("invalid arguments: "), "{mode}: {message:?}");
+    }
+}
+
+#[test]
 fn a_volume_filled_mid_import_says_no_space_left_on_device() {
     if !require_privileged("a_volume_filled_mid_import_says_no_space_left_on_device") {
         return;

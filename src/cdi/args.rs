@@ -60,7 +60,7 @@ pub struct CdiArgs {
     pub block_path: PathBuf,
 
     /// Where the result is written for the controller.
-    #[arg(long, value_name = "PATH", default_value = "/dev/termination-log")]
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_TERMINATION_LOG)]
     pub termination_log: PathBuf,
 
     /// Listen address of the HTTPS progress endpoint (`:PORT` means every interface).
@@ -120,12 +120,34 @@ pub fn normalize_args(args: impl IntoIterator<Item = OsString>) -> (Vec<OsString
     (args, true)
 }
 
-/// Writes a failure that happened before the arguments could be parsed (default termination-log path).
-pub fn report_usage_error(message: &str) {
-    let path = Path::new("/dev/termination-log");
-    if let Err(e) = super::termination::write_plain(path, message) {
+/// Writes a failure that happened before the arguments could be parsed to the termination log: the
+/// `--termination-log` among `args` if one is there (the rest may be what failed to parse), else the default.
+pub fn report_usage_error(args: &[OsString], message: &str) {
+    let path = termination_log_arg(args).unwrap_or_else(|| PathBuf::from(DEFAULT_TERMINATION_LOG));
+    if let Err(e) = super::termination::write_plain(&path, message) {
         log::debug!("{}: {e}", path.display());
     }
+}
+
+/// Where the controller reads the termination message, unless `--termination-log` says otherwise.
+const DEFAULT_TERMINATION_LOG: &str = "/dev/termination-log";
+
+/// The last `--termination-log PATH` or `--termination-log=PATH` among `args`.
+fn termination_log_arg(args: &[OsString]) -> Option<PathBuf> {
+    let mut found = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let text = arg.to_string_lossy();
+        if text == "--" {
+            break;
+        }
+        if text == "--termination-log" {
+            found = args.next().map(PathBuf::from);
+        } else if let Some(path) = text.strip_prefix("--termination-log=") {
+            found = Some(PathBuf::from(path));
+        }
+    }
+    found
 }
 
 /// Sources `boundimport cdi` imports itself.
@@ -169,6 +191,16 @@ pub(super) fn exec_fallback(fallback: &Path) -> std::io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_termination_log_is_found_before_the_arguments_parse() {
+        let args = |list: &[&str]| list.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(termination_log_arg(&args(&["bi", "cdi", "--bogus"])), None);
+        let given = args(&["bi", "cdi", "--termination-log", "/t/a", "--bogus", "--termination-log=/t/b"]);
+        assert_eq!(termination_log_arg(&given), Some(PathBuf::from("/t/b")), "the last one wins, as in clap");
+        assert_eq!(termination_log_arg(&args(&["bi", "cdi", "--", "--termination-log", "/t/a"])), None);
+        assert_eq!(termination_log_arg(&args(&["bi", "cdi", "--termination-log"])), None);
+    }
 
     fn normalized(args: &[&str]) -> (Vec<String>, bool) {
         let (out, cdi) = normalize_args(args.iter().map(OsString::from));
