@@ -72,6 +72,20 @@ fn slow_device(bench: &Workbench, name: &str, size: u64) -> (LoopDevice, WriteTh
     (device, throttle)
 }
 
+/// Kills imports of `source` onto a slow device (state in a directory) and resumes them; the device must end
+/// holding qemu-img's conversion of `image` (`want`, `size` bytes), with the digest reported and no state left.
+fn assert_device_resumes(bench: &Workbench, source: &Path, want: &str, size: u64, seed: u64) {
+    let (device, _throttle) = slow_device(bench, "device", size);
+    let state_dir = bench.path("state");
+    std::fs::create_dir(&state_dir).unwrap();
+    let args = ["--state-dir", state_dir.to_str().unwrap()];
+    let (summary, resumed) = kill_and_resume(&args, source, device.path(), seed, 3);
+    assert!(resumed >= 1, "no run resumed from a checkpoint");
+    assert_eq!(summary["sha256"].as_str(), Some(want), "reported digest");
+    assert_eq!(sha256_prefix(device.path(), size), want, "device contents");
+    assert_eq!(std::fs::read_dir(&state_dir).unwrap().count(), 0, "state left behind after success");
+}
+
 #[test]
 fn sigkilled_imports_onto_a_device_resume_to_identical_output() {
     if !require_privileged("sigkilled_imports_onto_a_device_resume_to_identical_output") {
@@ -79,15 +93,7 @@ fn sigkilled_imports_onto_a_device_resume_to_identical_output() {
     }
     let bench = Workbench::new("resume-device");
     let (image, want, size) = image(&bench);
-    let (device, _throttle) = slow_device(&bench, "device", size);
-    let state_dir = bench.path("state");
-    std::fs::create_dir(&state_dir).unwrap();
-    let args = ["--state-dir", state_dir.to_str().unwrap()];
-    let (summary, resumed) = kill_and_resume(&args, &image, device.path(), 1, 3);
-    assert!(resumed >= 1, "no run resumed from a checkpoint");
-    assert_eq!(summary["sha256"].as_str(), Some(want.as_str()), "reported digest");
-    assert_eq!(sha256_prefix(device.path(), size), want, "device contents");
-    assert_eq!(std::fs::read_dir(&state_dir).unwrap().count(), 0, "state left behind after success");
+    assert_device_resumes(&bench, &image, &want, size, 1);
 }
 
 #[test]
@@ -100,16 +106,7 @@ fn sigkilled_imports_of_a_compressed_stream_resume_to_identical_output() {
     let bench = Workbench::new("resume-stream");
     let (image, want, size) = image(&bench);
     common::run(Command::new("gzip").arg("-1").arg("-k").arg(&image));
-    let compressed = image.with_extension("qcow2.gz");
-    let (device, _throttle) = slow_device(&bench, "device", size);
-    let state_dir = bench.path("state");
-    std::fs::create_dir(&state_dir).unwrap();
-    let args = ["--state-dir", state_dir.to_str().unwrap()];
-    let (summary, resumed) = kill_and_resume(&args, &compressed, device.path(), 3, 3);
-    assert!(resumed >= 1, "no run resumed from a checkpoint");
-    assert_eq!(summary["sha256"].as_str(), Some(want.as_str()), "reported digest");
-    assert_eq!(sha256_prefix(device.path(), size), want, "device contents");
-    assert_eq!(std::fs::read_dir(&state_dir).unwrap().count(), 0, "state left behind after success");
+    assert_device_resumes(&bench, &image.with_extension("qcow2.gz"), &want, size, 3);
 }
 
 #[test]
