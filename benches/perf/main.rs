@@ -3,8 +3,14 @@
 //! every run (each importer runs alone in a fresh 600M child cgroup, caches dropped first).
 //!
 //! Needs root (loop devices, cgroups, drop_caches). Run: `cargo bench --bench perf -- [--runs N]
-//! [--cases incompressible,zlib,zstd,mostly-zero,file]`. Test images are generated once into
-//! target/bench-images/ (about 8 GiB of disk; the 20 GiB image is sparse).
+//! [--cases incompressible,file,zlib,zstd,debian,mostly-zero,parallel] [--pods 1,2,4,8]`; without `--cases`, every
+//! case but `parallel` (many imports at once, 15 minutes a run: see [`parallel`]), which runs only when named;
+//! `--runs 0` only generates the images. Test images are generated once into target/bench-images/ (about 17 GiB
+//! of disk: 8 of them the parallel case's eight 1 GiB copies; the 20 GiB image is sparse).
+//!
+//! The `debian` case is a real root filesystem: `debootstrap --variant=minbase bookworm` from deb.debian.org into
+//! a 2 GiB ext4 image, compressed with `qemu-img convert -c` (zlib). Generating it needs the network and
+//! debootstrap; the bench installs debootstrap with `apt-get install debootstrap` when it is missing.
 
 mod parallel;
 
