@@ -309,9 +309,10 @@ struct Peaks {
 }
 
 /// A thread reading the importers' cgroups and /proc/meminfo every [`SAMPLE_INTERVAL`], keeping the [`Peaks`].
+/// Dropped unfinished (a batch that panicked), it stops without being waited for.
 struct NodeSampler {
     stop: Arc<AtomicBool>,
-    handle: JoinHandle<Peaks>,
+    handle: Option<JoinHandle<Peaks>>,
 }
 
 impl NodeSampler {
@@ -330,13 +331,19 @@ impl NodeSampler {
             }
             peaks
         });
-        NodeSampler { stop, handle }
+        NodeSampler { stop, handle: Some(handle) }
     }
 
     /// Stops the thread and returns what it saw.
-    fn finish(self) -> Peaks {
+    fn finish(mut self) -> Peaks {
         self.stop.store(true, Ordering::SeqCst);
-        self.handle.join().unwrap()
+        self.handle.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for NodeSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
     }
 }
 
