@@ -4,7 +4,7 @@
 //!
 //! Needs root (loop devices, cgroups, drop_caches). Run: `cargo bench --bench perf -- [--runs N]
 //! [--cases incompressible,file,zlib,zstd,debian,mostly-zero,parallel] [--pods 1,2,4,8]`; without `--cases`, every
-//! case but `parallel` (many imports at once, 15 minutes a run: see [`parallel`]), which runs only when named;
+//! case but `parallel` (many imports at once, about 8 minutes a run: see [`parallel`]), which runs only when named;
 //! `--runs 0` only generates the images. Test images are generated once into target/bench-images/ (about 17 GiB
 //! of disk: 8 of them the parallel case's eight 1 GiB copies; the 20 GiB image is sparse).
 //!
