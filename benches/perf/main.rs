@@ -3,8 +3,16 @@
 //! every run (each importer runs alone in a fresh 600M child cgroup, caches dropped first).
 //!
 //! Needs root (loop devices, cgroups, drop_caches). Run: `cargo bench --bench perf -- [--runs N]
-//! [--cases incompressible,zlib,zstd,mostly-zero,file]`. Test images are generated once into
-//! target/bench-images/ (about 8 GiB of disk; the 20 GiB image is sparse).
+//! [--cases incompressible,file,zlib,zstd,debian,mostly-zero,parallel] [--pods 1,2,4,8]`; without `--cases`, every
+//! case but `parallel` (many imports at once, about 8 minutes a run: see [`parallel`]), which runs only when named;
+//! `--runs 0` only generates the images. Test images are generated once into target/bench-images/ (about 17 GiB
+//! of disk: 8 of them the parallel case's eight 1 GiB copies; the 20 GiB image is sparse).
+//!
+//! The `debian` case is a real root filesystem: `debootstrap --variant=minbase bookworm` from deb.debian.org into
+//! a 2 GiB ext4 image, compressed with `qemu-img convert -c` (zlib). Generating it needs the network and
+//! debootstrap; the bench installs debootstrap with `apt-get install debootstrap` when it is missing.
+
+mod parallel;
 
 use boundimport::lab::fixtures::{drop_caches, is_root, ChildCgroup, LoopDevice};
 use std::fs::File;
@@ -100,6 +108,15 @@ fn main() {
             cases.push(Case { name, image, block: true, importers: with_ours(&[&qemu_fast]) });
         }
     }
+    if want("debian") {
+        let image = ensure_image(&dir, "debian-bookworm-minbase-2g-zlib.qcow2", || debian_qcow2(&dir));
+        cases.push(Case {
+            name: "Debian root 2 GiB, zlib -> loop",
+            image,
+            block: true,
+            importers: with_ours(&[&qemu_fast]),
+        });
+    }
     if want("mostly-zero") {
         let image = ensure_image(&dir, "mostly-zero-20g.qcow2", || mostly_zero_qcow2(&dir));
         cases.push(Case {
@@ -110,18 +127,29 @@ fn main() {
         });
     }
 
+    // Many pods at once takes longer than all the other cases together: only when asked for by name.
+    if wanted.as_ref().is_some_and(|w| w.iter().any(|c| c == "parallel")) {
+        let pods: Vec<usize> = option(&args, "--pods")
+            .map_or(parallel::PODS.to_vec(), |v| v.split(',').map(|n| n.parse().expect("--pods N,N,…")).collect());
+        parallel::run(&dir, &boundimport, runs, &pods);
+    }
     if runs == 0 {
         eprintln!("images ready in {}", dir.display());
+        return;
+    }
+    if cases.is_empty() {
         return;
     }
     println!("| case | importer | median s | min–max s | peak MiB | {OURS} ÷ this | {OURS_DIGEST} ÷ this |");
     println!("|---|---|---|---|---|---|---|");
     for case in &cases {
         let results = run_case(case, &dir, runs);
-        let median_of = |label: &str| results.iter().find(|(l, _)| *l == label).map(|(_, samples)| median(samples));
+        let walls = |samples: &[Sample]| samples.iter().map(|s| s.wall).collect::<Vec<_>>();
+        let median_of =
+            |label: &str| results.iter().find(|(l, _)| *l == label).map(|(_, samples)| median(&walls(samples)));
         let (ours, ours_digest) = (median_of(OURS).expect("runs"), median_of(OURS_DIGEST).expect("runs"));
         for (label, samples) in &results {
-            let med = median(samples);
+            let med = median(&walls(samples));
             let (min, max) = samples.iter().fold((f64::MAX, 0f64), |(lo, hi), s| (lo.min(s.wall), hi.max(s.wall)));
             let peak = samples.iter().map(|s| s.peak).max().unwrap_or(0) / MIB;
             let ratios = if label.starts_with(OURS) {
@@ -218,10 +246,11 @@ fn measure(argv: &[String], name: &str) -> Sample {
     Sample { wall, peak }
 }
 
-fn median(samples: &[Sample]) -> f64 {
-    let mut walls: Vec<f64> = samples.iter().map(|s| s.wall).collect();
-    walls.sort_by(|a, b| a.total_cmp(b));
-    walls[walls.len() / 2]
+/// The middle value (the upper middle of an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    sorted[sorted.len() / 2]
 }
 
 fn virtual_size(image: &Path) -> u64 {
@@ -306,6 +335,36 @@ fn text_qcow2(dir: &Path, size: u64, codec: &str) -> PathBuf {
     let out = dir.join("generating.qcow2");
     convert(&raw, &["-c", "-o", &format!("compression_type={codec}")], &out);
     out
+}
+
+/// A Debian root filesystem, the image a VM batch is typically provisioned from: `debootstrap --variant=minbase
+/// bookworm` from deb.debian.org (debootstrap is installed with apt-get first if missing) copied into a fresh
+/// 2 GiB ext4 filesystem by `mkfs.ext4 -d`, then `qemu-img convert -c` (zlib clusters, qemu-img's default).
+fn debian_qcow2(dir: &Path) -> PathBuf {
+    if Command::new("debootstrap").arg("--version").stdout(Stdio::null()).status().is_err() {
+        eprintln!("installing debootstrap");
+        run(Command::new("apt-get").args(["update", "-q"]));
+        run(Command::new("apt-get").args(["install", "-y", "-q", "debootstrap"]));
+    }
+    let root = dir.join("generating-root");
+    let _ = std::fs::remove_dir_all(&root);
+    run(Command::new("debootstrap")
+        .args(["--variant=minbase", "bookworm"])
+        .arg(&root)
+        .arg("http://deb.debian.org/debian"));
+    let raw = dir.join("generating.raw");
+    File::create(&raw).unwrap().set_len(2 * GIB).unwrap();
+    run(Command::new("mkfs.ext4").args(["-q", "-F", "-d"]).arg(&root).arg(&raw));
+    std::fs::remove_dir_all(&root).unwrap();
+    let out = dir.join("generating.qcow2");
+    convert(&raw, &["-c"], &out);
+    out
+}
+
+/// Runs a generation step, which must succeed.
+fn run(command: &mut Command) {
+    let status = command.status().unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert!(status.success(), "{command:?} failed: {status}");
 }
 
 /// 20 GiB virtual, 256 MiB of data in 64 scattered 4 MiB extents.
