@@ -11,7 +11,7 @@ use boundimport::format::Detected;
 use std::path::Path;
 
 /// Runs every file under `fuzz/{seeds,regressions}/target/` through `run`; returns how many there were.
-fn replay(target: &str, run: impl Fn(&[u8])) -> usize {
+fn replay(target: &str, mut run: impl FnMut(&[u8])) -> usize {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let mut count = 0;
     for dir in ["seeds", "regressions"] {
@@ -49,6 +49,37 @@ fn every_fuzz_seed_and_regression_input_runs_clean() {
     assert!(replay("stream_decompress", harness::exercise_stream_decompress) > 0);
     assert!(replay("registry_manifest", harness::exercise_registry_manifest) > 0);
     assert!(replay("registry_layer", harness::exercise_registry_layer) > 0);
+    for target in ["image_qcow2", "image_vmdk", "image_vhd", "image_vhdx", "image_vdi"] {
+        replay(target, harness::exercise_stream_walk);
+    }
+    replay("stream_walk", harness::exercise_stream_walk);
+}
+
+#[test]
+fn every_image_seed_walks_forward_to_what_the_random_reader_reads() {
+    // The stream_walk target's seeds are the image targets'; a real image walked front to back must place exactly
+    // the disk the random-access reader reads, and every walker must get through at least one with data in it.
+    let mut walked = std::collections::BTreeMap::new();
+    for (target, family) in [
+        ("image_qcow2", "qcow2"),
+        ("image_vmdk", "vmdk"),
+        ("image_vhd", "vhd"),
+        ("image_vhdx", "vhdx"),
+        ("image_vdi", "vdi"),
+    ] {
+        replay(target, |data| {
+            let Some(walk) = harness::walk_for_comparison(data) else { return };
+            let (Some((disk, placed)), Some(whole)) = (walk.disk, harness::read_whole(data)) else { return };
+            assert_eq!(disk.len(), whole.len(), "{target}: the walk's disk size");
+            let differs = (0..disk.len()).find(|&i| (if placed[i] { disk[i] } else { 0 }) != whole[i]);
+            assert_eq!(differs, None, "{target}: the walk and the random-access reader differ at this offset");
+            let data_bytes = whole.iter().filter(|&&b| b != 0).count();
+            *walked.entry(family).or_insert(0) += usize::from(data_bytes > 0);
+        });
+    }
+    for family in ["qcow2", "vmdk", "vhd", "vhdx", "vdi"] {
+        assert!(walked.get(family).copied().unwrap_or(0) > 0, "no {family} seed with data walked: {walked:?}");
+    }
 }
 
 #[test]

@@ -321,3 +321,197 @@ pub fn exercise_registry_layer(data: &[u8]) {
     }
     assert!(total <= len, "the disk yielded {total} bytes, its entry says {len}");
 }
+
+/// Longest stream a walker is fed while fuzzing (the sparse image's claimed length is cut to it): a 1 TiB claim
+/// read front to back would take hours, and most inputs claim far more than their records.
+pub const MAX_WALK_STREAM: u64 = 8 << 20;
+
+/// Longest stream walked for a comparison with the random-access reader (every real seed is shorter).
+pub const MAX_COMPARED_STREAM: u64 = 64 << 20;
+
+/// Largest virtual disk whose placed bytes are kept for comparison with the random-access reader.
+pub const MAX_COMPARED_DISK: u64 = 64 << 20;
+
+/// Most bytes a walk may stash (data seen before its table), as a memory spool caps them.
+const MAX_STASH: u64 = 16 << 20;
+
+/// What a forward-only walk produced: the virtual size, and the disk's bytes when it is at most
+/// [`MAX_COMPARED_DISK`] (bytes no placement reached read as `None`).
+pub struct Walked {
+    /// The virtual size the walker announced.
+    pub virtual_size: u64,
+    /// Guest bytes as placed (data or zeros), with the ranges placed.
+    pub disk: Option<(Vec<u8>, Vec<bool>)>,
+}
+
+/// The walker's results, checked as the pipeline's assembler relies on them: `begin` once and first, every range
+/// inside the announced disk, chunk sizes honoured by nothing but the checker.
+struct CheckedPlacement {
+    virtual_size: Option<u64>,
+    /// Whether to keep the disk (a comparison) or only check.
+    keep: bool,
+    disk: Option<(Vec<u8>, Vec<bool>)>,
+}
+
+impl CheckedPlacement {
+    fn record(&mut self, guest: u64, len: u64, bytes: Option<&[u8]>) {
+        let size = self.virtual_size.expect("placed before begin");
+        let end = guest.checked_add(len).expect("placement end overflows");
+        assert!(end <= size, "placed [{guest}, {end}) past the {size}-byte disk");
+        if let Some((disk, placed)) = &mut self.disk {
+            let (from, to) = (guest as usize, end as usize);
+            match bytes {
+                Some(bytes) => disk[from..to].copy_from_slice(bytes),
+                None => disk[from..to].fill(0),
+            }
+            placed[from..to].fill(true);
+        }
+    }
+}
+
+impl format::stream::Placement for CheckedPlacement {
+    fn chunk(&self) -> u64 {
+        64 << 10
+    }
+    fn begin(&mut self, virtual_size: u64) -> Result<()> {
+        assert!(self.virtual_size.is_none(), "begin called twice");
+        self.virtual_size = Some(virtual_size);
+        if self.keep && virtual_size <= MAX_COMPARED_DISK {
+            self.disk = Some((vec![0; virtual_size as usize], vec![false; virtual_size as usize]));
+        }
+        Ok(())
+    }
+    fn data(&mut self, guest: u64, bytes: &[u8]) -> Result<bool> {
+        self.record(guest, bytes.len() as u64, Some(bytes));
+        Ok(true)
+    }
+    fn zero(&mut self, guest: u64, len: u64) -> Result<()> {
+        self.record(guest, len, None);
+        Ok(())
+    }
+    fn has_buffer(&self, _: u64) -> bool {
+        true
+    }
+    fn finish(&mut self) -> Result<()> {
+        assert!(self.virtual_size.is_some(), "finish before begin");
+        Ok(())
+    }
+}
+
+/// A memory stash capped at [`MAX_STASH`], as the pipeline's spool is without a scratch directory.
+#[derive(Default)]
+struct MemoryStash {
+    kept: std::collections::BTreeMap<u64, Vec<u8>>,
+    bytes: u64,
+}
+
+impl format::stream::Stash for MemoryStash {
+    fn put(&mut self, at: u64, bytes: &[u8]) -> Result<()> {
+        if self.bytes + bytes.len() as u64 > MAX_STASH {
+            return Err(boundimport::error::Error::bad_image("stash full"));
+        }
+        self.bytes += bytes.len() as u64;
+        self.kept.insert(at, bytes.to_vec());
+        Ok(())
+    }
+    fn get(&self, at: u64, out: &mut [u8]) -> Result<bool> {
+        let end = at + out.len() as u64;
+        let mut cursor = at;
+        for (&from, bytes) in self.kept.range(..end) {
+            let to = from + bytes.len() as u64;
+            if to <= cursor || from > cursor {
+                continue;
+            }
+            let n = (to.min(end) - cursor) as usize;
+            let skip = (cursor - from) as usize;
+            out[(cursor - at) as usize..(cursor - at) as usize + n].copy_from_slice(&bytes[skip..skip + n]);
+            cursor += n as u64;
+        }
+        Ok(cursor == end)
+    }
+    fn kept(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// A sparse image read front to back, cut at `limit`.
+struct Forward {
+    image: SparseImage,
+    pos: u64,
+    limit: u64,
+}
+
+impl std::io::Read for Forward {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.image.len.min(self.limit).saturating_sub(self.pos);
+        let n = (buf.len() as u64).min(left) as usize;
+        let got = self.image.read_at(self.pos, &mut buf[..n]).map_err(std::io::Error::other)?;
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
+/// The `stream_walk` target: the sparse image in `data` read front to back by the walker its first sector
+/// selects, as the forward-only import does (qcow2, streamOptimized and monolithicSparse vmdk, dynamic vhd, vdi,
+/// vhdx). Errors are expected; panics, placements outside the disk, a second `begin` and huge allocations are the
+/// findings.
+pub fn exercise_stream_walk(data: &[u8]) {
+    walk(data, MAX_WALK_STREAM, false);
+}
+
+/// [`exercise_stream_walk`] for a comparison: a longer stream, and what a successful walk placed.
+pub fn walk_for_comparison(data: &[u8]) -> Option<Walked> {
+    walk(data, MAX_COMPARED_STREAM, true)
+}
+
+fn walk(data: &[u8], limit: u64, keep: bool) -> Option<Walked> {
+    use boundimport::format::{qcow2, vdi, vhd, vhdx, vmdk};
+    let image = SparseImage::decode(data);
+    let mut head = [0u8; 512];
+    let got = image.read_at(0, &mut head).ok()?;
+    let head = &head[..got];
+    let family = format::detect::detect_bytes(head);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut reader = Forward { image, pos: 0, limit };
+    let mut place = CheckedPlacement { virtual_size: None, keep, disk: None };
+    let mut stash = MemoryStash::default();
+    let name = "fuzz.img";
+    let walked = match family {
+        Detected::Qcow2 => {
+            qcow2::stream::walk(&mut reader, name, &mut stash, &mut place, &stop).map(|s| s.virtual_size)
+        }
+        Detected::Vmdk if vmdk::stream::is_stream_optimized(head) => {
+            vmdk::stream::walk(&mut reader, name, &mut place, &stop)
+        }
+        Detected::Vmdk if vmdk::sparse_stream::is_sparse(head) => {
+            vmdk::sparse_stream::walk(&mut reader, name, &mut stash, &mut place, &stop).map(|(size, _)| size)
+        }
+        Detected::Vhd => vhd::walk_stream(&mut reader, name, &mut stash, &mut place, &stop).map(|(size, _)| size),
+        Detected::Vdi => vdi::walk_stream(&mut reader, name, &mut stash, &mut place, &stop).map(|(size, _)| size),
+        Detected::Vhdx => vhdx::stream::walk(&mut reader, name, &mut stash, &mut place, &stop).map(|(size, _)| size),
+        _ => return None,
+    };
+    let virtual_size = walked.ok()?;
+    assert_eq!(place.virtual_size, Some(virtual_size), "the walk returned a size it did not announce");
+    Some(Walked { virtual_size, disk: place.disk })
+}
+
+/// The disk the random-access reader makes of the sparse image in `data`, when it is at most
+/// [`MAX_COMPARED_DISK`]: what a successful walk of a real image must equal.
+pub fn read_whole(data: &[u8]) -> Option<Vec<u8>> {
+    let source: Arc<dyn ReadAt> = Arc::new(SparseImage::decode(data));
+    let mut image = format::open(source, &BackingPolicy::default()).ok()?;
+    let size = image.virtual_size();
+    if size > MAX_COMPARED_DISK {
+        return None;
+    }
+    let sources = image.sources();
+    let mut disk = vec![0u8; size as usize];
+    let mut scratch = Scratch::default();
+    for (window, start) in disk.chunks_mut(WINDOW as usize).zip((0..size).step_by(WINDOW as usize)) {
+        let mut extents = Vec::new();
+        image.map(start, window.len() as u64, &mut extents).ok()?;
+        fill::fill(&sources, &extents, start, window, &mut scratch).ok()?;
+    }
+    Some(disk)
+}

@@ -9,7 +9,7 @@ pub mod codec;
 pub mod detect;
 pub mod qcow2;
 pub mod raw;
-pub(crate) mod stream;
+pub mod stream;
 pub(crate) mod table_stream;
 pub mod vdi;
 pub mod vhd;
