@@ -126,8 +126,10 @@ struct SessionArgs {
     #[arg(long, default_value = "8Gi", value_parser = parse_size, requires = "vm")]
     guest_mem: u64,
 
-    /// With --vm: the co-tenant probe's allocation per 100 ms round, which measures its stalls (0: none).
-    #[arg(long, default_value = "4Mi", value_parser = parse_size, requires = "vm")]
+    /// With --vm: a co-tenant probe allocating and freeing this much every 100 ms, which measures the co-tenant's
+    /// stalls (0: none). Off by default: memory freed every round gives the importer room, and in the guest even
+    /// 64 KiB a round turned the kill into a pin.
+    #[arg(long, default_value = "0", value_parser = parse_size, requires = "vm")]
     probe: u64,
 
     /// With --vm: seconds a guest may run before it is killed.
@@ -318,7 +320,7 @@ fn vm_session(args: &SessionArgs) -> std::result::Result<(), Failure> {
         println!("matrix: {0}/matrix.md  {0}/matrix.json  sessions: {0}/v{{1,2}}-wb-{{on,off}}", config.out.display());
         return Ok(());
     }
-    let report = super::vm::run(&config, signals.flag()).map_err(|e| (e, signals.signal()))?;
+    let (report, _) = super::vm::run(&config, signals.flag()).map_err(|e| (e, signals.signal()))?;
     print!("{}", report.table());
     println!("report: {0}/report.json  timeline: {0}/timeline.csv  plot: {0}/timeline.svg", config.out.display());
     Ok(())

@@ -74,7 +74,7 @@ impl VmConfig {
             write_bps: Some(30 << 20),
             limit: crate::budget::DEFAULT_BUDGET,
             cotenant_charge: 100 << 20,
-            probe_bytes: 4 << 20,
+            probe_bytes: 0,
             guest_mem: 8 << 30,
             cpus: 2,
             timeout: Duration::from_secs(20 * 60),
@@ -131,11 +131,22 @@ pub struct GuestTiming {
     pub guest_seconds: f64,
     /// Destination stalls that began while the guest ran.
     pub stalls: usize,
+    /// Seconds from the importer's start to the kernel's first OOM kill in the guest (from its log), `null`
+    /// without one. A killed importer can take longer to exit: it waits for its writes in flight to end.
+    pub kill_seconds: Option<f64>,
+}
+
+/// Kernel log time of the first `Killed process` line of a `dmesg` dump.
+fn first_kill(dmesg: &str) -> Option<f64> {
+    dmesg.lines().filter(|l| l.contains("Killed process")).find_map(|l| {
+        let rest = l.trim_start().strip_prefix('[')?;
+        rest.split_once(']')?.0.trim().parse().ok()
+    })
 }
 
 /// Runs a guest session: one fresh guest per importer, then `report.json`, `timeline.csv`, `stalls.csv`,
 /// `timeline.svg` and `guests.json` into the output directory.
-pub fn run(config: &VmConfig, stop: &AtomicBool) -> Result<Report> {
+pub fn run(config: &VmConfig, stop: &AtomicBool) -> Result<(Report, Vec<GuestTiming>)> {
     if !super::fixtures::is_root() {
         return Err(Error::usage("the guest lab needs root (its guests run the importers as root)"));
     }
@@ -186,10 +197,21 @@ pub fn run(config: &VmConfig, stop: &AtomicBool) -> Result<Report> {
         }),
     };
     let path = config.out.join("guests.json");
+    for t in &timings {
+        log::info!(
+            "lab --vm: {}: guest up in {} s, {} s in all, {} stalls, first OOM kill {}",
+            t.importer,
+            t.boot_seconds.map_or_else(|| "?".to_string(), |b| format!("{b:.1}")),
+            t.guest_seconds,
+            t.stalls,
+            t.kill_seconds.map_or_else(|| "none".to_string(), |k| format!("{k:.1} s after the start"))
+        );
+    }
     let text = serde_json::to_string_pretty(&timings)
         .map_err(|e| Error::new(ErrorKind::Io, "serialising guest timings").with_source(e))?;
     fs::write(&path, text + "\n").io_context("writing guests.json").map_err(|e| e.at_path(&path))?;
-    write_outputs(&config.out, host, config.limit, config.write_bps, &runs)
+    let report = write_outputs(&config.out, host, config.limit, config.write_bps, &runs)?;
+    Ok((report, timings))
 }
 
 /// Files of one guest run that go away with it.
@@ -280,6 +302,16 @@ fn run_guest(
         .stdout(Stdio::null())
         .stderr(fs::File::create(work.join("qemu.stderr")).io_context("creating qemu's log")?);
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    // SAFETY: prctl is async-signal-safe; the hook touches no memory of the parent.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            // If the lab dies without unwinding (SIGKILL), its guest dies with it.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     log::info!("lab --vm: booting a guest for {name} (console: {})", console.display());
     let started = Instant::now();
     let mut qemu = KillOnDrop(command.spawn().io_context("starting qemu-system-x86_64")?);
@@ -351,11 +383,20 @@ fn run_guest(
         Error::new(ErrorKind::Io, format!("{e}; the guest's runner said: {}", runner.trim()))
     })?;
     let boot_seconds = framed.iter().find_map(|l| l.strip_prefix("BOOTED ")).and_then(|t| t.trim().parse::<f64>().ok());
+    // "START importer UPTIME": the guest's clock when the importer was about to start.
+    let started_at = framed
+        .iter()
+        .find_map(|l| l.strip_prefix("START "))
+        .and_then(|rest| rest.split_whitespace().last())
+        .and_then(|t| t.parse::<f64>().ok());
     let timing = GuestTiming {
         importer: name.to_string(),
         boot_seconds,
         guest_seconds: (guest_seconds * 10.0).round() / 10.0,
         stalls: framed.iter().filter(|l| l.starts_with("STALL ")).count(),
+        kill_seconds: first_kill(&fs::read_to_string(dir.join("dmesg.txt")).unwrap_or_default())
+            .zip(started_at)
+            .map(|(kill, start)| ((kill - start) * 10.0).round() / 10.0),
     };
     Ok((measured, timing))
 }
@@ -367,6 +408,8 @@ pub struct MatrixRow {
     pub corner: String,
     /// The session's report.
     pub report: Report,
+    /// How each guest went.
+    pub timings: Vec<GuestTiming>,
 }
 
 /// Runs the four corners (cgroup v1/v2 × cgroup writeback on/off), each into `out/CORNER`, and writes
@@ -377,8 +420,8 @@ pub fn matrix(config: &VmConfig, stop: &AtomicBool) -> Result<Vec<MatrixRow>> {
         check_stop(stop)?;
         let mut corner = VmConfig { cgroup, cgroup_writeback: writeback, ..config.clone() };
         corner.out = config.out.join(corner.corner());
-        let report = run(&corner, stop)?;
-        rows.push(MatrixRow { corner: corner.corner(), report });
+        let (report, timings) = run(&corner, stop)?;
+        rows.push(MatrixRow { corner: corner.corner(), report, timings });
     }
     let json = serde_json::to_string_pretty(&rows)
         .map_err(|e| Error::new(ErrorKind::Io, "serialising the matrix").with_source(e))?;
@@ -392,14 +435,14 @@ pub fn matrix(config: &VmConfig, stop: &AtomicBool) -> Result<Vec<MatrixRow>> {
 /// The matrix as one Markdown verdict table.
 pub fn matrix_table(rows: &[MatrixRow]) -> String {
     let mut out = String::from(
-        "| corner | kernel | importer | verdict | peak | limit hits | oom kills | wall s | stall max ms |\n\
-         |---|---|---|---|---:|---:|---:|---:|---:|\n",
+        "| corner | kernel | importer | verdict | peak | limit hits | oom kills | killed at s | wall s | stall max ms |\n\
+         |---|---|---|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for row in rows {
-        for r in &row.report.runs {
+        for (r, timing) in row.report.runs.iter().zip(&row.timings) {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} |",
                 row.corner,
                 row.report.host.kernel,
                 r.importer,
@@ -407,10 +450,34 @@ pub fn matrix_table(rows: &[MatrixRow]) -> String {
                 human(r.peak_bytes),
                 r.limit_hits,
                 r.oom_kills,
+                timing.kill_seconds.map_or_else(|| "-".to_string(), |v| format!("{v:.1}")),
                 r.wall_seconds,
                 r.stall_max_ms.map_or_else(|| "-".to_string(), |v| format!("{v:.0}")),
             );
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_kill_reads_the_kernel_time() {
+        let dmesg = "[   54.455443] qemu-img invoked oom-killer: gfp_mask=0x101cc0(GFP_USER|__GFP_WRITE)\n\
+                     [   54.466749] Memory cgroup out of memory: Killed process 142 (qemu-img) total-vm:335628kB\n\
+                     [   60.1] Killed process 150 (dd)\n";
+        assert_eq!(first_kill(dmesg), Some(54.466749));
+        assert_eq!(first_kill("[ 1.0] nothing\n"), None);
+    }
+
+    #[test]
+    fn corners_are_named() {
+        let mut c = VmConfig::new("d", "i", "o");
+        assert_eq!(c.corner(), "v2-wb-off");
+        c.cgroup = Version::V1;
+        c.cgroup_writeback = true;
+        assert_eq!(c.corner(), "v1-wb-on");
+    }
 }
