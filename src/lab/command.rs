@@ -330,6 +330,9 @@ fn bench(args: &SessionArgs, bandwidths: &[Bandwidth]) -> std::result::Result<()
     if args.write_bps.is_some() {
         return Err((Error::usage("lab bench takes --bandwidths, not --write-bps"), None));
     }
+    if args.vm.is_some() {
+        return Err((Error::usage("lab bench runs on the host: --vm is for a session or --matrix"), None));
+    }
     let config = args.config(None).map_err(|e| (e, None))?;
     let bandwidths: Vec<Option<u64>> = bandwidths.iter().map(|b| b.0).collect();
     let signals = StopOnSignals::install().map_err(|e| (e, None))?;

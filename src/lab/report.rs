@@ -123,6 +123,9 @@ pub struct Run {
     pub peak_bytes: u64,
     /// Highest working set (usage − inactive_file) of the importer's cgroup: what `kubectl top` shows.
     pub kubectl_top_peak_bytes: u64,
+    /// Highest sampled dirty + writeback page cache of the importer's cgroup: what reclaim cannot free without the
+    /// device.
+    pub dirty_writeback_peak_bytes: u64,
     /// Time the limited cgroup spent at or above 95% of its limit.
     pub pinned_seconds: f64,
     /// Times the limit was hit during the run.
@@ -228,6 +231,7 @@ impl Measured {
                 .then(|| (self.bytes as f64 / self.wall_seconds).round()),
             peak_bytes: self.importer_peak.unwrap_or(0).max(sampled_peak),
             kubectl_top_peak_bytes: kubectl_top_peak,
+            dirty_writeback_peak_bytes: self.samples.iter().map(|s| s.importer.dirty_writeback()).max().unwrap_or(0),
             pinned_seconds: round(pinned_seconds, 1),
             limit_hits,
             oom_kills: self.oom_kills,
@@ -513,6 +517,7 @@ mod tests {
             "throughput_bytes_per_sec",
             "peak_bytes",
             "kubectl_top_peak_bytes",
+            "dirty_writeback_peak_bytes",
             "pinned_seconds",
             "limit_hits",
             "oom_kills",

@@ -375,7 +375,7 @@ fn run_guest(
             let _ = fs::copy(&from, to);
         }
     }
-    if let Some(failed) = fs::read_to_string(dir.join("failed")).ok() {
+    if let Ok(failed) = fs::read_to_string(dir.join("failed")) {
         return Err(Error::new(ErrorKind::Io, format!("the {name} guest failed: {}", failed.trim())));
     }
     let measured = GuestMeasured::read(&dir).map_err(|e| {
@@ -435,19 +435,20 @@ pub fn matrix(config: &VmConfig, stop: &AtomicBool) -> Result<Vec<MatrixRow>> {
 /// The matrix as one Markdown verdict table.
 pub fn matrix_table(rows: &[MatrixRow]) -> String {
     let mut out = String::from(
-        "| corner | kernel | importer | verdict | peak | limit hits | oom kills | killed at s | wall s | stall max ms |\n\
-         |---|---|---|---|---:|---:|---:|---:|---:|---:|\n",
+        "| corner | kernel | importer | verdict | peak | dirty+writeback peak | limit hits | oom kills | killed at s | wall s | stall max ms |\n\
+         |---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for row in rows {
         for (r, timing) in row.report.runs.iter().zip(&row.timings) {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} |",
                 row.corner,
                 row.report.host.kernel,
                 r.importer,
                 r.verdict.as_str(),
                 human(r.peak_bytes),
+                human(r.dirty_writeback_peak_bytes),
                 r.limit_hits,
                 r.oom_kills,
                 timing.kill_seconds.map_or_else(|| "-".to_string(), |v| format!("{v:.1}")),
