@@ -61,6 +61,9 @@ enum LabMode {
         /// Co-tenant probe allocation per round.
         #[arg(long, value_parser = parse_size, default_value = "0")]
         probe: u64,
+        /// boundimport's --io.
+        #[arg(long)]
+        io: Option<String>,
         /// Result directory.
         #[arg(long)]
         out: PathBuf,
@@ -119,7 +122,7 @@ struct SessionArgs {
     cgroup_writeback: OnOff,
 
     /// With --vm: destination stalls, RUN:STOP seconds (progress, then suspended), or `none`.
-    #[arg(long, default_value = "15:25", value_parser = parse_stall, requires = "vm")]
+    #[arg(long, default_value = "15:40", value_parser = parse_stall, requires = "vm")]
     stall: Stall,
 
     /// With --vm: guest RAM.
@@ -135,6 +138,10 @@ struct SessionArgs {
     /// With --vm: seconds a guest may run before it is killed.
     #[arg(long, default_value_t = 1200, requires = "vm")]
     guest_timeout: u64,
+
+    /// With --vm: boundimport's --io in the guest (auto, direct, writebehind) [default: its own, auto].
+    #[arg(long, value_parser = ["auto", "direct", "writebehind"], requires = "vm")]
+    boundimport_io: Option<String>,
 
     /// With --vm: run the four corners (cgroup v1/v2 x cgroup writeback on/off) and print one verdict table.
     #[arg(long, requires = "vm")]
@@ -229,7 +236,7 @@ impl SessionArgs {
 /// Runs `boundimport lab ...`; returns the process exit code.
 pub fn main(command: LabCommand) -> i32 {
     let result = match command.mode {
-        Some(LabMode::Guest { importer, source, dest, limit, virtual_size, cotenant_charge, probe, out }) => {
+        Some(LabMode::Guest { importer, source, dest, limit, virtual_size, cotenant_charge, probe, io, out }) => {
             crate::process::logging::init(1, false);
             let args = super::vm::guest::GuestArgs {
                 importer,
@@ -239,6 +246,7 @@ pub fn main(command: LabCommand) -> i32 {
                 virtual_size,
                 cotenant_charge,
                 probe,
+                io,
                 out,
             };
             let never = std::sync::atomic::AtomicBool::new(false);
@@ -311,6 +319,7 @@ fn vm_session(args: &SessionArgs) -> std::result::Result<(), Failure> {
         probe_bytes: args.probe,
         guest_mem: args.guest_mem,
         timeout: Duration::from_secs(args.guest_timeout),
+        boundimport_io: args.boundimport_io.clone(),
         ..super::vm::VmConfig::new(dir, image, &args.out)
     };
     let signals = StopOnSignals::install().map_err(|e| (e, None))?;

@@ -92,6 +92,8 @@ pub struct Config {
     /// A standing co-tenant charge: a file of this many bytes written on this tmpfs path from inside the co-tenant
     /// cgroup before the importer starts (the guest lab's stand-in for a sidecar's memory), `None` for none.
     pub cotenant_charge: Option<(PathBuf, u64)>,
+    /// Arguments boundimport gets after `--progress log` (the guest lab's `--boundimport-io`).
+    pub boundimport_args: Vec<String>,
 }
 
 impl Config {
@@ -111,6 +113,7 @@ impl Config {
             boundimport: std::env::current_exe().io_context("finding the boundimport binary")?,
             qemu_img: PathBuf::from("qemu-img"),
             cotenant_charge: None,
+            boundimport_args: Vec::new(),
         })
     }
 }
@@ -385,7 +388,7 @@ fn run_one(config: &Config, importer: Importer, virtual_size: u64, stop: &Atomic
         }
         Importer::Boundimport => {
             let mut c = Command::new(&config.boundimport);
-            c.args(["--progress", "log"]);
+            c.args(["--progress", "log"]).args(&config.boundimport_args);
             c
         }
     };

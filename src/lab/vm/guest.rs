@@ -150,6 +150,8 @@ pub struct GuestArgs {
     pub cotenant_charge: u64,
     /// Co-tenant probe allocation per round, 0 for none.
     pub probe: u64,
+    /// boundimport's `--io`, `None` for its default.
+    pub io: Option<String>,
     /// Result directory.
     pub out: PathBuf,
 }
@@ -171,6 +173,7 @@ pub fn run(args: &GuestArgs, stop: &AtomicBool) -> Result<()> {
         cotenant_bytes: args.probe,
         qemu_img: PathBuf::from("qemu-img"),
         cotenant_charge: (args.cotenant_charge > 0).then(|| (PathBuf::from("/cotenant/charge"), args.cotenant_charge)),
+        boundimport_args: args.io.iter().flat_map(|io| ["--io".to_string(), io.clone()]).collect(),
         ..Config::new(PathBuf::from(&args.source), &args.out)?
     };
     let (measured, events_text) = run_one(&config, args.importer, args.virtual_size, stop)?;

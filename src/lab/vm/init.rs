@@ -36,6 +36,8 @@ pub struct GuestRun {
     pub probe_bytes: u64,
     /// The image's virtual size.
     pub virtual_size: u64,
+    /// boundimport's `--io` (`auto`, `direct`, `writebehind`), `None` for its default.
+    pub boundimport_io: Option<String>,
 }
 
 impl GuestRun {
@@ -130,7 +132,7 @@ STALLER=
     s.push_str(&format!(
         "mark \"START {importer} $(cut -d' ' -f1 /proc/uptime)\"\n\
          boundimport lab guest --importer {importer} --source '{source}' --dest DEST --limit {limit} \
-         --virtual-size {size} --cotenant-charge {charge} --probe {probe} --out /results > /results/runner.log 2>&1\n\
+         --virtual-size {size} --cotenant-charge {charge} --probe {probe}{io} --out /results > /results/runner.log 2>&1\n\
          echo $? > /results/runner.rc\n\
          mark \"END $(cat /results/runner.rc) $(cut -d' ' -f1 /proc/uptime)\"\n\
          finish\n",
@@ -140,6 +142,7 @@ STALLER=
         size = run.virtual_size,
         charge = run.cotenant_charge,
         probe = run.probe_bytes,
+        io = run.boundimport_io.as_ref().map_or_else(String::new, |io| format!(" --io {io}")),
     ));
     s.replace("FRAME", FRAME)
         .replace("SOURCE_DISK", SOURCE_DISK)
@@ -199,6 +202,7 @@ mod tests {
             cotenant_charge: 100 << 20,
             probe_bytes: 1 << 20,
             virtual_size: 1 << 30,
+            boundimport_io: None,
         }
     }
 
@@ -225,6 +229,8 @@ mod tests {
         assert!(s.contains("echo '+memory +io'"));
         assert!(!s.contains("suspend"));
         assert!(s.contains("--source '/dev/vda'"));
+        let s = script(&GuestRun { boundimport_io: Some("writebehind".into()), ..run() });
+        assert!(s.contains("--probe 1048576 --io writebehind --out /results"));
         let s = script(&GuestRun { cgroup: Version::V1, ..run() });
         assert!(s.contains("mount -t cgroup -o memory memory /sys/fs/cgroup/memory"));
         assert!(!s.contains("cgroup2"));
