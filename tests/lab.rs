@@ -183,3 +183,84 @@ fn an_interrupted_session_cleans_up() {
     assert!(!out.join("qemu-img.dest.img").exists(), "destination file left behind");
     assert!(!out.join("report.json").exists());
 }
+
+/// Process ids of running qemu-system-x86_64 whose command line mentions `needle`.
+fn qemu_processes_with(needle: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(|e| e.ok()) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("qemu-system-x86_64") && cmdline.contains(needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// The guest lab's default recipe (issue 19): in a Debian kernel under qemu TCG, cgroup v2 without cgroup
+/// writeback, a destination throttled to 30 MiB/s and suspended 40 s after every 15 s, 600M limit, 100 MiB
+/// co-tenant charge. qemu-img as CDI runs it is OOM-killed; boundimport stays bounded. Takes minutes under TCG,
+/// so it runs only from `scripts/lab-vm-test`, which prepares the guest and sets `BOUNDIMPORT_LAB_VM` to it.
+#[test]
+fn in_a_guest_qemu_img_is_oom_killed_and_boundimport_stays_bounded() {
+    const TEST: &str = "in_a_guest_qemu_img_is_oom_killed_and_boundimport_stays_bounded";
+    let Some(vm) = std::env::var_os("BOUNDIMPORT_LAB_VM") else {
+        eprintln!("SKIP {TEST}: BOUNDIMPORT_LAB_VM is not set (scripts/lab-vm-test prepares a guest and runs this)");
+        return;
+    };
+    if !require_privileged(TEST) {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = scratch_dir("lab-vm");
+    let image = random_qcow2(dir.path(), 1024 * MIB);
+    let out = dir.path().join("out");
+    let started = Instant::now();
+    let output = common::boundimport()
+        .args(["lab", "--vm"])
+        .arg(&vm)
+        .arg("--image")
+        .arg(&image)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("running boundimport lab --vm");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("{stdout}\n{stderr}\n{TEST}: the session took {:.0} s", started.elapsed().as_secs_f64());
+    // Whatever happened, no guest may outlive the session.
+    assert!(qemu_processes_with(&out.display().to_string()).is_empty(), "qemu left running");
+    assert!(output.status.success(), "lab --vm failed ({})", output.status);
+
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let host = &report["host"];
+    assert_eq!(host["cgroup_version"], 2, "{host}");
+    assert_eq!(host["guest"]["cgroup_writeback"], false, "{host}");
+    assert_eq!(host["guest"]["stall"], serde_json::json!([15, 40]), "{host}");
+    assert_eq!(host["limit_bytes"], 600_000_000);
+    assert_ne!(host["kernel"].as_str().unwrap(), std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap().trim());
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    let (qemu, ours) = (&runs[0], &runs[1]);
+    assert_eq!(qemu["importer"], "qemu-img");
+    assert_eq!(qemu["verdict"], "OOMKILLED", "qemu-img: {qemu}");
+    assert!(qemu["oom_kills"].as_u64().unwrap() >= 1, "{qemu}");
+    assert_eq!(ours["importer"], "boundimport");
+    assert_eq!(ours["verdict"], "BOUNDED", "boundimport: {ours}");
+    assert_eq!(ours["oom_kills"], 0);
+    let peak = ours["peak_bytes"].as_u64().unwrap();
+    assert!(peak > 0 && peak <= 64 * MIB, "boundimport peak {peak} bytes: {ours}");
+
+    let csv = std::fs::read_to_string(out.join("timeline.csv")).unwrap();
+    assert!(csv.lines().filter(|l| l.starts_with("boundimport,")).count() >= 100, "too few samples");
+    let svg = std::fs::read_to_string(out.join("timeline.svg")).unwrap();
+    assert!(svg.contains("qemu-img") && svg.contains("boundimport") && svg.trim_end().ends_with("</svg>"));
+    // The guests' disks and initramfs copies went with them.
+    for importer in ["qemu-img", "boundimport"] {
+        for file in ["dest.img", "results.img", "initrd.cpio"] {
+            assert!(!out.join(format!("{importer}.guest")).join(file).exists(), "{importer}: {file} left behind");
+        }
+    }
+}

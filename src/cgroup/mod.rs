@@ -31,7 +31,7 @@ pub struct MemCgroup {
 }
 
 /// One reading of the page-cache and usage counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemStat {
     /// Charged bytes (memory.usage_in_bytes / memory.current).
     pub usage: u64,
@@ -67,7 +67,7 @@ impl MemStat {
 }
 
 /// Counters of the limit being hit.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MemEvents {
     /// Times the limit was hit (v1 memory.failcnt, v2 memory.events `max`).
     pub limit_hits: u64,

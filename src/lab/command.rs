@@ -37,6 +37,37 @@ enum LabMode {
         )]
         bandwidths: Vec<Bandwidth>,
     },
+    /// One importer inside a guest booted by `lab --vm` (internal: the guest's /init calls it).
+    #[command(hide = true)]
+    Guest {
+        /// Importer under test.
+        #[arg(long, value_enum)]
+        importer: Importer,
+        /// Its source argument.
+        #[arg(long)]
+        source: String,
+        /// Its destination.
+        #[arg(long)]
+        dest: PathBuf,
+        /// Limit of the importer's cgroup.
+        #[arg(long, value_parser = parse_size)]
+        limit: u64,
+        /// The image's virtual size.
+        #[arg(long, value_parser = parse_size)]
+        virtual_size: u64,
+        /// Standing co-tenant charge written on /cotenant.
+        #[arg(long, value_parser = parse_size, default_value = "0")]
+        cotenant_charge: u64,
+        /// Co-tenant probe allocation per round.
+        #[arg(long, value_parser = parse_size, default_value = "0")]
+        probe: u64,
+        /// boundimport's --io.
+        #[arg(long)]
+        io: Option<String>,
+        /// Result directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// The co-tenant probe the harness spawns into the cgroup (internal).
     #[command(hide = true)]
     Cotenant {
@@ -73,9 +104,48 @@ struct SessionArgs {
     #[arg(long, value_enum, default_value = "both")]
     importer: ImporterChoice,
 
-    /// Bytes the co-tenant allocates and touches every 100 ms (0: no co-tenant).
-    #[arg(long, default_value = "64Mi", value_parser = parse_size)]
-    cotenant: u64,
+    /// Bytes the co-tenant allocates and touches every 100 ms (0: no co-tenant) [default: 64Mi]; with --vm, the
+    /// co-tenant's standing charge, a tmpfs file written from inside the cgroup [default: 100Mi].
+    #[arg(long, value_parser = parse_size)]
+    cotenant: Option<u64>,
+
+    /// Run in a guest kernel prepared by scripts/lab-vm-prepare in DIR (qemu TCG), one fresh guest per importer.
+    #[arg(long, value_name = "DIR")]
+    vm: Option<PathBuf>,
+
+    /// With --vm: the memory hierarchy in the guest.
+    #[arg(long, value_enum, default_value = "v2", requires = "vm")]
+    guest_cgroup: GuestCgroup,
+
+    /// With --vm: cgroup writeback (v2's io controller on the unified hierarchy) or none (io bound to v1).
+    #[arg(long, value_enum, default_value = "off", requires = "vm")]
+    cgroup_writeback: OnOff,
+
+    /// With --vm: destination stalls, RUN:STOP seconds (progress, then suspended), or `none`.
+    #[arg(long, default_value = "15:40", value_parser = parse_stall, requires = "vm")]
+    stall: Stall,
+
+    /// With --vm: guest RAM.
+    #[arg(long, default_value = "8Gi", value_parser = parse_size, requires = "vm")]
+    guest_mem: u64,
+
+    /// With --vm: a co-tenant probe allocating and freeing this much every 100 ms, which measures the co-tenant's
+    /// stalls (0: none). Off by default: memory freed every round gives the importer room, and in the guest even
+    /// 64 KiB a round turned the kill into a pin.
+    #[arg(long, default_value = "0", value_parser = parse_size, requires = "vm")]
+    probe: u64,
+
+    /// With --vm: seconds a guest may run before it is killed.
+    #[arg(long, default_value_t = 1200, requires = "vm")]
+    guest_timeout: u64,
+
+    /// With --vm: boundimport's --io in the guest (auto, direct, writebehind) [default: its own, auto].
+    #[arg(long, value_parser = ["auto", "direct", "writebehind"], requires = "vm")]
+    boundimport_io: Option<String>,
+
+    /// With --vm: run the four corners (cgroup v1/v2 x cgroup writeback on/off) and print one verdict table.
+    #[arg(long, requires = "vm")]
+    matrix: bool,
 
     /// Directory for report.json, timeline.csv, timeline.svg and the importers' logs.
     #[arg(long, default_value = "lab-out")]
@@ -88,6 +158,35 @@ struct SessionArgs {
     /// More log output.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum GuestCgroup {
+    V1,
+    V2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+/// Destination stalls: seconds of progress, then seconds suspended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stall(Option<(u32, u32)>);
+
+fn parse_stall(text: &str) -> std::result::Result<Stall, String> {
+    if text.trim() == "none" {
+        return Ok(Stall(None));
+    }
+    let (run, stop) = text.split_once(':').ok_or_else(|| format!("{text:?}: expected RUN:STOP seconds or none"))?;
+    let num = |t: &str| t.trim().parse::<u32>().map_err(|_| format!("{t:?}: not a number of seconds"));
+    let (run, stop) = (num(run)?, num(stop)?);
+    if run == 0 || stop == 0 {
+        return Err("stall seconds must be positive".to_string());
+    }
+    Ok(Stall(Some((run, stop))))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -127,7 +226,7 @@ impl SessionArgs {
                 ImporterChoice::Boundimport => vec![Importer::Boundimport],
                 ImporterChoice::Both => vec![Importer::QemuImg, Importer::Boundimport],
             },
-            cotenant_bytes: self.cotenant,
+            cotenant_bytes: self.cotenant.unwrap_or(64 << 20),
             qemu_img: self.qemu_img.clone(),
             ..Config::new(image, &self.out)?
         })
@@ -137,6 +236,22 @@ impl SessionArgs {
 /// Runs `boundimport lab ...`; returns the process exit code.
 pub fn main(command: LabCommand) -> i32 {
     let result = match command.mode {
+        Some(LabMode::Guest { importer, source, dest, limit, virtual_size, cotenant_charge, probe, io, out }) => {
+            crate::process::logging::init(1, false);
+            let args = super::vm::guest::GuestArgs {
+                importer,
+                source,
+                dest,
+                limit,
+                virtual_size,
+                cotenant_charge,
+                probe,
+                io,
+                out,
+            };
+            let never = std::sync::atomic::AtomicBool::new(false);
+            super::vm::guest::run(&args, &never).map_err(|e| (e, None))
+        }
         Some(LabMode::Cotenant { bytes, interval_ms }) => {
             crate::process::logging::init(0, true);
             super::cotenant::probe(bytes, Duration::from_millis(interval_ms)).map_err(|e| (e, None))
@@ -144,6 +259,10 @@ pub fn main(command: LabCommand) -> i32 {
         Some(LabMode::Bench { session, bandwidths }) => {
             crate::process::logging::init(session.verbose, false);
             bench(&session, &bandwidths)
+        }
+        None if command.session.vm.is_some() => {
+            crate::process::logging::init(command.session.verbose, false);
+            vm_session(&command.session)
         }
         None => {
             crate::process::logging::init(command.session.verbose, false);
@@ -176,9 +295,52 @@ fn session(args: &SessionArgs) -> std::result::Result<(), Failure> {
     Ok(())
 }
 
+fn vm_session(args: &SessionArgs) -> std::result::Result<(), Failure> {
+    let dir = args.vm.clone().ok_or_else(|| (Error::usage("--vm DIR is required"), None))?;
+    let image = args.image.clone().ok_or_else(|| (Error::usage("--image is required"), None))?;
+    if args.dest != "loop" {
+        return Err((Error::usage("--vm writes to the guest's own stalling disk: --dest does not apply"), None));
+    }
+    let config = super::vm::VmConfig {
+        importers: match args.importer {
+            ImporterChoice::QemuImg => vec![Importer::QemuImg],
+            ImporterChoice::Boundimport => vec![Importer::Boundimport],
+            ImporterChoice::Both => vec![Importer::QemuImg, Importer::Boundimport],
+        },
+        cgroup: match args.guest_cgroup {
+            GuestCgroup::V1 => crate::cgroup::Version::V1,
+            GuestCgroup::V2 => crate::cgroup::Version::V2,
+        },
+        cgroup_writeback: args.cgroup_writeback == OnOff::On,
+        stall: args.stall.0,
+        write_bps: args.write_bps.map_or(Some(30 << 20), |b| b.0),
+        limit: args.limit,
+        cotenant_charge: args.cotenant.unwrap_or(100 << 20),
+        probe_bytes: args.probe,
+        guest_mem: args.guest_mem,
+        timeout: Duration::from_secs(args.guest_timeout),
+        boundimport_io: args.boundimport_io.clone(),
+        ..super::vm::VmConfig::new(dir, image, &args.out)
+    };
+    let signals = StopOnSignals::install().map_err(|e| (e, None))?;
+    if args.matrix {
+        let rows = super::vm::matrix(&config, signals.flag()).map_err(|e| (e, signals.signal()))?;
+        print!("{}", super::vm::matrix_table(&rows));
+        println!("matrix: {0}/matrix.md  {0}/matrix.json  sessions: {0}/v{{1,2}}-wb-{{on,off}}", config.out.display());
+        return Ok(());
+    }
+    let (report, _) = super::vm::run(&config, signals.flag()).map_err(|e| (e, signals.signal()))?;
+    print!("{}", report.table());
+    println!("report: {0}/report.json  timeline: {0}/timeline.csv  plot: {0}/timeline.svg", config.out.display());
+    Ok(())
+}
+
 fn bench(args: &SessionArgs, bandwidths: &[Bandwidth]) -> std::result::Result<(), Failure> {
     if args.write_bps.is_some() {
         return Err((Error::usage("lab bench takes --bandwidths, not --write-bps"), None));
+    }
+    if args.vm.is_some() {
+        return Err((Error::usage("lab bench runs on the host: --vm is for a session or --matrix"), None));
     }
     let config = args.config(None).map_err(|e| (e, None))?;
     let bandwidths: Vec<Option<u64>> = bandwidths.iter().map(|b| b.0).collect();

@@ -42,8 +42,18 @@ pub struct ChildCgroup {
 impl ChildCgroup {
     /// Creates a child memory cgroup named `name` with `limit` bytes and no swap beyond it.
     pub fn create(name: &str, limit: u64) -> Result<Self> {
-        let parent = MemCgroup::own()?.ok_or_else(|| Error::unsupported("no memory cgroup hierarchy is mounted"))?;
-        let root = cgroups_rs::hierarchies::auto().root();
+        let hierarchy = cgroups_rs::hierarchies::auto();
+        let root = hierarchy.root();
+        let parent = match MemCgroup::own()? {
+            Some(own) => own,
+            // In the root of the unified hierarchy (a guest's /init) there is no memory.current to find: the
+            // root itself is the parent.
+            None if hierarchy.v2() && root.join("cgroup.controllers").exists() => MemCgroup::at(&root, Version::V2),
+            None if !hierarchy.v2() && root.join("memory/memory.usage_in_bytes").exists() => {
+                MemCgroup::at(root.join("memory"), Version::V1)
+            }
+            None => return Err(Error::unsupported("no memory cgroup hierarchy is mounted")),
+        };
         let memory_root = match parent.version() {
             Version::V1 => root.join("memory"),
             Version::V2 => root,

@@ -19,6 +19,7 @@ pub mod plot;
 pub mod report;
 pub mod sampler;
 pub mod ticker;
+pub mod vm;
 
 use crate::cgroup::{MemCgroup, Version};
 use crate::error::{Error, ErrorKind, IoContext, Result};
@@ -88,6 +89,11 @@ pub struct Config {
     pub boundimport: PathBuf,
     /// The qemu-img binary.
     pub qemu_img: PathBuf,
+    /// A standing co-tenant charge: a file of this many bytes written on this tmpfs path from inside the co-tenant
+    /// cgroup before the importer starts (the guest lab's stand-in for a sidecar's memory), `None` for none.
+    pub cotenant_charge: Option<(PathBuf, u64)>,
+    /// Arguments boundimport gets after `--progress log` (the guest lab's `--boundimport-io`).
+    pub boundimport_args: Vec<String>,
 }
 
 impl Config {
@@ -106,6 +112,8 @@ impl Config {
             out: out.into(),
             boundimport: std::env::current_exe().io_context("finding the boundimport binary")?,
             qemu_img: PathBuf::from("qemu-img"),
+            cotenant_charge: None,
+            boundimport_args: Vec::new(),
         })
     }
 }
@@ -139,6 +147,7 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<Report> {
         },
         limit_bytes: config.limit,
         write_bps: config.write_bps,
+        guest: None,
     };
     log::info!(
         "lab: {} ({}), limit {}, {}, kernel {}, cgroup v{}",
@@ -153,7 +162,7 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<Report> {
     let mut runs = Vec::new();
     for &importer in &config.importers {
         check_stop(stop)?;
-        let measured = run_one(config, importer, virtual_size, stop)?;
+        let (measured, _) = run_one(config, importer, virtual_size, stop)?;
         let summary = measured.summarize();
         log::info!(
             "lab: {} {} in {:.1}s, peak {}",
@@ -165,14 +174,20 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<Report> {
         runs.push(RunData { summary, measured });
     }
 
+    write_outputs(&config.out, host, config.limit, config.write_bps, &runs)
+}
+
+/// Writes a session's `report.json`, `timeline.csv`, `stalls.csv` and `timeline.svg` into `out` (host and guest
+/// sessions alike) and returns the report.
+fn write_outputs(out: &Path, host: Host, limit: u64, write_bps: Option<u64>, runs: &[RunData]) -> Result<Report> {
     let report = Report { host, runs: runs.iter().map(|r| r.summary.clone()).collect() };
-    report.write_json(&config.out)?;
+    report.write_json(out)?;
     let timelines: Vec<(&str, &[sampler::Sample])> =
         runs.iter().map(|r| (r.summary.importer.as_str(), r.measured.samples.as_slice())).collect();
-    report::write_timeline(&config.out, &timelines)?;
+    report::write_timeline(out, &timelines)?;
     let stalls: Vec<_> =
         runs.iter().map(|r| (r.summary.importer.as_str(), r.measured.started, r.measured.stalls.as_slice())).collect();
-    report::write_stalls(&config.out, &stalls)?;
+    report::write_stalls(out, &stalls)?;
     let plots: Vec<plot::PlotRun<'_>> = runs
         .iter()
         .map(|r| plot::PlotRun {
@@ -189,7 +204,7 @@ pub fn run(config: &Config, stop: &AtomicBool) -> Result<Report> {
                 .collect(),
         })
         .collect();
-    plot::render(&config.out.join("timeline.svg"), config.limit, config.write_bps, &plots)?;
+    plot::render(&out.join("timeline.svg"), limit, write_bps, &plots)?;
     Ok(report)
 }
 
@@ -301,6 +316,24 @@ impl Target {
     }
 }
 
+/// Writes `bytes` into `path` (on tmpfs: unreclaimable without swap) from a process inside `cgroup`, so the
+/// file's pages stay charged there for the rest of the run.
+fn charge_cotenant(cgroup: &ChildCgroup, path: &Path, bytes: u64) -> Result<()> {
+    let mut command = Command::new("dd");
+    command
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", path.display()))
+        .args(["bs=1048576", &format!("count={}", bytes.div_ceil(1 << 20))])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let status = KillOnDrop(cgroup.spawn(&mut command)?).0.wait().io_context("writing the co-tenant charge")?;
+    if !status.success() {
+        return Err(Error::new(ErrorKind::Io, format!("writing the co-tenant charge failed: {status}")).at_path(path));
+    }
+    Ok(())
+}
+
 /// A child process killed (and reaped) if it is still running when dropped.
 struct KillOnDrop(Child);
 
@@ -318,7 +351,9 @@ fn exit_code(status: ExitStatus) -> i32 {
     status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
 }
 
-fn run_one(config: &Config, importer: Importer, virtual_size: u64, stop: &AtomicBool) -> Result<Measured> {
+/// Runs one importer; returns what was measured and the limited cgroup's event file as the kernel left it
+/// (v2 memory.events, v1 memory.oom_control).
+fn run_one(config: &Config, importer: Importer, virtual_size: u64, stop: &AtomicBool) -> Result<(Measured, String)> {
     let cgroups = Cgroups::create(importer, config.limit)?;
     let mut target = Target::prepare(config, importer, virtual_size, cgroups.pod.reader())?;
     log::debug!("lab: cgroup {} and {} ready", cgroups.pod.reader().dir().display(), target.path.display());
@@ -338,6 +373,9 @@ fn run_one(config: &Config, importer: Importer, virtual_size: u64, stop: &Atomic
         None
     };
 
+    if let Some((path, bytes)) = &config.cotenant_charge {
+        charge_cotenant(&cgroups.cotenant, path, *bytes)?;
+    }
     log::debug!("lab: co-tenant running");
     let log_path = config.out.join(format!("{}.log", importer.name()));
     let log = fs::File::create(&log_path).io_context("creating importer log").map_err(|e| e.at_path(&log_path))?;
@@ -350,7 +388,7 @@ fn run_one(config: &Config, importer: Importer, virtual_size: u64, stop: &Atomic
         }
         Importer::Boundimport => {
             let mut c = Command::new(&config.boundimport);
-            c.args(["--progress", "log"]);
+            c.args(["--progress", "log"]).args(&config.boundimport_args);
             c
         }
     };
@@ -385,8 +423,13 @@ fn run_one(config: &Config, importer: Importer, virtual_size: u64, stop: &Atomic
     let samples = sampler.finish()?;
     let stalls = cotenant.map(cotenant::Cotenant::stop).unwrap_or_default();
     check_stop(stop)?;
+    let events_file = cgroups.pod.reader().dir().join(match cgroups.pod.reader().version() {
+        Version::V1 => "memory.oom_control",
+        Version::V2 => "memory.events",
+    });
+    let events_text = fs::read_to_string(&events_file).unwrap_or_default();
 
-    Ok(Measured {
+    let measured = Measured {
         importer: importer.name().to_string(),
         exit_status: exit_code(status),
         sigkilled: status.signal() == Some(libc::SIGKILL),
@@ -400,7 +443,8 @@ fn run_one(config: &Config, importer: Importer, virtual_size: u64, stop: &Atomic
         oom_kills: cgroups.oom_kills()?,
         samples,
         stalls,
-    })
+    };
+    Ok((measured, events_text))
 }
 
 /// One line of the writeback benchmark table.

@@ -61,6 +61,49 @@ pub struct Host {
     pub limit_bytes: u64,
     /// Write bandwidth of the destination, `null` when unthrottled.
     pub write_bps: Option<u64>,
+    /// For a session in a guest (`lab --vm`): its conditions; `kernel` and `cgroup_version` are then the guest's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestConditions>,
+}
+
+/// The conditions of a guest session beyond the host's fields.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GuestConditions {
+    /// The Debian package the guest kernel came from.
+    pub kernel_package: String,
+    /// Whether the importer's dirty pages were attributed to its cgroup (io controller on the v2 hierarchy): cgroup
+    /// writeback, per-cgroup dirty limits.
+    pub cgroup_writeback: bool,
+    /// Destination stalls: seconds of progress, then seconds suspended (`15:25`), `null` for none.
+    pub stall: Option<(u32, u32)>,
+    /// Guest RAM.
+    pub guest_mem_bytes: u64,
+    /// The co-tenant's standing charge (a tmpfs file written from inside the cgroup).
+    pub cotenant_charge_bytes: u64,
+}
+
+impl Host {
+    /// One line naming the conditions, printed above the table.
+    pub fn header(&self) -> String {
+        let bw = self.write_bps.map_or_else(|| "unthrottled".to_string(), |b| format!("{}/s", human(b)));
+        let base = format!(
+            "kernel {}, cgroup v{}, limit {}, writes {bw}",
+            self.kernel,
+            self.cgroup_version,
+            human(self.limit_bytes)
+        );
+        match &self.guest {
+            None => format!("host: {base}"),
+            Some(g) => format!(
+                "guest ({}, {} RAM): {base}, cgroup writeback {}, stalls {}, co-tenant charge {}",
+                g.kernel_package,
+                human(g.guest_mem_bytes),
+                if g.cgroup_writeback { "on" } else { "off" },
+                g.stall.map_or_else(|| "none".to_string(), |(run, stop)| format!("{stop} s after every {run} s")),
+                human(g.cotenant_charge_bytes),
+            ),
+        }
+    }
 }
 
 /// One importer's run.
@@ -80,6 +123,9 @@ pub struct Run {
     pub peak_bytes: u64,
     /// Highest working set (usage − inactive_file) of the importer's cgroup: what `kubectl top` shows.
     pub kubectl_top_peak_bytes: u64,
+    /// Highest sampled dirty + writeback page cache of the importer's cgroup: what reclaim cannot free without the
+    /// device.
+    pub dirty_writeback_peak_bytes: u64,
     /// Time the limited cgroup spent at or above 95% of its limit.
     pub pinned_seconds: f64,
     /// Times the limit was hit during the run.
@@ -185,6 +231,7 @@ impl Measured {
                 .then(|| (self.bytes as f64 / self.wall_seconds).round()),
             peak_bytes: self.importer_peak.unwrap_or(0).max(sampled_peak),
             kubectl_top_peak_bytes: kubectl_top_peak,
+            dirty_writeback_peak_bytes: self.samples.iter().map(|s| s.importer.dirty_writeback()).max().unwrap_or(0),
             pinned_seconds: round(pinned_seconds, 1),
             limit_hits,
             oom_kills: self.oom_kills,
@@ -224,6 +271,9 @@ impl Report {
     /// A short table for the terminal.
     pub fn table(&self) -> String {
         let mut out = String::new();
+        if self.host.guest.is_some() {
+            let _ = writeln!(out, "{}", self.host.header());
+        }
         let _ = writeln!(
             out,
             "{:<12} {:<10} {:>8} {:>9} {:>10} {:>11} {:>8} {:>10} {:>24}",
@@ -387,7 +437,7 @@ mod tests {
         assert!(run.note.as_deref().unwrap().contains("MGLRU"));
         // The terminal shows the explanation under the table, in lines that fit it.
         let report = Report {
-            host: Host { kernel: "6.18".into(), cgroup_version: 1, limit_bytes: LIMIT, write_bps: None },
+            host: Host { kernel: "6.18".into(), cgroup_version: 1, limit_bytes: LIMIT, write_bps: None, guest: None },
             runs: vec![run],
         };
         let table = report.table();
@@ -450,7 +500,7 @@ mod tests {
     #[test]
     fn report_json_has_the_documented_fields() {
         let report = Report {
-            host: Host { kernel: "6.18".into(), cgroup_version: 1, limit_bytes: LIMIT, write_bps: None },
+            host: Host { kernel: "6.18".into(), cgroup_version: 1, limit_bytes: LIMIT, write_bps: None, guest: None },
             runs: vec![measured(vec![sample(0.0, 1, 1, 0)]).summarize()],
         };
         let value = serde_json::to_value(&report).unwrap();
@@ -467,6 +517,7 @@ mod tests {
             "throughput_bytes_per_sec",
             "peak_bytes",
             "kubectl_top_peak_bytes",
+            "dirty_writeback_peak_bytes",
             "pinned_seconds",
             "limit_hits",
             "oom_kills",

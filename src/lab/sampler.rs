@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(100);
 
 /// One reading of both cgroups.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct Sample {
     /// Seconds since the importer was started.
     pub t: f64,
