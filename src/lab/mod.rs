@@ -185,8 +185,7 @@ fn write_outputs(out: &Path, host: Host, limit: u64, write_bps: Option<u64>, run
     let timelines: Vec<(&str, &[sampler::Sample])> =
         runs.iter().map(|r| (r.summary.importer.as_str(), r.measured.samples.as_slice())).collect();
     report::write_timeline(out, &timelines)?;
-    let stalls: Vec<_> =
-        runs.iter().map(|r| (r.summary.importer.as_str(), r.measured.started, r.measured.stalls.as_slice())).collect();
+    let stalls: Vec<_> = runs.iter().map(|r| (r.summary.importer.as_str(), r.measured.stalls.as_slice())).collect();
     report::write_stalls(out, &stalls)?;
     let plots: Vec<plot::PlotRun<'_>> = runs
         .iter()
@@ -194,14 +193,7 @@ fn write_outputs(out: &Path, host: Host, limit: u64, write_bps: Option<u64>, run
             importer: &r.summary.importer,
             verdict: r.summary.verdict.as_str(),
             samples: &r.measured.samples,
-            stalls: r
-                .measured
-                .stalls
-                .iter()
-                .map(|s| {
-                    (s.at.saturating_duration_since(r.measured.started).as_secs_f64(), s.latency.as_secs_f64() * 1000.0)
-                })
-                .collect(),
+            stalls: r.measured.stalls.iter().map(|s| (s.t.max(0.0), s.latency_ms)).collect(),
         })
         .collect();
     plot::render(&out.join("timeline.svg"), limit, write_bps, &plots)?;
@@ -433,7 +425,6 @@ fn run_one(config: &Config, importer: Importer, virtual_size: u64, stop: &Atomic
         importer: importer.name().to_string(),
         exit_status: exit_code(status),
         sigkilled: status.signal() == Some(libc::SIGKILL),
-        started,
         wall_seconds: wall.as_secs_f64(),
         bytes: virtual_size,
         limit: config.limit,
@@ -442,7 +433,7 @@ fn run_one(config: &Config, importer: Importer, virtual_size: u64, stop: &Atomic
         limit_hits_before,
         oom_kills: cgroups.oom_kills()?,
         samples,
-        stalls,
+        stalls: stalls.iter().map(|s| report::StallAt::on_timeline(s, started)).collect(),
     };
     Ok((measured, events_text))
 }

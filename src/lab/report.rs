@@ -152,8 +152,29 @@ pub struct Report {
     pub runs: Vec<Run>,
 }
 
-/// Everything measured about one importer run, before it is summarised.
-#[derive(Debug, Clone)]
+/// A co-tenant round on a run's timeline.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StallAt {
+    /// When the round ended, in seconds since the importer started (negative: before it started).
+    pub t: f64,
+    /// How long the round took, in milliseconds.
+    pub latency_ms: f64,
+}
+
+impl StallAt {
+    /// `stall` on the timeline of an importer started at `started`.
+    pub fn on_timeline(stall: &Stall, started: Instant) -> StallAt {
+        let t = match stall.at.checked_duration_since(started) {
+            Some(after) => after.as_secs_f64(),
+            None => -started.duration_since(stall.at).as_secs_f64(),
+        };
+        StallAt { t, latency_ms: stall.latency.as_secs_f64() * 1000.0 }
+    }
+}
+
+/// Everything measured about one importer run, before it is summarised. Times are relative to the importer's
+/// start, so a run measured in a guest comes back whole (`lab::vm::guest`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Measured {
     /// Importer name.
     pub importer: String,
@@ -161,8 +182,6 @@ pub struct Measured {
     pub exit_status: i32,
     /// Whether the importer died of SIGKILL.
     pub sigkilled: bool,
-    /// When the importer was started (timeline origin).
-    pub started: Instant,
     /// Seconds from start to exit.
     pub wall_seconds: f64,
     /// Bytes the import covers (virtual size).
@@ -179,23 +198,16 @@ pub struct Measured {
     pub oom_kills: u64,
     /// The sampled timeline.
     pub samples: Vec<Sample>,
-    /// Co-tenant rounds reported while the importer ran.
-    pub stalls: Vec<Stall>,
+    /// Co-tenant rounds reported while the co-tenant ran (some end before the importer started).
+    pub stalls: Vec<StallAt>,
 }
 
 impl Measured {
     /// Co-tenant latencies in milliseconds, sorted, of rounds that ended while the importer ran.
     fn stall_ms(&self) -> Vec<f64> {
         let end = self.wall_seconds;
-        let mut ms: Vec<f64> = self
-            .stalls
-            .iter()
-            .filter(|s| {
-                let t = s.at.saturating_duration_since(self.started).as_secs_f64();
-                s.at >= self.started && t <= end
-            })
-            .map(|s| s.latency.as_secs_f64() * 1000.0)
-            .collect();
+        let mut ms: Vec<f64> =
+            self.stalls.iter().filter(|s| (0.0..=end).contains(&s.t)).map(|s| s.latency_ms).collect();
         ms.sort_by(f64::total_cmp);
         ms
     }
@@ -363,13 +375,13 @@ pub fn write_timeline(dir: &Path, runs: &[(&str, &[Sample])]) -> Result<()> {
     fs::write(&path, text).io_context("writing timeline").map_err(|e| e.at_path(&path))
 }
 
-/// Writes every co-tenant round to `dir/stalls.csv` (seconds since the importer started, latency in ms).
-pub fn write_stalls(dir: &Path, runs: &[(&str, Instant, &[Stall])]) -> Result<()> {
+/// Writes every co-tenant round to `dir/stalls.csv` (seconds since the importer started, 0 for rounds before it;
+/// latency in ms).
+pub fn write_stalls(dir: &Path, runs: &[(&str, &[StallAt])]) -> Result<()> {
     let mut text = String::from("importer,t_s,latency_ms\n");
-    for (importer, started, stalls) in runs {
+    for (importer, stalls) in runs {
         for s in *stalls {
-            let t = s.at.saturating_duration_since(*started).as_secs_f64();
-            let _ = writeln!(text, "{importer},{t:.3},{:.3}", s.latency.as_secs_f64() * 1000.0);
+            let _ = writeln!(text, "{importer},{:.3},{:.3}", s.t.max(0.0), s.latency_ms);
         }
     }
     let path = dir.join("stalls.csv");
@@ -380,7 +392,6 @@ pub fn write_stalls(dir: &Path, runs: &[(&str, Instant, &[Stall])]) -> Result<()
 mod tests {
     use super::*;
     use crate::cgroup::{MemEvents, MemStat};
-    use std::time::Duration;
 
     const LIMIT: u64 = 1000;
 
@@ -394,12 +405,10 @@ mod tests {
     }
 
     fn measured(samples: Vec<Sample>) -> Measured {
-        let started = Instant::now();
         Measured {
             importer: "qemu-img".into(),
             exit_status: 0,
             sigkilled: false,
-            started,
             wall_seconds: 4.0,
             bytes: 4_000_000,
             limit: LIMIT,
@@ -411,10 +420,7 @@ mod tests {
             stalls: [5u64, 1, 3, 2, 4, 900]
                 .iter()
                 .enumerate()
-                .map(|(i, &ms)| Stall {
-                    at: started + Duration::from_millis(500 * i as u64 + 1),
-                    latency: Duration::from_millis(ms),
-                })
+                .map(|(i, &ms)| StallAt { t: (500 * i as u64 + 1) as f64 / 1000.0, latency_ms: ms as f64 })
                 .collect(),
         }
     }
@@ -474,6 +480,26 @@ mod tests {
         m.oom_kills = 0;
         m.exit_status = 1;
         assert_eq!(m.summarize().verdict, Verdict::Failed);
+    }
+
+    #[test]
+    fn stalls_sit_on_the_importers_timeline_and_a_run_survives_json() {
+        let started = Instant::now() + std::time::Duration::from_secs(10);
+        let at = |offset_ms: i64| {
+            let d = std::time::Duration::from_millis(offset_ms.unsigned_abs());
+            let at = if offset_ms < 0 { started - d } else { started + d };
+            Stall { at, latency: std::time::Duration::from_micros(2500) }
+        };
+        assert_eq!(StallAt::on_timeline(&at(1500), started), StallAt { t: 1.5, latency_ms: 2.5 });
+        assert_eq!(StallAt::on_timeline(&at(-250), started), StallAt { t: -0.25, latency_ms: 2.5 });
+
+        // What a guest writes and the host reads back is the same run.
+        let mut m = measured(vec![sample(0.5, 10, 20, 1)]);
+        m.stalls.push(StallAt { t: -0.25, latency_ms: 7.0 });
+        let text = serde_json::to_string(&m).unwrap();
+        let back: Measured = serde_json::from_str(&text).unwrap();
+        assert_eq!(serde_json::to_string(&back).unwrap(), text);
+        assert_eq!(back.summarize().stall_max_ms, m.summarize().stall_max_ms, "a round before the start is left out");
     }
 
     #[test]

@@ -1,31 +1,19 @@
 //! `boundimport lab guest`: what runs inside the guest. One importer through the host lab's own run (cgroups,
 //! co-tenant, sampler), then the measurements as `measured.json` for the host to read back.
 
-use super::super::cotenant::Stall;
 use super::super::report::Measured;
-use super::super::sampler::Sample;
 use super::super::{run_one, Config, DestChoice, Importer};
 use crate::cgroup::{MemCgroup, Version};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
 
 /// File name of the measurements in the result directory.
 pub const MEASURED_FILE: &str = "measured.json";
 
-/// A co-tenant round, as seconds since the importer started.
-#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
-pub struct StallAt {
-    /// When the round ended, seconds after the importer started.
-    pub t: f64,
-    /// How long it took, in microseconds.
-    pub latency_us: u64,
-}
-
-/// Everything [`Measured`] holds, with times relative to the importer's start so it survives the trip out of the
-/// guest; plus what the guest saw of its own conditions.
+/// A run measured in the guest (its times are relative to the importer's start, so they survive the trip out),
+/// with what the guest saw of its own conditions.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct GuestMeasured {
     /// The guest kernel (`uname -r`).
@@ -34,36 +22,15 @@ pub struct GuestMeasured {
     pub cgroup_version: u8,
     /// Controllers of the unified hierarchy's root (`io` among them means cgroup writeback), empty on v1.
     pub v2_controllers: String,
-    /// Importer name.
-    pub importer: String,
-    /// Exit code or 128 + signal.
-    pub exit_status: i32,
-    /// Whether it died of SIGKILL.
-    pub sigkilled: bool,
-    /// Seconds from start to exit.
-    pub wall_seconds: f64,
-    /// Virtual size.
-    pub bytes: u64,
-    /// The limit.
-    pub limit: u64,
-    /// Kernel-recorded peak of the importer cgroup.
-    pub importer_peak: Option<u64>,
-    /// Kernel-recorded peak of the limited cgroup.
-    pub pod_peak: Option<u64>,
-    /// Limit hits before the importer started.
-    pub limit_hits_before: u64,
-    /// OOM kills in the limited cgroup.
-    pub oom_kills: u64,
     /// The limited cgroup's memory.events (v2) or memory.oom_control (v1) at the end, as the kernel wrote it.
     pub events_text: String,
-    /// The timeline.
-    pub samples: Vec<Sample>,
-    /// Co-tenant rounds.
-    pub stalls: Vec<StallAt>,
+    /// The run.
+    #[serde(flatten)]
+    pub measured: Measured,
 }
 
 impl GuestMeasured {
-    fn from_measured(m: &Measured, own: &MemCgroup, events_text: String) -> Self {
+    fn new(measured: Measured, own: &MemCgroup, events_text: String) -> Self {
         GuestMeasured {
             kernel: fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default(),
             cgroup_version: match own.version() {
@@ -73,53 +40,8 @@ impl GuestMeasured {
             v2_controllers: fs::read_to_string("/sys/fs/cgroup/cgroup.subtree_control")
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default(),
-            importer: m.importer.clone(),
-            exit_status: m.exit_status,
-            sigkilled: m.sigkilled,
-            wall_seconds: m.wall_seconds,
-            bytes: m.bytes,
-            limit: m.limit,
-            importer_peak: m.importer_peak,
-            pod_peak: m.pod_peak,
-            limit_hits_before: m.limit_hits_before,
-            oom_kills: m.oom_kills,
             events_text,
-            samples: m.samples.clone(),
-            stalls: m
-                .stalls
-                .iter()
-                .filter_map(|s| {
-                    s.at.checked_duration_since(m.started)
-                        .map(|t| StallAt { t: t.as_secs_f64(), latency_us: s.latency.as_micros() as u64 })
-                })
-                .collect(),
-        }
-    }
-
-    /// Back to a [`Measured`] whose timeline starts now (only differences between its times matter).
-    pub fn into_measured(self) -> Measured {
-        let started = Instant::now();
-        Measured {
-            importer: self.importer,
-            exit_status: self.exit_status,
-            sigkilled: self.sigkilled,
-            started,
-            wall_seconds: self.wall_seconds,
-            bytes: self.bytes,
-            limit: self.limit,
-            importer_peak: self.importer_peak,
-            pod_peak: self.pod_peak,
-            limit_hits_before: self.limit_hits_before,
-            oom_kills: self.oom_kills,
-            samples: self.samples,
-            stalls: self
-                .stalls
-                .iter()
-                .map(|s| Stall {
-                    at: started + Duration::from_secs_f64(s.t),
-                    latency: Duration::from_micros(s.latency_us),
-                })
-                .collect(),
+            measured,
         }
     }
 
@@ -177,12 +99,12 @@ pub fn run(args: &GuestArgs, stop: &AtomicBool) -> Result<()> {
         ..Config::new(PathBuf::from(&args.source), &args.out)?
     };
     let (measured, events_text) = run_one(&config, args.importer, args.virtual_size, stop)?;
-    let result = GuestMeasured::from_measured(&measured, &own, events_text);
+    let summary = measured.summarize();
+    let result = GuestMeasured::new(measured, &own, events_text);
     let text = serde_json::to_string(&result)
         .map_err(|e| Error::new(ErrorKind::Io, "serialising the measurements").with_source(e))?;
     let path = args.out.join(MEASURED_FILE);
     fs::write(&path, text).io_context("writing the measurements").map_err(|e| e.at_path(&path))?;
-    let summary = measured.summarize();
     log::info!("lab guest: {} {} in {:.1}s", summary.importer, summary.verdict.as_str(), summary.wall_seconds);
     Ok(())
 }

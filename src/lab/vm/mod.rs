@@ -174,7 +174,7 @@ pub fn run(config: &VmConfig, stop: &AtomicBool) -> Result<(Report, Vec<GuestTim
         if measured.cgroup_version != if config.cgroup == Version::V1 { 1 } else { 2 } {
             return Err(Error::new(ErrorKind::Io, format!("the guest ran on cgroup v{}", measured.cgroup_version)));
         }
-        let measured = measured.into_measured();
+        let measured = measured.measured;
         let summary = measured.summarize();
         log::info!(
             "lab --vm: {} {} in {:.1}s, peak {} (guest {:.0}s)",
