@@ -145,7 +145,7 @@ impl Server {
     /// Fresh progress counters and the gauges that show them.
     fn gauges(job: &Job, budget: Option<u64>) -> (Arc<Progress>, Arc<Metrics>) {
         let progress = Arc::new(Progress::default());
-        let metrics = Metrics::new(String::new(), progress.clone(), job.cgroup.clone());
+        let metrics = Metrics::new(String::new(), progress.clone(), job.ctx.cgroup.clone());
         if let Some(budget) = budget {
             metrics.set_budget(budget);
         }
