@@ -322,23 +322,12 @@ impl Context<'_> {
 /// A blank `disk.img`: the requested size, capped by the free space, less the filesystem overhead.
 fn blank_file(env: &CdiEnv, dir: &Path) -> Result<()> {
     let requested = env.image_size.ok_or_else(|| Error::usage("IMPORTER_IMAGE_SIZE is required for a blank disk"))?;
-    let image = dir.join(dest::DISK_IMAGE_NAME);
-    dest::remove_stale(&image)?;
-    let available = dest::filesystem_available(dir)?;
-    let capped = requested.min(available);
-    if capped < requested {
-        log::warn!("available space less than requested size, creating blank image sized to available space: {capped}");
-    }
-    let size = dest::usable_space(env.filesystem_overhead, capped);
-    log::info!("space adjusted for filesystem overhead: {size}");
-    dest::create_blank_file(&image, size, env.preallocation)
+    dest::create_blank_image(dir, requested, env.filesystem_overhead, env.preallocation)
 }
 
 /// Creates `IMPORTER_DONE_FILE` after a successful import (CDI's signal to a node-pull sidecar).
 fn touch_done_file(env: &CdiEnv) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let Some(done) = &env.done_file else { return };
-    if let Err(e) = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o666).open(done) {
-        log::error!("Failed creating file {}: {e}", done.display());
+    if let Some(done) = &env.done_file {
+        termination::touch_done_file(done);
     }
 }

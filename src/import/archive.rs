@@ -52,6 +52,7 @@ pub fn run_archive(
     result
 }
 
+/// [`run_archive`] without the clean-up: `created` notes what it makes.
 fn extract_verified(
     ctx: &Context,
     archive: &Archive,

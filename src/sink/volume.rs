@@ -187,6 +187,22 @@ pub fn create_blank_file(path: &Path, size: u64, preallocate: bool) -> Result<()
     finish_file(path, None, preallocate)
 }
 
+/// Creates the blank `disk.img` of a filesystem volume at `dir`: the requested size, capped by the free space
+/// (an earlier image removed first, so its blocks count as free), less the filesystem overhead, rounded down to
+/// 1 MiB (CDI's `CreateBlankImage` sizing).
+pub fn create_blank_image(dir: &Path, requested: u64, overhead: f64, preallocate: bool) -> Result<()> {
+    let image = dir.join(DISK_IMAGE_NAME);
+    remove_stale(&image)?;
+    let available = filesystem_available(dir)?;
+    let capped = requested.min(available);
+    if capped < requested {
+        log::warn!("available space less than requested size, creating blank image sized to available space: {capped}");
+    }
+    let size = usable_space(overhead, capped);
+    log::info!("space adjusted for filesystem overhead: {size}");
+    create_blank_file(&image, size, preallocate)
+}
+
 /// Makes everything under `dir` durable: one `syncfs` of its filesystem (the extracted files of an archive).
 pub fn sync_filesystem(dir: &Path) -> Result<()> {
     use std::os::fd::AsRawFd;

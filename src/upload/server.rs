@@ -349,13 +349,16 @@ impl Server {
                     Ok(Event::BodyDone) => {}
                     Ok(Event::Finished(Ok(done))) => {
                         log::info!("Wrote data to {}", self.job.image.display());
-                        if !answered {
-                            let _ = respond_shared(&shared, request, 200, "");
-                        }
+                        // Done before the answer goes out: a client that uploads again on the 200 gets 409, not
+                        // the 503 of an upload still running.
                         self.update(|status| {
+                            status.uploading = false;
                             status.processing = false;
                             status.done = Some(done);
                         });
+                        if !answered {
+                            let _ = respond_shared(&shared, request, 200, "");
+                        }
                         return Ok(());
                     }
                     Ok(Event::Finished(Err(e))) => {
