@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Modules everything may use.
-const FOUNDATION: &[&str] = &["error", "sys", "size", "buffer", "checksum"];
+const FOUNDATION: &[&str] = &["error", "sys", "size", "buffer", "bytes", "checksum"];
 
 /// For each top-level module, what it may use besides the foundation.
 const ALLOWED: &[(&str, &[&str])] = &[
@@ -17,6 +17,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("sys", &[]),
     ("size", &["error"]),
     ("buffer", &["sys"]),
+    ("bytes", &[]),
     ("checksum", &["error"]),
     // Beside the core: the cgroup readers and governor, the budget that sizes everything, progress counters.
     ("cgroup", &[]),

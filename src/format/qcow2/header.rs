@@ -4,6 +4,7 @@
 //! without I/O. Every size taken from the header is checked before anything uses it to size an allocation or a
 //! loop. Layout and rules: qemu's docs/interop/qcow2.txt; which values qemu refuses: qcow2_do_open in block/qcow2.c.
 
+use crate::bytes::{be32, be64};
 use crate::error::{Error, Result};
 use crate::format::Codec;
 
@@ -149,16 +150,6 @@ impl Header {
 fn l1_shift(cluster_bits: u32, extended_l2: bool) -> u32 {
     let entry_bits = if extended_l2 { 4 } else { 3 };
     cluster_bits + (cluster_bits - entry_bits)
-}
-
-/// Big-endian u32 at `at` (callers have checked the length).
-fn be32(buf: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
-}
-
-/// Big-endian u64 at `at` (callers have checked the length).
-fn be64(buf: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
 }
 
 /// Reads the cluster size from the start of a qcow2 file, validating magic, version and cluster_bits: what
