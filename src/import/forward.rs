@@ -25,8 +25,8 @@ use crate::budget::xz_memlimit;
 use crate::buffer::AlignedBuf;
 use crate::error::{Error, Result};
 use crate::format::detect::{detect_bytes, Detected};
-use crate::format::stream::Placement;
-use crate::format::{qcow2, vdi, vhd, vhdx, vmdk};
+use crate::format::stream::{walker_for, Placement, Walker};
+use crate::format::vhd;
 use crate::pipeline::assemble::Placer;
 use crate::pipeline::spool::{self, Spool};
 use crate::pipeline::writer::{with_writer, Item, Start, Writer};
@@ -78,13 +78,7 @@ pub(super) fn import(
 
     let streamed = match detected {
         Detected::Raw => Some(Kind::Raw),
-        Detected::Qcow2 => Some(Kind::Qcow2),
-        Detected::Vmdk if vmdk::stream::is_stream_optimized(&head) => Some(Kind::Vmdk),
-        Detected::Vmdk if vmdk::sparse_stream::is_sparse(&head) => Some(Kind::SparseVmdk),
-        Detected::Vhd => Some(Kind::Vhd),
-        Detected::Vdi => Some(Kind::Vdi),
-        Detected::Vhdx => Some(Kind::Vhdx),
-        _ => None,
+        _ => walker_for(&detected, &head).map(Kind::Walked),
     };
     let Some(kind) = streamed else {
         // Formats that need random access: spool the whole (decompressed) image, then import it from there.
@@ -116,47 +110,32 @@ pub(super) fn import(
         return Ok(outcome);
     };
 
-    let raw_unknown_size = kind == Kind::Raw && !(layers.is_empty() && len.is_some());
+    let is_raw = matches!(kind, Kind::Raw);
+    let raw_unknown_size = is_raw && !(layers.is_empty() && len.is_some());
     // The last 512 bytes of a raw stream may be a fixed VHD's footer (a fixed.vhd.gz): they are held back until
     // the end says which, and a destination of known size is opened without them.
-    let hold_footer = kind == Kind::Raw && !plan.verbatim;
-    let size_hint = match kind {
+    let hold_footer = is_raw && !plan.verbatim;
+    // `None`: the size is known only at the stream's end (a compressed raw stream, a vhdx), and the destination
+    // grows as the image arrives.
+    let stated_size = match kind {
         Kind::Raw if !raw_unknown_size => match len {
-            Some(l) if hold_footer && l >= MIN_FIXED_VHD => l - FOOTER,
-            other => other.unwrap_or(0),
+            Some(l) if hold_footer && l >= MIN_FIXED_VHD => Some(l - FOOTER),
+            other => other,
         },
-        Kind::Raw => 0,
-        // The walkers check the headers fully; the destination only needs the size.
-        Kind::Qcow2 => u64::from_be_bytes(head[24..32].try_into().expect("a qcow2 header")) & !511,
-        Kind::Vmdk => u64::from_le_bytes(head[12..20].try_into().expect("a vmdk header")).saturating_mul(512),
-        Kind::SparseVmdk => u64::from_le_bytes(head[12..20].try_into().expect("a vmdk header")).saturating_mul(512),
-        Kind::Vhd => {
-            let footer = head.get(..512).and_then(|h| <&[u8; 512]>::try_from(h).ok());
-            match footer.map(vhd::parse_footer) {
-                Some(footer) => footer.map_err(|e| e.at_path(&name))?.virtual_size(),
-                None => return Err(crate::bad_image!("vhd stream ends inside its footer copy").at_path(&name)),
-            }
-        }
-        Kind::Vdi => {
-            let header = head.get(..512).and_then(|h| <&[u8; 512]>::try_from(h).ok());
-            match header.map(|h| vdi::parse_header(h, u64::MAX)) {
-                Some(header) => header.map_err(|e| e.at_path(&name))?.disk_size,
-                None => return Err(crate::bad_image!("vdi stream ends inside its header").at_path(&name)),
-            }
-        }
-        // The virtual size is in the metadata region, which only the walk reaches: the destination grows to it.
-        Kind::Vhdx => 0,
+        Kind::Raw => None,
+        Kind::Walked(walker) => walker.size_from_head(&head).map_err(|e| e.at_path(&name))?,
     };
+    let size_hint = stated_size.unwrap_or(0);
     // Progress: against the virtual size the header gives (qcow2, vmdk) or the raw stream's length; a compressed
     // raw stream's size is known only at its end, so its progress is the share of the source consumed.
-    match (kind, raw_unknown_size) {
-        (Kind::Raw, true) => progress.set_stored_total(len.unwrap_or(0)),
-        _ => progress.set_total(size_hint),
+    match raw_unknown_size {
+        true => progress.set_stored_total(len.unwrap_or(0)),
+        false => progress.set_total(size_hint),
     }
     // A stream resumes by being read again from its start (see `resume`): it needs a size known before the walk
     // and something naming its contents.
-    let resumable = match (kind, raw_unknown_size, len) {
-        (Kind::Vhdx, ..) | (_, true, _) => {
+    let resumable = match (stated_size, len) {
+        (None, _) => {
             if plan.resume.is_some() {
                 log::info!(
                     "{name}: this stream's image size is known only at its end: an interrupted import starts over"
@@ -164,13 +143,13 @@ pub(super) fn import(
             }
             None
         }
-        (_, _, None) => {
+        (_, None) => {
             if plan.resume.is_some() {
                 log::info!("{name}: the stream's length is not known: an interrupted import starts over");
             }
             None
         }
-        (_, false, Some(len)) => Some(Resumable::Stream(SourceId::stream(len, identity))),
+        (Some(_), Some(len)) => Some(Resumable::Stream(SourceId::stream(len, identity))),
     };
     let engine = Engine::open(plan, ctx, progress, size_hint, resumable)?;
     let dest = engine.dest();
@@ -190,39 +169,17 @@ pub(super) fn import(
                 let consumed = || progress.note_stored(tap.bytes());
                 raw(&mut stream, &name, writer, dest, stop, consumed, hold_footer)
             }
-            Kind::Qcow2 => {
+            Kind::Walked(walker) => {
                 let mut spool = Spool::new(&name, plan.scratch.as_deref());
-                let stats = qcow2::stream::walk(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?;
-                spooled = stats.spooled;
-                Ok((stats.virtual_size, kind.format_name()))
-            }
-            Kind::Vmdk => vmdk::stream::walk(&mut stream, &name, &mut Placer::new(writer), stop)
-                .map(|size| (size, kind.format_name())),
-            Kind::Vhd => {
-                let mut spool = Spool::new(&name, plan.scratch.as_deref());
-                let (size, stashed) = vhd::walk_stream(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?;
+                let (size, stashed) = match stated_size {
+                    Some(_) => walker.walk(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?,
+                    None => {
+                        let mut placer = Growing { inner: Placer::new(writer), dest, progress };
+                        walker.walk(&mut stream, &name, &mut spool, &mut placer, stop)?
+                    }
+                };
                 spooled = stashed;
-                Ok((size, kind.format_name()))
-            }
-            Kind::SparseVmdk => {
-                let mut spool = Spool::new(&name, plan.scratch.as_deref());
-                let mut placer = Placer::new(writer);
-                let (size, stashed) = vmdk::sparse_stream::walk(&mut stream, &name, &mut spool, &mut placer, stop)?;
-                spooled = stashed;
-                Ok((size, kind.format_name()))
-            }
-            Kind::Vhdx => {
-                let mut spool = Spool::new(&name, plan.scratch.as_deref());
-                let mut placer = Growing { inner: Placer::new(writer), dest, progress };
-                let (size, stashed) = vhdx::stream::walk(&mut stream, &name, &mut spool, &mut placer, stop)?;
-                spooled = stashed;
-                Ok((size, kind.format_name()))
-            }
-            Kind::Vdi => {
-                let mut spool = Spool::new(&name, plan.scratch.as_deref());
-                let (size, stashed) = vdi::walk_stream(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?;
-                spooled = stashed;
-                Ok((size, kind.format_name()))
+                Ok((size, walker.format_name()))
             }
         })
     };
@@ -236,8 +193,8 @@ pub(super) fn import(
                 Err(e) => return Err(stream_error(e, &name, tap.bytes())),
             }
         }
-        if matches!(kind, Kind::Qcow2 | Kind::Vhd | Kind::Vdi | Kind::SparseVmdk | Kind::Vhdx) {
-            log::info!("{name}: spooled {} ({spooled} bytes) of the {} stream", human(spooled), kind.format_name());
+        if let Kind::Walked(walker) = kind {
+            log::info!("{name}: spooled {} ({spooled} bytes) of the {} stream", human(spooled), walker.format_name());
         }
         Ok(Produced {
             output_digest: written.digest,
@@ -249,33 +206,11 @@ pub(super) fn import(
     engine.finish(produced, verify)
 }
 
-/// The formats read forward only.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How a stream is read forward: copied as the raw disk it is, or walked by its format's walker.
+#[derive(Clone, Copy)]
 enum Kind {
     Raw,
-    Qcow2,
-    Vmdk,
-    /// A monolithicSparse vmdk.
-    SparseVmdk,
-    /// A dynamic vhd.
-    Vhd,
-    /// A vdi, static or dynamic.
-    Vdi,
-    /// A vhdx, fixed or dynamic.
-    Vhdx,
-}
-
-impl Kind {
-    fn format_name(self) -> &'static str {
-        match self {
-            Kind::Raw => "raw",
-            Kind::Qcow2 => "qcow2",
-            Kind::Vmdk | Kind::SparseVmdk => "vmdk",
-            Kind::Vhd => "vpc",
-            Kind::Vdi => "vdi",
-            Kind::Vhdx => "vhdx",
-        }
-    }
+    Walked(&'static dyn Walker),
 }
 
 /// Size of a VHD footer.
