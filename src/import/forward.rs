@@ -2,14 +2,14 @@
 //! support) is unwrapped layer by layer, its format detected from its first bytes, and then:
 //! - raw: copied chunk by chunk ([`raw`]); the image is as long as the stream, unless its last 512 bytes are a
 //!   fixed VHD footer (a `fixed.vhd.gz`): then it is that vpc image, read the way the random-access reader does;
-//! - qcow2: walked cluster by cluster ([`qcow2::stream`]), spooling only data seen before the table that maps it;
-//! - streamOptimized vmdk: walked marker by marker ([`vmdk::stream`]);
-//! - dynamic vhd: footer copy, dynamic header and BAT, then blocks placed by BAT entry ([`vhd::walk_stream`]);
-//! - vdi: header, then block map, then blocks placed by map entry ([`vdi::walk_stream`]);
+//! - qcow2: walked cluster by cluster ([`crate::format::qcow2::stream`]), spooling only data seen before the table that maps it;
+//! - streamOptimized vmdk: walked marker by marker ([`crate::format::vmdk::stream`]);
+//! - dynamic vhd: footer copy, dynamic header and BAT, then blocks placed by BAT entry ([`crate::format::vhd::walk_stream`]);
+//! - vdi: header, then block map, then blocks placed by map entry ([`crate::format::vdi::walk_stream`]);
 //! - monolithicSparse vmdk: header, grain directory and tables, then grains placed by table entry
-//!   ([`vmdk::sparse_stream`]);
+//!   ([`crate::format::vmdk::sparse_stream`]);
 //! - vhdx: header section, then log (must be empty), metadata and BAT, then payload blocks placed by BAT entry
-//!   ([`vhdx::stream`]);
+//!   ([`crate::format::vhdx::stream`]);
 //! - anything else (a vmdk descriptor, whose extents are other files): spooled whole to `--scratch` and imported from there by the
 //!   random-access driver.
 //!
