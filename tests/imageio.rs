@@ -1,0 +1,263 @@
+//! `boundimport cdi` with `IMPORTER_SOURCE=imageio` against a real ovirt-imageio daemon (file backend for raw
+//! disks, nbd backend over qemu-nbd for qcow2 disks) behind a stand-in for the oVirt engine's REST calls
+//! (tests/common/imageio/). Output is compared with `qemu-img convert -O raw` of the disk; the bytes the daemon
+//! sent are counted from its own log, so zero runs are shown never downloaded.
+
+mod common;
+#[path = "common/imageio/mod.rs"]
+mod ovirt;
+
+use boundimport::lab::fixtures::{LoopDevice, ScratchFile};
+use common::privileged::require_privileged;
+use common::{boundimport, qemu_reference, scratch_dir, sha256_prefix, write_raw, Fill, Workbench, MIB};
+use ovirt::{Backend, DiskSpec, Options, Ovirt, PASSWORD, USER};
+use std::fs;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// What CDI writes after a successful import without preallocation.
+const COMPLETE: &str = r#"{"scratchSpaceRequired":false,"preallocationApplied":false,"message":"Import Complete"}"#;
+
+/// A CDI importer pod pointed at the stand-in engine.
+struct Pod {
+    dir: tempfile::TempDir,
+    env: Vec<(String, String)>,
+    block: Option<PathBuf>,
+}
+
+/// How a pod run ended.
+struct Ended {
+    code: i32,
+    termination: String,
+    stderr: String,
+}
+
+impl Pod {
+    fn new(label: &str, ovirt: &Ovirt, disk: &str) -> Pod {
+        let dir = scratch_dir(label);
+        fs::create_dir(dir.path().join("data")).unwrap();
+        let mut pod = Pod { dir, env: Vec::new(), block: None };
+        for (k, v) in [
+            ("IMPORTER_SOURCE", "imageio"),
+            ("IMPORTER_CONTENTTYPE", "kubevirt"),
+            ("IMPORTER_ENDPOINT", ovirt.endpoint().as_str()),
+            ("IMPORTER_ACCESS_KEY_ID", USER),
+            ("IMPORTER_SECRET_KEY", PASSWORD),
+            ("IMPORTER_CERT_DIR", ovirt.ca_dir().to_str().unwrap()),
+            ("IMPORTER_DISK_ID", disk),
+            ("FILESYSTEM_OVERHEAD", "0"),
+            ("PREALLOCATION", "false"),
+            ("INSECURE_TLS", "false"),
+        ] {
+            pod.set(k, v);
+        }
+        pod
+    }
+
+    fn set(&mut self, key: &str, value: &str) -> &mut Self {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn image(&self) -> PathBuf {
+        self.data().join("disk.img")
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = boundimport();
+        cmd.args(["cdi", "-alsologtostderr", "-v=3"])
+            .arg("--data-dir")
+            .arg(self.data())
+            .arg("--block-path")
+            .arg(self.block.clone().unwrap_or_else(|| self.dir.path().join("no-block-volume")))
+            .arg("--termination-log")
+            .arg(self.dir.path().join("termination-log"))
+            .arg("--scratch-dir")
+            .arg(self.dir.path().join("scratch"))
+            .args(["--metrics-addr", "127.0.0.1:0"])
+            .args(["--proxy-cert-dir", "/nonexistent-proxycerts", "--extra-headers-dir", "/nonexistent-headers"])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
+    fn run(&self) -> Ended {
+        let output = self.command().output().expect("running boundimport cdi");
+        let ended = Ended {
+            code: output.status.code().unwrap_or(-1),
+            termination: fs::read_to_string(self.dir.path().join("termination-log")).unwrap_or_default(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        };
+        assert!(!ended.termination.contains('\n'), "termination log is one line: {:?}", ended.termination);
+        ended
+    }
+}
+
+fn ended_complete(ended: &Ended) {
+    assert_eq!(ended.code, 0, "termination {:?}\nstderr:\n{}", ended.termination, ended.stderr);
+    assert_eq!(ended.termination, COMPLETE);
+}
+
+/// The phases of the engine's transfers, in order.
+fn phases(ovirt: &Ovirt) -> Vec<String> {
+    ovirt.transfers().iter().map(|t| t["phase"].as_str().unwrap_or_default().to_string()).collect()
+}
+
+/// A raw disk of `size` bytes with random data in `segments` (offset, length) and holes elsewhere.
+fn sparse_raw(bench: &Workbench, name: &str, size: u64, segments: &[(u64, u64)]) -> (PathBuf, u64) {
+    let path = bench.path(name);
+    let fills: Vec<(u64, u64, Fill)> =
+        segments.iter().enumerate().map(|(i, &(at, len))| (at, len, Fill::Random(i as u64 + 7))).collect();
+    write_raw(&path, size, &fills);
+    (path, segments.iter().map(|s| s.1).sum())
+}
+
+/// Data at scattered offsets, large holes between: 64 MiB with 3 MiB of data.
+const SCATTERED: [(u64, u64); 4] =
+    [(0, MIB), (17 * MIB + 4096, 512 << 10), (40 * MIB, MIB), (63 * MIB + (512 << 10), 512 << 10)];
+
+#[test]
+fn raw_disk_is_copied_and_its_zero_runs_never_downloaded() {
+    let bench = Workbench::new("imageio-raw");
+    let (disk, data) = sparse_raw(&bench, "disk.raw", 64 * MIB, &SCATTERED);
+    let (digest, len) = qemu_reference(&disk, &bench.path(""));
+    let ovirt = Ovirt::start(vec![DiskSpec { id: "d-raw".into(), raw: Backend::Nbd(disk, "raw") }], Options::default());
+    let pod = Pod::new("imageio-raw", &ovirt, "d-raw");
+    let ended = pod.run();
+    ended_complete(&ended);
+    assert_eq!(sha256_prefix(&pod.image(), len), digest);
+    assert_eq!(fs::metadata(pod.image()).unwrap().len(), len);
+    // Data, plus at most one 64 KiB block past each data run (requests are whole blocks).
+    let read = ovirt.transferred();
+    assert!(read >= data && read <= data + 1 + 4 * (64 << 10), "daemon sent {read} bytes for {data} of data");
+    assert_eq!(phases(&ovirt), ["finished_success"]);
+}
+
+#[test]
+fn qcow2_disk_is_read_through_the_nbd_backend_onto_a_block_volume() {
+    if !require_privileged("qcow2_disk_is_read_through_the_nbd_backend_onto_a_block_volume") {
+        return;
+    }
+    let bench = Workbench::new("imageio-qcow2");
+    let (raw, data) = sparse_raw(&bench, "guest.raw", 64 * MIB, &SCATTERED);
+    let disk = bench.path("disk.qcow2");
+    bench.qemu_img(&["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), disk.to_str().unwrap()]);
+    let (digest, len) = qemu_reference(&disk, &bench.path(""));
+    let ovirt =
+        Ovirt::start(vec![DiskSpec { id: "d-qcow2".into(), raw: Backend::Nbd(disk, "qcow2") }], Options::default());
+    // A volume larger than the disk, full of stale bytes: the zero runs must be zeroed, not skipped.
+    let backing = ScratchFile::sparse(&bench.path("volume"), 80 * MIB).unwrap();
+    fs::write(backing.path(), vec![0xa5u8; 80 * MIB as usize]).unwrap();
+    let device = LoopDevice::attach(backing.path(), false).unwrap();
+    let mut pod = Pod::new("imageio-qcow2", &ovirt, "d-qcow2");
+    pod.block = Some(device.path().to_path_buf());
+    let ended = pod.run();
+    ended_complete(&ended);
+    assert_eq!(sha256_prefix(device.path(), len), digest);
+    let read = ovirt.transferred();
+    assert!(read >= data && read <= data + 1 + 4 * (64 << 10), "daemon sent {read} bytes for {data} of data");
+    assert_eq!(phases(&ovirt), ["finished_success"]);
+}
+
+#[test]
+fn proxy_url_is_used_when_the_hosts_daemon_cannot_be_reached() {
+    let bench = Workbench::new("imageio-proxy");
+    let (disk, _) = sparse_raw(&bench, "disk.raw", 8 * MIB, &[(MIB, MIB)]);
+    let (digest, len) = qemu_reference(&disk, &bench.path(""));
+    let options = Options { broken_transfer_url: true, ..Options::default() };
+    let ovirt = Ovirt::start(vec![DiskSpec { id: "d".into(), raw: Backend::File(disk) }], options);
+    let pod = Pod::new("imageio-proxy", &ovirt, "d");
+    let ended = pod.run();
+    ended_complete(&ended);
+    assert_eq!(sha256_prefix(&pod.image(), len), digest);
+    assert!(ended.stderr.contains("trying the engine's proxy_url"), "{}", ended.stderr);
+}
+
+/// The termination log is one clear line, nothing that looks like a disk is left, and no transfer is left open.
+fn failed_cleanly(pod: &Pod, ovirt: &Ovirt, ended: &Ended, expected: &str) {
+    assert_eq!(ended.code, 1, "stderr:\n{}", ended.stderr);
+    assert!(ended.termination.contains(expected), "termination {:?}", ended.termination);
+    assert!(!ended.stderr.contains("panicked"), "{}", ended.stderr);
+    assert!(!pod.image().exists() || fs::metadata(pod.image()).unwrap().len() == 0, "a disk.img was left");
+    for phase in phases(ovirt) {
+        assert_eq!(phase, "cancelled", "every transfer is cancelled");
+    }
+}
+
+#[test]
+fn a_wrong_password_fails_before_any_transfer() {
+    let bench = Workbench::new("imageio-password");
+    let (disk, _) = sparse_raw(&bench, "disk.raw", MIB, &[(0, 4096)]);
+    let ovirt = Ovirt::start(vec![DiskSpec { id: "d".into(), raw: Backend::File(disk) }], Options::default());
+    let mut pod = Pod::new("imageio-password", &ovirt, "d");
+    pod.set("IMPORTER_SECRET_KEY", "wrong");
+    let ended = pod.run();
+    failed_cleanly(&pod, &ovirt, &ended, "Error creating connection");
+    assert!(ended.termination.contains("The username or password is incorrect"), "{}", ended.termination);
+    assert!(ovirt.transfers().is_empty());
+}
+
+#[test]
+fn an_unknown_disk_fails_with_cdis_message() {
+    let bench = Workbench::new("imageio-unknown");
+    let (disk, _) = sparse_raw(&bench, "disk.raw", MIB, &[(0, 4096)]);
+    let ovirt = Ovirt::start(vec![DiskSpec { id: "d".into(), raw: Backend::File(disk) }], Options::default());
+    let pod = Pod::new("imageio-unknown", &ovirt, "no-such-disk");
+    let ended = pod.run();
+    failed_cleanly(&pod, &ovirt, &ended, "error fetching disk no-such-disk");
+    assert!(ended.termination.contains("HTTP 404"), "{}", ended.termination);
+    assert!(ovirt.transfers().is_empty());
+}
+
+#[test]
+fn an_expired_ticket_fails_and_the_transfer_is_cancelled() {
+    let bench = Workbench::new("imageio-expired");
+    let (disk, _) = sparse_raw(&bench, "disk.raw", 4 * MIB, &[(0, MIB)]);
+    // The ticket lives 1 s; the engine reports the transfer ready only after 2 s.
+    let options = Options { ticket_timeout: Some(1), transferring_delay: Some(2), ..Options::default() };
+    let ovirt = Ovirt::start(vec![DiskSpec { id: "d".into(), raw: Backend::File(disk) }], options);
+    let pod = Pod::new("imageio-expired", &ovirt, "d");
+    let ended = pod.run();
+    failed_cleanly(&pod, &ovirt, &ended, "HTTP 403");
+    assert_eq!(phases(&ovirt), ["cancelled"]);
+    assert_eq!(ovirt.transfers()[0]["transferred"], 0);
+}
+
+#[test]
+fn a_daemon_dying_mid_transfer_fails_and_the_transfer_is_cancelled() {
+    let bench = Workbench::new("imageio-dies");
+    let (disk, _) = sparse_raw(&bench, "disk.raw", 128 * MIB, &[(0, 128 * MIB)]);
+    let (digest, len) = qemu_reference(&disk, &bench.path(""));
+    let mut ovirt = Ovirt::start(vec![DiskSpec { id: "d".into(), raw: Backend::Nbd(disk, "raw") }], Options::default());
+    let pod = Pod::new("imageio-dies", &ovirt, "d");
+    let mut child = pod.command().stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // Held still while its daemon goes away, so the host dies mid-transfer however fast the copy is.
+    ovirt.wait_for_first_read();
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    ovirt.kill_daemon();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    let status = child.wait().unwrap();
+    let ended = Ended {
+        code: status.code().unwrap_or(-1),
+        termination: fs::read_to_string(pod.dir.path().join("termination-log")).unwrap_or_default(),
+        stderr,
+    };
+    eprintln!("termination log: {}", ended.termination);
+    assert_eq!(ended.code, 1, "stderr:\n{}", ended.stderr);
+    assert!(ended.termination.starts_with("Unable to process data: https://127.0.0.1:"), "{}", ended.termination);
+    assert!(ended.termination.contains(" at offset "), "{}", ended.termination);
+    assert!(!ended.stderr.contains("panicked"), "{}", ended.stderr);
+    assert_eq!(phases(&ovirt), ["cancelled"]);
+    if pod.image().exists() {
+        assert_ne!(sha256_prefix(&pod.image(), len), digest, "a failed import cannot have copied the whole disk");
+    }
+}
