@@ -261,3 +261,80 @@ fn a_daemon_dying_mid_transfer_fails_and_the_transfer_is_cancelled() {
         assert_ne!(sha256_prefix(&pod.image(), len), digest, "a failed import cannot have copied the whole disk");
     }
 }
+
+/// What one copy into a memory cgroup cost.
+#[derive(Debug)]
+struct MemoryRun {
+    seconds: f64,
+    peak: u64,
+    limit_hits: u64,
+}
+
+/// Copies a `size`-byte incompressible raw disk from the daemon onto a loop device, inside a fresh memory cgroup of
+/// `limit` bytes: with boundimport, or (`cdi_way`) as CDI's importer does (tests/common/imageio/cdi_way.py).
+/// boundimport's copy is checked byte for byte.
+fn copy_in_memcg(label: &str, size: u64, limit: u64, cdi_way: bool) -> MemoryRun {
+    let bench = Workbench::new(label);
+    let (disk, _) = sparse_raw(&bench, "disk.raw", size, &[(0, size)]);
+    let expected = sha256_prefix(&disk, size);
+    let ovirt = Ovirt::start(vec![DiskSpec { id: "d".into(), raw: Backend::Nbd(disk, "raw") }], Options::default());
+    let volume = ScratchFile::sparse(&bench.path("volume"), size).unwrap();
+    let device = LoopDevice::attach(volume.path(), false).unwrap();
+    let cgroup = boundimport::lab::fixtures::ChildCgroup::create(&format!("boundimport-{label}"), limit).unwrap();
+    let mut pod = Pod::new(label, &ovirt, "d");
+    pod.block = Some(device.path().to_path_buf());
+    let mut command = if cdi_way {
+        let mut cmd = Command::new("python3");
+        cmd.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/common/imageio/cdi_way.py"))
+            .args([ovirt.endpoint().as_str(), USER, PASSWORD, "d"])
+            .arg(ovirt.ca_dir().join("engine.pem"))
+            .arg(device.path());
+        cmd
+    } else {
+        pod.command()
+    };
+    command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    let started = std::time::Instant::now();
+    let output = cgroup.spawn(&mut command).unwrap().wait_with_output().unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    if !cdi_way {
+        assert_eq!(sha256_prefix(device.path(), size), expected);
+    }
+    let run = MemoryRun {
+        seconds,
+        peak: cgroup.reader().peak().unwrap().unwrap_or(0),
+        limit_hits: cgroup.reader().events().unwrap().limit_hits,
+    };
+    eprintln!(
+        "{label}: {} {} MiB into {} MiB in {:.1} s: {run:?}",
+        if cdi_way { "CDI's way" } else { "boundimport" },
+        size >> 20,
+        limit >> 20,
+        run.seconds
+    );
+    run
+}
+
+#[test]
+fn a_disk_larger_than_its_bound_is_copied_within_64_mib_of_memory() {
+    if !require_privileged("a_disk_larger_than_its_bound_is_copied_within_64_mib_of_memory") {
+        return;
+    }
+    let run = copy_in_memcg("imageio-memcg", 256 * MIB, 600 * MIB, false);
+    assert!(run.peak <= 64 * MIB, "peak {} MiB", run.peak >> 20);
+    assert_eq!(run.limit_hits, 0);
+}
+
+/// The measurement (about a minute): `cargo test --release --test imageio -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn two_gib_into_600m_beside_cdis_way() {
+    if !require_privileged("two_gib_into_600m_beside_cdis_way") {
+        return;
+    }
+    let ours = copy_in_memcg("imageio-2g", 2048 * MIB, 600 * MIB, false);
+    let cdi = copy_in_memcg("imageio-2g-cdi", 2048 * MIB, 600 * MIB, true);
+    assert!(ours.peak <= 64 * MIB && ours.limit_hits == 0, "{ours:?}");
+    eprintln!("boundimport {ours:?}\nCDI's way   {cdi:?}");
+}

@@ -246,6 +246,12 @@ mod tests {
     }
 
     #[test]
+    fn requests_end_with_their_data_run_and_zero_runs_are_skipped() {
+        let runs = [0..15, 115..120];
+        assert_eq!((run_end(&runs, 0), run_end(&runs, 14), run_end(&runs, 15), run_end(&runs, 116)), (15, 15, 16, 120));
+    }
+
+    #[test]
     fn extents_that_do_not_tile_the_disk_are_refused() {
         assert!(data_runs(&[ext(0, 10, false), ext(11, 5, false)], 16).is_err());
         assert!(data_runs(&[ext(0, 10, false)], 16).is_err());

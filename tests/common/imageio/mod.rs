@@ -1,7 +1,7 @@
 //! A real ovirt-imageio daemon (PyPI `ovirt-imageio`, installed by .ci/run) on 127.0.0.1 with TLS and
 //! `drop_privileges = false`, qemu-nbd exports of qcow2 disks behind its nbd backend, and `engine.py` beside this
 //! file: a stand-in for the oVirt engine's REST calls that installs real tickets in the daemon through its control
-//! socket. Everything started here is stopped, and its directory removed, when the [`Ovirt`] is dropped.
+//! socket. The daemon runs under `$BOUNDIMPORT_IMAGEIO_PYTHON` (.ci/run's virtualenv) or `python3`. Everything started here is stopped, and its directory removed, when the [`Ovirt`] is dropped.
 
 use serde_json::{json, Value};
 use std::fs;
@@ -91,7 +91,7 @@ impl Ovirt {
         .unwrap();
         let stderr = fs::File::create(path.join("daemon.stderr")).unwrap();
         ovirt.daemon = Some(
-            Command::new("python3")
+            Command::new(std::env::var("BOUNDIMPORT_IMAGEIO_PYTHON").unwrap_or_else(|_| "python3".into()))
                 .args(["-c", "from ovirt_imageio._internal import server; server.main()", "--conf-dir"])
                 .arg(path.join("conf"))
                 .stdout(Stdio::null())
