@@ -127,7 +127,10 @@ fn raw_disk_is_copied_and_its_zero_runs_never_downloaded() {
     let bench = Workbench::new("imageio-raw");
     let (disk, data) = sparse_raw(&bench, "disk.raw", 64 * MIB, &SCATTERED);
     let (digest, len) = qemu_reference(&disk, &bench.path(""));
-    let ovirt = Ovirt::start(vec![DiskSpec { id: "d-raw".into(), raw: Backend::Nbd(disk, "raw") }], Options::default());
+    let ovirt = Ovirt::start(
+        vec![DiskSpec { id: "d-raw".into(), raw: Backend::Nbd(disk, "raw"), snapshots: vec![] }],
+        Options::default(),
+    );
     let pod = Pod::new("imageio-raw", &ovirt, "d-raw");
     let ended = pod.run();
     ended_complete(&ended);
@@ -149,8 +152,10 @@ fn qcow2_disk_is_read_through_the_nbd_backend_onto_a_block_volume() {
     let disk = bench.path("disk.qcow2");
     bench.qemu_img(&["convert", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), disk.to_str().unwrap()]);
     let (digest, len) = qemu_reference(&disk, &bench.path(""));
-    let ovirt =
-        Ovirt::start(vec![DiskSpec { id: "d-qcow2".into(), raw: Backend::Nbd(disk, "qcow2") }], Options::default());
+    let ovirt = Ovirt::start(
+        vec![DiskSpec { id: "d-qcow2".into(), raw: Backend::Nbd(disk, "qcow2"), snapshots: vec![] }],
+        Options::default(),
+    );
     // A volume larger than the disk, full of stale bytes: the zero runs must be zeroed, not skipped.
     let backing = ScratchFile::sparse(&bench.path("volume"), 80 * MIB).unwrap();
     fs::write(backing.path(), vec![0xa5u8; 80 * MIB as usize]).unwrap();
@@ -171,7 +176,7 @@ fn proxy_url_is_used_when_the_hosts_daemon_cannot_be_reached() {
     let (disk, _) = sparse_raw(&bench, "disk.raw", 8 * MIB, &[(MIB, MIB)]);
     let (digest, len) = qemu_reference(&disk, &bench.path(""));
     let options = Options { broken_transfer_url: true, ..Options::default() };
-    let ovirt = Ovirt::start(vec![DiskSpec { id: "d".into(), raw: Backend::File(disk) }], options);
+    let ovirt = Ovirt::start(vec![DiskSpec { id: "d".into(), raw: Backend::File(disk), snapshots: vec![] }], options);
     let pod = Pod::new("imageio-proxy", &ovirt, "d");
     let ended = pod.run();
     ended_complete(&ended);
@@ -194,7 +199,10 @@ fn failed_cleanly(pod: &Pod, ovirt: &Ovirt, ended: &Ended, expected: &str) {
 fn a_wrong_password_fails_before_any_transfer() {
     let bench = Workbench::new("imageio-password");
     let (disk, _) = sparse_raw(&bench, "disk.raw", MIB, &[(0, 4096)]);
-    let ovirt = Ovirt::start(vec![DiskSpec { id: "d".into(), raw: Backend::File(disk) }], Options::default());
+    let ovirt = Ovirt::start(
+        vec![DiskSpec { id: "d".into(), raw: Backend::File(disk), snapshots: vec![] }],
+        Options::default(),
+    );
     let mut pod = Pod::new("imageio-password", &ovirt, "d");
     pod.set("IMPORTER_SECRET_KEY", "wrong");
     let ended = pod.run();
@@ -207,7 +215,10 @@ fn a_wrong_password_fails_before_any_transfer() {
 fn an_unknown_disk_fails_with_cdis_message() {
     let bench = Workbench::new("imageio-unknown");
     let (disk, _) = sparse_raw(&bench, "disk.raw", MIB, &[(0, 4096)]);
-    let ovirt = Ovirt::start(vec![DiskSpec { id: "d".into(), raw: Backend::File(disk) }], Options::default());
+    let ovirt = Ovirt::start(
+        vec![DiskSpec { id: "d".into(), raw: Backend::File(disk), snapshots: vec![] }],
+        Options::default(),
+    );
     let pod = Pod::new("imageio-unknown", &ovirt, "no-such-disk");
     let ended = pod.run();
     failed_cleanly(&pod, &ovirt, &ended, "error fetching disk no-such-disk");
@@ -221,7 +232,7 @@ fn an_expired_ticket_fails_and_the_transfer_is_cancelled() {
     let (disk, _) = sparse_raw(&bench, "disk.raw", 4 * MIB, &[(0, MIB)]);
     // The ticket lives 1 s; the engine reports the transfer ready only after 2 s.
     let options = Options { ticket_timeout: Some(1), transferring_delay: Some(2), ..Options::default() };
-    let ovirt = Ovirt::start(vec![DiskSpec { id: "d".into(), raw: Backend::File(disk) }], options);
+    let ovirt = Ovirt::start(vec![DiskSpec { id: "d".into(), raw: Backend::File(disk), snapshots: vec![] }], options);
     let pod = Pod::new("imageio-expired", &ovirt, "d");
     let ended = pod.run();
     failed_cleanly(&pod, &ovirt, &ended, "HTTP 403");
@@ -234,7 +245,10 @@ fn a_daemon_dying_mid_transfer_fails_and_the_transfer_is_cancelled() {
     let bench = Workbench::new("imageio-dies");
     let (disk, _) = sparse_raw(&bench, "disk.raw", 128 * MIB, &[(0, 128 * MIB)]);
     let (digest, len) = qemu_reference(&disk, &bench.path(""));
-    let mut ovirt = Ovirt::start(vec![DiskSpec { id: "d".into(), raw: Backend::Nbd(disk, "raw") }], Options::default());
+    let mut ovirt = Ovirt::start(
+        vec![DiskSpec { id: "d".into(), raw: Backend::Nbd(disk, "raw"), snapshots: vec![] }],
+        Options::default(),
+    );
     let pod = Pod::new("imageio-dies", &ovirt, "d");
     let mut child = pod.command().stderr(std::process::Stdio::piped()).spawn().unwrap();
     // Held still while its daemon goes away, so the host dies mid-transfer however fast the copy is.
@@ -277,7 +291,10 @@ fn copy_in_memcg(label: &str, size: u64, limit: u64, cdi_way: bool) -> MemoryRun
     let bench = Workbench::new(label);
     let (disk, _) = sparse_raw(&bench, "disk.raw", size, &[(0, size)]);
     let expected = sha256_prefix(&disk, size);
-    let ovirt = Ovirt::start(vec![DiskSpec { id: "d".into(), raw: Backend::Nbd(disk, "raw") }], Options::default());
+    let ovirt = Ovirt::start(
+        vec![DiskSpec { id: "d".into(), raw: Backend::Nbd(disk, "raw"), snapshots: vec![] }],
+        Options::default(),
+    );
     let volume = ScratchFile::sparse(&bench.path("volume"), size).unwrap();
     let device = LoopDevice::attach(volume.path(), false).unwrap();
     let cgroup = boundimport::lab::fixtures::ChildCgroup::create(&format!("boundimport-{label}"), limit).unwrap();
@@ -337,4 +354,62 @@ fn two_gib_into_600m_beside_cdis_way() {
     let cdi = copy_in_memcg("imageio-2g-cdi", 2048 * MIB, 600 * MIB, true);
     assert!(ours.peak <= 64 * MIB && ours.limit_hits == 0, "{ours:?}");
     eprintln!("boundimport {ours:?}\nCDI's way   {cdi:?}");
+}
+
+#[test]
+fn a_first_warm_stage_copies_the_checkpoints_snapshot() {
+    let bench = Workbench::new("imageio-checkpoint");
+    // The VM disk: a base image, then snapshot s1 (the checkpoint) on top, then the active layer on top of that.
+    let (base, _) = sparse_raw(&bench, "base.raw", 16 * MIB, &[(0, MIB), (8 * MIB, MIB)]);
+    let s1 = bench.path("s1.qcow2");
+    let active = bench.path("active.qcow2");
+    let (base, s1s, actives) = (base.to_str().unwrap(), s1.to_str().unwrap(), active.to_str().unwrap());
+    bench.qemu_img(&["create", "-f", "qcow2", "-F", "raw", "-b", base, s1s]);
+    bench.qemu_io(s1s, &["write -P 0x51 4M 1M"]);
+    bench.qemu_img(&["create", "-f", "qcow2", "-F", "qcow2", "-b", s1s, actives]);
+    bench.qemu_io(actives, &["write -P 0x77 12M 1M"]);
+    let (digest, len) = qemu_reference(&s1, &bench.path(""));
+    let (active_digest, _) = qemu_reference(&active, &bench.path(""));
+    assert_ne!(digest, active_digest);
+    let disk = DiskSpec {
+        id: "d".into(),
+        raw: Backend::Nbd(active.clone(), "qcow2"),
+        snapshots: vec![("s1".into(), Backend::Nbd(s1.clone(), "qcow2"))],
+    };
+    let ovirt = Ovirt::start(vec![disk], Options::default());
+    let mut pod = Pod::new("imageio-checkpoint", &ovirt, "d");
+    pod.set("IMPORTER_CURRENT_CHECKPOINT", "s1");
+    let ended = pod.run();
+    ended_complete(&ended);
+    assert_eq!(sha256_prefix(&pod.image(), len), digest, "the volume holds the checkpoint, not the active disk");
+    assert_eq!(ovirt.transfers()[0]["subject"], "s1");
+    assert_eq!(phases(&ovirt), ["finished_success"]);
+
+    // A checkpoint that is neither a snapshot nor the disk's active volume.
+    let mut pod = Pod::new("imageio-checkpoint-unknown", &ovirt, "d");
+    pod.set("IMPORTER_CURRENT_CHECKPOINT", "s9");
+    let ended = pod.run();
+    assert_eq!(ended.code, 1);
+    assert!(
+        ended.termination.starts_with("snapshot s9 not found: could not find snapshot s9 on disk d"),
+        "{}",
+        ended.termination
+    );
+    assert_eq!(ovirt.transfers().len(), 1, "no transfer for an unknown checkpoint");
+}
+
+#[test]
+fn a_delta_stage_is_refused_before_any_transfer() {
+    let bench = Workbench::new("imageio-delta");
+    let (disk, _) = sparse_raw(&bench, "disk.raw", MIB, &[(0, 4096)]);
+    let ovirt = Ovirt::start(
+        vec![DiskSpec { id: "d".into(), raw: Backend::File(disk), snapshots: vec![] }],
+        Options::default(),
+    );
+    let mut pod = Pod::new("imageio-delta", &ovirt, "d");
+    pod.set("IMPORTER_CURRENT_CHECKPOINT", "s2").set("IMPORTER_PREVIOUS_CHECKPOINT", "s1");
+    let ended = pod.run();
+    assert_eq!(ended.code, 1);
+    assert!(ended.termination.contains("warm-migration delta stages"), "{}", ended.termination);
+    assert!(ovirt.transfers().is_empty());
 }

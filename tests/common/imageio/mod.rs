@@ -28,6 +28,8 @@ pub struct DiskSpec {
     pub id: String,
     /// The volume a raw download serves.
     pub raw: Backend,
+    /// Its snapshots (checkpoints) by id, each with the guest view a raw download of it serves.
+    pub snapshots: Vec<(String, Backend)>,
 }
 
 /// What a test may change about the stand-in.
@@ -109,9 +111,15 @@ impl Ovirt {
         let mut inventory = serde_json::Map::new();
         for (n, disk) in disks.iter().enumerate() {
             let (url, size) = ovirt.serve(&disk.raw, n);
+            let mut snapshots = serde_json::Map::new();
+            for (m, (id, backend)) in disk.snapshots.iter().enumerate() {
+                let (url, size) = ovirt.serve(backend, 100 * (n + 1) + m);
+                snapshots.insert(id.clone(), json!({"urls": {"raw": url}, "sizes": {"raw": size, "cow": size}}));
+            }
             inventory.insert(
                 disk.id.clone(),
-                json!({"image_id": format!("{}-active", disk.id), "urls": {"raw": url}, "sizes": {"raw": size}}),
+                json!({"image_id": format!("{}-active", disk.id), "urls": {"raw": url}, "sizes": {"raw": size},
+                       "snapshots": snapshots}),
             );
         }
         let mut config = json!({
