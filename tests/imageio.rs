@@ -413,3 +413,26 @@ fn a_delta_stage_is_refused_before_any_transfer() {
     assert!(ended.termination.contains("warm-migration delta stages"), "{}", ended.termination);
     assert!(ovirt.transfers().is_empty());
 }
+
+#[test]
+fn a_stop_signal_mid_transfer_cancels_the_transfer() {
+    let bench = Workbench::new("imageio-stop");
+    let (disk, _) = sparse_raw(&bench, "disk.raw", 128 * MIB, &[(0, 128 * MIB)]);
+    let ovirt = Ovirt::start(
+        vec![DiskSpec { id: "d".into(), raw: Backend::Nbd(disk, "raw"), snapshots: vec![] }],
+        Options::default(),
+    );
+    let pod = Pod::new("imageio-stop", &ovirt, "d");
+    let child = pod.command().stderr(std::process::Stdio::piped()).spawn().unwrap();
+    ovirt.wait_for_first_read();
+    // Stopped first, so SIGTERM lands mid-transfer however fast the copy is.
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(phases(&ovirt), ["cancelled"], "{stderr}");
+}
