@@ -407,7 +407,7 @@ fn unsupported_sources_fail_with_one_line() {
         assert_eq!(ended.code, 1);
         assert_eq!(
             ended.termination,
-            format!("Unknown data source: {source} (unsupported source: boundimport cdi imports from http, registry and none)")
+            format!("Unknown data source: {source} (unsupported source: boundimport cdi imports from http, registry, imageio and none)")
         );
     }
 }

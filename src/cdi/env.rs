@@ -23,8 +23,27 @@ pub enum Source {
     /// `IMPORTER_SOURCE=registry`: the containerDisk `docker://…` or `oci-archive:…` at `IMPORTER_ENDPOINT`, with
     /// the platform from `IMPORTER_REGISTRY_IMAGE_ARCHITECTURE`.
     Registry(ImageRef),
+    /// `IMPORTER_SOURCE=imageio`: an oVirt disk (or one of its snapshots) through an image transfer.
+    Imageio(ImageioEnv),
     /// `IMPORTER_SOURCE=none`: a blank disk.
     Blank,
+}
+
+/// What an `imageio` import takes from the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageioEnv {
+    /// The engine's API URL (`IMPORTER_ENDPOINT`, `https://engine/ovirt-engine/api`).
+    pub endpoint: String,
+    /// The engine user (`IMPORTER_ACCESS_KEY_ID`) and password (`IMPORTER_SECRET_KEY`), for its SSO only.
+    pub user: String,
+    /// The engine password.
+    pub password: String,
+    /// The disk (`IMPORTER_DISK_ID`).
+    pub disk_id: String,
+    /// The snapshot this stage copies (`IMPORTER_CURRENT_CHECKPOINT`), if a warm migration.
+    pub current_checkpoint: Option<String>,
+    /// The snapshot the previous stage copied (`IMPORTER_PREVIOUS_CHECKPOINT`): set, this stage is a delta.
+    pub previous_checkpoint: Option<String>,
 }
 
 /// What the source holds (`IMPORTER_CONTENTTYPE`).
@@ -97,7 +116,7 @@ pub fn parse_header(text: &str) -> Option<(String, String)> {
 
 /// The unsupported-source message: CDI's wording, and what boundimport does support.
 pub fn unsupported_source(source: &str) -> String {
-    format!("Unknown data source: {source} (unsupported source: boundimport cdi imports from http, registry and none)")
+    format!("Unknown data source: {source} (unsupported source: boundimport cdi imports from http, registry, imageio and none)")
 }
 
 impl CdiEnv {
@@ -159,6 +178,28 @@ impl CdiEnv {
                 }
                 Source::Registry(image)
             }
+            "imageio" => {
+                let endpoint = get("IMPORTER_ENDPOINT");
+                if endpoint.is_empty() {
+                    return Err(Error::usage(
+                        "Unable to connect to imageio data source: endpoint \"IMPORTER_ENDPOINT\" is missing or blank",
+                    ));
+                }
+                if content_type == ContentType::Archive {
+                    return Err(Error::usage("Unsupported content type archive when importing from imageio"));
+                }
+                let disk_id = non_empty("IMPORTER_DISK_ID").ok_or_else(|| {
+                    Error::usage("Unable to connect to imageio data source: IMPORTER_DISK_ID is missing or blank")
+                })?;
+                Source::Imageio(ImageioEnv {
+                    endpoint: endpoint.to_string(),
+                    user: get("IMPORTER_ACCESS_KEY_ID").to_string(),
+                    password: get("IMPORTER_SECRET_KEY").to_string(),
+                    disk_id,
+                    current_checkpoint: non_empty("IMPORTER_CURRENT_CHECKPOINT"),
+                    previous_checkpoint: non_empty("IMPORTER_PREVIOUS_CHECKPOINT"),
+                })
+            }
             "none" => Source::Blank,
             other => return Err(Error::unsupported(unsupported_source(other))),
         };
@@ -207,8 +248,10 @@ impl CdiEnv {
             ),
         };
 
+        // The engine's credentials go to its SSO only, never as basic auth to the imageio daemon.
+        let basic_auth = !matches!(source, Source::Imageio(_));
         let (access_key, secret_key) = match (non_empty("IMPORTER_ACCESS_KEY_ID"), non_empty("IMPORTER_SECRET_KEY")) {
-            (Some(user), Some(password)) => (Some(user), Some(password)),
+            (Some(user), Some(password)) if basic_auth => (Some(user), Some(password)),
             _ => (None, None),
         };
 
@@ -315,8 +358,34 @@ mod tests {
     }
 
     #[test]
+    fn imageio_takes_the_disk_and_checkpoints_and_keeps_the_password_from_basic_auth() {
+        let e = env(&[
+            ("IMPORTER_SOURCE", "imageio"),
+            ("IMPORTER_ENDPOINT", "https://engine/ovirt-engine/api"),
+            ("IMPORTER_ACCESS_KEY_ID", "admin@internal"),
+            ("IMPORTER_SECRET_KEY", "pw"),
+            ("IMPORTER_DISK_ID", "d1"),
+            ("IMPORTER_CURRENT_CHECKPOINT", "s2"),
+            ("IMPORTER_PREVIOUS_CHECKPOINT", "s1"),
+        ])
+        .unwrap();
+        let Source::Imageio(imageio) = e.source else { panic!("{:?}", e.source) };
+        assert_eq!(
+            (imageio.user.as_str(), imageio.password.as_str(), imageio.disk_id.as_str()),
+            ("admin@internal", "pw", "d1")
+        );
+        assert_eq!(
+            (imageio.current_checkpoint.as_deref(), imageio.previous_checkpoint.as_deref()),
+            (Some("s2"), Some("s1"))
+        );
+        assert_eq!((e.access_key, e.secret_key), (None, None));
+        let err = env(&[("IMPORTER_SOURCE", "imageio")]).unwrap_err().to_string();
+        assert!(err.contains("IMPORTER_DISK_ID"), "{err}");
+    }
+
+    #[test]
     fn sources_other_than_http_and_none_are_refused() {
-        for other in ["s3", "gcs", "imageio", "vddk", "blank"] {
+        for other in ["s3", "gcs", "vddk", "blank"] {
             let err = env(&[("IMPORTER_SOURCE", other)]).unwrap_err().to_string();
             assert!(err.contains("unsupported source"), "{err}");
             assert!(err.starts_with(&format!("Unknown data source: {other}")), "{err}");

@@ -11,6 +11,7 @@ mod archive_import;
 mod args;
 mod connect;
 pub mod env;
+mod imageio;
 pub mod metrics;
 mod registry;
 pub mod termination;
@@ -163,6 +164,7 @@ impl Context<'_> {
         let finish = match &env.source {
             Source::Blank => self.blank(&env, &volume),
             Source::Registry(image) => self.import_registry(&env, &volume, image),
+            Source::Imageio(source) => self.import_imageio(&env, &volume, source),
             Source::Http(location) => match self.wait_for_ready_file(&env, location) {
                 Err(message) => Finish::Failure(message),
                 Ok(location) => {

@@ -7,6 +7,7 @@ mod file;
 pub mod files;
 mod hashing;
 pub(crate) mod http;
+pub mod imageio;
 pub(crate) mod open;
 pub mod registry;
 pub(crate) mod sequential;
@@ -32,6 +33,8 @@ pub enum Location {
     Url(String),
     /// A containerDisk: `docker://…` or `oci-archive:…`.
     Registry(registry::ImageRef),
+    /// A disk behind an oVirt image transfer, served by an imageio daemon.
+    Imageio(imageio::TransferUrls),
 }
 
 impl Location {
@@ -54,6 +57,7 @@ impl fmt::Display for Location {
             Location::Path(path) => write!(f, "{}", path.display()),
             Location::Url(url) => f.write_str(url),
             Location::Registry(image) => write!(f, "{image}"),
+            Location::Imageio(urls) => f.write_str(urls.primary()),
         }
     }
 }

@@ -50,6 +50,10 @@ pub fn open(location: &Location, options: &HttpOptions) -> Result<Opened> {
                 client: disk.client,
             });
         }
+        Location::Imageio(urls) => {
+            let (client, source) = super::imageio::open(urls, options)?;
+            (source, None, Some(client))
+        }
         Location::Url(url) => match http::open(url, options)? {
             (client, Remote::Random(source)) => (source, None, Some(client)),
             (client, Remote::Stream(stream)) => {

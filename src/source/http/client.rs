@@ -146,7 +146,7 @@ impl Client {
     pub fn get(&self, range: Option<(u64, Option<u64>)>, keep_alive: bool) -> Result<Response> {
         let mut url = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for _ in 0..=MAX_REDIRECTS {
-            let response = self.send(&url, range, keep_alive, &[])?;
+            let response = self.send("GET", &url, range, keep_alive, &[], &[])?;
             match response.status {
                 200..=299 | 416 => {
                     *self.current.lock().unwrap_or_else(|p| p.into_inner()) = url;
@@ -192,16 +192,28 @@ impl Client {
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(self.error(ErrorKind::Io, format!("unsupported URL {url}")));
         }
-        self.send(url, range, keep_alive, headers)
+        self.send("GET", url, range, keep_alive, headers, &[])
+    }
+
+    /// Sends one `method` request (`POST`, `OPTIONS`, …) to `url` with `headers` and `body`, and returns the
+    /// response head whatever its status, without following redirects: an API call (an oVirt engine's REST
+    /// service, an imageio daemon's `OPTIONS`) whose answer the caller interprets.
+    pub fn call(&self, method: &str, url: &Url, headers: &[(&str, &str)], body: &[u8]) -> Result<Response> {
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(self.error(ErrorKind::Io, format!("unsupported URL {url}")));
+        }
+        self.send(method, url, None, true, headers, body)
     }
 
     /// Sends one request to `url` and reads the response head.
     fn send(
         &self,
+        method: &str,
         url: &Url,
         range: Option<(u64, Option<u64>)>,
         keep_alive: bool,
         extra: &[(&str, &str)],
+        body: &[u8],
     ) -> Result<Response> {
         let io_err = |what: &str, e: io::Error| self.io_error(what, e);
         let origin = origin(url);
@@ -218,25 +230,33 @@ impl Client {
             Some(conn) => conn,
             None => self.connect(url, proxy.as_ref())?,
         };
-        let head = self.request_head(url, range, keep_alive, proxy.as_ref(), extra);
+        let head = self.request_head(method, url, range, keep_alive, proxy.as_ref(), extra, body.len());
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let sent = conn.io.get_mut().write_all(head.as_bytes()).and_then(|()| conn.io.get_mut().flush());
+        let sent = conn
+            .io
+            .get_mut()
+            .write_all(head.as_bytes())
+            .and_then(|()| conn.io.get_mut().write_all(body))
+            .and_then(|()| conn.io.get_mut().flush());
         let response = sent.and_then(|()| read_head(&mut conn.io));
         match response {
             Ok((status, headers)) => Ok(Response::new(status, headers, conn, keep_alive, self.received.clone())),
             // A reused connection the server had closed meanwhile: once more on a new one.
-            Err(_) if !fresh => self.send(url, range, keep_alive, extra),
+            Err(_) if !fresh => self.send(method, url, range, keep_alive, extra, body),
             Err(e) => Err(io_err("reading the response", e)),
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn request_head(
         &self,
+        method: &str,
         url: &Url,
         range: Option<(u64, Option<u64>)>,
         keep_alive: bool,
         proxy: Option<&Url>,
         extra: &[(&str, &str)],
+        body_len: usize,
     ) -> String {
         let target = match proxy {
             Some(_) if url.scheme() == "http" => url.as_str().to_string(),
@@ -250,7 +270,7 @@ impl Client {
             }
         };
         let mut head = format!(
-            "GET {target} HTTP/1.1\r\nHost: {}\r\nUser-Agent: boundimport/{}\r\nAccept-Encoding: identity\r\n",
+            "{method} {target} HTTP/1.1\r\nHost: {}\r\nUser-Agent: boundimport/{}\r\nAccept-Encoding: identity\r\n",
             host_header(url),
             env!("CARGO_PKG_VERSION")
         );
@@ -259,6 +279,9 @@ impl Client {
         }
         for (name, value) in extra {
             head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if method != "GET" {
+            head.push_str(&format!("Content-Length: {body_len}\r\n"));
         }
         match range {
             Some((start, Some(end))) => head.push_str(&format!("Range: bytes={start}-{end}\r\n")),

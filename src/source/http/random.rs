@@ -23,12 +23,20 @@ pub struct HttpSource {
     len: u64,
     /// The file's ETag or Last-Modified at the probe; every later answer must carry the same.
     identity: Option<String>,
+    /// Where a request opened at an offset should end (exclusive), when not at the end of the file.
+    request_end: Option<RequestEnd>,
     state: Mutex<State>,
 }
+
+/// Where a request opened at an offset ends: a source that knows which ranges are worth reading (an imageio
+/// daemon's extents) asks for just those, so what lies past them is never sent.
+pub type RequestEnd = Box<dyn Fn(u64) -> u64 + Send + Sync>;
 
 struct State {
     /// The open request and the file offset its body is at (a multiple of [`BLOCK`], or the end).
     open: Option<(u64, Response)>,
+    /// Where the open request's body ends.
+    open_end: u64,
     /// Recently passed blocks by index, and their use order.
     cache: HashMap<u64, Vec<u8>>,
     order: VecDeque<u64>,
@@ -44,15 +52,47 @@ impl HttpSource {
             client,
             len,
             identity,
-            state: Mutex::new(State { open: None, cache: HashMap::new(), order: VecDeque::new(), failures: 0 }),
+            request_end: None,
+            state: Mutex::new(State {
+                open: None,
+                open_end: 0,
+                cache: HashMap::new(),
+                order: VecDeque::new(),
+                failures: 0,
+            }),
         }
     }
 
-    /// Opens `bytes=pos-` and checks the answer describes this file from `pos`.
-    fn open_at(&self, pos: u64) -> Result<Response> {
-        let response = self.client.get(Some((pos, None)), true)?;
+    /// This source, its requests ending where `end` says (rounded up to whole blocks) rather than at the end of
+    /// the file.
+    pub fn with_request_end(mut self, end: RequestEnd) -> Self {
+        self.request_end = Some(end);
+        self
+    }
+
+    /// Where a request opened at `pos` ends.
+    fn end_for(&self, pos: u64) -> u64 {
+        match &self.request_end {
+            Some(end) => end(pos).div_ceil(BLOCK).saturating_mul(BLOCK).clamp(pos + 1, self.len),
+            None => self.len,
+        }
+    }
+
+    /// Opens a request at `pos` as the open one.
+    fn open_in(&self, state: &mut State, pos: u64) -> Result<()> {
+        let end = self.end_for(pos);
+        let response = self.open_at(pos, end).map_err(|e| if e.offset().is_none() { e.at_offset(pos) } else { e })?;
+        state.open = Some((pos, response));
+        state.open_end = end;
+        Ok(())
+    }
+
+    /// Opens `bytes=pos-` (or `bytes=pos-(end-1)`) and checks the answer describes this file from `pos`.
+    fn open_at(&self, pos: u64, end: u64) -> Result<Response> {
+        let last = (end < self.len).then(|| end - 1);
+        let response = self.client.get(Some((pos, last)), true)?;
         let range = response.content_range();
-        let expected_len = self.len - pos;
+        let expected_len = end - pos;
         match (response.status, range) {
             // An answer without a validator says nothing; one with another says the file was replaced.
             (206, Some(_)) if changed(self.identity.as_deref(), super::validator(&response).as_deref()) => Err(self
@@ -63,12 +103,12 @@ impl HttpSource {
                     super::validator(&response).unwrap_or_default()
                 ))
                 .at_offset(pos)),
-            (206, Some((start, end, total))) if start == pos && end + 1 == self.len && total.is_none_or(|t| t == self.len) => {
+            (206, Some((start, last, total))) if start == pos && last + 1 == end && total.is_none_or(|t| t == self.len) => {
                 if response.content_length().is_some_and(|l| l != expected_len) {
                     return Err(self
                         .client
                         .error(ErrorKind::Io, format!(
-                            "server's Content-Length {} disagrees with its Content-Range {start}-{end}",
+                            "server's Content-Length {} disagrees with its Content-Range {start}-{last}",
                             response.content_length().unwrap_or(0)
                         ))
                         .at_offset(pos));
@@ -98,6 +138,13 @@ impl HttpSource {
     fn read_body(&self, state: &mut State, buf: &mut [u8]) -> Result<()> {
         let mut done = 0;
         while done < buf.len() {
+            if let Some((at, _)) = state.open.as_ref().filter(|(pos, _)| *pos == state.open_end) {
+                // The request's body is all read: the next one starts here.
+                let at = *at;
+                let (_, response) = state.open.take().expect("a request is open");
+                response.finish(&self.client, Duration::ZERO).map_err(|e| e.at_offset(at))?;
+                self.open_in(state, at)?;
+            }
             let (pos, response) = state.open.as_mut().expect("a request is open");
             let at = *pos;
             match response.read(&mut buf[done..]) {
@@ -118,9 +165,10 @@ impl HttpSource {
             }
         }
         let (pos, _) = state.open.as_ref().expect("a request is open");
-        if *pos == self.len {
+        if *pos == state.open_end {
+            let end = *pos;
             let (_, response) = state.open.take().expect("a request is open");
-            response.finish(&self.client, Duration::ZERO).map_err(|e| e.at_offset(self.len))?;
+            response.finish(&self.client, Duration::ZERO).map_err(|e| e.at_offset(end))?;
         }
         Ok(())
     }
@@ -138,17 +186,17 @@ impl HttpSource {
         }
         log::warn!("{}: {why} at offset {at}; resuming (retry {} of {retries})", self.client.name(), state.failures);
         std::thread::sleep(backoff(state.failures));
-        state.open = Some((at, self.open_at(at)?));
-        Ok(())
+        self.open_in(state, at)
     }
 
     /// Makes sure block `index` is in the cache, reading forward (and caching what is passed) or opening a new
     /// request.
     fn fetch(&self, state: &mut State, index: u64) -> Result<()> {
         let start = index * BLOCK;
-        let usable = matches!(&state.open, Some((pos, _)) if *pos <= start && start - *pos <= SKIP_LIMIT);
+        let usable = matches!(&state.open, Some((pos, _))
+            if *pos <= start && start - *pos <= SKIP_LIMIT && start < state.open_end);
         if !usable {
-            state.open = Some((start, self.open_at(start)?));
+            self.open_in(state, start)?;
         }
         loop {
             let pos = state.open.as_ref().expect("a request is open").0;
