@@ -7,6 +7,7 @@ mod file;
 pub mod files;
 mod hashing;
 pub(crate) mod http;
+pub mod object;
 pub(crate) mod open;
 pub mod registry;
 pub(crate) mod sequential;
@@ -32,13 +33,17 @@ pub enum Location {
     Url(String),
     /// A containerDisk: `docker://…` or `oci-archive:…`.
     Registry(registry::ImageRef),
+    /// An object in an S3 or GCS bucket: `s3://…`, `gs://…`.
+    Object(object::ObjectRef),
 }
 
 impl Location {
-    /// A URL when `text` starts with `http://` or `https://`, else a path.
+    /// A URL when `text` starts with `http://` or `https://`, an object for `s3://` and `gs://`, else a path.
     pub fn parse(text: &str) -> Location {
         let lower = text.to_ascii_lowercase();
-        if lower.starts_with("http://") || lower.starts_with("https://") {
+        if let Some(Ok(object)) = object::ObjectRef::parse_uri(text) {
+            Location::Object(object)
+        } else if lower.starts_with("http://") || lower.starts_with("https://") {
             Location::Url(text.to_string())
         } else if registry::ImageRef::is_image(text) {
             Location::Registry(registry::ImageRef::new(text))
@@ -54,6 +59,7 @@ impl fmt::Display for Location {
             Location::Path(path) => write!(f, "{}", path.display()),
             Location::Url(url) => f.write_str(url),
             Location::Registry(image) => write!(f, "{image}"),
+            Location::Object(object) => write!(f, "{object}"),
         }
     }
 }
@@ -75,6 +81,8 @@ pub struct HttpOptions {
     pub stall_timeout: Duration,
     /// Reconnections (with Range) after a dropped connection before giving up.
     pub retries: u32,
+    /// Object-store settings (S3 endpoint, region, addressing).
+    pub object: object::ObjectOptions,
 }
 
 impl Default for HttpOptions {
@@ -87,6 +95,7 @@ impl Default for HttpOptions {
             headers: Vec::new(),
             stall_timeout: Duration::from_secs(60),
             retries: 5,
+            object: object::ObjectOptions::default(),
         }
     }
 }

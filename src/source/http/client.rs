@@ -23,6 +23,20 @@ const MAX_HEAD: usize = 64 << 10;
 /// Socket read buffer.
 const READ_BUFFER: usize = 64 << 10;
 
+/// Per-request authorization for sources whose credentials sign each request (S3's SigV4) or expire (GCS's
+/// OAuth2 tokens): the client asks for the headers just before sending, so a retry or a late range request carries
+/// fresh ones, and asks it to put an error answer into words.
+pub trait Authorize: Send + Sync {
+    /// Headers that authorize one `GET` of `url` (sent only to the source's own origin).
+    fn headers(&self, url: &Url) -> Result<Vec<(String, String)>>;
+
+    /// The message for an error answer (status ≥ 400), given the start of its body; `None` keeps the client's.
+    fn explain(&self, status: u16, body: &[u8]) -> Option<String>;
+}
+
+/// Most bytes of an error answer's body read for [`Authorize::explain`].
+const MAX_ERROR_BODY: u64 = 16 << 10;
+
 /// A byte stream a request runs over: plain TCP or TLS.
 pub(crate) trait Transport: Read + Write + Send {}
 impl<T: Read + Write + Send> Transport for T {}
@@ -57,6 +71,8 @@ pub struct Client {
     requests: AtomicU64,
     /// Body bytes received, over every response.
     received: Arc<AtomicU64>,
+    /// Signs each request to the source's origin, for object stores.
+    authorizer: Option<Arc<dyn Authorize>>,
 }
 
 /// A response whose body is read through [`Read`].
@@ -118,7 +134,20 @@ impl Client {
             idle: Mutex::new(None),
             requests: AtomicU64::new(0),
             received: Arc::new(AtomicU64::new(0)),
+            authorizer: None,
         })
+    }
+
+    /// A client for `url`, called `name` in messages (an `s3://` or `gs://` object), whose requests `authorizer`
+    /// signs (basic auth from `options` is not sent).
+    pub fn with_authorizer(
+        url: &str,
+        name: &str,
+        options: &HttpOptions,
+        authorizer: Arc<dyn Authorize>,
+    ) -> Result<Self> {
+        let options = HttpOptions { username: None, password: None, ..options.clone() };
+        Ok(Client { authorizer: Some(authorizer), name: name.to_string(), ..Client::new(url, &options)? })
     }
 
     /// The URL without credentials, for messages.
@@ -146,7 +175,16 @@ impl Client {
     pub fn get(&self, range: Option<(u64, Option<u64>)>, keep_alive: bool) -> Result<Response> {
         let mut url = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for _ in 0..=MAX_REDIRECTS {
-            let response = self.send(&url, range, keep_alive, &[])?;
+            let response = self.send(&url, range, keep_alive, &[], None)?;
+            if let (Some(authorizer), 400..) = (&self.authorizer, response.status) {
+                let status = response.status;
+                let mut body = Vec::new();
+                let _ = response.take(MAX_ERROR_BODY).read_to_end(&mut body);
+                if let Some(message) = authorizer.explain(status, &body) {
+                    return Err(self.error(ErrorKind::Io, message));
+                }
+                return Err(self.error(ErrorKind::Io, format!("server answered HTTP {status}")));
+            }
             match response.status {
                 200..=299 | 416 => {
                     *self.current.lock().unwrap_or_else(|p| p.into_inner()) = url;
@@ -192,16 +230,26 @@ impl Client {
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
             return Err(self.error(ErrorKind::Io, format!("unsupported URL {url}")));
         }
-        self.send(url, range, keep_alive, headers)
+        self.send(url, range, keep_alive, headers, None)
     }
 
-    /// Sends one request to `url` and reads the response head.
+    /// Sends one `POST` of the form `form` (`application/x-www-form-urlencoded`) to `url`, without redirects
+    /// (an OAuth2 token request), and returns the response head whatever its status.
+    pub fn post_form(&self, url: &Url, form: &str) -> Result<Response> {
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(self.error(ErrorKind::Io, format!("unsupported URL {url}")));
+        }
+        self.send(url, None, false, &[("Content-Type", "application/x-www-form-urlencoded")], Some(form.as_bytes()))
+    }
+
+    /// Sends one request to `url` (a `GET`, or a `POST` of `body`) and reads the response head.
     fn send(
         &self,
         url: &Url,
         range: Option<(u64, Option<u64>)>,
         keep_alive: bool,
-        extra: &[(&str, &str)],
+        given: &[(&str, &str)],
+        body: Option<&[u8]>,
     ) -> Result<Response> {
         let io_err = |what: &str, e: io::Error| self.io_error(what, e);
         let origin = origin(url);
@@ -213,19 +261,35 @@ impl Client {
                 _ => None,
             }
         };
+        let signed = match &self.authorizer {
+            Some(authorizer) if origin == self::origin(&self.url) => authorizer.headers(url)?,
+            _ => Vec::new(),
+        };
+        let length = body.map(|b| b.len().to_string());
+        let extra: Vec<(&str, &str)> = given
+            .iter()
+            .copied()
+            .chain(length.as_deref().map(|l| ("Content-Length", l)))
+            .chain(signed.iter().map(|(n, v)| (n.as_str(), v.as_str())))
+            .collect();
+        let extra = extra.as_slice();
         let fresh = reused.is_none();
         let mut conn = match reused {
             Some(conn) => conn,
             None => self.connect(url, proxy.as_ref())?,
         };
-        let head = self.request_head(url, range, keep_alive, proxy.as_ref(), extra);
+        let mut head = self.request_head(url, range, keep_alive, proxy.as_ref(), extra).into_bytes();
+        if let Some(body) = body {
+            head.splice(..3, *b"POST");
+            head.extend_from_slice(body);
+        }
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let sent = conn.io.get_mut().write_all(head.as_bytes()).and_then(|()| conn.io.get_mut().flush());
+        let sent = conn.io.get_mut().write_all(&head).and_then(|()| conn.io.get_mut().flush());
         let response = sent.and_then(|()| read_head(&mut conn.io));
         match response {
             Ok((status, headers)) => Ok(Response::new(status, headers, conn, keep_alive, self.received.clone())),
             // A reused connection the server had closed meanwhile: once more on a new one.
-            Err(_) if !fresh => self.send(url, range, keep_alive, extra),
+            Err(_) if !fresh => self.send(url, range, keep_alive, given, body),
             Err(e) => Err(io_err("reading the response", e)),
         }
     }
@@ -671,7 +735,8 @@ fn origin(url: &Url) -> String {
     format!("{}://{}:{}", url.scheme(), url.host_str().unwrap_or_default(), url.port_or_known_default().unwrap_or(0))
 }
 
-fn host_header(url: &Url) -> String {
+/// The `Host` header the client sends for `url` (what a request signature must cover).
+pub(crate) fn host_header(url: &Url) -> String {
     let host = url.host_str().unwrap_or_default();
     match url.port() {
         Some(port) => format!("{host}:{port}"),
