@@ -156,6 +156,14 @@ fn s3_refusals_name_bucket_and_key_and_leave_no_destination() {
     .unwrap();
     summary(&import("s3://disks/dir/a b.raw", &dest, &endpoint, &[("AWS_PROFILE", "objstore")]), "profile");
     assert_eq!(sha256_prefix(&dest, MIB), sha256_prefix(&raw, MIB));
+    // --checksum covers the object's bytes as downloaded; a wrong one discards the import.
+    let good = format!("sha256:{}", sha256_prefix(&raw, MIB));
+    let args = ["--endpoint-url", &s3.endpoint(), "--checksum", &good];
+    summary(&import("s3://disks/dir/a b.raw", &dest, &args, &keys()), "checksum");
+    let bad = format!("sha256:{}", "0".repeat(64));
+    let args = ["--endpoint-url", &s3.endpoint(), "--checksum", &bad];
+    let line = one_line_error(&import("s3://disks/dir/a b.raw", &dest, &args, &keys()));
+    assert!(line.contains("checksum"), "{line}");
 }
 
 #[test]
@@ -625,4 +633,38 @@ fn s3_credentials_from_a_web_identity_token_exchanged_at_sts() {
         line.contains("AssumeRoleWithWebIdentity") && line.contains(role) && line.contains("AccessDenied"),
         "{line}"
     );
+}
+
+#[test]
+fn an_s3_import_that_stalled_resumes_from_its_checkpoint_in_the_next_run() {
+    if !require_servers("an_s3_import_that_stalled_resumes") {
+        return;
+    }
+    let s3 = Seaweed::start(false);
+    let work = scratch_dir("objstore-resume");
+    let size = 32 * MIB;
+    let raw = work.path().join("disk.raw");
+    write_raw(&raw, size, &[(0, size, Fill::Random(5))]);
+    s3.put("disks", "resume/disk.raw", &raw);
+    let dest = work.path().join("out.raw");
+    // The first run reads through a forwarder that holds the transfer at 20 MiB until the importer gives up on
+    // the stall, as a pod whose network died would.
+    let forward = CutOnce::start(s3.s3_port, 20 * MIB);
+    let start = |endpoint: &str| {
+        let mut command = boundimport();
+        command.args(["--progress", "none", "--json", "--resume", "--stall-timeout", "2", "--endpoint-url", endpoint]);
+        command.arg("s3://disks/resume/disk.raw").arg(&dest);
+        command.envs(keys()).env_remove("AWS_PROFILE");
+        command.output().unwrap()
+    };
+    let failed = start(&format!("http://127.0.0.1:{}", forward.port));
+    let line = one_line_error(&failed);
+    assert!(line.contains("stalled") && line.contains("s3://disks/resume/disk.raw"), "{line}");
+    forward.go_on();
+    // The next run, straight to the gateway, continues from the last checkpoint: the object's ETag is the same.
+    let json = summary(&start(&s3.endpoint()), "resumed");
+    let resumed_at = json["resumed_at"].as_u64().unwrap();
+    assert!(resumed_at > 0 && resumed_at <= 20 * MIB, "{json}");
+    assert!(json["downloaded_bytes"].as_u64().unwrap() < size, "{json}");
+    assert_eq!(sha256_prefix(&dest, size), sha256_prefix(&raw, size));
 }

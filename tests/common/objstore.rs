@@ -107,7 +107,7 @@ impl Seaweed {
             .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false", "-filer", "-s3"])
             .arg(format!("-dir={}", data.display()))
             .arg(format!("-s3.config={}", config.display()))
-            .args(["-master.volumeSizeLimitMB=64", "-volume.max=20", "-s3.port.iceberg=0", "-s3.port.lance=0"])
+            .args(["-master.volumeSizeLimitMB=256", "-volume.max=100", "-s3.port.iceberg=0", "-s3.port.lance=0"])
             .arg(format!("-s3.port={s3_port}"))
             .arg(format!("-filer.port={filer_port}"))
             .arg(format!("-master.port={}", ports[2]))
@@ -153,8 +153,8 @@ impl Seaweed {
     fn try_put(&self, bucket: &str, key: &str, file: &Path) -> bool {
         let url = format!("http://127.0.0.1:{}/buckets/{bucket}/{}", self.filer_port, encode_path(key));
         let out = Command::new("curl")
-            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT", "--data-binary"])
-            .arg(format!("@{}", file.display()))
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-T"])
+            .arg(file)
             .arg(&url)
             .output()
             .expect("running curl");
