@@ -220,7 +220,12 @@ fn an_s3_object_replaced_mid_import_fails_clearly() {
     forward.go_on();
     let output = child.wait_with_output().unwrap();
     let line = one_line_error(&output);
+    // The resumed request carries If-Match with the first ETag: the server itself refuses the new object.
     assert!(line.contains("s3://disks/disk.raw") && line.contains("changed during the import"), "{line}");
+    assert!(
+        line.contains("bucket \"disks\" key \"disk.raw\" no longer has ETag") && line.contains("HTTP 412"),
+        "{line}"
+    );
 }
 
 /// A token endpoint that checks each JWT bearer assertion's RS256 signature with `public_key` and its claims, and

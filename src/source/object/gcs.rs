@@ -3,12 +3,12 @@
 //! from a service-account key file (`GOOGLE_APPLICATION_CREDENTIALS`: the JWT bearer grant, RS256-signed with ring),
 //! else from the metadata server (workload identity; `GCE_METADATA_HOST` overrides its address), else anonymous.
 
-use super::{encode_component, ObjectRef};
+use super::{encode_component, ObjectRef, Pinned};
 use crate::error::{Error, ErrorKind, Result};
 use crate::source::http::{base64, Authorize, Client};
 use crate::source::HttpOptions;
 use std::io::Read;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use url::Url;
 
@@ -28,6 +28,7 @@ pub(super) fn client(
     object: &ObjectRef,
     options: &HttpOptions,
     env: &dyn Fn(&str) -> Option<String>,
+    pinned: Arc<Pinned>,
 ) -> Result<Client> {
     let base = match (&object.endpoint, env("STORAGE_EMULATOR_HOST")) {
         (Some(endpoint), _) => endpoint.clone(),
@@ -50,8 +51,8 @@ pub(super) fn client(
         },
     };
     log::info!("{object}: GCS object at {url}, {}", source.describe());
-    let authorizer = Bearer { object: object.clone(), source, token: Mutex::new(None) };
-    Client::with_authorizer(&url, &object.to_string(), options, std::sync::Arc::new(authorizer))
+    let authorizer = Bearer { object: object.clone(), source, token: Mutex::new(None), pinned };
+    Client::with_authorizer(&url, &object.to_string(), options, Arc::new(authorizer))
 }
 
 /// The metadata server's client, when `GCE_METADATA_HOST` is set or its name resolves (inside Google Cloud).
@@ -191,12 +192,14 @@ struct Bearer {
     object: ObjectRef,
     source: TokenSource,
     token: Mutex<Option<(String, Instant)>>,
+    pinned: Arc<Pinned>,
 }
 
 impl Authorize for Bearer {
     fn headers(&self, _url: &Url) -> Result<Vec<(String, String)>> {
+        let mut headers: Vec<(String, String)> = self.pinned.header().into_iter().collect();
         if matches!(self.source, TokenSource::Anonymous) {
-            return Ok(Vec::new());
+            return Ok(headers);
         }
         let mut cached = self.token.lock().unwrap_or_else(|p| p.into_inner());
         let valid = |(_, until): &&(String, Instant)| *until > Instant::now() + REFRESH_BEFORE;
@@ -209,10 +212,14 @@ impl Authorize for Bearer {
                 token
             }
         };
-        Ok(vec![("Authorization".to_string(), format!("Bearer {token}"))])
+        headers.push(("Authorization".to_string(), format!("Bearer {token}")));
+        Ok(headers)
     }
 
     fn explain(&self, status: u16, body: &[u8]) -> Option<String> {
+        if let Some(changed) = self.pinned.changed(&self.object, status) {
+            return Some(changed);
+        }
         let text = String::from_utf8_lossy(body);
         let detail = super::xml_text(&text, "Code")
             .map(|code| {

@@ -13,8 +13,9 @@ mod s3;
 use super::http::{self, Client, Remote};
 use super::HttpOptions;
 use crate::error::{Error, Result};
+use crate::source::ReadAt;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Which object store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,11 +102,41 @@ pub struct ObjectOptions {
 /// (`username` = access key id, `password` = secret key) are S3 keys.
 pub fn open(object: &ObjectRef, options: &HttpOptions) -> Result<(Arc<Client>, Remote)> {
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let pinned = Arc::new(Pinned::default());
     let client = match object.store {
-        Store::S3 => s3::client(object, options, &env)?,
-        Store::Gcs => gcs::client(object, options, &env)?,
+        Store::S3 => s3::client(object, options, &env, pinned.clone())?,
+        Store::Gcs => gcs::client(object, options, &env, pinned.clone())?,
     };
-    http::open_with(Arc::new(client))
+    let (client, remote) = http::open_with(Arc::new(client))?;
+    let identity = match &remote {
+        Remote::Random(source) => source.identity(),
+        Remote::Stream(stream) => stream.identity(),
+    };
+    if let Some(etag) = identity.as_deref().and_then(|i| i.strip_prefix("etag ")) {
+        pinned.0.get_or_init(|| etag.to_string());
+    }
+    Ok((client, remote))
+}
+
+/// The ETag the probe saw: every later request carries `If-Match` with it, so the server refuses (412) to serve
+/// a replaced object's bytes instead of the import mixing two versions.
+#[derive(Default)]
+pub(super) struct Pinned(OnceLock<String>);
+
+impl Pinned {
+    /// `If-Match`, once the ETag is known.
+    fn header(&self) -> Option<(String, String)> {
+        self.0.get().map(|etag| ("If-Match".to_string(), etag.clone()))
+    }
+
+    /// The message for a 412 answer to a request that carried `If-Match`.
+    fn changed(&self, object: &ObjectRef, status: u16) -> Option<String> {
+        let etag = self.0.get().filter(|_| status == 412)?;
+        Some(format!(
+            "the object changed during the import: bucket \"{}\" key \"{}\" no longer has ETag {etag} (HTTP 412)",
+            object.bucket, object.key
+        ))
+    }
 }
 
 fn strip_prefix_ignore_case<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {

@@ -2,11 +2,12 @@
 //! with `UNSIGNED-PAYLOAD`, done by `aws-sigv4` (the AWS SDK's own signer) so no request crypto is ours.
 
 use super::aws::{self, Credentials, Provider};
-use super::{encode_key, usage, xml_text, ObjectRef};
+use super::{encode_key, usage, xml_text, ObjectRef, Pinned};
 use crate::error::Result;
 use crate::source::http::{host_header, Authorize, Client};
 use crate::source::HttpOptions;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::SystemTime;
 use url::Url;
 
@@ -18,6 +19,7 @@ pub(super) fn client(
     object: &ObjectRef,
     options: &HttpOptions,
     env: &dyn Fn(&str) -> Option<String>,
+    pinned: Arc<Pinned>,
 ) -> Result<Client> {
     let given = match (&options.username, &options.password) {
         (Some(key), Some(secret)) => Some(Credentials::new(key, secret, None)),
@@ -36,8 +38,8 @@ pub(super) fn client(
     let url = object_url(object, &options.object, &region).map_err(|e| usage(object, e))?;
     let provider = Provider::resolve(given, profile.as_ref(), &region, options, env)?;
     log::info!("{object}: S3 object at {url}, region {region}, {}", provider.describe());
-    let signer = Signer { object: object.clone(), region, provider };
-    Client::with_authorizer(url.as_str(), &object.to_string(), options, std::sync::Arc::new(signer))
+    let signer = Signer { object: object.clone(), region, provider, pinned };
+    Client::with_authorizer(url.as_str(), &object.to_string(), options, Arc::new(signer))
 }
 
 /// The object's URL: on its own endpoint (CDI's, path-style), on `--endpoint-url`, or on AWS. Buckets go into the
@@ -87,18 +89,25 @@ struct Signer {
     object: ObjectRef,
     region: String,
     provider: Provider,
+    pinned: Arc<Pinned>,
 }
 
 impl Authorize for Signer {
     fn headers(&self, url: &Url) -> Result<Vec<(String, String)>> {
-        let Some(credentials) = self.provider.credentials()? else {
-            return Ok(Vec::new());
-        };
-        sign(url, &credentials, &self.region, SystemTime::now())
-            .map_err(|e| usage(&self.object, format!("signing the request: {e}")))
+        let mut headers: Vec<(String, String)> = self.pinned.header().into_iter().collect();
+        if let Some(credentials) = self.provider.credentials()? {
+            headers.extend(
+                sign(url, &credentials, &self.region, SystemTime::now())
+                    .map_err(|e| usage(&self.object, format!("signing the request: {e}")))?,
+            );
+        }
+        Ok(headers)
     }
 
     fn explain(&self, status: u16, body: &[u8]) -> Option<String> {
+        if let Some(changed) = self.pinned.changed(&self.object, status) {
+            return Some(changed);
+        }
         let xml = String::from_utf8_lossy(body);
         let code = xml_text(&xml, "Code").unwrap_or_else(|| {
             match status {
