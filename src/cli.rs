@@ -16,8 +16,8 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Import a VM disk image (qcow2, raw, vmdk, vhd, vhdx, vdi; plain or gz/xz/zst; a file or an http(s) URL) onto a
-/// block device or raw file without filling the memory cgroup.
+/// Import a VM disk image (qcow2, raw, vmdk, vhd, vhdx, vdi; plain or gz/xz/zst; a file, an http(s) URL, an s3:// or
+/// gs:// object) onto a block device or raw file without filling the memory cgroup.
 #[derive(Debug, Parser)]
 #[command(name = "boundimport", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Cli {
