@@ -403,6 +403,17 @@ fn cdi_imports_s3_and_gcs_objects_onto_file_and_block_volumes_without_scratch() 
         let (digest, len) = qemu_reference(&plain, work.path());
         assert_eq!(sha256_prefix(&pod.path().join("data/disk.img"), len), digest, "{name}");
     }
+    // An object larger than the volume is refused before anything is written.
+    let key = "cdi/with space/disk.qcow2";
+    let endpoint = format!("{}/disks/{}", s3.endpoint(), encode_path(key));
+    let mut env =
+        vec![("IMPORTER_SOURCE", "s3"), ("IMPORTER_ENDPOINT", endpoint.as_str()), ("IMPORTER_IMAGE_SIZE", "1Mi")];
+    env.extend(creds);
+    std::fs::remove_file(pod.path().join("data/disk.img")).unwrap();
+    let (code, message) = cdi(pod.path(), None, &env);
+    assert!(code == 1 && message.contains("is larger than the reported available"), "{message}");
+    assert!(!pod.path().join("data/disk.img").exists(), "nothing written for an image larger than the volume");
+
     // CDI's messages for a refused object, naming it; no disk.img is left that looks complete.
     let endpoint = format!("{}/disks/cdi/missing.qcow2", s3.endpoint());
     let mut env = vec![("IMPORTER_SOURCE", "s3"), ("IMPORTER_ENDPOINT", endpoint.as_str())];
