@@ -10,13 +10,14 @@ use crate::process::{exit_code, install_stop_handlers};
 use crate::progress::Progress;
 use crate::sink::IoChoice;
 use crate::size::{human, parse_quantity};
+use crate::source::object::{ObjectOptions, ObjectRef};
 use crate::source::{HttpOptions, Location};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Import a VM disk image (qcow2, raw, vmdk, vhd, vhdx, vdi; plain or gz/xz/zst; a file or an http(s) URL) onto a
-/// block device or raw file without filling the memory cgroup.
+/// Import a VM disk image (qcow2, raw, vmdk, vhd, vhdx, vdi; plain or gz/xz/zst; a file, an http(s) URL, an s3:// or
+/// gs:// object) onto a block device or raw file without filling the memory cgroup.
 #[derive(Debug, Parser)]
 #[command(name = "boundimport", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Cli {
@@ -46,8 +47,11 @@ enum Command {
 /// Arguments of a plain import.
 #[derive(Debug, clap::Args)]
 struct ImportArgs {
-    /// Image to import: a local file or block device, or an http(s) URL. Its format is detected from its
-    /// header.
+    /// Image to import: a local file or block device, an http(s) URL, an S3 object `s3://BUCKET/KEY` (credentials
+    /// from --user ACCESS_KEY:SECRET, else AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE and the shared
+    /// files, or AWS_WEB_IDENTITY_TOKEN_FILE + AWS_ROLE_ARN) or a GCS object `gs://BUCKET/OBJECT` (a service-account
+    /// key in GOOGLE_APPLICATION_CREDENTIALS, else the metadata server, else anonymous; STORAGE_EMULATOR_HOST for
+    /// another server). Its format is detected from its header.
     #[arg(required = true)]
     source: Option<String>,
 
@@ -111,6 +115,18 @@ struct ImportArgs {
     /// Directory of extra PEM CA certificates trusted for https sources, besides the system roots (repeatable).
     #[arg(long, value_name = "DIR")]
     ca_dir: Vec<PathBuf>,
+
+    /// S3 endpoint for s3:// sources (a server other than AWS), http(s)://HOST[:PORT].
+    #[arg(long, value_name = "URL", env = "AWS_ENDPOINT_URL")]
+    endpoint_url: Option<String>,
+
+    /// S3 region for signing (default: AWS_REGION, AWS_DEFAULT_REGION, the profile's, else us-east-1).
+    #[arg(long)]
+    region: Option<String>,
+
+    /// Address S3 buckets in the path (https://HOST/BUCKET/KEY) instead of the host name.
+    #[arg(long)]
+    s3_path_style: bool,
 
     /// Do not verify the TLS certificate of an https source.
     #[arg(long)]
@@ -249,6 +265,9 @@ fn import_and_report(args: &ImportArgs, progress: &Progress) -> Result<()> {
     let (Some(source), Some(dest)) = (&args.source, &args.dest) else {
         return Err(Error::usage("SOURCE and DEST are required"));
     };
+    if let Some(Err(why)) = ObjectRef::parse_uri(source) {
+        return Err(Error::usage(why).at_path(source));
+    }
     let plan = Plan {
         limit: args.limit,
         io: args.io.into(),
@@ -268,6 +287,11 @@ fn import_and_report(args: &ImportArgs, progress: &Progress) -> Result<()> {
             headers: args.header.clone(),
             stall_timeout: Duration::from_secs_f64(args.stall_timeout.max(0.1)),
             retries: args.retries,
+            object: ObjectOptions {
+                endpoint_url: args.endpoint_url.clone(),
+                region: args.region.clone(),
+                path_style: args.s3_path_style,
+            },
         },
         scratch: args.scratch.clone(),
         ..Plan::new(Location::parse(source), dest)

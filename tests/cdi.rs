@@ -400,14 +400,16 @@ fn bad_preallocation_fails_with_one_line() {
 
 #[test]
 fn unsupported_sources_fail_with_one_line() {
-    for source in ["s3", "gcs", "vddk"] {
+    for source in ["imageio", "vddk"] {
         let mut pod = Pod::new("cdi-source");
         pod.set("IMPORTER_SOURCE", source).set("IMPORTER_ENDPOINT", "s3://bucket/disk.img");
         let ended = pod.run();
         assert_eq!(ended.code, 1);
         assert_eq!(
             ended.termination,
-            format!("Unknown data source: {source} (unsupported source: boundimport cdi imports from http, registry, imageio and none)")
+            format!(
+                "Unknown data source: {source} (unsupported source: boundimport cdi imports from http, s3, gcs, registry, imageio and none)"
+            )
         );
     }
 }
@@ -665,12 +667,12 @@ fn invoked_as_cdi_importer_it_is_the_cdi_entrypoint() {
         .args(["--metrics-addr", "127.0.0.1:0", "--block-path", "/nonexistent", "--data-dir"])
         .arg(dir.path())
         .env_clear()
-        .env("IMPORTER_SOURCE", "gcs")
+        .env("IMPORTER_SOURCE", "vddk")
         .env("PREALLOCATION", "false")
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(1));
-    assert!(fs::read_to_string(&term).unwrap().starts_with("Unknown data source: gcs"));
+    assert!(fs::read_to_string(&term).unwrap().starts_with("Unknown data source: vddk"));
 }
 
 /// A loop device over a sparse backing file filled with garbage, so zero ranges must really be zeroed.
@@ -794,10 +796,10 @@ fn unsupported_sources_go_to_a_fallback_importer_when_one_is_named() {
     let record = pod.dir.path().join("fallback-ran");
     fs::write(&script, format!("#!/bin/sh\necho \"$IMPORTER_SOURCE $*\" > {}\nexit 7\n", record.display())).unwrap();
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-    pod.set("IMPORTER_SOURCE", "s3").set("BOUNDIMPORT_CDI_FALLBACK", script.to_str().unwrap());
+    pod.set("IMPORTER_SOURCE", "vddk").set("BOUNDIMPORT_CDI_FALLBACK", script.to_str().unwrap());
     let ended = pod.run();
     assert_eq!(ended.code, 7, "the fallback's own exit code: {}", ended.stderr);
-    assert_eq!(fs::read_to_string(&record).unwrap(), "s3 -alsologtostderr -v=3\n");
+    assert_eq!(fs::read_to_string(&record).unwrap(), "vddk -alsologtostderr -v=3\n");
     assert!(ended.termination.is_empty(), "the fallback owns the termination log");
 
     // Sources boundimport imports stay with boundimport.

@@ -84,7 +84,7 @@ pub struct CdiArgs {
     pub metrics_linger: f64,
 
     /// Another importer (CDI's own `cdi-importer`) to exec, with the same arguments, when IMPORTER_SOURCE is one
-    /// boundimport does not import (s3, gcs, vddk).
+    /// boundimport does not import (vddk).
     #[arg(long, value_name = "PATH", env = "BOUNDIMPORT_CDI_FALLBACK")]
     pub fallback: Option<PathBuf>,
 }
@@ -152,7 +152,7 @@ fn termination_log_arg(args: &[OsString]) -> Option<PathBuf> {
 
 /// Sources `boundimport cdi` imports itself.
 pub(super) fn handles_source(source: &str) -> bool {
-    matches!(source, "" | "http" | "registry" | "imageio" | "none")
+    matches!(source, "" | "http" | "s3" | "gcs" | "registry" | "imageio" | "none")
 }
 
 /// The klog flags among the arguments given after the `cdi` subcommand (or after the program name, when invoked

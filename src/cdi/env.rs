@@ -6,6 +6,7 @@
 use crate::checksum::Checksum;
 use crate::error::{Error, Result};
 use crate::size::parse_quantity;
+use crate::source::object::{ObjectRef, Store};
 use crate::source::registry::ImageRef;
 use crate::source::Location;
 use std::collections::BTreeMap;
@@ -25,6 +26,9 @@ pub enum Source {
     Registry(ImageRef),
     /// `IMPORTER_SOURCE=imageio`: an oVirt disk (or one of its snapshots) through an image transfer.
     Imageio(ImageioEnv),
+    /// `IMPORTER_SOURCE=s3` (`IMPORTER_ENDPOINT` `http(s)://HOST[:PORT]/BUCKET/KEY`, path-style) or `gcs`
+    /// (`gs://BUCKET/OBJECT` or `http(s)://HOST/BUCKET/OBJECT`; the key file in `GOOGLE_APPLICATION_CREDENTIALS`).
+    Object(ObjectRef),
     /// `IMPORTER_SOURCE=none`: a blank disk.
     Blank,
 }
@@ -116,7 +120,7 @@ pub fn parse_header(text: &str) -> Option<(String, String)> {
 
 /// The unsupported-source message: CDI's wording, and what boundimport does support.
 pub fn unsupported_source(source: &str) -> String {
-    format!("Unknown data source: {source} (unsupported source: boundimport cdi imports from http, registry, imageio and none)")
+    format!("Unknown data source: {source} (unsupported source: boundimport cdi imports from http, s3, gcs, registry, imageio and none)")
 }
 
 impl CdiEnv {
@@ -199,6 +203,20 @@ impl CdiEnv {
                     current_checkpoint: non_empty("IMPORTER_CURRENT_CHECKPOINT"),
                     previous_checkpoint: non_empty("IMPORTER_PREVIOUS_CHECKPOINT"),
                 })
+            }
+            name @ ("s3" | "gcs") => {
+                let endpoint = get("IMPORTER_ENDPOINT");
+                let parsed = match (name, ObjectRef::parse_uri(endpoint)) {
+                    ("gcs", Some(Ok(object))) if object.store == Store::Gcs => Ok(object),
+                    ("gcs", _) => ObjectRef::from_endpoint_url(Store::Gcs, endpoint),
+                    _ => ObjectRef::from_endpoint_url(Store::S3, endpoint),
+                };
+                let prefix = if name == "s3" { "" } else { "GCS Importer: " };
+                Source::Object(parsed.map_err(|e| {
+                    Error::usage(format!(
+                        "Unable to connect to {name} data source: {prefix}unable to parse endpoint {endpoint:?}: {e}"
+                    ))
+                })?)
             }
             "none" => Source::Blank,
             other => return Err(Error::unsupported(unsupported_source(other))),
@@ -346,6 +364,21 @@ mod tests {
     }
 
     #[test]
+    fn object_sources_take_cdi_endpoints() {
+        let s3 = env(&[("IMPORTER_SOURCE", "s3"), ("IMPORTER_ENDPOINT", "http://minio:9000/bkt/dir/a%20b.img")]);
+        let Source::Object(object) = s3.unwrap().source else { panic!("not an object") };
+        assert_eq!((object.store, object.bucket.as_str(), object.key.as_str()), (Store::S3, "bkt", "dir/a b.img"));
+        assert_eq!(object.endpoint.as_deref(), Some("http://minio:9000"));
+        let gs = env(&[("IMPORTER_SOURCE", "gcs"), ("IMPORTER_ENDPOINT", "gs://b/o/x.qcow2")]).unwrap();
+        assert!(matches!(gs.source, Source::Object(ObjectRef { store: Store::Gcs, endpoint: None, .. })));
+        let custom = env(&[("IMPORTER_SOURCE", "gcs"), ("IMPORTER_ENDPOINT", "https://gcs.local/b/o")]).unwrap();
+        assert!(matches!(custom.source, Source::Object(ObjectRef { store: Store::Gcs, endpoint: Some(_), .. })));
+        let bad = env(&[("IMPORTER_SOURCE", "s3"), ("IMPORTER_ENDPOINT", "http://minio:9000/bucket-only")]);
+        let err = bad.unwrap_err().to_string();
+        assert!(err.starts_with("Unable to connect to s3 data source: unable to parse endpoint"), "{err}");
+    }
+
+    #[test]
     fn preallocation_is_strict() {
         for good in ["true", "false", "1", "0", "TRUE", "False"] {
             assert!(env(&[("PREALLOCATION", good)]).is_ok(), "{good}");
@@ -385,7 +418,7 @@ mod tests {
 
     #[test]
     fn sources_other_than_http_and_none_are_refused() {
-        for other in ["s3", "gcs", "vddk", "blank"] {
+        for other in ["vddk", "blank"] {
             let err = env(&[("IMPORTER_SOURCE", other)]).unwrap_err().to_string();
             assert!(err.contains("unsupported source"), "{err}");
             assert!(err.starts_with(&format!("Unknown data source: {other}")), "{err}");

@@ -165,6 +165,13 @@ impl Context<'_> {
             Source::Blank => self.blank(&env, &volume),
             Source::Registry(image) => self.import_registry(&env, &volume, image),
             Source::Imageio(source) => self.import_imageio(&env, &volume, source),
+            Source::Object(object) => {
+                let location = Location::Object(object.clone());
+                match env.content_type {
+                    ContentType::Kubevirt => self.import_image(&env, &volume, location),
+                    ContentType::Archive => self.import_archive(&env, &volume, location),
+                }
+            }
             Source::Http(location) => match self.wait_for_ready_file(&env, location) {
                 Err(message) => Finish::Failure(message),
                 Ok(location) => {
@@ -290,6 +297,16 @@ impl Context<'_> {
             Err(e) if e.kind() == ErrorKind::NeedsScratch => {
                 log::info!("{e}");
                 return self.scratch_required(volume);
+            }
+            // An object store's refusal (no such key, a bad signature) comes from the probe, before any offset: CDI
+            // reports it as failing to connect.
+            Err(e) if matches!(&plan.source, Location::Object(o) if e.offset().is_none() && e.path() == Some(Path::new(&o.to_string()))) =>
+            {
+                let store = match &plan.source {
+                    Location::Object(o) if o.store == crate::source::object::Store::S3 => "s3",
+                    _ => "gcs",
+                };
+                return Finish::Failure(format!("Unable to connect to {store} data source: {e}"));
             }
             Err(e) => return Finish::Failure(format!("Unable to process data: {e}")),
         };

@@ -8,6 +8,7 @@ pub mod files;
 mod hashing;
 pub(crate) mod http;
 pub mod imageio;
+pub mod object;
 pub(crate) mod open;
 pub mod registry;
 pub(crate) mod sequential;
@@ -35,13 +36,17 @@ pub enum Location {
     Registry(registry::ImageRef),
     /// A disk behind an oVirt image transfer, served by an imageio daemon.
     Imageio(imageio::TransferUrls),
+    /// An object in an S3 or GCS bucket: `s3://…`, `gs://…`.
+    Object(object::ObjectRef),
 }
 
 impl Location {
-    /// A URL when `text` starts with `http://` or `https://`, else a path.
+    /// A URL when `text` starts with `http://` or `https://`, an object for `s3://` and `gs://`, else a path.
     pub fn parse(text: &str) -> Location {
         let lower = text.to_ascii_lowercase();
-        if lower.starts_with("http://") || lower.starts_with("https://") {
+        if let Some(Ok(object)) = object::ObjectRef::parse_uri(text) {
+            Location::Object(object)
+        } else if lower.starts_with("http://") || lower.starts_with("https://") {
             Location::Url(text.to_string())
         } else if registry::ImageRef::is_image(text) {
             Location::Registry(registry::ImageRef::new(text))
@@ -58,6 +63,7 @@ impl fmt::Display for Location {
             Location::Url(url) => f.write_str(url),
             Location::Registry(image) => write!(f, "{image}"),
             Location::Imageio(urls) => f.write_str(urls.primary()),
+            Location::Object(object) => write!(f, "{object}"),
         }
     }
 }
@@ -79,6 +85,8 @@ pub struct HttpOptions {
     pub stall_timeout: Duration,
     /// Reconnections (with Range) after a dropped connection before giving up.
     pub retries: u32,
+    /// Object-store settings (S3 endpoint, region, addressing).
+    pub object: object::ObjectOptions,
 }
 
 impl Default for HttpOptions {
@@ -91,6 +99,7 @@ impl Default for HttpOptions {
             headers: Vec::new(),
             stall_timeout: Duration::from_secs(60),
             retries: 5,
+            object: object::ObjectOptions::default(),
         }
     }
 }

@@ -39,6 +39,15 @@ pub struct Opened {
     pub client: Option<Arc<Client>>,
 }
 
+/// Opens a URL, or an object through the HTTP source with signed requests.
+fn open_remote(location: &Location, options: &HttpOptions) -> Result<(Arc<Client>, Remote)> {
+    match location {
+        Location::Object(object) => super::object::open(object, options),
+        Location::Url(url) => http::open(url, options),
+        _ => unreachable!("only URLs and objects are remote"),
+    }
+}
+
 /// Opens `location`; a random-access source whose first bytes are a compression magic becomes a stream.
 pub fn open(location: &Location, options: &HttpOptions) -> Result<Opened> {
     let (source, local_path, client): (Arc<dyn ReadAt>, _, _) = match location {
@@ -54,7 +63,7 @@ pub fn open(location: &Location, options: &HttpOptions) -> Result<Opened> {
             let (client, source) = super::imageio::open(urls, options)?;
             (source, None, Some(client))
         }
-        Location::Url(url) => match http::open(url, options)? {
+        Location::Url(_) | Location::Object(_) => match open_remote(location, options)? {
             (client, Remote::Random(source)) => (source, None, Some(client)),
             (client, Remote::Stream(stream)) => {
                 let (len, identity) = (stream.total(), stream.identity());

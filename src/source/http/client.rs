@@ -23,6 +23,20 @@ const MAX_HEAD: usize = 64 << 10;
 /// Socket read buffer.
 const READ_BUFFER: usize = 64 << 10;
 
+/// Per-request authorization for sources whose credentials sign each request (S3's SigV4) or expire (GCS's
+/// OAuth2 tokens): the client asks for the headers just before sending, so a retry or a late range request carries
+/// fresh ones, and asks it to put an error answer into words.
+pub trait Authorize: Send + Sync {
+    /// Headers that authorize one `GET` of `url` (sent only to the source's own origin).
+    fn headers(&self, url: &Url) -> Result<Vec<(String, String)>>;
+
+    /// The message for an error answer (status ≥ 400), given the start of its body; `None` keeps the client's.
+    fn explain(&self, status: u16, body: &[u8]) -> Option<String>;
+}
+
+/// Most bytes of an error answer's body read for [`Authorize::explain`].
+const MAX_ERROR_BODY: u64 = 16 << 10;
+
 /// A byte stream a request runs over: plain TCP or TLS.
 pub(crate) trait Transport: Read + Write + Send {}
 impl<T: Read + Write + Send> Transport for T {}
@@ -57,6 +71,8 @@ pub struct Client {
     requests: AtomicU64,
     /// Body bytes received, over every response.
     received: Arc<AtomicU64>,
+    /// Signs each request to the source's origin, for object stores.
+    authorizer: Option<Arc<dyn Authorize>>,
 }
 
 /// A response whose body is read through [`Read`].
@@ -118,7 +134,20 @@ impl Client {
             idle: Mutex::new(None),
             requests: AtomicU64::new(0),
             received: Arc::new(AtomicU64::new(0)),
+            authorizer: None,
         })
+    }
+
+    /// A client for `url`, called `name` in messages (an `s3://` or `gs://` object), whose requests `authorizer`
+    /// signs (basic auth from `options` is not sent).
+    pub fn with_authorizer(
+        url: &str,
+        name: &str,
+        options: &HttpOptions,
+        authorizer: Arc<dyn Authorize>,
+    ) -> Result<Self> {
+        let options = HttpOptions { username: None, password: None, ..options.clone() };
+        Ok(Client { authorizer: Some(authorizer), name: name.to_string(), ..Client::new(url, &options)? })
     }
 
     /// The URL without credentials, for messages.
@@ -147,6 +176,15 @@ impl Client {
         let mut url = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for _ in 0..=MAX_REDIRECTS {
             let response = self.send("GET", &url, range, keep_alive, &[], &[])?;
+            if let (Some(authorizer), 400..) = (&self.authorizer, response.status) {
+                let status = response.status;
+                let mut body = Vec::new();
+                let _ = response.take(MAX_ERROR_BODY).read_to_end(&mut body);
+                if let Some(message) = authorizer.explain(status, &body) {
+                    return Err(self.error(ErrorKind::Io, message));
+                }
+                return Err(self.error(ErrorKind::Io, format!("server answered HTTP {status}")));
+            }
             match response.status {
                 200..=299 | 416 => {
                     *self.current.lock().unwrap_or_else(|p| p.into_inner()) = url;
@@ -205,14 +243,23 @@ impl Client {
         self.send(method, url, None, true, headers, body)
     }
 
-    /// Sends one request to `url` and reads the response head.
+    /// Sends one `POST` of the form `form` (`application/x-www-form-urlencoded`) to `url`, without redirects
+    /// (an OAuth2 token request), and returns the response head whatever its status.
+    pub fn post_form(&self, url: &Url, form: &str) -> Result<Response> {
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(self.error(ErrorKind::Io, format!("unsupported URL {url}")));
+        }
+        self.send("POST", url, None, false, &[("Content-Type", "application/x-www-form-urlencoded")], form.as_bytes())
+    }
+
+    /// Sends one request to `url` (a `GET`, or a `POST` of `body`) and reads the response head.
     fn send(
         &self,
         method: &str,
         url: &Url,
         range: Option<(u64, Option<u64>)>,
         keep_alive: bool,
-        extra: &[(&str, &str)],
+        given: &[(&str, &str)],
         body: &[u8],
     ) -> Result<Response> {
         let io_err = |what: &str, e: io::Error| self.io_error(what, e);
@@ -225,6 +272,14 @@ impl Client {
                 _ => None,
             }
         };
+        let signed = match &self.authorizer {
+            Some(authorizer) if origin == self::origin(&self.url) => authorizer.headers(url)?,
+            _ => Vec::new(),
+        };
+        // The body's length goes into the head with the method (`request_head`).
+        let extra: Vec<(&str, &str)> =
+            given.iter().copied().chain(signed.iter().map(|(n, v)| (n.as_str(), v.as_str()))).collect();
+        let extra = extra.as_slice();
         let fresh = reused.is_none();
         let mut conn = match reused {
             Some(conn) => conn,
@@ -242,7 +297,7 @@ impl Client {
         match response {
             Ok((status, headers)) => Ok(Response::new(status, headers, conn, keep_alive, self.received.clone())),
             // A reused connection the server had closed meanwhile: once more on a new one.
-            Err(_) if !fresh => self.send(method, url, range, keep_alive, extra, body),
+            Err(_) if !fresh => self.send(method, url, range, keep_alive, given, body),
             Err(e) => Err(io_err("reading the response", e)),
         }
     }
@@ -694,7 +749,8 @@ fn origin(url: &Url) -> String {
     format!("{}://{}:{}", url.scheme(), url.host_str().unwrap_or_default(), url.port_or_known_default().unwrap_or(0))
 }
 
-fn host_header(url: &Url) -> String {
+/// The `Host` header the client sends for `url` (what a request signature must cover).
+pub(crate) fn host_header(url: &Url) -> String {
     let host = url.host_str().unwrap_or_default();
     match url.port() {
         Some(port) => format!("{host}:{port}"),

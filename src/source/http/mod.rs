@@ -7,8 +7,11 @@ mod random;
 mod stream;
 mod tls;
 
+pub(crate) use client::base64;
 pub(crate) use client::basic_auth as basic_auth_value;
+pub(crate) use client::host_header;
 pub(crate) use client::is_timeout;
+pub use client::Authorize;
 pub use client::Client;
 pub(crate) use client::Response;
 pub(crate) use random::backoff;
@@ -31,7 +34,11 @@ pub enum Remote {
 
 /// Probes `url` and opens it as random access or as a stream.
 pub fn open(url: &str, options: &HttpOptions) -> Result<(Arc<Client>, Remote)> {
-    let client = Arc::new(Client::new(url, options)?);
+    open_with(Arc::new(Client::new(url, options)?))
+}
+
+/// Probes the URL of `client` (one that may sign its requests, for an object store) and opens it.
+pub fn open_with(client: Arc<Client>) -> Result<(Arc<Client>, Remote)> {
     let mut probe = client.get(Some((0, Some(0))), true)?;
     match (probe.status, probe.content_range()) {
         (206, Some((0, 0, Some(total)))) => {
