@@ -4,7 +4,7 @@ use super::resume::{Checkpoints, SourceId, Store};
 use super::{Context, MemoryReport, Outcome, Plan};
 use crate::cgroup::sampler::ChargeSampler;
 use crate::checksum::{hex, Algorithm, Hasher};
-use crate::error::{ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::progress::Progress;
 use crate::sink::{DestKind, DestOptions, Destination, Probe};
 use crate::source::decompress::Compression;
@@ -303,4 +303,16 @@ impl<'a> Engine<'a> {
             log::warn!("could not discard the written image: {e}");
         }
     }
+}
+
+/// A failure while a stop was asked for is the stop (a download cut short, a reader that saw its stream end
+/// early): reported and kept as an interruption, resumable, never as a fault of the source. Only the
+/// destination's own interruption keeps its offset: a source offset would read as what was written.
+pub(super) fn stop_wins(err: Error, stop: &std::sync::atomic::AtomicBool, destination: &std::path::Path) -> Error {
+    let own = err.kind() == ErrorKind::Interrupted && err.path() == Some(destination);
+    if own || !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        return err;
+    }
+    log::debug!("stopping; the failure it caused: {err}");
+    Error::new(ErrorKind::Interrupted, "import stopped")
 }

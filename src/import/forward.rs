@@ -246,6 +246,7 @@ pub(super) fn import(
             ..Produced::new(format, virtual_size)
         })
     });
+    let produced = produced.map_err(|e| super::engine::stop_wins(e, stop, &plan.destination));
     engine.finish(produced, verify)
 }
 

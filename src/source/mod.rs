@@ -20,6 +20,7 @@ use crate::error::Result;
 use std::fmt;
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 /// Where an image comes from.
@@ -75,6 +76,9 @@ pub struct HttpOptions {
     pub stall_timeout: Duration,
     /// Reconnections (with Range) after a dropped connection before giving up.
     pub retries: u32,
+    /// The front end's stop flag (raised by SIGTERM/SIGINT): a download blocked on the network ends at once with
+    /// an interruption when it is raised.
+    pub stop: Option<&'static AtomicBool>,
 }
 
 impl Default for HttpOptions {
@@ -87,6 +91,7 @@ impl Default for HttpOptions {
             headers: Vec::new(),
             stall_timeout: Duration::from_secs(60),
             retries: 5,
+            stop: None,
         }
     }
 }

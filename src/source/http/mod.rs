@@ -8,9 +8,9 @@ mod stream;
 mod tls;
 
 pub(crate) use client::basic_auth as basic_auth_value;
-pub(crate) use client::is_timeout;
-pub use client::Client;
 pub(crate) use client::Response;
+pub use client::{check_header, Client};
+pub(crate) use client::{is_stop, is_timeout};
 pub(crate) use random::backoff;
 pub use random::HttpSource;
 pub use stream::HttpStream;
