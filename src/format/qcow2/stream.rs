@@ -408,23 +408,26 @@ impl Walker<'_> {
         Ok(())
     }
 
-    /// Settles what the stream's end decides: clusters running past it read as zeros there, tables that never came
-    /// are errors; then the deferred pieces are placed from the spool.
+    /// Settles what the stream's end decides: data clusters running past it (a file cut short) and tables that
+    /// never came are errors, as the random-access reader's; then the deferred pieces are placed from the spool.
     fn end_of_stream(&mut self) -> Result<()> {
         let end = self.pos;
         let pending: Vec<Need> = std::mem::take(&mut self.needs).into_values().collect();
         for mut need in pending {
             match need.target {
-                Target::Data(guest) if need.start < end => {
-                    // The partial last cluster of a file: the rest reads as zeros, as in qemu.
-                    let at = guest + need.got;
-                    self.place.zero(at, need.len - need.got)?;
-                }
                 Target::Compressed(guest) if need.start < end => {
                     let bytes = std::mem::take(&mut need.bytes);
                     self.on_compressed(guest, need.start, &bytes)?;
                 }
                 Target::RefcountTable => {}
+                Target::Data(_) => {
+                    let missing = (need.start + need.got).max(end);
+                    return Err(self
+                        .bad(format!(
+                            "image data lies past the end of the stream ({end} bytes): the image is truncated"
+                        ))
+                        .at_offset(missing));
+                }
                 target => {
                     return Err(self
                         .bad(format!(
