@@ -669,3 +669,22 @@ fn a_valid_image_imports_under_the_same_cap() {
     let (want, len) = common::qemu_reference(&good, bench.dir.path());
     assert_eq!(common::sha256_prefix(&dest, len), want);
 }
+
+/// An L1 entry naming the L1 table's own cluster as its L2 table is refused the same way from a file and as a
+/// stream (a server without Range support): one check, shared by the random-access reader and the walker.
+#[test]
+fn an_l1_entry_pointing_at_the_l1_table_is_refused_from_a_file_and_as_a_stream() {
+    let bench = Workbench::new("l1-self");
+    let qcow2 = bench.qcow2_mix("self.qcow2", 4 * MIB, "", &[]);
+    let l1 = read_be64(&qcow2, 40);
+    write_be64(&qcow2, l1, l1 | 1 << 63);
+    let server = common::http::TestServer::start(bench.dir.path(), Default::default());
+    let file = qcow2.to_string_lossy().into_owned();
+    for (how, source) in [("file", file), ("stream", server.url("self.qcow2"))] {
+        let dest = bench.path(&format!("out-{how}.raw"));
+        let output = boundimport().args(["--progress", "none"]).arg(&source).arg(&dest).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{how}: exit 0\n{stderr}");
+        assert!(stderr.contains("overlaps the L1 table") && stderr.contains(&source), "{how}: {stderr}");
+    }
+}

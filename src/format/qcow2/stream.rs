@@ -9,7 +9,9 @@
 //! reader's ([`header`], [`table`]).
 
 use super::header::{self, Header};
-use super::table::{decode_l1, decode_l2, subcluster_state, Cluster, Layout, Subcluster, SUBCLUSTERS};
+use super::table::{
+    check_l2_clear_of_l1, decode_l1, decode_l2, subcluster_state, Cluster, Layout, Subcluster, SUBCLUSTERS,
+};
 use crate::error::{Error, Result};
 use crate::format::codec;
 use crate::format::stream::{Placement, Stash};
@@ -319,7 +321,12 @@ impl Walker<'_> {
                 break;
             }
             let entry = u64::from_be_bytes(raw.try_into().expect("8 bytes"));
+            let l1_entries = u64::from(self.header.l1_size);
             let l2 = decode_l1(entry, &self.layout)
+                .and_then(|l2| match l2 {
+                    Some(l2) => check_l2_clear_of_l1(l2, &self.layout, l1_start, l1_entries).map(|()| Some(l2)),
+                    None => Ok(None),
+                })
                 .map_err(|why| self.bad(format!("L1 entry {index}: {why}")).at_offset(l1_start + index * 8))?;
             match l2 {
                 None => self.place.zero(guest, span.min(self.size - guest))?,
