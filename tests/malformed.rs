@@ -688,3 +688,30 @@ fn an_l1_entry_pointing_at_the_l1_table_is_refused_from_a_file_and_as_a_stream()
         assert!(stderr.contains("overlaps the L1 table") && stderr.contains(&source), "{how}: {stderr}");
     }
 }
+
+/// A vmdk text descriptor served as a stream is refused naming the URL, with or without `--scratch`: its
+/// extents are other files, so spooling it cannot help (it used to advise `--scratch`, then fail naming the
+/// deleted spool file).
+#[test]
+fn a_streamed_vmdk_descriptor_is_refused_naming_the_url() {
+    let bench = Workbench::new("vmdk-descriptor-stream");
+    let descriptor = "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+                      createType=\"monolithicFlat\"\nRW 8192 FLAT \"flat.raw\" 0\n";
+    std::fs::write(bench.path("desc.vmdk"), descriptor).unwrap();
+    std::fs::create_dir(bench.path("scratch")).unwrap();
+    let server = common::http::TestServer::start(bench.dir.path(), Default::default());
+    let url = server.url("desc.vmdk");
+    for scratch in [false, true] {
+        let mut cmd = boundimport();
+        cmd.args(["--progress", "none"]);
+        if scratch {
+            cmd.arg("--scratch").arg(bench.path("scratch"));
+        }
+        let output = cmd.arg(&url).arg(bench.path("out.raw")).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(!output.status.success(), "--scratch {scratch}: {stderr}");
+        assert!(last.contains(&url) && last.contains("descriptor"), "--scratch {scratch}: {last}");
+        assert!(!last.contains("--scratch") && !last.contains("spool"), "--scratch {scratch}: {last}");
+    }
+}
