@@ -203,7 +203,9 @@ impl From<IoArg> for IoChoice {
 fn parse_header(text: &str) -> std::result::Result<(String, String), String> {
     match text.split_once(':') {
         Some((name, value)) if !name.trim().is_empty() && !name.contains(char::is_whitespace) => {
-            Ok((name.trim().to_string(), value.trim().to_string()))
+            let (name, value) = (name.trim(), value.trim());
+            crate::source::http::check_header(name, value).map_err(|e| e.to_string())?;
+            Ok((name.to_string(), value.to_string()))
         }
         _ => Err(format!("expected 'Name: value', got {text:?}")),
     }
@@ -292,6 +294,7 @@ fn import_and_report(args: &ImportArgs, progress: &Progress) -> Result<()> {
                 region: args.region.clone(),
                 path_style: args.s3_path_style,
             },
+            stop: Some(crate::process::stop_flag()),
         },
         scratch: args.scratch.clone(),
         ..Plan::new(Location::parse(source), dest)

@@ -669,3 +669,49 @@ fn a_valid_image_imports_under_the_same_cap() {
     let (want, len) = common::qemu_reference(&good, bench.dir.path());
     assert_eq!(common::sha256_prefix(&dest, len), want);
 }
+
+/// An L1 entry naming the L1 table's own cluster as its L2 table is refused the same way from a file and as a
+/// stream (a server without Range support): one check, shared by the random-access reader and the walker.
+#[test]
+fn an_l1_entry_pointing_at_the_l1_table_is_refused_from_a_file_and_as_a_stream() {
+    let bench = Workbench::new("l1-self");
+    let qcow2 = bench.qcow2_mix("self.qcow2", 4 * MIB, "", &[]);
+    let l1 = read_be64(&qcow2, 40);
+    write_be64(&qcow2, l1, l1 | 1 << 63);
+    let server = common::http::TestServer::start(bench.dir.path(), Default::default());
+    let file = qcow2.to_string_lossy().into_owned();
+    for (how, source) in [("file", file), ("stream", server.url("self.qcow2"))] {
+        let dest = bench.path(&format!("out-{how}.raw"));
+        let output = boundimport().args(["--progress", "none"]).arg(&source).arg(&dest).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{how}: exit 0\n{stderr}");
+        assert!(stderr.contains("overlaps the L1 table") && stderr.contains(&source), "{how}: {stderr}");
+    }
+}
+
+/// A vmdk text descriptor served as a stream is refused naming the URL, with or without `--scratch`: its
+/// extents are other files, so spooling it cannot help (it used to advise `--scratch`, then fail naming the
+/// deleted spool file).
+#[test]
+fn a_streamed_vmdk_descriptor_is_refused_naming_the_url() {
+    let bench = Workbench::new("vmdk-descriptor-stream");
+    let descriptor = "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+                      createType=\"monolithicFlat\"\nRW 8192 FLAT \"flat.raw\" 0\n";
+    std::fs::write(bench.path("desc.vmdk"), descriptor).unwrap();
+    std::fs::create_dir(bench.path("scratch")).unwrap();
+    let server = common::http::TestServer::start(bench.dir.path(), Default::default());
+    let url = server.url("desc.vmdk");
+    for scratch in [false, true] {
+        let mut cmd = boundimport();
+        cmd.args(["--progress", "none"]);
+        if scratch {
+            cmd.arg("--scratch").arg(bench.path("scratch"));
+        }
+        let output = cmd.arg(&url).arg(bench.path("out.raw")).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(!output.status.success(), "--scratch {scratch}: {stderr}");
+        assert!(last.contains(&url) && last.contains("descriptor"), "--scratch {scratch}: {last}");
+        assert!(!last.contains("--scratch") && !last.contains("spool"), "--scratch {scratch}: {last}");
+    }
+}

@@ -661,6 +661,42 @@ fn only_the_named_client_with_a_verified_certificate_may_upload() {
 }
 
 #[test]
+fn idle_tcp_connections_lock_out_neither_the_health_probe_nor_an_upload() {
+    let bench = Workbench::new("upload-lockout");
+    let raw = bench.raw_mix("disk.raw", 6 * MIB, 7);
+    let mut pod = Pod::new("upload-lockout");
+    pod.args.extend(["--linger".to_string(), "2".to_string()]);
+    let server = pod.start();
+    // 80 plain TCP connections that never send a TLS byte, and a few more every second while the upload runs.
+    let mut idle: Vec<TcpStream> = (0..80).map(|_| TcpStream::connect(server.addr).unwrap()).collect();
+    let uploading = std::sync::atomic::AtomicBool::new(true);
+    std::thread::scope(|scope| {
+        let upload = scope.spawn(|| {
+            let mut upload = Upload::file("/v1beta1/upload", &raw);
+            upload.rate = Some(2 * MIB); // about 3 s
+            let answer = send(&pod, &server, upload);
+            uploading.store(false, std::sync::atomic::Ordering::SeqCst);
+            answer
+        });
+        let mut probes = 0;
+        while uploading.load(std::sync::atomic::Ordering::SeqCst) {
+            idle.extend((0..3).filter_map(|_| TcpStream::connect(server.addr).ok()));
+            let asked = Instant::now();
+            let (status, ..) = curl(&pod, &server, None, &["--max-time", "5"], "/healthz");
+            assert_eq!(status, 200, "/healthz with {} idle connections open", idle.len());
+            assert!(asked.elapsed() < Duration::from_secs(2), "/healthz took {:?}", asked.elapsed());
+            probes += 1;
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        assert_eq!(upload.join().unwrap(), Ok((200, String::new())), "the upload, beside {} idle", idle.len());
+        assert!(probes >= 2, "the health probe ran while the upload did");
+    });
+    drop(idle);
+    expect_complete(server, "lock-out", UPLOAD_COMPLETE);
+    assert_eq!(sha256_prefix(&pod.image(), 6 * MIB), sha256_prefix(&raw, 6 * MIB));
+}
+
+#[test]
 fn a_second_upload_gets_503_and_one_after_done_409() {
     let bench = Workbench::new("upload-busy");
     let raw = bench.raw_mix("disk.raw", 6 * MIB, 5);

@@ -43,6 +43,7 @@ pub(super) fn http_options(
         username: env.access_key.clone(),
         password: env.secret_key.clone(),
         headers,
+        stop: Some(crate::process::stop_flag()),
         ..HttpOptions::default()
     })
 }
@@ -86,7 +87,12 @@ fn secret_headers(dir: &Path) -> std::io::Result<Vec<(String, String)>> {
         }
         let text = std::fs::read_to_string(&path)?;
         match env::parse_header(text.trim_end_matches(['\n', '\r'])) {
-            Some(header) => headers.push(header),
+            Some((name, value)) => {
+                crate::source::http::check_header(&name, &value).map_err(|e| {
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {}", path.display(), e))
+                })?;
+                headers.push((name, value))
+            }
             None => log::warn!("{}: not a \"Name: value\" header; ignored", path.display()),
         }
     }

@@ -285,7 +285,11 @@ impl CdiEnv {
         let mut extra_headers = Vec::new();
         for (_, suffix, value) in numbered {
             match parse_header(value) {
-                Some(header) => extra_headers.push(header),
+                Some((name, value)) => {
+                    crate::source::http::check_header(&name, &value)
+                        .map_err(|e| Error::usage(format!("{EXTRA_HEADER_PREFIX}{suffix}: {}", e)))?;
+                    extra_headers.push((name, value))
+                }
                 None => warnings.push(format!("{EXTRA_HEADER_PREFIX}{suffix} is not \"Name: value\"; ignored")),
             }
         }

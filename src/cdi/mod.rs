@@ -120,7 +120,15 @@ fn report(args: &CdiArgs, finish: Finish) -> i32 {
         }
         Finish::Failure(text) => {
             log::error!("{text}");
-            (termination::write_plain(path, &text), 1)
+            // A pod being deleted: the kubelet expects 128 + its signal; the checkpoints were kept for a rerun.
+            let code = match crate::process::stopped_by() {
+                Some((signal, code)) => {
+                    log::error!("stopped by {signal}; what was written is synced and its resume state kept");
+                    code
+                }
+                None => 1,
+            };
+            (termination::write_plain(path, &text), code)
         }
     };
     match written {

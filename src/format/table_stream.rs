@@ -238,9 +238,11 @@ pub fn place_runs(mut cursor: TableCursor, runs: Runs, size: u64, place: &mut dy
             let n = ((end - host) as usize).min(WINDOW);
             let got = cursor.read(&mut window[..n])?;
             if got == 0 {
-                // The last block of a file cut short: the rest reads as zeros, as in the random-access reader.
-                place.zero(guest, end - host)?;
-                break;
+                // A file cut short: refused, as the random-access reader refuses it, never read as zeros.
+                return Err(cursor.bad(
+                    format!("image data lies past the end of the stream ({host} bytes): the image is truncated"),
+                    host,
+                ));
             }
             if !place.data(guest, &window[..got])? {
                 cursor.stash.put(host, &window[..got])?;

@@ -336,3 +336,15 @@ impl<'a> Engine<'a> {
         }
     }
 }
+
+/// A failure while a stop was asked for is the stop (a download cut short, a reader that saw its stream end
+/// early): reported and kept as an interruption, resumable, never as a fault of the source. Only the
+/// destination's own interruption keeps its offset: a source offset would read as what was written.
+pub(super) fn stop_wins(err: Error, stop: &std::sync::atomic::AtomicBool, destination: &std::path::Path) -> Error {
+    let own = err.kind() == ErrorKind::Interrupted && err.path() == Some(destination);
+    if own || !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        return err;
+    }
+    log::debug!("stopping; the failure it caused: {err}");
+    Error::new(ErrorKind::Interrupted, "import stopped")
+}

@@ -86,9 +86,15 @@ pub(super) fn import(
             Detected::Unsupported(what) => {
                 return Err(Error::unsupported(format!("unsupported image format: {what}")).at_path(&name))
             }
-            Detected::Vmdk => {
-                "a vmdk text descriptor (its extents are other files), or one with unmarked compressed grains,"
+            // A text descriptor's extents are other files, opened only beside a local descriptor: spooling it
+            // cannot help, so no `--scratch` advice (which led to an error naming the deleted spool file).
+            Detected::Vmdk if !head.starts_with(b"KDMV") => {
+                return Err(Error::unsupported(
+                    "a vmdk text descriptor read as a stream names its extents as other files, which are only opened beside a local descriptor file",
+                )
+                .at_path(&name))
             }
+            Detected::Vmdk => "this vmdk (compressed grains without markers),",
             _ => "this",
         };
         let Some(dir) = &plan.scratch else {
@@ -203,6 +209,7 @@ pub(super) fn import(
             ..Produced::new(format, virtual_size)
         })
     });
+    let produced = produced.map_err(|e| super::engine::stop_wins(e, stop, &plan.destination));
     engine.finish(produced, verify)
 }
 

@@ -245,7 +245,7 @@ pub fn run_in(ctx: &Context, plan: &Plan, progress: &Progress, stop: &AtomicBool
         // Before anything is opened for writing: importing a file onto itself would destroy it.
         crate::sink::Probe::of(&plan.destination)?.refuse_source(source)?;
     }
-    let opened = open(&plan.source, &plan.http)?;
+    let opened = open(&plan.source, &plan.http).map_err(|e| engine::stop_wins(e, stop, &plan.destination))?;
     run_opened(ctx, plan, opened, progress, stop)
 }
 
@@ -323,7 +323,7 @@ fn run_opened(ctx: &Context, plan: &Plan, opened: Opened, progress: &Progress, s
     if let Some(client) = &client {
         log::info!("{}: {} HTTP requests, {} downloaded", client.name(), client.requests(), human(client.received()));
     }
-    let mut outcome = result?;
+    let mut outcome = result.map_err(|e| engine::stop_wins(e, stop, &plan.destination))?;
     outcome.http_requests = client.as_ref().map(|c| c.requests());
     outcome.downloaded_bytes = client.map(|c| c.received());
     Ok(outcome)

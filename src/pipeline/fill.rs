@@ -81,21 +81,34 @@ fn source_of(sources: &[Arc<dyn ReadAt>], id: usize) -> Result<&dyn ReadAt> {
     sources.get(id).map(|s| s.as_ref()).ok_or_else(|| crate::bad_image!("extent names unknown source {id}"))
 }
 
-/// Reads verbatim data. Bytes past the end of the source (the partial last cluster of an image) read as zeros,
-/// as qemu reads them; a read that stops short inside the source's length means the file shrank under us.
+/// Reads verbatim data. Data the image places past the end of its file means the file was cut short (qemu-img
+/// refuses it for vpc and vhdx, reads zeros for the rest): an error naming the file and the first missing offset,
+/// never zeros; a read that stops short inside the source's length means the file shrank under us.
 fn read_data(source: &dyn ReadAt, offset: u64, out: &mut [u8]) -> Result<()> {
+    within_source(source, offset, out.len() as u64)?;
     let got = source.read_at(offset, out)?;
     if got < out.len() {
-        let expected = source.len().saturating_sub(offset).min(out.len() as u64) as usize;
-        if got < expected {
-            return Err(Error::new(
-                crate::error::ErrorKind::Io,
-                format!("source ended after {} of {} bytes: was it truncated during the import?", got, expected),
-            )
-            .at_offset(offset + got as u64)
-            .at_path(source.name()));
-        }
-        out[got..].fill(0);
+        return Err(Error::new(
+            crate::error::ErrorKind::Io,
+            format!("source ended after {} of {} bytes: was it truncated during the import?", got, out.len()),
+        )
+        .at_offset(offset + got as u64)
+        .at_path(source.name()));
+    }
+    Ok(())
+}
+
+/// Refuses verbatim data `[offset, offset + len)` that does not lie wholly inside `source`: the image was cut
+/// short. Checked where extents are planned (the scheduler's hole finder, before anything is written) and again
+/// where they are read.
+pub(crate) fn within_source(source: &dyn ReadAt, offset: u64, len: u64) -> Result<()> {
+    let file_len = source.len();
+    if offset.checked_add(len).is_none_or(|end| end > file_len) {
+        return Err(crate::bad_image!(
+            "image data lies past the end of the file ({file_len} bytes): the image is truncated"
+        )
+        .at_offset(offset.max(file_len))
+        .at_path(source.name()));
     }
     Ok(())
 }

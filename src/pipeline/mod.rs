@@ -102,11 +102,12 @@ pub fn run(
         let scratch = workers.into_iter().map(|w| w.join().unwrap_or(0)).max().unwrap_or(0);
         (scratch, digest.map(|handle| handle.join().expect("digest thread")))
     });
-    if let Some(err) = shared.failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(err);
-    }
+    // A stop wins over a failure it caused (a download cut short by it).
     if stop.load(Ordering::Relaxed) {
         return Err(Error::interrupted(dest.path(), shared.completion.watermark()));
+    }
+    if let Some(err) = shared.failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(err);
     }
     Ok(PipelineOutcome { output_digest: digest.map(|(digest, _)| digest), scratch_bytes })
 }

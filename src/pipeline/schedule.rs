@@ -176,6 +176,10 @@ impl HoleFinder {
                 push_extent(&mut self.scratch, *extent);
                 continue;
             };
+            let Some(reader) = self.sources.get(source) else {
+                return Err(crate::bad_image!("extent names unknown source {source}"));
+            };
+            super::fill::within_source(reader.as_ref(), offset, extent.len)?;
             let end = offset + extent.len;
             let mut at = offset;
             while at < end {

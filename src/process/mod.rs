@@ -37,16 +37,17 @@ pub fn install_stop_handlers() -> &'static AtomicBool {
     &STOP
 }
 
+/// The flag [`install_stop_handlers`] raises, for what must notice a stop without being handed the engine's (the
+/// HTTP client's waits, through `HttpOptions::stop`).
+pub fn stop_flag() -> &'static AtomicBool {
+    &STOP
+}
+
 /// The line that reports an import stopped by SIGINT or SIGTERM, or `None` for any other failure: a stop the
 /// user asked for is not an error. `written` is the bytes written as data; `resumable` whether resume state was
 /// kept for this destination.
 pub fn stopped_line(err: &Error, written: u64, resumable: bool) -> Option<String> {
-    let signal = STOP_SIGNAL.load(Ordering::SeqCst);
-    if err.kind() != ErrorKind::Interrupted || signal <= 0 {
-        return None;
-    }
-    let name =
-        nix::sys::signal::Signal::try_from(signal).map_or_else(|_| format!("signal {signal}"), |s| s.to_string());
+    let (name, _) = stopped_by().filter(|_| err.kind() == ErrorKind::Interrupted)?;
     let mut line = format!("stopped by {name} after writing {}", crate::size::human(written));
     match (err.offset(), err.path()) {
         (Some(offset), Some(path)) => {
@@ -63,8 +64,18 @@ pub fn stopped_line(err: &Error, written: u64, resumable: bool) -> Option<String
 
 /// The exit code for `err`: 128 + the signal number for an import stopped by a signal, as shells report them.
 pub fn exit_code(err: &Error) -> i32 {
-    match (err.kind(), STOP_SIGNAL.load(Ordering::SeqCst)) {
-        (ErrorKind::Interrupted, signal) if signal > 0 => 128 + signal,
+    match stopped_by() {
+        Some((_, code)) if err.kind() == ErrorKind::Interrupted => code,
         _ => err.exit_code(),
     }
+}
+
+/// The stop signal received, if any: its name and the exit code it calls for (128 + its number).
+pub fn stopped_by() -> Option<(String, i32)> {
+    let signal = STOP_SIGNAL.load(Ordering::SeqCst);
+    (signal > 0).then(|| {
+        let name =
+            nix::sys::signal::Signal::try_from(signal).map_or_else(|_| format!("signal {signal}"), |s| s.to_string());
+        (name, 128 + signal)
+    })
 }

@@ -8,6 +8,8 @@ use super::sequential::Peek;
 use crate::error::Error;
 use std::fmt;
 use std::io::{self, BufReader, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Most wrappers unwrapped.
 pub const MAX_LAYERS: usize = 4;
@@ -93,8 +95,11 @@ pub fn unwrap_layers(
             return Err(Error::unsupported(format!("more than {MAX_LAYERS} nested compression layers")).at_path(name));
         }
         layers.push(kind);
-        let decoder = decoder(kind, Box::new(peek), name, xz_memlimit).map_err(|e| e.at_path(name))?;
-        peek = Peek::new(Box::new(Labeled { inner: decoder, kind, name: name.to_string(), limit: xz_memlimit }));
+        let consumed = Arc::new(AtomicU64::new(0));
+        let input = Box::new(Counted { inner: Box::new(peek), consumed: consumed.clone() });
+        let decoder = decoder(kind, input, name, xz_memlimit).map_err(|e| e.at_path(name))?;
+        let labeled = Labeled { inner: decoder, kind, name: name.to_string(), limit: xz_memlimit, consumed };
+        peek = Peek::new(Box::new(labeled));
     }
 }
 
@@ -130,12 +135,28 @@ fn decoder(
     })
 }
 
-/// Names the layer in a decoder's own errors; errors from below (the network, an inner layer) pass unchanged.
+/// Counts the compressed bytes a decoder has taken in, for naming where corruption was met.
+struct Counted {
+    inner: Box<dyn Read + Send>,
+    consumed: Arc<AtomicU64>,
+}
+
+impl Read for Counted {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(out)?;
+        self.consumed.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Names the layer in a decoder's own errors, with the compressed offset the decoder had read up to (its input
+/// buffer reads ahead by at most 128 KiB); errors from below (the network, an inner layer) pass unchanged.
 struct Labeled {
     inner: Box<dyn Read + Send>,
     kind: Compression,
     name: String,
     limit: u64,
+    consumed: Arc<AtomicU64>,
 }
 
 impl Read for Labeled {
@@ -152,9 +173,12 @@ impl Read for Labeled {
                     self.limit >> 20
                 ))
             } else {
-                Error::bad_image(format!("{} data is corrupt or truncated: {text}", self.kind))
+                Error::bad_image(format!(
+                    "{} data is corrupt or truncated (in the compressed bytes read up to this offset): {text}",
+                    self.kind
+                ))
             };
-            io::Error::other(err.at_path(&self.name))
+            io::Error::other(err.at_offset(self.consumed.load(Ordering::Relaxed)).at_path(&self.name))
         })
     }
 }
@@ -222,5 +246,22 @@ mod tests {
         bad.truncate(n - 20);
         let err = unwrap_all(bad, 64 << 20).unwrap_err();
         assert!(err.to_string().contains("gzip data is corrupt or truncated"), "{err}");
+        assert_eq!(err.offset(), Some((n - 20) as u64), "the compressed offset reached: {err}");
+        // Corruption in the middle of an xz stream names an offset past it, where the decoder noticed (here the
+        // block's check at its end), within the stream.
+        let mut noise = vec![0u8; 600_000];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for b in noise.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let mut bad = xz(&noise, 0);
+        bad[400_000] ^= 0xff;
+        let len = bad.len() as u64;
+        let err = unwrap_all(bad, 64 << 20).unwrap_err();
+        let offset = err.offset().expect("an offset");
+        assert!((400_000..=len).contains(&offset), "{err}");
     }
 }

@@ -22,6 +22,7 @@ use crate::error::Result;
 use std::fmt;
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 /// Where an image comes from.
@@ -87,6 +88,9 @@ pub struct HttpOptions {
     pub retries: u32,
     /// Object-store settings (S3 endpoint, region, addressing).
     pub object: object::ObjectOptions,
+    /// The front end's stop flag (raised by SIGTERM/SIGINT): a download blocked on the network ends at once with
+    /// an interruption when it is raised.
+    pub stop: Option<&'static AtomicBool>,
 }
 
 impl Default for HttpOptions {
@@ -100,6 +104,7 @@ impl Default for HttpOptions {
             stall_timeout: Duration::from_secs(60),
             retries: 5,
             object: object::ObjectOptions::default(),
+            stop: None,
         }
     }
 }

@@ -31,10 +31,14 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// Connections served at once; more are closed at once.
+/// Requests served at once, counted from a complete request head; more get 503 (`/healthz` is always answered).
 const MAX_CONNECTIONS: usize = 64;
-/// Time for the TLS handshake and the request head (Go's `ReadHeaderTimeout` in CDI: 10 s).
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections still in their TLS handshake or request head, which cost a peer nothing to hold: when more arrive,
+/// the oldest is closed, so idle connections can neither fill the request slots nor keep a new client out.
+const MAX_HANDSHAKES: usize = 128;
+/// Time for the TLS handshake and the request head: shorter than Go's `ReadHeaderTimeout` in CDI (10 s), since a
+/// client on the cluster network finishes both in milliseconds.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Socket read timeout: how often a blocked read looks at the stop flag.
 const READ_TICK: Duration = Duration::from_secs(1);
 /// Longest a write to a client may block.
@@ -44,6 +48,61 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 const DRAIN_LIMIT: u64 = 256 << 20;
 /// And for how long.
 const DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// The connections still in their handshake or request head, oldest first, each with a handle to close it.
+#[derive(Default)]
+struct Handshakes {
+    open: Mutex<(u64, std::collections::VecDeque<(u64, TcpStream)>)>,
+}
+
+/// A connection's place among the [`Handshakes`]; dropping it (head read, or the connection over) gives it up.
+struct Ticket {
+    id: u64,
+    handshakes: Arc<Handshakes>,
+}
+
+impl Handshakes {
+    /// Registers a new connection, closing the oldest one still handshaking when [`MAX_HANDSHAKES`] are.
+    fn admit(self: &Arc<Self>, stream: &TcpStream) -> Option<Ticket> {
+        let handle = stream.try_clone().ok()?;
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if open.1.len() >= MAX_HANDSHAKES {
+            if let Some((_, oldest)) = open.1.pop_front() {
+                log::debug!("more than {MAX_HANDSHAKES} connections handshaking: closing the oldest");
+                let _ = oldest.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        open.0 += 1;
+        let id = open.0;
+        open.1.push_back((id, handle));
+        Some(Ticket { id, handshakes: self.clone() })
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.handshakes.open.lock().unwrap_or_else(|p| p.into_inner()).1.retain(|(id, _)| *id != self.id);
+    }
+}
+
+/// One of the [`MAX_CONNECTIONS`] request slots, given back when dropped.
+struct Slot<'a>(&'a AtomicUsize);
+
+impl<'a> Slot<'a> {
+    fn take(active: &'a AtomicUsize) -> Option<Slot<'a>> {
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Slot(active))
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 /// The upload's place in CDI's state machine.
 #[derive(Debug, Default)]
@@ -178,6 +237,7 @@ impl Server {
 
     fn accept_loop(self: Arc<Self>, listener: TcpListener) {
         let active = Arc::new(AtomicUsize::new(0));
+        let handshakes = Arc::new(Handshakes::default());
         for stream in listener.incoming() {
             let stream = match stream {
                 Ok(stream) => stream,
@@ -187,18 +247,13 @@ impl Server {
                     continue;
                 }
             };
-            if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-                active.fetch_sub(1, Ordering::SeqCst);
-                log::warn!("more than {MAX_CONNECTIONS} connections: closing a new one");
-                continue;
-            }
+            let Some(ticket) = handshakes.admit(&stream) else { continue };
             let (server, active) = (self.clone(), active.clone());
             let spawned = std::thread::Builder::new().name("upload-conn".into()).spawn(move || {
                 let peer = stream.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
-                if let Err(e) = server.connection(stream) {
+                if let Err(e) = server.connection(stream, ticket, &active) {
                     log::debug!("{peer}: connection ended: {e}");
                 }
-                active.fetch_sub(1, Ordering::SeqCst);
             });
             if spawned.is_err() {
                 log::warn!("cannot start a connection thread");
@@ -206,8 +261,9 @@ impl Server {
         }
     }
 
-    /// Serves one request on a new connection.
-    fn connection(&self, stream: TcpStream) -> io::Result<()> {
+    /// Serves one request on a new connection: the handshake and head under `ticket`, the request in one of the
+    /// `active` slots.
+    fn connection(&self, stream: TcpStream, ticket: Ticket, active: &AtomicUsize) -> io::Result<()> {
         stream.set_read_timeout(Some(READ_TICK))?;
         stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
         let session = ServerConnection::new(self.tls.clone()).map_err(io::Error::other)?;
@@ -226,12 +282,22 @@ impl Server {
             Err(HeadError::TooLarge) => return conn.respond(431, "431 Request Header Fields Too Large"),
             Err(HeadError::Io(e)) => return Err(e),
         };
+        drop(ticket);
         let request = match Request::parse(&head) {
             Ok(request) => request,
             Err(refusal) => return conn.respond(refusal.status, &refusal.message),
         };
         log::debug!("{} {}", request.method, request.path);
-        match route(&request.path) {
+        let route = route(&request.path);
+        if route == Route::Healthz {
+            // Answered outside the slots: the health probe is never starved.
+            return conn.respond(200, "OK");
+        }
+        let Some(_slot) = Slot::take(active) else {
+            log::warn!("more than {MAX_CONNECTIONS} requests at once: answering 503");
+            return refuse(conn, &request, 503, "503 Service Unavailable: too many requests\n");
+        };
+        match route {
             Route::Healthz => conn.respond(200, "OK"),
             Route::Metrics if request.method == "GET" => conn.respond(200, &self.current_gauges()),
             Route::Metrics | Route::NotFound => refuse(conn, &request, 404, "404 page not found\n"),

@@ -193,10 +193,7 @@ impl Qcow2Image {
         };
         // Aligned and non-zero, so past the header cluster.
         let cluster_size = self.layout.cluster_size();
-        let l1_end = l1_offset + l1_size * 8;
-        if l2 < l1_end && l1_offset < l2 + cluster_size {
-            return Err(bad(format!("L2 table at {l2:#x} overlaps the L1 table at {l1_offset:#x}")));
-        }
+        table::check_l2_clear_of_l1(l2, &self.layout, l1_offset, l1_size).map_err(bad)?;
         if l2 + cluster_size > self.file_len {
             return Err(bad(format!("L2 table at {l2:#x} lies past the end of the file ({} bytes)", self.file_len)));
         }

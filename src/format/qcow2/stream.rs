@@ -9,7 +9,9 @@
 //! reader's ([`header`], [`table`]).
 
 use super::header::{self, Header};
-use super::table::{decode_l1, decode_l2, subcluster_state, Cluster, Layout, Subcluster, SUBCLUSTERS};
+use super::table::{
+    check_l2_clear_of_l1, decode_l1, decode_l2, subcluster_state, Cluster, Layout, Subcluster, SUBCLUSTERS,
+};
 use crate::error::{Error, Result};
 use crate::format::codec;
 use crate::format::stream::{Placement, Stash};
@@ -319,7 +321,12 @@ impl Walker<'_> {
                 break;
             }
             let entry = u64::from_be_bytes(raw.try_into().expect("8 bytes"));
+            let l1_entries = u64::from(self.header.l1_size);
             let l2 = decode_l1(entry, &self.layout)
+                .and_then(|l2| match l2 {
+                    Some(l2) => check_l2_clear_of_l1(l2, &self.layout, l1_start, l1_entries).map(|()| Some(l2)),
+                    None => Ok(None),
+                })
                 .map_err(|why| self.bad(format!("L1 entry {index}: {why}")).at_offset(l1_start + index * 8))?;
             match l2 {
                 None => self.place.zero(guest, span.min(self.size - guest))?,
@@ -408,23 +415,26 @@ impl Walker<'_> {
         Ok(())
     }
 
-    /// Settles what the stream's end decides: clusters running past it read as zeros there, tables that never came
-    /// are errors; then the deferred pieces are placed from the spool.
+    /// Settles what the stream's end decides: data clusters running past it (a file cut short) and tables that
+    /// never came are errors, as the random-access reader's; then the deferred pieces are placed from the spool.
     fn end_of_stream(&mut self) -> Result<()> {
         let end = self.pos;
         let pending: Vec<Need> = std::mem::take(&mut self.needs).into_values().collect();
         for mut need in pending {
             match need.target {
-                Target::Data(guest) if need.start < end => {
-                    // The partial last cluster of a file: the rest reads as zeros, as in qemu.
-                    let at = guest + need.got;
-                    self.place.zero(at, need.len - need.got)?;
-                }
                 Target::Compressed(guest) if need.start < end => {
                     let bytes = std::mem::take(&mut need.bytes);
                     self.on_compressed(guest, need.start, &bytes)?;
                 }
                 Target::RefcountTable => {}
+                Target::Data(_) => {
+                    let missing = (need.start + need.got).max(end);
+                    return Err(self
+                        .bad(format!(
+                            "image data lies past the end of the stream ({end} bytes): the image is truncated"
+                        ))
+                        .at_offset(missing));
+                }
                 target => {
                     return Err(self
                         .bad(format!(

@@ -118,6 +118,16 @@ pub fn decode_l1(entry: u64, layout: &Layout) -> Result<Option<u64>, String> {
     Ok(Some(offset))
 }
 
+/// Refuses an L2 table (one cluster at `l2`) that overlaps the L1 table of `l1_entries` entries at `l1_offset`:
+/// its entries would be read from L1 entries. Shared by the random-access reader and the stream walker.
+pub fn check_l2_clear_of_l1(l2: u64, layout: &Layout, l1_offset: u64, l1_entries: u64) -> Result<(), String> {
+    let l1_end = l1_offset.saturating_add(l1_entries.saturating_mul(8));
+    if l2 < l1_end && l1_offset < l2.saturating_add(layout.cluster_size()) {
+        return Err(format!("L2 table at {l2:#x} overlaps the L1 table at {l1_offset:#x}"));
+    }
+    Ok(())
+}
+
 /// Decodes an L2 entry (`bitmap` is the second half of an extended entry; 0 otherwise).
 pub fn decode_l2(entry: u64, bitmap: u64, layout: &Layout) -> Result<Cluster, String> {
     if entry & L2_COMPRESSED != 0 {

@@ -11,9 +11,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::source::HttpOptions;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use url::Url;
 
 /// Most redirects followed for one request.
@@ -22,6 +22,9 @@ const MAX_REDIRECTS: usize = 10;
 const MAX_HEAD: usize = 64 << 10;
 /// Socket read buffer.
 const READ_BUFFER: usize = 64 << 10;
+/// Longest a socket read blocks before the stop flag is looked at again: how late a stop may end a stalled or
+/// trickling download (a signal's EINTR reaches only the thread it lands on, so it cannot be relied on).
+const STOP_POLL: Duration = Duration::from_millis(200);
 
 /// Per-request authorization for sources whose credentials sign each request (S3's SigV4) or expire (GCS's
 /// OAuth2 tokens): the client asks for the headers just before sending, so a retry or a late range request carries
@@ -47,8 +50,61 @@ pub(crate) struct Conn {
     origin: String,
     /// Buffered reads over the transport.
     io: BufReader<Box<dyn Transport>>,
-    /// The TCP socket under the transport, for changing its timeout.
-    socket: TcpStream,
+    /// How long a read may wait for a byte, in milliseconds: the stall timeout, or a linger at a body's end.
+    wait: Arc<AtomicU64>,
+}
+
+/// The TCP socket under a connection, read in short waits: a read fails when the stop flag is raised (at once,
+/// whatever the peer does) or when no byte came for the connection's wait; EINTR is never an error of its own.
+struct Watched {
+    tcp: TcpStream,
+    wait: Arc<AtomicU64>,
+    stop: Option<&'static AtomicBool>,
+}
+
+impl Read for Watched {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let started = Instant::now();
+        loop {
+            check_stop(self.stop)?;
+            match self.tcp.read(buf) {
+                Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => {
+                    let wait = Duration::from_millis(self.wait.load(Ordering::Relaxed));
+                    if started.elapsed() >= wait {
+                        check_stop(self.stop)?;
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "no data"));
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Write for Watched {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        check_stop(self.stop)?;
+        self.tcp.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+/// The error a read or wait ends with once a stop was asked for: an interruption, never a network fault to retry.
+fn check_stop(stop: Option<&'static AtomicBool>) -> io::Result<()> {
+    match stop {
+        Some(stop) if stop.load(Ordering::Relaxed) => {
+            Err(io::Error::other(Error::new(ErrorKind::Interrupted, "download stopped")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether `e` is the stop of [`check_stop`].
+pub(crate) fn is_stop(e: &io::Error) -> bool {
+    e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()).is_some_and(|e| e.kind() == ErrorKind::Interrupted)
 }
 
 /// The HTTP client for one source URL.
@@ -57,6 +113,9 @@ pub struct Client {
     url: Url,
     /// The URL to request now: the given one, or where it redirected to.
     current: Mutex<Url>,
+    /// A redirect left the hosts the user's credential headers were given for: they are not sent again, even if a
+    /// later redirect comes back (Go's client, which CDI uses, strips them for the rest of the chain too).
+    left_trust: AtomicBool,
     /// What to call the source in messages: the given URL without credentials.
     name: String,
     /// `Authorization` value for the source's origin.
@@ -124,9 +183,13 @@ impl Client {
         let user = options.username.clone().or((!url_user.is_empty()).then_some(url_user));
         let pass = options.password.clone().or(url_pass);
         let auth = user.map(|u| basic_auth(&u, pass.as_deref().unwrap_or("")));
+        for (name, value) in &options.headers {
+            check_header(name, value)?;
+        }
         Ok(Client {
             name: parsed.to_string(),
             current: Mutex::new(parsed.clone()),
+            left_trust: AtomicBool::new(false),
             url: parsed,
             auth,
             options: options.clone(),
@@ -201,6 +264,9 @@ impl Client {
                         return Err(self.error(ErrorKind::Io, format!("redirect to unsupported URL {next}")));
                     }
                     log::debug!("{}: redirected ({}) to {next}", self.name, response.status);
+                    if !self.trusts(&next) && !self.left_trust.swap(true, Ordering::Relaxed) {
+                        log::debug!("{}: not sending credential headers to {}", self.name, origin(&next));
+                    }
                     drop(response);
                     url = next;
                 }
@@ -354,8 +420,11 @@ impl Client {
                 head.push_str(&format!("Proxy-Authorization: {auth}\r\n"));
             }
         }
+        let credentials_ok = self.trusts(url) && !self.left_trust.load(Ordering::Relaxed);
         for (name, value) in &self.options.headers {
-            head.push_str(&format!("{name}: {value}\r\n"));
+            if credentials_ok || !is_credential(name) {
+                head.push_str(&format!("{name}: {value}\r\n"));
+            }
         }
         head.push_str(if keep_alive { "Connection: keep-alive\r\n\r\n" } else { "Connection: close\r\n\r\n" });
         head
@@ -373,8 +442,8 @@ impl Client {
             None => (host.to_string(), port),
         };
         let tcp = self.dial(&dial_host, dial_port)?;
-        let socket = tcp.try_clone().map_err(|e| self.io_error("cloning the socket", e))?;
-        let mut transport: Box<dyn Transport> = Box::new(tcp);
+        let wait = Arc::new(AtomicU64::new(self.options.stall_timeout.as_millis() as u64));
+        let mut transport: Box<dyn Transport> = Box::new(Watched { tcp, wait: wait.clone(), stop: self.options.stop });
         if let Some(proxy) = proxy.filter(|p| p.scheme() == "https") {
             // TLS to the proxy itself, verified like the origin (CDI mounts the proxy's CA in /proxycerts).
             transport = tls::wrap(self.tls_config()?, &dial_host, transport)
@@ -386,7 +455,7 @@ impl Client {
             }
             transport = tls::wrap(self.tls_config()?, host, transport).map_err(|e| self.io_error("starting TLS", e))?;
         }
-        Ok(Conn { origin: origin(url), io: BufReader::with_capacity(READ_BUFFER, transport), socket })
+        Ok(Conn { origin: origin(url), io: BufReader::with_capacity(READ_BUFFER, transport), wait })
     }
 
     /// The TLS settings, built on first use.
@@ -398,6 +467,7 @@ impl Client {
     }
 
     fn dial(&self, host: &str, port: u16) -> Result<TcpStream> {
+        check_stop(self.options.stop).map_err(|e| self.io_error("connecting", e))?;
         let timeout = self.options.stall_timeout;
         let addrs = (host, port).to_socket_addrs().map_err(|e| self.io_error(&format!("resolving {host}"), e))?;
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
@@ -405,7 +475,7 @@ impl Client {
             match TcpStream::connect_timeout(&addr, timeout) {
                 Ok(tcp) => {
                     let _ = tcp.set_nodelay(true);
-                    tcp.set_read_timeout(Some(timeout))
+                    tcp.set_read_timeout(Some(STOP_POLL.min(timeout)))
                         .and_then(|()| tcp.set_write_timeout(Some(timeout)))
                         .map_err(|e| self.io_error("configuring the socket", e))?;
                     return Ok(tcp);
@@ -458,8 +528,30 @@ impl Client {
         }
     }
 
+    /// Whether the user's credential headers may go to `url`: Go's `shouldCopyHeaderOnRedirect` (the host, without
+    /// port, is the given URL's host or a subdomain of it), and, stricter than Go, never from https down to
+    /// plain http, where anyone on the path would read them.
+    fn trusts(&self, url: &Url) -> bool {
+        let downgrade = self.url.scheme() == "https" && url.scheme() == "http";
+        !downgrade && is_domain_or_subdomain(&host_name(url), &host_name(&self.url))
+    }
+
+    /// Waits `pause` before a retry, or fails at once with an interruption when a stop is asked for meanwhile.
+    pub(crate) fn pause(&self, pause: Duration) -> Result<()> {
+        let until = Instant::now() + pause;
+        loop {
+            check_stop(self.options.stop).map_err(|e| self.io_error("waiting to retry", e))?;
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(());
+            }
+            std::thread::sleep(left.min(STOP_POLL));
+        }
+    }
+
     /// Keeps a connection whose body was read completely for the next request.
     fn recycle(&self, conn: Conn) {
+        conn.wait.store(self.options.stall_timeout.as_millis() as u64, Ordering::Relaxed);
         *self.idle.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn);
     }
 
@@ -562,7 +654,7 @@ impl Response {
         if extra == 0 && !self.body.keep_alive && linger > Duration::ZERO {
             // The server was asked to close: anything but an end of stream now is more body than it declared.
             let mut probe = [0u8; 1];
-            let _ = conn.socket.set_read_timeout(Some(linger));
+            conn.wait.store(linger.as_millis() as u64, Ordering::Relaxed);
             extra = conn.io.read(&mut probe).unwrap_or(0);
         }
         if extra > 0 {
@@ -742,6 +834,39 @@ fn read_head(io: &mut BufReader<Box<dyn Transport>>) -> io::Result<(u16, Vec<(St
             .collect();
         return Ok((status, headers));
     }
+}
+
+/// Headers Go's client drops on a redirect to another host: they carry credentials.
+fn is_credential(name: &str) -> bool {
+    ["authorization", "www-authenticate", "cookie", "cookie2"].iter().any(|c| name.eq_ignore_ascii_case(c))
+}
+
+/// Refuses a header that would break the request head: a CR or LF would start a header (or a request) of the
+/// sender's choosing, a NUL is cut short by some servers.
+pub fn check_header(name: &str, value: &str) -> Result<()> {
+    if name.contains(['\r', '\n', '\0']) || value.contains(['\r', '\n', '\0']) {
+        return Err(Error::usage(format!(
+            "header {:?} contains a line break or NUL character; refused",
+            name.trim_end_matches(['\r', '\n', '\0'])
+        )));
+    }
+    Ok(())
+}
+
+/// The host name without brackets or port, lower case, as Go compares hosts for redirects.
+fn host_name(url: &Url) -> String {
+    url.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase()
+}
+
+/// Whether `sub` is `parent` or a subdomain of it (an IPv6 address never is a subdomain: Go's rule).
+fn is_domain_or_subdomain(sub: &str, parent: &str) -> bool {
+    if sub == parent {
+        return true;
+    }
+    if sub.contains([':', '%']) {
+        return false;
+    }
+    sub.strip_suffix(parent).is_some_and(|rest| rest.ends_with('.'))
 }
 
 /// `scheme://host:port`.
@@ -1008,6 +1133,32 @@ mod tests {
         let socks = ProxyEnv { https: Some("socks5://s:1080".into()), ..Default::default() };
         assert_eq!(socks.proxy_for(&url("https://example.com/")), None, "socks5 is not supported");
         assert_eq!(ProxyEnv::default().proxy_for(&url("https://example.com/")), None);
+    }
+
+    #[test]
+    fn credential_headers_follow_gos_redirect_rule() {
+        let options = HttpOptions { headers: vec![("Cookie".into(), "c=1".into())], ..Default::default() };
+        let client = Client::new("https://example.com/x.img", &options).unwrap();
+        let trusted = |url: &str| client.trusts(&Url::parse(url).unwrap());
+        assert!(trusted("https://example.com:8443/y"), "another port of the same host");
+        assert!(trusted("https://cdn.example.com/y"), "a subdomain");
+        assert!(!trusted("https://badexample.com/y"));
+        assert!(!trusted("https://com/y"), "a parent domain");
+        assert!(!trusted("http://example.com/y"), "https down to http");
+        assert!(!trusted("https://127.0.0.1/y"));
+        assert!(is_credential("COOKIE") && is_credential("authorization") && !is_credential("X-Auth"));
+        assert!(!is_domain_or_subdomain("::1%.example.com", "example.com"));
+    }
+
+    #[test]
+    fn header_injection_is_refused() {
+        for (name, value) in [("X-A", "v\r\nEvil: 1"), ("X-A", "v\nx"), ("X-A", "v\0"), ("X\rA", "v")] {
+            let error = check_header(name, value).unwrap_err().to_string();
+            assert!(error.contains("line break"), "{error}");
+        }
+        assert!(check_header("X-A", "a:b c").is_ok());
+        let options = HttpOptions { headers: vec![("X-A".into(), "v\r\nHost: evil".into())], ..Default::default() };
+        assert!(Client::new("http://example.com/", &options).is_err());
     }
 
     #[test]

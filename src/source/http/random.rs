@@ -2,7 +2,7 @@
 //! long as reads keep moving forward, so an image read in file order costs one request; blocks read past on the way
 //! stay in a small cache for the reads that arrive slightly out of order (format metadata, the checksum tap).
 
-use super::client::{is_timeout, Client, Response};
+use super::client::{is_stop, is_timeout, Client, Response};
 use crate::error::{ErrorKind, Result};
 use crate::source::ReadAt;
 use std::collections::{HashMap, VecDeque};
@@ -157,7 +157,7 @@ impl HttpSource {
                 Ok(_) => {
                     self.retry(state, at, "the server closed the body early".into())?;
                 }
-                Err(e) if is_timeout(&e) => {
+                Err(e) if is_timeout(&e) || is_stop(&e) => {
                     state.open = None;
                     return Err(self.client.io_error("reading the body", e).at_offset(at));
                 }
@@ -185,7 +185,7 @@ impl HttpSource {
                 .at_offset(at));
         }
         log::warn!("{}: {why} at offset {at}; resuming (retry {} of {retries})", self.client.name(), state.failures);
-        std::thread::sleep(backoff(state.failures));
+        self.client.pause(backoff(state.failures))?;
         self.open_in(state, at)
     }
 

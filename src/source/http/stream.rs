@@ -1,7 +1,7 @@
 //! A whole HTTP body as a forward-only [`Read`], resuming after a dropped connection: with `Range: bytes=N-` where
 //! the server honours it, else by fetching the body again and skipping what was already delivered.
 
-use super::client::{is_timeout, Client, Response};
+use super::client::{is_stop, is_timeout, Client, Response};
 use super::random::backoff;
 use crate::error::{Error, ErrorKind, Result};
 use std::io::{self, Read};
@@ -134,7 +134,7 @@ impl HttpStream {
                     self.failures = 0;
                     return Ok(n);
                 }
-                Err(e) if is_timeout(&e) => {
+                Err(e) if is_timeout(&e) || is_stop(&e) => {
                     self.response = None;
                     return Err(self.client.io_error("reading the body", e).at_offset(self.pos));
                 }
@@ -152,7 +152,7 @@ impl HttpStream {
                 self.pos,
                 self.failures
             );
-            std::thread::sleep(backoff(self.failures));
+            self.client.pause(backoff(self.failures))?;
         }
     }
 }

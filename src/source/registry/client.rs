@@ -6,7 +6,7 @@
 use super::manifest::ACCEPT;
 use super::{fail, step_error, BlobStore, DockerRef, Fetched, TagOrDigest, MAX_MANIFEST};
 use crate::error::{Error, ErrorKind, Result};
-use crate::source::http::{backoff, basic_auth_value, is_timeout, Client, Response};
+use crate::source::http::{backoff, basic_auth_value, is_stop, is_timeout, Client, Response};
 use crate::source::HttpOptions;
 use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
@@ -437,6 +437,7 @@ impl BlobStream {
                     self.failures = 0;
                     return Ok(n);
                 }
+                Err(e) if is_stop(&e) => return Err(self.inner.http.io_error("reading a blob", e)),
                 Err(e) if is_timeout(&e) => {
                     return Err(self.error(format!(
                         "no data for {} s (stalled)",
@@ -458,7 +459,7 @@ impl BlobStream {
                 self.failures,
                 self.inner.retries
             );
-            std::thread::sleep(backoff(self.failures));
+            self.inner.http.pause(backoff(self.failures))?;
         }
     }
 }
