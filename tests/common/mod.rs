@@ -4,6 +4,7 @@
 
 pub mod http;
 pub mod images;
+pub mod prereq;
 pub mod privileged;
 pub mod proxy;
 pub mod registry;
