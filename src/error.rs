@@ -114,6 +114,12 @@ impl Error {
         self.kind
     }
 
+    /// What was being done, without the path, offset and cause (front ends that must word a failure their own way
+    /// tell failures apart by it).
+    pub fn operation(&self) -> &str {
+        &self.operation
+    }
+
     /// The file the error is about, if known.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()

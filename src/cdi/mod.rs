@@ -281,7 +281,7 @@ impl Context<'_> {
         };
         let available = match dest::available_space(volume, env.image_size, kept) {
             Ok(available) => available,
-            Err(e) => return Finish::Failure(format!("Unable to process data: {e}")),
+            Err(e) => return Finish::Failure(termination::import_failure(&e)),
         };
         log::info!("space available for the image: {available} bytes");
         let http = match connect::http_options(&self.args.proxy_cert_dir, &self.args.extra_headers_dir, env) {
@@ -314,13 +314,13 @@ impl Context<'_> {
                         log::warn!("{}: cannot remove after a checksum mismatch: {remove}", image.display());
                     }
                 }
-                return Finish::ChecksumMismatch(format!("Unable to process data: {e}"));
+                return Finish::ChecksumMismatch(termination::import_failure(&e));
             }
             Err(e) if e.kind() == ErrorKind::NeedsScratch => {
                 log::info!("{e}");
                 return self.scratch_required(volume);
             }
-            Err(e) => return Finish::Failure(format!("Unable to process data: {e}")),
+            Err(e) => return Finish::Failure(termination::import_failure(&e)),
         };
         log::info!(
             "imported {} image of {} bytes: {} bytes written, {:.2}s",
