@@ -191,7 +191,7 @@ fn v1_cgroupfs_fixtures_for_crio_and_docker() {
         assert_eq!(text(&v, "cgroup_version"), "v1");
         assert_eq!(text(&v, "verdict"), "oom-killed", "{name}: {v}");
         assert_eq!((v["limit_hits"].as_u64(), v["oom_kills"].as_u64()), (Some(77), Some(3)));
-        assert!(text(&v, "reason").starts_with("3 processes OOM-killed in this cgroup (memory.oom_control oom_kill)"));
+        assert!(text(&v, "reason").starts_with("3 processes OOM-killed in this cgroup (memory.oom_control oom_kill 3)"));
         assert!(v["kernel_oom_kills"].is_null(), "a fixture is outside the hierarchy: no kernel lines to match");
         // v1 counts a kill in the victim's cgroup only: the pod's count adds its containers'.
         fake_cgroup(ctr.parent().unwrap(), false, 256 * MIB, 240 * MIB, 10 * MIB, 0, 0);

@@ -40,6 +40,15 @@ impl NarrowStderr {
         use std::io::Write;
         std::io::stderr().lock().write_all(text.as_bytes())
     }
+
+    /// Moves the cursor `n` cells in ANSI direction `direction` (A up, B down, C right, D left); 0 is no move
+    /// (the escape with 0 would move one).
+    fn cursor(&self, n: usize, direction: char) -> std::io::Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.emit(&format!("\x1b[{n}{direction}"))
+    }
 }
 
 impl indicatif::TermLike for NarrowStderr {
@@ -48,35 +57,19 @@ impl indicatif::TermLike for NarrowStderr {
     }
 
     fn move_cursor_up(&self, n: usize) -> std::io::Result<()> {
-        if n == 0 {
-            Ok(())
-        } else {
-            self.emit(&format!("\x1b[{n}A"))
-        }
+        self.cursor(n, 'A')
     }
 
     fn move_cursor_down(&self, n: usize) -> std::io::Result<()> {
-        if n == 0 {
-            Ok(())
-        } else {
-            self.emit(&format!("\x1b[{n}B"))
-        }
+        self.cursor(n, 'B')
     }
 
     fn move_cursor_right(&self, n: usize) -> std::io::Result<()> {
-        if n == 0 {
-            Ok(())
-        } else {
-            self.emit(&format!("\x1b[{n}C"))
-        }
+        self.cursor(n, 'C')
     }
 
     fn move_cursor_left(&self, n: usize) -> std::io::Result<()> {
-        if n == 0 {
-            Ok(())
-        } else {
-            self.emit(&format!("\x1b[{n}D"))
-        }
+        self.cursor(n, 'D')
     }
 
     fn write_line(&self, line: &str) -> std::io::Result<()> {
