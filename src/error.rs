@@ -75,6 +75,16 @@ impl Error {
             .at_path(destination)
     }
 
+    /// An import stopped by a signal whose destination was then removed or cut (`done` says which): there was
+    /// nothing a rerun could resume from.
+    pub fn interrupted_and_abandoned(destination: &Path, done: &str) -> Self {
+        Self::new(
+            ErrorKind::Interrupted,
+            format!("incomplete, so {done} (with --resume a stop keeps what was written)"),
+        )
+        .at_path(destination)
+    }
+
     /// A failed system call while doing `operation`.
     pub fn io(operation: impl Into<String>, err: io::Error) -> Self {
         Self::new(ErrorKind::Io, operation).with_source(err)
@@ -114,12 +124,6 @@ impl Error {
         self.kind
     }
 
-    /// What was being done, without the path, offset and cause (front ends that must word a failure their own way
-    /// tell failures apart by it).
-    pub fn operation(&self) -> &str {
-        &self.operation
-    }
-
     /// The file the error is about, if known.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
@@ -128,6 +132,11 @@ impl Error {
     /// The offset the error is about, if known.
     pub fn offset(&self) -> Option<u64> {
         self.offset
+    }
+
+    /// What was being done, without path, offset or cause.
+    pub fn operation(&self) -> &str {
+        &self.operation
     }
 
     /// The errno of the underlying system call, if the cause is one.

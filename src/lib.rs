@@ -9,6 +9,7 @@
 
 pub mod budget;
 pub mod buffer;
+pub mod bytes;
 pub(crate) mod cdi;
 pub mod cgroup;
 pub mod checksum;

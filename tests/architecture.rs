@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Modules everything may use.
-const FOUNDATION: &[&str] = &["error", "sys", "size", "buffer", "checksum"];
+const FOUNDATION: &[&str] = &["error", "sys", "size", "buffer", "bytes", "checksum"];
 
 /// For each top-level module, what it may use besides the foundation.
 const ALLOWED: &[(&str, &[&str])] = &[
@@ -17,6 +17,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("sys", &[]),
     ("size", &["error"]),
     ("buffer", &["sys"]),
+    ("bytes", &[]),
     ("checksum", &["error"]),
     // Beside the core: the cgroup readers and governor, the budget that sizes everything, progress counters.
     ("cgroup", &[]),
@@ -30,11 +31,12 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("import", &["budget", "cgroup", "progress", "source", "format", "pipeline", "sink"]),
     // Front ends.
     ("process", &["cgroup", "progress"]),
-    ("cdi", &["budget", "cgroup", "progress", "source", "sink", "import", "process"]),
+    ("cdi", &["cgroup", "progress", "source", "sink", "import", "process"]),
     ("lab", &["budget", "cgroup", "progress", "source", "format", "import", "process"]),
     ("diagnose", &["cgroup", "process"]),
-    // The upload server shares CDI's volume sizing, termination messages, metrics and archive extraction.
-    ("upload", &["budget", "cgroup", "progress", "source", "import", "process", "cdi"]),
+    // The upload server shares CDI's contract (termination messages, metrics, klog flags, environment parsing);
+    // the volume and the archive job are the sink's and the engine's.
+    ("upload", &["cgroup", "progress", "source", "sink", "import", "process", "cdi"]),
     (
         "cli",
         &["budget", "cgroup", "progress", "source", "sink", "import", "process", "cdi", "lab", "diagnose", "upload"],
@@ -176,6 +178,54 @@ fn formats_neither_open_files_nor_print() {
         "format/ must stay pure (ask source::files for files, log through `log`):\n{}",
         problems.join("\n")
     );
+}
+
+#[test]
+fn front_ends_never_touch_the_destination() {
+    // The CDI front ends ask `sink::volume` and the engine for everything done to a volume; what they write
+    // themselves is their own report (the termination log and the done file, in cdi/termination.rs).
+    let forbidden = regex::Regex::new(
+        r"\bFile::create|OpenOptions|remove_file|remove_dir|create_dir|set_len|\bfs::write\b|\bfs::rename|\bfs::copy|\bunlinkat?\b|fallocate|\bsyncfs\b",
+    )
+    .unwrap();
+    let own_report = src().join("cdi").join("termination.rs");
+    let mut problems = Vec::new();
+    for dir in ["cdi", "upload"] {
+        for (path, code) in sources(&src().join(dir)) {
+            if path == own_report {
+                continue;
+            }
+            // Unit tests build their fixtures as they like.
+            let code = code.split("#[cfg(test)]").next().unwrap_or_default();
+            for (n, line) in without_comments(code).lines().enumerate() {
+                if let Some(found) = forbidden.find(line) {
+                    problems.push(format!("{}:{}: {}", path.display(), n + 1, found.as_str()));
+                }
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "a front end touches a volume itself (ask sink::volume or the engine):\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn the_budget_is_resolved_in_one_place() {
+    let mut callers = Vec::new();
+    for (path, code) in sources(&src()) {
+        if path.ends_with("budget.rs") {
+            continue;
+        }
+        for (n, line) in without_comments(&code).lines().enumerate() {
+            if line.contains("Budget::resolve(") {
+                callers.push(format!("{}:{}", path.display(), n + 1));
+            }
+        }
+    }
+    assert_eq!(callers.len(), 1, "Budget::resolve is called from {callers:?}: resolve through import::Context");
+    assert!(callers[0].contains("src/import/mod.rs"), "{callers:?}");
 }
 
 #[test]

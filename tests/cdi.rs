@@ -581,6 +581,79 @@ fn archive_checksum_mismatch_empties_the_data_directory() {
     assert!(pod.data().is_dir());
 }
 
+/// Lays out what a volume holds before an import: `lost+found/` with a file in it, a file at the top, and a
+/// directory the archive also writes into. Returns the paths that must survive a failed import.
+fn volume_with_prior_contents(data: &Path) -> Vec<PathBuf> {
+    fs::create_dir(data.join("lost+found")).unwrap();
+    fs::write(data.join("lost+found/#12"), "recovered").unwrap();
+    fs::write(data.join("keep.txt"), "kept").unwrap();
+    fs::create_dir(data.join("shared")).unwrap();
+    fs::write(data.join("shared/old"), "old").unwrap();
+    ["lost+found", "lost+found/#12", "keep.txt", "shared", "shared/old"].iter().map(|p| data.join(p)).collect()
+}
+
+/// An archive that writes a new tree, a new top-level file, and a file into the pre-existing `shared/`.
+fn archive_over_prior_contents(bench: &Workbench) -> PathBuf {
+    let stage = bench.path("stage-prior");
+    fs::create_dir_all(stage.join("d/e")).unwrap();
+    fs::write(stage.join("d/e/f"), "content").unwrap();
+    fs::write(stage.join("top.txt"), "top").unwrap();
+    fs::create_dir(stage.join("shared")).unwrap();
+    fs::write(stage.join("shared/new"), "new").unwrap();
+    let archive = bench.path("prior.tar");
+    make_tar(&archive, &stage, None, "gnu");
+    archive
+}
+
+#[test]
+fn a_failed_archive_import_removes_only_what_it_extracted() {
+    let bench = Workbench::new("cdi-archive-prior");
+    let archive = archive_over_prior_contents(&bench);
+    // A checksum mismatch (reported, exit 0) and a stream cut short (exit 1) both fail after extracting.
+    let truncated = bench.path("truncated.tar");
+    let bytes = fs::read(&archive).unwrap();
+    // Cut inside the last member's data: everything before it extracts, then the stream ends.
+    let last_data = bytes.iter().rposition(|&b| b != 0).unwrap();
+    fs::write(&truncated, &bytes[..last_data]).unwrap();
+    for (label, source, checksum, code) in
+        [("checksum", &archive, Some(format!("md5:{}", "f".repeat(32))), 0), ("truncated", &truncated, None, 1)]
+    {
+        let mut pod = Pod::new(&format!("cdi-archive-prior-{label}"));
+        let kept = volume_with_prior_contents(&pod.data());
+        pod.set("IMPORTER_CONTENTTYPE", "archive").set("IMPORTER_ENDPOINT", source.to_str().unwrap());
+        if let Some(checksum) = &checksum {
+            pod.set("IMPORTER_CHECKSUM", checksum);
+        }
+        let ended = pod.run();
+        assert_eq!(ended.code, code, "{label}: {}", ended.stderr);
+        for path in &kept {
+            assert!(
+                path.exists(),
+                "{label}: {} was there before the import and is gone: {}",
+                path.display(),
+                ended.stderr
+            );
+        }
+        assert_eq!(fs::read(pod.data().join("lost+found/#12")).unwrap(), b"recovered");
+        for gone in ["d", "top.txt", "shared/new"] {
+            assert!(!pod.data().join(gone).exists(), "{label}: extracted {gone} left behind: {}", ended.stderr);
+        }
+        let mut left: Vec<String> =
+            fs::read_dir(pod.data()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["keep.txt", "lost+found", "shared"], "{label}");
+    }
+    // The same archive whole and unchecked extracts beside what was there.
+    let mut pod = Pod::new("cdi-archive-prior-ok");
+    let kept = volume_with_prior_contents(&pod.data());
+    pod.set("IMPORTER_CONTENTTYPE", "archive").set("IMPORTER_ENDPOINT", archive.to_str().unwrap());
+    let ended = pod.run();
+    ended_complete(&ended);
+    assert!(kept.iter().all(|p| p.exists()));
+    assert_eq!(fs::read(pod.data().join("d/e/f")).unwrap(), b"content");
+    assert_eq!(fs::read(pod.data().join("shared/new")).unwrap(), b"new");
+}
+
 #[test]
 fn invoked_as_cdi_importer_it_is_the_cdi_entrypoint() {
     let dir = scratch_dir("cdi-argv0");

@@ -852,6 +852,45 @@ fn archives_and_filesystem_clones_are_extracted_into_the_data_directory() {
 }
 
 #[test]
+fn a_failed_archive_upload_removes_only_what_it_extracted() {
+    let bench = Workbench::new("upload-archive-prior");
+    let tree = bench.path("tree");
+    fs::create_dir_all(tree.join("sub")).unwrap();
+    fs::write(tree.join("sub/a.txt"), b"alpha\n").unwrap();
+    fs::create_dir(tree.join("shared")).unwrap();
+    fs::write(tree.join("shared/new"), b"new").unwrap();
+    write_raw(&tree.join("disk.img"), 12 * MIB, &[(MIB, 2 * MIB, Fill::Random(4))]);
+    // Small members first, so they are extracted before the upload breaks off inside the disk.
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&tree)
+        .args(["-czf"])
+        .arg(bench.path("t.tar.gz"))
+        .args(["sub", "shared", "disk.img"]));
+    let pod = Pod::new("upload-archive-prior");
+    fs::create_dir(pod.data().join("lost+found")).unwrap();
+    fs::write(pod.data().join("lost+found/#12"), b"recovered").unwrap();
+    fs::create_dir(pod.data().join("shared")).unwrap();
+    fs::write(pod.data().join("shared/old"), b"old").unwrap();
+    let server = pod.start();
+    let mut upload = Upload::file("/v1beta1/upload-archive", &bench.path("t.tar.gz"));
+    upload.abort_after = Some(fs::metadata(bench.path("t.tar.gz")).unwrap().len() / 2);
+    let _ = send(&pod, &server, upload);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !server.log().contains("Saving stream failed") {
+        assert!(Instant::now() < deadline, "{}", server.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(fs::read(pod.data().join("lost+found/#12")).unwrap(), b"recovered", "{}", server.log());
+    assert_eq!(fs::read(pod.data().join("shared/old")).unwrap(), b"old");
+    let mut left: Vec<String> =
+        fs::read_dir(pod.data()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    left.sort();
+    assert_eq!(left, ["lost+found", "shared"], "{}", server.log());
+    assert!(!pod.data().join("shared/new").exists(), "{}", server.log());
+}
+
+#[test]
 fn a_block_device_clone_is_written_byte_for_byte() {
     let bench = Workbench::new("upload-block-clone");
     // The "device" holds a qcow2 image: a clone must copy it, not convert it.

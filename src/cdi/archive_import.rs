@@ -1,17 +1,15 @@
-//! `IMPORTER_CONTENTTYPE=archive`: a tar stream (compressed or not) extracted into the data directory.
+//! `IMPORTER_CONTENTTYPE=archive`: the archive job ([`crate::import::archive`]) fed from the endpoint.
 
-use super::dest::{self, Volume};
 use super::env::CdiEnv;
 use super::termination::TerminationMessage;
-use super::{archive, Context, Finish};
-use crate::budget::xz_memlimit;
-use crate::error::{Error, Result};
-use crate::source::decompress::unwrap_layers;
+use super::{Context, Finish};
+use crate::error::{ErrorKind, Result};
+use crate::import::archive::{run_archive, Archive};
+use crate::sink::volume::Volume;
 use crate::source::open::Input;
-use crate::source::sequential::{HashingReader, ReadAtReader, StreamTap};
+use crate::source::sequential::ReadAtReader;
 use crate::source::{HttpOptions, Location};
 use std::io::Read;
-use std::sync::atomic::AtomicBool;
 
 impl Context<'_> {
     /// `IMPORTER_CONTENTTYPE=archive`: a tar stream extracted into the data directory.
@@ -26,58 +24,17 @@ impl Context<'_> {
             Err(message) => return Finish::Failure(message),
         };
         let name = location.to_string();
-        let (raw, length) = match open_stream(&location, &http) {
+        let (reader, length) = match open_stream(&location, &http) {
             Ok(opened) => opened,
             Err(e) => return Finish::Failure(format!("Unable to process data: {e}")),
         };
-        self.progress.set_total(length.unwrap_or(0));
-        // The checksum and the progress follow the bytes as downloaded, before any decompression.
-        let tap = StreamTap::new(env.checksum.as_ref().map(|c| c.algorithm));
-        let budget = self.engine.budget.bytes;
-        let tapped = Box::new(HashingReader::new(raw, tap.clone()));
-        let (stream, layers) = match unwrap_layers(tapped, &name, xz_memlimit(budget)) {
-            Ok(unwrapped) => unwrapped,
-            Err(e) => return Finish::Failure(format!("Unable to process data: {e}")),
-        };
-        if !layers.is_empty() {
-            let wrapped: Vec<String> = layers.iter().map(ToString::to_string).collect();
-            log::info!("{name}: {}-compressed archive", wrapped.join(" in "));
-        }
-        let mut reader = StopReader { inner: stream, stop: self.stop };
-        let pacing = archive::Pacing { cgroup: self.engine.cgroup.clone(), targets: self.pacing_targets() };
-        let mut reported = 0u64;
-        let extracted = archive::extract(&mut reader, dir, &pacing, |_| {
-            let position = tap.bytes();
-            if position > reported {
-                self.progress.advance(position - reported, position);
-                reported = position;
-            }
-        })
-        .and_then(|extracted| {
-            // The checksum covers every downloaded byte (the archive's end padding too), and a decompressor
-            // checks its trailer.
-            std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| Error::io("reading the archive's end", e))?;
-            Ok(extracted)
-        });
-        let extracted = match extracted {
-            Ok(extracted) => extracted,
-            Err(e) => {
-                return Finish::Failure(format!("Unable to process data: unable to untar files from endpoint: {e}"))
-            }
-        };
-        if let Some(expected) = &env.checksum {
-            if let Err(e) = expected.verify(&tap.finish().unwrap_or_default(), &name) {
-                if let Err(remove) = dest::remove_dir_contents(dir) {
-                    log::warn!("{remove}");
-                }
-                return Finish::ChecksumMismatch(format!("Unable to process data: {e}"));
-            }
-        }
-        log::info!("{extracted}");
-        self.progress.note_written(extracted.bytes_written);
-        match dest::sync_filesystem(dir) {
+        let archive = Archive { name: &name, dir, checksum: env.checksum.as_ref(), verbatim: false };
+        match run_archive(self.engine, &archive, reader, length, self.progress, self.stop) {
             // CDI never preallocates an extracted archive.
-            Ok(()) => Finish::Success(TerminationMessage::import_complete(false)),
+            Ok(_) => Finish::Success(TerminationMessage::import_complete(false)),
+            Err(e) if e.kind() == ErrorKind::ChecksumMismatch => {
+                Finish::ChecksumMismatch(format!("Unable to process data: {e}"))
+            }
             Err(e) => Finish::Failure(format!("Unable to process data: {e}")),
         }
     }
@@ -93,20 +50,4 @@ fn open_stream(location: &Location, http: &HttpOptions) -> Result<(Box<dyn Read 
         }
         Input::Stream { reader, len, .. } => (reader, len),
     })
-}
-
-/// Stops reading when the import is interrupted.
-struct StopReader<'a, R> {
-    inner: R,
-    stop: &'a AtomicBool,
-}
-
-impl<R: Read> Read for StopReader<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
-            // Not ErrorKind::Interrupted: read_exact would retry that forever.
-            return Err(std::io::Error::other("import stopped by a signal"));
-        }
-        self.inner.read(buf)
-    }
 }

@@ -1,29 +1,25 @@
 //! `boundimport cdi`: a drop-in entrypoint for KubeVirt CDI's importer pod (`cdi-importer`).
 //!
-//! It reads the pod's environment ([`env`]), writes to the volume the pod mounts ([`dest`]: a block device or
+//! It reads the pod's environment ([`env`]), writes to the volume the pod mounts ([`Volume`]: a block device or
 //! `/data/disk.img`, sized as CDI sizes it), publishes progress where the controller scrapes it ([`metrics`]),
 //! and leaves the result in the termination log ([`termination`]). The import itself is an ordinary
 //! [`Plan`](crate::import::Plan): bounded by the pod cgroup's own memory limit, unprivileged throughout.
-//! Archives (`IMPORTER_CONTENTTYPE=archive`, compressed or not) are extracted by [`archive`].
+//! Archives (`IMPORTER_CONTENTTYPE=archive`, compressed or not) are the engine's archive job
+//! ([`crate::import::archive`]).
 
-pub mod archive;
 mod archive_import;
 mod args;
 mod connect;
-pub mod dest;
 pub mod env;
 pub mod metrics;
 mod registry;
-pub(crate) use crate::source::tar;
 pub mod termination;
 
-use crate::cgroup::governor::Targets;
-use crate::cgroup::MemCgroup;
 use crate::error::{Error, ErrorKind, Result};
 use crate::import::{self, Plan, ResumeOptions};
 use crate::progress::Progress;
+use crate::sink::volume::{self as dest, Volume};
 use crate::source::Location;
-use dest::Volume;
 use env::{CdiEnv, ContentType, Source};
 use metrics::Metrics;
 use std::path::Path;
@@ -79,29 +75,11 @@ pub fn main(args: CdiArgs) -> i32 {
     }
     let stop = crate::process::install_stop_handlers();
     let progress = Arc::new(Progress::default());
-    let cgroup = match MemCgroup::own() {
-        Ok(cgroup) => cgroup,
-        Err(e) => {
-            log::warn!("cannot find our memory cgroup: {e}");
-            None
-        }
-    };
+    // The cgroup is found and the budget resolved once, here, for everything this run does.
+    let engine = import::Context::for_pod();
     // Like cdi-importer, the endpoint is up before anything else happens.
     let owner_uid = std::env::var("OWNER_UID").unwrap_or_default();
-    let metrics = Arc::new(Metrics::new(owner_uid, progress.clone(), cgroup.clone()));
-    // The cgroup is found and the budget resolved once, here, for everything this run does.
-    let engine = match import::Context::for_cgroup(cgroup.clone(), None, Default::default()) {
-        Ok(engine) => engine,
-        Err(e) => {
-            log::warn!("cannot read the memory budget: {e}");
-            let fallback = crate::budget::Budget {
-                bytes: crate::budget::DEFAULT_BUDGET,
-                origin: crate::budget::BudgetOrigin::Default,
-            };
-            import::Context { cgroup: cgroup.clone(), budget: fallback, sizing: fallback.sizing() }
-        }
-    };
-    log::info!("memory budget {}", engine.budget);
+    let metrics = Arc::new(Metrics::new(owner_uid, progress.clone(), engine.cgroup.clone()));
     metrics.set_budget(engine.budget.bytes);
     let serving = match metrics::start(&args.metrics_addr, metrics.clone()) {
         Ok(addr) => {
@@ -241,11 +219,6 @@ impl Context<'_> {
         import::run_blank(self.engine, &plan, size, self.progress, self.stop).map(drop)
     }
 
-    /// Governor targets for writes outside an import pipeline (archive members, blank preallocation).
-    fn pacing_targets(&self) -> Targets {
-        self.engine.sizing.governor_targets()
-    }
-
     /// Waits for `IMPORTER_READY_FILE` and takes the image name from it, as CDI does for node-pulled registry
     /// images.
     fn wait_for_ready_file(&self, env: &CdiEnv, location: &Location) -> std::result::Result<Location, String> {
@@ -273,7 +246,7 @@ impl Context<'_> {
     fn import_image(&self, env: &CdiEnv, volume: &Volume, location: Location) -> Finish {
         let image = volume.image_path();
         let kept = match volume {
-            Volume::Filesystem(_) => match dest::keep_resumable_or_remove_stale(&image) {
+            Volume::Filesystem(_) => match import::resume::keep_resumable_or_remove_stale(&image) {
                 Ok(kept) => kept,
                 Err(e) => return Finish::Failure(format!("Unable to process data: {e}")),
             },
@@ -307,14 +280,10 @@ impl Context<'_> {
         };
         let outcome = match import::run_in(self.engine, &plan, self.progress, self.stop) {
             Ok(outcome) => outcome,
+            // The engine left no unverified data behind: the image file it made is gone, a device's image range
+            // zeroed.
             Err(e) if e.kind() == ErrorKind::ChecksumMismatch => {
-                // Leave no unverified data behind: CDI removes the image file (a device cannot be removed).
-                if let Volume::Filesystem(_) = volume {
-                    if let Err(remove) = std::fs::remove_file(&image) {
-                        log::warn!("{}: cannot remove after a checksum mismatch: {remove}", image.display());
-                    }
-                }
-                return Finish::ChecksumMismatch(termination::import_failure(&e));
+                return Finish::ChecksumMismatch(termination::import_failure(&e))
             }
             Err(e) if e.kind() == ErrorKind::NeedsScratch => {
                 log::info!("{e}");
@@ -353,23 +322,12 @@ impl Context<'_> {
 /// A blank `disk.img`: the requested size, capped by the free space, less the filesystem overhead.
 fn blank_file(env: &CdiEnv, dir: &Path) -> Result<()> {
     let requested = env.image_size.ok_or_else(|| Error::usage("IMPORTER_IMAGE_SIZE is required for a blank disk"))?;
-    let image = dir.join(dest::DISK_IMAGE_NAME);
-    dest::remove_stale(&image)?;
-    let available = dest::filesystem_available(dir)?;
-    let capped = requested.min(available);
-    if capped < requested {
-        log::warn!("available space less than requested size, creating blank image sized to available space: {capped}");
-    }
-    let size = dest::usable_space(env.filesystem_overhead, capped);
-    log::info!("space adjusted for filesystem overhead: {size}");
-    dest::create_blank_file(&image, size, env.preallocation)
+    dest::create_blank_image(dir, requested, env.filesystem_overhead, env.preallocation)
 }
 
 /// Creates `IMPORTER_DONE_FILE` after a successful import (CDI's signal to a node-pull sidecar).
 fn touch_done_file(env: &CdiEnv) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let Some(done) = &env.done_file else { return };
-    if let Err(e) = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o666).open(done) {
-        log::error!("Failed creating file {}: {e}", done.display());
+    if let Some(done) = &env.done_file {
+        termination::touch_done_file(done);
     }
 }

@@ -3,9 +3,9 @@
 //! first — platform and bootc checks, the labels for the termination message — and the import then reads the
 //! same manifest again by its digest, so the labels and the disk come from one image.
 
-use super::dest::Volume;
 use super::env::CdiEnv;
 use super::{Context, Finish};
+use crate::sink::volume::Volume;
 use crate::source::http::Client;
 use crate::source::registry::{self, ImageRef};
 use crate::source::{HttpOptions, Location};

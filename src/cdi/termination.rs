@@ -285,6 +285,14 @@ pub fn write_json(path: &Path, message: &TerminationMessage) -> std::io::Result<
     write_file(path, &message.to_json())
 }
 
+/// Creates the done file (`IMPORTER_DONE_FILE`), CDI's signal to a node-pull sidecar that the pod is done.
+pub fn touch_done_file(done: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Err(e) = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o666).open(done) {
+        log::error!("Failed creating file {}: {e}", done.display());
+    }
+}
+
 fn write_file(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

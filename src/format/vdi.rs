@@ -7,6 +7,7 @@
 
 use super::block_table::BlockTable;
 use super::{Content, Extent, Image};
+use crate::bytes::{le32, le64};
 use crate::error::{Error, Result};
 use crate::source::{read_exact_at, ReadAt};
 use std::sync::Arc;
@@ -43,14 +44,6 @@ pub struct Header {
     pub disk_size: u64,
     /// Number of block map entries.
     pub blocks_in_image: u32,
-}
-
-fn le32(buf: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn le64(buf: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
 }
 
 /// Parses and validates the first 512 bytes of a VDI file whose length is `file_len`.

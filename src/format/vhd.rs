@@ -15,6 +15,7 @@
 
 use super::block_table::BlockTable;
 use super::{push_extent, Content, Extent, Image};
+use crate::bytes::{be32, be64};
 use crate::error::{Error, Result};
 use crate::source::{read_exact_at, ReadAt};
 use std::sync::Arc;
@@ -35,14 +36,6 @@ pub const MAX_GEOMETRY_SECTORS: u64 = 65535 * 16 * 255;
 pub const MAX_SECTORS: u64 = 0xff00_0000;
 /// BAT entry of an unallocated block.
 pub const UNALLOCATED: u32 = 0xffff_ffff;
-
-fn be32(buf: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn be64(buf: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
-}
 
 /// The VHD checksum: the one's complement of the byte sum, with the checksum field itself counted as zeros.
 pub fn checksum(buf: &[u8], field: usize) -> u32 {

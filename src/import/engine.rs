@@ -4,12 +4,12 @@ use super::resume::{Checkpoints, SourceId, Store};
 use super::{Context, MemoryReport, Outcome, Plan};
 use crate::cgroup::sampler::ChargeSampler;
 use crate::checksum::{hex, Algorithm, Hasher};
-use crate::error::{ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::progress::Progress;
 use crate::sink::{DestKind, DestOptions, Destination, Probe};
 use crate::source::decompress::Compression;
 use crate::source::ReadAt;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Duration;
 
@@ -56,6 +56,8 @@ pub(super) struct Engine<'a> {
     start: u64,
     /// Whether the destination file is ours (it did not exist before this import).
     created: bool,
+    /// The highest watermark recorded durably (a rerun resumes from it); `start` until one is.
+    recorded: AtomicU64,
     /// The cgroup's charge, read through the import.
     charge: Option<ChargeSampler>,
 }
@@ -137,7 +139,7 @@ impl<'a> Engine<'a> {
         let created = probe.kind == DestKind::RegularFile && !probe.exists;
         progress.set_budget(ctx.budget.bytes);
         let charge = ctx.cgroup.clone().map(|cgroup| ChargeSampler::start(cgroup, progress.charge_feed()));
-        Ok(Engine { plan, ctx, progress, dest, checkpoints, start, created, charge })
+        Ok(Engine { plan, ctx, progress, dest, checkpoints, start, created, recorded: AtomicU64::new(start), charge })
     }
 
     /// The destination.
@@ -194,6 +196,7 @@ impl<'a> Engine<'a> {
             if outcome.is_err() {
                 checkpoint(&mut last);
             }
+            self.recorded.store(last, Ordering::Relaxed);
             outcome
         })
     }
@@ -210,19 +213,34 @@ impl<'a> Engine<'a> {
         let produced = match produced {
             Ok(produced) => produced,
             Err(err) => {
+                // A rerun can continue only from a durable checkpoint, and only past a failure that may not
+                // happen again: a bad or refused image, or one too large, fails the same way from any offset.
+                let transient = matches!(err.kind(), ErrorKind::Io | ErrorKind::Interrupted | ErrorKind::NeedsScratch);
+                let resumable = transient && self.checkpoints.is_some() && self.recorded.load(Ordering::Relaxed) > 0;
                 match err.kind() {
+                    // A stop the user asked for: what was written is made durable. A block device keeps it (the
+                    // stop line names the offset below which it holds the image); a file with nothing to resume
+                    // from is no use to anyone and goes like any failed import's.
                     ErrorKind::Interrupted => {
                         self.dest.finish()?;
+                        if !resumable && self.dest.kind() == DestKind::RegularFile {
+                            self.clear_checkpoints()?;
+                            return Err(match self.abandon() {
+                                Some(done) => Error::interrupted_and_abandoned(self.dest.path(), &done),
+                                None => err,
+                            });
+                        }
                     }
                     // A stream whose digest failed at its end (a registry layer): what was written came from
                     // bytes now known to be wrong, so no later run may resume over it.
                     ErrorKind::ChecksumMismatch => {
-                        if let Some(checkpoints) = &self.checkpoints {
-                            checkpoints.clear()?;
-                        }
+                        self.clear_checkpoints()?;
+                        self.discard();
+                    }
+                    _ if !resumable => {
+                        self.clear_checkpoints()?;
                         self.abandon();
                     }
-                    _ if self.checkpoints.is_none() => self.abandon(),
                     _ => {}
                 }
                 return Err(err);
@@ -233,16 +251,12 @@ impl<'a> Engine<'a> {
         let source_checksum = match verify() {
             Ok(verified) => verified,
             Err(mismatch) => {
-                if let Some(checkpoints) = &self.checkpoints {
-                    checkpoints.clear()?;
-                }
+                self.clear_checkpoints()?;
                 self.discard();
                 return Err(mismatch);
             }
         };
-        if let Some(checkpoints) = &self.checkpoints {
-            checkpoints.clear()?;
-        }
+        self.clear_checkpoints()?;
         let stats = &self.dest.stats;
         Ok(Outcome {
             source: self.plan.source.clone(),
@@ -270,33 +284,51 @@ impl<'a> Engine<'a> {
         })
     }
 
-    /// After a failure with nothing to resume from: leave no file that looks like a complete image. A file this
-    /// import created is removed; one that existed (and was truncated when the import began) is cut to nothing. A
-    /// block device keeps what was written: it has no length to cut.
-    fn abandon(&self) {
-        if self.dest.kind() != DestKind::RegularFile {
-            return;
-        }
-        let path = self.dest.path();
-        let outcome = if self.created { std::fs::remove_file(path) } else { self.dest.truncate() };
-        // Info, not a warning: the failure itself is the one line the user must read (and a destination whose
-        // storage failed may refuse this too).
-        match outcome {
-            Ok(()) if self.created => log::info!("{}: removed the partial image", path.display()),
-            Ok(()) => log::info!("{}: cut the partial image to 0 bytes", path.display()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => log::info!("{}: cannot remove the partial image: {e}", path.display()),
+    /// Forgets the resume state, if any.
+    fn clear_checkpoints(&self) -> Result<()> {
+        match &self.checkpoints {
+            Some(checkpoints) => checkpoints.clear(),
+            None => Ok(()),
         }
     }
 
-    /// After a checksum mismatch: what was written came from the wrong bytes, so throw it away.
+    /// After a failure with nothing to resume from: leave nothing that looks like a complete image. A file this
+    /// import created is removed; one that existed (and was truncated when the import began) is cut to nothing;
+    /// a block device has its ends zeroed, so the partial image is not taken for a disk. Returns what was done,
+    /// for the stop line.
+    fn abandon(&self) -> Option<String> {
+        let path = self.dest.path();
+        let outcome = match self.dest.kind() {
+            DestKind::RegularFile if self.created => std::fs::remove_file(path).map(|()| "removed the partial image"),
+            DestKind::RegularFile => self.dest.truncate().map(|()| "cut the partial image to 0 bytes"),
+            DestKind::BlockDevice => self.dest.scrub().map(|()| "zeroed the partial image's first and last MiB"),
+        };
+        // Info, not a warning: the failure itself is the one line the user must read (and a destination whose
+        // storage failed may refuse this too).
+        match outcome {
+            Ok(done) => {
+                log::info!("{}: {done}", path.display());
+                Some(done.to_string())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                log::info!("{}: cannot remove the partial image: {e}", path.display());
+                None
+            }
+        }
+    }
+
+    /// After a checksum mismatch: what was written came from the wrong bytes, so throw it away: a file goes as
+    /// after any failure, a block device's image range is zeroed.
     /// The mismatch itself is the import's error, reported once by the front end.
     fn discard(&self) {
         log::warn!(
             "discarding what was written to {}: it came from bytes that failed their checksum",
             self.dest.path().display()
         );
-        if let Err(e) = self.dest.discard() {
+        if self.dest.kind() == DestKind::RegularFile {
+            self.abandon();
+        } else if let Err(e) = self.dest.discard() {
             log::warn!("could not discard the written image: {e}");
         }
     }

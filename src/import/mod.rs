@@ -7,7 +7,9 @@
 //! an HTTP server without Range, a registry layer, an upload body), through the format's forward walker and the
 //! pipeline's chunk assembler. A new forward-only source is only a `Read` handed to [`run_stream`].
 
+pub mod archive;
 mod engine;
+pub mod extract;
 mod forward;
 mod random;
 pub(crate) mod resume;
@@ -221,6 +223,25 @@ impl Context {
         let budget = Budget::resolve(limit, cgroup.as_ref())?;
         let sizing = sizing_override.apply(budget.sizing());
         Ok(Context { cgroup, budget, sizing })
+    }
+}
+
+impl Context {
+    /// The context of a CDI pod (importer or upload server): our cgroup and its budget, resolved once for
+    /// everything the pod does. A pod must still import when either cannot be read: then no cgroup or the
+    /// default budget, with a warning.
+    pub fn for_pod() -> Context {
+        let cgroup = MemCgroup::own().unwrap_or_else(|e| {
+            log::warn!("cannot find our memory cgroup: {e}");
+            None
+        });
+        let ctx = Self::for_cgroup(cgroup.clone(), None, SizingOverride::default()).unwrap_or_else(|e| {
+            log::warn!("cannot read the memory budget: {e}");
+            let budget = Budget { bytes: crate::budget::DEFAULT_BUDGET, origin: crate::budget::BudgetOrigin::Default };
+            Context { cgroup, budget, sizing: budget.sizing() }
+        });
+        log::info!("memory budget {}", ctx.budget);
+        ctx
     }
 }
 

@@ -291,6 +291,24 @@ fn sync_parent(path: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Readies an image file (CDI's `/data/disk.img`) for an import: an earlier attempt's image with resume state beside it is kept (the
+/// engine continues it if the state matches this source, and starts over otherwise); any other stale image is
+/// removed. Returns the bytes a kept image occupies, which count as available space: they are the image's own.
+pub fn keep_resumable_or_remove_stale(image: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let state = state_path(image, DestKind::RegularFile, None)?;
+    match (std::fs::symlink_metadata(image), state.is_file()) {
+        (Ok(meta), true) if meta.is_file() => {
+            log::info!("{}: kept for resuming; resume state in {}", image.display(), state.display());
+            Ok(meta.blocks().saturating_mul(512))
+        }
+        _ => {
+            crate::sink::volume::remove_stale(&state)?;
+            crate::sink::volume::remove_stale(image).map(|()| 0)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

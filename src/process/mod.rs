@@ -48,8 +48,12 @@ pub fn stopped_line(err: &Error, written: u64, resumable: bool) -> Option<String
     let name =
         nix::sys::signal::Signal::try_from(signal).map_or_else(|_| format!("signal {signal}"), |s| s.to_string());
     let mut line = format!("stopped by {name} after writing {}", crate::size::human(written));
-    if let (Some(offset), Some(path)) = (err.offset(), err.path()) {
-        line += &format!("; everything below offset {offset} ({offset:#x}) of {} is written", path.display());
+    match (err.offset(), err.path()) {
+        (Some(offset), Some(path)) => {
+            line += &format!("; everything below offset {offset} ({offset:#x}) of {} is written", path.display())
+        }
+        (None, Some(path)) => line += &format!("; {}: {}", path.display(), err.operation()),
+        _ => {}
     }
     if resumable {
         line += "; run again with `--resume` to continue";

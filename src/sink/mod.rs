@@ -12,6 +12,7 @@
 
 pub(crate) mod paced;
 pub(crate) mod probe;
+pub mod volume;
 pub(crate) mod writebehind;
 pub(crate) mod zeroing;
 
@@ -31,6 +32,9 @@ use zeroing::Zeroer;
 
 /// Smallest unit of zero detection and write alignment: a page, which covers any logical block size up to 4 KiB.
 pub const MIN_BLOCK: u64 = 4096;
+
+/// What [`Destination::scrub`] zeroes at each end of a partial image on a block device.
+pub const SCRUB_LEN: u64 = 1 << 20;
 
 /// Which write path to use (`--io`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -86,6 +90,22 @@ impl Default for DestOptions {
             preallocate: false,
             max_size: None,
             grow_to: None,
+        }
+    }
+}
+
+/// Removes a file it names when dropped armed.
+struct RemoveUnlessKept<'a> {
+    path: &'a Path,
+    armed: bool,
+}
+
+impl Drop for RemoveUnlessKept<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = std::fs::remove_file(self.path) {
+                log::info!("{}: cannot remove the file just created: {e}", self.path.display());
+            }
         }
     }
 }
@@ -173,6 +193,9 @@ impl Destination {
             }
             Err(e) => return Err(ctx(Error::io("opening destination", e))),
         };
+        // A file this call creates goes again if opening fails past this point (a size the filesystem refuses):
+        // a failed import that never wrote leaves nothing behind.
+        let mut created = RemoveUnlessKept { path, armed: kind == DestKind::RegularFile && !probe.exists };
         if kind == DestKind::BlockDevice && sys::is_read_only_device(&buffered).unwrap_or(false) {
             return Err(ctx(Error::new(ErrorKind::Io, "destination block device is read-only: nothing was written")));
         }
@@ -222,6 +245,7 @@ impl Destination {
             }
             (Err(why), _) => (WritePath::WriteBehind(Box::new(WriteBehind::new(governor()?))), why, 1),
         };
+        created.armed = false;
         Ok(Destination {
             path: path.to_path_buf(),
             kind,
@@ -298,21 +322,41 @@ impl Destination {
                 self.buffered.set_len(0).io_context("discarding destination").map_err(ctx)?;
                 self.buffered.set_len(size).io_context("discarding destination").map_err(ctx)?;
             }
-            DestKind::BlockDevice => {
-                let zeroer = Zeroer::default();
-                let aligned = align_down(size, self.block);
-                let direct = match &self.path_kind {
-                    WritePath::Direct { file, .. } => Some(file),
-                    WritePath::WriteBehind(_) => None,
-                };
-                zeroer.zero(&self.buffered, direct, 0, aligned).map_err(ctx)?;
-                if size > aligned {
-                    let zeros = AlignedBuf::new((size - aligned) as usize);
-                    self.write_tail(aligned, &zeros[..(size - aligned) as usize]).map_err(ctx)?;
-                }
-            }
+            DestKind::BlockDevice => self.zero_any(0, size)?,
         }
         self.sync()
+    }
+
+    /// Zeroes the first and last MiB of a block device's image range (partition tables and their GPT backup,
+    /// boot sectors, image headers), so a partial image is not taken for a disk; synced.
+    pub fn scrub(&self) -> std::io::Result<()> {
+        let size = self.size();
+        let first = SCRUB_LEN.min(size);
+        let mut ranges = vec![(0, first)];
+        if size >= 2 * SCRUB_LEN {
+            ranges.push((size - SCRUB_LEN, SCRUB_LEN));
+        }
+        for (offset, len) in ranges {
+            self.zero_any(offset, len).map_err(std::io::Error::other)?;
+        }
+        self.sync().map_err(std::io::Error::other)
+    }
+
+    /// Zeroes `[offset, offset + len)` whatever its alignment: the aligned part through the zeroing path, an
+    /// unaligned tail written.
+    fn zero_any(&self, offset: u64, len: u64) -> Result<()> {
+        let ctx = |e: Error| e.at_path(&self.path);
+        let aligned = align_down(len, self.block);
+        let direct = match &self.path_kind {
+            WritePath::Direct { file, .. } => Some(file),
+            WritePath::WriteBehind(_) => None,
+        };
+        Zeroer::default().zero(&self.buffered, direct, offset, aligned).map_err(ctx)?;
+        if len > aligned {
+            let zeros = AlignedBuf::new((len - aligned) as usize);
+            self.write_tail(offset + aligned, &zeros[..(len - aligned) as usize]).map_err(ctx)?;
+        }
+        Ok(())
     }
 
     /// Cuts a file destination to nothing (a failed import leaves no file that looks complete).

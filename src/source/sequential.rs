@@ -1,12 +1,13 @@
 //! Forward-only byte streams: a [`ReadAt`] read front to back ([`ReadAtReader`]), a checksum tap on a stream
-//! ([`HashingReader`]), and a reader that can look at its first bytes before handing them on ([`Peek`]).
+//! ([`HashingReader`]), a reader that can look at its first bytes before handing them on ([`Peek`]), and one that
+//! ends when a stop is asked for ([`StopReader`]).
 
 use super::ReadAt;
 use crate::buffer::AlignedBuf;
 use crate::checksum::{Algorithm, Hasher};
 use crate::error::Error;
 use std::io::{self, Read};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Size of each read a [`ReadAtReader`] makes: aligned, so an O_DIRECT file is read without a bounce buffer.
@@ -43,6 +44,29 @@ impl Read for ReadAtReader {
         out[..n].copy_from_slice(&self.buf[self.used..self.used + n]);
         self.used += n;
         Ok(n)
+    }
+}
+
+/// A stream that fails once `stop` is raised (a stop signal), so a consumer that only reads ends promptly.
+pub struct StopReader<'a, R> {
+    inner: R,
+    stop: &'a AtomicBool,
+}
+
+impl<'a, R: Read> StopReader<'a, R> {
+    /// `inner`, ended by `stop`.
+    pub fn new(inner: R, stop: &'a AtomicBool) -> Self {
+        StopReader { inner, stop }
+    }
+}
+
+impl<R: Read> Read for StopReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.stop.load(Ordering::Relaxed) {
+            // Not ErrorKind::Interrupted: read_exact would retry that forever.
+            return Err(io::Error::other("stopped by a signal"));
+        }
+        self.inner.read(buf)
     }
 }
 

@@ -7,6 +7,7 @@
 //! data) are passed over.
 
 use super::sequential::stream_error;
+use crate::bytes::{le16, le32, le64};
 use crate::error::Error;
 use std::io::{self, BufRead, BufReader, Read};
 
@@ -91,18 +92,6 @@ pub struct ZipEntry {
     produced: u64,
     /// Archive offset where the entry's data starts.
     data_start: u64,
-}
-
-fn le16(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([b[at], b[at + 1]])
-}
-
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn le64(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
 /// Reads exactly `buf.len()` bytes of the archive, or says which part it ends inside.

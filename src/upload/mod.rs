@@ -14,10 +14,9 @@ pub mod process;
 pub mod server;
 pub mod tls;
 
-use crate::cdi::dest::{self, Volume};
 use crate::cdi::termination::{self, TerminationMessage};
 use crate::cdi::KlogFlags;
-use crate::cgroup::MemCgroup;
+use crate::sink::volume::{self as dest, Volume};
 use env::UploadEnv;
 use process::Job;
 use server::{Ended, Server};
@@ -114,7 +113,7 @@ fn destination(args: &UploadArgs, configured: Option<&Path>) -> (Volume, PathBuf
         Some(path) if path == Path::new(env::WRITE_BLOCK_PATH) => {
             (Volume::Block(args.block_path.clone()), args.block_path.clone())
         }
-        Some(path) if process::is_block_device(path) => (Volume::Block(path.to_path_buf()), path.to_path_buf()),
+        Some(path) if dest::is_block_device(path) => (Volume::Block(path.to_path_buf()), path.to_path_buf()),
         Some(path) => {
             let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
             (Volume::Filesystem(dir.to_path_buf()), path.to_path_buf())
@@ -140,28 +139,13 @@ fn run(args: &UploadArgs) -> Result<Ended, String> {
     }
     let (volume, image) = destination(args, env.destination.as_deref());
     if let Volume::Block(device) = &volume {
-        if !process::is_block_device(device) {
+        if !dest::is_block_device(device) {
             return Err(format!("{}: the block destination is not a block device", device.display()));
         }
     }
     log::info!("destination: {volume:?}, image {}", image.display());
-    let cgroup = match MemCgroup::own() {
-        Ok(cgroup) => cgroup,
-        Err(e) => {
-            log::warn!("cannot find our memory cgroup: {e}");
-            None
-        }
-    };
-    let budget = match crate::budget::Budget::resolve(None, cgroup.as_ref()) {
-        Ok(budget) => {
-            log::info!("memory budget {budget}");
-            Some(budget.bytes)
-        }
-        Err(e) => {
-            log::warn!("cannot read the memory budget: {e}");
-            None
-        }
-    };
+    let ctx = crate::import::Context::for_pod();
+    let budget = Some(ctx.budget.bytes);
     let job = Job {
         volume,
         image,
@@ -170,7 +154,7 @@ fn run(args: &UploadArgs) -> Result<Ended, String> {
         image_size: env.image_size,
         filesystem_overhead: env.filesystem_overhead,
         preallocation: env.preallocation,
-        cgroup,
+        ctx,
     };
     let address = env.bind_address();
     let listener =

@@ -6,23 +6,17 @@
 //! cmd/cdi-cloner, `snappy.NewReader` in pkg/uploadserver, CDI v1.66): `filesystem-clone` is a tar of the source
 //! volume's files (GNU tar, `-S` sparse unless preallocated), `blockdevice-clone` the source device's bytes.
 
-use crate::budget::xz_memlimit;
-use crate::budget::Budget;
-use crate::cdi::archive::{self, Pacing};
-use crate::cdi::dest::{self, Volume};
-use crate::cdi::tar::{Kind, TarReader};
-use crate::cgroup::governor::Targets;
-use crate::cgroup::MemCgroup;
 use crate::error::{Error, ErrorKind, Result};
+use crate::import::archive::{run_archive, Archive};
 use crate::import::{self, Plan};
 use crate::progress::Progress;
-use crate::source::decompress::unwrap_layers;
+use crate::sink::volume::{self as dest, Volume};
+use crate::source::tar::{Kind, TarReader};
 use crate::source::Location;
 use std::io::{self, Read};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Arc;
 
 /// What an upload carries, from its path and its `x-cdi-content-type` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,8 +74,8 @@ pub struct Job {
     pub filesystem_overhead: f64,
     /// `PREALLOCATION`.
     pub preallocation: bool,
-    /// Our memory cgroup, pacing archive extraction.
-    pub cgroup: Option<MemCgroup>,
+    /// Our memory cgroup and budget, resolved once for every upload.
+    pub ctx: import::Context,
 }
 
 /// The name uploads carry in messages.
@@ -155,7 +149,7 @@ impl Job {
         };
         // The engine sizes the file as CDI does and syncs the destination.
         let plan = Plan { max_virtual_size: Some(available), grow_file_to, ..self.plan() };
-        let outcome = import::run_stream(&plan, body, len, progress, stop)?;
+        let outcome = import::run_stream_in(&self.ctx, &plan, body, len, progress, stop)?;
         if outcome.virtual_size == 0 {
             return Err(Error::bad_image("the upload holds no image (an empty body)").at_path(UPLOAD_NAME));
         }
@@ -175,7 +169,7 @@ impl Job {
             dest::remove_stale(&self.image)?;
         }
         let plan = Plan { verbatim: true, ..self.plan() };
-        let outcome = import::run_stream(&plan, stream, None, progress, stop)?;
+        let outcome = import::run_stream_in(&self.ctx, &plan, stream, None, progress, stop)?;
         if outcome.virtual_size == 0 {
             return Err(Error::bad_image("the clone stream holds no data").at_path(UPLOAD_NAME));
         }
@@ -185,6 +179,7 @@ impl Job {
     }
 
     /// A tar stream extracted into the data directory; `verbatim` skips unwrapping compression (clone streams).
+    /// A failure removes what the extraction created, and nothing that was there before.
     fn archive(
         &self,
         body: Box<dyn Read + Send>,
@@ -196,93 +191,25 @@ impl Job {
         let Volume::Filesystem(_) = self.volume else {
             return Err(Error::usage("an archive needs a filesystem volume, not a block volume"));
         };
-        let dir = &self.data_dir;
-        let budget = Budget::resolve(None, self.cgroup.as_ref()).map_or(crate::budget::DEFAULT_BUDGET, |b| b.bytes);
-        let consumed = Arc::new(AtomicU64::new(0));
-        let counted: Box<dyn Read + Send> = Box::new(Counted { inner: body, count: consumed.clone() });
-        progress.set_total(len.unwrap_or(0));
-        let stream: Box<dyn Read + Send> = if verbatim {
-            counted
-        } else {
-            let (stream, layers) = unwrap_layers(counted, UPLOAD_NAME, xz_memlimit(budget))?;
-            if !layers.is_empty() {
-                let wrapped: Vec<String> = layers.iter().map(ToString::to_string).collect();
-                log::info!("{}-compressed archive", wrapped.join(" in "));
-            }
-            Box::new(stream)
-        };
-        let mut reader = Stoppable { inner: stream, stop };
-        let sizing = Budget { bytes: budget, origin: crate::budget::BudgetOrigin::Default }.sizing();
-        let pacing = Pacing {
-            cgroup: self.cgroup.clone(),
-            targets: Targets { dirty_writeback: sizing.dirty_target, usage_ceiling: Some(sizing.usage_ceiling) },
-        };
-        let mut reported = 0u64;
-        let extracted = archive::extract(&mut reader, dir, &pacing, |_| {
-            let position = consumed.load(Ordering::Relaxed);
-            if position > reported {
-                progress.advance(position - reported, position);
-                reported = position;
-            }
-        })
-        .map_err(|e| Error::new(e.kind(), format!("unable to untar files from endpoint: {e}")))?;
-        // The rest of the stream (the archive's end blocks; a decompressor checks its trailer).
-        io::copy(&mut reader, &mut io::sink()).map_err(|e| Error::io("reading the archive's end", e))?;
-        log::info!("{extracted}");
-        progress.note_written(extracted.bytes_written);
-        dest::sync_filesystem(dir)?;
+        let archive = Archive { name: UPLOAD_NAME, dir: &self.data_dir, checksum: None, verbatim };
+        run_archive(&self.ctx, &archive, body, len, progress, stop)?;
         // CDI never preallocates an extracted archive.
         Ok(Done { preallocation_applied: false, clone: false })
     }
 
-    /// After a failed upload: a partial image file is removed, a device with a partial image is scrubbed, a
-    /// partly extracted data directory is emptied.
+    /// After a failed upload of a disk image or raw clone: a partial image file is removed, a device with a
+    /// partial image is scrubbed. (An archive job cleans up after itself.)
     fn clean_after_failure(&self, content: Content) {
         let extracted = matches!(content, Content::Archive)
             || (content == Content::FilesystemClone && matches!(self.volume, Volume::Filesystem(_)));
         let result = match (&self.volume, extracted) {
-            (Volume::Filesystem(_), true) => dest::remove_dir_contents(&self.data_dir),
-            (Volume::Filesystem(_), false) => match std::fs::remove_file(&self.image) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    Err(Error::io("removing a partial image", e).at_path(&self.image))
-                }
-                _ => Ok(()),
-            },
+            (Volume::Filesystem(_), true) => Ok(()),
+            (Volume::Filesystem(_), false) => dest::remove_stale(&self.image),
             (Volume::Block(device), _) => dest::scrub_device(device),
         };
         if let Err(e) = result {
             log::error!("cannot clean up after the failed upload: {e}");
         }
-    }
-}
-
-/// Counts the bytes read through it.
-struct Counted {
-    inner: Box<dyn Read + Send>,
-    count: Arc<AtomicU64>,
-}
-
-impl Read for Counted {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(n)
-    }
-}
-
-/// Stops reading once the server is stopping.
-struct Stoppable<'a, R> {
-    inner: R,
-    stop: &'a AtomicBool,
-}
-
-impl<R: Read> Read for Stoppable<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.stop.load(Ordering::Relaxed) {
-            // Not ErrorKind::Interrupted: read_exact would retry that forever.
-            return Err(io::Error::other("upload stopped by a signal"));
-        }
-        self.inner.read(buf)
     }
 }
 
@@ -383,12 +310,6 @@ impl Read for MemberReader {
         self.at += n as u64;
         Ok(n)
     }
-}
-
-/// Whether `path` is a block device.
-pub fn is_block_device(path: &Path) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }
 
 #[cfg(test)]

@@ -145,7 +145,7 @@ impl Server {
     /// Fresh progress counters and the gauges that show them.
     fn gauges(job: &Job, budget: Option<u64>) -> (Arc<Progress>, Arc<Metrics>) {
         let progress = Arc::new(Progress::default());
-        let metrics = Metrics::new(String::new(), progress.clone(), job.cgroup.clone());
+        let metrics = Metrics::new(String::new(), progress.clone(), job.ctx.cgroup.clone());
         if let Some(budget) = budget {
             metrics.set_budget(budget);
         }
@@ -349,13 +349,16 @@ impl Server {
                     Ok(Event::BodyDone) => {}
                     Ok(Event::Finished(Ok(done))) => {
                         log::info!("Wrote data to {}", self.job.image.display());
-                        if !answered {
-                            let _ = respond_shared(&shared, request, 200, "");
-                        }
+                        // Done before the answer goes out: a client that uploads again on the 200 gets 409, not
+                        // the 503 of an upload still running.
                         self.update(|status| {
+                            status.uploading = false;
                             status.processing = false;
                             status.done = Some(done);
                         });
+                        if !answered {
+                            let _ = respond_shared(&shared, request, 200, "");
+                        }
                         return Ok(());
                     }
                     Ok(Event::Finished(Err(e))) => {

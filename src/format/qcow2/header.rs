@@ -4,6 +4,7 @@
 //! without I/O. Every size taken from the header is checked before anything uses it to size an allocation or a
 //! loop. Layout and rules: qemu's docs/interop/qcow2.txt; which values qemu refuses: qcow2_do_open in block/qcow2.c.
 
+use crate::bytes::{be32, be64};
 use crate::error::{Error, Result};
 use crate::format::Codec;
 
@@ -151,16 +152,6 @@ fn l1_shift(cluster_bits: u32, extended_l2: bool) -> u32 {
     cluster_bits + (cluster_bits - entry_bits)
 }
 
-/// Big-endian u32 at `at` (callers have checked the length).
-fn be32(buf: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
-}
-
-/// Big-endian u64 at `at` (callers have checked the length).
-fn be64(buf: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
-}
-
 /// Reads the cluster size from the start of a qcow2 file, validating magic, version and cluster_bits: what
 /// [`parse`] needs to know how many bytes to be given.
 pub fn peek_cluster_size(head: &[u8]) -> Result<u64> {
@@ -198,6 +189,10 @@ struct Extension {
 
 /// Parses and validates the header. `first_cluster` is the image's first cluster (zero-padded if the file is
 /// shorter); `file_len` is the length of the file, against which table offsets are checked.
+///
+/// In stages, each its own function: the fixed fields, the version 3 fields, the extensions, what is refused
+/// (unknown features, external data, encryption), the compression type, the L1 table's size and place, the
+/// backing file.
 pub fn parse(first_cluster: &[u8], file_len: u64) -> Result<Header> {
     let cluster_size = peek_cluster_size(first_cluster)?;
     let buf = first_cluster;
@@ -207,32 +202,10 @@ pub fn parse(first_cluster: &[u8], file_len: u64) -> Result<Header> {
     let version = be32(buf, 4);
     let cluster_bits = be32(buf, 20);
     let backing_file_offset = be64(buf, 8);
-    let backing_file_size = be32(buf, 16);
     let size = be64(buf, 24);
-    let crypt_method = be32(buf, 32);
     let l1_size = be32(buf, 36);
     let l1_table_offset = be64(buf, 40);
-
-    let (incompatible, header_length) = if version == 2 {
-        (0, V2_HEADER_LENGTH)
-    } else {
-        let header_length = be32(buf, 100);
-        if header_length < V3_MIN_HEADER_LENGTH {
-            return Err(crate::bad_image!(
-                "header_length {header_length} is shorter than the {V3_MIN_HEADER_LENGTH} bytes of a version 3 header"
-            )
-            .at_offset(100));
-        }
-        if u64::from(header_length) > cluster_size {
-            return Err(crate::bad_image!("header_length {header_length} exceeds the cluster size {cluster_size}")
-                .at_offset(100));
-        }
-        let refcount_order = be32(buf, 96);
-        if refcount_order > 6 {
-            return Err(crate::bad_image!("refcount_order {refcount_order} is above the maximum of 6").at_offset(96));
-        }
-        (be64(buf, 72), header_length)
-    };
+    let (incompatible, header_length) = version_3_fields(buf, version, cluster_size)?;
 
     // The extension area ends where the backing file name starts, or at the end of the header cluster.
     if backing_file_offset > cluster_size {
@@ -243,8 +216,61 @@ pub fn parse(first_cluster: &[u8], file_len: u64) -> Result<Header> {
     }
     let ext_end = if backing_file_offset != 0 { backing_file_offset as usize } else { cluster_size as usize };
     let extensions = read_extensions(buf, header_length as usize, ext_end)?;
-    let find = |kind: u32| extensions.iter().find(|e| e.kind == kind);
+    refuse_unsupported(buf, incompatible, &extensions)?;
+    let codec = compression(buf, header_length, incompatible)?;
+    let extended_l2 = incompatible & INCOMPAT_EXTENDED_L2 != 0;
+    if extended_l2 && cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS {
+        return Err(crate::bad_image!(
+            "extended L2 entries need clusters of at least 16 KiB, not 2^{cluster_bits} bytes"
+        )
+        .at_offset(20));
+    }
+    let l1 = L1Placement { size: l1_size, offset: l1_table_offset, cluster_size, file_len };
+    l1.check(size, l1_shift(cluster_bits, extended_l2))?;
+    let backing = backing_file(buf, cluster_size, &extensions)?;
+    Ok(Header {
+        version,
+        cluster_bits,
+        size,
+        l1_size,
+        l1_table_offset,
+        incompatible_features: incompatible,
+        header_length,
+        codec,
+        extended_l2,
+        backing,
+    })
+}
 
+/// The incompatible feature bits and the header length: a version 2 header has neither (its length is fixed); a
+/// version 3 one states both, and its refcount order is checked.
+fn version_3_fields(buf: &[u8], version: u32, cluster_size: u64) -> Result<(u64, u32)> {
+    if version == 2 {
+        return Ok((0, V2_HEADER_LENGTH));
+    }
+    let header_length = be32(buf, 100);
+    if header_length < V3_MIN_HEADER_LENGTH {
+        return Err(crate::bad_image!(
+            "header_length {header_length} is shorter than the {V3_MIN_HEADER_LENGTH} bytes of a version 3 header"
+        )
+        .at_offset(100));
+    }
+    if u64::from(header_length) > cluster_size {
+        return Err(
+            crate::bad_image!("header_length {header_length} exceeds the cluster size {cluster_size}").at_offset(100)
+        );
+    }
+    let refcount_order = be32(buf, 96);
+    if refcount_order > 6 {
+        return Err(crate::bad_image!("refcount_order {refcount_order} is above the maximum of 6").at_offset(96));
+    }
+    Ok((be64(buf, 72), header_length))
+}
+
+/// Refuses what boundimport does not read, with the reason: unknown incompatible features (named from the
+/// image's own feature table), an external data file, encryption of either kind.
+fn refuse_unsupported(buf: &[u8], incompatible: u64, extensions: &[Extension]) -> Result<()> {
+    let find = |kind: u32| extensions.iter().find(|e| e.kind == kind);
     let unknown = incompatible & !INCOMPAT_KNOWN;
     if unknown != 0 {
         let names = find(EXT_FEATURE_TABLE).map_or(&[][..], |e| &buf[e.data.clone()]);
@@ -263,6 +289,7 @@ pub fn parse(first_cluster: &[u8], file_len: u64) -> Result<Header> {
         ))
         .at_offset(72));
     }
+    let crypt_method = be32(buf, 32);
     if crypt_method != 0 {
         let how = match crypt_method {
             1 => " (AES)",
@@ -280,7 +307,11 @@ pub fn parse(first_cluster: &[u8], file_len: u64) -> Result<Header> {
         )
         .at_offset(e.data.start as u64 - 8));
     }
+    Ok(())
+}
 
+/// The codec of compressed clusters: the header's compression type, which must agree with its feature bit.
+fn compression(buf: &[u8], header_length: u32, incompatible: u64) -> Result<Codec> {
     let compression_type =
         if header_length as usize > COMPRESSION_TYPE_OFFSET { buf[COMPRESSION_TYPE_OFFSET] } else { 0 };
     let codec = match compression_type {
@@ -299,32 +330,40 @@ pub fn parse(first_cluster: &[u8], file_len: u64) -> Result<Header> {
         )
         .at_offset(72));
     }
+    Ok(codec)
+}
 
-    let extended_l2 = incompatible & INCOMPAT_EXTENDED_L2 != 0;
-    if extended_l2 && cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS {
-        return Err(crate::bad_image!(
-            "extended L2 entries need clusters of at least 16 KiB, not 2^{cluster_bits} bytes"
-        )
-        .at_offset(20));
-    }
+/// Where the header says the L1 table is, and what it is checked against.
+struct L1Placement {
+    size: u32,
+    offset: u64,
+    cluster_size: u64,
+    file_len: u64,
+}
 
-    // L1 table: capped size first, then enough entries for the virtual size, then placement.
-    let l1_bytes = u64::from(l1_size) * 8;
-    if l1_bytes > MAX_L1_BYTES {
-        return Err(crate::bad_image!(
-            "L1 table of {l1_size} entries is larger than the {} MiB maximum",
-            MAX_L1_BYTES >> 20
-        )
-        .at_offset(36));
-    }
-    let needed = size.div_ceil(1 << l1_shift(cluster_bits, extended_l2));
-    if u64::from(l1_size) < needed {
-        return Err(crate::bad_image!(
-            "L1 table of {l1_size} entries is too small for the virtual size {size} (needs {needed})"
-        )
-        .at_offset(36));
-    }
-    if l1_size > 0 {
+impl L1Placement {
+    /// The L1 table's size is capped first, then it must cover the virtual size `size` (each entry maps
+    /// `1 << shift` bytes), then it must lie cluster-aligned past the header and inside the file.
+    fn check(&self, size: u64, shift: u32) -> Result<()> {
+        let Self { size: l1_size, offset: l1_table_offset, cluster_size, file_len } = *self;
+        let l1_bytes = u64::from(l1_size) * 8;
+        if l1_bytes > MAX_L1_BYTES {
+            return Err(crate::bad_image!(
+                "L1 table of {l1_size} entries is larger than the {} MiB maximum",
+                MAX_L1_BYTES >> 20
+            )
+            .at_offset(36));
+        }
+        let needed = size.div_ceil(1 << shift);
+        if u64::from(l1_size) < needed {
+            return Err(crate::bad_image!(
+                "L1 table of {l1_size} entries is too small for the virtual size {size} (needs {needed})"
+            )
+            .at_offset(36));
+        }
+        if l1_size == 0 {
+            return Ok(());
+        }
         if l1_table_offset % cluster_size != 0 {
             return Err(crate::bad_image!(
                 "L1 table offset {l1_table_offset:#x} is not aligned to the cluster size {cluster_size}"
@@ -342,56 +381,48 @@ pub fn parse(first_cluster: &[u8], file_len: u64) -> Result<Header> {
             )
             .at_offset(40));
         }
+        Ok(())
     }
+}
 
-    // An empty name means no backing file, as in qemu.
-    let backing = if backing_file_offset != 0 && backing_file_size != 0 {
-        let len = u64::from(backing_file_size);
-        let room = cluster_size - backing_file_offset;
-        if len > MAX_BACKING_NAME.min(room) {
-            return Err(crate::bad_image!(
-                "backing file name of {len} bytes is too long (at most {} here)",
-                MAX_BACKING_NAME.min(room)
-            )
-            .at_offset(16));
-        }
-        let at = backing_file_offset as usize;
-        let raw = &buf[at..at + len as usize];
-        let name = String::from_utf8(raw.to_vec()).map_err(|_| {
-            Error::unsupported(format!("backing file name {:?} is not UTF-8", String::from_utf8_lossy(raw)))
-                .at_offset(backing_file_offset)
-        })?;
-        let format = match find(EXT_BACKING_FORMAT) {
-            None => None,
-            Some(e) => {
-                let raw = &buf[e.data.clone()];
-                let format = String::from_utf8_lossy(raw).into_owned();
-                if format != "raw" && format != "qcow2" {
-                    return Err(Error::unsupported(format!(
-                        "backing file {name:?} has format {format:?}; only raw and qcow2 backing files are supported"
-                    ))
-                    .at_offset(e.data.start as u64));
-                }
-                Some(format)
+/// The backing file the header names, if any (an empty name is none, as in qemu): its name, capped and UTF-8,
+/// and its format from the extension, raw or qcow2 only.
+fn backing_file(buf: &[u8], cluster_size: u64, extensions: &[Extension]) -> Result<Option<BackingFile>> {
+    let backing_file_offset = be64(buf, 8);
+    let backing_file_size = be32(buf, 16);
+    if backing_file_offset == 0 || backing_file_size == 0 {
+        return Ok(None);
+    }
+    let len = u64::from(backing_file_size);
+    let room = cluster_size - backing_file_offset;
+    if len > MAX_BACKING_NAME.min(room) {
+        return Err(crate::bad_image!(
+            "backing file name of {len} bytes is too long (at most {} here)",
+            MAX_BACKING_NAME.min(room)
+        )
+        .at_offset(16));
+    }
+    let at = backing_file_offset as usize;
+    let raw = &buf[at..at + len as usize];
+    let name = String::from_utf8(raw.to_vec()).map_err(|_| {
+        Error::unsupported(format!("backing file name {:?} is not UTF-8", String::from_utf8_lossy(raw)))
+            .at_offset(backing_file_offset)
+    })?;
+    let format = match extensions.iter().find(|e| e.kind == EXT_BACKING_FORMAT) {
+        None => None,
+        Some(e) => {
+            let raw = &buf[e.data.clone()];
+            let format = String::from_utf8_lossy(raw).into_owned();
+            if format != "raw" && format != "qcow2" {
+                return Err(Error::unsupported(format!(
+                    "backing file {name:?} has format {format:?}; only raw and qcow2 backing files are supported"
+                ))
+                .at_offset(e.data.start as u64));
             }
-        };
-        Some(BackingFile { name, format, offset: backing_file_offset })
-    } else {
-        None
+            Some(format)
+        }
     };
-
-    Ok(Header {
-        version,
-        cluster_bits,
-        size,
-        l1_size,
-        l1_table_offset,
-        incompatible_features: incompatible,
-        header_length,
-        codec,
-        extended_l2,
-        backing,
-    })
+    Ok(Some(BackingFile { name, format, offset: backing_file_offset }))
 }
 
 /// Walks the header extensions in `buf[start..end]` (bounded by the header cluster) up to the end marker.

@@ -7,6 +7,7 @@
 //! CRC32C. Which values qemu refuses: `vhdx_parse_header`, `vhdx_open_region_tables`, `vhdx_parse_metadata` in
 //! qemu's block/vhdx.c; this module follows them and adds the caps this reader needs.
 
+pub(crate) use crate::bytes::{le16, le32, le64};
 use crate::error::{Error, Result};
 
 /// The file type identifier at offset 0.
@@ -99,18 +100,6 @@ pub fn checksum(buf: &[u8], field: usize) -> u32 {
 /// Whether the checksum stored at `field` of `buf` is right.
 pub fn checksum_ok(buf: &[u8], field: usize) -> bool {
     le32(buf, field) == checksum(buf, field)
-}
-
-pub(crate) fn le16(buf: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes(buf[at..at + 2].try_into().expect("2 bytes"))
-}
-
-pub(crate) fn le32(buf: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
-}
-
-pub(crate) fn le64(buf: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
 }
 
 fn guid_at(buf: &[u8], at: usize) -> [u8; 16] {

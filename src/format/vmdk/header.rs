@@ -11,6 +11,7 @@
 //! `vmdk_open_vmdk4` and `vmdk_add_extent`; this module follows them, with tighter caps where this reader needs
 //! them.
 
+use crate::bytes::{le16, le32, le64};
 use crate::error::{Error, Result};
 use crate::format::MAX_UNIT_LEN;
 
@@ -45,18 +46,6 @@ pub const GRAIN_MARKER_LEN: u64 = 12;
 pub const MARKER_EOS: u32 = 0;
 /// Marker type of the footer marker.
 pub const MARKER_FOOTER: u32 = 3;
-
-fn le16(buf: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes(buf[at..at + 2].try_into().expect("2 bytes"))
-}
-
-fn le32(buf: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn le64(buf: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(buf[at..at + 8].try_into().expect("8 bytes"))
-}
 
 /// A validated sparse extent header.
 #[derive(Debug, Clone, PartialEq, Eq)]

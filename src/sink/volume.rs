@@ -6,6 +6,7 @@
 //!   unprivileged users in the data directory, capped by the requested size; after the import the file grows (never
 //!   shrinks) to the requested size less the filesystem overhead, rounded down to 1 MiB, and gets mode 0660.
 
+use super::SCRUB_LEN;
 use crate::error::{Error, IoContext, Result};
 use crate::sys;
 use std::fs::{File, OpenOptions};
@@ -50,6 +51,11 @@ impl Volume {
     }
 }
 
+/// Whether `path` is a block device (following links, as opening it would).
+pub fn is_block_device(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+}
+
 /// Usable image size on a filesystem with `available` bytes free, CDI's `GetUsableSpace`: the overhead taken out
 /// (`ceil(available / (1 + overhead))`) and the result rounded down to 1 MiB.
 pub fn usable_space(overhead: f64, available: u64) -> u64 {
@@ -81,24 +87,6 @@ pub fn available_space(volume: &Volume, requested: Option<u64>, kept: u64) -> Re
         Volume::Filesystem(dir) => {
             let free = filesystem_available(dir)?.saturating_add(kept);
             Ok(requested.map_or(free, |r| r.min(free)))
-        }
-    }
-}
-
-/// Readies `/data/disk.img` for an import: an earlier attempt's image with resume state beside it is kept (the
-/// engine continues it if the state matches this source, and starts over otherwise); any other stale image is
-/// removed. Returns the bytes a kept image occupies, which count as available space: they are the image's own.
-pub fn keep_resumable_or_remove_stale(image: &Path) -> Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let state = crate::import::resume::state_path(image, crate::sink::DestKind::RegularFile, None)?;
-    match (std::fs::symlink_metadata(image), state.is_file()) {
-        (Ok(meta), true) if meta.is_file() => {
-            log::info!("{}: kept for resuming; resume state in {}", image.display(), state.display());
-            Ok(meta.blocks().saturating_mul(512))
-        }
-        _ => {
-            remove_stale(&state)?;
-            remove_stale(image).map(|()| 0)
         }
     }
 }
@@ -158,9 +146,6 @@ pub fn finish_file(path: &Path, size: Option<u64>, preallocate: bool) -> Result<
     file.sync_all().io_context("syncing the image").map_err(ctx)
 }
 
-/// What [`scrub_device`] zeroes at each end of a device.
-pub const SCRUB_LEN: u64 = 1 << 20;
-
 /// Makes a block device that holds a partial image read as no disk at all: its first and last MiB (partition
 /// tables and their GPT backup, boot sectors, image headers) are zeroed with O_DIRECT and synced.
 pub fn scrub_device(device: &Path) -> Result<()> {
@@ -202,6 +187,22 @@ pub fn create_blank_file(path: &Path, size: u64, preallocate: bool) -> Result<()
     finish_file(path, None, preallocate)
 }
 
+/// Creates the blank `disk.img` of a filesystem volume at `dir`: the requested size, capped by the free space
+/// (an earlier image removed first, so its blocks count as free), less the filesystem overhead, rounded down to
+/// 1 MiB (CDI's `CreateBlankImage` sizing).
+pub fn create_blank_image(dir: &Path, requested: u64, overhead: f64, preallocate: bool) -> Result<()> {
+    let image = dir.join(DISK_IMAGE_NAME);
+    remove_stale(&image)?;
+    let available = filesystem_available(dir)?;
+    let capped = requested.min(available);
+    if capped < requested {
+        log::warn!("available space less than requested size, creating blank image sized to available space: {capped}");
+    }
+    let size = usable_space(overhead, capped);
+    log::info!("space adjusted for filesystem overhead: {size}");
+    create_blank_file(&image, size, preallocate)
+}
+
 /// Makes everything under `dir` durable: one `syncfs` of its filesystem (the extracted files of an archive).
 pub fn sync_filesystem(dir: &Path) -> Result<()> {
     use std::os::fd::AsRawFd;
@@ -209,22 +210,6 @@ pub fn sync_filesystem(dir: &Path) -> Result<()> {
     // SAFETY: syncfs on a valid descriptor touches no memory of ours.
     if unsafe { libc::syncfs(handle.as_raw_fd()) } != 0 {
         return Err(Error::io("syncing the data directory", std::io::Error::last_os_error()).at_path(dir));
-    }
-    Ok(())
-}
-
-/// Removes everything inside `dir` but not `dir` itself (the volume's mount point), as CDI does after a checksum
-/// mismatch of an archive.
-pub fn remove_dir_contents(dir: &Path) -> Result<()> {
-    let entries = std::fs::read_dir(dir).io_context("listing the data directory").map_err(|e| e.at_path(dir))?;
-    for entry in entries {
-        let entry = entry.io_context("listing the data directory").map_err(|e| e.at_path(dir))?;
-        let path = entry.path();
-        let kind = entry.file_type().io_context("reading an entry").map_err(|e| e.at_path(&path))?;
-        let removed = if kind.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
-        if let Err(e) = removed {
-            log::warn!("{}: cannot remove after a checksum mismatch: {e}", path.display());
-        }
     }
     Ok(())
 }
@@ -308,9 +293,5 @@ mod tests {
         create_blank_file(&image, 3 * MIB, false).unwrap();
         let meta = std::fs::metadata(&image).unwrap();
         assert_eq!((meta.len(), meta.blocks()), (3 * MIB, 0));
-
-        std::fs::create_dir(dir.path().join("sub")).unwrap();
-        remove_dir_contents(dir.path()).unwrap();
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

@@ -1,5 +1,5 @@
-//! `IMPORTER_CONTENTTYPE=archive`: a tar stream (plain, or gzip/xz/zstd-compressed: the caller unwraps it with
-//! [`unwrap_layers`](crate::source::decompress::unwrap_layers)) extracted into the data directory.
+//! Tar members extracted into a data directory (the archive job, [`super::archive`], feeds it the plain tar
+//! stream), with a record of what it created so a failed import removes only that.
 //!
 //! Nothing is ever created outside the data directory and no link is ever followed while extracting: every path
 //! is walked one component at a time from a handle on the data directory with `O_NOFOLLOW`, so a symlink placed
@@ -11,15 +11,17 @@
 //! File data goes through the write-behind window paced by the cgroup governor, and all-zero blocks stay holes, so
 //! extraction is as bounded as an image import.
 
-use super::tar::{Entry, Kind, TarReader};
 use crate::error::{Error, ErrorKind, Result};
 use crate::sink::paced::PacedFile;
-pub use crate::sink::paced::Pacing;
+use crate::sink::paced::Pacing;
+use crate::source::tar::{Entry, Kind, TarReader};
 use nix::fcntl::AtFlags;
 use nix::fcntl::{openat, OFlag};
 use nix::sys::stat::{fchmod, mkdirat, Mode};
 use nix::unistd::{linkat, symlinkat, unlinkat, UnlinkatFlags};
+use std::collections::HashSet;
 use std::ffi::OsStr;
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -51,9 +53,158 @@ impl std::fmt::Display for Extracted {
     }
 }
 
-/// Extracts the tar stream `reader` into `dir`. `on_progress` is called with the bytes consumed from the stream
-/// after each member and each data chunk.
-pub fn extract(reader: impl Read, dir: &Path, pacing: &Pacing, mut on_progress: impl FnMut(u64)) -> Result<Extracted> {
+/// Bytes of member names [`Created`] keeps at most. It keeps only the outermost paths an extraction created
+/// (what lies inside a directory it created is its own too), so this is reached only by an archive that puts
+/// tens of thousands of members straight into directories that were there before.
+const CREATED_RECORD_CAP: usize = 4 << 20;
+
+/// What an extraction created in the data directory, so that a failed import removes that and nothing else.
+pub struct Created {
+    /// Outermost created paths, as `/`-joined member components.
+    paths: HashSet<Vec<u8>>,
+    /// Bytes of names in `paths`.
+    bytes: usize,
+    /// The record went past [`CREATED_RECORD_CAP`]: what was created after that is known only as top-level
+    /// names that were not there before.
+    overflowed: bool,
+    /// Top-level names in the data directory before the import.
+    before: HashSet<OsString>,
+}
+
+impl Created {
+    /// An empty record for an extraction into `dir`, with the names already there.
+    pub fn before(dir: &Path) -> Result<Self> {
+        let listing = |e| Error::io("listing the data directory", e).at_path(dir);
+        let mut before = HashSet::new();
+        for entry in std::fs::read_dir(dir).map_err(listing)? {
+            before.insert(entry.map_err(listing)?.file_name());
+        }
+        Ok(Created { paths: HashSet::new(), bytes: 0, overflowed: false, before })
+    }
+
+    /// Notes that the path `components` was created, unless a directory above it was.
+    fn note(&mut self, components: &[Vec<u8>]) {
+        let mut joined = Vec::new();
+        for (depth, name) in components.iter().enumerate() {
+            if depth > 0 {
+                joined.push(b'/');
+            }
+            joined.extend_from_slice(name);
+            if depth + 1 < components.len() && self.paths.contains(&joined) {
+                return;
+            }
+        }
+        if self.bytes + joined.len() > CREATED_RECORD_CAP {
+            self.overflowed = true;
+            return;
+        }
+        self.bytes += joined.len();
+        self.paths.insert(joined);
+    }
+
+    /// Removes what the extraction created under `dir`, never following a link; what cannot be removed is
+    /// logged (the failure that led here is the error to report).
+    pub fn remove(&self, dir: &Path) {
+        let root = match open_dir_handle(None, dir.as_os_str()) {
+            Ok(root) => root,
+            Err(e) => return log::warn!("{}: cannot open to remove what was extracted: {e}", dir.display()),
+        };
+        let mut removed = 0u64;
+        for path in &self.paths {
+            let components: Vec<&[u8]> = path.split(|&b| b == b'/').collect();
+            match remove_at(&root, &components) {
+                Ok(true) => removed += 1,
+                Ok(false) => {}
+                Err(e) => log::warn!("{}: cannot remove {}: {e}", dir.display(), String::from_utf8_lossy(path)),
+            }
+        }
+        if self.overflowed {
+            // Past the record's cap: what is new at the top level goes; members put into directories that
+            // were there before stay, and are named as such.
+            let listing = std::fs::read_dir(dir).into_iter().flatten().flatten();
+            for name in listing.map(|entry| entry.file_name()).filter(|name| !self.before.contains(name)) {
+                match remove_at(&root, &[name.as_bytes()]) {
+                    Ok(true) => removed += 1,
+                    Ok(false) => {}
+                    Err(e) => log::warn!("{}: cannot remove {}: {e}", dir.display(), name.to_string_lossy()),
+                }
+            }
+            log::warn!(
+                "{}: more members were extracted into directories that existed before than this import records; \
+                 those are left",
+                dir.display()
+            );
+        }
+        log::info!("{}: removed {removed} extracted paths; what was there before stays", dir.display());
+    }
+}
+
+/// Removes the path `components` below `root` (a whole tree for a directory) without following a link on the
+/// way. Returns false when nothing is there.
+fn remove_at(root: &OwnedFd, components: &[&[u8]]) -> std::io::Result<bool> {
+    let Some((name, parents)) = components.split_last() else { return Ok(false) };
+    let mut parent = root.try_clone()?;
+    for part in parents {
+        parent = match open_dir_handle(Some(&parent), OsStr::from_bytes(part)) {
+            Ok(next) => next,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+    }
+    remove_entry(&parent, OsStr::from_bytes(name))
+}
+
+/// Names read at a time while emptying a directory.
+const REMOVAL_BATCH: usize = 1024;
+
+/// Removes `name` in `parent`: unlinked, or emptied (depth first) and removed when it is a directory.
+fn remove_entry(parent: &OwnedFd, name: &OsStr) -> std::io::Result<bool> {
+    match unlinkat(Some(parent.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir) {
+        Ok(()) => return Ok(true),
+        Err(nix::errno::Errno::ENOENT) => return Ok(false),
+        Err(nix::errno::Errno::EISDIR) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let dir = open_dir_handle(Some(parent), name)?;
+    // An extracted directory may be read-only (its mode from the archive): ours to empty all the same.
+    fchmod(dir.as_raw_fd(), Mode::from_bits_truncate(0o700))?;
+    loop {
+        // Names in batches, read again from the start each time: a directory of a million members costs a
+        // batch of memory, not a million names.
+        let listing = nix::dir::Dir::openat(
+            Some(dir.as_raw_fd()),
+            ".",
+            OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        let mut listing = listing;
+        let batch: Vec<OsString> = listing
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .map(|entry| OsStr::from_bytes(entry.file_name().to_bytes()).to_os_string())
+            .filter(|name| name.as_bytes() != b"." && name.as_bytes() != b"..")
+            .take(REMOVAL_BATCH)
+            .collect();
+        if batch.is_empty() {
+            break;
+        }
+        for child in &batch {
+            remove_entry(&dir, child)?;
+        }
+    }
+    unlinkat(Some(parent.as_raw_fd()), name, UnlinkatFlags::RemoveDir)?;
+    Ok(true)
+}
+
+/// Extracts the tar stream `reader` into `dir`, noting in `created` every path it creates. `on_progress` is
+/// called with the bytes consumed from the stream after each member and each data chunk.
+pub fn extract(
+    reader: impl Read,
+    dir: &Path,
+    pacing: &Pacing,
+    created: &mut Created,
+    mut on_progress: impl FnMut(u64),
+) -> Result<Extracted> {
     let root =
         open_dir_handle(None, dir.as_os_str()).map_err(|e| Error::io("opening the data directory", e).at_path(dir))?;
     let mut tar = TarReader::new(reader);
@@ -67,13 +218,17 @@ pub fn extract(reader: impl Read, dir: &Path, pacing: &Pacing, mut on_progress: 
         };
         match entry.kind {
             Kind::Directory => {
-                let parent = walk_parents(&root, &components).map_err(ctx)?;
-                make_dir(&parent, components.last().expect("non-empty")).map_err(ctx)?;
+                let parent = walk_parents(&root, &components, created).map_err(ctx)?;
+                if make_dir(&parent, components.last().expect("non-empty")).map_err(ctx)? {
+                    created.note(&components);
+                }
                 directories.push((components, entry.mode, entry.mtime));
                 done.directories += 1;
             }
             Kind::File => {
-                let parent = walk_parents(&root, &components).map_err(ctx)?;
+                let parent = walk_parents(&root, &components, created).map_err(ctx)?;
+                // Noted before it is written: a member that fails half-way is removed too.
+                created.note(&components);
                 let written = write_file(
                     &mut tar,
                     &entry,
@@ -96,9 +251,10 @@ pub fn extract(reader: impl Read, dir: &Path, pacing: &Pacing, mut on_progress: 
                     done.skipped += 1;
                     continue;
                 }
-                let parent = walk_parents(&root, &components).map_err(ctx)?;
+                let parent = walk_parents(&root, &components, created).map_err(ctx)?;
                 let name = components.last().expect("non-empty");
                 remove_existing(&parent, name).map_err(ctx)?;
+                created.note(&components);
                 symlinkat(OsStr::from_bytes(&entry.link), Some(parent.as_raw_fd()), OsStr::from_bytes(name))
                     .map_err(|e| ctx(Error::io("creating a symlink", e.into())))?;
                 done.links += 1;
@@ -107,10 +263,11 @@ pub fn extract(reader: impl Read, dir: &Path, pacing: &Pacing, mut on_progress: 
                 let target = member_components(&entry.link)
                     .map_err(ctx)?
                     .ok_or_else(|| ctx(Error::bad_image("hard link to the data directory itself")))?;
-                let target_parent = walk_parents(&root, &target).map_err(ctx)?;
-                let parent = walk_parents(&root, &components).map_err(ctx)?;
+                let target_parent = walk_parents(&root, &target, created).map_err(ctx)?;
+                let parent = walk_parents(&root, &components, created).map_err(ctx)?;
                 let name = components.last().expect("non-empty");
                 remove_existing(&parent, name).map_err(ctx)?;
+                created.note(&components);
                 // Without AT_SYMLINK_FOLLOW: a link to a symlink links the symlink itself, never what it names.
                 linkat(
                     Some(target_parent.as_raw_fd()),
@@ -132,7 +289,7 @@ pub fn extract(reader: impl Read, dir: &Path, pacing: &Pacing, mut on_progress: 
     // Directory modes last, deepest first, so a read-only directory does not stop its own extraction.
     directories.sort_by_key(|(components, _, _)| std::cmp::Reverse(components.len()));
     for (components, mode, mtime) in directories {
-        let parent = walk_parents(&root, &components)?;
+        let parent = walk_parents(&root, &components, created)?;
         let handle = open_dir_handle(Some(&parent), OsStr::from_bytes(components.last().expect("non-empty")))
             .map_err(|e| Error::io("reopening an extracted directory", e))?;
         set_mode_and_time(handle.as_raw_fd(), mode & 0o1777, mtime)?;
@@ -141,8 +298,19 @@ pub fn extract(reader: impl Read, dir: &Path, pacing: &Pacing, mut on_progress: 
     Ok(done)
 }
 
-/// The normal components of a member path: `None` for the archive root itself; an error for `..`.
+/// Longest member path extracted: Linux's PATH_MAX, as for any tool that extracts by path (CDI's does). It also
+/// bounds how deep a tree an archive makes, and so the removal's recursion after a failure.
+const MAX_MEMBER_PATH: usize = 4095;
+
+/// The normal components of a member path: `None` for the archive root itself; an error for `..` and for a path
+/// longer than [`MAX_MEMBER_PATH`].
 fn member_components(path: &[u8]) -> Result<Option<Vec<Vec<u8>>>> {
+    if path.len() > MAX_MEMBER_PATH {
+        return Err(Error::new(
+            ErrorKind::BadImage,
+            format!("archive member path of {} bytes is longer than {MAX_MEMBER_PATH}; refusing it", path.len()),
+        ));
+    }
     let mut components = Vec::new();
     for part in path.split(|&b| b == b'/') {
         match part {
@@ -189,16 +357,17 @@ fn open_dir_handle(parent: Option<&OwnedFd>, name: &OsStr) -> std::io::Result<Ow
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Walks (creating as needed) every directory above the member at `components`, never following a symlink;
-/// returns a handle on the member's parent.
-fn walk_parents(root: &OwnedFd, components: &[Vec<u8>]) -> Result<OwnedFd> {
+/// Walks (creating as needed, and noting what it creates in `created`) every directory above the member at
+/// `components`, never following a symlink; returns a handle on the member's parent.
+fn walk_parents(root: &OwnedFd, components: &[Vec<u8>], created: &mut Created) -> Result<OwnedFd> {
     let mut current = root.try_clone().map_err(|e| Error::io("duplicating a directory handle", e))?;
-    for name in &components[..components.len() - 1] {
+    for (depth, name) in components[..components.len() - 1].iter().enumerate() {
         let name_os = OsStr::from_bytes(name);
         current = match open_dir_handle(Some(&current), name_os) {
             Ok(next) => next,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 make_dir(&current, name)?;
+                created.note(&components[..=depth]);
                 open_dir_handle(Some(&current), name_os).map_err(|e| Error::io("opening a created directory", e))?
             }
             Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) => {
@@ -217,16 +386,18 @@ fn walk_parents(root: &OwnedFd, components: &[Vec<u8>]) -> Result<OwnedFd> {
 }
 
 /// Creates directory `name` (owner-writable until the final modes are set); an existing directory is fine.
-fn make_dir(parent: &OwnedFd, name: &[u8]) -> Result<()> {
+/// Returns whether it made one.
+fn make_dir(parent: &OwnedFd, name: &[u8]) -> Result<bool> {
     match mkdirat(Some(parent.as_raw_fd()), OsStr::from_bytes(name), Mode::from_bits_truncate(0o700)) {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(true),
         Err(nix::errno::Errno::EEXIST) => match open_dir_handle(Some(parent), OsStr::from_bytes(name)) {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(false),
             Err(_) => {
                 // A file or symlink in the way: replaced, as tar replaces it.
                 remove_existing(parent, name)?;
                 mkdirat(Some(parent.as_raw_fd()), OsStr::from_bytes(name), Mode::from_bits_truncate(0o700))
-                    .map_err(|e| Error::io("creating a directory", e.into()))
+                    .map_err(|e| Error::io("creating a directory", e.into()))?;
+                Ok(true)
             }
         },
         Err(e) => Err(Error::io("creating a directory", e.into())),
