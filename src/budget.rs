@@ -105,9 +105,8 @@ impl Budget {
         };
         if budget.bytes < MIN_BUDGET {
             return Err(crate::error::Error::usage(format!(
-                "a memory budget of {} bytes ({budget}) is below the {} an import needs (buffers, write-behind \
-                 window and the program's own pages)",
-                budget.bytes,
+                "the memory budget, {budget}, is below the {} an import needs for its buffers, write-behind \
+                 window and own pages",
                 human(MIN_BUDGET)
             )));
         }

@@ -16,8 +16,9 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Import a VM disk image (qcow2, raw, vmdk, vhd, vhdx, vdi; plain or gz/xz/zst; a file, an http(s) URL, an s3:// or
-/// gs:// object) onto a block device or raw file without filling the memory cgroup.
+/// Import a VM disk image (qcow2, raw, vmdk, vhd, vhdx, vdi; plain or in gz/xz/zst/bz2/zip; from a file, an
+/// http(s) URL, an s3:// or gs:// object or a containerDisk) onto a block device or raw file without filling the
+/// memory cgroup.
 #[derive(Debug, Parser)]
 #[command(name = "boundimport", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct Cli {
@@ -47,15 +48,18 @@ enum Command {
 /// Arguments of a plain import.
 #[derive(Debug, clap::Args)]
 struct ImportArgs {
-    /// Image to import: a local file or block device, an http(s) URL, an S3 object `s3://BUCKET/KEY` (credentials
-    /// from --user ACCESS_KEY:SECRET, else AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE and the shared
-    /// files, or AWS_WEB_IDENTITY_TOKEN_FILE + AWS_ROLE_ARN) or a GCS object `gs://BUCKET/OBJECT` (a service-account
-    /// key in GOOGLE_APPLICATION_CREDENTIALS, else the metadata server, else anonymous; STORAGE_EMULATOR_HOST for
-    /// another server). Its format is detected from its header.
+    /// Image to import: a local file or block device, an http:// or https:// URL, a containerDisk
+    /// (docker://HOST[:PORT]/REPO[:TAG|@sha256:DIGEST], oci-archive:PATH[:TAG]), an S3 object `s3://BUCKET/KEY`
+    /// (credentials from --user ACCESS_KEY:SECRET, else AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE and
+    /// the shared files, or AWS_WEB_IDENTITY_TOKEN_FILE + AWS_ROLE_ARN) or a GCS object `gs://BUCKET/OBJECT` (a
+    /// service-account key in GOOGLE_APPLICATION_CREDENTIALS, else the metadata server, else anonymous;
+    /// STORAGE_EMULATOR_HOST for another server). The format (raw, qcow2, vmdk, vhd, vhdx, vdi) is detected from the
+    /// header, never the name, inside any gzip, xz, zstd, bzip2 or zip wrapping.
     #[arg(required = true)]
     source: Option<String>,
 
-    /// Destination: a block device (written in place) or a file (created or truncated, sparse).
+    /// Destination: a block device (written in place) or a file (created or truncated, sparse). Not `-`: the
+    /// image is written at offsets with holes left unwritten, which standard output cannot take (`./-` is a file).
     #[arg(required = true)]
     dest: Option<PathBuf>,
 
@@ -270,6 +274,13 @@ fn import_and_report(args: &ImportArgs, progress: &Progress) -> Result<()> {
     if let Some(Err(why)) = ObjectRef::parse_uri(source) {
         return Err(Error::usage(why).at_path(source));
     }
+    if dest.as_os_str() == "-" {
+        // Writing at offsets and skipping zeros needs a seekable destination; a file named `-` is never meant.
+        return Err(Error::usage(
+            "DEST '-': standard output cannot take a disk image (it is written at offsets, holes left unwritten); \
+             give a block device or a file (./- for a file named '-')",
+        ));
+    }
     let plan = Plan {
         limit: args.limit,
         io: args.io.into(),
@@ -326,6 +337,14 @@ fn render(outcome: &Outcome, json: bool) {
         outcome.format,
         outcome.io
     );
+    if let Some(cgroup_peak) = outcome.memory.cgroup_peak {
+        log::info!(
+            "memory: the import's own peak {}; its cgroup's peak {} (everything in the cgroup, {} at the start)",
+            human(outcome.memory.import_peak_share),
+            human(cgroup_peak),
+            human(outcome.memory.cgroup_charge_at_start.unwrap_or(0))
+        );
+    }
     if json {
         println!("{}", serde_json::to_string(outcome).expect("outcome serialises"));
     } else if let Some(digest) = &outcome.sha256 {

@@ -188,20 +188,42 @@ impl Progress {
         format!("{:5.1}% {} of {}, {}", self.percent(), human(self.processed()), human(self.total()), self.status())
     }
 
-    /// Rate, time left, and the cgroup's charge against the budget: `310 MiB/s, eta 0:12, charge 21.0 MiB / 572
-    /// MiB`.
+    /// Rate, time left, and the whole cgroup's charge against the budget: `310 MiB/s, eta 0:12, cgroup charge
+    /// 21.0 MiB / 572 MiB` (the cgroup's, not the import's alone: `--json` has both).
     pub fn status(&self) -> String {
         let mut line = format!("{}/s", human(self.rate() as u64));
-        if let Some(eta) = self.eta() {
-            let secs = eta.as_secs();
-            line += &match secs {
-                0..=3599 => format!(", eta {}:{:02}", secs / 60, secs % 60),
-                _ => format!(", eta {}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60),
-            };
+        if let Some(eta) = self.eta_text() {
+            line += &format!(", eta {eta}");
         }
         if let Some((charge, budget)) = self.charge() {
-            line += &format!(", charge {} / {}", human(charge), human(budget));
+            line += &format!(", cgroup charge {} / {}", human(charge), human(budget));
         }
         line
+    }
+
+    /// The most columns [`bar_status`](Self::bar_status) takes: `100%`, a rate (`1023.99 MiB/s`), an eta
+    /// (`eta 10:00:00`) and a charge (`cgroup 1023.99 MiB`), with the spaces between them.
+    pub const BAR_STATUS_MAX: usize = 4 + 1 + 13 + 1 + 12 + 1 + 18;
+
+    /// What follows the bar: `45% 310.00 MiB/s eta 0:12 cgroup 21.00 MiB`, at most [`Self::BAR_STATUS_MAX`]
+    /// columns (the whole cgroup's charge: `--json` tells the import's own share apart).
+    pub fn bar_status(&self) -> String {
+        let mut line = format!("{:3.0}% {}/s", self.percent().floor(), human(self.rate() as u64));
+        if let Some(eta) = self.eta_text() {
+            line += &format!(" eta {eta}");
+        }
+        if let Some((charge, _)) = self.charge() {
+            line += &format!(" cgroup {}", human(charge));
+        }
+        line
+    }
+
+    /// Time left as `m:ss`, or `h:mm:ss` from an hour on.
+    fn eta_text(&self) -> Option<String> {
+        let secs = self.eta()?.as_secs();
+        Some(match secs {
+            0..=3599 => format!("{}:{:02}", secs / 60, secs % 60),
+            _ => format!("{}:{:02}:{:02}", secs / 3600, secs / 60 % 60, secs % 60),
+        })
     }
 }

@@ -170,6 +170,9 @@ fn importer_binary() -> Option<&'static Path> {
     static BINARY: OnceLock<Option<PathBuf>> = OnceLock::new();
     BINARY
         .get_or_init(|| {
+            if !common::prereq::require("the importer binary's footprint", common::prereq::STATIC_BUILD) {
+                return None;
+            }
             let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-image");
             let output = Command::new(script).arg("--binary-only").output().expect("running scripts/build-image");
             let stdout = String::from_utf8_lossy(&output.stdout);
@@ -179,7 +182,10 @@ fn importer_binary() -> Option<&'static Path> {
                     panic!("scripts/build-image --binary-only failed: {}", String::from_utf8_lossy(&output.stderr))
                 }
                 _ => {
-                    eprintln!("SKIP the importer binary's footprint: {}", String::from_utf8_lossy(&output.stderr));
+                    common::prereq::print_skip(
+                        "the importer binary's footprint",
+                        &String::from_utf8_lossy(&output.stderr),
+                    );
                     None
                 }
             }

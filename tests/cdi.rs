@@ -371,7 +371,8 @@ fn image_larger_than_the_volume_is_refused_before_writing() {
     assert_eq!(
         ended.termination,
         format!(
-            "Unable to process data: virtual image size {virtual_size} is larger than the reported available \
+            "Unable to process data: Unable to convert source data to target format: virtual image size \
+             {virtual_size} is larger than the reported available \
              storage {}. A larger PVC is required",
             16 * MIB
         )
@@ -722,7 +723,8 @@ fn block_volume_too_small_is_refused_before_writing() {
     assert_eq!(
         ended.termination,
         format!(
-            "Unable to process data: virtual image size {virtual_size} is larger than the reported available \
+            "Unable to process data: Unable to convert source data to target format: virtual image size \
+             {virtual_size} is larger than the reported available \
              storage {}. A larger PVC is required",
             16 * MIB
         )
@@ -879,7 +881,8 @@ fn https_without_a_trusted_certificate_fails_unless_insecure() {
     pod.set("IMPORTER_ENDPOINT", &server.url("disk.qcow2"));
     let ended = pod.run();
     assert_eq!(ended.code, 1, "{}", ended.stderr);
-    assert!(ended.termination.starts_with("Unable to process data: "), "{}", ended.termination);
+    let cdi = "Unable to connect to http data source: HTTP request errored: ";
+    assert!(ended.termination.starts_with(cdi), "{}", ended.termination);
 
     pod.set("INSECURE_TLS", "true");
     let ended = pod.run();

@@ -208,3 +208,123 @@ fn a_volume_filled_mid_import_says_no_space_left_on_device() {
     drop(volume);
     drop(device);
 }
+
+/// What a `boundimport cdi` pod run left: exit code, termination message, stderr.
+struct Ended {
+    code: Option<i32>,
+    termination: String,
+    stderr: String,
+}
+
+/// Runs `boundimport cdi` once onto a fresh filesystem volume with `env` added (IMPORTER_SOURCE=http).
+fn run_pod(label: &str, env: &[(&str, &str)]) -> Ended {
+    let dir = scratch_dir(label);
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let mut cmd = cdi_command(dir.path(), &data);
+    cmd.env("IMPORTER_SOURCE", "http").envs(env.iter().copied()).stdout(Stdio::null());
+    let output = common::run_any(&mut cmd);
+    let termination = std::fs::read_to_string(dir.path().join("termination-log")).unwrap_or_default();
+    Ended { code: output.status.code(), termination, stderr: String::from_utf8_lossy(&output.stderr).into_owned() }
+}
+
+/// A directory served over HTTP holding a 4 MiB raw `disk.img`, and its sha256.
+fn served_disk(dir: &Path, options: ServerOptions) -> TestServer {
+    write_raw(&dir.join("disk.img"), 4 * MIB, &[(0, 4 * MIB, Fill::Random(0xcd1))]);
+    TestServer::start(dir, options)
+}
+
+/// CDI's importer writes `Unable to connect to http data source: expected status code 200, got 404. Status: 404 Not
+/// Found` (the prefix CDI's e2e tests match): boundimport writes the same, then its own error.
+#[test]
+fn a_missing_image_says_what_cdi_says_for_a_404() {
+    let dir = scratch_dir("cdi-msg-404");
+    let server = served_disk(dir.path(), ServerOptions::default());
+    let url = server.url("missing.img");
+    let ended = run_pod("cdi-msg-404-pod", &[("IMPORTER_ENDPOINT", &url)]);
+    assert_eq!(ended.code, Some(1), "{}", ended.stderr);
+    let cdi = "Unable to connect to http data source: expected status code 200, got 404. Status: 404 Not Found: ";
+    let detail = ended.termination.strip_prefix(cdi).unwrap_or_else(|| panic!("{:?}", ended.termination));
+    assert!(detail.contains(&url) && detail.contains("HTTP 404"), "{detail}");
+}
+
+/// An answer asking for credentials is a status too: `got 401. Status: 401 Unauthorized`.
+#[test]
+fn refused_credentials_say_what_cdi_says_for_a_401() {
+    let dir = scratch_dir("cdi-msg-401");
+    let auth = Some(("user".to_string(), "secret".to_string()));
+    let server = served_disk(dir.path(), ServerOptions { auth, ..Default::default() });
+    let url = server.url("disk.img");
+    let ended = run_pod(
+        "cdi-msg-401-pod",
+        &[("IMPORTER_ENDPOINT", &url), ("IMPORTER_ACCESS_KEY_ID", "user"), ("IMPORTER_SECRET_KEY", "wrong")],
+    );
+    assert_eq!(ended.code, Some(1), "{}", ended.stderr);
+    let cdi = "Unable to connect to http data source: expected status code 200, got 401. Status: 401 Unauthorized: ";
+    let detail = ended.termination.strip_prefix(cdi).unwrap_or_else(|| panic!("{:?}", ended.termination));
+    assert!(detail.contains(&url), "{detail}");
+}
+
+/// No answer at all — a refused connection, an unknown host, a certificate nobody vouches for — is CDI's
+/// `Unable to connect to http data source: HTTP request errored: …`, then boundimport's error naming the URL.
+#[test]
+fn no_answer_says_what_cdi_says_for_a_failed_request() {
+    let dir = scratch_dir("cdi-msg-request");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let refused = format!("http://127.0.0.1:{}/disk.img", closed.local_addr().unwrap().port());
+    drop(closed);
+    let tls_server = served_disk(dir.path(), ServerOptions { tls: true, ..Default::default() });
+    let untrusted = tls_server.url("disk.img");
+    assert!(untrusted.starts_with("https://"), "{untrusted}");
+    let cases = [
+        (refused.as_str(), "connecting to"),
+        ("http://no-such-host.invalid/disk.img", "resolving no-such-host.invalid"),
+        (untrusted.as_str(), "starting TLS"),
+    ];
+    for (url, step) in cases {
+        let ended = run_pod("cdi-msg-request-pod", &[("IMPORTER_ENDPOINT", url)]);
+        assert_eq!(ended.code, Some(1), "{url}: {}", ended.stderr);
+        let cdi = "Unable to connect to http data source: HTTP request errored: ";
+        let detail = ended.termination.strip_prefix(cdi).unwrap_or_else(|| panic!("{url}: {:?}", ended.termination));
+        assert!(detail.starts_with(url) && detail.contains(step), "{url}: {detail}");
+    }
+}
+
+/// A checksum mismatch is CDI's JSON message `Unable to process data: Unable to transfer source data to target file:
+/// … checksum mismatch …`, exit 0 (the controller's no-retry case); the image is gone.
+#[test]
+fn a_checksum_mismatch_says_what_cdi_says() {
+    let dir = scratch_dir("cdi-msg-checksum");
+    let server = served_disk(dir.path(), ServerOptions::default());
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let ended = run_pod(
+        "cdi-msg-checksum-pod",
+        &[("IMPORTER_ENDPOINT", &server.url("disk.img")), ("IMPORTER_CHECKSUM", &wrong)],
+    );
+    assert_eq!(ended.code, Some(0), "{}", ended.stderr);
+    let json: serde_json::Value = serde_json::from_str(&ended.termination).expect("a JSON termination message");
+    let message = json["message"].as_str().unwrap();
+    let cdi = "Unable to process data: Unable to transfer source data to target file: ";
+    let detail = message.strip_prefix(cdi).unwrap_or_else(|| panic!("{message:?}"));
+    assert!(detail.contains("checksum mismatch") && detail.contains(&"0".repeat(64)), "{detail}");
+}
+
+/// An image larger than the volume is CDI's `Unable to process data: Unable to convert source data to target
+/// format: virtual image size N is larger than the reported available storage M. A larger PVC is required`.
+#[test]
+fn an_image_larger_than_the_volume_says_what_cdi_says() {
+    let dir = scratch_dir("cdi-msg-size");
+    let server = served_disk(dir.path(), ServerOptions::default());
+    let ended =
+        run_pod("cdi-msg-size-pod", &[("IMPORTER_ENDPOINT", &server.url("disk.img")), ("IMPORTER_IMAGE_SIZE", "1Mi")]);
+    assert_eq!(ended.code, Some(1), "{}", ended.stderr);
+    // The size named is the image's, or for a raw stream of unknown length the point where it outgrew the volume.
+    let re = regex::Regex::new(concat!(
+        r"^Unable to process data: Unable to convert source data to target format: virtual image size (\d+) ",
+        r"is larger than the reported available storage (\d+)\. A larger PVC is required$"
+    ))
+    .unwrap();
+    let caps = re.captures(&ended.termination).unwrap_or_else(|| panic!("{:?}", ended.termination));
+    assert_eq!(caps[2].parse::<u64>().unwrap(), MIB, "{}", ended.termination);
+    assert!(caps[1].parse::<u64>().unwrap() > MIB, "{}", ended.termination);
+}

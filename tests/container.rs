@@ -5,7 +5,8 @@
 
 mod common;
 
-use common::privileged::{privileged_required, require_privileged};
+use common::prereq;
+use common::privileged::require_privileged;
 use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
@@ -13,25 +14,11 @@ use std::sync::OnceLock;
 /// The tag both scripts use by default.
 const IMAGE: &str = "localhost/boundimport-importer:dev";
 
-/// Whether podman and runc are here; skips (or, when privileges are required, fails) without them.
+/// Whether the container test can run: root and a memory cgroup, podman and runc, and the static build's musl
+/// toolchain (the Rust target and musl-gcc); skips (or, when privileges are required, fails) naming what is missing.
 fn require_runtime(test: &str) -> bool {
-    if !require_privileged(test) {
-        return false;
-    }
-    let missing: Vec<&str> = ["podman", "runc", "musl-gcc"]
-        .into_iter()
-        .filter(|tool| {
-            !Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success())
-        })
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if privileged_required() {
-        panic!("{test}: {} not found (.ci/run installs them)", missing.join(", "));
-    }
-    eprintln!("SKIP {test}: {} not found", missing.join(", "));
-    false
+    require_privileged(test)
+        && prereq::require(test, &[prereq::PODMAN, prereq::RUNC, prereq::MUSL_TARGET, prereq::MUSL_GCC])
 }
 
 fn script(name: &str) -> Command {

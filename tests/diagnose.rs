@@ -191,7 +191,7 @@ fn v1_cgroupfs_fixtures_for_crio_and_docker() {
         assert_eq!(text(&v, "cgroup_version"), "v1");
         assert_eq!(text(&v, "verdict"), "oom-killed", "{name}: {v}");
         assert_eq!((v["limit_hits"].as_u64(), v["oom_kills"].as_u64()), (Some(77), Some(3)));
-        assert!(text(&v, "reason").starts_with("3 processes OOM-killed in this cgroup (memory.oom_control oom_kill)"));
+        assert!(text(&v, "reason").starts_with("3 processes OOM-killed in this cgroup (memory.oom_control oom_kill 3)"));
         assert!(v["kernel_oom_kills"].is_null(), "a fixture is outside the hierarchy: no kernel lines to match");
         // v1 counts a kill in the victim's cgroup only: the pod's count adds its containers'.
         fake_cgroup(ctr.parent().unwrap(), false, 256 * MIB, 240 * MIB, 10 * MIB, 0, 0);
@@ -394,6 +394,57 @@ fn a_cgroup_whose_task_was_oom_killed_is_oom_killed_with_the_count() {
     // As root /dev/kmsg is readable: the kernel's own line names the victim.
     let kills = v["kernel_oom_kills"].as_array().expect("kernel log read as root");
     assert!(kills.iter().any(|k| k["task"] == "perl"), "{v}");
+}
+
+/// The kill was in a child cgroup (a test's, made and removed): the parent's counter shows none, and the verdict
+/// says so and names the child, instead of `OOM kills 0` beside "1 process OOM-killed in this cgroup".
+#[test]
+fn a_kill_in_a_removed_child_cgroup_is_named_as_the_childs() {
+    if !require_privileged("a_kill_in_a_removed_child_cgroup_is_named_as_the_childs") {
+        return;
+    }
+    let scene = Scene::new("oom-child", 256 * MIB);
+    let child = scene.cgroup.as_ref().unwrap().create_child("test-child", Some(32 * MIB)).unwrap();
+    let mut cmd = allocator(64);
+    let mut perl = child.spawn(cmd.stdout(Stdio::null())).unwrap();
+    let status = perl.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "perl was not OOM-killed: {status:?}");
+    drop(child);
+    let v = diagnose_json(&["--cgroup", &scene.cgroup_dir()]);
+    let reason = text(&v, "reason");
+    eprintln!("{reason}");
+    assert_eq!(text(&v, "verdict"), "oom-killed", "{v}");
+    let kills = v["kernel_oom_kills"].as_array().expect("kernel log read as root");
+    let below = kills[0]["below"].as_str().unwrap_or_else(|| panic!("the kill is not placed below: {v}"));
+    assert!(below.ends_with("/test-child"), "{v}");
+    let counted = v["oom_kills"].as_u64().expect("a readable counter");
+    if counted == 0 {
+        let said = format!("1 process OOM-killed below this cgroup, in {below} (kernel log; this cgroup's ");
+        assert!(reason.starts_with(&said) && reason.contains("counts 0: not its own kill"), "{reason}");
+    }
+    assert!(reason.contains(&format!("the kernel killed perl (pid {}) in {below}", perl.id())), "{reason}");
+    // The text report's counts line says the same.
+    let output = boundimport().args(["diagnose", "--cgroup", &scene.cgroup_dir()]).output().unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    let line = report.lines().find(|l| l.starts_with("OOM kills")).unwrap_or_else(|| panic!("{report}"));
+    assert!(line.contains("kernel log: 1 below this cgroup"), "{line}");
+}
+
+/// A cgroup path that does not exist, or a pid with no process, is said to be so, not "not a memory cgroup" or a
+/// file under /proc.
+#[test]
+fn a_missing_cgroup_or_process_is_named_as_missing() {
+    for (args, says) in [
+        (["--cgroup", "/nope-boundimport-test"], "--cgroup /nope-boundimport-test: no such cgroup: it does not exist"),
+        (["--pid", "999999999"], "--pid 999999999: no such process"),
+    ] {
+        let output = boundimport().arg("diagnose").args(args).output().unwrap();
+        let text = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {text}");
+        assert!(text.contains(says), "{args:?}: {text}");
+        assert!(!text.contains("not a memory cgroup") && !text.contains("/proc/"), "{args:?}: {text}");
+    }
 }
 
 #[test]

@@ -242,7 +242,7 @@ fn destination_device_removed_mid_import() {
     if !device_mapper_available() {
         // A kernel feature, not a privilege: skipped even under BOUNDIMPORT_REQUIRE_PRIVILEGED=1;
         // destination_device_loses_its_storage_mid_import covers the same failure without it.
-        eprintln!("SKIP destination_device_removed_mid_import: no device-mapper in this kernel");
+        common::prereq::print_skip("destination_device_removed_mid_import", "no device-mapper in this kernel");
         return;
     }
     let bench = Workbench::new("fault-removed");

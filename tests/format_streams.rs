@@ -165,6 +165,9 @@ fn zip_layout(zip: &Path) -> (bool, bool) {
 /// entry in front; locally and from a server without Range. `--json` names each wrapper.
 #[test]
 fn bzip2_and_zip_wrappers_match_qemu() {
+    if !common::prereq::require("bzip2_and_zip_wrappers_match_qemu", &[common::prereq::BZIP2, common::prereq::ZIP]) {
+        return;
+    }
     let dir = scratch_dir("stream-bz2-zip");
     let d = dir.path();
     let size = 9 * MIB + 3 * 65536 + 3 * 512;
@@ -210,6 +213,9 @@ fn bzip2_and_zip_wrappers_match_qemu() {
 /// image is removed. So are a stored entry whose size only follows its data, and an entry whose CRC-32 is wrong.
 #[test]
 fn zips_that_are_not_one_readable_image_are_refused() {
+    if !common::prereq::require("zips_that_are_not_one_readable_image_are_refused", &[common::prereq::ZIP]) {
+        return;
+    }
     let dir = scratch_dir("stream-zip-refused");
     let d = dir.path();
     write_raw(&d.join("a.raw"), 3 * MIB, &[(0, 3 * MIB, Fill::Random(7))]);

@@ -206,7 +206,10 @@ fn qemu_processes_with(needle: &str) -> Vec<u32> {
 fn in_a_guest_qemu_img_is_oom_killed_and_boundimport_stays_bounded() {
     const TEST: &str = "in_a_guest_qemu_img_is_oom_killed_and_boundimport_stays_bounded";
     let Some(vm) = std::env::var_os("BOUNDIMPORT_LAB_VM") else {
-        eprintln!("SKIP {TEST}: BOUNDIMPORT_LAB_VM is not set (scripts/lab-vm-test prepares a guest and runs this)");
+        common::prereq::print_skip(
+            TEST,
+            "BOUNDIMPORT_LAB_VM is not set (scripts/lab-vm-test prepares a guest and runs this)",
+        );
         return;
     };
     if !require_privileged(TEST) {

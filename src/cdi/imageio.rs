@@ -2,9 +2,9 @@
 //! (engine login, the disk or a checkpoint's snapshot, a download transfer), imported by the engine like any
 //! random-access source, then the transfer finalized, or cancelled when the import failed or was stopped.
 
-use crate::sink::volume::Volume;
 use super::env::{CdiEnv, ImageioEnv};
 use super::{Context, Finish};
+use crate::sink::volume::Volume;
 use crate::source::imageio::engine::{Engine, TransferFormat};
 use crate::source::imageio::{self, TransferUrls};
 use crate::source::Location;

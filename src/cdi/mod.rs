@@ -271,7 +271,7 @@ impl Context<'_> {
         };
         let available = match dest::available_space(volume, env.image_size, kept) {
             Ok(available) => available,
-            Err(e) => return Finish::Failure(format!("Unable to process data: {e}")),
+            Err(e) => return Finish::Failure(termination::import_failure(&e)),
         };
         log::info!("space available for the image: {available} bytes");
         let http = match connect::http_options(&self.args.proxy_cert_dir, &self.args.extra_headers_dir, env) {
@@ -300,7 +300,7 @@ impl Context<'_> {
             // The engine left no unverified data behind: the image file it made is gone, a device's image range
             // zeroed.
             Err(e) if e.kind() == ErrorKind::ChecksumMismatch => {
-                return Finish::ChecksumMismatch(format!("Unable to process data: {e}"))
+                return Finish::ChecksumMismatch(termination::import_failure(&e))
             }
             Err(e) if e.kind() == ErrorKind::NeedsScratch => {
                 log::info!("{e}");
@@ -316,7 +316,7 @@ impl Context<'_> {
                 };
                 return Finish::Failure(format!("Unable to connect to {store} data source: {e}"));
             }
-            Err(e) => return Finish::Failure(format!("Unable to process data: {e}")),
+            Err(e) => return Finish::Failure(termination::import_failure(&e)),
         };
         log::info!(
             "imported {} image of {} bytes: {} bytes written, {:.2}s",

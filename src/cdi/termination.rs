@@ -3,6 +3,7 @@
 //! Two shapes, as CDI writes them: JSON of its `TerminationMessage` struct (on success, and on a checksum
 //! mismatch), and a plain line for every other failure. Both are one line; kubelet keeps at most 4096 bytes.
 
+use crate::error::{Error, ErrorKind};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -144,6 +145,107 @@ impl serde_json::ser::Formatter for GoEscapes {
         }
         writer.write_all(rest.as_bytes())
     }
+}
+
+/// The termination message of a failed import from an HTTP(S) source, in the words of CDI's importer (v1.58 to
+/// v1.66) for each failure class it names, with boundimport's own error after them:
+/// - no answer (unknown host, refused connection, TLS): `Unable to connect to http data source: HTTP request
+///   errored: …`;
+/// - an answer other than 2xx: `Unable to connect to http data source: expected status code 200, got 404. Status:
+///   404 Not Found: …` (CDI's e2e tests match this prefix);
+/// - the image larger than the volume: `Unable to process data: Unable to convert source data to target format: …`;
+/// - a checksum mismatch: `Unable to process data: Unable to transfer source data to target file: …`;
+/// - anything else: `Unable to process data: …`.
+pub fn import_failure(e: &Error) -> String {
+    match FailureClass::of(e) {
+        FailureClass::Request => format!("Unable to connect to http data source: HTTP request errored: {e}"),
+        FailureClass::Status(code) => format!(
+            "Unable to connect to http data source: expected status code 200, got {code}. Status: {}: {e}",
+            status_line(code)
+        ),
+        FailureClass::Size => format!("Unable to process data: Unable to convert source data to target format: {e}"),
+        FailureClass::Checksum => format!("Unable to process data: Unable to transfer source data to target file: {e}"),
+        FailureClass::Other => format!("Unable to process data: {e}"),
+    }
+}
+
+/// Which of CDI's failure classes an import error falls in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FailureClass {
+    /// The request got no HTTP answer: name resolution, connection, TLS, proxy.
+    Request,
+    /// The server answered with this status instead of 2xx.
+    Status(u16),
+    /// The destination cannot hold the image.
+    Size,
+    /// The downloaded bytes did not match `IMPORTER_CHECKSUM`.
+    Checksum,
+    /// Everything else.
+    Other,
+}
+
+/// What the HTTP client was doing when a request got no answer (`source::http::client`'s operations).
+const REQUEST_STEPS: &[&str] =
+    &["resolving ", "connecting to ", "starting TLS", "talking to the proxy", "reading the proxy's answer", "proxy "];
+
+impl FailureClass {
+    fn of(e: &Error) -> Self {
+        match e.kind() {
+            ErrorKind::TooSmall => return FailureClass::Size,
+            ErrorKind::ChecksumMismatch => return FailureClass::Checksum,
+            ErrorKind::Io => {}
+            _ => return FailureClass::Other,
+        }
+        // The HTTP client names the URL as the error's path.
+        let from_http =
+            e.path().and_then(|p| p.to_str()).is_some_and(|p| p.starts_with("http://") || p.starts_with("https://"));
+        if !from_http {
+            return FailureClass::Other;
+        }
+        let operation = e.operation();
+        if let Some(code) = answered_status(operation) {
+            return FailureClass::Status(code);
+        }
+        if REQUEST_STEPS.iter().any(|step| operation.starts_with(step)) {
+            return FailureClass::Request;
+        }
+        FailureClass::Other
+    }
+}
+
+/// The status of a refused answer, from the client's `server answered HTTP 404 …`, `authentication required (HTTP
+/// 401)` or `credentials refused (HTTP 401)`.
+fn answered_status(operation: &str) -> Option<u16> {
+    let rest = operation
+        .strip_prefix("server answered HTTP ")
+        .or_else(|| operation.strip_prefix("authentication required (HTTP "))
+        .or_else(|| operation.strip_prefix("credentials refused (HTTP "))?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// Go's `resp.Status` for `code`: the code and the standard reason phrase (CDI echoes the server's own phrase,
+/// which is this one for the usual servers).
+fn status_line(code: u16) -> String {
+    let reason = match code {
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        407 => "Proxy Authentication Required",
+        408 => "Request Timeout",
+        410 => "Gone",
+        416 => "Requested Range Not Satisfiable",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => return code.to_string(),
+    };
+    format!("{code} {reason}")
 }
 
 /// The errors CDI's controller recognises by their text (pkg/controller/util.go `simplifyKnownMessage`, which shows

@@ -16,6 +16,8 @@ const INTERVAL: Duration = Duration::from_millis(100);
 pub struct ChargeSummary {
     /// Highest charge read.
     pub peak: u64,
+    /// The first charge read: what the cgroup held as the import began (other processes' memory included).
+    pub first: u64,
     /// Readings taken.
     pub readings: u64,
 }
@@ -41,6 +43,9 @@ impl ChargeSampler {
                 match cgroup.usage() {
                     Ok(charge) => {
                         summary.peak = summary.peak.max(charge);
+                        if summary.readings == 0 {
+                            summary.first = charge;
+                        }
                         summary.readings += 1;
                         publish(charge);
                     }

@@ -27,6 +27,9 @@ pub struct OomKill {
     pub task_memcg: String,
     /// The `Killed process …` line, if it was found.
     pub killed: Option<String>,
+    /// The cgroup below the diagnosed one that held the killed task (`task_memcg`), when it was not the diagnosed
+    /// cgroup itself: such a kill is in the kernel log but, once that child is removed, in no counter of ours.
+    pub below: Option<String>,
 }
 
 /// An open /dev/kmsg that remembers what it read, so `--watch` only reads new records.
@@ -110,7 +113,9 @@ pub fn oom_kills(records: &[(f64, String)], relative: &str) -> Vec<OomKill> {
                 .find(|(_, m)| m.contains(&format!("Killed process {pid} ")))
                 .map(|(_, m)| m.clone())
         });
-        kills.push(OomKill { seconds: *seconds, pid, task: field("task"), oom_memcg, task_memcg, killed });
+        let below = (inside(&task_memcg) && task_memcg.trim_end_matches('/') != relative.trim_end_matches('/'))
+            .then(|| task_memcg.clone());
+        kills.push(OomKill { seconds: *seconds, pid, task: field("task"), oom_memcg, task_memcg, killed, below });
     }
     kills
 }
@@ -148,6 +153,9 @@ mod tests {
         let k = &kills[0];
         assert_eq!((k.pid, k.task.as_str(), k.seconds), (Some(4242), "perl", 5123.46));
         assert!(k.killed.as_deref().unwrap().starts_with("Memory cgroup out of memory: Killed process 4242 (perl)"));
+        assert_eq!(k.below, None, "killed in the diagnosed cgroup itself");
+        let parent = oom_kills(&records(), "/process_api/abc");
+        assert_eq!(parent[0].below.as_deref(), Some("/process_api/abc/diag-oom"), "killed in a child");
     }
 
     #[test]

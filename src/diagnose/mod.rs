@@ -176,9 +176,16 @@ fn target(args: &DiagnoseArgs) -> Result<(MemCgroup, Option<PathBuf>)> {
         } else {
             root_or_err()?.join(path.strip_prefix("/").unwrap_or(path))
         };
+        if !dir.is_dir() {
+            let tried = if dir == *path { String::new() } else { format!(" (nor {})", dir.display()) };
+            return Err(Error::usage(format!("--cgroup {}: no such cgroup: it does not exist{tried}", path.display())));
+        }
         return Ok((MemCgroup::detect(dir)?, mount));
     }
     if let Some(pid) = args.pid {
+        if !Path::new(&format!("/proc/{pid}")).is_dir() {
+            return Err(Error::usage(format!("--pid {pid}: no such process")));
+        }
         let cg = MemCgroup::of_pid(pid)?
             .ok_or_else(|| Error::new(ErrorKind::Unsupported, format!("process {pid} is in no memory cgroup here")))?;
         return Ok((cg, mount));

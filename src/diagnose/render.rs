@@ -64,7 +64,13 @@ pub fn report(s: &Snapshot, v: &Verdict) -> String {
     let _ = writeln!(w, "limit hits    {}{high_events}  ({hits_src})", count(s.limit_hits));
     let invoked = s.oom_events.map_or(String::new(), |n| format!(", OOM killer invoked {n} times"));
     let frozen = if s.under_oom == Some(true) { ", UNDER OOM NOW: tasks stopped (oom_kill_disable)" } else { "" };
-    let _ = writeln!(w, "OOM kills     {}{invoked}{frozen}  ({oom_src})", count(s.oom_kills));
+    // Kills the kernel logged that the counter does not hold (a removed child's), so this line and the verdict agree.
+    let logged = s.kernel_oom_kills.as_deref().unwrap_or_default();
+    let beyond = match logged.iter().filter(|k| k.below.is_some()).count() {
+        0 => String::new(),
+        n => format!(", kernel log: {n} below this cgroup"),
+    };
+    let _ = writeln!(w, "OOM kills     {}{invoked}{frozen}{beyond}  ({oom_src})", count(s.oom_kills));
     let pressure = match s.pressure {
         Some(p) if p.scope == "cgroup" => {
             format!("some {:.2}% full {:.2}% of the last 10 s (memory.pressure)", p.some_avg10, p.full_avg10)
@@ -119,12 +125,13 @@ pub fn report(s: &Snapshot, v: &Verdict) -> String {
             let _ = writeln!(w, "kernel log    not read (see unreadable)");
         }
         Some(kills) if kills.is_empty() => {
-            let _ = writeln!(w, "kernel log    no OOM kill of this cgroup in /dev/kmsg");
+            let _ = writeln!(w, "kernel log    no OOM kill of this cgroup or below it in /dev/kmsg");
         }
         Some(kills) => {
             for k in kills {
                 let line = k.killed.clone().unwrap_or_else(|| format!("oom-kill: task={} pid={:?}", k.task, k.pid));
-                let _ = writeln!(w, "kernel log    [{:.3}] {line}", k.seconds);
+                let whose = k.below.as_ref().map_or(String::new(), |child| format!(" (in {child}, below this cgroup)"));
+                let _ = writeln!(w, "kernel log    [{:.3}] {line}{whose}", k.seconds);
             }
         }
     }

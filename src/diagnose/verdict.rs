@@ -109,15 +109,45 @@ pub fn judge(s: &Snapshot, trend: Option<&Trend>) -> Verdict {
     let near = s.limit_bytes.is_some_and(|l| usage as f64 >= NEAR_LIMIT * l as f64) || hits_during > 0;
     let limit_text = s.limit_bytes.map_or_else(|| "no limit".to_string(), |l| format!("limit {}", mib(l)));
 
-    let kills = s.oom_kills.unwrap_or(0).max(s.kernel_oom_kills.as_ref().map_or(0, |k| k.len() as u64));
+    let counted = s.oom_kills.unwrap_or(0);
+    let logged = s.kernel_oom_kills.as_deref().unwrap_or_default();
+    let kills = counted.max(logged.len() as u64);
     if kills > 0 {
-        let last = s.kernel_oom_kills.as_ref().and_then(|k| k.last()).map_or(String::new(), |k| {
+        let last = logged.last().map_or(String::new(), |k| {
             let pid = k.pid.map_or(String::new(), |pid| format!(" (pid {pid})"));
-            format!("; the kernel killed {}{pid} at {:.1} s after boot", k.task, k.seconds)
+            let whose = k.below.as_ref().map_or(String::new(), |child| format!(" in {child}"));
+            format!("; the kernel killed {}{pid}{whose} at {:.1} s after boot", k.task, k.seconds)
         });
         let counter = match s.cgroup_version {
             "v1" => "memory.oom_control oom_kill",
             _ => "memory.events oom_kill",
+        };
+        // Whose kills they were: the counter counts this cgroup (and, on v1, its children while they exist); a
+        // child's kill found only in the kernel log was in a cgroup since removed or outside the counter.
+        let below: Vec<&str> = logged.iter().filter_map(|k| k.below.as_deref()).collect();
+        let mut children = below.clone();
+        children.dedup();
+        let whose = if counted >= logged.len() as u64 {
+            format!("{kills} process{} OOM-killed in this cgroup ({counter} {counted})", plural(kills))
+        } else if below.is_empty() {
+            format!(
+                "{kills} process{} OOM-killed in this cgroup (kernel log; {counter} counts {counted})",
+                plural(kills)
+            )
+        } else if below.len() == logged.len() {
+            format!(
+                "{kills} process{} OOM-killed below this cgroup, in {} (kernel log; this cgroup's {counter} counts \
+                 {counted}: not its own kill)",
+                plural(kills),
+                children.join(", ")
+            )
+        } else {
+            format!(
+                "{kills} process{} OOM-killed in this cgroup and below it, in {} (kernel log; {counter} counts \
+                 {counted})",
+                plural(kills),
+                children.join(", ")
+            )
         };
         let page_cache = s.limit_bytes.is_some_and(|l| dw >= l / 4) || (file > anon && dw >= file / 2);
         let now = if page_cache {
@@ -135,14 +165,7 @@ pub fn judge(s: &Snapshot, trend: Option<&Trend>) -> Verdict {
                 .to_string(),
         ];
         advice.extend(if page_cache { page_cache_advice(s) } else { anonymous_advice() });
-        return Verdict {
-            verdict: Kind::OomKilled,
-            reason: format!(
-                "{kills} process{} OOM-killed in this cgroup ({counter}){last}; {now}; {kubectl}",
-                plural(kills)
-            ),
-            advice,
-        };
+        return Verdict { verdict: Kind::OomKilled, reason: format!("{whose}{last}; {now}; {kubectl}"), advice };
     }
 
     if let Some(limit) = s.limit_bytes {
@@ -417,7 +440,7 @@ mod tests {
         let v = judge(&s, None);
         assert_eq!(v.verdict, Kind::OomKilled);
         assert!(
-            v.reason.starts_with("2 processes OOM-killed in this cgroup (memory.oom_control oom_kill)"),
+            v.reason.starts_with("2 processes OOM-killed in this cgroup (memory.oom_control oom_kill 2)"),
             "{}",
             v.reason
         );
@@ -434,12 +457,45 @@ mod tests {
             oom_memcg: "/pod".into(),
             task_memcg: "/pod".into(),
             killed: None,
+            below: None,
         }]);
         let v = judge(&s, None);
         assert_eq!(v.verdict, Kind::OomKilled);
-        assert!(v.reason.starts_with("1 process OOM-killed in this cgroup (memory.events oom_kill)"), "{}", v.reason);
+        assert!(
+            v.reason.starts_with("1 process OOM-killed in this cgroup (kernel log; memory.events oom_kill counts 0)"),
+            "{}",
+            v.reason
+        );
         assert!(v.reason.contains("killed perl (pid 4242) at 5123.5 s"), "{}", v.reason);
         assert!(v.advice.iter().any(|a| a.contains("larger limit")));
+    }
+
+    /// A kill in a child cgroup (since removed), found only in the kernel log: the verdict names the child and says
+    /// this cgroup's counter has none, so the counts and the verdict tell one story.
+    #[test]
+    fn a_kill_in_a_child_cgroup_is_named_as_the_childs() {
+        let mut s = snapshot(30, 2, 0);
+        s.oom_kills = Some(0);
+        s.kernel_oom_kills = Some(vec![OomKill {
+            seconds: 77.0,
+            pid: Some(99),
+            task: "perl".into(),
+            oom_memcg: "/pod/test-child".into(),
+            task_memcg: "/pod/test-child".into(),
+            killed: None,
+            below: Some("/pod/test-child".into()),
+        }]);
+        let v = judge(&s, None);
+        assert_eq!(v.verdict, Kind::OomKilled);
+        assert!(
+            v.reason.starts_with(
+                "1 process OOM-killed below this cgroup, in /pod/test-child (kernel log; this cgroup's \
+                 memory.oom_control oom_kill counts 0: not its own kill); the kernel killed perl (pid 99) in \
+                 /pod/test-child at 77.0 s"
+            ),
+            "{}",
+            v.reason
+        );
     }
 
     #[test]

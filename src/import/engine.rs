@@ -247,10 +247,7 @@ impl<'a> Engine<'a> {
             }
         };
         let governor = self.dest.finish()?;
-        let memory = MemoryReport {
-            cgroup_peak_charge: self.charge.take().and_then(ChargeSampler::stop).map(|c| c.peak),
-            process_peak_rss: crate::sys::peak_rss(),
-        };
+        let memory = MemoryReport::new(self.charge.take().and_then(ChargeSampler::stop), governor.as_ref());
         let source_checksum = match verify() {
             Ok(verified) => verified,
             Err(mismatch) => {

@@ -161,15 +161,38 @@ pub struct Outcome {
     pub downloaded_bytes: Option<u64>,
 }
 
-/// Memory as measured during an import: the bound is shown, not assumed.
+/// Memory as measured during an import: the bound is shown, not assumed. The import's own share and its whole
+/// cgroup's figures are apart: in a cgroup shared with other work the cgroup's peak is mostly theirs.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct MemoryReport {
-    /// The memory cgroup's highest charge during the import (sampled every 100 ms; co-tenants' pages included),
-    /// `None` outside a cgroup.
+    /// The import's own share at its peak: the process's peak resident set plus, in write-behind mode, the most page
+    /// cache the governor saw dirty or under writeback (the import's writes; direct I/O leaves none).
+    pub import_peak_share: u64,
+    /// The whole memory cgroup's highest charge during the import (sampled every 100 ms): every process in the
+    /// cgroup, co-tenants included (the same figure as `cgroup_peak_charge`); `None` outside a cgroup.
+    pub cgroup_peak: Option<u64>,
+    /// The whole cgroup's charge as the import began (what others already held); `None` outside a cgroup.
+    pub cgroup_charge_at_start: Option<u64>,
+    /// `cgroup_peak`, under the name older consumers read: the whole cgroup's peak, not the import's share.
     pub cgroup_peak_charge: Option<u64>,
-    /// The import's own share: the process's peak resident set (buffers, decoders, mapped binary). Page cache
-    /// the import dirtied in write-behind mode is in the charge and in `governor`.
+    /// The process's peak resident set (buffers, decoders, mapped binary).
     pub process_peak_rss: u64,
+}
+
+impl MemoryReport {
+    /// The report for an import whose cgroup readings were `charge` and whose write-behind governor, if any, saw
+    /// `governor`.
+    pub fn new(charge: Option<crate::cgroup::sampler::ChargeSummary>, governor: Option<&GovernorSummary>) -> Self {
+        let process_peak_rss = crate::sys::peak_rss();
+        let cgroup_peak = charge.map(|c| c.peak);
+        MemoryReport {
+            import_peak_share: process_peak_rss + governor.map_or(0, |g| g.peak_dirty_writeback),
+            cgroup_peak,
+            cgroup_charge_at_start: charge.map(|c| c.first),
+            cgroup_peak_charge: cgroup_peak,
+            process_peak_rss,
+        }
+    }
 }
 
 /// What every import shares, resolved once per process: the memory cgroup, the budget and the sizing derived

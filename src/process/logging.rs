@@ -36,11 +36,11 @@ impl Log for StderrLogger {
             eprintln!("{header}{message}");
             return;
         }
-        match record.level() {
+        super::render::beside_bar(|| match record.level() {
             Level::Error => eprintln!("boundimport: error: {message}"),
             Level::Warn => eprintln!("boundimport: warning: {message}"),
             _ => eprintln!("boundimport: {message}"),
-        }
+        });
     }
 
     fn flush(&self) {}

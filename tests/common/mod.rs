@@ -5,6 +5,7 @@
 pub mod http;
 pub mod images;
 pub mod objstore;
+pub mod prereq;
 pub mod privileged;
 pub mod proxy;
 pub mod registry;

@@ -27,7 +27,7 @@ pub fn require_privileged(test: &str) -> bool {
             panic!("{test}: {reason}, and BOUNDIMPORT_REQUIRE_PRIVILEGED=1 forbids skipping")
         }
         Some(reason) => {
-            eprintln!("SKIP {test}: {reason}");
+            super::prereq::print_skip(test, reason);
             false
         }
     }

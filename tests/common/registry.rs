@@ -3,7 +3,7 @@
 //! image layouts written by the tests (layers made with GNU tar and compressed with gzip/zstd), pushed with
 //! Debian's `skopeo`. Every server and directory is cleaned up on drop, failure included.
 
-use super::privileged::privileged_required;
+use super::prereq::Prereq;
 use super::{describe, run};
 use sha2::{Digest, Sha256};
 use std::fs;
@@ -13,39 +13,20 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Tools the registry tests drive.
-pub const TOOLS: &[(&str, &str)] = &[
-    ("docker-registry", "docker-registry"),
-    ("skopeo", "skopeo"),
-    ("htpasswd", "apache2-utils"),
-    ("tar", "tar"),
-    ("gzip", "gzip"),
-    ("zstd", "zstd"),
-    ("xz", "xz-utils"),
-    ("curl", "curl"),
+pub const TOOLS: &[Prereq] = &[
+    Prereq::Tool("docker-registry", "docker-registry"),
+    Prereq::Tool("skopeo", "skopeo"),
+    Prereq::Tool("htpasswd", "apache2-utils"),
+    Prereq::Tool("tar", "tar"),
+    Prereq::Tool("gzip", "gzip"),
+    Prereq::Tool("zstd", "zstd"),
+    Prereq::Tool("xz", "xz-utils"),
+    Prereq::Tool("curl", "curl"),
 ];
 
-fn on_path(name: &str) -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).any(|dir| dir.join(name).is_file())
-}
-
-/// Whether `test` can run: every tool of [`TOOLS`] installed. Prints a skip line otherwise — or panics when
-/// `BOUNDIMPORT_REQUIRE_PRIVILEGED=1` (CI installs them).
+/// Whether `test` can run: every tool of [`TOOLS`] installed ([`super::prereq::require`]).
 pub fn require_tools(test: &str) -> bool {
-    let missing: Vec<String> = TOOLS
-        .iter()
-        .filter(|(tool, _)| !on_path(tool))
-        .map(|(tool, pkg)| format!("{tool} (Debian package {pkg})"))
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let reason = format!("missing {}", missing.join(", "));
-    if privileged_required() {
-        panic!("{test}: {reason}, and BOUNDIMPORT_REQUIRE_PRIVILEGED=1 forbids skipping");
-    }
-    eprintln!("SKIP {test}: {reason}");
-    false
+    super::prereq::require(test, TOOLS)
 }
 
 /// A free TCP port on 127.0.0.1 (released for the server to take).
