@@ -159,6 +159,13 @@ fn sigterm_and_sigint_stop_writing_within_a_second() {
     let signalled = Instant::now();
     let finished = run.finish_within(Duration::from_secs(5));
     assert_eq!(finished.status.code(), Some(143), "{}", finished.stderr);
+    // Even at once, it says what it leaves.
+    let last = finished.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("stopped at once by a second signal") && last.contains("incomplete"),
+        "{}",
+        finished.stderr
+    );
     eprintln!("second SIGTERM: exited {:?} after it", finished.ended - signalled);
     // "At once" still waits for the O_DIRECT writes already in the device queue (a thread in one cannot be
     // killed until it completes): up to 16 MiB at 32 MB/s here.

@@ -14,11 +14,18 @@ static STOP: AtomicBool = AtomicBool::new(false);
 /// The signal that raised [`STOP`].
 static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
+/// What a second stop signal leaves on stderr: the process ends at once, so no stop line follows.
+const STOPPED_AT_ONCE: &[u8] = b"\nstopped at once by a second signal: writes not yet synced may be lost, and the \
+destination holds an incomplete image\n";
+
 extern "C" fn on_stop_signal(signal: libc::c_int) {
     if STOP.swap(true, Ordering::SeqCst) {
-        // A second signal: the user does not want to wait for the flush.
-        // SAFETY: _exit is async-signal-safe.
-        unsafe { libc::_exit(128 + signal) }
+        // A second signal: the user does not want to wait for the flush. One line says what that leaves.
+        // SAFETY: write(2) and _exit are async-signal-safe; the buffer is static.
+        unsafe {
+            libc::write(libc::STDERR_FILENO, STOPPED_AT_ONCE.as_ptr().cast(), STOPPED_AT_ONCE.len());
+            libc::_exit(128 + signal)
+        }
     }
     STOP_SIGNAL.store(signal, Ordering::SeqCst);
 }
@@ -29,7 +36,7 @@ pub fn install_stop_handlers() -> &'static AtomicBool {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
     let action = SigAction::new(SigHandler::Handler(on_stop_signal), SaFlags::SA_RESTART, SigSet::empty());
     for signal in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only touches atomics and calls _exit.
+        // SAFETY: the handler only touches atomics, writes a static line and calls _exit.
         if let Err(e) = unsafe { sigaction(signal, &action) } {
             log::warn!("cannot install a {signal} handler: {e}");
         }
