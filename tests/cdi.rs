@@ -401,7 +401,7 @@ fn bad_preallocation_fails_with_one_line() {
 
 #[test]
 fn unsupported_sources_fail_with_one_line() {
-    for source in ["imageio", "vddk"] {
+    for source in ["vddk", "nbd"] {
         let mut pod = Pod::new("cdi-source");
         pod.set("IMPORTER_SOURCE", source).set("IMPORTER_ENDPOINT", "s3://bucket/disk.img");
         let ended = pod.run();

@@ -3,8 +3,8 @@
 //! the destination) and where bytes seen before their mapping wait (memory, a scratch file) are the pipeline's
 //! business, behind these two traits, so format code stays a pure function of the bytes it is given.
 //!
-//! Each format read forward is a [`Walker`], and [`walker_for`] picks one by detection: the forward driver knows
-//! no format. A new forward-only format is its walk function, a `Walker` below, and a line in [`WALKERS`].
+//! Each format read forward is a [`Walker`], a row of [`WALKERS`], and [`walker_for`] picks one by detection: the
+//! forward driver knows no format. A new forward-only format is its walk function and a row.
 
 use super::detect::Detected;
 use super::{qcow2, vdi, vhd, vhdx, vmdk};
@@ -40,36 +40,75 @@ pub trait Stash {
     fn kept(&self) -> u64;
 }
 
-/// A format read front to back.
-pub trait Walker: Sync {
+/// How a walk is called: the stream, its name for messages, where early data waits, where guest bytes go, the
+/// stop flag. Returns the virtual size and the bytes stashed.
+pub type WalkFn = fn(&mut dyn Read, &str, &mut dyn Stash, &mut dyn Placement, &AtomicBool) -> Result<(u64, u64)>;
+
+/// A format read front to back: a row of [`WALKERS`].
+pub struct Walker {
     /// The format's name in reports, as qemu-img names it ("qcow2", "vpc", …).
-    fn format_name(&self) -> &'static str;
-    /// Whether this walker reads a stream detected as `detected` whose first bytes are `head` (512 of them, or
-    /// the whole of a shorter stream).
-    fn reads(&self, detected: &Detected, head: &[u8]) -> bool;
-    /// The virtual size the first bytes state, for opening the destination before the walk; `None` when only
-    /// the walk finds it (the destination then grows as bytes are placed).
-    fn size_from_head(&self, head: &[u8]) -> Result<Option<u64>>;
-    /// Walks the stream: tables parsed as they pass, guest bytes placed, data seen before its table stashed.
-    /// Returns the virtual size and the bytes stashed.
-    fn walk(
-        &self,
-        reader: &mut dyn Read,
-        name: &str,
-        stash: &mut dyn Stash,
-        place: &mut dyn Placement,
-        stop: &AtomicBool,
-    ) -> Result<(u64, u64)>;
+    pub format_name: &'static str,
+    /// Whether it reads a stream detected as this with these first bytes (512, or the whole of a shorter stream).
+    reads: fn(&Detected, &[u8]) -> bool,
+    /// The virtual size the first bytes state, for opening the destination before the walk; `None` when only the
+    /// walk finds it (the destination then grows as bytes are placed).
+    pub size_from_head: fn(&[u8]) -> Result<Option<u64>>,
+    /// The walk: tables parsed as they pass, guest bytes placed, data seen before its table stashed.
+    pub walk: WalkFn,
 }
 
 /// Every format with a forward walk, in the order they are asked.
-pub static WALKERS: &[&dyn Walker] =
-    &[&Qcow2Walker, &StreamOptimizedVmdk, &MonolithicSparseVmdk, &DynamicVhd, &VdiWalker, &VhdxWalker];
+pub static WALKERS: &[Walker] = &[
+    Walker {
+        format_name: "qcow2",
+        reads: |detected, _| *detected == Detected::Qcow2,
+        // The walk checks the header fully; the destination needs only the size.
+        size_from_head: |head| match head.len() {
+            0..32 => Err(crate::bad_image!("the stream ends inside its qcow2 header ({} bytes)", head.len())),
+            _ => Ok(Some(be64(head, 24) & !511)),
+        },
+        walk: |reader, name, stash, place, stop| {
+            qcow2::stream::walk(reader, name, stash, place, stop).map(|stats| (stats.virtual_size, stats.spooled))
+        },
+    },
+    Walker {
+        format_name: "vmdk",
+        reads: |detected, head| *detected == Detected::Vmdk && vmdk::stream::is_stream_optimized(head),
+        size_from_head: vmdk_size,
+        // Markers carry their grain's place: nothing waits for a table.
+        walk: |reader, name, _, place, stop| vmdk::stream::walk(reader, name, place, stop).map(|size| (size, 0)),
+    },
+    Walker {
+        format_name: "vmdk",
+        reads: |detected, head| *detected == Detected::Vmdk && vmdk::sparse_stream::is_sparse(head),
+        size_from_head: vmdk_size,
+        walk: vmdk::sparse_stream::walk,
+    },
+    Walker {
+        format_name: "vpc",
+        reads: |detected, _| *detected == Detected::Vhd,
+        size_from_head: |head| Ok(Some(vhd::parse_footer(first_sector(head, "its vhd footer copy")?)?.virtual_size())),
+        walk: vhd::walk_stream,
+    },
+    Walker {
+        format_name: "vdi",
+        reads: |detected, _| *detected == Detected::Vdi,
+        size_from_head: |head| Ok(Some(vdi::parse_header(first_sector(head, "its vdi header")?, u64::MAX)?.disk_size)),
+        walk: vdi::walk_stream,
+    },
+    Walker {
+        format_name: "vhdx",
+        reads: |detected, _| *detected == Detected::Vhdx,
+        // The virtual size is in the metadata region, which only the walk reaches.
+        size_from_head: |_| Ok(None),
+        walk: vhdx::stream::walk,
+    },
+];
 
 /// The walker for a stream detected as `detected` with first bytes `head`; `None` when the format needs random
 /// access (a vmdk descriptor, whose extents are other files).
-pub fn walker_for(detected: &Detected, head: &[u8]) -> Option<&'static dyn Walker> {
-    WALKERS.iter().copied().find(|walker| walker.reads(detected, head))
+pub fn walker_for(detected: &Detected, head: &[u8]) -> Option<&'static Walker> {
+    WALKERS.iter().find(|walker| (walker.reads)(detected, head))
 }
 
 /// The first 512 bytes of `head`, or a message saying the stream ends inside `what`.
@@ -79,152 +118,7 @@ fn first_sector<'h>(head: &'h [u8], what: &str) -> Result<&'h [u8; 512]> {
         .ok_or_else(|| crate::bad_image!("the stream ends inside {what} ({} bytes)", head.len()))
 }
 
-struct Qcow2Walker;
-
-impl Walker for Qcow2Walker {
-    fn format_name(&self) -> &'static str {
-        "qcow2"
-    }
-    fn reads(&self, detected: &Detected, _: &[u8]) -> bool {
-        *detected == Detected::Qcow2
-    }
-    fn size_from_head(&self, head: &[u8]) -> Result<Option<u64>> {
-        // The walk checks the header fully; the destination needs only the size.
-        if head.len() < 32 {
-            return Err(crate::bad_image!("the stream ends inside its qcow2 header ({} bytes)", head.len()));
-        }
-        Ok(Some(be64(head, 24) & !511))
-    }
-    fn walk(
-        &self,
-        reader: &mut dyn Read,
-        name: &str,
-        stash: &mut dyn Stash,
-        place: &mut dyn Placement,
-        stop: &AtomicBool,
-    ) -> Result<(u64, u64)> {
-        qcow2::stream::walk(reader, name, stash, place, stop).map(|stats| (stats.virtual_size, stats.spooled))
-    }
-}
-
-struct StreamOptimizedVmdk;
-
-impl Walker for StreamOptimizedVmdk {
-    fn format_name(&self) -> &'static str {
-        "vmdk"
-    }
-    fn reads(&self, detected: &Detected, head: &[u8]) -> bool {
-        *detected == Detected::Vmdk && vmdk::stream::is_stream_optimized(head)
-    }
-    fn size_from_head(&self, head: &[u8]) -> Result<Option<u64>> {
-        Ok(Some(le64(first_sector(head, "its vmdk header")?, 12).saturating_mul(512)))
-    }
-    fn walk(
-        &self,
-        reader: &mut dyn Read,
-        name: &str,
-        _: &mut dyn Stash,
-        place: &mut dyn Placement,
-        stop: &AtomicBool,
-    ) -> Result<(u64, u64)> {
-        // Markers carry their grain's place: nothing waits for a table.
-        vmdk::stream::walk(reader, name, place, stop).map(|size| (size, 0))
-    }
-}
-
-struct MonolithicSparseVmdk;
-
-impl Walker for MonolithicSparseVmdk {
-    fn format_name(&self) -> &'static str {
-        "vmdk"
-    }
-    fn reads(&self, detected: &Detected, head: &[u8]) -> bool {
-        *detected == Detected::Vmdk && vmdk::sparse_stream::is_sparse(head)
-    }
-    fn size_from_head(&self, head: &[u8]) -> Result<Option<u64>> {
-        Ok(Some(le64(first_sector(head, "its vmdk header")?, 12).saturating_mul(512)))
-    }
-    fn walk(
-        &self,
-        reader: &mut dyn Read,
-        name: &str,
-        stash: &mut dyn Stash,
-        place: &mut dyn Placement,
-        stop: &AtomicBool,
-    ) -> Result<(u64, u64)> {
-        vmdk::sparse_stream::walk(reader, name, stash, place, stop)
-    }
-}
-
-struct DynamicVhd;
-
-impl Walker for DynamicVhd {
-    fn format_name(&self) -> &'static str {
-        "vpc"
-    }
-    fn reads(&self, detected: &Detected, _: &[u8]) -> bool {
-        *detected == Detected::Vhd
-    }
-    fn size_from_head(&self, head: &[u8]) -> Result<Option<u64>> {
-        Ok(Some(vhd::parse_footer(first_sector(head, "its vhd footer copy")?)?.virtual_size()))
-    }
-    fn walk(
-        &self,
-        reader: &mut dyn Read,
-        name: &str,
-        stash: &mut dyn Stash,
-        place: &mut dyn Placement,
-        stop: &AtomicBool,
-    ) -> Result<(u64, u64)> {
-        vhd::walk_stream(reader, name, stash, place, stop)
-    }
-}
-
-struct VdiWalker;
-
-impl Walker for VdiWalker {
-    fn format_name(&self) -> &'static str {
-        "vdi"
-    }
-    fn reads(&self, detected: &Detected, _: &[u8]) -> bool {
-        *detected == Detected::Vdi
-    }
-    fn size_from_head(&self, head: &[u8]) -> Result<Option<u64>> {
-        Ok(Some(vdi::parse_header(first_sector(head, "its vdi header")?, u64::MAX)?.disk_size))
-    }
-    fn walk(
-        &self,
-        reader: &mut dyn Read,
-        name: &str,
-        stash: &mut dyn Stash,
-        place: &mut dyn Placement,
-        stop: &AtomicBool,
-    ) -> Result<(u64, u64)> {
-        vdi::walk_stream(reader, name, stash, place, stop)
-    }
-}
-
-struct VhdxWalker;
-
-impl Walker for VhdxWalker {
-    fn format_name(&self) -> &'static str {
-        "vhdx"
-    }
-    fn reads(&self, detected: &Detected, _: &[u8]) -> bool {
-        *detected == Detected::Vhdx
-    }
-    fn size_from_head(&self, _: &[u8]) -> Result<Option<u64>> {
-        // The virtual size is in the metadata region, which only the walk reaches.
-        Ok(None)
-    }
-    fn walk(
-        &self,
-        reader: &mut dyn Read,
-        name: &str,
-        stash: &mut dyn Stash,
-        place: &mut dyn Placement,
-        stop: &AtomicBool,
-    ) -> Result<(u64, u64)> {
-        vhdx::stream::walk(reader, name, stash, place, stop)
-    }
+/// A sparse vmdk's capacity, in its header's sectors.
+fn vmdk_size(head: &[u8]) -> Result<Option<u64>> {
+    Ok(Some(le64(first_sector(head, "its vmdk header")?, 12).saturating_mul(512)))
 }

@@ -129,7 +129,7 @@ pub(super) fn import(
             other => other,
         },
         Kind::Raw => None,
-        Kind::Walked(walker) => walker.size_from_head(&head).map_err(|e| e.at_path(&name))?,
+        Kind::Walked(walker) => (walker.size_from_head)(&head).map_err(|e| e.at_path(&name))?,
     };
     let size_hint = stated_size.unwrap_or(0);
     // Progress: against the virtual size the header gives (qcow2, vmdk) or the raw stream's length; a compressed
@@ -178,14 +178,14 @@ pub(super) fn import(
             Kind::Walked(walker) => {
                 let mut spool = Spool::new(&name, plan.scratch.as_deref());
                 let (size, stashed) = match stated_size {
-                    Some(_) => walker.walk(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?,
+                    Some(_) => (walker.walk)(&mut stream, &name, &mut spool, &mut Placer::new(writer), stop)?,
                     None => {
                         let mut placer = Growing { inner: Placer::new(writer), dest, progress };
-                        walker.walk(&mut stream, &name, &mut spool, &mut placer, stop)?
+                        (walker.walk)(&mut stream, &name, &mut spool, &mut placer, stop)?
                     }
                 };
                 spooled = stashed;
-                Ok((size, walker.format_name()))
+                Ok((size, walker.format_name))
             }
         })
     };
@@ -200,7 +200,7 @@ pub(super) fn import(
             }
         }
         if let Kind::Walked(walker) = kind {
-            log::info!("{name}: spooled {} ({spooled} bytes) of the {} stream", human(spooled), walker.format_name());
+            log::info!("{name}: spooled {} ({spooled} bytes) of the {} stream", human(spooled), walker.format_name);
         }
         Ok(Produced {
             output_digest: written.digest,
@@ -217,7 +217,7 @@ pub(super) fn import(
 #[derive(Clone, Copy)]
 enum Kind {
     Raw,
-    Walked(&'static dyn Walker),
+    Walked(&'static Walker),
 }
 
 /// Size of a VHD footer.
