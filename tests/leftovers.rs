@@ -168,3 +168,53 @@ fn cdi_removes_disk_img_after_a_failed_stream_import_with_nothing_to_resume() {
     assert!(left.is_empty(), "left on the volume: {left:?}\n{stderr}");
     assert!(!Path::new(&data.join("disk.img")).exists());
 }
+
+/// A tmpfs of `size` bytes mounted at `dir`, unmounted when dropped.
+struct SmallTmpfs(std::path::PathBuf);
+
+impl SmallTmpfs {
+    fn mount(dir: &Path, size: u64) -> SmallTmpfs {
+        fs::create_dir_all(dir).unwrap();
+        run(std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}")])
+            .arg("tmpfs")
+            .arg(dir));
+        SmallTmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_scratch_volume_is_named_as_the_scratch_not_the_images() {
+    if !require_privileged("a_full_scratch_volume_is_named_as_the_scratch_not_the_images") {
+        return;
+    }
+    let bench = Workbench::new("leftover-scratch");
+    // Random data ahead of its L2 table: more than the memory spool holds, so it goes to the scratch file.
+    let qcow2 = bench.path("random.qcow2");
+    let raw = bench.path("random.raw");
+    write_raw(&raw, 24 * MIB, &[(0, 24 * MIB, Fill::Random(9))]);
+    bench.qemu_img(&["convert", "-q", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), qcow2.to_str().unwrap()]);
+    let served = bench.path("served");
+    fs::create_dir(&served).unwrap();
+    bench.qcow2_with_l2_after_data(&qcow2, "served/reordered.qcow2");
+    let server = TestServer::start(&served, ServerOptions { ranges: false, ..Default::default() });
+    let scratch = SmallTmpfs::mount(&bench.path("scratch"), 4 * MIB);
+    let dest = bench.path("dest.raw");
+    let ended = run_import(&[
+        "--scratch".as_ref(),
+        scratch.0.as_os_str(),
+        server.url("reordered.qcow2").as_ref(),
+        dest.as_os_str(),
+    ]);
+    assert_eq!(ended.status.code(), Some(1), "{}", ended.stderr);
+    let last = ended.stderr.lines().last().unwrap_or_default();
+    assert!(last.contains("the scratch space is full") && last.contains(&scratch.0.display().to_string()), "{last}");
+    assert!(!last.contains("No space left on device"), "CDI's controller reads that as the image's volume: {last}");
+    assert!(!dest.exists(), "{}", ended.stderr);
+}

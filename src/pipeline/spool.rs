@@ -102,12 +102,12 @@ impl Spool {
         let (file, len) = self.file.as_mut().expect("created above");
         let at = *len;
         let handle = file.as_file();
-        let ctx = |e: Error| e.at_path(file.path());
-        handle.write_all_at(bytes, at).io_context("writing the spool file").map_err(ctx)?;
+        let dir = self.dir.as_deref().expect("a spool file lives in its directory");
+        let failed = |e, what| spool_write_error(e, what, file.path(), dir, at);
+        handle.write_all_at(bytes, at).map_err(|e| failed(e, "writing the spool file"))?;
         sys::wait_writeback(handle, at, bytes.len() as u64)
             .and_then(|()| sys::drop_cache(handle, at, bytes.len() as u64))
-            .io_context("flushing the spool file")
-            .map_err(ctx)?;
+            .map_err(|e| failed(e, "flushing the spool file"))?;
         *len += bytes.len() as u64;
         Ok(at)
     }
@@ -158,6 +158,24 @@ impl Stash for Spool {
     }
 }
 
+/// A failed write to a spool file: when the scratch space is full (ENOSPC, EDQUOT), a line that says so, naming
+/// the scratch directory and how much was spooled, without the system's "No space left on device", which CDI's
+/// controller takes for the image's own volume ("DataVolume too small"); any other error as it is.
+fn spool_write_error(e: std::io::Error, operation: &str, file: &Path, dir: &Path, spooled: u64) -> Error {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => Error::new(
+            ErrorKind::Io,
+            format!(
+                "the scratch space is full after spooling {spooled} bytes ({}) of the stream: the scratch volume, not \
+                 the image's, needs more room",
+                human(spooled)
+            ),
+        )
+        .at_path(dir),
+        _ => Error::io(operation, e).at_path(file),
+    }
+}
+
 /// Copies a whole stream into a spool file in `dir`, written without leaving page cache; returns the file (removed
 /// when dropped) and its length.
 pub fn spool_all(
@@ -185,15 +203,14 @@ pub fn spool_all(
         if n == 0 {
             break;
         }
-        let ctx = |e: Error| e.at_path(file.path());
-        handle.write_all_at(&buf[..n], len).io_context("writing the spool file").map_err(ctx)?;
-        sys::start_writeback(handle, len, n as u64).io_context("writing the spool file").map_err(ctx)?;
+        let failed = |e, what| spool_write_error(e, what, file.path(), dir, len);
+        handle.write_all_at(&buf[..n], len).map_err(|e| failed(e, "writing the spool file"))?;
+        sys::start_writeback(handle, len, n as u64).map_err(|e| failed(e, "writing the spool file"))?;
         // One write in flight while the next is read; the one before is waited for and dropped.
         if let Some((at, count)) = previous {
             sys::wait_writeback(handle, at, count)
                 .and_then(|()| sys::drop_cache(handle, at, count))
-                .io_context("flushing the spool file")
-                .map_err(ctx)?;
+                .map_err(|e| failed(e, "flushing the spool file"))?;
         }
         previous = Some((len, n as u64));
         len += n as u64;
@@ -201,8 +218,7 @@ pub fn spool_all(
     if let Some((at, count)) = previous {
         sys::wait_writeback(handle, at, count)
             .and_then(|()| sys::drop_cache(handle, at, count))
-            .io_context("flushing the spool file")
-            .map_err(|e| e.at_path(file.path()))?;
+            .map_err(|e| spool_write_error(e, "flushing the spool file", file.path(), dir, len))?;
     }
     Ok((file, len))
 }
