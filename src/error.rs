@@ -76,13 +76,14 @@ impl Error {
     }
 
     /// An import stopped by a signal whose destination was then removed or cut (`done` says which): there was
-    /// nothing a rerun could resume from.
-    pub fn interrupted_and_abandoned(destination: &Path, done: &str) -> Self {
-        Self::new(
-            ErrorKind::Interrupted,
-            format!("incomplete, so {done} (with --resume a stop keeps what was written)"),
-        )
-        .at_path(destination)
+    /// nothing a rerun could resume from, because resuming was not asked for (`resuming` false) or no checkpoint
+    /// had been recorded yet.
+    pub fn interrupted_and_abandoned(destination: &Path, done: &str, resuming: bool) -> Self {
+        let why = match resuming {
+            true => "no checkpoint had been recorded yet",
+            false => "with --resume a stop keeps what was written",
+        };
+        Self::new(ErrorKind::Interrupted, format!("incomplete, so {done} ({why})")).at_path(destination)
     }
 
     /// A failed system call while doing `operation`.

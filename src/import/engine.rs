@@ -225,8 +225,9 @@ impl<'a> Engine<'a> {
                         self.dest.finish()?;
                         if !resumable && self.dest.kind() == DestKind::RegularFile {
                             self.clear_checkpoints()?;
+                            let resuming = self.checkpoints.is_some();
                             return Err(match self.abandon() {
-                                Some(done) => Error::interrupted_and_abandoned(self.dest.path(), &done),
+                                Some(done) => Error::interrupted_and_abandoned(self.dest.path(), &done, resuming),
                                 None => err,
                             });
                         }
