@@ -338,14 +338,15 @@ impl Image for VmdkImage {
             let stop = (piece.start + piece.len).min(end);
             let local = at - piece.start;
             match &mut piece.part {
-                Part::Flat { source, offset } => push_extent(
-                    out,
-                    Extent {
-                        guest: at,
-                        len: stop - at,
-                        content: Content::Data { source: *source, offset: *offset + local },
-                    },
-                ),
+                Part::Flat { source, offset } => {
+                    // A flat extent is raw bytes: past its file's end it reads as zeros, as qemu's raw driver
+                    // reads it (not a truncated image, which the pipeline refuses).
+                    let from = *offset + local;
+                    let data = self.sources[*source].len().saturating_sub(from).min(stop - at);
+                    let content = Content::Data { source: *source, offset: from };
+                    push_extent(out, Extent { guest: at, len: data, content });
+                    push_extent(out, Extent { guest: at + data, len: stop - at - data, content: Content::Zero });
+                }
                 Part::Sparse(sparse) => {
                     let source = self.sources[sparse.source].clone();
                     sparse.map(source.as_ref(), local, stop - at, at, out)?;
