@@ -316,6 +316,11 @@ impl Context<'_> {
                 };
                 return Finish::Failure(format!("Unable to connect to {store} data source: {e}"));
             }
+            // CDI's "http data source" words are an http source's; another source's transfer failing part-way (an
+            // object, an imageio daemon that died) only failed to process.
+            Err(e) if e.kind() == ErrorKind::Io && !matches!(plan.source, Location::Url(_)) => {
+                return Finish::Failure(format!("Unable to process data: {e}"))
+            }
             Err(e) => return Finish::Failure(termination::import_failure(&e)),
         };
         log::info!(

@@ -75,7 +75,9 @@ impl Engine {
     /// Logs in to the engine at `endpoint` (its API URL, `https://engine/ovirt-engine/api`) with its SSO password
     /// grant.
     pub fn connect(endpoint: &str, user: &str, password: &str, options: &HttpOptions) -> Result<Engine> {
-        let options = HttpOptions { username: None, password: None, headers: Vec::new(), ..options.clone() };
+        // No stop flag: the transfer's own life cycle (finalize, cancel) must still reach the engine after a stop.
+        let options =
+            HttpOptions { username: None, password: None, headers: Vec::new(), stop: None, ..options.clone() };
         let client = Client::new(endpoint, &options)?;
         let mut api = Url::parse(endpoint).map_err(|e| Error::usage(format!("invalid URL: {e}")).at_path(endpoint))?;
         if !api.path().ends_with('/') {
