@@ -79,11 +79,18 @@ pub struct Seaweed {
     filer_port: u16,
     /// The TLS certificates, when the gateway serves HTTPS.
     pub certs: Option<Certs>,
+    /// This process's turn to run a SeaweedFS (released after `child` is killed).
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
+
+/// One SeaweedFS at a time in a test process: four at once (master, volume, filer and gateway each) on a loaded
+/// 2-core machine took more than a minute to listen, and starved the tests that time a transfer.
+static ONE_SEAWEED_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Seaweed {
     /// Starts it with one identity ([`ACCESS_KEY`], [`SECRET_KEY`]) and waits until the filer takes objects.
     pub fn start(tls: bool) -> Seaweed {
+        let turn = ONE_SEAWEED_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let dir = super::scratch_dir("seaweed");
         let data = dir.path().join("data");
         fs::create_dir_all(&data).unwrap();
@@ -125,7 +132,7 @@ impl Seaweed {
             command.arg(format!("-s3.key.file={}", certs.key.display()));
         }
         let child = command.spawn().expect("starting weed");
-        let server = Seaweed { child, dir, s3_port, filer_port, certs };
+        let server = Seaweed { child, dir, s3_port, filer_port, certs, _turn: turn };
         wait_for_port(s3_port, "weed's S3 gateway", &log_path);
         wait_for_port(filer_port, "weed's filer", &log_path);
         // The filer takes writes once a volume server has registered: retry a probe object until it does.
