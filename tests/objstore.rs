@@ -77,6 +77,19 @@ fn summary(output: &Output, what: &str) -> serde_json::Value {
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
+/// The ETag the S3 gateway answers a signed HEAD of `path` with (curl signs it).
+fn s3_etag(port: u16, path: &str) -> Option<String> {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-I", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user"])
+        .arg(format!("{ACCESS_KEY}:{SECRET_KEY}"))
+        .arg(format!("http://127.0.0.1:{port}/{path}"))
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| line.to_ascii_lowercase().strip_prefix("etag:").map(|v| v.trim().to_string()))
+}
+
 fn one_line_error(output: &Output) -> String {
     assert!(!output.status.success(), "should have failed");
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -198,6 +211,8 @@ fn an_s3_object_replaced_mid_import_fails_clearly() {
     s3.put("disks", "disk.raw", &raw);
     // The importer talks to the gateway through a forwarder that holds the transfer after 4 MiB; meanwhile the
     // object is replaced; then the connection is cut and the importer resumes with a new range request.
+    let first_etag = s3_etag(s3.s3_port, "disks/disk.raw");
+    assert!(first_etag.is_some(), "no ETag from the S3 gateway");
     let forward = CutOnce::start(s3.s3_port, 4 * MIB);
     let dest = work.path().join("out.raw");
     let endpoint = format!("http://127.0.0.1:{}", forward.port);
@@ -217,6 +232,13 @@ fn an_s3_object_replaced_mid_import_fails_clearly() {
     let replacement = work.path().join("other.raw");
     write_raw(&replacement, 16 * MIB, &[(0, 16 * MIB, Fill::Random(4))]);
     s3.put("disks", "disk.raw", &replacement);
+    // The put goes through the filer; the S3 gateway learns of it from the filer's metadata feed, which lags under
+    // load: let the connection go only once the gateway itself serves the new ETag.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while s3_etag(s3.s3_port, "disks/disk.raw") == first_etag {
+        assert!(std::time::Instant::now() < deadline, "the S3 gateway still serves the replaced object's ETag");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     forward.go_on();
     let output = child.wait_with_output().unwrap();
     let line = one_line_error(&output);
