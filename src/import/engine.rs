@@ -227,7 +227,7 @@ impl<'a> Engine<'a> {
                             self.clear_checkpoints()?;
                             let resuming = self.checkpoints.is_some();
                             return Err(match self.abandon() {
-                                Some(done) => Error::interrupted_and_abandoned(self.dest.path(), &done, resuming),
+                                Some(done) => Error::interrupted_and_abandoned(self.dest.path(), done, resuming),
                                 None => err,
                             });
                         }
@@ -297,7 +297,7 @@ impl<'a> Engine<'a> {
     /// import created is removed; one that existed (and was truncated when the import began) is cut to nothing;
     /// a block device has its ends zeroed, so the partial image is not taken for a disk. Returns what was done,
     /// for the stop line.
-    fn abandon(&self) -> Option<String> {
+    fn abandon(&self) -> Option<&'static str> {
         let path = self.dest.path();
         let outcome = match self.dest.kind() {
             DestKind::RegularFile if self.created => std::fs::remove_file(path).map(|()| "removed the partial image"),
@@ -309,7 +309,7 @@ impl<'a> Engine<'a> {
         match outcome {
             Ok(done) => {
                 log::info!("{}: {done}", path.display());
-                Some(done.to_string())
+                Some(done)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => {
