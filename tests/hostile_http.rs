@@ -4,7 +4,8 @@
 //!   arrive after a redirect to another port of the same host (Go's rule, which CDI's importer follows);
 //! - a header carrying CR, LF or NUL is refused before anything is sent;
 //! - a stop signal while the download is blocked (a server that sends its head and then nothing) or trickling
-//!   (a byte every 2 s) ends the import at once with 128 + the signal, the resume checkpoint kept.
+//!   (a byte every 2 s) ends the import at once with 128 + the signal, the resume checkpoint kept;
+//! - a new connection dropped after the request, before any answer, is retried under `--retries`.
 //!
 //! The servers are small scripted ones in this file, each answering every connection the same way.
 
@@ -327,4 +328,40 @@ fn cdi_stops_a_stalled_or_trickling_download_at_once() {
         let state = pod.path().join("data/.disk.img.boundimport-resume");
         stops_at_once(cmd, &prefix_sent, Signal::SIGTERM, &state, &label);
     }
+}
+
+/// A server (or the balancer in front of it) that drops a new connection after reading the request, before any
+/// answer: a GET is sent again under `--retries`, and the import is whole; with too few retries it fails on one
+/// line naming the URL.
+#[test]
+fn a_connection_dropped_before_its_answer_is_retried() {
+    let body = Arc::new(disk_bytes(3 * MIB as usize));
+    let dropped = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let serve = serve_body(body.clone());
+    let counted = dropped.clone();
+    let server = Scripted::start(
+        "127.0.0.1",
+        Arc::new(move |tcp: &mut TcpStream, request: &[String]| {
+            if counted.fetch_add(1, Ordering::SeqCst) < 2 {
+                let _ = tcp.shutdown(std::net::Shutdown::Both);
+            } else {
+                serve(tcp, request);
+            }
+        }),
+    );
+    let dir = scratch_dir("dropped-before-answer");
+    let dest = dir.path().join("out.raw");
+    let url = server.url("disk.raw");
+    let output = boundimport().args(["--progress", "none", "--retries", "2"]).arg(&url).arg(&dest).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(std::fs::read(&dest).unwrap() == *body, "the import equals the served disk");
+    assert!(dropped.load(Ordering::SeqCst) >= 3, "the server dropped two connections, then answered");
+
+    dropped.store(0, Ordering::SeqCst);
+    let output = boundimport().args(["--progress", "none", "--retries", "1"]).arg(&url).arg(&dest).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let line = stderr.lines().last().unwrap_or_default();
+    assert!(line.contains(&url) && line.contains("connection closed before a response"), "{stderr}");
+    assert_eq!(dropped.load(Ordering::SeqCst), 2, "one try and one retry: {stderr}");
 }

@@ -243,15 +243,69 @@ impl Drop for FakeGcs {
     }
 }
 
-/// A TCP forwarder from a port of 127.0.0.1 to `upstream` that holds the first connection whose answers pass
-/// `pause_after` bytes until the test says go on, then cuts it: the importer has to reconnect with a new Range
-/// request, which sees whatever the test did to the object meanwhile.
+/// A TCP forwarder from a port of 127.0.0.1 to `upstream` that, once its answers on all connections together pass
+/// `pause_after` bytes, holds every connection until the test says go on, then cuts each one that was held: the
+/// importer has to reconnect with new Range requests, which see whatever the test did to the object meanwhile.
+/// Counting over all connections and holding them all makes it independent of how the importer splits its reads
+/// into requests and connections (one long GET, several ranges in a row, or several in flight at once).
 pub struct CutOnce {
     /// Its port.
     pub port: u16,
-    /// Told when a connection reached `pause_after` bytes.
+    /// Told once, when the answers reached `pause_after` bytes.
     pub paused: mpsc::Receiver<()>,
-    resume: mpsc::Sender<()>,
+    gate: Arc<Gate>,
+}
+
+/// What every connection of a `CutOnce` checks before it forwards a chunk of the answer.
+struct Gate {
+    state: Mutex<GateState>,
+    changed: std::sync::Condvar,
+}
+
+enum GateState {
+    Counting { forwarded: u64, paused: Option<mpsc::Sender<()>> },
+    Holding,
+    Released,
+}
+
+impl Gate {
+    /// Whether a chunk of `n` bytes read from upstream may go to the client; blocks while the gate holds. A chunk
+    /// read while holding is from before the cut: it is dropped and the connection cut.
+    fn pass(&self, n: usize, pause_after: u64) -> bool {
+        let mut state = self.state.lock().unwrap();
+        match &mut *state {
+            GateState::Counting { forwarded, paused } => {
+                *forwarded += n as u64;
+                if *forwarded >= pause_after {
+                    if let Some(paused) = paused.take() {
+                        let _ = paused.send(());
+                    }
+                    *state = GateState::Holding;
+                }
+                true
+            }
+            GateState::Holding => {
+                let deadline = Instant::now() + Duration::from_secs(90);
+                while matches!(*state, GateState::Holding) && Instant::now() < deadline {
+                    state = self.changed.wait_timeout(state, Duration::from_millis(200)).unwrap().0;
+                }
+                false
+            }
+            GateState::Released => true,
+        }
+    }
+
+    fn holding(&self) -> bool {
+        matches!(*self.state.lock().unwrap(), GateState::Holding)
+    }
+
+    fn wait_released(&self) {
+        let mut state = self.state.lock().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while matches!(*state, GateState::Holding) && Instant::now() < deadline {
+            state = self.changed.wait_timeout(state, Duration::from_millis(200)).unwrap().0;
+        }
+    }
 }
 
 impl CutOnce {
@@ -260,8 +314,11 @@ impl CutOnce {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let (paused_tx, paused) = mpsc::channel();
-        let (resume, resume_rx) = mpsc::channel::<()>();
-        let once = Arc::new(Mutex::new(Some((paused_tx, resume_rx))));
+        let gate = Arc::new(Gate {
+            state: Mutex::new(GateState::Counting { forwarded: 0, paused: Some(paused_tx) }),
+            changed: std::sync::Condvar::new(),
+        });
+        let accepting = gate.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(mut client) = client else { return };
@@ -271,25 +328,24 @@ impl CutOnce {
                 std::thread::spawn(move || {
                     let _ = std::io::copy(&mut up_client, &mut up_server);
                 });
-                let once = once.clone();
+                let gate = accepting.clone();
                 std::thread::spawn(move || {
                     let mut buf = vec![0u8; 64 << 10];
-                    let mut sent = 0u64;
                     loop {
                         let n = match server.read(&mut buf) {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
+                        if !gate.pass(n, pause_after) {
+                            break;
+                        }
                         if client.write_all(&buf[..n]).is_err() {
                             break;
                         }
-                        sent += n as u64;
-                        if sent >= pause_after {
-                            if let Some((paused, resume)) = once.lock().unwrap().take() {
-                                let _ = paused.send(());
-                                let _ = resume.recv_timeout(Duration::from_secs(60));
-                                break;
-                            }
+                        // The chunk that crossed the line went out; this connection now waits with the others.
+                        if gate.holding() {
+                            gate.wait_released();
+                            break;
                         }
                     }
                     let _ = client.shutdown(std::net::Shutdown::Both);
@@ -297,12 +353,13 @@ impl CutOnce {
                 });
             }
         });
-        CutOnce { port, paused, resume }
+        CutOnce { port, paused, gate }
     }
 
-    /// Lets the held connection go (it is cut).
+    /// Lets the held connections go (each is cut); connections made from now on are forwarded untouched.
     pub fn go_on(&self) {
-        let _ = self.resume.send(());
+        *self.gate.state.lock().unwrap() = GateState::Released;
+        self.gate.changed.notify_all();
     }
 }
 

@@ -318,7 +318,9 @@ impl Client {
         self.send("POST", url, None, false, &[("Content-Type", "application/x-www-form-urlencoded")], form.as_bytes())
     }
 
-    /// Sends one request to `url` (a `GET`, or a `POST` of `body`) and reads the response head.
+    /// Sends one request to `url` (a `GET`, or a `POST` of `body`) and reads the response head. A GET whose new
+    /// connection is dropped before any answer (a restarting server or balancer, a reset) is sent again, under the
+    /// same retry budget as a body cut short: it is safe to repeat.
     fn send(
         &self,
         method: &str,
@@ -328,7 +330,31 @@ impl Client {
         given: &[(&str, &str)],
         body: &[u8],
     ) -> Result<Response> {
-        let io_err = |what: &str, e: io::Error| self.io_error(what, e);
+        let mut attempt = 0;
+        loop {
+            match self.send_once(method, url, range, keep_alive, given, body) {
+                Ok(response) => return Ok(response),
+                Err(Unanswered(e)) if method == "GET" && attempt < self.options.retries => {
+                    attempt += 1;
+                    log::warn!("{}: {e} (retry {attempt} of {})", self.name, self.options.retries);
+                    self.pause(super::backoff(attempt))?;
+                }
+                Err(Unanswered(e)) => return Err(self.io_error("reading the response", e)),
+                Err(Failed(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// One attempt of `send`.
+    fn send_once(
+        &self,
+        method: &str,
+        url: &Url,
+        range: Option<(u64, Option<u64>)>,
+        keep_alive: bool,
+        given: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::result::Result<Response, SendFailure> {
         let origin = origin(url);
         let proxy = ProxyEnv::from_process().proxy_for(url);
         let reused = {
@@ -339,7 +365,7 @@ impl Client {
             }
         };
         let signed = match &self.authorizer {
-            Some(authorizer) if origin == self::origin(&self.url) => authorizer.headers(url)?,
+            Some(authorizer) if origin == self::origin(&self.url) => authorizer.headers(url).map_err(Failed)?,
             _ => Vec::new(),
         };
         // The body's length goes into the head with the method (`request_head`).
@@ -349,7 +375,7 @@ impl Client {
         let fresh = reused.is_none();
         let mut conn = match reused {
             Some(conn) => conn,
-            None => self.connect(url, proxy.as_ref())?,
+            None => self.connect(url, proxy.as_ref()).map_err(Failed)?,
         };
         let head = self.request_head(method, url, range, keep_alive, proxy.as_ref(), extra, body.len());
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -363,8 +389,9 @@ impl Client {
         match response {
             Ok((status, headers)) => Ok(Response::new(status, headers, conn, keep_alive, self.received.clone())),
             // A reused connection the server had closed meanwhile: once more on a new one.
-            Err(_) if !fresh => self.send(method, url, range, keep_alive, given, body),
-            Err(e) => Err(io_err("reading the response", e)),
+            Err(_) if !fresh => self.send_once(method, url, range, keep_alive, given, body),
+            Err(e) if dropped_before_answer(&e) => Err(Unanswered(e)),
+            Err(e) => Err(Failed(self.io_error("reading the response", e))),
         }
     }
 
@@ -571,6 +598,26 @@ impl Client {
             None => Error::io(what, e).at_path(&self.name),
         }
     }
+}
+
+/// Why one attempt to send a request failed.
+enum SendFailure {
+    /// The connection was dropped before any answer came.
+    Unanswered(io::Error),
+    /// Anything else (dialling, TLS, a timeout, a stop, a malformed answer).
+    Failed(Error),
+}
+use SendFailure::{Failed, Unanswered};
+
+/// Whether `e` says the peer went away before answering (rather than a timeout, a stop or a malformed answer).
+fn dropped_before_answer(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
 }
 
 /// Whether `e` is a socket read/write timeout.
