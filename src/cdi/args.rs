@@ -150,11 +150,6 @@ fn termination_log_arg(args: &[OsString]) -> Option<PathBuf> {
     found
 }
 
-/// Sources `boundimport cdi` imports itself.
-pub(super) fn handles_source(source: &str) -> bool {
-    matches!(source, "" | "http" | "s3" | "gcs" | "registry" | "imageio" | "none")
-}
-
 /// The klog flags among the arguments given after the `cdi` subcommand (or after the program name, when invoked
 /// as `cdi-importer`): what CDI's own importer understands, without boundimport's options.
 fn klog_args(all: &[OsString]) -> Vec<OsString> {

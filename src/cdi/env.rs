@@ -18,19 +18,146 @@ pub const EXTRA_HEADER_PREFIX: &str = "IMPORTER_EXTRA_HEADER_";
 /// Where the image comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
-    /// `IMPORTER_SOURCE=http`: the image at `IMPORTER_ENDPOINT` (an http(s) URL; a local path or `file://` URL is
-    /// accepted too).
-    Http(Location),
+    /// An image (or archive) at a [`Location`] the engine opens itself: `IMPORTER_SOURCE=http` (an http(s) URL; a
+    /// local path or `file://` URL is accepted too), `s3` (`IMPORTER_ENDPOINT` `http(s)://HOST[:PORT]/BUCKET/KEY`,
+    /// path-style) or `gcs` (`gs://BUCKET/OBJECT` or `http(s)://HOST/BUCKET/OBJECT`; the key file in
+    /// `GOOGLE_APPLICATION_CREDENTIALS`).
+    Location {
+        /// Where.
+        location: Location,
+        /// The `IMPORTER_SOURCE` it came from, as CDI names it in its messages ("Unable to connect to s3 data
+        /// source").
+        data_source: &'static str,
+    },
     /// `IMPORTER_SOURCE=registry`: the containerDisk `docker://…` or `oci-archive:…` at `IMPORTER_ENDPOINT`, with
     /// the platform from `IMPORTER_REGISTRY_IMAGE_ARCHITECTURE`.
     Registry(ImageRef),
     /// `IMPORTER_SOURCE=imageio`: an oVirt disk (or one of its snapshots) through an image transfer.
     Imageio(ImageioEnv),
-    /// `IMPORTER_SOURCE=s3` (`IMPORTER_ENDPOINT` `http(s)://HOST[:PORT]/BUCKET/KEY`, path-style) or `gcs`
-    /// (`gs://BUCKET/OBJECT` or `http(s)://HOST/BUCKET/OBJECT`; the key file in `GOOGLE_APPLICATION_CREDENTIALS`).
-    Object(ObjectRef),
     /// `IMPORTER_SOURCE=none`: a blank disk.
     Blank,
+}
+
+/// The `IMPORTER_SOURCE`s boundimport imports, each with how the pod's variables become a [`Source`]. A new source
+/// is one row here, beside its [`Location`] and opener in `source/`; the rest of the importer follows from the
+/// `Source` it makes.
+const SOURCES: &[(&str, fn(&Vars) -> Result<Source>)] = &[
+    ("http", http_source),
+    ("s3", |vars| object_source(vars, "s3", Store::S3)),
+    ("gcs", |vars| object_source(vars, "gcs", Store::Gcs)),
+    ("registry", registry_source),
+    ("imageio", imageio_source),
+    ("none", |_| Ok(Source::Blank)),
+];
+
+/// Whether `IMPORTER_SOURCE=name` is one boundimport imports (empty is CDI's API default, http).
+pub fn handles_source(name: &str) -> bool {
+    name.is_empty() || SOURCES.iter().any(|(known, _)| *known == name)
+}
+
+/// The pod's variables, as a source's row reads them.
+struct Vars<'a> {
+    all: &'a BTreeMap<String, String>,
+    content_type: ContentType,
+}
+
+impl Vars<'_> {
+    fn get(&self, name: &str) -> &str {
+        self.all.get(name).map(String::as_str).unwrap_or("")
+    }
+
+    fn non_empty(&self, name: &str) -> Option<String> {
+        Some(self.get(name)).filter(|v| !v.is_empty()).map(str::to_string)
+    }
+
+    /// `IMPORTER_ENDPOINT`, which every source but `none` needs: CDI's message when it is missing.
+    fn endpoint(&self, data_source: &str) -> Result<&str> {
+        match self.get("IMPORTER_ENDPOINT") {
+            "" => Err(Error::usage(format!(
+                "Unable to connect to {data_source} data source: endpoint \"IMPORTER_ENDPOINT\" is missing or blank"
+            ))),
+            endpoint => Ok(endpoint),
+        }
+    }
+
+    /// Refuses `IMPORTER_CONTENTTYPE=archive` for a source that only holds disk images, in CDI's words.
+    fn disk_images_only(&self, data_source: &str) -> Result<()> {
+        match self.content_type {
+            ContentType::Archive => {
+                Err(Error::usage(format!("Unsupported content type archive when importing from {data_source}")))
+            }
+            ContentType::Kubevirt => Ok(()),
+        }
+    }
+}
+
+/// The [`Source`] `IMPORTER_SOURCE` names.
+fn source_from(vars: &Vars) -> Result<Source> {
+    // The controller always sets it; CDI's API default is http.
+    let name = match vars.get("IMPORTER_SOURCE") {
+        "" => "http",
+        name => name,
+    };
+    match SOURCES.iter().find(|(known, _)| *known == name) {
+        Some((_, parse)) => parse(vars),
+        None => Err(Error::unsupported(unsupported_source(name))),
+    }
+}
+
+fn http_source(vars: &Vars) -> Result<Source> {
+    let endpoint = vars.endpoint("http")?;
+    let location = match endpoint.strip_prefix("file://") {
+        Some(path) => Location::Path(PathBuf::from(path)),
+        None => Location::parse(endpoint),
+    };
+    Ok(Source::Location { location, data_source: "http" })
+}
+
+fn object_source(vars: &Vars, data_source: &'static str, store: Store) -> Result<Source> {
+    let endpoint = vars.get("IMPORTER_ENDPOINT");
+    let parsed = match ObjectRef::parse_uri(endpoint) {
+        Some(Ok(object)) if store == Store::Gcs && object.store == Store::Gcs => Ok(object),
+        _ => ObjectRef::from_endpoint_url(store, endpoint),
+    };
+    let prefix = if store == Store::Gcs { "GCS Importer: " } else { "" };
+    let object = parsed.map_err(|e| {
+        Error::usage(format!(
+            "Unable to connect to {data_source} data source: {prefix}unable to parse endpoint {endpoint:?}: {e}"
+        ))
+    })?;
+    Ok(Source::Location { location: Location::Object(object), data_source })
+}
+
+fn registry_source(vars: &Vars) -> Result<Source> {
+    let endpoint = vars.get("IMPORTER_ENDPOINT");
+    if !ImageRef::is_image(endpoint) {
+        return Err(Error::usage(format!(
+            "Could not parse image: Invalid image name \"{endpoint}\", expected docker://… or oci-archive:…"
+        )));
+    }
+    // CDI's variable; the short name is accepted too.
+    let arch = vars.non_empty("IMPORTER_REGISTRY_IMAGE_ARCHITECTURE").or(vars.non_empty("REGISTRY_IMAGE_ARCHITECTURE"));
+    let image = ImageRef { spec: endpoint.to_string(), arch };
+    image.parse().map_err(|e| Error::usage(format!("Could not parse image: {e}")))?;
+    image.platform().map_err(|e| Error::usage(format!("Could not parse image: {e}")))?;
+    vars.disk_images_only("registry")?;
+    Ok(Source::Registry(image))
+}
+
+fn imageio_source(vars: &Vars) -> Result<Source> {
+    let endpoint = vars.endpoint("imageio")?;
+    vars.disk_images_only("imageio")?;
+    let disk_id = vars.non_empty("IMPORTER_DISK_ID").ok_or_else(|| {
+        Error::usage("Unable to connect to imageio data source: IMPORTER_DISK_ID is missing or blank")
+    })?;
+    Ok(Source::Imageio(ImageioEnv {
+        endpoint: endpoint.to_string(),
+        user: vars.get("IMPORTER_ACCESS_KEY_ID").to_string(),
+        password: vars.get("IMPORTER_SECRET_KEY").to_string(),
+        disk_id,
+        current_checkpoint: vars.non_empty("IMPORTER_CURRENT_CHECKPOINT"),
+        previous_checkpoint: vars.non_empty("IMPORTER_PREVIOUS_CHECKPOINT"),
+    }))
 }
 
 /// What an `imageio` import takes from the environment.
@@ -120,7 +247,12 @@ pub fn parse_header(text: &str) -> Option<(String, String)> {
 
 /// The unsupported-source message: CDI's wording, and what boundimport does support.
 pub fn unsupported_source(source: &str) -> String {
-    format!("Unknown data source: {source} (unsupported source: boundimport cdi imports from http, s3, gcs, registry, imageio and none)")
+    let names: Vec<&str> = SOURCES.iter().map(|(name, _)| *name).collect();
+    let (last, rest) = names.split_last().expect("sources are listed");
+    format!(
+        "Unknown data source: {source} (unsupported source: boundimport cdi imports from {} and {last})",
+        rest.join(", ")
+    )
 }
 
 impl CdiEnv {
@@ -149,78 +281,7 @@ impl CdiEnv {
             other => return Err(Error::usage(format!("Unknown content type: {other} (expected kubevirt or archive)"))),
         };
 
-        let source = match get("IMPORTER_SOURCE") {
-            // The controller always sets it; CDI's API default is http.
-            "" | "http" => {
-                let endpoint = get("IMPORTER_ENDPOINT");
-                if endpoint.is_empty() {
-                    return Err(Error::usage(
-                        "Unable to connect to http data source: endpoint \"IMPORTER_ENDPOINT\" is missing or blank",
-                    ));
-                }
-                let location = match endpoint.strip_prefix("file://") {
-                    Some(path) => Location::Path(PathBuf::from(path)),
-                    None => Location::parse(endpoint),
-                };
-                Source::Http(location)
-            }
-            "registry" => {
-                let endpoint = get("IMPORTER_ENDPOINT");
-                if !ImageRef::is_image(endpoint) {
-                    return Err(Error::usage(format!(
-                        "Could not parse image: Invalid image name \"{endpoint}\", expected docker://… or oci-archive:…"
-                    )));
-                }
-                // CDI's variable; the short name is accepted too.
-                let arch =
-                    non_empty("IMPORTER_REGISTRY_IMAGE_ARCHITECTURE").or(non_empty("REGISTRY_IMAGE_ARCHITECTURE"));
-                let image = ImageRef { spec: endpoint.to_string(), arch };
-                image.parse().map_err(|e| Error::usage(format!("Could not parse image: {e}")))?;
-                image.platform().map_err(|e| Error::usage(format!("Could not parse image: {e}")))?;
-                if content_type == ContentType::Archive {
-                    return Err(Error::usage("Unsupported content type archive when importing from registry"));
-                }
-                Source::Registry(image)
-            }
-            "imageio" => {
-                let endpoint = get("IMPORTER_ENDPOINT");
-                if endpoint.is_empty() {
-                    return Err(Error::usage(
-                        "Unable to connect to imageio data source: endpoint \"IMPORTER_ENDPOINT\" is missing or blank",
-                    ));
-                }
-                if content_type == ContentType::Archive {
-                    return Err(Error::usage("Unsupported content type archive when importing from imageio"));
-                }
-                let disk_id = non_empty("IMPORTER_DISK_ID").ok_or_else(|| {
-                    Error::usage("Unable to connect to imageio data source: IMPORTER_DISK_ID is missing or blank")
-                })?;
-                Source::Imageio(ImageioEnv {
-                    endpoint: endpoint.to_string(),
-                    user: get("IMPORTER_ACCESS_KEY_ID").to_string(),
-                    password: get("IMPORTER_SECRET_KEY").to_string(),
-                    disk_id,
-                    current_checkpoint: non_empty("IMPORTER_CURRENT_CHECKPOINT"),
-                    previous_checkpoint: non_empty("IMPORTER_PREVIOUS_CHECKPOINT"),
-                })
-            }
-            name @ ("s3" | "gcs") => {
-                let endpoint = get("IMPORTER_ENDPOINT");
-                let parsed = match (name, ObjectRef::parse_uri(endpoint)) {
-                    ("gcs", Some(Ok(object))) if object.store == Store::Gcs => Ok(object),
-                    ("gcs", _) => ObjectRef::from_endpoint_url(Store::Gcs, endpoint),
-                    _ => ObjectRef::from_endpoint_url(Store::S3, endpoint),
-                };
-                let prefix = if name == "s3" { "" } else { "GCS Importer: " };
-                Source::Object(parsed.map_err(|e| {
-                    Error::usage(format!(
-                        "Unable to connect to {name} data source: {prefix}unable to parse endpoint {endpoint:?}: {e}"
-                    ))
-                })?)
-            }
-            "none" => Source::Blank,
-            other => return Err(Error::unsupported(unsupported_source(other))),
-        };
+        let source = source_from(&Vars { all: &vars, content_type })?;
         if source == Source::Blank && content_type == ContentType::Archive {
             return Err(Error::usage("Cannot create empty disk with content type archive"));
         }
@@ -352,7 +413,10 @@ mod tests {
             ("IMPORTER_EXTRA_HEADER_10", "X-Tenth: c"),
         ])
         .unwrap();
-        assert_eq!(e.source, Source::Http(Location::Url("https://h/disk.qcow2".into())));
+        assert_eq!(
+            e.source,
+            Source::Location { location: Location::Url("https://h/disk.qcow2".into()), data_source: "http" }
+        );
         assert_eq!(e.content_type, ContentType::Kubevirt);
         assert_eq!(e.image_size, Some(10 << 30));
         assert_eq!(e.filesystem_overhead, 0.055);
@@ -370,13 +434,24 @@ mod tests {
     #[test]
     fn object_sources_take_cdi_endpoints() {
         let s3 = env(&[("IMPORTER_SOURCE", "s3"), ("IMPORTER_ENDPOINT", "http://minio:9000/bkt/dir/a%20b.img")]);
-        let Source::Object(object) = s3.unwrap().source else { panic!("not an object") };
+        let Source::Location { location: Location::Object(object), data_source: "s3" } = s3.unwrap().source else {
+            panic!("not an s3 object")
+        };
         assert_eq!((object.store, object.bucket.as_str(), object.key.as_str()), (Store::S3, "bkt", "dir/a b.img"));
         assert_eq!(object.endpoint.as_deref(), Some("http://minio:9000"));
         let gs = env(&[("IMPORTER_SOURCE", "gcs"), ("IMPORTER_ENDPOINT", "gs://b/o/x.qcow2")]).unwrap();
-        assert!(matches!(gs.source, Source::Object(ObjectRef { store: Store::Gcs, endpoint: None, .. })));
+        assert!(matches!(
+            gs.source,
+            Source::Location {
+                location: Location::Object(ObjectRef { store: Store::Gcs, endpoint: None, .. }),
+                data_source: "gcs"
+            }
+        ));
         let custom = env(&[("IMPORTER_SOURCE", "gcs"), ("IMPORTER_ENDPOINT", "https://gcs.local/b/o")]).unwrap();
-        assert!(matches!(custom.source, Source::Object(ObjectRef { store: Store::Gcs, endpoint: Some(_), .. })));
+        assert!(matches!(
+            custom.source,
+            Source::Location { location: Location::Object(ObjectRef { store: Store::Gcs, endpoint: Some(_), .. }), .. }
+        ));
         let bad = env(&[("IMPORTER_SOURCE", "s3"), ("IMPORTER_ENDPOINT", "http://minio:9000/bucket-only")]);
         let err = bad.unwrap_err().to_string();
         assert!(err.starts_with("Unable to connect to s3 data source: unable to parse endpoint"), "{err}");
@@ -430,7 +505,10 @@ mod tests {
         assert_eq!(env(&[("IMPORTER_SOURCE", "none")]).unwrap().source, Source::Blank);
         assert!(env(&[("IMPORTER_ENDPOINT", "")]).is_err());
         let local = env(&[("IMPORTER_ENDPOINT", "file:///images/a.qcow2")]).unwrap();
-        assert_eq!(local.source, Source::Http(Location::Path("/images/a.qcow2".into())));
+        assert_eq!(
+            local.source,
+            Source::Location { location: Location::Path("/images/a.qcow2".into()), data_source: "http" }
+        );
     }
 
     #[test]

@@ -57,7 +57,7 @@ impl Context<'_> {
         let done = AtomicBool::new(false);
         let finish = std::thread::scope(|scope| {
             scope.spawn(|| self.keep_alive(&engine, &transfer.id, &urls, &http, &done));
-            let finish = self.import_image(env, volume, Location::Imageio(urls.clone()));
+            let finish = self.import_image(env, volume, Location::Imageio(urls.clone()), None);
             done.store(true, Ordering::SeqCst);
             finish
         });

@@ -29,8 +29,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use termination::TerminationMessage;
 
-use args::{exec_fallback, handles_source};
+use args::exec_fallback;
 pub use args::{normalize_args, report_usage_error, CdiArgs, KlogFlags};
+use env::handles_source;
 
 /// How long to wait for `IMPORTER_READY_FILE` (CDI: 60 s).
 const READY_FILE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -173,18 +174,11 @@ impl Context<'_> {
             Source::Blank => self.blank(&env, &volume),
             Source::Registry(image) => self.import_registry(&env, &volume, image),
             Source::Imageio(source) => self.import_imageio(&env, &volume, source),
-            Source::Object(object) => {
-                let location = Location::Object(object.clone());
-                match env.content_type {
-                    ContentType::Kubevirt => self.import_image(&env, &volume, location),
-                    ContentType::Archive => self.import_archive(&env, &volume, location),
-                }
-            }
-            Source::Http(location) => match self.wait_for_ready_file(&env, location) {
+            Source::Location { location, data_source } => match self.wait_for_ready_file(&env, location) {
                 Err(message) => Finish::Failure(message),
                 Ok(location) => {
                     let finish = match env.content_type {
-                        ContentType::Kubevirt => self.import_image(&env, &volume, location.clone()),
+                        ContentType::Kubevirt => self.import_image(&env, &volume, location.clone(), Some(data_source)),
                         ContentType::Archive => self.import_archive(&env, &volume, location.clone()),
                     };
                     let finish = match (&finish, env.node_pull) {
@@ -259,8 +253,10 @@ impl Context<'_> {
         Ok(Location::parse(&format!("{base}{name}")))
     }
 
-    /// `IMPORTER_CONTENTTYPE=kubevirt`: the image converted to raw onto the volume.
-    fn import_image(&self, env: &CdiEnv, volume: &Volume, location: Location) -> Finish {
+    /// `IMPORTER_CONTENTTYPE=kubevirt`: the image converted to raw onto the volume. `opened_as` is the
+    /// `IMPORTER_SOURCE` CDI names when the source refuses to open (its data source's constructor fails); `None`
+    /// where the caller opened the source's session itself (registry, imageio).
+    fn import_image(&self, env: &CdiEnv, volume: &Volume, location: Location, opened_as: Option<&str>) -> Finish {
         let image = volume.image_path();
         let kept = match volume {
             Volume::Filesystem(_) => match import::resume::keep_resumable_or_remove_stale(&image) {
@@ -306,18 +302,18 @@ impl Context<'_> {
                 log::info!("{e}");
                 return self.scratch_required(volume);
             }
-            // An object store's refusal (no such key, a bad signature) comes from the probe, before any offset: CDI
-            // reports it as failing to connect.
-            Err(e) if matches!(&plan.source, Location::Object(o) if e.offset().is_none() && e.path() == Some(Path::new(&o.to_string()))) =>
+            // CDI's http source words its own failures (`termination::import_failure`). Another source refused
+            // while being opened (no such key, a bad signature: before any offset, naming the source) is CDI's
+            // "Unable to connect to <source> data source"; failing part-way (an object, an imageio daemon that died)
+            // only failed to process.
+            Err(e)
+                if opened_as.is_some_and(|name| name != "http")
+                    && e.offset().is_none()
+                    && e.path() == Some(Path::new(&plan.source.to_string())) =>
             {
-                let store = match &plan.source {
-                    Location::Object(o) if o.store == crate::source::object::Store::S3 => "s3",
-                    _ => "gcs",
-                };
-                return Finish::Failure(format!("Unable to connect to {store} data source: {e}"));
+                let name = opened_as.unwrap_or_default();
+                return Finish::Failure(format!("Unable to connect to {name} data source: {e}"));
             }
-            // CDI's "http data source" words are an http source's; another source's transfer failing part-way (an
-            // object, an imageio daemon that died) only failed to process.
             Err(e) if e.kind() == ErrorKind::Io && !matches!(plan.source, Location::Url(_)) => {
                 return Finish::Failure(format!("Unable to process data: {e}"))
             }

@@ -29,7 +29,7 @@ impl Context<'_> {
             inspected.pinned,
             inspected.labels.len()
         );
-        match self.import_image(env, volume, Location::Registry(inspected.pinned)) {
+        match self.import_image(env, volume, Location::Registry(inspected.pinned), None) {
             // A layer that fails its digest is a failed pull (CDI retries it), not IMPORTER_CHECKSUM's final
             // verdict; the image file is already removed.
             Finish::ChecksumMismatch(text) => Finish::Failure(text),
