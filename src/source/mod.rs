@@ -23,6 +23,7 @@ use std::fmt;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Where an image comes from.
@@ -54,6 +55,24 @@ impl Location {
         } else {
             Location::Path(PathBuf::from(text))
         }
+    }
+}
+
+impl Location {
+    /// Opens the source, as its own module does: the one place a source kind is dispatched (`open::open` then
+    /// reads compressed random-access bytes as a stream).
+    fn reach(&self, options: &HttpOptions) -> Result<open::Opened> {
+        use open::Opened;
+        Ok(match self {
+            Location::Path(path) => Opened::random(Arc::new(FileSource::open(path)?), Some(path.clone()), None),
+            Location::Url(url) => http::open(url, options)?.into(),
+            Location::Registry(image) => registry::open(image, options)?.into(),
+            Location::Imageio(urls) => {
+                let (client, source) = imageio::open(urls, options)?;
+                Opened::random(source, None, Some(client))
+            }
+            Location::Object(object) => object::open(object, options)?.into(),
+        })
     }
 }
 

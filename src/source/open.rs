@@ -2,9 +2,9 @@
 //! a forward-only stream otherwise (an HTTP server without Range, or any compressed wrapper).
 
 use super::decompress::{sniff, SNIFF_LEN};
-use super::http::{self, Client, Remote};
+use super::http::{Client, Remote};
 use super::sequential::ReadAtReader;
-use super::{FileSource, HttpOptions, Location, ReadAt};
+use super::{HttpOptions, Location, ReadAt};
 use crate::error::Result;
 use std::io::Read;
 use std::path::PathBuf;
@@ -39,45 +39,39 @@ pub struct Opened {
     pub client: Option<Arc<Client>>,
 }
 
-/// Opens a URL, or an object through the HTTP source with signed requests.
-fn open_remote(location: &Location, options: &HttpOptions) -> Result<(Arc<Client>, Remote)> {
-    match location {
-        Location::Object(object) => super::object::open(object, options),
-        Location::Url(url) => http::open(url, options),
-        _ => unreachable!("only URLs and objects are remote"),
+impl Opened {
+    /// A random-access source.
+    pub(crate) fn random(source: Arc<dyn ReadAt>, local_path: Option<PathBuf>, client: Option<Arc<Client>>) -> Self {
+        Opened { input: Input::Random { source, local_path }, client }
+    }
+}
+
+impl From<(Arc<Client>, Remote)> for Opened {
+    /// A URL (or an object read through the HTTP source) as the server lets it be read.
+    fn from((client, remote): (Arc<Client>, Remote)) -> Self {
+        match remote {
+            Remote::Random(source) => Opened::random(source, None, Some(client)),
+            Remote::Stream(stream) => {
+                let (len, identity) = (stream.total(), stream.identity());
+                Opened { input: Input::Stream { reader: stream, len, identity }, client: Some(client) }
+            }
+        }
     }
 }
 
 /// Opens `location`; a random-access source whose first bytes are a compression magic becomes a stream.
 pub fn open(location: &Location, options: &HttpOptions) -> Result<Opened> {
-    let (source, local_path, client): (Arc<dyn ReadAt>, _, _) = match location {
-        Location::Path(path) => (Arc::new(FileSource::open(path)?), Some(path.clone()), None),
-        Location::Registry(image) => {
-            let disk = super::registry::open(image, options)?;
-            return Ok(Opened {
-                input: Input::Stream { reader: disk.reader, len: Some(disk.len), identity: Some(disk.identity) },
-                client: disk.client,
-            });
-        }
-        Location::Imageio(urls) => {
-            let (client, source) = super::imageio::open(urls, options)?;
-            (source, None, Some(client))
-        }
-        Location::Url(_) | Location::Object(_) => match open_remote(location, options)? {
-            (client, Remote::Random(source)) => (source, None, Some(client)),
-            (client, Remote::Stream(stream)) => {
-                let (len, identity) = (stream.total(), stream.identity());
-                return Ok(Opened { input: Input::Stream { reader: stream, len, identity }, client: Some(client) });
-            }
-        },
+    let opened = location.reach(options)?;
+    let Input::Random { source, .. } = &opened.input else {
+        return Ok(opened);
     };
     let mut head = [0u8; SNIFF_LEN];
     let got = source.read_at(0, &mut head)?;
     if let Some(kind) = sniff(&head[..got]) {
         log::debug!("{}: {kind}-compressed; reading it as a stream", source.name());
         let (len, identity) = (Some(source.len()), source.identity());
-        let reader = Box::new(ReadAtReader::new(source));
-        return Ok(Opened { input: Input::Stream { reader, len, identity }, client });
+        let reader = Box::new(ReadAtReader::new(source.clone()));
+        return Ok(Opened { input: Input::Stream { reader, len, identity }, client: opened.client });
     }
-    Ok(Opened { input: Input::Random { source, local_path }, client })
+    Ok(opened)
 }

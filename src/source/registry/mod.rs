@@ -417,6 +417,17 @@ pub struct OpenedDisk {
     pub client: Option<Arc<crate::source::http::Client>>,
 }
 
+impl From<OpenedDisk> for crate::source::open::Opened {
+    fn from(disk: OpenedDisk) -> Self {
+        let input = crate::source::open::Input::Stream {
+            reader: disk.reader,
+            len: Some(disk.len),
+            identity: Some(disk.identity),
+        };
+        crate::source::open::Opened { input, client: disk.client }
+    }
+}
+
 /// Opens the disk file of `image` as a forward-only stream.
 pub fn open(image: &ImageRef, options: &HttpOptions) -> Result<OpenedDisk> {
     let (_, store, client) = store_for(image, options)?;
