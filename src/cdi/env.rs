@@ -41,7 +41,7 @@ pub enum Source {
 /// The `IMPORTER_SOURCE`s boundimport imports, each with how the pod's variables become a [`Source`]. A new source
 /// is one row here, beside its [`Location`] and opener in `source/`; the rest of the importer follows from the
 /// `Source` it makes.
-const SOURCES: &[(&str, fn(&Vars) -> Result<Source>)] = &[
+const SOURCES: &[(&str, ParseSource)] = &[
     ("http", http_source),
     ("s3", |vars| object_source(vars, "s3", Store::S3)),
     ("gcs", |vars| object_source(vars, "gcs", Store::Gcs)),
@@ -49,6 +49,9 @@ const SOURCES: &[(&str, fn(&Vars) -> Result<Source>)] = &[
     ("imageio", imageio_source),
     ("none", |_| Ok(Source::Blank)),
 ];
+
+/// How a source's row turns the pod's variables into a [`Source`] (CDI's message when they are wrong).
+type ParseSource = fn(&Vars) -> Result<Source>;
 
 /// Whether `IMPORTER_SOURCE=name` is one boundimport imports (empty is CDI's API default, http).
 pub fn handles_source(name: &str) -> bool {
