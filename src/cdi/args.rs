@@ -44,14 +44,16 @@ impl KlogFlags {
     }
 }
 
-/// Options of `boundimport cdi`. Everything else comes from the environment CDI's controller sets.
+/// What both of CDI's pods (the importer and the upload server) are told on their command line: logging, their
+/// volume, scratch, and where the result goes.
 #[derive(Debug, Clone, clap::Args)]
-pub struct CdiArgs {
+pub struct PodArgs {
     /// The klog flags CDI's controller passes.
     #[command(flatten)]
     pub klog: KlogFlags,
 
-    /// Data directory of a filesystem volume (the image goes to DATA_DIR/disk.img).
+    /// Data directory of a filesystem volume: the image goes to DATA_DIR/disk.img, archives (and an upload's
+    /// filesystem clone) are extracted here.
     #[arg(long, value_name = "DIR", default_value = "/data")]
     pub data_dir: PathBuf,
 
@@ -63,13 +65,22 @@ pub struct CdiArgs {
     #[arg(long, value_name = "PATH", default_value = DEFAULT_TERMINATION_LOG)]
     pub termination_log: PathBuf,
 
+    /// Scratch volume for streams that must be spooled (a qcow2 with more data before its tables than the memory
+    /// spool holds, a vmdk a forward walk cannot follow); used when it exists.
+    #[arg(long, value_name = "DIR", default_value = "/scratch")]
+    pub scratch_dir: PathBuf,
+}
+
+/// Options of `boundimport cdi`. Everything else comes from the environment CDI's controller sets.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CdiArgs {
+    /// What both pods take.
+    #[command(flatten)]
+    pub pod: PodArgs,
+
     /// Listen address of the HTTPS progress endpoint (`:PORT` means every interface).
     #[arg(long, value_name = "[HOST]:PORT", default_value = ":8443")]
     pub metrics_addr: String,
-
-    /// Scratch volume for sources that can only be read as a stream and need spooling (used when it exists).
-    #[arg(long, value_name = "DIR", default_value = "/scratch")]
-    pub scratch_dir: PathBuf,
 
     /// Directory of the cluster proxy's CA certificates (read when it exists).
     #[arg(long, value_name = "DIR", default_value = "/proxycerts/")]

@@ -30,7 +30,7 @@ use std::time::Duration;
 use termination::TerminationMessage;
 
 use args::exec_fallback;
-pub use args::{normalize_args, report_usage_error, CdiArgs, KlogFlags};
+pub use args::{normalize_args, report_usage_error, CdiArgs, PodArgs};
 use env::handles_source;
 
 /// How long to wait for `IMPORTER_READY_FILE` (CDI: 60 s).
@@ -64,14 +64,14 @@ impl Finish {
 
 /// Runs the importer; returns the process exit code.
 pub fn main(args: CdiArgs) -> i32 {
-    args.klog.init_logging();
+    args.pod.klog.init_logging();
     if let Some(fallback) = &args.fallback {
         let source = std::env::var("IMPORTER_SOURCE").unwrap_or_default();
         if !handles_source(&source) {
             let err = exec_fallback(fallback);
             let message = format!("cannot run the fallback importer {}: {err}", fallback.display());
             log::error!("{message}");
-            let _ = termination::write_plain(&args.termination_log, &message);
+            let _ = termination::write_plain(&args.pod.termination_log, &message);
             return 1;
         }
     }
@@ -105,7 +105,7 @@ pub fn main(args: CdiArgs) -> i32 {
 
 /// Writes the termination log for `finish` and picks the exit code.
 fn report(args: &CdiArgs, finish: Finish) -> i32 {
-    let path = &args.termination_log;
+    let path = &args.pod.termination_log;
     let (written, code) = match finish {
         Finish::Success(message) => {
             log::info!("{}", message.to_json());
@@ -162,7 +162,7 @@ impl Context<'_> {
         if !env.cache_mode.is_empty() {
             log::info!("CACHE_MODE={}: accepted; boundimport bounds its page cache in every mode", env.cache_mode);
         }
-        let volume = match Volume::detect(&self.args.block_path, &self.args.data_dir) {
+        let volume = match Volume::detect(&self.args.pod.block_path, &self.args.pod.data_dir) {
             Ok(volume) => volume,
             Err(e) => return Finish::Failure(e.to_string()),
         };
@@ -276,7 +276,7 @@ impl Context<'_> {
         };
         let plan = Plan {
             http,
-            scratch: self.args.scratch_dir.is_dir().then(|| self.args.scratch_dir.clone()),
+            scratch: self.args.pod.scratch_dir.is_dir().then(|| self.args.pod.scratch_dir.clone()),
             checksum: env.checksum.clone(),
             output_digest: false,
             file_mode: dest::FILE_MODE,
@@ -335,7 +335,7 @@ impl Context<'_> {
     /// Ends an import that found it needs a scratch volume: whatever it wrote is removed (a device's ends are
     /// zeroed, so a partial image never looks like a disk) and the controller is asked for scratch space.
     fn scratch_required(&self, volume: &Volume) -> Finish {
-        log::info!("{} does not exist: asking the controller for scratch space", self.args.scratch_dir.display());
+        log::info!("{} does not exist: asking the controller for scratch space", self.args.pod.scratch_dir.display());
         let cleared = match volume {
             Volume::Filesystem(_) => dest::remove_stale(&volume.image_path()),
             Volume::Block(device) => dest::scrub_device(device),

@@ -15,7 +15,7 @@ pub mod server;
 pub mod tls;
 
 use crate::cdi::termination::{self, TerminationMessage};
-use crate::cdi::KlogFlags;
+use crate::cdi::PodArgs;
 use crate::sink::volume::{self as dest, Volume};
 use env::UploadEnv;
 use process::Job;
@@ -27,27 +27,9 @@ use std::time::Duration;
 /// Options of `boundimport upload-server`. Everything else comes from the environment CDI's controller sets.
 #[derive(Debug, Clone, clap::Args)]
 pub struct UploadArgs {
-    /// The klog flags CDI's controller passes.
+    /// What both pods take.
     #[command(flatten)]
-    pub klog: KlogFlags,
-
-    /// Data directory of a filesystem volume: `DESTINATION=/data/disk.img` (the default) means
-    /// DATA_DIR/disk.img, and archives and filesystem clones are extracted here.
-    #[arg(long, value_name = "DIR", default_value = "/data")]
-    pub data_dir: PathBuf,
-
-    /// Device node of a block volume: `DESTINATION=/dev/cdi-block-volume` means this path.
-    #[arg(long, value_name = "PATH", default_value = "/dev/cdi-block-volume")]
-    pub block_path: PathBuf,
-
-    /// Where the result is written for the controller.
-    #[arg(long, value_name = "PATH", default_value = "/dev/termination-log")]
-    pub termination_log: PathBuf,
-
-    /// Scratch volume for streams that must be spooled (a qcow2 with more data before its tables than the memory
-    /// spool holds, a vmdk a forward walk cannot follow); used when it exists.
-    #[arg(long, value_name = "DIR", default_value = "/scratch")]
-    pub scratch_dir: PathBuf,
+    pub pod: PodArgs,
 
     /// Keep answering (409 to uploads) this many seconds after an upload completed (default: exit at once).
     #[arg(long, value_name = "SECONDS", default_value_t = 0.0)]
@@ -60,27 +42,27 @@ pub struct UploadArgs {
 
 /// Runs the upload server; returns the process exit code.
 pub fn main(args: UploadArgs) -> i32 {
-    args.klog.init_logging();
+    args.pod.klog.init_logging();
     match run(&args) {
         Ok(Ended::Done(done)) => {
             log::info!("UploadServer successfully exited");
             report_json(
-                &args.termination_log,
+                &args.pod.termination_log,
                 &TerminationMessage::upload_complete(done.clone, done.preallocation_applied),
             )
         }
-        Ok(Ended::DeadlinePassed) => report_json(&args.termination_log, &TerminationMessage::deadline_passed()),
+        Ok(Ended::DeadlinePassed) => report_json(&args.pod.termination_log, &TerminationMessage::deadline_passed()),
         Ok(Ended::Stopped) => {
             let signal = crate::process::exit_code(&crate::error::Error::interrupted(Path::new("upload"), 0));
-            fail(&args.termination_log, "UploadServer failed: stopped by a signal before an upload completed");
+            fail(&args.pod.termination_log, "UploadServer failed: stopped by a signal before an upload completed");
             if signal > 128 {
                 signal
             } else {
                 1
             }
         }
-        Ok(Ended::Failed(message)) => fail(&args.termination_log, &format!("UploadServer failed: {message}")),
-        Err(message) => fail(&args.termination_log, &format!("UploadServer failed: {message}")),
+        Ok(Ended::Failed(message)) => fail(&args.pod.termination_log, &format!("UploadServer failed: {message}")),
+        Err(message) => fail(&args.pod.termination_log, &format!("UploadServer failed: {message}")),
     }
 }
 
@@ -106,12 +88,12 @@ fn fail(path: &Path, message: &str) -> i32 {
 /// Where uploads go: `DESTINATION` mapped onto the path options.
 fn destination(args: &UploadArgs, configured: Option<&Path>) -> (Volume, PathBuf) {
     match configured {
-        None => (Volume::Filesystem(args.data_dir.clone()), args.data_dir.join(dest::DISK_IMAGE_NAME)),
+        None => (Volume::Filesystem(args.pod.data_dir.clone()), args.pod.data_dir.join(dest::DISK_IMAGE_NAME)),
         Some(path) if path == Path::new(env::WRITE_FILE_PATH) => {
-            (Volume::Filesystem(args.data_dir.clone()), args.data_dir.join(dest::DISK_IMAGE_NAME))
+            (Volume::Filesystem(args.pod.data_dir.clone()), args.pod.data_dir.join(dest::DISK_IMAGE_NAME))
         }
         Some(path) if path == Path::new(env::WRITE_BLOCK_PATH) => {
-            (Volume::Block(args.block_path.clone()), args.block_path.clone())
+            (Volume::Block(args.pod.block_path.clone()), args.pod.block_path.clone())
         }
         Some(path) if dest::is_block_device(path) => (Volume::Block(path.to_path_buf()), path.to_path_buf()),
         Some(path) => {
@@ -149,8 +131,8 @@ fn run(args: &UploadArgs) -> Result<Ended, String> {
     let job = Job {
         volume,
         image,
-        data_dir: args.data_dir.clone(),
-        scratch: args.scratch_dir.is_dir().then(|| args.scratch_dir.clone()),
+        data_dir: args.pod.data_dir.clone(),
+        scratch: args.pod.scratch_dir.is_dir().then(|| args.pod.scratch_dir.clone()),
         image_size: env.image_size,
         filesystem_overhead: env.filesystem_overhead,
         preallocation: env.preallocation,
