@@ -12,7 +12,7 @@ use common::privileged::require_privileged;
 use common::{boundimport, qemu_reference, scratch_dir, sha256_prefix, write_raw, Fill, Workbench, MIB};
 use ovirt::{Backend, DiskSpec, Options, Ovirt, PASSWORD, USER};
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// What CDI writes after a successful import without preallocation.
@@ -398,20 +398,170 @@ fn a_first_warm_stage_copies_the_checkpoints_snapshot() {
     assert_eq!(ovirt.transfers().len(), 1, "no transfer for an unknown checkpoint");
 }
 
+/// A VM disk through a warm migration, as oVirt keeps it: volume `s1` (raw, the disk until the first snapshot),
+/// `s2` (qcow2 over `s1`, what the VM wrote until the second snapshot) and the active volume `d-active` (qcow2 over
+/// `s2`, what it wrote until it was shut down). Snapshot ids are volume ids, and backing files name them.
+struct WarmDisk {
+    bench: Workbench,
+    s1: PathBuf,
+    s2: PathBuf,
+    active: PathBuf,
+}
+
+impl WarmDisk {
+    fn new(label: &str) -> WarmDisk {
+        let bench = Workbench::new(label);
+        let s1 = sparse_raw(&bench, "s1", 64 * MIB, &SCATTERED).0;
+        let (s2, active) = (bench.path("s2"), bench.path("d-active"));
+        let (s1s, s2s, actives) = (s1.to_str().unwrap(), s2.to_str().unwrap(), active.to_str().unwrap());
+        bench.qemu_img(&["create", "-f", "qcow2", "-F", "raw", "-b", s1s, s2s]);
+        // Inside s1's data, over a hole, a zeroed range that held data (a zero cluster must overwrite), the tail.
+        let stage2 = ["write -P 0x21 512k 256k", "write -P 0x22 30M 2M", "write -z 40M 1M", "write -P 0x23 63M 64k"];
+        bench.qemu_io(s2s, &stage2);
+        bench.qemu_img(&["create", "-f", "qcow2", "-F", "qcow2", "-b", s2s, actives]);
+        // Over s2's data, one 4 KiB write (its whole 64 KiB cluster is allocated), a zeroed part of s2's data.
+        bench.qemu_io(actives, &["write -P 0x31 8M 1M", "write -P 0x32 100k 4k", "write -z 30M 512k"]);
+        WarmDisk { bench, s1, s2, active }
+    }
+
+    fn spec(&self) -> DiskSpec {
+        DiskSpec {
+            id: "d".into(),
+            raw: Backend::Nbd(self.active.clone(), "qcow2"),
+            snapshots: vec![
+                ("s1".into(), Backend::Nbd(self.s1.clone(), "raw")),
+                ("s2".into(), Backend::Nbd(self.s2.clone(), "qcow2")),
+            ],
+        }
+    }
+
+    /// `qemu-img convert -O raw` of the disk as `volume` (and its backing chain) holds it.
+    fn reference(&self, volume: &Path) -> (String, u64) {
+        qemu_reference(volume, &self.bench.path(""))
+    }
+}
+
+/// Bytes a qcow2 holds itself (its own data and zero clusters, not its backing's), and of them its data, from
+/// `qemu-img map`.
+fn allocated_in_top(image: &Path) -> (u64, u64) {
+    let out = Command::new("qemu-img").args(["map", "--output=json"]).arg(image).output().unwrap();
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut own = (0, 0);
+    for entry in map.as_array().unwrap().iter().filter(|e| e["depth"] == 0) {
+        let len = entry["length"].as_u64().unwrap();
+        own.0 += len;
+        if entry["data"] == true {
+            own.1 += len;
+        }
+    }
+    own
+}
+
+/// Bytes written to a loop device so far (sectors written in /sys/block/loopN/stat; zeroing counts too).
+fn device_written(device: &Path) -> u64 {
+    let name = device.file_name().unwrap().to_str().unwrap();
+    let stat = fs::read_to_string(format!("/sys/block/{name}/stat")).unwrap();
+    stat.split_whitespace().nth(6).unwrap().parse::<u64>().unwrap() * 512
+}
+
+/// A stage of a warm migration: the checkpoints set (or the previous one cleared).
+fn stage(pod: &mut Pod, current: &str, previous: Option<&str>) -> Ended {
+    pod.set("IMPORTER_CURRENT_CHECKPOINT", current);
+    match previous {
+        Some(previous) => pod.set("IMPORTER_PREVIOUS_CHECKPOINT", previous),
+        None => pod.set("IMPORTER_PREVIOUS_CHECKPOINT", ""),
+    };
+    pod.run()
+}
+
+/// The bytes the tool says one delta stage wrote, from its log line.
+fn delta_written(ended: &Ended) -> u64 {
+    let line = ended.stderr.lines().find(|l| l.contains("applied a qcow2 delta")).unwrap_or_else(|| {
+        panic!("no delta line in:\n{}", ended.stderr);
+    });
+    let written = line.split(": ").last().unwrap().split(" bytes written").next().unwrap();
+    written.parse().unwrap()
+}
+
+/// Full copy of `s1`, delta `s2` over it, final delta of the active volume over that: after each stage the volume
+/// is `qemu-img convert` of the disk at that checkpoint, and each delta wrote only what its volume holds. Then a
+/// delta whose backing is not the previous checkpoint is refused with CDI's message, the volume untouched.
+fn three_stage_warm_migration(label: &str, device: Option<&Path>) {
+    let disk = WarmDisk::new(label);
+    let ovirt = Ovirt::start(vec![disk.spec()], Options::default());
+    let mut pod = Pod::new(label, &ovirt, "d");
+    pod.block = device.map(Path::to_path_buf);
+    let volume = device.map_or_else(|| pod.image(), Path::to_path_buf);
+    let written = || device.map(device_written);
+
+    ended_complete(&stage(&mut pod, "s1", None));
+    let (digest, len) = disk.reference(&disk.s1);
+    assert_eq!(sha256_prefix(&volume, len), digest, "stage 1: the volume holds s1");
+
+    let stages = [("s2", "s1", &disk.s2), ("d-active", "s2", &disk.active)];
+    for (n, (current, previous, image)) in stages.into_iter().enumerate() {
+        let before = written();
+        let ended = stage(&mut pod, current, Some(previous));
+        ended_complete(&ended);
+        let (digest, len) = disk.reference(image);
+        assert_eq!(sha256_prefix(&volume, len), digest, "stage {}: the volume holds {current}", n + 2);
+        let (own, own_data) = allocated_in_top(image);
+        let by_tool = delta_written(&ended);
+        assert!(by_tool <= own_data && by_tool > 0, "stage {}: wrote {by_tool} of {own_data} data", n + 2);
+        if let (Some(before), Some(after)) = (before, written()) {
+            let to_device = after - before;
+            eprintln!("stage {}: {to_device} bytes to the device; {own} held by {current} ({own_data} data)", n + 2);
+            assert!(to_device >= by_tool && to_device <= own, "stage {}: {to_device} bytes for {own}", n + 2);
+        }
+    }
+    let transfers = ovirt.transfers();
+    let formats: Vec<&str> = transfers.iter().map(|t| t["format"].as_str().unwrap()).collect();
+    let subjects: Vec<&str> = transfers.iter().map(|t| t["subject"].as_str().unwrap()).collect();
+    assert_eq!((formats, subjects), (vec!["raw", "cow", "cow"], vec!["s1", "s2", "d"]));
+    assert_eq!(phases(&ovirt), ["finished_success"; 3]);
+
+    // The final delta again, claimed to follow s1: its backing file is s2.
+    let (digest, len) = disk.reference(&disk.active);
+    let before = written();
+    let ended = stage(&mut pod, "d-active", Some("s1"));
+    assert_eq!(ended.code, 1, "{}", ended.stderr);
+    let expected =
+        "snapshot backing file 's2' does not match expected checkpoint 's1', unable to safely rebase snapshot";
+    assert!(ended.termination.starts_with("Unable to process data: "), "{}", ended.termination);
+    assert!(ended.termination.contains(expected), "{}", ended.termination);
+    assert_eq!(sha256_prefix(&volume, len), digest, "a refused delta leaves the volume as it was");
+    assert_eq!(before, written(), "nothing written to the device");
+    assert_eq!(phases(&ovirt).last().unwrap(), "cancelled");
+}
+
 #[test]
-fn a_delta_stage_is_refused_before_any_transfer() {
-    let bench = Workbench::new("imageio-delta");
-    let (disk, _) = sparse_raw(&bench, "disk.raw", MIB, &[(0, 4096)]);
-    let ovirt = Ovirt::start(
-        vec![DiskSpec { id: "d".into(), raw: Backend::File(disk), snapshots: vec![] }],
-        Options::default(),
-    );
-    let mut pod = Pod::new("imageio-delta", &ovirt, "d");
-    pod.set("IMPORTER_CURRENT_CHECKPOINT", "s2").set("IMPORTER_PREVIOUS_CHECKPOINT", "s1");
-    let ended = pod.run();
-    assert_eq!(ended.code, 1);
-    assert!(ended.termination.contains("warm-migration delta stages"), "{}", ended.termination);
-    assert!(ovirt.transfers().is_empty());
+fn a_three_stage_warm_migration_onto_a_file_volume() {
+    three_stage_warm_migration("imageio-warm-file", None);
+}
+
+#[test]
+fn a_three_stage_warm_migration_onto_a_block_volume() {
+    if !require_privileged("a_three_stage_warm_migration_onto_a_block_volume") {
+        return;
+    }
+    let bench = Workbench::new("imageio-warm-block-volume");
+    // Larger than the disk and full of stale bytes.
+    let backing = ScratchFile::sparse(&bench.path("volume"), 80 * MIB).unwrap();
+    fs::write(backing.path(), vec![0xa5u8; 80 * MIB as usize]).unwrap();
+    let device = LoopDevice::attach(backing.path(), false).unwrap();
+    three_stage_warm_migration("imageio-warm-block", Some(device.path()));
+}
+
+#[test]
+fn a_delta_stage_without_the_earlier_stages_volume_fails_and_creates_nothing() {
+    let disk = WarmDisk::new("imageio-delta-alone");
+    let ovirt = Ovirt::start(vec![disk.spec()], Options::default());
+    let mut pod = Pod::new("imageio-delta-alone", &ovirt, "d");
+    let ended = stage(&mut pod, "s2", Some("s1"));
+    assert_eq!(ended.code, 1, "{}", ended.stderr);
+    assert!(ended.termination.contains("does not exist"), "{}", ended.termination);
+    assert!(!pod.image().exists());
+    assert_eq!(phases(&ovirt), ["cancelled"]);
 }
 
 #[test]

@@ -133,7 +133,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if volume is None:
             return self.reply(404, fault("Entity not found"))
         key = "cow" if fmt == "cow" else "raw"
-        backend = volume["urls"][key]
+        backend = volume["urls"].get(key)
+        if backend is None:
+            return self.reply(400, fault("the volume cannot be downloaded as " + key))
         ticket = str(uuid.uuid4())
         tid = str(uuid.uuid4())
         control("PUT", "/tickets/" + ticket, {

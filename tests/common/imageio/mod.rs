@@ -18,7 +18,8 @@ pub enum Backend {
     /// A file, byte for byte (the daemon's file backend).
     File(PathBuf),
     /// An image's guest view through `qemu-nbd --format=FORMAT` (the daemon's nbd backend, as vdsm serves
-    /// downloads): its block status gives the extents.
+    /// downloads): its block status gives the extents. A qcow2 volume is also served as itself, byte for byte
+    /// (`qemu-nbd --format=raw`), for a download in `cow` format (a warm migration's delta), as vdsm does.
     Nbd(PathBuf, &'static str),
 }
 
@@ -110,17 +111,14 @@ impl Ovirt {
 
         let mut inventory = serde_json::Map::new();
         for (n, disk) in disks.iter().enumerate() {
-            let (url, size) = ovirt.serve(&disk.raw, n);
+            let mut volume = ovirt.volume(&disk.raw, 2 * n);
             let mut snapshots = serde_json::Map::new();
             for (m, (id, backend)) in disk.snapshots.iter().enumerate() {
-                let (url, size) = ovirt.serve(backend, 100 * (n + 1) + m);
-                snapshots.insert(id.clone(), json!({"urls": {"raw": url}, "sizes": {"raw": size, "cow": size}}));
+                snapshots.insert(id.clone(), ovirt.volume(backend, 100 * (n + 1) + 2 * m));
             }
-            inventory.insert(
-                disk.id.clone(),
-                json!({"image_id": format!("{}-active", disk.id), "urls": {"raw": url}, "sizes": {"raw": size},
-                       "snapshots": snapshots}),
-            );
+            volume["image_id"] = json!(format!("{}-active", disk.id));
+            volume["snapshots"] = json!(snapshots);
+            inventory.insert(disk.id.clone(), volume);
         }
         let mut config = json!({
             "user": USER, "password": PASSWORD, "control_socket": path.join("run/sock"),
@@ -155,6 +153,24 @@ impl Ovirt {
         ovirt
     }
 
+    /// The stand-in's record of a volume: its daemon URLs and sizes for `raw` downloads and, for a qcow2, `cow`
+    /// ones (a snapshot's `actual_size` is its `cow` size). NBD sockets are numbered from `n`.
+    fn volume(&mut self, backend: &Backend, n: usize) -> Value {
+        let (raw, raw_size) = self.serve(backend, n);
+        let (cow, cow_size) = match backend {
+            Backend::Nbd(image, "qcow2") => {
+                let (url, size) = self.serve(&Backend::Nbd(image.clone(), "raw"), n + 1);
+                (Some(url), size)
+            }
+            _ => (None, raw_size),
+        };
+        let mut urls = json!({"raw": raw});
+        if let Some(cow) = cow {
+            urls["cow"] = json!(cow);
+        }
+        json!({"urls": urls, "sizes": {"raw": raw_size, "cow": cow_size}})
+    }
+
     /// The daemon URL and size of `backend`, starting qemu-nbd for a qcow2.
     fn serve(&mut self, backend: &Backend, n: usize) -> (String, u64) {
         match backend {
@@ -172,7 +188,11 @@ impl Ovirt {
                     .expect("starting qemu-nbd");
                 self.nbd.push(child);
                 wait_for("qemu-nbd's socket", Duration::from_secs(10), || socket.exists().then_some(()));
-                (format!("nbd:unix:{}", socket.display()), virtual_size(image))
+                let size = match *format {
+                    "raw" => fs::metadata(image).unwrap().len(),
+                    _ => virtual_size(image),
+                };
+                (format!("nbd:unix:{}", socket.display()), size)
             }
         }
     }
