@@ -553,6 +553,54 @@ fn a_three_stage_warm_migration_onto_a_block_volume() {
 }
 
 #[test]
+fn a_delta_stage_stopped_part_way_leaves_the_volume_and_its_retry_completes_it() {
+    let label = "imageio-delta-stopped";
+    let bench = Workbench::new(label);
+    let s1 = sparse_raw(&bench, "s1", 256 * MIB, &SCATTERED).0;
+    let s2 = bench.path("s2");
+    bench.qemu_img(&["create", "-f", "qcow2", "-F", "raw", "-b", s1.to_str().unwrap(), s2.to_str().unwrap()]);
+    // Large enough that the stop below lands while it is being written.
+    bench.qemu_io(s2.to_str().unwrap(), &["write -P 0x44 4M 240M"]);
+    let disk = DiskSpec {
+        id: "d".into(),
+        raw: Backend::Nbd(s2.clone(), "qcow2"),
+        snapshots: vec![("s1".into(), Backend::Nbd(s1, "raw")), ("s2".into(), Backend::Nbd(s2.clone(), "qcow2"))],
+    };
+    let ovirt = Ovirt::start(vec![disk], Options::default());
+    let mut pod = Pod::new(label, &ovirt, "d");
+    ended_complete(&stage(&mut pod, "s1", None));
+
+    pod.set("IMPORTER_CURRENT_CHECKPOINT", "s2").set("IMPORTER_PREVIOUS_CHECKPOINT", "s1");
+    let child = pod.command().stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // Once the delta's first cluster is on the volume, held still so SIGTERM lands mid-update.
+    let started = std::time::Instant::now();
+    let mut first = [0u8; 1];
+    let volume = fs::File::open(pod.image()).unwrap();
+    while std::os::unix::fs::FileExt::read_at(&volume, &mut first, 4 * MIB).unwrap() == 1 && first[0] != 0x44 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(60), "the delta never reached the volume");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(phases(&ovirt).last().unwrap(), "cancelled", "{stderr}");
+    // Neither removed nor cut: it holds the first stage's disk, part-updated.
+    assert_eq!(fs::metadata(pod.image()).map(|m| m.len()).ok(), Some(256 * MIB), "{stderr}");
+    assert!(stderr.contains("left mid-update"), "{stderr}");
+    let (digest, len) = qemu_reference(&s2, &bench.path(""));
+    assert_ne!(sha256_prefix(&pod.image(), len), digest, "the stop came after the whole delta was written");
+
+    let ended = pod.run();
+    ended_complete(&ended);
+    assert_eq!(sha256_prefix(&pod.image(), len), digest);
+}
+
+#[test]
 fn a_delta_stage_without_the_earlier_stages_volume_fails_and_creates_nothing() {
     let disk = WarmDisk::new("imageio-delta-alone");
     let ovirt = Ovirt::start(vec![disk.spec()], Options::default());
