@@ -601,6 +601,56 @@ fn a_delta_stage_stopped_part_way_leaves_the_volume_and_its_retry_completes_it()
 }
 
 #[test]
+fn a_delta_stage_onto_a_block_volume_stays_within_64_mib_of_memory() {
+    if !require_privileged("a_delta_stage_onto_a_block_volume_stays_within_64_mib_of_memory") {
+        return;
+    }
+    let label = "imageio-delta-memcg";
+    let bench = Workbench::new(label);
+    let size = 320 * MIB;
+    let s1 = sparse_raw(&bench, "s1", size, &SCATTERED).0;
+    // The delta: 256 MiB of incompressible data over s1, as the qcow2 that holds only what differs from it.
+    let (changed, _) = sparse_raw(&bench, "changed.raw", size, &[(0, 8 * MIB), (40 * MIB, 248 * MIB)]);
+    let s2 = bench.path("s2");
+    let (s1s, s2s) = (s1.to_str().unwrap(), s2.to_str().unwrap());
+    bench.qemu_img(&["convert", "-f", "raw", "-O", "qcow2", "-B", s1s, "-F", "raw", changed.to_str().unwrap(), s2s]);
+    let disk = DiskSpec {
+        id: "d".into(),
+        raw: Backend::Nbd(s2.clone(), "qcow2"),
+        snapshots: vec![("s1".into(), Backend::Nbd(s1, "raw")), ("s2".into(), Backend::Nbd(s2.clone(), "qcow2"))],
+    };
+    let ovirt = Ovirt::start(vec![disk], Options::default());
+    let volume = ScratchFile::sparse(&bench.path("volume"), size).unwrap();
+    let device = LoopDevice::attach(volume.path(), false).unwrap();
+    let mut pod = Pod::new(label, &ovirt, "d");
+    pod.block = Some(device.path().to_path_buf());
+    ended_complete(&stage(&mut pod, "s1", None));
+
+    pod.set("IMPORTER_CURRENT_CHECKPOINT", "s2").set("IMPORTER_PREVIOUS_CHECKPOINT", "s1");
+    let cgroup = boundimport::lab::fixtures::ChildCgroup::create(&format!("boundimport-{label}"), 600 * MIB).unwrap();
+    let before = device_written(device.path());
+    let mut command = pod.command();
+    command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    let output = cgroup.spawn(&mut command).unwrap().wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let (digest, len) = qemu_reference(&s2, &bench.path(""));
+    assert_eq!(sha256_prefix(device.path(), len), digest);
+    let (own, own_data) = allocated_in_top(&s2);
+    let written = device_written(device.path()) - before;
+    let peak = cgroup.reader().peak().unwrap().unwrap_or(0);
+    let limit_hits = cgroup.reader().events().unwrap().limit_hits;
+    eprintln!(
+        "{label}: a delta holding {} MiB ({} MiB data): {written} bytes to the device, peak {} KiB, {limit_hits} limit hits",
+        own >> 20,
+        own_data >> 20,
+        peak >> 10
+    );
+    assert!(written <= own, "{written} bytes written for a delta holding {own}");
+    assert!(peak <= 64 * MIB, "peak {} MiB", peak >> 20);
+    assert_eq!(limit_hits, 0);
+}
+
+#[test]
 fn a_delta_stage_without_the_earlier_stages_volume_fails_and_creates_nothing() {
     let disk = WarmDisk::new("imageio-delta-alone");
     let ovirt = Ovirt::start(vec![disk.spec()], Options::default());
