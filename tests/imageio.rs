@@ -662,6 +662,36 @@ fn a_delta_stage_without_the_earlier_stages_volume_fails_and_creates_nothing() {
     assert_eq!(phases(&ovirt), ["cancelled"]);
 }
 
+/// Zeroing a long zero run on a slow volume moves the import along while the daemon serves nothing: the ticket
+/// must be kept alive (extended, and a small read) or the engine pauses the idle transfer and the data after
+/// the run cannot be read. About a minute.
+#[test]
+fn a_long_zero_run_on_a_slow_volume_keeps_the_transfer_alive() {
+    if !require_privileged("a_long_zero_run_on_a_slow_volume_keeps_the_transfer_alive") {
+        return;
+    }
+    let bench = Workbench::new("imageio-keepalive");
+    // 720 MiB of zeros between two data runs: 45 s of zeroing at 16 MiB/s, progress moving every 2 s.
+    let size = 724 * MIB;
+    let (disk, _) = sparse_raw(&bench, "disk.raw", size, &[(0, MIB), (721 * MIB, MIB)]);
+    let (digest, len) = qemu_reference(&disk, &bench.path(""));
+    let options = Options { inactivity_pause: Some(35), ..Options::default() };
+    let ovirt =
+        Ovirt::start(vec![DiskSpec { id: "d".into(), raw: Backend::Nbd(disk, "raw"), snapshots: vec![] }], options);
+    let volume = ScratchFile::sparse(&bench.path("volume"), size).unwrap();
+    let device = LoopDevice::attach(volume.path(), false).unwrap();
+    let _throttle = boundimport::lab::fixtures::WriteThrottle::set(device.path(), 16 * MIB, None).unwrap();
+    let mut pod = Pod::new("imageio-keepalive", &ovirt, "d");
+    pod.block = Some(device.path().to_path_buf());
+    let ended = pod.run();
+    let transfers = ovirt.transfers();
+    eprintln!("{transfers:?}");
+    ended_complete(&ended);
+    assert_eq!(sha256_prefix(device.path(), len), digest);
+    assert!(transfers[0]["extends"].as_u64().unwrap() >= 1, "{transfers:?}");
+    assert_eq!(phases(&ovirt), ["finished_success"]);
+}
+
 #[test]
 fn a_stop_signal_mid_transfer_cancels_the_transfer() {
     let bench = Workbench::new("imageio-stop");

@@ -124,8 +124,10 @@ impl Context<'_> {
         }
     }
 
-    /// Until `done`: whenever no byte was processed for [`KEEPALIVE_AFTER`] (the volume zeroing a long zero run),
-    /// extends the transfer's ticket and reads a few bytes, so neither the engine nor the daemon sees it idle.
+    /// Until `done`: whenever no data reached the volume for [`KEEPALIVE_AFTER`], extends the transfer's ticket and
+    /// reads a few bytes, so neither the engine nor the daemon sees it idle. Data, not progress: while the volume
+    /// zeroes a long zero run the import moves on but the daemon serves nothing, and the engine pauses a transfer
+    /// idle past its inactivity timeout (CDI counts zero extents as progress, and is paused there).
     fn keep_alive(
         &self,
         engine: &Engine,
@@ -134,17 +136,17 @@ impl Context<'_> {
         http: &crate::source::HttpOptions,
         done: &AtomicBool,
     ) {
-        let mut seen = self.progress.processed();
+        let mut seen = self.progress.written();
         let mut since = Instant::now();
         while !done.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(200));
-            let now = self.progress.processed();
+            let now = self.progress.written();
             if now != seen {
                 (seen, since) = (now, Instant::now());
                 continue;
             }
             if since.elapsed() >= KEEPALIVE_AFTER {
-                log::info!("No progress in the last {KEEPALIVE_AFTER:?}, attempting ticket renewal to avoid timeout");
+                log::info!("No data in the last {KEEPALIVE_AFTER:?}, attempting ticket renewal to avoid timeout");
                 if let Err(e) = engine.extend(id).and_then(|()| imageio::touch(urls, http)) {
                     log::info!("Error renewing ticket: {e}");
                 }

@@ -42,6 +42,9 @@ pub struct Options {
     pub transferring_delay: Option<u64>,
     /// The transfer's `transfer_url` points at this closed port, its `proxy_url` at the daemon.
     pub broken_transfer_url: bool,
+    /// Seconds a transfer's ticket may stay idle at the daemon before the engine pauses the transfer and removes the
+    /// ticket, as oVirt's engine does past the transfer's inactivity timeout (default: never).
+    pub inactivity_pause: Option<u64>,
 }
 
 /// The daemon, the NBD servers and the engine stand-in.
@@ -129,6 +132,9 @@ impl Ovirt {
         }
         if let Some(t) = options.transferring_delay {
             config["transferring_delay"] = json!(t);
+        }
+        if let Some(t) = options.inactivity_pause {
+            config["inactivity_pause"] = json!(t);
         }
         if options.broken_transfer_url {
             let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
