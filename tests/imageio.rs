@@ -650,6 +650,74 @@ fn a_delta_stage_onto_a_block_volume_stays_within_64_mib_of_memory() {
     assert_eq!(limit_hits, 0);
 }
 
+/// Applies a delta holding `size` bytes of incompressible data onto a loop device that holds the first stage,
+/// inside a fresh memory cgroup of `limit` bytes: with boundimport, or (`cdi_way`) as CDI's importer does
+/// (tests/common/imageio/cdi_way.py: the qcow2 to scratch, `qemu-img rebase -u` and `qemu-img commit`). Both
+/// results are checked byte for byte.
+fn delta_in_memcg(label: &str, size: u64, limit: u64, cdi_way: bool) -> MemoryRun {
+    let bench = Workbench::new(label);
+    let s1 = sparse_raw(&bench, "s1", size, &SCATTERED).0;
+    let (changed, _) = sparse_raw(&bench, "changed.raw", size, &[(0, size)]);
+    let s2 = bench.path("s2");
+    let (s1s, s2s) = (s1.to_str().unwrap(), s2.to_str().unwrap());
+    bench.qemu_img(&["convert", "-f", "raw", "-O", "qcow2", "-B", s1s, "-F", "raw", changed.to_str().unwrap(), s2s]);
+    fs::remove_file(&changed).unwrap();
+    let disk = DiskSpec {
+        id: "d".into(),
+        raw: Backend::Nbd(s2.clone(), "qcow2"),
+        snapshots: vec![("s1".into(), Backend::Nbd(s1, "raw")), ("s2".into(), Backend::Nbd(s2.clone(), "qcow2"))],
+    };
+    let ovirt = Ovirt::start(vec![disk], Options::default());
+    let volume = ScratchFile::sparse(&bench.path("volume"), size).unwrap();
+    let device = LoopDevice::attach(volume.path(), false).unwrap();
+    let mut pod = Pod::new(label, &ovirt, "d");
+    pod.block = Some(device.path().to_path_buf());
+    ended_complete(&stage(&mut pod, "s1", None));
+
+    let cgroup = boundimport::lab::fixtures::ChildCgroup::create(&format!("boundimport-{label}"), limit).unwrap();
+    let mut command = if cdi_way {
+        let mut cmd = Command::new("python3");
+        cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/common/imageio/cdi_way.py"))
+            .args([ovirt.endpoint().as_str(), USER, PASSWORD, "d"])
+            .arg(ovirt.ca_dir().join("engine.pem"))
+            .arg(device.path())
+            .args(["s2", "s1"])
+            .arg(bench.path("scratch.qcow2"));
+        cmd
+    } else {
+        pod.set("IMPORTER_CURRENT_CHECKPOINT", "s2").set("IMPORTER_PREVIOUS_CHECKPOINT", "s1");
+        pod.command()
+    };
+    command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    let started = std::time::Instant::now();
+    let output = cgroup.spawn(&mut command).unwrap().wait_with_output().unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let (digest, len) = qemu_reference(&s2, &bench.path(""));
+    assert_eq!(sha256_prefix(device.path(), len), digest);
+    let run = MemoryRun {
+        seconds,
+        peak: cgroup.reader().peak().unwrap().unwrap_or(0),
+        limit_hits: cgroup.reader().events().unwrap().limit_hits,
+    };
+    let who = if cdi_way { "CDI's way" } else { "boundimport" };
+    eprintln!("{label}: {who}, a {} MiB delta into {} MiB in {seconds:.1} s: {run:?}", size >> 20, limit >> 20);
+    run
+}
+
+/// The delta measurement (a few minutes): `cargo test --release --test imageio -- --ignored --nocapture delta`.
+#[test]
+#[ignore]
+fn a_two_gib_delta_into_600m_beside_cdis_way() {
+    if !require_privileged("a_two_gib_delta_into_600m_beside_cdis_way") {
+        return;
+    }
+    let ours = delta_in_memcg("imageio-delta-2g", 2048 * MIB, 600 * MIB, false);
+    let cdi = delta_in_memcg("imageio-delta-2g-cdi", 2048 * MIB, 600 * MIB, true);
+    assert!(ours.peak <= 64 * MIB && ours.limit_hits == 0, "{ours:?}");
+    eprintln!("boundimport {ours:?}\nCDI's way   {cdi:?}");
+}
+
 #[test]
 fn a_delta_stage_without_the_earlier_stages_volume_fails_and_creates_nothing() {
     let disk = WarmDisk::new("imageio-delta-alone");
