@@ -54,8 +54,11 @@ impl Seen {
 /// Reads `name` from the workbench with boundimport and with qemu-img, asserting they agree; returns the extent
 /// kinds seen.
 fn check(bench: &Workbench, name: &str) -> Seen {
-    let policy =
-        BackingPolicy { allow: true, files: Some(Arc::new(LocalFiles::in_dir(bench.dir.path(), false).unwrap())) };
+    let policy = BackingPolicy {
+        allow: true,
+        files: Some(Arc::new(LocalFiles::in_dir(bench.dir.path(), false).unwrap())),
+        rebase: None,
+    };
     compare_with_qemu(&bench.path(name), &policy, &bench.path(&format!("{name}.ref.raw")))
 }
 
@@ -372,8 +375,11 @@ fn backing_file_refused_unless_allowed() {
     let lab = Workbench::new("backing-refused");
     lab.raw_mix("base.raw", MIB, 51);
     lab.qemu_img(&["create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "top.qcow2", "1M"]);
-    let policy =
-        BackingPolicy { allow: false, files: Some(Arc::new(LocalFiles::in_dir(lab.dir.path(), false).unwrap())) };
+    let policy = BackingPolicy {
+        allow: false,
+        files: Some(Arc::new(LocalFiles::in_dir(lab.dir.path(), false).unwrap())),
+        rebase: None,
+    };
     let err = match open(&lab.path("top.qcow2"), &policy) {
         Ok(_) => panic!("backing file was followed without permission"),
         Err(e) => e,

@@ -158,13 +158,33 @@ pub struct BackingPolicy {
     pub allow: bool,
     /// Opens names written in the image, relative to its directory.
     pub files: Option<Arc<dyn Opener>>,
+    /// Read the image's backing file as this disk instead of opening the one it names.
+    pub rebase: Option<Rebase>,
 }
 
 impl std::fmt::Debug for BackingPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BackingPolicy").field("allow", &self.allow).field("files", &self.files.is_some()).finish()
+        f.debug_struct("BackingPolicy")
+            .field("allow", &self.allow)
+            .field("files", &self.files.is_some())
+            .field("rebase", &self.rebase.as_ref().map(|r| r.disk.name().to_string()))
+            .finish()
     }
 }
+
+/// What `qemu-img rebase -u -F raw -b DISK` does to an image: its backing file is read as the raw `disk`, whatever
+/// file it names (a warm migration's delta applied to the volume that holds its backing). The image must have a
+/// backing file, and `accept` must accept the name it records, before anything else is read.
+#[derive(Clone)]
+pub struct Rebase {
+    /// The disk read in place of the backing file.
+    pub disk: Arc<dyn ReadAt>,
+    /// Says why the backing name the image records is not the one `disk` holds.
+    pub accept: AcceptBacking,
+}
+
+/// Says why a backing file name is not the one expected (the text of the refusal).
+pub type AcceptBacking = Arc<dyn Fn(&str) -> std::result::Result<(), String> + Send + Sync>;
 
 /// Longest backing chain followed; deeper chains are refused rather than recursed into.
 pub const MAX_BACKING_DEPTH: usize = 16;
@@ -175,9 +195,25 @@ pub fn open(source: Arc<dyn ReadAt>, backing: &BackingPolicy) -> Result<Box<dyn 
 }
 
 fn open_at_depth(source: Arc<dyn ReadAt>, backing: &BackingPolicy, depth: usize) -> Result<Box<dyn Image>> {
-    match detect(source.as_ref())? {
+    let detected = detect(source.as_ref())?;
+    if backing.rebase.is_some() && detected != Detected::Qcow2 {
+        let what = match detected {
+            Detected::Unsupported(what) => what.to_string(),
+            _ => format!("a {} image", format!("{detected:?}").to_lowercase()),
+        };
+        return Err(Error::unsupported(format!("a delta must be a qcow2 image with a backing file, not {what}"))
+            .at_path(source.name()));
+    }
+    match detected {
         Detected::Raw => Ok(Box::new(raw::RawImage::new(source))),
-        Detected::Qcow2 => Ok(Box::new(qcow2::Qcow2Image::open(source, backing, depth)?)),
+        Detected::Qcow2 => {
+            let image = qcow2::Qcow2Image::open(source, backing, depth)?;
+            if let (Some(rebase), None) = (&backing.rebase, &image.header().backing) {
+                // Nothing to rebase: the accepting side says what it expected.
+                (rebase.accept)("").map_err(|why| Error::unsupported(why).at_path(image.sources()[0].name()))?;
+            }
+            Ok(Box::new(image))
+        }
         Detected::Vhd => Ok(Box::new(vhd::VhdImage::open(source)?)),
         Detected::Vdi => Ok(Box::new(vdi::VdiImage::open(source)?)),
         Detected::Vhdx => Ok(Box::new(vhdx::VhdxImage::open(source)?)),
@@ -203,6 +239,12 @@ pub fn open_backing(
             .at_offset(name_offset)
             .at_path(image_name)
     };
+    if let Some(rebase) = &policy.rebase {
+        (rebase.accept)(backing_name)
+            .map_err(|why| Error::unsupported(why).at_offset(name_offset).at_path(image_name))?;
+        log::info!("{image_name}: backing file {backing_name:?} read as {}", rebase.disk.name());
+        return Ok(Box::new(raw::RawImage::new(rebase.disk.clone())));
+    }
     if !policy.allow {
         return Err(refuse(" (pass --allow-backing to read it)"));
     }
@@ -213,7 +255,7 @@ pub fn open_backing(
         return Err(refuse(": backing files are only followed for local images"));
     };
     let named = files.open(backing_name).map_err(|why| refuse(&format!(": {why}")))?;
-    let child_policy = BackingPolicy { allow: true, files: Some(named.opener) };
+    let child_policy = BackingPolicy { allow: true, files: Some(named.opener), rebase: None };
     let image = open_at_depth(named.source, &child_policy, depth + 1)?;
     if let Some(hint) = format_hint {
         if hint != image.format_name() {

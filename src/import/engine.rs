@@ -122,6 +122,7 @@ impl<'a> Engine<'a> {
             preallocate: plan.preallocate,
             max_size: plan.max_virtual_size,
             grow_to: plan.grow_file_to,
+            in_place: plan.delta.is_some(),
         };
         let governor = || {
             let governor = crate::cgroup::governor::Governor::new(ctx.cgroup.clone(), ctx.sizing.governor_targets())?;
@@ -296,9 +297,14 @@ impl<'a> Engine<'a> {
     /// After a failure with nothing to resume from: leave nothing that looks like a complete image. A file this
     /// import created is removed; one that existed (and was truncated when the import began) is cut to nothing;
     /// a block device has its ends zeroed, so the partial image is not taken for a disk. Returns what was done,
-    /// for the stop line.
+    /// for the stop line. A delta leaves the destination as it is: it held the earlier stages' disk, which no
+    /// rerun could rebuild, and the same delta applied again completes it.
     fn abandon(&self) -> Option<&'static str> {
         let path = self.dest.path();
+        if self.plan.delta.is_some() {
+            log::info!("{}: left mid-update; the same delta applied again completes it", path.display());
+            return None;
+        }
         let outcome = match self.dest.kind() {
             DestKind::RegularFile if self.created => std::fs::remove_file(path).map(|()| "removed the partial image"),
             DestKind::RegularFile => self.dest.truncate().map(|()| "cut the partial image to 0 bytes"),
@@ -327,7 +333,7 @@ impl<'a> Engine<'a> {
             "discarding what was written to {}: it came from bytes that failed their checksum",
             self.dest.path().display()
         );
-        if self.dest.kind() == DestKind::RegularFile {
+        if self.dest.kind() == DestKind::RegularFile || self.plan.delta.is_some() {
             self.abandon();
         } else if let Err(e) = self.dest.discard() {
             log::warn!("could not discard the written image: {e}");

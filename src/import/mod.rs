@@ -8,6 +8,7 @@
 //! pipeline's chunk assembler. A new forward-only source is only a `Read` handed to [`run_stream`].
 
 pub mod archive;
+mod delta;
 mod engine;
 pub mod extract;
 mod forward;
@@ -28,6 +29,8 @@ use crate::source::{HttpOptions, Location};
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
+
+pub use delta::Delta;
 
 /// Everything an import needs to know, independent of the front end that asked for it.
 #[derive(Debug, Clone)]
@@ -72,6 +75,9 @@ pub struct Plan {
     pub grow_file_to: Option<u64>,
     /// The stream is the raw disk byte for byte (a clone stream): no decompression, no format detection.
     pub verbatim: bool,
+    /// Write the image as a delta onto the destination, which holds what its backing file holds (a warm
+    /// migration's later stage): only what the image holds itself is written, over the destination in place.
+    pub delta: Option<Delta>,
 }
 
 impl Plan {
@@ -97,6 +103,7 @@ impl Plan {
             preallocate: false,
             grow_file_to: None,
             verbatim: false,
+            delta: None,
         }
     }
 }
@@ -341,6 +348,10 @@ fn run_opened(ctx: &Context, plan: &Plan, opened: Opened, progress: &Progress, s
             let random = random::Random { source, local, checksum: plan.checksum.as_ref(), serial: client.is_some() };
             random::import(ctx, plan, random, progress, stop)
         }
+        Input::Stream { .. } if plan.delta.is_some() => Err(crate::error::Error::unsupported(
+            "a delta is applied only from a source that can be read anywhere, not from a stream",
+        )
+        .at_path(plan.source.to_string())),
         Input::Stream { reader, len, identity } => forward::import(ctx, plan, reader, len, identity, progress, stop),
     };
     if let Some(client) = &client {

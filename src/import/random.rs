@@ -41,7 +41,8 @@ pub(super) fn import(
         None => file.clone(),
     };
     let files = input.local.map(|local| Arc::new(local) as Arc<dyn Opener>);
-    let policy = BackingPolicy { allow: plan.allow_backing, files };
+    let rebase = plan.delta.as_ref().map(|delta| delta.rebase(&plan.destination)).transpose()?;
+    let policy = BackingPolicy { allow: plan.allow_backing, files, rebase };
     let mut image = format::open(source, &policy)?;
     let virtual_size = image.virtual_size();
     let format_name = image.format_name();
@@ -62,15 +63,21 @@ pub(super) fn import(
     }
 
     progress.set_total(virtual_size);
-    let engine = Engine::open(plan, ctx, progress, virtual_size, Some(Resumable::Random(file.as_ref())))?;
+    // A delta is never resumed: rerun, it writes the same bytes again.
+    let resumable = plan.delta.is_none().then_some(Resumable::Random(file.as_ref()));
+    let engine = Engine::open(plan, ctx, progress, virtual_size, resumable)?;
     let sizing = ctx.sizing;
     let config = pipeline::Config {
         workers: sizing.workers,
         chunk: sizing.chunk,
         serial_reads: tap.is_some() || input.serial,
-        output_digest: engine.digest_prefix()?,
+        // A delta writes part of the image: there is no whole output to digest.
+        output_digest: if plan.delta.is_some() { None } else { engine.digest_prefix()? },
     };
-    let scheduler = Scheduler::starting_at(image, sizing.chunk, engine.start());
+    let scheduler = match plan.delta {
+        Some(_) => Scheduler::delta(image, sizing.chunk, engine.dest().block()),
+        None => Scheduler::starting_at(image, sizing.chunk, engine.start()),
+    };
     let produced =
         engine.produce(|| pipeline::run(scheduler, engine.dest(), &config, progress, stop)).map(|run| Produced {
             output_digest: run.output_digest,

@@ -200,6 +200,7 @@ fn process_next(
             }
             shared.dest.write_runs(guest, &buffer.buffer[..len as usize])?;
         }
+        Work::Keep { .. } => {}
     }
     let watermark = shared.completion.complete(guest, guest + len);
     shared.progress.advance(len, watermark);

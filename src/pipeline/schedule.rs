@@ -35,20 +35,27 @@ pub enum Work {
         /// Length.
         len: u64,
     },
+    /// Guest `[guest, guest + len)` is what the destination already holds (a delta's backing): nothing to do.
+    Keep {
+        /// Guest offset.
+        guest: u64,
+        /// Length.
+        len: u64,
+    },
 }
 
 impl Work {
     /// Guest offset of the item.
     pub fn guest(&self) -> u64 {
         match self {
-            Work::Chunk { guest, .. } | Work::Zero { guest, .. } => *guest,
+            Work::Chunk { guest, .. } | Work::Zero { guest, .. } | Work::Keep { guest, .. } => *guest,
         }
     }
 
     /// Length of the item.
     pub fn len(&self) -> u64 {
         match self {
-            Work::Chunk { len, .. } | Work::Zero { len, .. } => *len,
+            Work::Chunk { len, .. } | Work::Zero { len, .. } | Work::Keep { len, .. } => *len,
         }
     }
 
@@ -67,6 +74,8 @@ pub struct Scheduler {
     size: u64,
     pending: VecDeque<Work>,
     extents: Vec<Extent>,
+    /// Writing a delta: the alignment the edges of what it changes must keep (see [`Scheduler::delta`]).
+    delta: Option<u64>,
 }
 
 impl Scheduler {
@@ -79,7 +88,16 @@ impl Scheduler {
     pub fn starting_at(image: Box<dyn Image>, chunk: u64, start: u64) -> Self {
         let size = image.virtual_size();
         let holes = HoleFinder::new(image.sources());
-        Scheduler { image, holes, chunk, cursor: start.min(size), size, pending: VecDeque::new(), extents: Vec::new() }
+        let cursor = start.min(size);
+        Scheduler { image, holes, chunk, cursor, size, pending: VecDeque::new(), extents: Vec::new(), delta: None }
+    }
+
+    /// A scheduler for an image written as a delta onto a destination that already holds its backing (what
+    /// `qemu-img commit` writes): the ranges the image takes from its backing chain (extents of any source but
+    /// the first) become [`Work::Keep`] items, neither read nor written; what the image holds itself (data, and
+    /// zero clusters, which must overwrite) becomes items as usual, whose edges must fall on `align` bytes.
+    pub fn delta(image: Box<dyn Image>, chunk: u64, align: u64) -> Self {
+        Scheduler { delta: Some(align), ..Self::new(image, chunk) }
     }
 
     /// Guest offset of the next item to plan.
@@ -116,6 +134,11 @@ impl Scheduler {
         self.extents.clear();
         self.image.map(start, end - start, &mut self.extents)?;
         check_coverage(&self.extents, start, end)?;
+        if let Some(align) = self.delta {
+            self.plan_delta_window(align)?;
+            self.cursor = end;
+            return Ok(());
+        }
         self.holes.refine(&mut self.extents)?;
         let mut next = 0;
         let mut chunk_start = start;
@@ -139,6 +162,63 @@ impl Scheduler {
             chunk_start = chunk_end;
         }
         self.cursor = end;
+        Ok(())
+    }
+
+    /// [`plan_window`](Self::plan_window) for a delta: the window's extents (in `self.extents`) cut into runs the
+    /// backing holds, kept, and runs the image holds, refined for holes and cut at chunk boundaries.
+    fn plan_delta_window(&mut self, align: u64) -> Result<()> {
+        let extents = std::mem::take(&mut self.extents);
+        let from_backing = |e: &Extent| match e.content {
+            Content::Zero => false,
+            Content::Data { source, .. } => source > 0,
+            Content::Compressed(unit) => unit.source > 0,
+        };
+        let mut at = 0;
+        while at < extents.len() {
+            let kept = from_backing(&extents[at]);
+            let run_end = extents[at..].iter().position(|e| from_backing(e) != kept).map_or(extents.len(), |n| at + n);
+            let (start, end) = (extents[at].guest, extents[run_end - 1].end());
+            if kept {
+                match self.pending.back_mut() {
+                    Some(Work::Keep { guest, len }) if *guest + *len == start => *len += end - start,
+                    _ => self.pending.push_back(Work::Keep { guest: start, len: end - start }),
+                }
+            } else {
+                let misaligned = [start, end].into_iter().find(|&edge| edge % align != 0 && edge != self.size);
+                if let Some(edge) = misaligned {
+                    return Err(crate::error::Error::unsupported(format!(
+                        "the delta changes guest bytes up to guest offset {edge:#x}, which is not a multiple of the \
+                         destination's {align}-byte block (its clusters are smaller than the block)"
+                    ))
+                    .at_path(self.holes.sources[0].name()));
+                }
+                let mut own = extents[at..run_end].to_vec();
+                self.holes.refine(&mut own)?;
+                let mut next = 0;
+                let mut piece = start;
+                while piece < end {
+                    let piece_end = ((piece / self.chunk + 1) * self.chunk).min(end);
+                    let mut clipped = Vec::new();
+                    while next < own.len() && own[next].guest < piece_end {
+                        clipped.push(own[next].clip(piece, piece_end));
+                        if own[next].end() <= piece_end {
+                            next += 1;
+                        } else {
+                            break;
+                        }
+                    }
+                    if clipped.iter().all(|e| e.content == Content::Zero) {
+                        self.push_zero(piece, piece_end - piece);
+                    } else {
+                        self.pending.push_back(Work::Chunk { guest: piece, len: piece_end - piece, extents: clipped });
+                    }
+                    piece = piece_end;
+                }
+            }
+            at = run_end;
+        }
+        self.extents = extents;
         Ok(())
     }
 
@@ -365,7 +445,7 @@ mod tests {
             .iter()
             .filter_map(|w| match w {
                 Work::Chunk { extents, .. } => Some(extents),
-                Work::Zero { .. } => None,
+                Work::Zero { .. } | Work::Keep { .. } => None,
             })
             .flatten()
             .filter(|e| e.content == Content::Zero)
@@ -373,6 +453,51 @@ mod tests {
             .sum();
         assert_eq!(zeros + zero_in_chunks, 8 * MIB, "{items:?}");
         assert!(matches!(items[1], Work::Zero { guest, len } if guest == 2 * MIB && len == 6 * MIB), "{items:?}");
+    }
+
+    fn from_backing(guest: u64, len: u64) -> Extent {
+        Extent { guest, len, content: Content::Data { source: 1, offset: guest } }
+    }
+
+    #[test]
+    fn a_delta_keeps_its_backings_ranges_and_writes_its_own_with_their_zeros() {
+        let size = 8 * MIB;
+        let extents = vec![
+            from_backing(0, MIB),
+            data(MIB, 2 * MIB),
+            zero(3 * MIB, 64 << 10),
+            from_backing(3 * MIB + (64 << 10), 2 * MIB),
+            zero(5 * MIB + (64 << 10), 64 << 10),
+            from_backing(5 * MIB + (128 << 10), 3 * MIB - (128 << 10)),
+        ];
+        let mut scheduler = Scheduler::delta(Box::new(scripted(size, extents)), 2 * MIB, 4096);
+        let mut items = Vec::new();
+        while let Some(work) = scheduler.next_work().unwrap() {
+            items.push(work);
+        }
+        assert_eq!(
+            items,
+            vec![
+                Work::Keep { guest: 0, len: MIB },
+                Work::Chunk { guest: MIB, len: MIB, extents: vec![data(MIB, MIB)] },
+                Work::Chunk {
+                    guest: 2 * MIB,
+                    len: MIB + (64 << 10),
+                    extents: vec![data(2 * MIB, MIB), zero(3 * MIB, 64 << 10)]
+                },
+                Work::Keep { guest: 3 * MIB + (64 << 10), len: 2 * MIB },
+                Work::Zero { guest: 5 * MIB + (64 << 10), len: 64 << 10 },
+                Work::Keep { guest: 5 * MIB + (128 << 10), len: 3 * MIB - (128 << 10) },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_delta_changing_less_than_a_destination_block_is_refused() {
+        let extents = vec![from_backing(0, 4096), data(4096, 2048), from_backing(6144, 2048)];
+        let mut scheduler = Scheduler::delta(Box::new(scripted(8192, extents)), 2 * MIB, 4096);
+        let err = scheduler.next_work().unwrap_err().to_string();
+        assert!(err.contains("guest offset 0x1800"), "{err}");
     }
 
     #[test]

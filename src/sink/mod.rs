@@ -78,6 +78,10 @@ pub struct DestOptions {
     /// Grow a regular file to at least this many bytes when the import is done (CDI sizes `disk.img` to the
     /// volume's usable space; never shrinks below the image).
     pub grow_to: Option<u64>,
+    /// The destination already holds an earlier state of the disk and the import only updates it (a warm
+    /// migration's delta): it must exist and hold the image, its contents are kept (a file is neither truncated
+    /// nor resized), and zero ranges are zeroed on a file too, since what they cover held data before.
+    pub in_place: bool,
 }
 
 impl Default for DestOptions {
@@ -90,6 +94,7 @@ impl Default for DestOptions {
             preallocate: false,
             max_size: None,
             grow_to: None,
+            in_place: false,
         }
     }
 }
@@ -175,6 +180,13 @@ impl Destination {
             check_fits(size, max)?;
         }
         let kind = probe.kind;
+        if options.in_place && kind == DestKind::RegularFile && (!probe.exists || probe.len < size) {
+            let held = if probe.exists { format!("holds {} bytes", probe.len) } else { "does not exist".into() };
+            return Err(ctx(Error::new(
+                ErrorKind::TooSmall,
+                format!("the image to update in place {held}, but the update covers {size} bytes"),
+            )));
+        }
         // O_EXCL on a block device refuses one that is mounted or otherwise claimed.
         let base_flags = match kind {
             DestKind::BlockDevice => libc::O_EXCL,
@@ -219,7 +231,7 @@ impl Destination {
                 }
                 capacity
             }
-            DestKind::RegularFile if options.keep_contents => size,
+            DestKind::RegularFile if options.keep_contents || options.in_place => size,
             DestKind::RegularFile => {
                 // Truncate first so every old block becomes a hole, then extend to the image size.
                 buffered.set_len(0).io_context("truncating destination").map_err(ctx)?;
@@ -236,7 +248,8 @@ impl Destination {
         };
         let direct = match options.io {
             IoChoice::Writebehind => Err("write-behind requested".to_string()),
-            _ => open_direct(path, &buffered, kind),
+            // A trial write would overwrite the first page of contents that must be kept.
+            _ => open_direct(path, &buffered, kind, !(options.keep_contents || options.in_place)),
         };
         let (path_kind, io_reason, align) = match (direct, options.io) {
             (Ok((file, align, why)), _) => (WritePath::Direct { file, align }, why, align),
@@ -256,6 +269,8 @@ impl Destination {
             buffered,
             path_kind,
             zeroer: match kind {
+                _ if options.in_place && options.preallocate => Some(Zeroer::allocating()),
+                _ if options.in_place => Some(Zeroer::default()),
                 DestKind::BlockDevice if options.preallocate => Some(Zeroer::allocating()),
                 DestKind::BlockDevice if !options.target_is_zero => Some(Zeroer::default()),
                 _ => None,
@@ -580,8 +595,14 @@ pub fn check_fits(size: u64, available: u64) -> Result<()> {
     ))
 }
 
-/// Opens an O_DIRECT handle and finds its alignment, or says why direct I/O is not possible.
-fn open_direct(path: &Path, buffered: &File, kind: DestKind) -> std::result::Result<(File, u64, String), String> {
+/// Opens an O_DIRECT handle and finds its alignment, or says why direct I/O is not possible. `trial`: a file
+/// whose contents need not be kept may be probed with a trial write.
+fn open_direct(
+    path: &Path,
+    buffered: &File,
+    kind: DestKind,
+    trial: bool,
+) -> std::result::Result<(File, u64, String), String> {
     let file = match sys::reopen(buffered, libc::O_RDWR | libc::O_DIRECT) {
         Ok(file) => file,
         Err(e) => return Err(format!("opening with O_DIRECT failed ({e})")),
@@ -597,7 +618,10 @@ fn open_direct(path: &Path, buffered: &File, kind: DestKind) -> std::result::Res
                 Ok((file, offset.max(512), format!("filesystem direct-I/O alignment {offset} B")))
             }
             Ok(Some((mem, offset))) => Err(format!("direct-I/O alignment too large ({mem}/{offset} B)")),
-            Err(_) | Ok(None) => probe_direct_write(path, file, buffered),
+            Err(_) | Ok(None) if trial => probe_direct_write(path, file, buffered),
+            Err(_) | Ok(None) => Err("the filesystem does not report its direct-I/O alignment, and the file's \
+                                      contents are kept, so no trial write can tell"
+                .into()),
         },
     }
 }

@@ -50,7 +50,11 @@ fn hex(bytes: &[u8]) -> String {
 /// Opens `path` through boundimport's detection, with backing files refused and siblings resolved beside it.
 pub fn open_image(path: &Path) -> boundimport::error::Result<Box<dyn Image>> {
     let source: Arc<dyn ReadAt> = Arc::new(FileSource::open(path)?);
-    let policy = BackingPolicy { allow: false, files: Some(std::sync::Arc::new(LocalFiles::beside(path, false)?)) };
+    let policy = BackingPolicy {
+        allow: false,
+        files: Some(std::sync::Arc::new(LocalFiles::beside(path, false)?)),
+        rebase: None,
+    };
     format::open(source, &policy)
 }
 

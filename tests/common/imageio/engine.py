@@ -133,7 +133,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if volume is None:
             return self.reply(404, fault("Entity not found"))
         key = "cow" if fmt == "cow" else "raw"
-        backend = volume["urls"][key]
+        backend = volume["urls"].get(key)
+        if backend is None:
+            return self.reply(400, fault("the volume cannot be downloaded as " + key))
         ticket = str(uuid.uuid4())
         tid = str(uuid.uuid4())
         control("PUT", "/tickets/" + ticket, {
@@ -165,8 +167,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     # What the daemon says it sent: the union of the byte ranges its reads covered.
                     t["transferred"] = control("GET", "/tickets/" + t["ticket"]).get("transferred")
                     control("DELETE", "/tickets/" + t["ticket"])
-                except OSError as e:
-                    # A dead daemon holds no ticket; the engine still ends the transfer.
+                except (OSError, RuntimeError) as e:
+                    # A dead daemon, or a ticket already removed (a paused transfer), holds nothing; the engine still
+                    # ends the transfer.
                     t["daemon_error"] = str(e)
                 t["phase"] = "finished_success" if action == "finalize" else "cancelled"
             else:
@@ -205,6 +208,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 return self.reply(200, transfer_xml(t))
         self.reply(404, fault("no such path " + self.path))
 
+
+def watch_inactivity(limit):
+    """As the engine watches a transfer: once its ticket has been idle (no request in progress at the daemon) for
+    more than `limit` seconds, the transfer is paused by the system and its ticket removed."""
+    while True:
+        time.sleep(0.5)
+        with lock:
+            for t in transfers.values():
+                if t["phase"] != "transferring":
+                    continue
+                try:
+                    idle = control("GET", "/tickets/" + t["ticket"]).get("idle_time", 0)
+                except (OSError, RuntimeError):
+                    continue
+                t["max_idle"] = max(t.get("max_idle", 0), idle)
+                if idle > limit:
+                    control("DELETE", "/tickets/" + t["ticket"])
+                    t["phase"] = "paused_system"
+                    t["paused_after_idle"] = idle
+                save()
+
+
+if config.get("inactivity_pause"):
+    threading.Thread(target=watch_inactivity, args=(config["inactivity_pause"],), daemon=True).start()
 
 server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

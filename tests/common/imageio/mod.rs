@@ -18,7 +18,8 @@ pub enum Backend {
     /// A file, byte for byte (the daemon's file backend).
     File(PathBuf),
     /// An image's guest view through `qemu-nbd --format=FORMAT` (the daemon's nbd backend, as vdsm serves
-    /// downloads): its block status gives the extents.
+    /// downloads): its block status gives the extents. A qcow2 volume is also served as itself, byte for byte
+    /// (`qemu-nbd --format=raw`), for a download in `cow` format (a warm migration's delta), as vdsm does.
     Nbd(PathBuf, &'static str),
 }
 
@@ -41,6 +42,9 @@ pub struct Options {
     pub transferring_delay: Option<u64>,
     /// The transfer's `transfer_url` points at this closed port, its `proxy_url` at the daemon.
     pub broken_transfer_url: bool,
+    /// Seconds a transfer's ticket may stay idle at the daemon before the engine pauses the transfer and removes the
+    /// ticket, as oVirt's engine does past the transfer's inactivity timeout (default: never).
+    pub inactivity_pause: Option<u64>,
 }
 
 /// The daemon, the NBD servers and the engine stand-in.
@@ -110,17 +114,14 @@ impl Ovirt {
 
         let mut inventory = serde_json::Map::new();
         for (n, disk) in disks.iter().enumerate() {
-            let (url, size) = ovirt.serve(&disk.raw, n);
+            let mut volume = ovirt.volume(&disk.raw, 2 * n);
             let mut snapshots = serde_json::Map::new();
             for (m, (id, backend)) in disk.snapshots.iter().enumerate() {
-                let (url, size) = ovirt.serve(backend, 100 * (n + 1) + m);
-                snapshots.insert(id.clone(), json!({"urls": {"raw": url}, "sizes": {"raw": size, "cow": size}}));
+                snapshots.insert(id.clone(), ovirt.volume(backend, 100 * (n + 1) + 2 * m));
             }
-            inventory.insert(
-                disk.id.clone(),
-                json!({"image_id": format!("{}-active", disk.id), "urls": {"raw": url}, "sizes": {"raw": size},
-                       "snapshots": snapshots}),
-            );
+            volume["image_id"] = json!(format!("{}-active", disk.id));
+            volume["snapshots"] = json!(snapshots);
+            inventory.insert(disk.id.clone(), volume);
         }
         let mut config = json!({
             "user": USER, "password": PASSWORD, "control_socket": path.join("run/sock"),
@@ -131,6 +132,9 @@ impl Ovirt {
         }
         if let Some(t) = options.transferring_delay {
             config["transferring_delay"] = json!(t);
+        }
+        if let Some(t) = options.inactivity_pause {
+            config["inactivity_pause"] = json!(t);
         }
         if options.broken_transfer_url {
             let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -155,6 +159,24 @@ impl Ovirt {
         ovirt
     }
 
+    /// The stand-in's record of a volume: its daemon URLs and sizes for `raw` downloads and, for a qcow2, `cow`
+    /// ones (a snapshot's `actual_size` is its `cow` size). NBD sockets are numbered from `n`.
+    fn volume(&mut self, backend: &Backend, n: usize) -> Value {
+        let (raw, raw_size) = self.serve(backend, n);
+        let (cow, cow_size) = match backend {
+            Backend::Nbd(image, "qcow2") => {
+                let (url, size) = self.serve(&Backend::Nbd(image.clone(), "raw"), n + 1);
+                (Some(url), size)
+            }
+            _ => (None, raw_size),
+        };
+        let mut urls = json!({"raw": raw});
+        if let Some(cow) = cow {
+            urls["cow"] = json!(cow);
+        }
+        json!({"urls": urls, "sizes": {"raw": raw_size, "cow": cow_size}})
+    }
+
     /// The daemon URL and size of `backend`, starting qemu-nbd for a qcow2.
     fn serve(&mut self, backend: &Backend, n: usize) -> (String, u64) {
         match backend {
@@ -172,7 +194,11 @@ impl Ovirt {
                     .expect("starting qemu-nbd");
                 self.nbd.push(child);
                 wait_for("qemu-nbd's socket", Duration::from_secs(10), || socket.exists().then_some(()));
-                (format!("nbd:unix:{}", socket.display()), virtual_size(image))
+                let size = match *format {
+                    "raw" => fs::metadata(image).unwrap().len(),
+                    _ => virtual_size(image),
+                };
+                (format!("nbd:unix:{}", socket.display()), size)
             }
         }
     }
