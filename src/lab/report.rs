@@ -80,6 +80,26 @@ pub struct GuestConditions {
     pub guest_mem_bytes: u64,
     /// The co-tenant's standing charge (a tmpfs file written from inside the cgroup).
     pub cotenant_charge_bytes: u64,
+    /// The multi-gen LRU as the importers ran, read back from the guest; `null` on a kernel without it.
+    pub mglru: Option<bool>,
+    /// Whether the lab switched the multi-gen LRU (`--mglru`) or left the kernel's own setting.
+    pub mglru_set: bool,
+    /// The guest's `vm.dirty_ratio` as the importers ran (`--dirty-ratio`, or the kernel's 20).
+    pub dirty_ratio: Option<u32>,
+}
+
+impl GuestConditions {
+    /// `on (--mglru)`, `off (the kernel's own setting)`, `absent`.
+    pub fn mglru_text(&self) -> String {
+        match self.mglru {
+            None => "absent".to_string(),
+            Some(on) => format!(
+                "{} ({})",
+                if on { "on" } else { "off" },
+                if self.mglru_set { "--mglru" } else { "the kernel's own setting" }
+            ),
+        }
+    }
 }
 
 impl Host {
@@ -95,12 +115,15 @@ impl Host {
         match &self.guest {
             None => format!("host: {base}"),
             Some(g) => format!(
-                "guest ({}, {} RAM): {base}, cgroup writeback {}, stalls {}, co-tenant charge {}",
+                "guest ({}, {} RAM): {base}, cgroup writeback {}, multi-gen LRU {}, stalls {}, co-tenant charge {}, \
+                 vm.dirty_ratio {}",
                 g.kernel_package,
                 human(g.guest_mem_bytes),
                 if g.cgroup_writeback { "on" } else { "off" },
+                g.mglru_text(),
                 g.stall.map_or_else(|| "none".to_string(), |(run, stop)| format!("{stop} s after every {run} s")),
                 human(g.cotenant_charge_bytes),
+                g.dirty_ratio.map_or_else(|| "?".to_string(), |r| r.to_string()),
             ),
         }
     }
