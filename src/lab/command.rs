@@ -17,8 +17,9 @@ pub struct LabCommand {
     #[command(subcommand)]
     mode: Option<LabMode>,
 
+    // Boxed: the session's many settings would make every other command's variant as large.
     #[command(flatten)]
-    session: SessionArgs,
+    session: Box<SessionArgs>,
 }
 
 #[derive(Debug, Subcommand)]
