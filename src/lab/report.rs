@@ -14,12 +14,13 @@ use std::time::Instant;
 pub const PINNED_SHARE: f64 = 0.95;
 
 /// Explanation attached to a PINNED run: this kernel stalls where others kill.
-pub const PINNED_NOTE: &str = "The cgroup sat at its limit but nothing was killed: on cgroup v1 (and on v2 with \
-cgroup writeback) current kernels make memcg reclaim wait for the pages under writeback, so the importer and its \
-co-tenants stall instead. The same import is OOM-killed where reclaim cannot wait and the flushers fall behind: \
-cgroup v2 with destinations on filesystems without cgroup writeback (NFS, FUSE: the common CDI setting with NFS or \
-Longhorn RWX volumes), older kernels, and v2 kernels before 6.13 with MGLRU (flushers not woken; fixed by \
-\"mm/vmscan: wake up flushers conditionally to avoid cgroup OOM\"). PINNED here means OOMKILLED there.";
+pub const PINNED_NOTE: &str = "The cgroup sat at its limit but nothing was killed: on cgroup v1 current kernels make \
+memcg reclaim wait for the pages under writeback, and on v2 with cgroup writeback the writer is throttled at the \
+cgroup's dirty limit, so the importer and its co-tenants stall instead. The same import is OOM-killed where neither \
+holds: cgroup v2 with destinations on filesystems without cgroup writeback (NFS, FUSE: the common CDI setting with NFS \
+or Longhorn RWX volumes) when the storage stalls, and there even on storage that keeps up on kernels before 6.13 with \
+the multi-gen LRU (MGLRU reclaim does not wake the flushers; fixed by \"mm/vmscan: wake up flushers conditionally to \
+avoid cgroup OOM\"), and older kernels. PINNED here means OOMKILLED there.";
 
 /// How an importer fared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
