@@ -133,12 +133,22 @@ impl Prepared {
             .ok_or_else(|| Error::new(ErrorKind::Usage, format!("vm.env has no {key} (rerun scripts/lab-vm-prepare)")))
     }
 
-    /// Whether the guest kernel was built with the multi-gen LRU (`CONFIG_LRU_GEN=y` in the `config-RELEASE` the
-    /// kernel package puts beside its `vmlinuz-RELEASE`); `None` when that file cannot be read.
-    fn has_mglru(&self) -> Option<bool> {
+    /// The guest kernel's build configuration: the `config-RELEASE` the kernel package puts beside its
+    /// `vmlinuz-RELEASE`; `None` when it cannot be read.
+    fn kernel_config(&self) -> Option<String> {
         let kernel = Path::new(self.get("KERNEL").ok()?);
-        let config = kernel.with_file_name(format!("config-{}", self.get("KERNEL_RELEASE").ok()?));
-        Some(fs::read_to_string(config).ok()?.lines().any(|l| l.trim() == "CONFIG_LRU_GEN=y"))
+        fs::read_to_string(kernel.with_file_name(format!("config-{}", self.get("KERNEL_RELEASE").ok()?))).ok()
+    }
+
+    /// Whether the guest kernel was built with the multi-gen LRU (`CONFIG_LRU_GEN=y`); `None` when unknown.
+    fn has_mglru(&self) -> Option<bool> {
+        Some(self.kernel_config()?.lines().any(|l| l.trim() == "CONFIG_LRU_GEN=y"))
+    }
+
+    /// Whether the guest kernel has the cgroup v1 memory controller: since 6.11 only with `CONFIG_MEMCG_V1=y`
+    /// (Debian's 6.12 leaves it out); before, with every memory cgroup. `None` when unknown.
+    fn has_memcg_v1(&self) -> Option<bool> {
+        Some(!self.kernel_config()?.lines().any(|l| l.trim() == "# CONFIG_MEMCG_V1 is not set"))
     }
 }
 
@@ -173,6 +183,12 @@ pub fn run(config: &VmConfig, stop: &AtomicBool) -> Result<(Report, Vec<GuestTim
         return Err(Error::usage("the guest lab needs root (its guests run the importers as root)"));
     }
     let prepared = Prepared::load(&config.dir)?;
+    if config.cgroup == Version::V1 && prepared.has_memcg_v1() == Some(false) {
+        return Err(Error::usage(format!(
+            "{} has no cgroup v1 memory controller (CONFIG_MEMCG_V1 is not set): use --guest-cgroup v2",
+            prepared.get("KERNEL_PACKAGE")?
+        )));
+    }
     fs::create_dir_all(&config.out).io_context("creating output directory").map_err(|e| e.at_path(&config.out))?;
     let virtual_size = super::virtual_size(&config.image, Path::new("qemu-img"))?;
     log::info!(
@@ -564,6 +580,12 @@ pub fn matrix(config: &VmConfig, plan: &MatrixPlan, stop: &AtomicBool) -> Result
     };
     let mut rows = Vec::new();
     for &(cgroup, writeback) in &plan.corners {
+        if cgroup == Version::V1 && prepared.has_memcg_v1() == Some(false) {
+            log::warn!(
+                "lab --vm: skipping the v1 corners: the kernel has no cgroup v1 memory controller (CONFIG_MEMCG_V1)"
+            );
+            continue;
+        }
         for &mglru in &mglru_axis {
             check_stop(stop)?;
             let mut cell = VmConfig { cgroup, cgroup_writeback: writeback, mglru, ..config.clone() };
@@ -789,9 +811,14 @@ mod tests {
         };
         fs::write(dir.join("config-6.12"), "CONFIG_MEMCG=y\nCONFIG_LRU_GEN=y\nCONFIG_LRU_GEN_ENABLED=y\n").unwrap();
         fs::write(dir.join("config-5.10"), "CONFIG_MEMCG=y\n# CONFIG_LRU_GEN is not set\n").unwrap();
+        fs::write(dir.join("config-6.12-no-v1"), "CONFIG_MEMCG=y\n# CONFIG_MEMCG_V1 is not set\nCONFIG_LRU_GEN=y\n")
+            .unwrap();
         assert_eq!(prepared("6.12").has_mglru(), Some(true));
         assert_eq!(prepared("5.10").has_mglru(), Some(false));
         assert_eq!(prepared("none").has_mglru(), None);
+        assert_eq!(prepared("5.10").has_memcg_v1(), Some(true), "before 6.11 every memory cgroup has v1");
+        assert_eq!(prepared("6.12-no-v1").has_memcg_v1(), Some(false));
+        assert_eq!(prepared("none").has_memcg_v1(), None);
         fs::remove_dir_all(&dir).unwrap();
     }
 }
