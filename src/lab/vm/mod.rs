@@ -551,6 +551,9 @@ pub fn mechanism(
             "multi-gen LRU without flusher wake-ups (before 6.13), no cgroup writeback: the cgroup filled with dirty \
              pages nothing wrote"
         }
+        (_, false, Some(true), true, true) => {
+            "no cgroup writeback and a stalled device, the multi-gen LRU not waking the flushers either (1 and 2)"
+        }
         (_, false, _, true, true) => {
             "no cgroup writeback (NFS/FUSE) and a stalled device: global dirty limits, the cgroup filled with dirty \
              and writeback pages"
@@ -704,8 +707,7 @@ mod tests {
     fn each_kill_is_named_by_the_conditions_that_allow_it() {
         // (cgroup version, cgroup writeback, multi-gen LRU, stalls, killed, pinned)
         assert!(mechanism(2, false, Some(true), false, true, true).starts_with("multi-gen LRU without flusher"));
-        assert!(mechanism(2, false, Some(true), true, true, false)
-            .starts_with("no cgroup writeback (NFS/FUSE) and a stalled"));
+        assert!(mechanism(2, false, Some(true), true, true, false).ends_with("(1 and 2)"));
         assert!(mechanism(2, false, Some(false), true, true, false)
             .starts_with("no cgroup writeback (NFS/FUSE) and a stalled"));
         assert!(mechanism(2, false, None, false, true, true).starts_with("no cgroup writeback (NFS/FUSE): global"));
