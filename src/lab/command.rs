@@ -17,8 +17,9 @@ pub struct LabCommand {
     #[command(subcommand)]
     mode: Option<LabMode>,
 
+    // Boxed: the session's many settings would make every other command's variant as large.
     #[command(flatten)]
-    session: SessionArgs,
+    session: Box<SessionArgs>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -143,9 +144,29 @@ struct SessionArgs {
     #[arg(long, value_parser = ["auto", "direct", "writebehind"], requires = "vm")]
     boundimport_io: Option<String>,
 
-    /// With --vm: run the four corners (cgroup v1/v2 x cgroup writeback on/off) and print one verdict table.
+    /// With --vm: the guest's multi-gen LRU (/sys/kernel/mm/lru_gen/enabled), switched before the importers run
+    /// [default: the kernel's own setting, reported].
+    #[arg(long, value_enum, requires = "vm")]
+    mglru: Option<OnOff>,
+
+    /// With --vm: the guest's vm.dirty_ratio (percent) [default: the kernel's own, 20]. With cgroup writeback it is
+    /// the share of the cgroup's dirtyable memory a writer may dirty before balance_dirty_pages throttles it.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100), requires = "vm")]
+    dirty_ratio: Option<u32>,
+
+    /// With --vm: run the matrix (cgroup v1/v2 x cgroup writeback on/off, x the multi-gen LRU on/off on a kernel
+    /// that has it unless --mglru fixes it) and print one table: per cell what killed qemu-img (or did not), and
+    /// boundimport's verdict and peak.
     #[arg(long, requires = "vm")]
     matrix: bool,
+
+    /// With --matrix: the cgroup corners to run, comma-separated (v2-wb-off, v2-wb-on, v1-wb-off, v1-wb-on).
+    #[arg(long, value_delimiter = ',', value_parser = parse_corner, requires = "matrix")]
+    corners: Vec<(crate::cgroup::Version, bool)>,
+
+    /// With --matrix: qemu-img guests per cell, for how repeatable its verdict is (boundimport runs once per cell).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20), requires = "matrix")]
+    runs: u32,
 
     /// Directory for report.json, timeline.csv, timeline.svg and the importers' logs.
     #[arg(long, default_value = "lab-out")]
@@ -187,6 +208,17 @@ fn parse_stall(text: &str) -> std::result::Result<Stall, String> {
         return Err("stall seconds must be positive".to_string());
     }
     Ok(Stall(Some((run, stop))))
+}
+
+fn parse_corner(text: &str) -> std::result::Result<(crate::cgroup::Version, bool), String> {
+    super::vm::CORNERS
+        .iter()
+        .copied()
+        .find(|&(cgroup, writeback)| {
+            super::vm::VmConfig { cgroup, cgroup_writeback: writeback, ..super::vm::VmConfig::new("", "", "") }.corner()
+                == text.trim()
+        })
+        .ok_or_else(|| format!("{text:?}: expected v2-wb-off, v2-wb-on, v1-wb-off or v1-wb-on"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -320,13 +352,19 @@ fn vm_session(args: &SessionArgs) -> std::result::Result<(), Failure> {
         guest_mem: args.guest_mem,
         timeout: Duration::from_secs(args.guest_timeout),
         boundimport_io: args.boundimport_io.clone(),
+        mglru: args.mglru.map(|m| m == OnOff::On),
+        dirty_ratio: args.dirty_ratio,
         ..super::vm::VmConfig::new(dir, image, &args.out)
     };
     let signals = StopOnSignals::install().map_err(|e| (e, None))?;
     if args.matrix {
-        let rows = super::vm::matrix(&config, signals.flag()).map_err(|e| (e, signals.signal()))?;
+        let plan = super::vm::MatrixPlan {
+            corners: if args.corners.is_empty() { super::vm::CORNERS.to_vec() } else { args.corners.clone() },
+            runs: args.runs,
+        };
+        let rows = super::vm::matrix(&config, &plan, signals.flag()).map_err(|e| (e, signals.signal()))?;
         print!("{}", super::vm::matrix_table(&rows));
-        println!("matrix: {0}/matrix.md  {0}/matrix.json  sessions: {0}/v{{1,2}}-wb-{{on,off}}", config.out.display());
+        println!("matrix: {0}/matrix.md  {0}/matrix.json  sessions: {0}/CELL", config.out.display());
         return Ok(());
     }
     let (report, _) = super::vm::run(&config, signals.flag()).map_err(|e| (e, signals.signal()))?;

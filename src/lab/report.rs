@@ -14,12 +14,13 @@ use std::time::Instant;
 pub const PINNED_SHARE: f64 = 0.95;
 
 /// Explanation attached to a PINNED run: this kernel stalls where others kill.
-pub const PINNED_NOTE: &str = "The cgroup sat at its limit but nothing was killed: on cgroup v1 (and on v2 with \
-cgroup writeback) current kernels make memcg reclaim wait for the pages under writeback, so the importer and its \
-co-tenants stall instead. The same import is OOM-killed where reclaim cannot wait and the flushers fall behind: \
-cgroup v2 with destinations on filesystems without cgroup writeback (NFS, FUSE: the common CDI setting with NFS or \
-Longhorn RWX volumes), older kernels, and v2 kernels before 6.13 with MGLRU (flushers not woken; fixed by \
-\"mm/vmscan: wake up flushers conditionally to avoid cgroup OOM\"). PINNED here means OOMKILLED there.";
+pub const PINNED_NOTE: &str = "The cgroup sat at its limit but nothing was killed: on cgroup v1 current kernels make \
+memcg reclaim wait for the pages under writeback, and on v2 with cgroup writeback the writer is throttled at the \
+cgroup's dirty limit, so the importer and its co-tenants stall instead. The same import is OOM-killed where neither \
+holds: cgroup v2 with destinations on filesystems without cgroup writeback (NFS, FUSE: the common CDI setting with NFS \
+or Longhorn RWX volumes) when the storage stalls, and there even on storage that keeps up on kernels before 6.13 with \
+the multi-gen LRU (MGLRU reclaim does not wake the flushers; fixed by \"mm/vmscan: wake up flushers conditionally to \
+avoid cgroup OOM\"), and older kernels. PINNED here means OOMKILLED there.";
 
 /// How an importer fared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -80,6 +81,26 @@ pub struct GuestConditions {
     pub guest_mem_bytes: u64,
     /// The co-tenant's standing charge (a tmpfs file written from inside the cgroup).
     pub cotenant_charge_bytes: u64,
+    /// The multi-gen LRU as the importers ran, read back from the guest; `null` on a kernel without it.
+    pub mglru: Option<bool>,
+    /// Whether the lab switched the multi-gen LRU (`--mglru`) or left the kernel's own setting.
+    pub mglru_set: bool,
+    /// The guest's `vm.dirty_ratio` as the importers ran (`--dirty-ratio`, or the kernel's 20).
+    pub dirty_ratio: Option<u32>,
+}
+
+impl GuestConditions {
+    /// `on (--mglru)`, `off (the kernel's own setting)`, `absent`.
+    pub fn mglru_text(&self) -> String {
+        match self.mglru {
+            None => "absent".to_string(),
+            Some(on) => format!(
+                "{} ({})",
+                if on { "on" } else { "off" },
+                if self.mglru_set { "--mglru" } else { "the kernel's own setting" }
+            ),
+        }
+    }
 }
 
 impl Host {
@@ -95,12 +116,15 @@ impl Host {
         match &self.guest {
             None => format!("host: {base}"),
             Some(g) => format!(
-                "guest ({}, {} RAM): {base}, cgroup writeback {}, stalls {}, co-tenant charge {}",
+                "guest ({}, {} RAM): {base}, cgroup writeback {}, multi-gen LRU {}, stalls {}, co-tenant charge {}, \
+                 vm.dirty_ratio {}",
                 g.kernel_package,
                 human(g.guest_mem_bytes),
                 if g.cgroup_writeback { "on" } else { "off" },
+                g.mglru_text(),
                 g.stall.map_or_else(|| "none".to_string(), |(run, stop)| format!("{stop} s after every {run} s")),
                 human(g.cotenant_charge_bytes),
+                g.dirty_ratio.map_or_else(|| "?".to_string(), |r| r.to_string()),
             ),
         }
     }

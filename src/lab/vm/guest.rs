@@ -24,6 +24,14 @@ pub struct GuestMeasured {
     pub v2_controllers: String,
     /// The limited cgroup's memory.events (v2) or memory.oom_control (v1) at the end, as the kernel wrote it.
     pub events_text: String,
+    /// `/sys/kernel/mm/lru_gen/enabled` as the importer ran (`0x0007`: the multi-gen LRU on), `null` on a kernel
+    /// without it.
+    #[serde(default)]
+    pub lru_gen: Option<String>,
+    /// `vm.dirty_ratio` as the importer ran: the share of dirtyable memory (of the cgroup's, with cgroup writeback)
+    /// a writer may dirty before it is throttled.
+    #[serde(default)]
+    pub dirty_ratio: Option<u32>,
     /// The run.
     #[serde(flatten)]
     pub measured: Measured,
@@ -41,8 +49,17 @@ impl GuestMeasured {
                 .map(|s| s.trim().to_string())
                 .unwrap_or_default(),
             events_text,
+            lru_gen: fs::read_to_string(super::init::LRU_GEN).ok().map(|s| s.trim().to_string()),
+            dirty_ratio: fs::read_to_string("/proc/sys/vm/dirty_ratio").ok().and_then(|s| s.trim().parse().ok()),
             measured,
         }
+    }
+
+    /// Whether the multi-gen LRU was on (bit 0 of the switch), `None` on a kernel without it.
+    pub fn mglru(&self) -> Option<bool> {
+        let text = self.lru_gen.as_deref()?;
+        let bits = u32::from_str_radix(text.trim_start_matches("0x"), 16).ok()?;
+        Some(bits & 1 == 1)
     }
 
     /// Reads `measured.json` from a result directory.

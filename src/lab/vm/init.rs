@@ -16,6 +16,8 @@ pub const DEST: &str = "/dev/mapper/dst";
 pub const NBD_SOCKET: &str = "/run/nbd.sock";
 /// Prefix of the framed lines the guest prints on its console.
 pub const FRAME: &str = "BOUNDIMPORT-LAB";
+/// The multi-gen LRU's run-time switch (a bit mask; bit 0 is the LRU itself): absent on kernels built without it.
+pub const LRU_GEN: &str = "/sys/kernel/mm/lru_gen/enabled";
 
 /// Settings of one guest run, baked into its `/init`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +40,10 @@ pub struct GuestRun {
     pub virtual_size: u64,
     /// boundimport's `--io` (`auto`, `direct`, `writebehind`), `None` for its default.
     pub boundimport_io: Option<String>,
+    /// The multi-gen LRU switched on or off before the importer runs, `None` to leave the kernel's own setting.
+    pub mglru: Option<bool>,
+    /// `vm.dirty_ratio` set before the importer runs, `None` for the kernel's own (20).
+    pub dirty_ratio: Option<u32>,
 }
 
 impl GuestRun {
@@ -110,6 +116,17 @@ done
              mount -t cgroup -o blkio blkio /sys/fs/cgroup/blkio || fail 'mounting v1 blkio'\n",
         ),
     }
+    if let Some(on) = run.mglru {
+        s.push_str(&format!(
+            "[ -e LRU_GEN ] || fail 'this kernel has no multi-gen LRU (no LRU_GEN)'\n\
+             echo {} > LRU_GEN || fail 'switching the multi-gen LRU {}'\n",
+            if on { "y" } else { "n" },
+            if on { "on" } else { "off" },
+        ));
+    }
+    if let Some(ratio) = run.dirty_ratio {
+        s.push_str(&format!("echo {ratio} > /proc/sys/vm/dirty_ratio || fail 'setting vm.dirty_ratio'\n"));
+    }
     s.push_str(
         r#"dmsetup --noudevsync create dst --table "0 $(blockdev --getsz DEST_DISK) linear DEST_DISK 0" || fail 'dmsetup create'
 [ -b DEST ] || fail 'no DEST'
@@ -149,6 +166,7 @@ STALLER=
         .replace("DEST_DISK", DEST_DISK)
         .replace("RESULT_DISK", RESULT_DISK)
         .replace("NBD_SOCKET", NBD_SOCKET)
+        .replace("LRU_GEN", LRU_GEN)
         .replace("DEST", DEST)
 }
 
@@ -203,6 +221,8 @@ mod tests {
             probe_bytes: 1 << 20,
             virtual_size: 1 << 30,
             boundimport_io: None,
+            mglru: None,
+            dirty_ratio: None,
         }
     }
 
@@ -220,6 +240,8 @@ mod tests {
         );
         assert!(s.contains("--limit 600000000 --virtual-size 1073741824 --cotenant-charge 104857600 --probe 1048576"));
         assert!(s.contains("tar -cf /dev/vdc -C /results ."));
+        assert!(!s.contains("lru_gen"), "the kernel's own multi-gen LRU setting is left alone");
+        assert!(!s.contains("dirty_ratio"));
         assert!(!s.contains("FRAME") && !s.contains("DEST_DISK") && !s.contains("NBD_SOCKET"));
     }
 
@@ -231,6 +253,13 @@ mod tests {
         assert!(s.contains("--source '/dev/vda'"));
         let s = script(&GuestRun { boundimport_io: Some("writebehind".into()), ..run() });
         assert!(s.contains("--probe 1048576 --io writebehind --out /results"));
+        let s = script(&GuestRun { mglru: Some(true), ..run() });
+        assert!(s.contains("echo y > /sys/kernel/mm/lru_gen/enabled || fail"));
+        let s = script(&GuestRun { dirty_ratio: Some(60), ..run() });
+        assert!(s.contains("echo 60 > /proc/sys/vm/dirty_ratio || fail"));
+        let s = script(&GuestRun { mglru: Some(false), ..run() });
+        assert!(s.contains("echo n > /sys/kernel/mm/lru_gen/enabled || fail 'switching the multi-gen LRU off'"));
+        assert!(s.find("lru_gen").unwrap() < s.find("lab guest").unwrap(), "switched before the importer runs");
         let s = script(&GuestRun { cgroup: Version::V1, ..run() });
         assert!(s.contains("mount -t cgroup -o memory memory /sys/fs/cgroup/memory"));
         assert!(!s.contains("cgroup2"));

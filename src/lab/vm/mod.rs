@@ -9,7 +9,7 @@
 pub mod guest;
 pub mod init;
 
-use super::report::{GuestConditions, Host, Report};
+use super::report::{GuestConditions, Host, Report, Run, Verdict};
 use super::{check_stop, write_outputs, Importer, KillOnDrop, RunData};
 use crate::cgroup::Version;
 use crate::error::{Error, ErrorKind, IoContext, Result};
@@ -60,6 +60,10 @@ pub struct VmConfig {
     pub out: PathBuf,
     /// boundimport's `--io` in the guest, `None` for its default (direct to a block device).
     pub boundimport_io: Option<String>,
+    /// The multi-gen LRU switched on or off in the guest, `None` for the kernel's own setting.
+    pub mglru: Option<bool>,
+    /// The guest's `vm.dirty_ratio`, `None` for the kernel's own (20).
+    pub dirty_ratio: Option<u32>,
 }
 
 impl VmConfig {
@@ -83,16 +87,22 @@ impl VmConfig {
             timeout: Duration::from_secs(20 * 60),
             out: out.into(),
             boundimport_io: None,
+            mglru: None,
+            dirty_ratio: None,
         }
     }
 
-    /// `v2-wb-off`-style name of the corner.
+    /// `v2-wb-off`-style name of the corner, with `-mglru-on`/`-mglru-off` when the lab sets the multi-gen LRU.
     pub fn corner(&self) -> String {
-        format!(
+        let mut name = format!(
             "v{}-wb-{}",
             if self.cgroup == Version::V1 { 1 } else { 2 },
             if self.cgroup_writeback { "on" } else { "off" }
-        )
+        );
+        if let Some(on) = self.mglru {
+            name.push_str(if on { "-mglru-on" } else { "-mglru-off" });
+        }
+        name
     }
 }
 
@@ -121,6 +131,24 @@ impl Prepared {
             .get(key)
             .map(String::as_str)
             .ok_or_else(|| Error::new(ErrorKind::Usage, format!("vm.env has no {key} (rerun scripts/lab-vm-prepare)")))
+    }
+
+    /// The guest kernel's build configuration: the `config-RELEASE` the kernel package puts beside its
+    /// `vmlinuz-RELEASE`; `None` when it cannot be read.
+    fn kernel_config(&self) -> Option<String> {
+        let kernel = Path::new(self.get("KERNEL").ok()?);
+        fs::read_to_string(kernel.with_file_name(format!("config-{}", self.get("KERNEL_RELEASE").ok()?))).ok()
+    }
+
+    /// Whether the guest kernel was built with the multi-gen LRU (`CONFIG_LRU_GEN=y`); `None` when unknown.
+    fn has_mglru(&self) -> Option<bool> {
+        Some(self.kernel_config()?.lines().any(|l| l.trim() == "CONFIG_LRU_GEN=y"))
+    }
+
+    /// Whether the guest kernel has the cgroup v1 memory controller: since 6.11 only with `CONFIG_MEMCG_V1=y`
+    /// (Debian's 6.12 leaves it out); before, with every memory cgroup. `None` when unknown.
+    fn has_memcg_v1(&self) -> Option<bool> {
+        Some(!self.kernel_config()?.lines().any(|l| l.trim() == "# CONFIG_MEMCG_V1 is not set"))
     }
 }
 
@@ -155,6 +183,12 @@ pub fn run(config: &VmConfig, stop: &AtomicBool) -> Result<(Report, Vec<GuestTim
         return Err(Error::usage("the guest lab needs root (its guests run the importers as root)"));
     }
     let prepared = Prepared::load(&config.dir)?;
+    if config.cgroup == Version::V1 && prepared.has_memcg_v1() == Some(false) {
+        return Err(Error::usage(format!(
+            "{} has no cgroup v1 memory controller (CONFIG_MEMCG_V1 is not set): use --guest-cgroup v2",
+            prepared.get("KERNEL_PACKAGE")?
+        )));
+    }
     fs::create_dir_all(&config.out).io_context("creating output directory").map_err(|e| e.at_path(&config.out))?;
     let virtual_size = super::virtual_size(&config.image, Path::new("qemu-img"))?;
     log::info!(
@@ -167,12 +201,22 @@ pub fn run(config: &VmConfig, stop: &AtomicBool) -> Result<(Report, Vec<GuestTim
     let mut runs = Vec::new();
     let mut timings = Vec::new();
     let mut kernel = String::new();
+    let mut mglru = None;
+    let mut dirty_ratio = None;
     for &importer in &config.importers {
         check_stop(stop)?;
         let (measured, timing) = run_guest(config, &prepared, importer, virtual_size, stop)?;
         kernel = measured.kernel.clone();
         if measured.cgroup_version != if config.cgroup == Version::V1 { 1 } else { 2 } {
             return Err(Error::new(ErrorKind::Io, format!("the guest ran on cgroup v{}", measured.cgroup_version)));
+        }
+        mglru = measured.mglru();
+        dirty_ratio = measured.dirty_ratio;
+        if config.mglru.is_some() && mglru != config.mglru {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("the guest's multi-gen LRU reads {:?} after it was switched", measured.lru_gen),
+            ));
         }
         let measured = measured.measured;
         let summary = measured.summarize();
@@ -198,6 +242,9 @@ pub fn run(config: &VmConfig, stop: &AtomicBool) -> Result<(Report, Vec<GuestTim
             stall: config.stall,
             guest_mem_bytes: config.guest_mem,
             cotenant_charge_bytes: config.cotenant_charge,
+            mglru,
+            mglru_set: config.mglru.is_some(),
+            dirty_ratio,
         }),
     };
     let path = config.out.join("guests.json");
@@ -266,6 +313,8 @@ fn run_guest(
         probe_bytes: config.probe_bytes,
         virtual_size,
         boundimport_io: config.boundimport_io.clone(),
+        mglru: config.mglru,
+        dirty_ratio: config.dirty_ratio,
     };
     let script = init::script(&run);
     fs::write(work.join("init"), &script).io_context("writing the guest's init").map_err(|e| e.at_path(&work))?;
@@ -406,61 +455,223 @@ fn run_guest(
     Ok((measured, timing))
 }
 
-/// One corner of the matrix.
+/// The cgroup corners of the matrix, in the order they run: (hierarchy, cgroup writeback).
+pub const CORNERS: [(Version, bool); 4] =
+    [(Version::V2, false), (Version::V2, true), (Version::V1, false), (Version::V1, true)];
+
+/// What `--matrix` runs: the cgroup corners, each crossed with the multi-gen LRU on and off where the kernel has
+/// it (unless the session's `--mglru` fixes it), `runs` qemu-img guests per cell.
+#[derive(Debug, Clone)]
+pub struct MatrixPlan {
+    /// Cgroup corners (hierarchy, cgroup writeback), in order.
+    pub corners: Vec<(Version, bool)>,
+    /// qemu-img guests per cell; boundimport runs once per cell (nothing in its run is left to chance).
+    pub runs: u32,
+}
+
+impl Default for MatrixPlan {
+    fn default() -> Self {
+        MatrixPlan { corners: CORNERS.to_vec(), runs: 1 }
+    }
+}
+
+/// One session of a cell: the first has every importer asked for, the repeats qemu-img alone.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct MatrixRow {
-    /// `v2-wb-off` and so on.
-    pub corner: String,
+pub struct CellSession {
     /// The session's report.
     pub report: Report,
     /// How each guest went.
     pub timings: Vec<GuestTiming>,
 }
 
-/// Runs the four corners (cgroup v1/v2 × cgroup writeback on/off), each into `out/CORNER`, and writes
-/// `out/matrix.md` and `out/matrix.json`.
-pub fn matrix(config: &VmConfig, stop: &AtomicBool) -> Result<Vec<MatrixRow>> {
-    let mut rows = Vec::new();
-    for (cgroup, writeback) in [(Version::V2, false), (Version::V2, true), (Version::V1, false), (Version::V1, true)] {
-        check_stop(stop)?;
-        let mut corner = VmConfig { cgroup, cgroup_writeback: writeback, ..config.clone() };
-        corner.out = config.out.join(corner.corner());
-        let (report, timings) = run(&corner, stop)?;
-        rows.push(MatrixRow { corner: corner.corner(), report, timings });
+/// One cell of the matrix.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MatrixRow {
+    /// `v2-wb-on-mglru-on` and so on.
+    pub cell: String,
+    /// qemu-img guests run in the cell.
+    pub qemu_img_runs: usize,
+    /// Of those, the ones OOMKILLED.
+    pub qemu_img_kills: usize,
+    /// What killed qemu-img in this cell, or why nothing did ([`mechanism`]).
+    pub mechanism: &'static str,
+    /// The sessions, first to last.
+    pub sessions: Vec<CellSession>,
+}
+
+impl MatrixRow {
+    fn new(cell: String, sessions: Vec<CellSession>) -> Self {
+        let qemu: Vec<&Run> =
+            sessions.iter().flat_map(|s| &s.report.runs).filter(|r| r.importer == "qemu-img").collect();
+        let kills = qemu.iter().filter(|r| r.verdict == Verdict::OomKilled).count();
+        let pinned = qemu.iter().any(|r| r.verdict == Verdict::Pinned);
+        let host = &sessions[0].report.host;
+        let guest = host.guest.as_ref();
+        let mechanism = if qemu.is_empty() {
+            "-"
+        } else {
+            mechanism(
+                host.cgroup_version,
+                guest.is_some_and(|g| g.cgroup_writeback),
+                guest.and_then(|g| g.mglru),
+                guest.is_some_and(|g| g.stall.is_some()),
+                kills > 0,
+                pinned,
+            )
+        };
+        MatrixRow { cell, qemu_img_runs: qemu.len(), qemu_img_kills: kills, mechanism, sessions }
     }
-    let json = serde_json::to_string_pretty(&rows)
-        .map_err(|e| Error::new(ErrorKind::Io, "serialising the matrix").with_source(e))?;
-    let path = config.out.join("matrix.json");
-    fs::write(&path, json + "\n").io_context("writing matrix.json").map_err(|e| e.at_path(&path))?;
-    let path = config.out.join("matrix.md");
-    fs::write(&path, matrix_table(&rows)).io_context("writing matrix.md").map_err(|e| e.at_path(&path))?;
+
+    fn runs<'a>(&'a self, importer: &'a str) -> impl Iterator<Item = (&'a Run, &'a GuestTiming)> + 'a {
+        self.sessions
+            .iter()
+            .flat_map(|s| s.report.runs.iter().zip(&s.timings))
+            .filter(move |(r, _)| r.importer == importer)
+    }
+}
+
+/// Which of the three mechanisms killed qemu-img in a cell, from the cell's conditions; or, when nothing did, what
+/// the kernel did instead. Measured on Debian's 6.12.100 (docs/lab.md): without cgroup writeback the dirty limits are
+/// global, so nothing but reclaim starts writeback of the cgroup's dirty pages; the multi-gen LRU before 6.13 does not
+/// wake the flushers from reclaim, so the cgroup fills with dirty pages nobody writes and is killed even while the
+/// device keeps up, where the classic LRU wakes them and pins. With a stalling device writeback cannot complete and
+/// either LRU is killed. With cgroup writeback the writer is throttled at the cgroup's dirty limit; on v1 reclaim
+/// waits on writeback.
+pub fn mechanism(
+    cgroup_version: u8,
+    cgroup_writeback: bool,
+    mglru: Option<bool>,
+    stalls: bool,
+    killed: bool,
+    pinned: bool,
+) -> &'static str {
+    match (cgroup_version, cgroup_writeback, mglru, stalls, killed) {
+        (1, _, _, _, true) => "v1 legacy memcg reclaim gave up on pages under writeback",
+        (_, false, Some(true), false, true) => {
+            "multi-gen LRU without flusher wake-ups (before 6.13), no cgroup writeback: the cgroup filled with dirty \
+             pages nothing wrote"
+        }
+        (_, false, Some(true), true, true) => {
+            "no cgroup writeback and a stalled device, the multi-gen LRU not waking the flushers either (1 and 2)"
+        }
+        (_, false, _, true, true) => {
+            "no cgroup writeback (NFS/FUSE) and a stalled device: global dirty limits, the cgroup filled with dirty \
+             and writeback pages"
+        }
+        (_, false, _, false, true) => "no cgroup writeback (NFS/FUSE): global dirty limits, the cgroup filled with dirty pages",
+        (_, true, _, _, true) => {
+            "cgroup writeback, yet dirty + writeback filled the cgroup (a dirty limit near its size and a stalled device)"
+        }
+        (1, _, _, _, false) if pinned => "none: v1 reclaim waited on writeback (pinned)",
+        (_, true, _, _, false) if pinned => {
+            "none: cgroup writeback throttled qemu-img at the cgroup's dirty limit; reclaim freed clean cache (pinned)"
+        }
+        (_, false, _, _, false) if pinned => "none: reclaim woke the flushers and found clean pages (pinned)",
+        _ => "none: the cgroup never filled",
+    }
+}
+
+/// Runs the cells (the plan's cgroup corners × the multi-gen LRU on and off on a kernel that has it, or the session's
+/// `--mglru`), each into `out/CELL` and its repeats into `out/CELL/run-K`, and writes `out/matrix.md` and
+/// `out/matrix.json`.
+pub fn matrix(config: &VmConfig, plan: &MatrixPlan, stop: &AtomicBool) -> Result<Vec<MatrixRow>> {
+    let prepared = Prepared::load(&config.dir)?;
+    let mglru_axis: Vec<Option<bool>> = match (config.mglru, prepared.has_mglru()) {
+        (Some(on), _) => vec![Some(on)],
+        (None, Some(true)) => vec![Some(false), Some(true)],
+        (None, _) => vec![None],
+    };
+    let mut rows = Vec::new();
+    for &(cgroup, writeback) in &plan.corners {
+        if cgroup == Version::V1 && prepared.has_memcg_v1() == Some(false) {
+            log::warn!(
+                "lab --vm: skipping the v1 corners: the kernel has no cgroup v1 memory controller (CONFIG_MEMCG_V1)"
+            );
+            continue;
+        }
+        for &mglru in &mglru_axis {
+            check_stop(stop)?;
+            let mut cell = VmConfig { cgroup, cgroup_writeback: writeback, mglru, ..config.clone() };
+            let name = cell.corner();
+            cell.out = config.out.join(&name);
+            let (report, timings) = run(&cell, stop)?;
+            let mut sessions = vec![CellSession { report, timings }];
+            if cell.importers.contains(&Importer::QemuImg) {
+                for k in 2..=plan.runs {
+                    check_stop(stop)?;
+                    let again = VmConfig {
+                        importers: vec![Importer::QemuImg],
+                        out: cell.out.join(format!("run-{k}")),
+                        ..cell.clone()
+                    };
+                    let (report, timings) = run(&again, stop)?;
+                    sessions.push(CellSession { report, timings });
+                }
+            }
+            let row = MatrixRow::new(name, sessions);
+            log::info!(
+                "lab --vm: {}: qemu-img killed in {} of {} ({})",
+                row.cell,
+                row.qemu_img_kills,
+                row.qemu_img_runs,
+                row.mechanism
+            );
+            rows.push(row);
+            // Written after every cell, so a long matrix shows its progress and survives an interruption.
+            write_matrix(&config.out, &rows)?;
+        }
+    }
     Ok(rows)
 }
 
-/// The matrix as one Markdown verdict table.
+fn write_matrix(out: &Path, rows: &[MatrixRow]) -> Result<()> {
+    let json = serde_json::to_string_pretty(rows)
+        .map_err(|e| Error::new(ErrorKind::Io, "serialising the matrix").with_source(e))?;
+    let path = out.join("matrix.json");
+    fs::write(&path, json + "\n").io_context("writing matrix.json").map_err(|e| e.at_path(&path))?;
+    let path = out.join("matrix.md");
+    fs::write(&path, matrix_table(rows)).io_context("writing matrix.md").map_err(|e| e.at_path(&path))
+}
+
+/// The matrix as one Markdown table, a row per cell: the conditions, qemu-img's kills out of runs with each run's
+/// verdict and first kill, the mechanism, and boundimport's verdict and peak beside them.
 pub fn matrix_table(rows: &[MatrixRow]) -> String {
     let mut out = String::from(
-        "| corner | kernel | importer | verdict | peak | dirty+writeback peak | limit hits | oom kills | killed at s | wall s | stall max ms |\n\
-         |---|---|---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| cell | kernel | cgroup | cgroup writeback | multi-gen LRU | stalls | qemu-img killed | qemu-img runs (first kill s) \
+         | dirty+writeback peak | limit hits | mechanism | boundimport | boundimport peak |\n\
+         |---|---|---|---|---|---|---:|---|---:|---:|---|---|---:|\n",
     );
     for row in rows {
-        for (r, timing) in row.report.runs.iter().zip(&row.timings) {
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} |",
-                row.corner,
-                row.report.host.kernel,
-                r.importer,
-                r.verdict.as_str(),
-                human(r.peak_bytes),
-                human(r.dirty_writeback_peak_bytes),
-                r.limit_hits,
-                r.oom_kills,
-                timing.kill_seconds.map_or_else(|| "-".to_string(), |v| format!("{v:.1}")),
-                r.wall_seconds,
-                r.stall_max_ms.map_or_else(|| "-".to_string(), |v| format!("{v:.0}")),
-            );
-        }
+        let host = &row.sessions[0].report.host;
+        let guest = host.guest.as_ref();
+        let qemu: Vec<_> = row.runs("qemu-img").collect();
+        let verdicts: Vec<String> = qemu
+            .iter()
+            .map(|(r, t)| match t.kill_seconds {
+                Some(k) => format!("{} ({k:.1})", r.verdict.as_str()),
+                None => r.verdict.as_str().to_string(),
+            })
+            .collect();
+        let dirty = qemu.iter().map(|(r, _)| r.dirty_writeback_peak_bytes).max();
+        let hits: Vec<String> = qemu.iter().map(|(r, _)| r.limit_hits.to_string()).collect();
+        let ours = row.runs("boundimport").next();
+        let _ = writeln!(
+            out,
+            "| {} | {} | v{} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            row.cell,
+            host.kernel,
+            host.cgroup_version,
+            if guest.is_some_and(|g| g.cgroup_writeback) { "on" } else { "off" },
+            guest.map_or_else(|| "-".to_string(), GuestConditions::mglru_text),
+            guest.and_then(|g| g.stall).map_or_else(|| "none".to_string(), |(run, stop)| format!("{run}:{stop}")),
+            if qemu.is_empty() { "-".to_string() } else { format!("{} of {}", row.qemu_img_kills, row.qemu_img_runs) },
+            if verdicts.is_empty() { "-".to_string() } else { verdicts.join(", ") },
+            dirty.map_or_else(|| "-".to_string(), human),
+            if hits.is_empty() { "-".to_string() } else { hits.join(", ") },
+            row.mechanism,
+            ours.map_or("-", |(r, _)| r.verdict.as_str()),
+            ours.map_or_else(|| "-".to_string(), |(r, _)| human(r.peak_bytes)),
+        );
     }
     out
 }
@@ -485,5 +696,131 @@ mod tests {
         c.cgroup = Version::V1;
         c.cgroup_writeback = true;
         assert_eq!(c.corner(), "v1-wb-on");
+        c.cgroup = Version::V2;
+        c.mglru = Some(true);
+        assert_eq!(c.corner(), "v2-wb-on-mglru-on");
+        c.mglru = Some(false);
+        assert_eq!(c.corner(), "v2-wb-on-mglru-off");
+    }
+
+    #[test]
+    fn each_kill_is_named_by_the_conditions_that_allow_it() {
+        // (cgroup version, cgroup writeback, multi-gen LRU, stalls, killed, pinned)
+        assert!(mechanism(2, false, Some(true), false, true, true).starts_with("multi-gen LRU without flusher"));
+        assert!(mechanism(2, false, Some(true), true, true, false).ends_with("(1 and 2)"));
+        assert!(mechanism(2, false, Some(false), true, true, false)
+            .starts_with("no cgroup writeback (NFS/FUSE) and a stalled"));
+        assert!(mechanism(2, false, None, false, true, true).starts_with("no cgroup writeback (NFS/FUSE): global"));
+        assert!(mechanism(2, true, Some(false), true, true, false).starts_with("cgroup writeback, yet"));
+        assert!(mechanism(1, false, Some(true), false, true, false).starts_with("v1 legacy"));
+        assert!(mechanism(1, true, None, true, false, true).starts_with("none: v1 reclaim waited"));
+        assert!(mechanism(2, true, Some(true), true, false, true).starts_with("none: cgroup writeback throttled"));
+        assert!(mechanism(2, false, Some(false), false, false, true).starts_with("none: reclaim woke the flushers"));
+        assert_eq!(mechanism(2, true, Some(true), false, false, false), "none: the cgroup never filled");
+    }
+
+    fn run(importer: &str, verdict: Verdict, peak: u64, dirty: u64) -> Run {
+        Run {
+            importer: importer.into(),
+            verdict,
+            exit_status: if verdict == Verdict::OomKilled { 137 } else { 0 },
+            wall_seconds: 100.0,
+            throughput_bytes_per_sec: None,
+            peak_bytes: peak,
+            kubectl_top_peak_bytes: peak,
+            dirty_writeback_peak_bytes: dirty,
+            pinned_seconds: 0.0,
+            limit_hits: 7,
+            oom_kills: u64::from(verdict == Verdict::OomKilled),
+            stall_p50_ms: None,
+            stall_p99_ms: None,
+            stall_max_ms: None,
+            note: None,
+        }
+    }
+
+    fn session(runs: Vec<Run>, kills: &[Option<f64>], mglru: Option<bool>) -> CellSession {
+        let timings = runs
+            .iter()
+            .zip(kills)
+            .map(|(r, &kill_seconds)| GuestTiming {
+                importer: r.importer.clone(),
+                boot_seconds: Some(4.0),
+                guest_seconds: 120.0,
+                stalls: 2,
+                kill_seconds,
+            })
+            .collect();
+        let host = Host {
+            kernel: "6.12.100+deb12-amd64".into(),
+            cgroup_version: 2,
+            limit_bytes: 600_000_000,
+            write_bps: Some(30 << 20),
+            guest: Some(GuestConditions {
+                kernel_package: "linux-image-6.12.100+deb12-amd64".into(),
+                cgroup_writeback: true,
+                stall: Some((15, 40)),
+                guest_mem_bytes: 8 << 30,
+                cotenant_charge_bytes: 100 << 20,
+                mglru,
+                mglru_set: true,
+                dirty_ratio: Some(20),
+            }),
+        };
+        CellSession { report: Report { host, runs }, timings }
+    }
+
+    #[test]
+    fn a_cell_counts_kills_out_of_runs_and_puts_both_importers_side_by_side() {
+        let first = session(
+            vec![
+                run("qemu-img", Verdict::OomKilled, 480 << 20, 400 << 20),
+                run("boundimport", Verdict::Bounded, 18 << 20, 0),
+            ],
+            &[Some(42.5), None],
+            Some(true),
+        );
+        let again = session(vec![run("qemu-img", Verdict::Pinned, 470 << 20, 90 << 20)], &[None], Some(true));
+        let row = MatrixRow::new("v2-wb-on-mglru-on".into(), vec![first, again]);
+        assert_eq!((row.qemu_img_kills, row.qemu_img_runs), (1, 2));
+        assert!(row.mechanism.starts_with("cgroup writeback, yet"), "{}", row.mechanism);
+        let table = matrix_table(&[row]);
+        let line = table.lines().nth(2).unwrap();
+        assert!(
+            line.starts_with("| v2-wb-on-mglru-on | 6.12.100+deb12-amd64 | v2 | on | on (--mglru) | 15:40 | 1 of 2 |"),
+            "{line}"
+        );
+        assert!(line.contains("| OOMKILLED (42.5), PINNED |"), "{line}");
+        assert!(line.contains("| 400.00 MiB | 7, 7 | cgroup writeback, yet"), "{line}");
+        assert!(line.ends_with("| BOUNDED | 18.00 MiB |"), "{line}");
+
+        let control = session(vec![run("qemu-img", Verdict::Pinned, 470 << 20, 90 << 20)], &[None], Some(false));
+        let row = MatrixRow::new("v2-wb-on-mglru-off".into(), vec![control]);
+        assert_eq!((row.qemu_img_kills, row.qemu_img_runs), (0, 1));
+        assert!(row.mechanism.starts_with("none: cgroup writeback throttled"), "{}", row.mechanism);
+        assert!(matrix_table(&[row]).lines().nth(2).unwrap().ends_with("| - | - |"), "no boundimport in the cell");
+    }
+
+    #[test]
+    fn the_kernel_config_says_whether_there_is_a_multi_gen_lru() {
+        let dir = std::env::temp_dir().join(format!("boundimport-vm-config-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let prepared = |release: &str| Prepared {
+            vars: HashMap::from([
+                ("KERNEL".to_string(), dir.join(format!("vmlinuz-{release}")).display().to_string()),
+                ("KERNEL_RELEASE".to_string(), release.to_string()),
+            ]),
+        };
+        fs::write(dir.join("config-6.12"), "CONFIG_MEMCG=y\nCONFIG_LRU_GEN=y\nCONFIG_LRU_GEN_ENABLED=y\n").unwrap();
+        fs::write(dir.join("config-5.10"), "CONFIG_MEMCG=y\n# CONFIG_LRU_GEN is not set\n").unwrap();
+        fs::write(dir.join("config-6.12-no-v1"), "CONFIG_MEMCG=y\n# CONFIG_MEMCG_V1 is not set\nCONFIG_LRU_GEN=y\n")
+            .unwrap();
+        assert_eq!(prepared("6.12").has_mglru(), Some(true));
+        assert_eq!(prepared("5.10").has_mglru(), Some(false));
+        assert_eq!(prepared("none").has_mglru(), None);
+        assert_eq!(prepared("5.10").has_memcg_v1(), Some(true), "before 6.11 every memory cgroup has v1");
+        assert_eq!(prepared("6.12-no-v1").has_memcg_v1(), Some(false));
+        assert_eq!(prepared("none").has_memcg_v1(), None);
+        fs::remove_dir_all(&dir).unwrap();
     }
 }
