@@ -113,6 +113,12 @@ impl Budget {
         Ok(budget)
     }
 
+    /// Bytes the reorder window of parallel range requests may hold: a thirty-second of the budget, between 4 and
+    /// 16 MiB (16 MiB in CDI's 600M pod, beside the 48 MiB of [`sizing`](Self::sizing): 64 MiB planned in all).
+    pub fn range_window(&self) -> u64 {
+        (self.bytes / 32).clamp(4 * MIB, 16 * MIB)
+    }
+
     /// The planned footprint: an eighth of the budget, between 8 and 64 MiB. Up to half of it, at most
     /// [`MAX_POOL`], is buffers; half is the write-behind window.
     pub fn sizing(&self) -> Sizing {
