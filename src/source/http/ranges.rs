@@ -12,12 +12,12 @@
 //! honoured) hands the reader back to the one-connection path; a different range than asked, or another ETag or
 //! Last-Modified than the probe's, fails the import naming the URL and offset: versions are never mixed.
 
-use super::client::{is_stop, is_timeout, Client};
+use super::client::{is_stop, is_timeout, Client, Response};
 use super::random::{backoff, changed};
 use crate::error::{Error, ErrorKind, Result};
 use std::collections::{BTreeSet, HashMap};
 use std::io::Read;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -63,6 +63,9 @@ struct Shared {
     fixed: bool,
     /// Raised when the source is dropped: workers leave after their current read.
     closed: AtomicBool,
+    /// Requests whose body is being received now, and the most at once: the connections that carried bytes.
+    receiving: AtomicUsize,
+    peak: AtomicUsize,
     state: Mutex<State>,
     /// A chunk arrived, or the window failed or went off.
     arrived: Condvar,
@@ -92,7 +95,6 @@ struct State {
     /// Worker threads alive, and how many may be.
     workers: usize,
     allowed: usize,
-    peak: usize,
     /// The slow start's measurement.
     growth: Growth,
     /// Range support was lost: every read takes the one-connection path.
@@ -146,7 +148,6 @@ impl Window {
             generation: 0,
             workers: 0,
             allowed: if fixed { cap } else { START_CONNECTIONS.min(cap) },
-            peak: 0,
             growth: Growth { since: Instant::now(), bytes: 0, best: 0.0, settled: fixed },
             off: false,
             failed: None,
@@ -160,6 +161,8 @@ impl Window {
             cap,
             fixed,
             closed: AtomicBool::new(false),
+            receiving: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
             state: Mutex::new(state),
             arrived: Condvar::new(),
             moved: Condvar::new(),
@@ -239,8 +242,9 @@ impl Window {
             );
             state.growth = Growth { since: Instant::now(), ..state.growth };
         }
-        while state.workers < state.allowed {
-            spawn(shared, state);
+        while state.workers < state.allowed && spawn(shared, state) {}
+        if state.workers == 0 {
+            state.off = true;
         }
         shared.moved.notify_all();
     }
@@ -249,11 +253,12 @@ impl Window {
 impl Drop for Window {
     fn drop(&mut self) {
         self.shared.closed.store(true, Ordering::Relaxed);
-        let state = self.shared.lock();
-        if state.peak > 0 {
-            log::info!("{}: parallel range requests used up to {} connections", self.shared.client.name(), state.peak);
+        let peak = self.shared.peak.load(Ordering::Relaxed);
+        if peak > 0 {
+            log::info!("{}: parallel range requests used up to {peak} connections", self.shared.client.name());
         }
-        drop(state);
+        // Under the lock, so no worker is between looking at `closed` and waiting.
+        let _state = self.shared.lock();
         self.shared.moved.notify_all();
     }
 }
@@ -327,9 +332,6 @@ impl Shared {
             };
             let generation = state.generation;
             state.fetching += 1;
-            let busy = state.fetching.min(state.workers);
-            state.peak = state.peak.max(busy);
-            self.client.note_parallel(state.peak, self.slots * self.chunk);
             let mut buffer = state.spare.pop().unwrap_or_default();
             drop(state);
 
@@ -444,8 +446,11 @@ impl Shared {
         log::debug!("{}: {:.1} MB/s on {} connections{verdict}", self.client.name(), rate / 1e6, state.allowed);
         if grew && state.allowed < self.cap {
             state.growth.best = rate;
-            state.allowed += 1;
-            spawn(self, state);
+            if spawn(self, state) {
+                state.allowed += 1;
+            } else {
+                state.growth.settled = true;
+            }
         } else {
             state.growth.settled = true;
         }
@@ -500,7 +505,7 @@ impl Shared {
     /// One request for `at..end`, read into `out` (its length is `end - at`): the bytes read, or why it ended.
     fn fetch_part(&self, at: u64, end: u64, out: &mut [u8]) -> std::result::Result<usize, Part> {
         let client = &self.client;
-        let mut response = match client.get_any(Some((at, Some(end - 1))), true) {
+        let response = match client.get_any(Some((at, Some(end - 1))), true) {
             Ok(response) => response,
             Err(e) if e.kind() == ErrorKind::Interrupted => return Err(Part::Fetched(Fetched::Failed(e))),
             // No connection (refused, reset, timed out): the server takes fewer connections than asked.
@@ -551,6 +556,18 @@ impl Shared {
             }
             (_, _) => return Err(Part::Fetched(Fetched::Failed(client.refusal(response).at_offset(at)))),
         }
+        let receiving = self.receiving.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.peak.fetch_max(receiving, Ordering::Relaxed) < receiving {
+            self.client.note_parallel(receiving, self.slots * self.chunk);
+        }
+        let read = self.read_body(response, at, end, out);
+        self.receiving.fetch_sub(1, Ordering::Relaxed);
+        read
+    }
+
+    /// Reads the body of the range `at..end` into `out`.
+    fn read_body(&self, mut response: Response, at: u64, end: u64, out: &mut [u8]) -> std::result::Result<usize, Part> {
+        let client = &self.client;
         let mut done = 0;
         while done < out.len() {
             if self.closed.load(Ordering::Relaxed) {
@@ -582,13 +599,18 @@ enum Part {
     Dropped(usize, String),
 }
 
-/// Starts one more worker (the caller holds the lock and has checked the connections allowed).
-fn spawn(shared: &Arc<Shared>, state: &mut State) {
+/// Starts one more worker (the caller holds the lock and has checked the connections allowed); whether it could.
+fn spawn(shared: &Arc<Shared>, state: &mut State) -> bool {
     let worker = shared.clone();
-    let started = thread::Builder::new().name("http-range".into()).spawn(move || worker.work());
-    match started {
-        Ok(_) => state.workers += 1,
-        Err(e) => log::warn!("{}: no thread for another connection: {e}", shared.client.name()),
+    match thread::Builder::new().name("http-range".into()).spawn(move || worker.work()) {
+        Ok(_) => {
+            state.workers += 1;
+            true
+        }
+        Err(e) => {
+            log::warn!("{}: no thread for another connection: {e}", shared.client.name());
+            false
+        }
     }
 }
 
