@@ -606,7 +606,7 @@ impl Client {
         if is_timeout(&e) {
             return self.error(
                 ErrorKind::Io,
-                format!("{what}: no data for {} s (stalled)", self.options.stall_timeout.as_secs_f64()),
+                format!("{what}: no data for {} s {STALLED}", self.options.stall_timeout.as_secs_f64()),
             );
         }
         match e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) {
@@ -617,6 +617,14 @@ impl Client {
             None => Error::io(what, e).at_path(&self.name),
         }
     }
+}
+
+/// How [`Client::io_error`] ends the message of a stall.
+const STALLED: &str = "(stalled)";
+
+/// Whether `e` is a stall as [`Client::io_error`] words it: the server is there but sends nothing.
+pub(crate) fn is_stall(e: &Error) -> bool {
+    e.operation().ends_with(STALLED)
 }
 
 /// Whether `e` is a socket read/write timeout.

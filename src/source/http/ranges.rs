@@ -12,7 +12,7 @@
 //! honoured) hands the reader back to the one-connection path; a different range than asked, or another ETag or
 //! Last-Modified than the probe's, fails the import naming the URL and offset: versions are never mixed.
 
-use super::client::{is_stop, is_timeout, Client, Response};
+use super::client::{is_stall, is_stop, is_timeout, Client, Response};
 use super::random::{backoff, changed};
 use crate::error::{Error, ErrorKind, Result};
 use std::collections::{BTreeSet, HashMap};
@@ -33,8 +33,9 @@ const MIN_SLOTS: u64 = 4;
 const MAX_CONNECTIONS: usize = 8;
 /// Connections a slow start begins with.
 const START_CONNECTIONS: usize = 2;
-/// A rate counts as grown when it is this much above the best so far.
-const GROWTH: f64 = 1.15;
+/// A rate counts as grown when it gained at least this share of what one more connection would add if each
+/// carried as much as the others (going from n - 1 to n connections could add 1/(n - 1)).
+const GROWTH: f64 = 0.5;
 /// Shortest measuring period of the slow start.
 const PERIOD: Duration = Duration::from_millis(300);
 
@@ -183,6 +184,10 @@ impl Window {
         }
         let index = offset / shared.chunk;
         let inside = state.active && index >= state.base && index < state.base + shared.slots;
+        if !inside && state.active && index < state.base {
+            // Behind the window (a table the format looks up again): one request, and the window stays.
+            return Ok(Served::Pass);
+        }
         if !inside {
             let sequential = offset == state.last_end;
             state.last_end = offset + buf.len() as u64;
@@ -437,7 +442,8 @@ impl Shared {
             return;
         }
         let rate = state.growth.bytes as f64 / elapsed.as_secs_f64();
-        let grew = rate > state.growth.best * GROWTH;
+        let expected = 1.0 / (state.allowed.max(2) - 1) as f64;
+        let grew = rate > state.growth.best * (1.0 + GROWTH * expected);
         let verdict = match (grew, state.allowed < self.cap) {
             (true, true) => "; adding one",
             (true, false) => "; the most allowed",
@@ -508,7 +514,9 @@ impl Shared {
         let response = match client.get_any(Some((at, Some(end - 1))), true) {
             Ok(response) => response,
             Err(e) if e.kind() == ErrorKind::Interrupted => return Err(Part::Fetched(Fetched::Failed(e))),
-            // No connection (refused, reset, timed out): the server takes fewer connections than asked.
+            // A stall fails as on one connection: within the stall timeout.
+            Err(e) if is_stall(&e) => return Err(Part::Fetched(Fetched::Failed(e.at_offset(at)))),
+            // No connection (refused, reset): the server takes fewer connections than asked.
             Err(e) => return Err(Part::Fetched(Fetched::Refused(e.to_string()))),
         };
         let fail = |what: String| Part::Fetched(Fetched::Failed(client.error(ErrorKind::Io, what).at_offset(at)));
