@@ -163,7 +163,7 @@ struct ImportArgs {
     retries: u32,
 
     /// Connections for a remote source that honours Range: its bytes ahead are fetched as parallel range requests
-    /// and handed on in order from a window sized by the memory budget. Default: start with 2 and add while the
+    /// and handed on in order from a window sized by the memory budget. Default: start with 1 and add while the
     /// rate grows, up to 8; 1 reads over one connection.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     connections: Option<u16>,

@@ -7,7 +7,7 @@
 //! map. The window holds at most `slots` chunks, fetched or being fetched, so its memory is fixed by the budget
 //! whatever the server says; a chunk is dropped as soon as the reader has moved past it.
 //!
-//! Connections start at two and grow one at a time while the aggregate rate grows (slow start); a 429 or 503, or a
+//! Connections start at one and grow one at a time while the aggregate rate grows (slow start); a 429 or 503, or a
 //! connection that cannot be opened, takes one away. A server that answers a range with `200` (Range no longer
 //! honoured) hands the reader back to the one-connection path; a different range than asked, or another ETag or
 //! Last-Modified than the probe's, fails the import naming the URL and offset: versions are never mixed.
@@ -31,8 +31,9 @@ const CHUNK: u64 = 1 << 20;
 const MIN_SLOTS: u64 = 4;
 /// Most connections the slow start goes to.
 const MAX_CONNECTIONS: usize = 8;
-/// Connections a slow start begins with.
-const START_CONNECTIONS: usize = 2;
+/// Connections a slow start begins with: one, so that a server as fast on one connection as on several (a local
+/// one, measured 0.49 s for 512 MiB on one against 0.60 s on two) keeps one.
+const START_CONNECTIONS: usize = 1;
 /// A rate counts as grown when it gained at least this share of what one more connection would add if each
 /// carried as much as the others (going from n - 1 to n connections could add 1/(n - 1)).
 const GROWTH: f64 = 0.5;
@@ -243,7 +244,7 @@ impl Window {
                 shared.client.name(),
                 if shared.fixed { "" } else { "up to " },
                 if shared.fixed { state.allowed } else { shared.cap },
-                shared.slots * shared.chunk >> 20
+                (shared.slots * shared.chunk) >> 20
             );
             state.growth = Growth { since: Instant::now(), ..state.growth };
         }
@@ -447,7 +448,7 @@ impl Shared {
         let verdict = match (grew, state.allowed < self.cap) {
             (true, true) => "; adding one",
             (true, false) => "; the most allowed",
-            (false, _) => ": no faster than with one fewer, staying",
+            (false, _) => ": no faster than with one fewer, going back to it",
         };
         log::debug!("{}: {:.1} MB/s on {} connections{verdict}", self.client.name(), rate / 1e6, state.allowed);
         if grew && state.allowed < self.cap {
@@ -458,6 +459,10 @@ impl Shared {
                 state.growth.settled = true;
             }
         } else {
+            if !grew && state.allowed > START_CONNECTIONS {
+                // The last one added did not pay: its worker leaves at its next chunk.
+                state.allowed -= 1;
+            }
             state.growth.settled = true;
         }
         state.growth.since = Instant::now();
