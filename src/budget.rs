@@ -195,6 +195,15 @@ mod tests {
     }
 
     #[test]
+    fn the_range_window_and_the_plan_stay_within_64_mib_in_a_cdi_pod() {
+        let cdi = Budget { bytes: 600_000_000, origin: BudgetOrigin::Cgroup };
+        let sizing = cdi.sizing();
+        assert_eq!(cdi.range_window(), 16 * MIB);
+        assert!(sizing.workers as u64 * sizing.chunk + sizing.dirty_target + cdi.range_window() <= 64 * MIB);
+        assert_eq!(Budget { bytes: MIN_BUDGET, origin: BudgetOrigin::Explicit }.range_window(), 4 * MIB);
+    }
+
+    #[test]
     fn a_bzip2_decoder_fits_the_smallest_budget_beside_the_plan() {
         let tiny = sizing(MIN_BUDGET);
         let planned = tiny.workers as u64 * tiny.chunk + tiny.dirty_target;
