@@ -113,6 +113,12 @@ impl Budget {
         Ok(budget)
     }
 
+    /// Bytes the reorder window of parallel range requests may hold: a thirty-second of the budget, between 4 and
+    /// 16 MiB (16 MiB in CDI's 600M pod, beside the 48 MiB of [`sizing`](Self::sizing): 64 MiB planned in all).
+    pub fn range_window(&self) -> u64 {
+        (self.bytes / 32).clamp(4 * MIB, 16 * MIB)
+    }
+
     /// The planned footprint: an eighth of the budget, between 8 and 64 MiB. Up to half of it, at most
     /// [`MAX_POOL`], is buffers; half is the write-behind window.
     pub fn sizing(&self) -> Sizing {
@@ -186,6 +192,15 @@ mod tests {
             assert!(err.to_string().contains("32.00 MiB an import needs"), "{err}");
         }
         assert!(Budget::resolve(Some(MIN_BUDGET), None).is_ok());
+    }
+
+    #[test]
+    fn the_range_window_and_the_plan_stay_within_64_mib_in_a_cdi_pod() {
+        let cdi = Budget { bytes: 600_000_000, origin: BudgetOrigin::Cgroup };
+        let sizing = cdi.sizing();
+        assert_eq!(cdi.range_window(), 16 * MIB);
+        assert!(sizing.workers as u64 * sizing.chunk + sizing.dirty_target + cdi.range_window() <= 64 * MIB);
+        assert_eq!(Budget { bytes: MIN_BUDGET, origin: BudgetOrigin::Explicit }.range_window(), 4 * MIB);
     }
 
     #[test]

@@ -162,6 +162,12 @@ struct ImportArgs {
     #[arg(long, value_name = "N", default_value_t = 5)]
     retries: u32,
 
+    /// Connections for a remote source that honours Range: its bytes ahead are fetched as parallel range requests
+    /// and handed on in order from a window sized by the memory budget. Default: start with 1 and add while the
+    /// rate grows, up to 8; 1 reads over one connection.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    connections: Option<u16>,
+
     /// Append every cgroup reading of the write-behind governor to this CSV file.
     #[arg(long, value_name = "CSV")]
     governor_log: Option<PathBuf>,
@@ -306,6 +312,8 @@ fn import_and_report(args: &ImportArgs, progress: &Progress) -> Result<()> {
                 path_style: args.s3_path_style,
             },
             stop: Some(crate::process::stop_flag()),
+            connections: args.connections.map(usize::from),
+            ..HttpOptions::default()
         },
         scratch: args.scratch.clone(),
         ..Plan::new(Location::parse(source), dest)

@@ -3,8 +3,9 @@
 //! every run (each importer runs alone in a fresh 600M child cgroup, caches dropped first).
 //!
 //! Needs root (loop devices, cgroups, drop_caches). Run: `cargo bench --bench perf -- [--runs N]
-//! [--cases incompressible,file,zlib,zstd,debian,mostly-zero,parallel] [--pods 1,2,4,8]`; without `--cases`, every
-//! case but `parallel` (many imports at once, about 8 minutes a run: see [`parallel`]), which runs only when named;
+//! [--cases incompressible,file,zlib,zstd,debian,mostly-zero,parallel,remote] [--pods 1,2,4,8] [--remote-size MiB]`;
+//! without `--cases`, every case but `parallel` (many imports at once, about 8 minutes a run: see [`parallel`]) and
+//! `remote` (through a server throttling each connection: see [`remote`]), which run only when named;
 //! `--runs 0` only generates the images. Test images are generated once into target/bench-images/ (about 17 GiB
 //! of disk: 8 of them the parallel case's eight 1 GiB copies; the 20 GiB image is sparse).
 //!
@@ -13,6 +14,7 @@
 //! debootstrap; the bench installs debootstrap with `apt-get install debootstrap` when it is missing.
 
 mod parallel;
+mod remote;
 
 use boundimport::lab::fixtures::{drop_caches, is_root, ChildCgroup, LoopDevice};
 use std::fs::File;
@@ -48,9 +50,12 @@ struct Case {
     importers: Vec<Importer>,
 }
 
+#[derive(Clone)]
 struct Sample {
     wall: f64,
     peak: u64,
+    /// What the importer printed (boundimport's `--json` summary when asked for).
+    stdout: Vec<u8>,
 }
 
 fn main() {
@@ -132,6 +137,11 @@ fn main() {
         let pods: Vec<usize> = option(&args, "--pods")
             .map_or(parallel::PODS.to_vec(), |v| v.split(',').map(|n| n.parse().expect("--pods N,N,…")).collect());
         parallel::run(&dir, &boundimport, runs, &pods);
+    }
+    // Remote imports through a throttled server: only when asked for by name (a curl run alone is 27 s).
+    if wanted.as_ref().is_some_and(|w| w.iter().any(|c| c == "remote")) {
+        let size = option(&args, "--remote-size").map_or(512, |v| v.parse().expect("--remote-size MiB"));
+        remote::run(&dir, &boundimport, runs, size);
     }
     if runs == 0 {
         eprintln!("images ready in {}", dir.display());
@@ -238,12 +248,12 @@ fn measure(argv: &[String], name: &str) -> Sample {
     drop_caches().unwrap();
     let started = Instant::now();
     let mut command = Command::new(&argv[0]);
-    command.args(&argv[1..]).stdout(Stdio::null()).stderr(Stdio::piped());
+    command.args(&argv[1..]).stdout(Stdio::piped()).stderr(Stdio::piped());
     let output = cgroup.spawn(&mut command).unwrap().wait_with_output().unwrap();
     let wall = started.elapsed().as_secs_f64();
     assert!(output.status.success(), "{argv:?} failed: {}", String::from_utf8_lossy(&output.stderr));
     let peak = cgroup.reader().peak().unwrap().unwrap_or(0);
-    Sample { wall, peak }
+    Sample { wall, peak, stdout: output.stdout }
 }
 
 /// The middle value (the upper middle of an even count).

@@ -283,6 +283,8 @@ impl<'a> Engine<'a> {
             spooled_bytes: produced.spooled_bytes,
             http_requests: None,
             downloaded_bytes: None,
+            http_connections: None,
+            range_window_bytes: None,
         })
     }
 

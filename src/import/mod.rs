@@ -166,6 +166,10 @@ pub struct Outcome {
     pub http_requests: Option<u64>,
     /// Body bytes downloaded (as sent: a compressed layer counts compressed), for a URL or registry source.
     pub downloaded_bytes: Option<u64>,
+    /// Most connections that carried the source's bytes at once, for a URL or object.
+    pub http_connections: Option<u64>,
+    /// Bytes of the parallel range requests' reorder window, when they ran.
+    pub range_window_bytes: Option<u64>,
 }
 
 /// Memory as measured during an import: the bound is shown, not assumed. The import's own share and its whole
@@ -275,7 +279,8 @@ pub fn run_in(ctx: &Context, plan: &Plan, progress: &Progress, stop: &AtomicBool
         // Before anything is opened for writing: importing a file onto itself would destroy it.
         crate::sink::Probe::of(&plan.destination)?.refuse_source(source)?;
     }
-    let opened = open(&plan.source, &plan.http).map_err(|e| engine::stop_wins(e, stop, &plan.destination))?;
+    let http = HttpOptions { range_window: ctx.budget.range_window(), ..plan.http.clone() };
+    let opened = open(&plan.source, &http).map_err(|e| engine::stop_wins(e, stop, &plan.destination))?;
     run_opened(ctx, plan, opened, progress, stop)
 }
 
@@ -359,6 +364,8 @@ fn run_opened(ctx: &Context, plan: &Plan, opened: Opened, progress: &Progress, s
     }
     let mut outcome = result.map_err(|e| engine::stop_wins(e, stop, &plan.destination))?;
     outcome.http_requests = client.as_ref().map(|c| c.requests());
+    outcome.http_connections = client.as_ref().map(|c| c.connections());
+    outcome.range_window_bytes = client.as_ref().and_then(|c| c.window());
     outcome.downloaded_bytes = client.map(|c| c.received());
     Ok(outcome)
 }

@@ -110,6 +110,11 @@ pub struct HttpOptions {
     /// The front end's stop flag (raised by SIGTERM/SIGINT): a download blocked on the network ends at once with
     /// an interruption when it is raised.
     pub stop: Option<&'static AtomicBool>,
+    /// Connections for parallel range requests: `None` adapts (a slow start up to a cap), `Some(1)` reads over one
+    /// connection as a plain stream would.
+    pub connections: Option<usize>,
+    /// Bytes the parallel range requests' reorder window may hold (the engine sizes it from the memory budget).
+    pub range_window: u64,
 }
 
 impl Default for HttpOptions {
@@ -124,6 +129,8 @@ impl Default for HttpOptions {
             retries: 5,
             object: object::ObjectOptions::default(),
             stop: None,
+            connections: None,
+            range_window: http::DEFAULT_WINDOW,
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod objstore;
 pub mod prereq;
 pub mod privileged;
 pub mod proxy;
+pub mod ranges;
 pub mod registry;
 
 use std::fs::{File, OpenOptions};

@@ -20,6 +20,8 @@ use url::Url;
 const MAX_REDIRECTS: usize = 10;
 /// Largest response head accepted.
 const MAX_HEAD: usize = 64 << 10;
+/// Idle keep-alive connections kept for reuse: one for each connection parallel range requests may open.
+const MAX_IDLE: usize = 16;
 /// Socket read buffer.
 const READ_BUFFER: usize = 64 << 10;
 /// Longest a socket read blocks before the stop flag is looked at again: how late a stop may end a stalled or
@@ -124,14 +126,18 @@ pub struct Client {
     pub(crate) options: HttpOptions,
     /// TLS settings, built on first use.
     tls: OnceLock<std::result::Result<Arc<rustls::ClientConfig>, String>>,
-    /// One idle keep-alive connection.
-    idle: Mutex<Option<Conn>>,
+    /// Idle keep-alive connections.
+    idle: Mutex<Vec<Conn>>,
     /// Requests sent, redirects included.
     requests: AtomicU64,
     /// Body bytes received, over every response.
     received: Arc<AtomicU64>,
     /// Signs each request to the source's origin, for object stores.
     authorizer: Option<Arc<dyn Authorize>>,
+    /// Most connections that carried range requests at once (0 until parallel ranges ran).
+    connections: AtomicU64,
+    /// Bytes of the parallel ranges' reorder window (0 when they never ran).
+    window: AtomicU64,
 }
 
 /// A response whose body is read through [`Read`].
@@ -194,10 +200,12 @@ impl Client {
             auth,
             options: options.clone(),
             tls: OnceLock::new(),
-            idle: Mutex::new(None),
+            idle: Mutex::new(Vec::new()),
             requests: AtomicU64::new(0),
             received: Arc::new(AtomicU64::new(0)),
             authorizer: None,
+            connections: AtomicU64::new(0),
+            window: AtomicU64::new(0),
         })
     }
 
@@ -228,6 +236,22 @@ impl Client {
         self.received.load(Ordering::Relaxed)
     }
 
+    /// Most connections that carried this source's bytes at once: 1 unless parallel range requests ran.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed).max(1)
+    }
+
+    /// Bytes of the reorder window parallel range requests used, if they ran.
+    pub fn window(&self) -> Option<u64> {
+        Some(self.window.load(Ordering::Relaxed)).filter(|&w| w > 0)
+    }
+
+    /// Records that parallel range requests ran on `connections` at once through a `window`-byte window.
+    pub(crate) fn note_parallel(&self, connections: usize, window: u64) {
+        self.connections.fetch_max(connections as u64, Ordering::Relaxed);
+        self.window.fetch_max(window, Ordering::Relaxed);
+    }
+
     /// An error about this URL.
     pub(crate) fn error(&self, kind: ErrorKind, what: impl Into<String>) -> Error {
         Error::new(kind, what).at_path(&self.name)
@@ -236,23 +260,22 @@ impl Client {
     /// Sends `GET` with an optional `Range: bytes=START-[END]`, following redirects, and returns the response head
     /// with its body unread. Statuses other than 2xx and 416 are errors.
     pub fn get(&self, range: Option<(u64, Option<u64>)>, keep_alive: bool) -> Result<Response> {
+        let response = self.get_any(range, keep_alive)?;
+        match response.status {
+            200..=299 => Ok(response),
+            // An object store's 416 comes with its own explanation.
+            416 if self.authorizer.is_none() => Ok(response),
+            _ => Err(self.refusal(response)),
+        }
+    }
+
+    /// [`get`](Self::get), returning the final answer whatever its status (redirects followed): for a caller that
+    /// treats some refusals (429, 503) as a reason to slow down rather than fail.
+    pub(crate) fn get_any(&self, range: Option<(u64, Option<u64>)>, keep_alive: bool) -> Result<Response> {
         let mut url = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for _ in 0..=MAX_REDIRECTS {
             let response = self.send("GET", &url, range, keep_alive, &[], &[])?;
-            if let (Some(authorizer), 400..) = (&self.authorizer, response.status) {
-                let status = response.status;
-                let mut body = Vec::new();
-                let _ = response.take(MAX_ERROR_BODY).read_to_end(&mut body);
-                if let Some(message) = authorizer.explain(status, &body) {
-                    return Err(self.error(ErrorKind::Io, message));
-                }
-                return Err(self.error(ErrorKind::Io, format!("server answered HTTP {status}")));
-            }
             match response.status {
-                200..=299 | 416 => {
-                    *self.current.lock().unwrap_or_else(|p| p.into_inner()) = url;
-                    return Ok(response);
-                }
                 301 | 302 | 303 | 307 | 308 => {
                     let location = response.header("location").ok_or_else(|| {
                         self.error(ErrorKind::Io, format!("redirect {} without a Location", response.status))
@@ -270,16 +293,35 @@ impl Client {
                     drop(response);
                     url = next;
                 }
-                401 | 407 => {
-                    let what = if self.auth.is_some() { "credentials refused" } else { "authentication required" };
-                    return Err(self.error(ErrorKind::Io, format!("{what} (HTTP {})", response.status)));
+                200..=299 | 416 => {
+                    *self.current.lock().unwrap_or_else(|p| p.into_inner()) = url;
+                    return Ok(response);
                 }
-                status => {
-                    return Err(self.error(ErrorKind::Io, format!("server answered HTTP {status}")));
-                }
+                _ => return Ok(response),
             }
         }
         Err(self.error(ErrorKind::Io, format!("more than {MAX_REDIRECTS} redirects")))
+    }
+
+    /// The error for a refused `GET` (a status other than 2xx, 3xx and 416), in the object store's words when it
+    /// has some.
+    pub(crate) fn refusal(&self, response: Response) -> Error {
+        let status = response.status;
+        if let (Some(authorizer), 400..) = (&self.authorizer, status) {
+            let mut body = Vec::new();
+            let _ = response.take(MAX_ERROR_BODY).read_to_end(&mut body);
+            if let Some(message) = authorizer.explain(status, &body) {
+                return self.error(ErrorKind::Io, message);
+            }
+            return self.error(ErrorKind::Io, format!("server answered HTTP {status}"));
+        }
+        match status {
+            401 | 407 => {
+                let what = if self.auth.is_some() { "credentials refused" } else { "authentication required" };
+                self.error(ErrorKind::Io, format!("{what} (HTTP {status})"))
+            }
+            _ => self.error(ErrorKind::Io, format!("server answered HTTP {status}")),
+        }
     }
 
     /// Sends one `GET` to `url` (any origin: a registry's blob redirect, its token service) with `headers` added
@@ -359,8 +401,8 @@ impl Client {
         let proxy = ProxyEnv::from_process().proxy_for(url);
         let reused = {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            match idle.take() {
-                Some(conn) if conn.origin == origin && proxy.is_none() => Some(conn),
+            match idle.iter().rposition(|conn| conn.origin == origin) {
+                Some(at) if proxy.is_none() => Some(idle.swap_remove(at)),
                 _ => None,
             }
         };
@@ -579,7 +621,11 @@ impl Client {
     /// Keeps a connection whose body was read completely for the next request.
     fn recycle(&self, conn: Conn) {
         conn.wait.store(self.options.stall_timeout.as_millis() as u64, Ordering::Relaxed);
-        *self.idle.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn);
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() >= MAX_IDLE {
+            idle.remove(0);
+        }
+        idle.push(conn);
     }
 
     /// An I/O error about this URL, saying "stalled" for a read timeout.
@@ -587,7 +633,7 @@ impl Client {
         if is_timeout(&e) {
             return self.error(
                 ErrorKind::Io,
-                format!("{what}: no data for {} s (stalled)", self.options.stall_timeout.as_secs_f64()),
+                format!("{what}: no data for {} s {STALLED}", self.options.stall_timeout.as_secs_f64()),
             );
         }
         match e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) {
@@ -618,6 +664,14 @@ fn dropped_before_answer(e: &io::Error) -> bool {
             | io::ErrorKind::ConnectionAborted
             | io::ErrorKind::BrokenPipe
     )
+}
+
+/// How [`Client::io_error`] ends the message of a stall.
+const STALLED: &str = "(stalled)";
+
+/// Whether `e` is a stall as [`Client::io_error`] words it: the server is there but sends nothing.
+pub(crate) fn is_stall(e: &Error) -> bool {
+    e.operation().ends_with(STALLED)
 }
 
 /// Whether `e` is a socket read/write timeout.

@@ -4,6 +4,7 @@
 
 mod client;
 mod random;
+mod ranges;
 mod stream;
 mod tls;
 
@@ -16,6 +17,7 @@ pub use client::{check_header, Client};
 pub(crate) use client::{is_stop, is_timeout};
 pub(crate) use random::backoff;
 pub use random::HttpSource;
+pub use ranges::DEFAULT_WINDOW;
 pub use stream::HttpStream;
 
 use super::HttpOptions;

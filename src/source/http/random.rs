@@ -3,6 +3,7 @@
 //! stay in a small cache for the reads that arrive slightly out of order (format metadata, the checksum tap).
 
 use super::client::{is_stop, is_timeout, Client, Response};
+use super::ranges::{Served, Window};
 use crate::error::{ErrorKind, Result};
 use crate::source::ReadAt;
 use std::collections::{HashMap, VecDeque};
@@ -25,6 +26,8 @@ pub struct HttpSource {
     identity: Option<String>,
     /// Where a request opened at an offset should end (exclusive), when not at the end of the file.
     request_end: Option<RequestEnd>,
+    /// Parallel range requests for reads that run front to back (none on one connection).
+    window: Option<Window>,
     state: Mutex<State>,
 }
 
@@ -48,11 +51,14 @@ impl HttpSource {
     /// A source of `len` bytes (the total from the probe's Content-Range) whose version the probe saw as
     /// `identity`.
     pub fn new(client: Arc<Client>, len: u64, identity: Option<String>) -> Self {
+        let options = &client.options;
+        let window = Window::new(client.clone(), len, identity.clone(), options.connections, options.range_window);
         HttpSource {
             client,
             len,
             identity,
             request_end: None,
+            window,
             state: Mutex::new(State {
                 open: None,
                 open_end: 0,
@@ -67,6 +73,8 @@ impl HttpSource {
     /// the file.
     pub fn with_request_end(mut self, end: RequestEnd) -> Self {
         self.request_end = Some(end);
+        // Chunks of a fixed size would ask for what the ends leave out.
+        self.window = None;
         self
     }
 
@@ -230,7 +238,7 @@ impl HttpSource {
 }
 
 /// Whether a later answer's validator shows the file is no longer the one first seen.
-fn changed(first: Option<&str>, now: Option<&str>) -> bool {
+pub(super) fn changed(first: Option<&str>, now: Option<&str>) -> bool {
     matches!((first, now), (Some(first), Some(now)) if first != now)
 }
 
@@ -257,8 +265,16 @@ impl ReadAt for HttpSource {
             return Ok(0);
         }
         let want = (buf.len() as u64).min(self.len - offset) as usize;
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut done = 0;
+        if let Some(window) = &self.window {
+            if let Served::Bytes(n) = window.read(offset, &mut buf[..want])? {
+                done = n;
+                // The one-connection request, if open, is behind the window now.
+                let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                state.open = None;
+            }
+        }
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         while done < want {
             let at = offset + done as u64;
             let index = at / BLOCK;
