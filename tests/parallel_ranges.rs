@@ -91,7 +91,7 @@ fn every_format_over_parallel_ranges_matches_qemu() {
     let dir = images.bench.dir.path();
     // Connections pay only where each is capped, as object stores cap them: on a fast local server one 1 MiB body
     // is received before the next request is sent, and `http_connections` counts bodies received at once.
-    let capped = ServerOptions { ranges: true, etag: true, rate: Some(10_000_000), ..Default::default() };
+    let capped = ServerOptions { ranges: true, etag: true, connection_rate: Some(10_000_000), ..Default::default() };
     let capped = TestServer::start(dir, capped);
     for name in FORMATS {
         for connections in [None, Some("4")] {

@@ -24,8 +24,12 @@ pub struct ServerOptions {
     pub drop_at: Option<(u64, u32)>,
     /// Stop sending (but keep the connection open) when a body reaches this file offset.
     pub stall_at: Option<u64>,
-    /// Send bodies at about this many bytes per second (slow storage behind a fast importer, for progress).
+    /// Send bodies at about this many bytes per second in all, however many connections share it (slow storage
+    /// behind a fast importer, for progress and for killing an import part-way).
     pub rate: Option<u64>,
+    /// Send each connection's bodies at about this many bytes per second (what an object store or CDN gives one
+    /// connection: parallel range requests pay).
+    pub connection_rate: Option<u64>,
     /// Added to the true length in the Content-Length of whole-file answers (negative: the body is longer than
     /// declared; positive: the body stops short and the connection closes).
     pub length_lie: i64,
@@ -67,6 +71,8 @@ struct Shared {
     log: Arc<Mutex<Vec<Logged>>>,
     served: Arc<AtomicU64>,
     tls: Option<Arc<rustls::ServerConfig>>,
+    /// When the server-wide `rate` lets the next bytes go.
+    paced_until: Mutex<std::time::Instant>,
 }
 
 trait Stream: Read + Write + Send {}
@@ -105,6 +111,7 @@ impl TestServer {
             log: log.clone(),
             served: served.clone(),
             tls,
+            paced_until: Mutex::new(std::time::Instant::now()),
         });
         std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -296,8 +303,17 @@ fn respond(
             }
             shared.served.fetch_add(n as u64, Ordering::SeqCst);
             at += n as u64;
-            if let Some(rate) = shared.options.rate {
+            if let Some(rate) = shared.options.connection_rate {
                 std::thread::sleep(Duration::from_secs_f64(n as f64 / rate.max(1) as f64));
+            }
+            if let Some(rate) = shared.options.rate {
+                let until = {
+                    let mut paced = shared.paced_until.lock().unwrap();
+                    let start = (*paced).max(std::time::Instant::now());
+                    *paced = start + Duration::from_secs_f64(n as f64 / rate.max(1) as f64);
+                    *paced
+                };
+                std::thread::sleep(until.saturating_duration_since(std::time::Instant::now()));
             }
         }
         if stall_here {
