@@ -287,6 +287,31 @@ struct MemoryRun {
 /// Copies a `size`-byte incompressible raw disk from the daemon onto a loop device, inside a fresh memory cgroup of
 /// `limit` bytes: with boundimport, or (`cdi_way`) as CDI's importer does (tests/common/imageio/cdi_way.py).
 /// boundimport's copy is checked byte for byte.
+/// CDI's way of copying disk `d` of `ovirt` onto `device`, as tests/common/imageio/cdi_way.py plays it (a delta
+/// stage takes its checkpoints and scratch file as further arguments).
+fn cdi_way_command(ovirt: &Ovirt, device: &Path) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/common/imageio/cdi_way.py"))
+        .args([ovirt.endpoint().as_str(), USER, PASSWORD, "d"])
+        .arg(ovirt.ca_dir().join("engine.pem"))
+        .arg(device);
+    cmd
+}
+
+/// Runs `command` in `cgroup`; it must succeed. Its wall time, and the cgroup's peak charge and limit hits.
+fn run_measured(cgroup: &boundimport::lab::fixtures::ChildCgroup, command: &mut Command) -> MemoryRun {
+    command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    let started = std::time::Instant::now();
+    let output = cgroup.spawn(command).unwrap().wait_with_output().unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    MemoryRun {
+        seconds,
+        peak: cgroup.reader().peak().unwrap().unwrap_or(0),
+        limit_hits: cgroup.reader().events().unwrap().limit_hits,
+    }
+}
+
 fn copy_in_memcg(label: &str, size: u64, limit: u64, cdi_way: bool) -> MemoryRun {
     let bench = Workbench::new(label);
     let (disk, _) = sparse_raw(&bench, "disk.raw", size, &[(0, size)]);
@@ -300,29 +325,11 @@ fn copy_in_memcg(label: &str, size: u64, limit: u64, cdi_way: bool) -> MemoryRun
     let cgroup = boundimport::lab::fixtures::ChildCgroup::create(&format!("boundimport-{label}"), limit).unwrap();
     let mut pod = Pod::new(label, &ovirt, "d");
     pod.block = Some(device.path().to_path_buf());
-    let mut command = if cdi_way {
-        let mut cmd = Command::new("python3");
-        cmd.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/common/imageio/cdi_way.py"))
-            .args([ovirt.endpoint().as_str(), USER, PASSWORD, "d"])
-            .arg(ovirt.ca_dir().join("engine.pem"))
-            .arg(device.path());
-        cmd
-    } else {
-        pod.command()
-    };
-    command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
-    let started = std::time::Instant::now();
-    let output = cgroup.spawn(&mut command).unwrap().wait_with_output().unwrap();
-    let seconds = started.elapsed().as_secs_f64();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let mut command = if cdi_way { cdi_way_command(&ovirt, device.path()) } else { pod.command() };
+    let run = run_measured(&cgroup, &mut command);
     if !cdi_way {
         assert_eq!(sha256_prefix(device.path(), size), expected);
     }
-    let run = MemoryRun {
-        seconds,
-        peak: cgroup.reader().peak().unwrap().unwrap_or(0),
-        limit_hits: cgroup.reader().events().unwrap().limit_hits,
-    };
     eprintln!(
         "{label}: {} {} MiB into {} MiB in {:.1} s: {run:?}",
         if cdi_way { "CDI's way" } else { "boundimport" },
@@ -676,32 +683,18 @@ fn delta_in_memcg(label: &str, size: u64, limit: u64, cdi_way: bool) -> MemoryRu
 
     let cgroup = boundimport::lab::fixtures::ChildCgroup::create(&format!("boundimport-{label}"), limit).unwrap();
     let mut command = if cdi_way {
-        let mut cmd = Command::new("python3");
-        cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/common/imageio/cdi_way.py"))
-            .args([ovirt.endpoint().as_str(), USER, PASSWORD, "d"])
-            .arg(ovirt.ca_dir().join("engine.pem"))
-            .arg(device.path())
-            .args(["s2", "s1"])
-            .arg(bench.path("scratch.qcow2"));
+        let mut cmd = cdi_way_command(&ovirt, device.path());
+        cmd.args(["s2", "s1"]).arg(bench.path("scratch.qcow2"));
         cmd
     } else {
         pod.set("IMPORTER_CURRENT_CHECKPOINT", "s2").set("IMPORTER_PREVIOUS_CHECKPOINT", "s1");
         pod.command()
     };
-    command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
-    let started = std::time::Instant::now();
-    let output = cgroup.spawn(&mut command).unwrap().wait_with_output().unwrap();
-    let seconds = started.elapsed().as_secs_f64();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let run = run_measured(&cgroup, &mut command);
     let (digest, len) = qemu_reference(&s2, &bench.path(""));
     assert_eq!(sha256_prefix(device.path(), len), digest);
-    let run = MemoryRun {
-        seconds,
-        peak: cgroup.reader().peak().unwrap().unwrap_or(0),
-        limit_hits: cgroup.reader().events().unwrap().limit_hits,
-    };
     let who = if cdi_way { "CDI's way" } else { "boundimport" };
-    eprintln!("{label}: {who}, a {} MiB delta into {} MiB in {seconds:.1} s: {run:?}", size >> 20, limit >> 20);
+    eprintln!("{label}: {who}, a {} MiB delta into {} MiB in {:.1} s: {run:?}", size >> 20, limit >> 20, run.seconds);
     run
 }
 
